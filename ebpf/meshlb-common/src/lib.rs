@@ -1,0 +1,415 @@
+//! The one source of truth shared by the meshlb XDP program and userspace:
+//! pinned map names, map key/value layouts, limits, counter indices and the
+//! flow hash.
+//!
+//! # Layout rules
+//!
+//! * Every struct is `#[repr(C)]` with fixed-width fields and explicit
+//!   padding: the BPF side is 64-bit, armv7 userspace is 32-bit, and both
+//!   must agree byte for byte. No `bool`, no `usize`.
+//! * Addresses are stored as raw network-order bytes in a 16-byte array; an
+//!   IPv4 address uses the first four bytes and leaves the rest zero.
+//! * Ports are stored in network byte order (the value as it sits in the
+//!   packet), so the data path compares them without swapping.
+//! * Counter indices and pass/drop reasons are append-only: never renumber.
+//! * A layout change gets a new map name (`_V2`), never an in-place change.
+#![no_std]
+
+pub mod hash;
+
+/// Version of the pinned map layouts below; part of every map name.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Pinned map names (also the BPF object's map symbol names).
+pub mod maps {
+    /// `FrontendKey` -> `FrontendValue`: VIP and node-port frontends.
+    pub const FRONTENDS: &str = "MLB_FE_V1";
+    /// `AddrKey` -> `u32` (1): this node's own addresses, for node ports.
+    pub const LOCAL_ADDRS: &str = "MLB_LOCAL_V1";
+    /// array, service id -> `ServiceInfo`.
+    pub const SERVICES: &str = "MLB_SVC_V1";
+    /// array, service id -> `ServiceName` (userspace only: adoption, status).
+    pub const SERVICE_NAMES: &str = "MLB_SVCNAME_V1";
+    /// array, `service id * RING_SIZE + slot` -> backend id (`u32`).
+    pub const MAGLEV: &str = "MLB_MAGLEV_V1";
+    /// array, backend id -> `Backend`.
+    pub const BACKENDS: &str = "MLB_BE_V1";
+    /// LRU hash, client flow `FlowKey` -> `CtEntry`.
+    pub const CONNTRACK: &str = "MLB_CT_V1";
+    /// LRU hash, reply flow `FlowKey` (backend -> client) -> `RnatEntry`.
+    pub const REVERSE_NAT: &str = "MLB_RNAT_V1";
+    /// per-CPU array, backend id -> `Stats`.
+    pub const BACKEND_STATS: &str = "MLB_BSTAT_V1";
+    /// per-CPU array, service id -> `Stats`.
+    pub const SERVICE_STATS: &str = "MLB_SSTAT_V1";
+    /// per-CPU array, `Counter` index -> packets (`u64`).
+    pub const COUNTERS: &str = "MLB_CNT_V1";
+    /// array, index 0 -> `NodeMeta` (userspace only: who programmed this).
+    pub const META: &str = "MLB_META_V1";
+
+    /// Every map, for pin management and consistency checks.
+    pub const ALL: [&str; 12] = [
+        FRONTENDS,
+        LOCAL_ADDRS,
+        SERVICES,
+        SERVICE_NAMES,
+        MAGLEV,
+        BACKENDS,
+        CONNTRACK,
+        REVERSE_NAT,
+        BACKEND_STATS,
+        SERVICE_STATS,
+        COUNTERS,
+        META,
+    ];
+}
+
+/// Name of the XDP load-balancer program in the object.
+pub const PROG_XDP_LB: &str = "meshlb_xdp";
+/// Name of an XDP program that passes everything (for veth peers: native
+/// XDP redirect only delivers to a veth whose peer runs an XDP program).
+pub const PROG_XDP_PASS: &str = "meshlb_pass";
+
+/// Maglev lookup table size per service (prime). Good balance needs the
+/// ring to be much larger than the backend count: ~100x holds the spread
+/// within a few percent up to ~40 backends.
+pub const RING_SIZE: u32 = 4099;
+/// Maximum number of services (ids 0..MAX_SERVICES).
+pub const MAX_SERVICES: u32 = 1024;
+/// Maximum number of backends over all services.
+pub const MAX_BACKENDS: u32 = 16384;
+/// Maximum number of frontends (VIP and node-port listeners).
+pub const MAX_FRONTENDS: u32 = 4096;
+/// Maximum number of local addresses.
+pub const MAX_LOCAL_ADDRS: u32 = 256;
+/// Connection-tracking capacity (LRU: the oldest flows go first).
+pub const MAX_FLOWS: u32 = 262_144;
+/// Ring slot value meaning "no backend".
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Longest service name (bytes).
+pub const MAX_NAME_LEN: usize = 60;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A frontend: where clients connect. `addr` all zero = node port (any
+/// address of this node listed in `LOCAL_ADDRS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FrontendKey {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FrontendValue {
+    pub service_id: u32,
+    pub flags: u32,
+}
+
+/// Key of `LOCAL_ADDRS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `ServiceInfo::flags`: the slot is in use.
+pub const SVC_F_PRESENT: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceInfo {
+    pub flags: u32,
+    /// Backends that may receive new flows (0: pass new flows to the stack).
+    pub active_backends: u32,
+    /// Hash of the backend set the ring was last written for; written only
+    /// after the ring, so a daemon that died mid-write is detected on adopt.
+    pub ring_hash: u64,
+}
+
+/// Identity of a data-plane service: one `publish` entry of a named
+/// service. Userspace only (adoption after a restart, status output).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    /// Bytes used in `name`.
+    pub len: u8,
+    pub proto: u8,
+    /// Published port, host byte order.
+    pub port: u16,
+    pub name: [u8; 60],
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        ServiceName {
+            len: 0,
+            proto: 0,
+            port: 0,
+            name: [0; 60],
+        }
+    }
+}
+
+/// `Backend::flags`: the slot is in use.
+pub const BE_F_PRESENT: u8 = 1;
+/// Draining (weight 0): no new flows, established ones continue.
+pub const BE_F_DRAINING: u8 = 2;
+/// Failed its health check: no new flows.
+pub const BE_F_DOWN: u8 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+    pub service_id: u32,
+    /// Configured weight (status output; the ring already reflects it).
+    pub weight: u32,
+    pub _pad: u32,
+}
+
+/// A flow as seen on the wire, in the direction of the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `CtEntry::flags` / `RnatEntry::flags`: a FIN was seen from the client.
+pub const CT_F_FIN_CLIENT: u16 = 1;
+/// A FIN was seen from the backend.
+pub const CT_F_FIN_BACKEND: u16 = 2;
+/// A RST was seen in either direction.
+pub const CT_F_RST: u16 = 4;
+/// Closing or closed: a new SYN on this tuple selects a backend afresh.
+pub const CT_F_CLOSING: u16 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST;
+
+/// Conntrack entry for a client flow (client -> frontend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    pub backend_addr: [u8; 16],
+    /// Network byte order.
+    pub backend_port: u16,
+    pub flags: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// Reverse translation for replies (backend -> client): the frontend the
+/// client connected to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RnatEntry {
+    pub frontend_addr: [u8; 16],
+    /// Network byte order.
+    pub frontend_port: u16,
+    pub flags: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU traffic counters of one backend or one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Client -> backend.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Backend -> client (replies).
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// New flows that selected this backend.
+    pub connections: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.packets_in += o.packets_in;
+        self.bytes_in += o.bytes_in;
+        self.packets_out += o.packets_out;
+        self.bytes_out += o.bytes_out;
+        self.connections += o.connections;
+    }
+}
+
+/// Userspace bookkeeping of who programmed the maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeMeta {
+    pub layout_version: u32,
+    /// `DATAPLANE_*`.
+    pub dataplane: u32,
+    /// Unix seconds of the last successful apply.
+    pub applied_at: u64,
+}
+
+pub const DATAPLANE_NONE: u32 = 0;
+pub const DATAPLANE_XDP_NATIVE: u32 = 1;
+pub const DATAPLANE_XDP_GENERIC: u32 = 2;
+pub const DATAPLANE_IPVS: u32 = 3;
+
+/// Global per-CPU packet counters (index into `COUNTERS`). Append-only.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not addressed to a service: passed untouched.
+    NotService = 0,
+    /// Client packet translated and redirected/transmitted.
+    ForwardedIn = 1,
+    /// Reply translated and redirected/transmitted.
+    ForwardedOut = 2,
+    /// Translated, but the FIB had no neighbour/route: passed to the stack.
+    FibPass = 3,
+    /// Service without active backends: passed to the stack.
+    NoBackend = 4,
+    /// Too short for an Ethernet header.
+    TruncatedEth = 5,
+    /// VLAN-tagged: not handled, passed untouched.
+    Vlan = 6,
+    /// Too short or malformed IPv4/IPv6 header (bad IHL, version, length).
+    MalformedIp = 7,
+    /// IPv4 options: passed untouched.
+    IpOptions = 8,
+    /// IP fragment: passed untouched.
+    Fragment = 9,
+    /// IPv6 extension header: passed untouched.
+    Ipv6ExtHeader = 10,
+    /// L4 header truncated: passed untouched.
+    TruncatedL4 = 11,
+    /// TTL/hop limit would expire: passed to the stack (ICMP from there).
+    TtlExceeded = 12,
+    /// New flow created in conntrack.
+    NewFlow = 13,
+    /// Conntrack insert failed.
+    CtFull = 14,
+    /// Not TCP/UDP: passed untouched.
+    OtherProto = 15,
+}
+
+/// Number of `Counter` variants (size of the `COUNTERS` map).
+pub const COUNTER_COUNT: u32 = 16;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::NotService,
+        Counter::ForwardedIn,
+        Counter::ForwardedOut,
+        Counter::FibPass,
+        Counter::NoBackend,
+        Counter::TruncatedEth,
+        Counter::Vlan,
+        Counter::MalformedIp,
+        Counter::IpOptions,
+        Counter::Fragment,
+        Counter::Ipv6ExtHeader,
+        Counter::TruncatedL4,
+        Counter::TtlExceeded,
+        Counter::NewFlow,
+        Counter::CtFull,
+        Counter::OtherProto,
+    ];
+
+    /// Stable name used in metrics and status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::NotService => "not_service",
+            Counter::ForwardedIn => "forwarded_in",
+            Counter::ForwardedOut => "forwarded_out",
+            Counter::FibPass => "fib_pass",
+            Counter::NoBackend => "no_backend",
+            Counter::TruncatedEth => "truncated_eth",
+            Counter::Vlan => "vlan",
+            Counter::MalformedIp => "malformed_ip",
+            Counter::IpOptions => "ip_options",
+            Counter::Fragment => "fragment",
+            Counter::Ipv6ExtHeader => "ipv6_ext_header",
+            Counter::TruncatedL4 => "truncated_l4",
+            Counter::TtlExceeded => "ttl_exceeded",
+            Counter::NewFlow => "new_flow",
+            Counter::CtFull => "ct_full",
+            Counter::OtherProto => "other_proto",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these are #[repr(C)], fixed-width, without implicit
+    // padding (padding is explicit), so every bit pattern is valid.
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for FrontendValue {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for RnatEntry {}
+    unsafe impl aya::Pod for Stats {}
+    unsafe impl aya::Pod for NodeMeta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // Sizes are part of the pinned ABI: a change here needs a new map name.
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<FrontendKey>(), 20);
+        assert_eq!(size_of::<FrontendValue>(), 8);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<ServiceInfo>(), 16);
+        assert_eq!(size_of::<ServiceName>(), 64);
+        assert_eq!(size_of::<Backend>(), 32);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<CtEntry>(), 32);
+        assert_eq!(size_of::<RnatEntry>(), 32);
+        assert_eq!(size_of::<Stats>(), 40);
+        assert_eq!(size_of::<NodeMeta>(), 16);
+    }
+
+    #[test]
+    fn counters_are_dense_and_named_uniquely() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+            for d in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), d.name());
+            }
+        }
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit_and_carry_the_version() {
+        for n in maps::ALL {
+            assert!(n.len() < 16, "{n} too long for BPF_OBJ_NAME_LEN");
+            assert!(n.ends_with("_V1"), "{n} not versioned");
+        }
+    }
+}

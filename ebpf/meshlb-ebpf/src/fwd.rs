@@ -1,0 +1,116 @@
+//! Forwarding of a translated packet: FIB lookup for the new destination,
+//! MAC rewrite, TTL/hop-limit decrement, then XDP_TX or redirect. When the
+//! FIB cannot answer (no neighbour entry yet, no route, fragmentation
+//! needed, TTL about to expire) the translated packet goes to the stack,
+//! which resolves the neighbour and forwards or answers it itself.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup,
+        xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use meshlb_common::{Counter, FAMILY_V4};
+
+use crate::{
+    csum::CsumDelta,
+    maps::count,
+    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: &[u8; 16], done: Counter) -> Result<u32, u32> {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.l4_protocol = pkt.key.proto;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: header pointers were bounds-checked by the parser; the union
+    // fields written are the ones the kernel reads for this family.
+    unsafe {
+        let ports = &*ptr_at::<L4Ports>(ctx, pkt.l4_off).map_err(|_| XDP_PASS)?;
+        p.sport = u16::from_ne_bytes(ports.sport);
+        p.dport = u16::from_ne_bytes(ports.dport);
+        if pkt.key.family == FAMILY_V4 {
+            let ip = &*ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+            if ip.ttl <= 1 {
+                count(Counter::TtlExceeded);
+                return Ok(XDP_PASS);
+            }
+            p.family = AF_INET;
+            p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+            p.__bindgen_anon_2.tos = ip.tos;
+            p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src);
+            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+        } else {
+            let ip = &*ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+            if ip.hop_limit <= 1 {
+                count(Counter::TtlExceeded);
+                return Ok(XDP_PASS);
+            }
+            p.family = AF_INET6;
+            p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.payload_len) + 40;
+            p.__bindgen_anon_2.flowinfo =
+                u32::from_ne_bytes(ip.vtcfl) & u32::from_ne_bytes([0x0f, 0xff, 0xff, 0xff]);
+            p.__bindgen_anon_3.ipv6_src = words(&ip.src);
+            p.__bindgen_anon_4.ipv6_dst = words(dst);
+        }
+    }
+    // SAFETY: ctx and p are valid for the helper's duration.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        count(Counter::FibPass);
+        return Ok(XDP_PASS);
+    }
+    // SAFETY: bounds-checked by the parser.
+    unsafe {
+        let eth = &mut *ptr_at::<EthHdr>(ctx, 0).map_err(|_| XDP_PASS)?;
+        if pkt.key.family == FAMILY_V4 {
+            let ip = &mut *ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+            let mut c = CsumDelta::new(ip.check);
+            c.word(
+                u16::from_be_bytes([ip.ttl, ip.proto]),
+                u16::from_be_bytes([ip.ttl - 1, ip.proto]),
+            );
+            ip.ttl -= 1;
+            ip.check = c.finish();
+        } else {
+            (*ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?).hop_limit -= 1;
+        }
+        eth.dst = p.dmac;
+        eth.src = p.smac;
+    }
+    count(done);
+    if p.ifindex == ctx.ingress_ifindex() as u32 {
+        return Ok(XDP_TX);
+    }
+    // SAFETY: plain helper call.
+    let r = unsafe { bpf_redirect(p.ifindex, 0) };
+    if r == XDP_REDIRECT as i64 {
+        Ok(XDP_REDIRECT)
+    } else {
+        Ok(XDP_PASS)
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}

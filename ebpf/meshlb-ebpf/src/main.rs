@@ -1,0 +1,52 @@
+//! meshlb XDP data plane: entry points only. The work is split by role:
+//! `maps` (every map, one line each on key/value), `parse` (headers),
+//! `csum` (incremental checksums), `lb` (frontend match, conntrack,
+//! Maglev selection, translation), `fwd` (FIB lookup and redirect).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod csum;
+#[cfg(target_arch = "bpf")]
+mod fwd;
+#[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+
+#[cfg(target_arch = "bpf")]
+mod progs {
+    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+    /// The load balancer: translate service traffic, pass everything else.
+    #[xdp]
+    pub fn meshlb_xdp(ctx: XdpContext) -> u32 {
+        match crate::lb::process(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    /// Passes every packet. Attached to veth peers so that native-mode
+    /// redirects into them are delivered.
+    #[xdp]
+    pub fn meshlb_pass(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("meshlb-ebpf is built for bpfel-unknown-none: cargo xtask build-ebpf");
+}

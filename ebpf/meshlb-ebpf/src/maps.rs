@@ -1,0 +1,91 @@
+//! Every map of the data plane. Names, layouts and sizes come from
+//! `meshlb-common`; the symbol names here ARE the pinned names (checked by
+//! userspace at load time). All maps pin by name under the daemon's bpffs
+//! directory so forwarding survives the daemon.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use meshlb_common::*;
+
+/// FrontendKey (addr bytes, port BE) -> FrontendValue.
+#[map]
+pub static MLB_FE_V1: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(MAX_FRONTENDS, 0);
+
+/// AddrKey -> 1: this node's addresses (node-port frontends).
+#[map]
+pub static MLB_LOCAL_V1: HashMap<AddrKey, u32> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
+
+/// service id -> ServiceInfo.
+#[map]
+pub static MLB_SVC_V1: Array<ServiceInfo> = Array::pinned(MAX_SERVICES, 0);
+
+/// service id -> ServiceName (userspace only).
+#[map]
+pub static MLB_SVCNAME_V1: Array<ServiceName> = Array::pinned(MAX_SERVICES, 0);
+
+/// service id * RING_SIZE + slot -> backend id (NO_BACKEND = empty).
+#[map]
+pub static MLB_MAGLEV_V1: Array<u32> = Array::pinned(MAX_SERVICES * RING_SIZE, 0);
+
+/// backend id -> Backend.
+#[map]
+pub static MLB_BE_V1: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// client flow (client -> frontend) -> CtEntry.
+#[map]
+pub static MLB_CT_V1: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+/// reply flow (backend -> client) -> RnatEntry.
+#[map]
+pub static MLB_RNAT_V1: LruHashMap<FlowKey, RnatEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+/// backend id -> Stats, per CPU.
+#[map]
+pub static MLB_BSTAT_V1: PerCpuArray<Stats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// service id -> Stats, per CPU.
+#[map]
+pub static MLB_SSTAT_V1: PerCpuArray<Stats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Counter index -> packets, per CPU.
+#[map]
+pub static MLB_CNT_V1: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+/// 0 -> NodeMeta (userspace only).
+#[map]
+pub static MLB_META_V1: Array<NodeMeta> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = MLB_CNT_V1.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Adds one packet of `bytes` to a backend's and its service's counters.
+#[inline(always)]
+pub fn account(service_id: u32, backend_id: u32, bytes: u64, reply: bool, new_flow: bool) {
+    for p in [
+        MLB_BSTAT_V1.get_ptr_mut(backend_id),
+        MLB_SSTAT_V1.get_ptr_mut(service_id),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        let s = unsafe { &mut *p };
+        if reply {
+            s.packets_out += 1;
+            s.bytes_out += bytes;
+        } else {
+            s.packets_in += 1;
+            s.bytes_in += bytes;
+        }
+        if new_flow {
+            s.connections += 1;
+        }
+    }
+}

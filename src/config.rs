@@ -1,0 +1,1617 @@
+//! The TOML configuration file of `meshlb run` (SPEC.md, "Config file"):
+//! parsing, validation with one-line errors that name the field, and the
+//! static services' [`DesiredState`].
+//!
+//! Parsing is two-step: serde reads the text into plain `*Def` structs
+//! (which `etcd` can reuse for its JSON values), then `validate` checks
+//! meaning and builds the typed [`Config`]. Errors of either step are
+//! located by a small scan of the text that maps every key path (such as
+//! `service[1].publish[0].port`) to its position.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    BackendKey, BackendSpec, BackendState, DesiredState, Frontend, Proto, ServiceKey, ServiceSpec,
+};
+
+/// The embedded default configuration (a demo service), used when `meshlb
+/// run` is given no `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// Default directory of pinned maps and links.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/meshlb";
+/// Default metrics listener.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9742";
+/// Default etcd key prefix (the layout version is part of it).
+pub const DEFAULT_ETCD_PREFIX: &str = "/meshlb/v1";
+/// Default Docker API socket.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Default backend weight.
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Largest backend weight (keeps the weighted Maglev fill loop short).
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Why a configuration was refused. `Display` is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A syntax, type or validation error. `path` is the key path
+    /// (`service[1].publish[0].port`), empty when unknown; `line` is
+    /// 1-based.
+    #[error("config: {}{message}", location(*.line, .path))]
+    Invalid {
+        line: Option<usize>,
+        path: String,
+        message: String,
+    },
+}
+
+fn location(line: Option<usize>, path: &str) -> String {
+    let mut s = String::new();
+    if let Some(l) = line {
+        s.push_str(&format!("line {l}: "));
+    }
+    if !path.is_empty() {
+        s.push_str(path);
+        s.push_str(": ");
+    }
+    s
+}
+
+/// A validation failure before it is located in the text: the key path
+/// relative to where validation started, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    fn within(mut self, prefix: &str) -> Self {
+        self.path = if self.path.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{}", self.path)
+        };
+        self
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+// ---------------------------------------------------------------------
+// Typed, validated configuration
+// ---------------------------------------------------------------------
+
+/// Which forwarding engine `run` uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneChoice {
+    /// XDP native, then XDP generic, then IPVS: the first that works.
+    #[default]
+    Auto,
+    Xdp,
+    Ipvs,
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// How a service picks a backend for a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    #[default]
+    Maglev,
+    Rr,
+    Wrr,
+    Lc,
+    Sh,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    #[default]
+    Tcp,
+    Http,
+}
+
+macro_rules! str_enum {
+    ($t:ty, $what:literal, $($v:ident => $s:literal),+) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $s),+ }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok(<$t>::$v),)+
+                    _ => Err(format!(
+                        concat!("unknown ", $what, " {:?}, expected one of: {}"),
+                        s,
+                        [$($s),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+str_enum!(DataplaneChoice, "data plane", Auto => "auto", Xdp => "xdp", Ipvs => "ipvs");
+str_enum!(XdpMode, "xdp mode", Auto => "auto", Native => "native", Generic => "generic");
+str_enum!(Scheduler, "scheduler", Maglev => "maglev", Rr => "rr", Wrr => "wrr", Lc => "lc", Sh => "sh");
+str_enum!(HealthKind, "health check kind", Tcp => "tcp", Http => "http");
+
+/// A validated configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `None`: the CLI flag or the hostname decides.
+    pub node: Option<String>,
+    /// Interfaces that receive service traffic (empty: from the CLI).
+    pub interfaces: Vec<String>,
+    pub dataplane: DataplaneChoice,
+    pub xdp_mode: XdpMode,
+    /// Where pinned maps and links live.
+    pub bpffs: PathBuf,
+    /// `None`: static services only.
+    pub etcd: Option<EtcdConfig>,
+    /// `None`: do not register this node's containers.
+    pub docker: Option<DockerConfig>,
+    pub metrics: MetricsConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub username: Option<String>,
+    /// A file rather than the password itself, so the config file can be
+    /// world-readable.
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerConfig {
+    pub socket: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+/// A validated service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Option<IpAddr>,
+    /// Never empty; no two entries share port and protocol.
+    pub publish: Vec<Publish>,
+    pub scheduler: Scheduler,
+    pub affinity: Option<Affinity>,
+    pub health: Option<Health>,
+    /// Seconds a drained backend keeps its established flows.
+    pub drain_timeout: Option<u64>,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One published port: clients connect to `port`, backends listen on
+/// `target` (unless a backend names its own port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Publish {
+    pub proto: Proto,
+    pub port: u16,
+    pub target: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Affinity {
+    pub client_ip: bool,
+    /// Seconds.
+    pub timeout: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub kind: HealthKind,
+    /// HTTP path (`kind = http`).
+    pub path: String,
+    pub interval_ms: u32,
+    /// Always below `interval_ms`, so checks never overlap.
+    pub timeout_ms: u32,
+    /// Consecutive successes that bring a backend up.
+    pub rise: u32,
+    /// Consecutive failures that take it down.
+    pub fall: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: IpAddr,
+    /// `None`: the `target` of each publish entry.
+    pub port: Option<u16>,
+    /// 0 drains.
+    pub weight: u32,
+}
+
+// ---------------------------------------------------------------------
+// Serde definitions (the text as written)
+// ---------------------------------------------------------------------
+
+/// The file as written. Numbers are `i64` so out-of-range values get
+/// this module's messages rather than serde's.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDef {
+    pub node: Option<String>,
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    pub dataplane: Option<DataplaneChoice>,
+    pub xdp_mode: Option<XdpMode>,
+    pub bpffs: Option<String>,
+    pub etcd: Option<EtcdDef>,
+    pub docker: Option<DockerDef>,
+    pub metrics: Option<MetricsDef>,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceDef>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdDef {
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerDef {
+    pub socket: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsDef {
+    pub listen: Option<String>,
+}
+
+/// A service as written: a `[[service]]` table, or (without `backend`)
+/// the JSON value of an etcd `services/<name>` key.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
+    pub publish: Vec<PublishDef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<Scheduler>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<AffinityDef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthDef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<i64>,
+    #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendDef>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PublishDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<Proto>,
+    pub port: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityDef {
+    #[serde(default = "yes")]
+    pub client_ip: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthDef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<HealthKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendDef {
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+}
+
+/// Default affinity timeout (seconds), as IPVS persistence.
+pub const DEFAULT_AFFINITY_TIMEOUT: u64 = 300;
+
+// ---------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------
+
+fn port(path: &str, v: i64) -> Result<u16, FieldError> {
+    match u16::try_from(v) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(FieldError::new(path, format!("must be 1..=65535, got {v}"))),
+    }
+}
+
+fn positive(path: &str, v: i64) -> Result<u32, FieldError> {
+    match u32::try_from(v) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(FieldError::new(
+            path,
+            format!("must be a positive number, got {v}"),
+        )),
+    }
+}
+
+fn ip(path: &str, s: &str) -> Result<IpAddr, FieldError> {
+    let a: IpAddr = s
+        .parse()
+        .map_err(|_| FieldError::new(path, format!("invalid IP address {s:?}")))?;
+    if a.is_unspecified() || a.is_multicast() {
+        return Err(FieldError::new(
+            path,
+            format!("must be a unicast address, got {s:?}"),
+        ));
+    }
+    Ok(a)
+}
+
+/// Check a service name: it becomes an etcd key, a metrics label and a
+/// pinned map entry of at most `MAX_NAME_LEN` bytes.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let n = name.len();
+    if n == 0 || n > meshlb_common::MAX_NAME_LEN {
+        return Err(format!(
+            "must be 1..={} characters, got {n}",
+            meshlb_common::MAX_NAME_LEN
+        ));
+    }
+    let ok_first = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok_rest = |c: u8| ok_first(c) || matches!(c, b'_' | b'.' | b'-');
+    let b = name.as_bytes();
+    if !ok_first(b[0]) || !b[1..].iter().all(|&c| ok_rest(c)) {
+        return Err(format!(
+            "invalid name {name:?}: use a-z, 0-9 and _ . - (starting with a letter or digit)"
+        ));
+    }
+    Ok(())
+}
+
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+impl ServiceDef {
+    /// Check this service on its own (duplicates across services are the
+    /// caller's concern). Error paths are relative to the service.
+    pub fn validate(&self) -> Result<ServiceConfig, FieldError> {
+        validate_name(&self.name).map_err(|m| FieldError::new("name", m))?;
+        let vip = self.vip.as_deref().map(|v| ip("vip", v)).transpose()?;
+
+        if self.publish.is_empty() {
+            return Err(FieldError::new("publish", "must list at least one port"));
+        }
+        let mut publish = Vec::with_capacity(self.publish.len());
+        let mut seen = BTreeMap::new();
+        for (i, p) in self.publish.iter().enumerate() {
+            let at = format!("publish[{i}]");
+            let port_ = port(&format!("{at}.port"), p.port)?;
+            let target = match p.target {
+                Some(t) => port(&format!("{at}.target"), t)?,
+                None => port_,
+            };
+            let proto = p.proto.unwrap_or(Proto::Tcp);
+            if let Some(j) = seen.insert((proto, port_), i) {
+                return Err(FieldError::new(
+                    at,
+                    format!("{port_}/{proto} is already published by publish[{j}]"),
+                ));
+            }
+            publish.push(Publish {
+                proto,
+                port: port_,
+                target,
+            });
+        }
+
+        let affinity = self
+            .affinity
+            .as_ref()
+            .map(|a| -> Result<Affinity, FieldError> {
+                Ok(Affinity {
+                    client_ip: a.client_ip,
+                    timeout: match a.timeout {
+                        Some(t) => u64::from(positive("affinity.timeout", t)?),
+                        None => DEFAULT_AFFINITY_TIMEOUT,
+                    },
+                })
+            })
+            .transpose()?;
+
+        let health = self.health.as_ref().map(validate_health).transpose()?;
+
+        let drain_timeout = match self.drain_timeout {
+            Some(t) if t < 0 => {
+                return Err(FieldError::new(
+                    "drain_timeout",
+                    format!("must be 0 or more seconds, got {t}"),
+                ))
+            }
+            t => t.map(|t| t as u64),
+        };
+
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(self.backends.len());
+        for (i, b) in self.backends.iter().enumerate() {
+            let at = format!("backend[{i}]");
+            let addr = ip(&format!("{at}.addr"), &b.addr)?;
+            // In-place NAT rewrites addresses without changing the header
+            // format, so a service is one address family.
+            let (other, what) = match (vip, backends.first()) {
+                (Some(v), _) => (Some(v), "vip".to_string()),
+                (None, Some(first)) => (Some(first.addr), "backend[0].addr".to_string()),
+                (None, None) => (None, String::new()),
+            };
+            if let Some(o) = other {
+                if o.is_ipv4() != addr.is_ipv4() {
+                    return Err(FieldError::new(
+                        format!("{at}.addr"),
+                        format!(
+                            "address family differs from {what} ({} vs {}): mixed address families in one service are not supported in this version",
+                            family(addr),
+                            family(o)
+                        ),
+                    ));
+                }
+            }
+            let port_ = b.port.map(|p| port(&format!("{at}.port"), p)).transpose()?;
+            let weight = match b.weight {
+                None => DEFAULT_WEIGHT,
+                Some(w) => match u32::try_from(w) {
+                    Ok(w) if w <= MAX_WEIGHT => w,
+                    _ => {
+                        return Err(FieldError::new(
+                            format!("{at}.weight"),
+                            format!("must be 0..={MAX_WEIGHT}, got {w}"),
+                        ))
+                    }
+                },
+            };
+            let cfg = BackendConfig {
+                addr,
+                port: port_,
+                weight,
+            };
+            for p in &publish {
+                let key = cfg.key(p);
+                if let Some(j) = backends
+                    .iter()
+                    .position(|o: &BackendConfig| o.key(p) == key)
+                {
+                    return Err(FieldError::new(
+                        at,
+                        format!("{key} is already listed as backend[{j}]"),
+                    ));
+                }
+            }
+            backends.push(cfg);
+        }
+
+        Ok(ServiceConfig {
+            name: self.name.clone(),
+            vip,
+            publish,
+            scheduler: self.scheduler.unwrap_or_default(),
+            affinity,
+            health,
+            drain_timeout,
+            backends,
+        })
+    }
+}
+
+fn validate_health(h: &HealthDef) -> Result<Health, FieldError> {
+    let get = |name: &str, v: Option<i64>, default: u32| match v {
+        Some(v) => positive(&format!("health.{name}"), v),
+        None => Ok(default),
+    };
+    let interval_ms = get("interval_ms", h.interval_ms, 1000)?;
+    let timeout_ms = get("timeout_ms", h.timeout_ms, 500.min(interval_ms / 2).max(1))?;
+    if timeout_ms >= interval_ms {
+        return Err(FieldError::new(
+            "health.timeout_ms",
+            format!("must be below interval_ms ({interval_ms}), got {timeout_ms}"),
+        ));
+    }
+    let kind = h.kind.unwrap_or_default();
+    let path = h.path.clone().unwrap_or_else(|| "/".to_string());
+    if kind == HealthKind::Http && !path.starts_with('/') {
+        return Err(FieldError::new(
+            "health.path",
+            format!("must start with '/', got {path:?}"),
+        ));
+    }
+    Ok(Health {
+        kind,
+        path,
+        interval_ms,
+        timeout_ms,
+        rise: get("rise", h.rise, 2)?,
+        fall: get("fall", h.fall, 3)?,
+    })
+}
+
+impl BackendConfig {
+    /// The data-plane identity of this backend for one publish entry.
+    pub fn key(&self, publish: &Publish) -> BackendKey {
+        BackendKey {
+            addr: self.addr,
+            port: self.port.unwrap_or(publish.target),
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// The frontends of one publish entry: the VIP (if any) and the node
+    /// port, which every node answers on.
+    pub fn frontends(&self, p: &Publish) -> Vec<Frontend> {
+        let mut v = Vec::with_capacity(2);
+        if let Some(vip) = self.vip {
+            v.push(Frontend {
+                addr: Some(vip),
+                port: p.port,
+                proto: p.proto,
+            });
+        }
+        v.push(Frontend {
+            addr: None,
+            port: p.port,
+            proto: p.proto,
+        });
+        v
+    }
+}
+
+impl ConfigDef {
+    /// Check the whole file. Error paths are absolute
+    /// (`service[1].publish[0].port`).
+    pub fn validate(&self) -> Result<Config, FieldError> {
+        if let Some(n) = &self.node {
+            if n.is_empty() {
+                return Err(FieldError::new("node", "must not be empty"));
+            }
+        }
+        for (i, ifname) in self.interfaces.iter().enumerate() {
+            // IFNAMSIZ is 16 with the terminating NUL.
+            if ifname.is_empty()
+                || ifname.len() > 15
+                || ifname.contains(|c: char| c == '/' || c.is_whitespace())
+            {
+                return Err(FieldError::new(
+                    format!("interfaces[{i}]"),
+                    format!("invalid interface name {ifname:?}"),
+                ));
+            }
+        }
+
+        let etcd = self.etcd.as_ref().map(validate_etcd).transpose()?;
+        let listen = self
+            .metrics
+            .as_ref()
+            .and_then(|m| m.listen.as_deref())
+            .unwrap_or(DEFAULT_METRICS_LISTEN);
+        let listen = listen.parse().map_err(|_| {
+            FieldError::new(
+                "metrics.listen",
+                format!("invalid socket address {listen:?}, expected IP:PORT"),
+            )
+        })?;
+
+        let mut services = Vec::with_capacity(self.services.len());
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut frontends: BTreeMap<Frontend, (usize, usize)> = BTreeMap::new();
+        for (i, def) in self.services.iter().enumerate() {
+            let at = format!("service[{i}]");
+            let svc = def.validate().map_err(|e| e.within(&at))?;
+            if let Some(j) = names.insert(&def.name, i) {
+                return Err(FieldError::new(
+                    format!("{at}.name"),
+                    format!("duplicate service name {:?} (also service[{j}])", def.name),
+                ));
+            }
+            for (k, p) in svc.publish.iter().enumerate() {
+                for fe in svc.frontends(p) {
+                    if let Some((j, l)) = frontends.insert(fe, (i, k)) {
+                        return Err(FieldError::new(
+                            format!("{at}.publish[{k}]"),
+                            format!(
+                                "frontend {fe} is already used by service[{j}] {:?} (publish[{l}])",
+                                self.services[j].name
+                            ),
+                        ));
+                    }
+                }
+            }
+            services.push(svc);
+        }
+
+        Ok(Config {
+            node: self.node.clone(),
+            interfaces: self.interfaces.clone(),
+            dataplane: self.dataplane.unwrap_or_default(),
+            xdp_mode: self.xdp_mode.unwrap_or_default(),
+            bpffs: PathBuf::from(self.bpffs.as_deref().unwrap_or(DEFAULT_BPFFS)),
+            etcd,
+            docker: self.docker.as_ref().map(|d| DockerConfig {
+                socket: PathBuf::from(d.socket.as_deref().unwrap_or(DEFAULT_DOCKER_SOCKET)),
+            }),
+            metrics: MetricsConfig { listen },
+            services,
+        })
+    }
+}
+
+fn validate_etcd(e: &EtcdDef) -> Result<EtcdConfig, FieldError> {
+    if e.endpoints.is_empty() {
+        return Err(FieldError::new(
+            "etcd.endpoints",
+            "must list at least one URL",
+        ));
+    }
+    for (i, url) in e.endpoints.iter().enumerate() {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(FieldError::new(
+                format!("etcd.endpoints[{i}]"),
+                format!("expected an http:// or https:// URL, got {url:?}"),
+            ));
+        }
+    }
+    let prefix = e.prefix.as_deref().unwrap_or(DEFAULT_ETCD_PREFIX);
+    if !prefix.starts_with('/') || prefix.ends_with('/') {
+        return Err(FieldError::new(
+            "etcd.prefix",
+            format!("must start with '/' and not end with '/', got {prefix:?}"),
+        ));
+    }
+    let path = |s: &Option<String>| s.as_ref().map(PathBuf::from);
+    Ok(EtcdConfig {
+        endpoints: e.endpoints.clone(),
+        prefix: prefix.to_string(),
+        ca: path(&e.ca),
+        cert: path(&e.cert),
+        key: path(&e.key),
+        username: e.username.clone(),
+        password_file: path(&e.password_file),
+    })
+}
+
+impl Config {
+    /// The data-plane services of the static `[[service]]` tables: one
+    /// [`ServiceKey`] per publish entry, all backends up.
+    pub fn desired_state(&self, local_addrs: BTreeSet<IpAddr>) -> DesiredState {
+        let mut services = BTreeMap::new();
+        for svc in &self.services {
+            for p in &svc.publish {
+                let key = ServiceKey {
+                    name: svc.name.clone(),
+                    proto: p.proto,
+                    port: p.port,
+                };
+                let spec = ServiceSpec {
+                    frontends: svc.frontends(p).into_iter().collect(),
+                    backends: svc
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            (
+                                b.key(p),
+                                BackendSpec {
+                                    weight: b.weight,
+                                    state: BackendState::Up,
+                                },
+                            )
+                        })
+                        .collect(),
+                };
+                services.insert(key, spec);
+            }
+        }
+        DesiredState {
+            services,
+            local_addrs,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// Parsing and error location
+// ---------------------------------------------------------------------
+
+/// Parse and validate a configuration text.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let def: ConfigDef = toml::from_str(text).map_err(|e| {
+        let index = KeyIndex::scan(text);
+        let (line, path) = match e.span() {
+            Some(span) => (
+                Some(line_of(text, span.start)),
+                index.path_at(span.start).unwrap_or_default(),
+            ),
+            None => (None, String::new()),
+        };
+        ConfigError::Invalid {
+            line,
+            path,
+            message: one_line(e.message()),
+        }
+    })?;
+    def.validate().map_err(|e| {
+        let index = KeyIndex::scan(text);
+        ConfigError::Invalid {
+            line: index.offset_of(&e.path).map(|o| line_of(text, o)),
+            path: e.path,
+            message: one_line(&e.message),
+        }
+    })
+}
+
+/// Read, parse and validate a configuration file.
+pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text)
+}
+
+/// serde's messages name Rust types; say what the user writes instead.
+fn one_line(s: &str) -> String {
+    s.trim()
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ")
+        .replace("expected i64", "expected an integer")
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Where each key path of a TOML text sits: `(path, start, end)` byte
+/// offsets, in document order. A best-effort scan used only to locate
+/// errors; it stops quietly at anything it does not understand (the
+/// real parser reports that).
+struct KeyIndex {
+    entries: Vec<(String, usize, usize)>,
+}
+
+impl KeyIndex {
+    fn scan(text: &str) -> KeyIndex {
+        let mut s = Scanner {
+            b: text.as_bytes(),
+            i: 0,
+            entries: Vec::new(),
+            arrays: BTreeMap::new(),
+        };
+        s.document();
+        KeyIndex { entries: s.entries }
+    }
+
+    /// The innermost entry containing `offset`.
+    fn path_at(&self, offset: usize) -> Option<String> {
+        self.entries
+            .iter()
+            .filter(|(_, start, end)| *start <= offset && offset < *end)
+            .max_by_key(|(_, start, _)| *start)
+            .map(|(p, _, _)| p.clone())
+    }
+
+    /// Where `path`, or its nearest written ancestor, starts.
+    fn offset_of(&self, path: &str) -> Option<usize> {
+        let mut p = path;
+        loop {
+            if let Some((_, start, _)) = self.entries.iter().find(|(q, _, _)| q == p) {
+                return Some(*start);
+            }
+            let cut = p.rfind(['.', '['])?;
+            p = &p[..cut];
+        }
+    }
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+    entries: Vec<(String, usize, usize)>,
+    /// Array-of-tables path -> number of tables seen so far.
+    arrays: BTreeMap<String, usize>,
+}
+
+type Scan<T> = Option<T>;
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn starts(&self, s: &str) -> bool {
+        self.b[self.i..].starts_with(s.as_bytes())
+    }
+
+    fn skip_blank(&mut self, newlines: bool) {
+        while let Some(c) = self.peek() {
+            match c {
+                b' ' | b'\t' | b'\r' => self.i += 1,
+                b'\n' if newlines => self.i += 1,
+                b'#' => {
+                    while self.peek().is_some_and(|c| c != b'\n') {
+                        self.i += 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn document(&mut self) -> Scan<()> {
+        let mut base = String::new();
+        loop {
+            self.skip_blank(true);
+            let start = self.i;
+            match self.peek() {
+                None => return Some(()),
+                Some(b'[') => {
+                    let aot = self.starts("[[");
+                    self.i += if aot { 2 } else { 1 };
+                    let keys = self.key()?;
+                    self.skip_blank(false);
+                    if !self.starts(if aot { "]]" } else { "]" }) {
+                        return None;
+                    }
+                    self.i += if aot { 2 } else { 1 };
+                    base = self.resolve(&keys, aot);
+                    // A table header's entry spans the whole table.
+                    let end = self.next_header();
+                    self.entries.push((base.clone(), start, end));
+                }
+                Some(_) => self.key_value(&base)?,
+            }
+        }
+    }
+
+    /// Offset of the next line that starts a table header.
+    fn next_header(&self) -> usize {
+        let mut j = self.i;
+        while j < self.b.len() {
+            if self.b[j] == b'\n' {
+                let mut k = j + 1;
+                while k < self.b.len() && matches!(self.b[k], b' ' | b'\t') {
+                    k += 1;
+                }
+                if self.b.get(k) == Some(&b'[') {
+                    return k;
+                }
+            }
+            j += 1;
+        }
+        self.b.len()
+    }
+
+    /// Turn header keys into a path, numbering arrays of tables.
+    fn resolve(&mut self, keys: &[String], aot: bool) -> String {
+        let mut path = String::new();
+        for (n, k) in keys.iter().enumerate() {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(k);
+            let last = n + 1 == keys.len();
+            if last && aot {
+                let count = self.arrays.entry(path.clone()).or_insert(0);
+                *count += 1;
+                path = format!("{path}[{}]", *count - 1);
+            } else if let Some(count) = self.arrays.get(&path) {
+                path = format!("{path}[{}]", count.saturating_sub(1));
+            }
+        }
+        path
+    }
+
+    fn key(&mut self) -> Scan<Vec<String>> {
+        let mut keys = Vec::new();
+        loop {
+            self.skip_blank(false);
+            match self.peek()? {
+                q @ (b'"' | b'\'') => {
+                    let start = self.i + 1;
+                    self.string()?;
+                    let raw = &self.b[start..self.i - 1];
+                    keys.push(String::from_utf8_lossy(raw).into_owned());
+                    // Dotted keys inside quotes would be ambiguous here.
+                    let _ = q;
+                }
+                _ => {
+                    let start = self.i;
+                    while self
+                        .peek()
+                        .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+                    {
+                        self.i += 1;
+                    }
+                    if start == self.i {
+                        return None;
+                    }
+                    keys.push(String::from_utf8_lossy(&self.b[start..self.i]).into_owned());
+                }
+            }
+            self.skip_blank(false);
+            if self.peek() == Some(b'.') {
+                self.i += 1;
+            } else {
+                return Some(keys);
+            }
+        }
+    }
+
+    fn key_value(&mut self, base: &str) -> Scan<()> {
+        let start = self.i;
+        let keys = self.key()?;
+        self.skip_blank(false);
+        if self.peek() != Some(b'=') {
+            return None;
+        }
+        self.i += 1;
+        let mut path = base.to_string();
+        for k in keys {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&k);
+        }
+        let at = self.entries.len();
+        // Until the value is scanned, the entry extends to the end: an
+        // error inside an unfinished value belongs to this key.
+        self.entries.push((path.clone(), start, usize::MAX));
+        self.value(&path)?;
+        self.entries[at].2 = self.i;
+        Some(())
+    }
+
+    fn value(&mut self, path: &str) -> Scan<()> {
+        self.skip_blank(false);
+        match self.peek()? {
+            b'"' | b'\'' => self.string(),
+            b'[' => {
+                self.i += 1;
+                let mut n = 0;
+                loop {
+                    self.skip_blank(true);
+                    if self.peek()? == b']' {
+                        self.i += 1;
+                        return Some(());
+                    }
+                    let elem = format!("{path}[{n}]");
+                    let at = self.entries.len();
+                    self.entries.push((elem.clone(), self.i, usize::MAX));
+                    self.value(&elem)?;
+                    self.entries[at].2 = self.i;
+                    self.skip_blank(true);
+                    match self.peek()? {
+                        b',' => {
+                            self.i += 1;
+                            n += 1;
+                        }
+                        b']' => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'{' => {
+                self.i += 1;
+                loop {
+                    self.skip_blank(false);
+                    if self.peek()? == b'}' {
+                        self.i += 1;
+                        return Some(());
+                    }
+                    self.key_value(path)?;
+                    self.skip_blank(false);
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        b'}' => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            _ => {
+                let start = self.i;
+                while self
+                    .peek()
+                    .is_some_and(|c| !matches!(c, b',' | b']' | b'}' | b'\n' | b'#'))
+                {
+                    self.i += 1;
+                }
+                (self.i > start).then_some(())
+            }
+        }
+    }
+
+    /// Skip a basic, literal or multi-line string.
+    fn string(&mut self) -> Scan<()> {
+        let q = self.peek()?;
+        let triple = [q, q, q];
+        if self.b[self.i..].starts_with(&triple) {
+            self.i += 3;
+            loop {
+                if self.b[self.i..].starts_with(&triple) {
+                    self.i += 3;
+                    // Up to two more quotes may belong to the content.
+                    while self.peek() == Some(q) {
+                        self.i += 1;
+                    }
+                    return Some(());
+                }
+                if q == b'"' && self.peek()? == b'\\' {
+                    self.i += 1;
+                }
+                self.peek()?;
+                self.i += 1;
+            }
+        }
+        self.i += 1;
+        loop {
+            match self.peek()? {
+                b'\n' => return None,
+                c if c == q => {
+                    self.i += 1;
+                    return Some(());
+                }
+                b'\\' if q == b'"' => self.i += 2,
+                _ => self.i += 1,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const GOOD: &str = r#"
+node = "node-1"
+interfaces = ["eth0", "eth1"]
+dataplane = "xdp"
+xdp_mode = "generic"
+bpffs = "/sys/fs/bpf/test"
+
+[etcd]
+endpoints = ["http://127.0.0.1:2379"]
+# ca = "..."
+username = "meshlb"
+
+[docker]
+
+[metrics]
+listen = "0.0.0.0:9999"
+
+[[service]]
+name = "web"
+vip = "10.96.0.10"
+publish = [{ proto = "tcp", port = 80, target = 8000 }, { proto = "udp", port = 53 }]
+scheduler = "maglev"
+affinity = { client_ip = true, timeout = 600 }
+health = { kind = "http", path = "/healthz", interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3 }
+drain_timeout = 30
+
+[[service.backend]]
+addr = "10.0.1.2"
+
+[[service.backend]]
+addr = "10.0.2.2"
+port = 9000
+weight = 0
+
+[[service]]
+name = "db.v6"
+vip = "fd00::10"
+publish = [{ port = 5432 }]
+
+[[service.backend]]
+addr = "fd00::2"
+weight = 300
+"#;
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node.as_deref(), Some("node-1"));
+        assert_eq!(c.interfaces, ["eth0", "eth1"]);
+        assert_eq!(c.dataplane, DataplaneChoice::Xdp);
+        assert_eq!(c.xdp_mode, XdpMode::Generic);
+        assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf/test"));
+        let etcd = c.etcd.as_ref().unwrap();
+        assert_eq!(etcd.prefix, DEFAULT_ETCD_PREFIX);
+        assert_eq!(etcd.username.as_deref(), Some("meshlb"));
+        assert_eq!(
+            c.docker.as_ref().unwrap().socket,
+            PathBuf::from(DEFAULT_DOCKER_SOCKET)
+        );
+        assert_eq!(c.metrics.listen, "0.0.0.0:9999".parse().unwrap());
+        let web = &c.services[0];
+        assert_eq!(web.scheduler, Scheduler::Maglev);
+        assert_eq!(
+            web.affinity,
+            Some(Affinity {
+                client_ip: true,
+                timeout: 600
+            })
+        );
+        assert_eq!(web.health.as_ref().unwrap().path, "/healthz");
+        assert_eq!(web.drain_timeout, Some(30));
+        assert_eq!(
+            web.publish[1],
+            Publish {
+                proto: Proto::Udp,
+                port: 53,
+                target: 53
+            }
+        );
+        assert_eq!(c.services[1].backends[0].weight, 300);
+    }
+
+    #[test]
+    fn good_config_gives_desired_state() {
+        let c = parse(GOOD).unwrap();
+        let local: BTreeSet<IpAddr> = [v4(192, 168, 1, 10)].into();
+        let d = c.desired_state(local.clone());
+        assert_eq!(d.local_addrs, local);
+
+        let up = |weight| BackendSpec {
+            weight,
+            state: BackendState::Up,
+        };
+        let fe = |addr, port, proto| Frontend { addr, port, proto };
+        let be = |addr, port| BackendKey { addr, port };
+        let vip = Some(v4(10, 96, 0, 10));
+        let v6: IpAddr = "fd00::10".parse().unwrap();
+        let want: BTreeMap<ServiceKey, ServiceSpec> = [
+            (
+                ServiceKey {
+                    name: "web".into(),
+                    proto: Proto::Tcp,
+                    port: 80,
+                },
+                ServiceSpec {
+                    frontends: [fe(vip, 80, Proto::Tcp), fe(None, 80, Proto::Tcp)].into(),
+                    backends: [
+                        (be(v4(10, 0, 1, 2), 8000), up(100)),
+                        (be(v4(10, 0, 2, 2), 9000), up(0)),
+                    ]
+                    .into(),
+                },
+            ),
+            (
+                ServiceKey {
+                    name: "web".into(),
+                    proto: Proto::Udp,
+                    port: 53,
+                },
+                ServiceSpec {
+                    frontends: [fe(vip, 53, Proto::Udp), fe(None, 53, Proto::Udp)].into(),
+                    backends: [
+                        (be(v4(10, 0, 1, 2), 53), up(100)),
+                        (be(v4(10, 0, 2, 2), 9000), up(0)),
+                    ]
+                    .into(),
+                },
+            ),
+            (
+                ServiceKey {
+                    name: "db.v6".into(),
+                    proto: Proto::Tcp,
+                    port: 5432,
+                },
+                ServiceSpec {
+                    frontends: [fe(Some(v6), 5432, Proto::Tcp), fe(None, 5432, Proto::Tcp)].into(),
+                    backends: [(be("fd00::2".parse().unwrap(), 5432), up(300))].into(),
+                },
+            ),
+        ]
+        .into();
+        assert_eq!(d.services, want);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("").unwrap();
+        assert_eq!(c.node, None);
+        assert_eq!(c.dataplane, DataplaneChoice::Auto);
+        assert_eq!(c.xdp_mode, XdpMode::Auto);
+        assert_eq!(c.bpffs, PathBuf::from(DEFAULT_BPFFS));
+        assert_eq!(c.metrics.listen, DEFAULT_METRICS_LISTEN.parse().unwrap());
+        assert!(c.etcd.is_none() && c.docker.is_none() && c.services.is_empty());
+
+        let c = parse(
+            "[[service]]\nname = \"a\"\npublish = [{ port = 1 }]\nhealth = {}\n[[service.backend]]\naddr = \"10.0.0.1\"\n",
+        )
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.scheduler, Scheduler::Maglev);
+        assert_eq!(s.backends[0].weight, DEFAULT_WEIGHT);
+        assert_eq!(s.backends[0].port, None);
+        let h = s.health.as_ref().unwrap();
+        assert_eq!(
+            (h.kind, h.interval_ms, h.timeout_ms),
+            (HealthKind::Tcp, 1000, 500)
+        );
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.node, None);
+        assert!(c.interfaces.is_empty());
+        let whoami = &c.services[0];
+        assert_eq!(whoami.name, "whoami");
+        assert_eq!(whoami.vip, Some(v4(10, 96, 0, 10)));
+        assert_eq!(whoami.backends.len(), 3);
+        let d = c.desired_state(BTreeSet::new());
+        assert_eq!(d.services.len(), 2);
+    }
+
+    /// One `[[service]]` with the given extra lines.
+    fn svc(extra: &str) -> String {
+        format!("[[service]]\nname = \"web\"\npublish = [{{ port = 80 }}]\n{extra}\n")
+    }
+
+    #[test]
+    fn bad_configs_give_one_line_naming_the_field() {
+        let two = |a: &str, b: &str| format!("{}{}", svc(a), b);
+        let cases: Vec<(&str, String, &str, Option<usize>)> = vec![
+            // (what, text, expected substring, expected line)
+            ("syntax", "node = \"a\nx = 1\n".into(), "line 1", Some(1)),
+            ("syntax in value", svc("vip = 10.0.0.1"), "service[0].vip", Some(4)),
+            ("unknown top key", "nodes = \"a\"\n".into(), "unknown field `nodes`", Some(1)),
+            ("unknown service key", svc("colour = \"red\""), "service[0].colour", Some(4)),
+            (
+                "unknown backend key",
+                svc("[[service.backend]]\naddr = \"10.0.0.1\"\nprt = 1"),
+                "service[0].backend[0].prt",
+                Some(6),
+            ),
+            (
+                "unknown key in inline table",
+                svc("affinity = { client_ip = true, timout = 5 }"),
+                "service[0].affinity.timout",
+                Some(4),
+            ),
+            (
+                "wrong type",
+                "[[service]]\nname = \"web\"\npublish = [{ port = \"80\" }]\n".into(),
+                "service[0].publish[0].port: invalid type: string \"80\", expected an integer",
+                Some(3),
+            ),
+            (
+                "port 0",
+                "[[service]]\nname = \"web\"\npublish = [{ port = 0 }]\n".into(),
+                "service[0].publish[0].port: must be 1..=65535, got 0",
+                Some(3),
+            ),
+            (
+                "port 70000",
+                "[[service]]\nname = \"web\"\npublish = [{ port = 70000 }]\n".into(),
+                "service[0].publish[0].port: must be 1..=65535, got 70000",
+                Some(3),
+            ),
+            (
+                "target 70000",
+                "[[service]]\nname = \"web\"\npublish = [{ port = 80, target = 70000 }]\n".into(),
+                "service[0].publish[0].target",
+                Some(3),
+            ),
+            (
+                "backend port",
+                svc("[[service.backend]]\naddr = \"10.0.0.1\"\nport = -1"),
+                "service[0].backend[0].port: must be 1..=65535",
+                Some(6),
+            ),
+            (
+                "bad vip",
+                svc("vip = \"10.0.0.300\""),
+                "service[0].vip: invalid IP address \"10.0.0.300\"",
+                Some(4),
+            ),
+            (
+                "bad backend address",
+                svc("[[service.backend]]\naddr = \"node-3\""),
+                "service[0].backend[0].addr: invalid IP address",
+                Some(5),
+            ),
+            (
+                "unknown scheduler",
+                svc("scheduler = \"random\""),
+                "service[0].scheduler",
+                Some(4),
+            ),
+            (
+                "61-char name",
+                format!("[[service]]\nname = \"{}\"\npublish = [{{ port = 80 }}]\n", "a".repeat(61)),
+                "service[0].name: must be 1..=60 characters, got 61",
+                Some(2),
+            ),
+            (
+                "empty name",
+                "[[service]]\nname = \"\"\npublish = [{ port = 80 }]\n".into(),
+                "service[0].name",
+                Some(2),
+            ),
+            (
+                "bad name chars",
+                "[[service]]\nname = \"Web App\"\npublish = [{ port = 80 }]\n".into(),
+                "service[0].name: invalid name \"Web App\"",
+                Some(2),
+            ),
+            (
+                "duplicate name",
+                two("", "[[service]]\nname = \"web\"\npublish = [{ port = 81 }]\n"),
+                "service[1].name: duplicate service name \"web\"",
+                Some(6),
+            ),
+            (
+                "duplicate node port",
+                two("", "[[service]]\nname = \"api\"\npublish = [{ port = 80 }]\n"),
+                "service[1].publish[0]: frontend *:80/tcp is already used by service[0] \"web\"",
+                Some(7),
+            ),
+            (
+                "duplicate publish in a service",
+                "[[service]]\nname = \"web\"\npublish = [{ port = 80 }, { port = 80, target = 81 }]\n".into(),
+                "service[0].publish[1]",
+                Some(3),
+            ),
+            (
+                "empty publish",
+                "[[service]]\nname = \"web\"\npublish = []\n".into(),
+                "service[0].publish: must list at least one port",
+                Some(3),
+            ),
+            (
+                "missing publish",
+                "[[service]]\nname = \"web\"\n".into(),
+                "missing field `publish`",
+                None,
+            ),
+            (
+                "negative weight",
+                svc("[[service.backend]]\naddr = \"10.0.0.1\"\nweight = -1"),
+                "service[0].backend[0].weight: must be 0..=10000, got -1",
+                Some(6),
+            ),
+            (
+                "too-big weight",
+                svc("[[service.backend]]\naddr = \"10.0.0.1\"\nweight = 10001"),
+                "service[0].backend[0].weight: must be 0..=10000, got 10001",
+                Some(6),
+            ),
+            (
+                "health timeout = interval",
+                svc("health = { interval_ms = 500, timeout_ms = 500 }"),
+                "service[0].health.timeout_ms: must be below interval_ms (500), got 500",
+                Some(4),
+            ),
+            (
+                "health zero rise",
+                svc("health = { rise = 0 }"),
+                "service[0].health.rise: must be a positive number",
+                Some(4),
+            ),
+            (
+                "mixed families with vip",
+                svc("vip = \"10.96.0.1\"\n[[service.backend]]\naddr = \"fd00::1\""),
+                "service[0].backend[0].addr: address family differs from vip",
+                Some(6),
+            ),
+            (
+                "mixed families without vip",
+                svc("[[service.backend]]\naddr = \"10.0.0.1\"\n[[service.backend]]\naddr = \"fd00::1\""),
+                "service[0].backend[1].addr: address family differs from backend[0].addr",
+                Some(7),
+            ),
+            (
+                "duplicate backend",
+                svc("[[service.backend]]\naddr = \"10.0.0.1\"\n[[service.backend]]\naddr = \"10.0.0.1\"\nport = 80"),
+                "service[0].backend[1]: 10.0.0.1:80 is already listed as backend[0]",
+                Some(6),
+            ),
+            (
+                "bad metrics listen",
+                "[metrics]\nlisten = \"localhost\"\n".into(),
+                "metrics.listen: invalid socket address",
+                Some(2),
+            ),
+            (
+                "etcd without endpoints list",
+                "[etcd]\nendpoints = []\n".into(),
+                "etcd.endpoints: must list at least one URL",
+                Some(2),
+            ),
+            (
+                "etcd bad URL",
+                "[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n".into(),
+                "etcd.endpoints[0]: expected an http:// or https:// URL",
+                Some(2),
+            ),
+            (
+                "unknown dataplane",
+                "dataplane = \"dpdk\"\n".into(),
+                "dataplane",
+                Some(1),
+            ),
+            (
+                "bad interface",
+                "interfaces = [\"eth0\", \"a-very-long-interface-name\"]\n".into(),
+                "interfaces[1]: invalid interface name",
+                Some(1),
+            ),
+        ];
+        for (what, text, want, line) in cases {
+            let e = parse(&text).expect_err(what).to_string();
+            assert!(!e.contains('\n'), "{what}: not one line: {e}");
+            assert!(e.starts_with("config: "), "{what}: {e}");
+            assert!(e.contains(want), "{what}: {e:?} lacks {want:?}");
+            if let Some(l) = line {
+                assert!(
+                    e.contains(&format!("line {l}: ")),
+                    "{what}: {e:?} not at line {l}"
+                );
+            }
+            assert!(!e.ends_with('.'), "{what}: trailing period: {e}");
+        }
+    }
+
+    #[test]
+    fn scanner_locates_nested_keys() {
+        let text = "a = 1\n[t]\nb = [1, { c = \"x,]\" , d = [2, 3] }]\n[[s]]\nn = '''\nx'''\n[[s]]\n[s.q]\nm.k = 5\n";
+        let idx = KeyIndex::scan(text);
+        let paths: Vec<&str> = idx.entries.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "a",
+                "t",
+                "t.b",
+                "t.b[0]",
+                "t.b[1]",
+                "t.b[1].c",
+                "t.b[1].d",
+                "t.b[1].d[0]",
+                "t.b[1].d[1]",
+                "s[0]",
+                "s[0].n",
+                "s[1]",
+                "s[1].q",
+                "s[1].q.m.k"
+            ]
+        );
+        let at = |p: &str| line_of(text, idx.offset_of(p).unwrap());
+        assert_eq!(at("s[1].q.m.k"), 9);
+        assert_eq!(at("t.b[1].d[1]"), 3);
+        // Unknown paths fall back to their nearest written ancestor.
+        assert_eq!(at("s[0].nope.deeper"), 4);
+    }
+
+    #[test]
+    fn load_reports_the_file() {
+        let e = load("/nonexistent/meshlb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("config: /nonexistent/meshlb.toml: "), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn service_def_round_trips_through_json() {
+        let c = parse(GOOD).unwrap();
+        let def: ConfigDef = toml::from_str(GOOD).unwrap();
+        let mut web = def.services[0].clone();
+        web.backends.clear();
+        let json = serde_json::to_string(&web).unwrap();
+        assert!(!json.contains("backend"), "{json}");
+        let back: ServiceDef = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, web);
+        let mut want = c.services[0].clone();
+        want.backends.clear();
+        assert_eq!(back.validate().unwrap(), want);
+    }
+}

@@ -1,0 +1,264 @@
+//! `meshlb run`: the node daemon. Loads the config, attaches (or adopts)
+//! the data plane, reconciles, then keeps it in sync: SIGHUP reloads the
+//! config, this node's addresses are re-read periodically, SIGTERM/SIGINT
+//! stop the daemon. Stopping never detaches forwarding: the pinned maps and
+//! links keep working, and the next daemon adopts them.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
+use crate::config::{self, Config, DataplaneChoice, XdpMode};
+use crate::dataplane::xdp::XdpDataplane;
+use crate::dataplane::Dataplane;
+use crate::{metrics, netlink, reconcile};
+
+/// How often this node's addresses are re-read (node ports follow them).
+const ADDR_REFRESH: Duration = Duration::from_secs(2);
+
+/// Why the daemon stopped with an error. `Usage` maps to exit status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The settled options of one daemon: config file merged with flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config_path: Option<PathBuf>,
+    pub node: String,
+    pub ifaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub bpffs: PathBuf,
+    pub metrics: Option<SocketAddr>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, DaemonError> {
+    match path {
+        Some(p) => config::load(p).map_err(|e| DaemonError::Usage(e.to_string())),
+        None => {
+            config::parse(config::DEFAULT_CONFIG).map_err(|e| DaemonError::Usage(e.to_string()))
+        }
+    }
+}
+
+/// Validates flags and config into settings, before anything is touched.
+pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
+    if args.etcd.is_some() {
+        return Err(DaemonError::Usage(
+            "--etcd: not supported by this version yet (static config only)".into(),
+        ));
+    }
+    if args.docker.is_some() {
+        return Err(DaemonError::Usage(
+            "--docker: not supported by this version yet".into(),
+        ));
+    }
+    let cfg = load_config(args.config.as_ref())?;
+    if args.config.is_none() {
+        log::warn!("no --config: using the embedded default config (demo service \"whoami\")");
+    }
+    let dataplane = match args.dataplane {
+        Some(DataplaneArg::Auto) => DataplaneChoice::Auto,
+        Some(DataplaneArg::Xdp) => DataplaneChoice::Xdp,
+        Some(DataplaneArg::Ipvs) => DataplaneChoice::Ipvs,
+        None => cfg.dataplane,
+    };
+    if dataplane == DataplaneChoice::Ipvs {
+        return Err(DaemonError::Usage(
+            "dataplane: ipvs is not available in this version yet (use auto or xdp)".into(),
+        ));
+    }
+    let xdp_mode = match args.xdp_mode {
+        Some(XdpModeArg::Auto) => XdpMode::Auto,
+        Some(XdpModeArg::Native) => XdpMode::Native,
+        Some(XdpModeArg::Generic) => XdpMode::Generic,
+        None => cfg.xdp_mode,
+    };
+    let ifaces = if args.ifaces.is_empty() {
+        cfg.interfaces.clone()
+    } else {
+        args.ifaces.clone()
+    };
+    if ifaces.is_empty() {
+        return Err(DaemonError::Usage(
+            "interfaces: none given (use --iface IF or interfaces = [...] in the config)".into(),
+        ));
+    }
+    for i in &ifaces {
+        if i.is_empty() || i.len() > 15 || i.contains('/') {
+            return Err(DaemonError::Usage(format!(
+                "iface {i:?}: not a valid interface name"
+            )));
+        }
+    }
+    let metrics = match args.metrics.as_deref() {
+        Some("none") | Some("off") => None,
+        Some(a) => Some(
+            a.parse::<SocketAddr>()
+                .map_err(|_| DaemonError::Usage(format!("--metrics: invalid address {a:?}")))?,
+        ),
+        None => Some(cfg.metrics.listen),
+    };
+    let bpffs = args
+        .bpffs
+        .clone()
+        .or_else(|| (cfg.bpffs != PathBuf::from(DEFAULT_BPFFS)).then(|| cfg.bpffs.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
+    let node = args
+        .node
+        .clone()
+        .or_else(|| cfg.node.clone())
+        .unwrap_or_else(hostname);
+    for s in &cfg.services {
+        if s.scheduler != config::Scheduler::Maglev {
+            log::warn!(
+                "service {}: scheduler {} is not implemented by the XDP data plane yet: maglev is used",
+                s.name,
+                s.scheduler.as_str()
+            );
+        }
+    }
+    Ok((
+        Settings {
+            config_path: args.config.clone(),
+            node,
+            ifaces,
+            xdp_mode,
+            bpffs,
+            metrics,
+        },
+        cfg,
+    ))
+}
+
+/// Reconciles the data plane with `cfg` and `locals`; logs the plan size.
+fn sync(
+    dp: &mut XdpDataplane,
+    cfg: &Config,
+    locals: &BTreeSet<IpAddr>,
+) -> Result<usize, DaemonError> {
+    let desired = cfg.desired_state(locals.clone());
+    let observed = dp
+        .observe()
+        .map_err(|e| DaemonError::Runtime(format!("observe data plane: {e}")))?;
+    let plan = reconcile::plan(&desired, &observed)
+        .map_err(|e| DaemonError::Runtime(format!("reconcile: {e}")))?;
+    let n = plan.ops.len();
+    if n > 0 {
+        dp.apply(&plan)
+            .map_err(|e| DaemonError::Runtime(format!("apply: {e}")))?;
+    }
+    Ok(n)
+}
+
+/// Runs the daemon until `shutdown` resolves or SIGTERM/SIGINT arrives.
+pub async fn run(
+    settings: Settings,
+    mut cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    netlink::check_interfaces(&settings.ifaces)
+        .await
+        .map_err(|e| DaemonError::Usage(e.to_string()))?;
+    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
+    let metrics_listener = metrics::bind(settings.metrics)
+        .await
+        .map_err(|e| DaemonError::Runtime(format!("metrics listen: {e}")))?;
+
+    let mut dp = XdpDataplane::open(&settings.bpffs, &settings.ifaces, settings.xdp_mode)
+        .map_err(|e| rt(&e))?;
+    log::info!(
+        "node {}: data plane {} on {} (pinned under {})",
+        settings.node,
+        dp.kind().as_str(),
+        settings.ifaces.join(","),
+        settings.bpffs.display()
+    );
+    let mut locals = netlink::local_addrs().await.map_err(|e| rt(&e))?;
+    let n = sync(&mut dp, &cfg, &locals)?;
+    log::info!("applied {n} changes; {} services", cfg.services.len());
+
+    let _metrics_task = match metrics_listener {
+        Some(l) => {
+            let maps =
+                Arc::new(crate::pinned::Maps::from_pins(&settings.bpffs).map_err(|e| rt(&e))?);
+            log::info!(
+                "metrics on http://{}/metrics",
+                l.local_addr().map_err(|e| rt(&e))?
+            );
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                l,
+                maps,
+                settings.node.clone(),
+            ))))
+        }
+        None => None,
+    };
+
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| rt(&e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
+    let mut tick = tokio::time::interval(ADDR_REFRESH);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                match load_config(settings.config_path.as_ref()) {
+                    Ok(new) => {
+                        cfg = new;
+                        match sync(&mut dp, &cfg, &locals) {
+                            Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
+                            Err(e) => log::error!("SIGHUP: {e}"),
+                        }
+                    }
+                    Err(e) => log::error!("SIGHUP: keeping the running config: {e}"),
+                }
+            }
+            _ = tick.tick() => {
+                match netlink::local_addrs().await {
+                    Ok(now) if now != locals => {
+                        locals = now;
+                        match sync(&mut dp, &cfg, &locals) {
+                            Ok(n) => log::info!("node addresses changed: {n} changes applied"),
+                            Err(e) => log::error!("{e}"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+        }
+    }
+    log::info!(
+        "stopping; forwarding continues from the pinned state under {}",
+        settings.bpffs.display()
+    );
+    Ok(())
+}
+
+/// Aborts a spawned task when dropped: every task has an owner.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

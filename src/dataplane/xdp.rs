@@ -1,0 +1,590 @@
+//! The XDP data plane: loads the embedded object, pins its maps and links
+//! under `--bpffs`, adopts what a previous daemon pinned (a restart never
+//! flushes conntrack, and the program is swapped atomically on the pinned
+//! link), and executes reconciler plans as map updates.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use meshlb_common::{
+    maps, AddrKey, Backend, FrontendKey, FrontendValue, NodeMeta, ServiceInfo, ServiceName,
+    BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
+    PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE, SVC_F_PRESENT,
+};
+
+use super::{Dataplane, DataplaneError, DataplaneKind};
+use crate::model::{
+    BackendKey, BackendState, Frontend, Observed, ObservedBackend, ObservedService, Proto,
+    ServiceKey,
+};
+use crate::pinned::{addr_bytes, addr_from, Maps, PinnedError};
+use crate::reconcile::{Op, Plan};
+
+pub use crate::config::XdpMode as AttachMode;
+
+/// Errors of loading and attaching.
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error("bpffs {dir}: {source}")]
+    Bpffs {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("iface {iface}: attach {mode}: {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("iface {iface}: pinned link {path}: {msg}")]
+    Link {
+        iface: String,
+        path: PathBuf,
+        msg: String,
+    },
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
+}
+
+fn link_pin(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("link_v{LAYOUT_VERSION}_{iface}"))
+}
+
+/// Makes sure `dir` is a directory on a bpffs.
+pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), XdpError> {
+    std::fs::create_dir_all(dir).map_err(|source| XdpError::Bpffs {
+        dir: dir.to_owned(),
+        source,
+    })
+}
+
+/// Loads the object with maps pinned (created or adopted) under `dir`.
+fn load(dir: &Path) -> Result<Ebpf, XdpError> {
+    ensure_bpffs_dir(dir)?;
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(crate::EBPF_OBJECT)
+        .map_err(|e| XdpError::Load(Box::new(e)))
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| XdpError::Program {
+            name,
+            source: Box::new(aya::programs::ProgramError::NotLoaded),
+        })?
+        .try_into()
+        .map_err(|e| XdpError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+    prog.load().map_err(|e| XdpError::Program {
+        name,
+        source: Box::new(e),
+    })?;
+    Ok(prog)
+}
+
+/// Attaches `prog` to `iface`, adopting the pinned link if there is one
+/// (atomic program swap, no packet lost), else attaching afresh and
+/// pinning the new link. Returns the mode of a fresh attach (`None` when
+/// an existing link was adopted).
+fn attach_pinned(
+    prog: &mut Xdp,
+    dir: &Path,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<Option<DataplaneKind>, XdpError> {
+    let path = link_pin(dir, iface);
+    let link_err = |msg: String| XdpError::Link {
+        iface: iface.to_owned(),
+        path: path.clone(),
+        msg,
+    };
+    if path.exists() {
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(e.to_string()))?;
+        let fd: FdLink = pinned.into();
+        let link =
+            aya::programs::xdp::XdpLink::try_from(fd).map_err(|e| link_err(e.to_string()))?;
+        prog.attach_to_link(link)
+            .map_err(|e| link_err(format!("swap program: {e}")))?;
+        return Ok(None);
+    }
+    let tries: &[(XdpMode, DataplaneKind, &'static str)] = match mode {
+        AttachMode::Native => &[(XdpMode::Driver, DataplaneKind::XdpNative, "native")],
+        AttachMode::Generic => &[(XdpMode::Skb, DataplaneKind::XdpGeneric, "generic")],
+        AttachMode::Auto => &[
+            (XdpMode::Driver, DataplaneKind::XdpNative, "native"),
+            (XdpMode::Skb, DataplaneKind::XdpGeneric, "generic"),
+        ],
+    };
+    let mut last = None;
+    for (xmode, kind, label) in tries {
+        match prog.attach(iface, *xmode) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(|e| XdpError::Attach {
+                    iface: iface.to_owned(),
+                    mode: label,
+                    source: Box::new(e),
+                })?;
+                let fd: FdLink = link
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
+                fd.pin(&path).map_err(|e| link_err(format!("pin: {e}")))?;
+                return Ok(Some(*kind));
+            }
+            Err(e) => {
+                log::info!("iface {iface}: {label} XDP attach failed: {e}");
+                last = Some((label, e));
+            }
+        }
+    }
+    let (label, e) = last.expect("at least one attach mode is tried");
+    Err(XdpError::Attach {
+        iface: iface.to_owned(),
+        mode: label,
+        source: Box::new(e),
+    })
+}
+
+/// The XDP engine of `meshlb run`.
+pub struct XdpDataplane {
+    maps: Maps,
+    kind: DataplaneKind,
+    // Keeps the program loaded while the daemon runs; the pinned links keep
+    // it attached when the daemon is gone.
+    _ebpf: Ebpf,
+}
+
+impl XdpDataplane {
+    /// Loads (or adopts) the data plane under `dir` and attaches it to
+    /// every interface in `ifaces`.
+    pub fn open(dir: &Path, ifaces: &[String], mode: AttachMode) -> Result<Self, XdpError> {
+        let mut ebpf = load(dir)?;
+        let mut maps = Maps::from_ebpf(&mut ebpf)?;
+        let previous = maps.meta.get(&0, 0).ok().filter(|m| m.layout_version != 0);
+        let prog = program(&mut ebpf, PROG_XDP_LB)?;
+        let mut kind = None;
+        for iface in ifaces {
+            match attach_pinned(prog, dir, iface, mode)? {
+                Some(k) => {
+                    log::info!("iface {iface}: attached ({})", k.as_str());
+                    kind = kind.or(Some(k));
+                }
+                None => log::info!("iface {iface}: adopted the pinned XDP link"),
+            }
+        }
+        let kind = kind
+            .or_else(|| previous.map(|m| kind_from_meta(m.dataplane)))
+            .unwrap_or(match mode {
+                AttachMode::Generic => DataplaneKind::XdpGeneric,
+                _ => DataplaneKind::XdpNative,
+            });
+        let meta = NodeMeta {
+            layout_version: LAYOUT_VERSION,
+            dataplane: kind_to_meta(kind),
+            applied_at: now(),
+        };
+        maps.meta
+            .set(0, meta, 0)
+            .map_err(|source| PinnedError::Map {
+                name: maps::META,
+                source,
+            })?;
+        Ok(XdpDataplane {
+            maps,
+            kind,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The maps, for status and metrics while the daemon runs.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn kind_from_meta(v: u32) -> DataplaneKind {
+    match v {
+        meshlb_common::DATAPLANE_XDP_GENERIC => DataplaneKind::XdpGeneric,
+        meshlb_common::DATAPLANE_IPVS => DataplaneKind::Ipvs,
+        _ => DataplaneKind::XdpNative,
+    }
+}
+
+fn kind_to_meta(k: DataplaneKind) -> u32 {
+    match k {
+        DataplaneKind::XdpNative => meshlb_common::DATAPLANE_XDP_NATIVE,
+        DataplaneKind::XdpGeneric => meshlb_common::DATAPLANE_XDP_GENERIC,
+        DataplaneKind::Ipvs => meshlb_common::DATAPLANE_IPVS,
+        DataplaneKind::Fake => meshlb_common::DATAPLANE_NONE,
+    }
+}
+
+/// Attaches the pass-everything program to `ifaces` in native mode and pins
+/// the links under `dir` (for veth peers of native-mode interfaces).
+pub fn attach_pass(dir: &Path, ifaces: &[String]) -> Result<(), XdpError> {
+    let mut ebpf = load(&dir.join("maps"))?;
+    let prog = program(&mut ebpf, PROG_XDP_PASS)?;
+    for iface in ifaces {
+        attach_pinned(prog, dir, iface, AttachMode::Native)?;
+    }
+    Ok(())
+}
+
+/// Detaches and removes everything pinned under `dir`: the links first
+/// (the interfaces stop running the program), then the maps.
+pub fn cleanup(dir: &Path) -> Result<usize, XdpError> {
+    let io = |source| XdpError::Bpffs {
+        dir: dir.to_owned(),
+        source,
+    };
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    // Links before maps, so no interface runs a program whose maps vanish.
+    entries.sort_by_key(|p| {
+        !p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("link_"))
+    });
+    for p in entries {
+        if p.is_dir() {
+            removed += cleanup(&p)?;
+            std::fs::remove_dir(&p).map_err(io)?;
+        } else {
+            std::fs::remove_file(&p).map_err(io)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map: name, source }
+}
+
+fn frontend_key(f: &Frontend) -> FrontendKey {
+    let (addr, family) = match f.addr {
+        Some(a) => addr_bytes(a),
+        None => ([0; 16], 0),
+    };
+    FrontendKey {
+        addr,
+        port: f.port.to_be(),
+        proto: f.proto.number(),
+        family,
+    }
+}
+
+/// Node-port frontends exist once per family in the map (addr all zero).
+fn frontend_keys(f: &Frontend) -> Vec<FrontendKey> {
+    match f.addr {
+        Some(_) => vec![frontend_key(f)],
+        None => [meshlb_common::FAMILY_V4, meshlb_common::FAMILY_V6]
+            .into_iter()
+            .map(|family| FrontendKey {
+                family,
+                ..frontend_key(f)
+            })
+            .collect(),
+    }
+}
+
+fn service_name(key: &ServiceKey) -> ServiceName {
+    let mut n = ServiceName {
+        len: key.name.len().min(60) as u8,
+        proto: key.proto.number(),
+        port: key.port,
+        ..Default::default()
+    };
+    n.name[..n.len as usize].copy_from_slice(&key.name.as_bytes()[..n.len as usize]);
+    n
+}
+
+fn state_flags(state: BackendState) -> u8 {
+    match state {
+        BackendState::Up => 0,
+        BackendState::Draining => BE_F_DRAINING,
+        BackendState::Down => BE_F_DOWN,
+    }
+}
+
+/// Reads the service and backend tables back into the reconciler's terms.
+pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
+    let mut obs = Observed::default();
+    let mut by_id = std::collections::BTreeMap::new();
+    for id in 0..MAX_SERVICES {
+        let info = maps
+            .services
+            .get(&id, 0)
+            .map_err(map_error(maps::SERVICES))?;
+        if info.flags & SVC_F_PRESENT == 0 {
+            continue;
+        }
+        let n = maps
+            .service_names
+            .get(&id, 0)
+            .map_err(map_error(maps::SERVICE_NAMES))?;
+        let (Some(proto), Ok(name)) = (
+            Proto::from_number(n.proto),
+            std::str::from_utf8(&n.name[..(n.len as usize).min(60)]),
+        ) else {
+            log::warn!("service slot {id}: unreadable name, ignored");
+            continue;
+        };
+        let key = ServiceKey {
+            name: name.to_owned(),
+            proto,
+            port: n.port,
+        };
+        by_id.insert(id, key.clone());
+        obs.services.insert(
+            key,
+            ObservedService {
+                id,
+                ring_hash: info.ring_hash,
+                active_backends: info.active_backends,
+                ..Default::default()
+            },
+        );
+    }
+    for item in maps.frontends.iter() {
+        let (k, v) = item.map_err(map_error(maps::FRONTENDS))?;
+        let Some(key) = by_id.get(&v.service_id) else {
+            continue;
+        };
+        let Some(proto) = Proto::from_number(k.proto) else {
+            continue;
+        };
+        // All-zero address = node port (config rejects unspecified VIPs).
+        let addr = if k.addr == [0; 16] {
+            None
+        } else {
+            addr_from(&k.addr, k.family)
+        };
+        let fe = Frontend {
+            addr,
+            port: u16::from_be(k.port),
+            proto,
+        };
+        if let Some(s) = obs.services.get_mut(key) {
+            s.frontends.insert(fe);
+        }
+    }
+    for id in 0..MAX_BACKENDS {
+        let b = maps
+            .backends
+            .get(&id, 0)
+            .map_err(map_error(maps::BACKENDS))?;
+        if b.flags & BE_F_PRESENT == 0 {
+            continue;
+        }
+        let (Some(key), Some(addr)) = (by_id.get(&b.service_id), addr_from(&b.addr, b.family))
+        else {
+            continue;
+        };
+        let state = if b.flags & BE_F_DOWN != 0 {
+            BackendState::Down
+        } else if b.flags & BE_F_DRAINING != 0 {
+            BackendState::Draining
+        } else {
+            BackendState::Up
+        };
+        if let Some(s) = obs.services.get_mut(key) {
+            s.backends.insert(
+                BackendKey {
+                    addr,
+                    port: u16::from_be(b.port),
+                },
+                ObservedBackend {
+                    id,
+                    weight: b.weight,
+                    state,
+                },
+            );
+        }
+    }
+    let mut locals = BTreeSet::new();
+    for k in maps.local_addrs.keys() {
+        let k = k.map_err(map_error(maps::LOCAL_ADDRS))?;
+        if let Some(a) = addr_from(&k.addr, k.family) {
+            locals.insert(a);
+        }
+    }
+    obs.local_addrs = locals;
+    Ok(obs)
+}
+
+/// Executes one plan on the maps.
+pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
+    for op in &plan.ops {
+        match op {
+            Op::AddLocalAddr(a) => {
+                let (addr, family) = addr_bytes(*a);
+                maps.local_addrs
+                    .insert(
+                        AddrKey {
+                            addr,
+                            family,
+                            _pad: [0; 3],
+                        },
+                        1,
+                        0,
+                    )
+                    .map_err(map_error(maps::LOCAL_ADDRS))?;
+            }
+            Op::RemoveLocalAddr(a) => {
+                let (addr, family) = addr_bytes(*a);
+                let _ = maps.local_addrs.remove(&AddrKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                });
+            }
+            Op::UpsertBackend {
+                id,
+                service_id,
+                key,
+                weight,
+                state,
+                fresh,
+            } => {
+                if *fresh {
+                    Maps::zero_stats(&mut maps.backend_stats, *id, maps::BACKEND_STATS)
+                        .map_err(|e| DataplaneError::Other(e.to_string()))?;
+                }
+                let (addr, family) = addr_bytes(key.addr);
+                let b = Backend {
+                    addr,
+                    port: key.port.to_be(),
+                    family,
+                    flags: BE_F_PRESENT | state_flags(*state),
+                    service_id: *service_id,
+                    weight: *weight,
+                    _pad: 0,
+                };
+                maps.backends
+                    .set(*id, b, 0)
+                    .map_err(map_error(maps::BACKENDS))?;
+            }
+            Op::RemoveBackend { id } => {
+                maps.backends
+                    .set(*id, Backend::default(), 0)
+                    .map_err(map_error(maps::BACKENDS))?;
+            }
+            Op::WriteRing { service_id, ring } => {
+                let base = service_id * RING_SIZE;
+                for (slot, b) in ring.iter().enumerate() {
+                    maps.maglev
+                        .set(base + slot as u32, *b, 0)
+                        .map_err(map_error(maps::MAGLEV))?;
+                }
+            }
+            Op::UpsertService {
+                id,
+                key,
+                active_backends,
+                ring_hash,
+                fresh,
+            } => {
+                if *fresh {
+                    Maps::zero_stats(&mut maps.service_stats, *id, maps::SERVICE_STATS)
+                        .map_err(|e| DataplaneError::Other(e.to_string()))?;
+                }
+                maps.service_names
+                    .set(*id, service_name(key), 0)
+                    .map_err(map_error(maps::SERVICE_NAMES))?;
+                let info = ServiceInfo {
+                    flags: SVC_F_PRESENT,
+                    active_backends: *active_backends,
+                    ring_hash: *ring_hash,
+                };
+                maps.services
+                    .set(*id, info, 0)
+                    .map_err(map_error(maps::SERVICES))?;
+            }
+            Op::RemoveService { id } => {
+                maps.services
+                    .set(*id, ServiceInfo::default(), 0)
+                    .map_err(map_error(maps::SERVICES))?;
+                maps.service_names
+                    .set(*id, ServiceName::default(), 0)
+                    .map_err(map_error(maps::SERVICE_NAMES))?;
+            }
+            Op::AddFrontend {
+                frontend,
+                service_id,
+            } => {
+                for k in frontend_keys(frontend) {
+                    maps.frontends
+                        .insert(
+                            k,
+                            FrontendValue {
+                                service_id: *service_id,
+                                flags: 0,
+                            },
+                            0,
+                        )
+                        .map_err(map_error(maps::FRONTENDS))?;
+                }
+            }
+            Op::RemoveFrontend { frontend } => {
+                for k in frontend_keys(frontend) {
+                    let _ = maps.frontends.remove(&k);
+                }
+            }
+        }
+    }
+    let meta = maps.meta.get(&0, 0).unwrap_or_default();
+    let _ = maps.meta.set(
+        0,
+        NodeMeta {
+            applied_at: now(),
+            ..meta
+        },
+        0,
+    );
+    Ok(())
+}
+
+impl Dataplane for XdpDataplane {
+    fn kind(&self) -> DataplaneKind {
+        self.kind
+    }
+
+    fn observe(&self) -> Result<Observed, DataplaneError> {
+        observe_maps(&self.maps)
+    }
+
+    fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        apply_maps(&mut self.maps, plan)
+    }
+}

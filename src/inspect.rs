@@ -1,0 +1,351 @@
+//! `meshlb status` and `meshlb explain`: answers read straight from the
+//! pinned maps, so they describe what the kernel does on this node, daemon
+//! running or not. `explain` uses the data path's own flow hash.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use meshlb_common::{
+    hash::flow_slot, AddrKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
+    CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, RING_SIZE, SVC_F_PRESENT,
+};
+use serde::Serialize;
+
+use crate::dataplane::xdp::kind_from_meta;
+use crate::model::{Frontend, Proto};
+use crate::pinned::{addr_bytes, addr_from, Maps};
+
+/// Errors of `status`/`explain`.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct BackendStatus {
+    pub addr: String,
+    pub port: u16,
+    pub weight: u32,
+    pub state: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: Option<String>,
+    pub ports: Vec<String>,
+    pub scheduler: &'static str,
+    pub backends: Vec<BackendStatus>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub node: String,
+    pub dataplane: &'static str,
+    pub services: Vec<ServiceStatus>,
+    pub conntrack_entries: u64,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+fn fmt_addr(a: IpAddr) -> String {
+    a.to_string()
+}
+
+/// This node's programmed state.
+pub fn status(maps: &Maps, node: &str) -> Result<Status, InspectError> {
+    let err = |map| move |source| InspectError::Map { map, source };
+    let meta = maps
+        .meta
+        .get(&0, 0)
+        .map_err(err(meshlb_common::maps::META))?;
+    let mut by_name: BTreeMap<String, ServiceStatus> = BTreeMap::new();
+    let mut id_name = BTreeMap::new();
+    for id in 0..MAX_SERVICES {
+        let info = maps
+            .services
+            .get(&id, 0)
+            .map_err(err(meshlb_common::maps::SERVICES))?;
+        if info.flags & SVC_F_PRESENT == 0 {
+            continue;
+        }
+        let n = maps
+            .service_names
+            .get(&id, 0)
+            .map_err(err(meshlb_common::maps::SERVICE_NAMES))?;
+        let name = String::from_utf8_lossy(&n.name[..(n.len as usize).min(60)]).into_owned();
+        let proto = Proto::from_number(n.proto).map_or("?".into(), |p| p.to_string());
+        let stats = Maps::sum_stats(&maps.service_stats, id);
+        let s = by_name
+            .entry(name.clone())
+            .or_insert_with(|| ServiceStatus {
+                name: name.clone(),
+                vip: None,
+                ports: vec![],
+                scheduler: "maglev",
+                backends: vec![],
+                packets: 0,
+                bytes: 0,
+                connections: 0,
+            });
+        s.ports.push(format!("{}/{proto}", n.port));
+        s.packets += stats.packets_in + stats.packets_out;
+        s.bytes += stats.bytes_in + stats.bytes_out;
+        s.connections += stats.connections;
+        id_name.insert(id, name);
+    }
+    for (k, v) in maps.frontends.iter().flatten() {
+        if k.addr == [0; 16] {
+            continue;
+        }
+        if let (Some(name), Some(a)) = (id_name.get(&v.service_id), addr_from(&k.addr, k.family)) {
+            if let Some(s) = by_name.get_mut(name) {
+                s.vip.get_or_insert_with(|| fmt_addr(a));
+            }
+        }
+    }
+    for id in 0..MAX_BACKENDS {
+        let b = maps
+            .backends
+            .get(&id, 0)
+            .map_err(err(meshlb_common::maps::BACKENDS))?;
+        if b.flags & BE_F_PRESENT == 0 {
+            continue;
+        }
+        let (Some(name), Some(addr)) = (id_name.get(&b.service_id), addr_from(&b.addr, b.family))
+        else {
+            continue;
+        };
+        let st = Maps::sum_stats(&maps.backend_stats, id);
+        let state = if b.flags & BE_F_DOWN != 0 {
+            "down"
+        } else if b.flags & BE_F_DRAINING != 0 {
+            "draining"
+        } else {
+            "up"
+        };
+        if let Some(s) = by_name.get_mut(name) {
+            s.backends.push(BackendStatus {
+                addr: fmt_addr(addr),
+                port: u16::from_be(b.port),
+                weight: b.weight,
+                state,
+                packets: st.packets_in + st.packets_out,
+                bytes: st.bytes_in + st.bytes_out,
+                connections: st.connections,
+                packets_in: st.packets_in,
+                packets_out: st.packets_out,
+            });
+        }
+    }
+    let counters = meshlb_common::Counter::ALL
+        .iter()
+        .zip(maps.counters())
+        .map(|(c, v)| (c.name(), v))
+        .collect();
+    Ok(Status {
+        node: node.to_owned(),
+        dataplane: if meta.layout_version == 0 {
+            "none"
+        } else {
+            kind_from_meta(meta.dataplane).as_str()
+        },
+        services: by_name.into_values().collect(),
+        conntrack_entries: maps.conntrack.keys().count() as u64,
+        counters,
+    })
+}
+
+/// Human-readable table of a status.
+pub fn status_table(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "node {}  dataplane {}  conntrack entries {}\n",
+        s.node, s.dataplane, s.conntrack_entries
+    );
+    for svc in &s.services {
+        let _ = writeln!(
+            out,
+            "\nSERVICE {}  vip {}  ports {}  scheduler {}  packets {}  connections {}",
+            svc.name,
+            svc.vip.as_deref().unwrap_or("-"),
+            svc.ports.join(","),
+            svc.scheduler,
+            svc.packets,
+            svc.connections
+        );
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>6} {:<9} {:>12} {:>14} {:>12}",
+            "BACKEND", "WEIGHT", "STATE", "PACKETS", "BYTES", "CONNECTIONS"
+        );
+        for b in &svc.backends {
+            let addr = match b.addr.parse::<IpAddr>() {
+                Ok(IpAddr::V6(_)) => format!("[{}]:{}", b.addr, b.port),
+                _ => format!("{}:{}", b.addr, b.port),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>6} {:<9} {:>12} {:>14} {:>12}",
+                addr, b.weight, b.state, b.packets, b.bytes, b.connections
+            );
+        }
+    }
+    out
+}
+
+/// The answer of `explain`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Explanation {
+    pub service: Option<String>,
+    pub frontend: Option<String>,
+    pub backend: Option<String>,
+    /// "conntrack" | "maglev" | "no-service" | "no-backend"
+    pub reason: &'static str,
+    pub slot: Option<u32>,
+}
+
+impl Explanation {
+    /// One human line.
+    pub fn line(&self) -> String {
+        match self.reason {
+            "no-service" => {
+                "no service matches this flow: the data plane passes it to the stack untouched"
+                    .into()
+            }
+            "no-backend" => format!(
+                "service {} (frontend {}) has no active backend: new flows go to the stack",
+                self.service.as_deref().unwrap_or("?"),
+                self.frontend.as_deref().unwrap_or("?")
+            ),
+            "conntrack" => format!(
+                "service {} (frontend {}) -> backend {}: established flow (conntrack)",
+                self.service.as_deref().unwrap_or("?"),
+                self.frontend.as_deref().unwrap_or("?"),
+                self.backend.as_deref().unwrap_or("?")
+            ),
+            _ => format!(
+                "service {} (frontend {}) -> backend {}: maglev slot {}",
+                self.service.as_deref().unwrap_or("?"),
+                self.frontend.as_deref().unwrap_or("?"),
+                self.backend.as_deref().unwrap_or("?"),
+                self.slot.unwrap_or(0)
+            ),
+        }
+    }
+}
+
+fn sockaddr(a: IpAddr, port: u16) -> String {
+    SocketAddr::new(a, port).to_string()
+}
+
+/// Which backend the data plane picks for `proto src -> dst`, and why.
+pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> Explanation {
+    let (s, family) = addr_bytes(src.ip());
+    let (d, _) = addr_bytes(dst.ip());
+    let key = FlowKey {
+        src: s,
+        dst: d,
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto: proto.number(),
+        family,
+        _pad: [0; 2],
+    };
+    let mut fk = FrontendKey {
+        addr: d,
+        port: key.dport,
+        proto: key.proto,
+        family,
+    };
+    let mut fe = maps.frontends.get(&fk, 0).ok();
+    let mut node_port = false;
+    if fe.is_none()
+        && maps
+            .local_addrs
+            .get(
+                &AddrKey {
+                    addr: d,
+                    family,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .is_ok()
+    {
+        fk.addr = [0; 16];
+        fe = maps.frontends.get(&fk, 0).ok();
+        node_port = true;
+    }
+    let no = |reason| Explanation {
+        service: None,
+        frontend: None,
+        backend: None,
+        reason,
+        slot: None,
+    };
+    let Some(fe) = fe else {
+        return no("no-service");
+    };
+    let frontend = Frontend {
+        addr: (!node_port).then_some(dst.ip()),
+        port: dst.port(),
+        proto,
+    }
+    .to_string();
+    let frontend = if node_port {
+        format!("{}/{proto} (node port)", sockaddr(dst.ip(), dst.port()))
+    } else {
+        frontend
+    };
+    let service = maps
+        .service_names
+        .get(&fe.service_id, 0)
+        .ok()
+        .map(|n| String::from_utf8_lossy(&n.name[..(n.len as usize).min(60)]).into_owned());
+    if let Ok(ct) = maps.conntrack.get(&key, 0) {
+        if ct.flags & CT_F_CLOSING == 0 {
+            return Explanation {
+                service,
+                frontend: Some(frontend),
+                backend: addr_from(&ct.backend_addr, family)
+                    .map(|a| sockaddr(a, u16::from_be(ct.backend_port))),
+                reason: "conntrack",
+                slot: None,
+            };
+        }
+    }
+    let slot = flow_slot(&key);
+    let backend = maps
+        .maglev
+        .get(&(fe.service_id * RING_SIZE + slot), 0)
+        .ok()
+        .filter(|b| *b != NO_BACKEND)
+        .and_then(|id| maps.backends.get(&id, 0).ok())
+        .filter(|b| b.flags & BE_F_PRESENT != 0 && b.family == family)
+        .and_then(|b| addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port))));
+    let reason = if backend.is_some() {
+        "maglev"
+    } else {
+        "no-backend"
+    };
+    Explanation {
+        service,
+        frontend: Some(frontend),
+        backend,
+        reason,
+        slot: Some(slot),
+    }
+}

@@ -1,0 +1,32 @@
+//! meshlb: a kernel-offloaded service load balancer for container
+//! clusters.
+//!
+//! # Layout
+//!
+//! * [`config`] — the TOML config and its validation → [`model::DesiredState`].
+//! * [`model`] — desired/observed state in the reconciler's terms.
+//! * [`maglev`] — the Maglev lookup table (weighted, deterministic).
+//! * [`reconcile`] — the pure reconciler: desired + observed → plan.
+//! * [`dataplane`] — the `Dataplane` trait and its XDP and fake engines.
+//! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
+//! * [`inspect`] — `status` and `explain`, read from the pinned maps.
+//! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
+//! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
+//! * [`metrics`] — Prometheus text on `/metrics`.
+//! * [`cli`] — the command line (clap), parsed in `main`.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod inspect;
+pub mod maglev;
+pub mod metrics;
+pub mod model;
+pub mod netlink;
+pub mod pinned;
+pub mod reconcile;
+
+/// The XDP object (built by `cargo xtask build-ebpf`), embedded.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESHLB_EBPF_OBJ"));

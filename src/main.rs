@@ -1,0 +1,102 @@
+//! The `meshlb` binary: parses the command line and calls the library.
+//! Exit status: 0 ok, 1 runtime error, 2 usage/validation error.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshlb::cli::{Cli, Command, ProtoArg};
+use meshlb::daemon::{self, DaemonError};
+use meshlb::model::Proto;
+use meshlb::{dataplane, inspect, pinned};
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("meshlb: {msg}");
+    ExitCode::from(code)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let (settings, cfg) = match daemon::settle(&args) {
+                Ok(v) => v,
+                Err(e) => return fail(2, e),
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(1, format!("tokio runtime: {e}")),
+            };
+            match rt.block_on(daemon::run(settings, cfg, std::future::pending())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(DaemonError::Usage(e)) => fail(2, e),
+                Err(DaemonError::Runtime(e)) => fail(1, e),
+            }
+        }
+        Command::Status(args) => {
+            let maps = match pinned::Maps::from_pins(&args.bpffs.bpffs) {
+                Ok(m) => m,
+                Err(e) => return fail(1, e),
+            };
+            let node = args.node.unwrap_or_else(hostname);
+            match inspect::status(&maps, &node) {
+                Ok(s) if args.json => {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(s) => {
+                    print!("{}", inspect::status_table(&s));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
+        }
+        Command::Explain(args) => {
+            if args.src.is_ipv4() != args.dst.is_ipv4() {
+                return fail(2, "explain: SRC and DST must be of the same address family");
+            }
+            let maps = match pinned::Maps::from_pins(&args.bpffs.bpffs) {
+                Ok(m) => m,
+                Err(e) => return fail(1, e),
+            };
+            let proto = match args.proto {
+                ProtoArg::Tcp => Proto::Tcp,
+                ProtoArg::Udp => Proto::Udp,
+            };
+            let e = inspect::explain(&maps, proto, args.src, args.dst);
+            if args.json {
+                println!("{}", serde_json::to_string(&e).unwrap_or_default());
+            } else {
+                println!("{}", e.line());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Cleanup(args) => match dataplane::xdp::cleanup(&args.bpffs) {
+            Ok(n) => {
+                eprintln!(
+                    "meshlb: removed {n} pinned objects under {}",
+                    args.bpffs.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, e),
+        },
+        Command::XdpPass(args) => {
+            match dataplane::xdp::attach_pass(&args.bpffs.bpffs, &args.ifaces) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, e),
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The desired and observed state of one node's data plane, in the terms
+//! the reconciler works in. No IO here; `config` (and later etcd) produce
+//! a [`DesiredState`], a `Dataplane` reports an [`Observed`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => meshlb_common::PROTO_TCP,
+            Proto::Udp => meshlb_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            meshlb_common::PROTO_TCP => Some(Proto::Tcp),
+            meshlb_common::PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// Identity of a data-plane service: one published port of a named
+/// service (a service publishing 80 and 443 is two of these).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub name: String,
+    pub proto: Proto,
+    /// The published port.
+    pub port: u16,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.name, self.port, self.proto)
+    }
+}
+
+/// Where clients connect. `addr: None` is a node port: any address of
+/// this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            Some(IpAddr::V6(a)) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+            Some(IpAddr::V4(a)) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            None => write!(f, "*:{}/{}", self.port, self.proto),
+        }
+    }
+}
+
+/// Health/admin state of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Receives new flows (if its weight is above 0).
+    Up,
+    /// Failed health checks: no new flows.
+    Down,
+    /// No new flows; established ones continue.
+    Draining,
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Draining => "draining",
+        })
+    }
+}
+
+/// Identity of a backend within a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.port),
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.port),
+        }
+    }
+}
+
+/// A backend as wanted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+impl BackendSpec {
+    /// Whether new flows may go to this backend.
+    pub fn active(&self) -> bool {
+        self.weight > 0 && self.state == BackendState::Up
+    }
+
+    /// The state the data plane shows: weight 0 drains.
+    pub fn effective_state(&self) -> BackendState {
+        if self.weight == 0 && self.state == BackendState::Up {
+            BackendState::Draining
+        } else {
+            self.state
+        }
+    }
+}
+
+/// One data-plane service as wanted.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceSpec {
+    pub frontends: BTreeSet<Frontend>,
+    pub backends: BTreeMap<BackendKey, BackendSpec>,
+}
+
+/// Everything this node's data plane should do.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServiceKey, ServiceSpec>,
+    /// This node's addresses: node-port frontends answer on these.
+    pub local_addrs: BTreeSet<IpAddr>,
+}
+
+/// A backend as found in the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObservedBackend {
+    pub id: u32,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// A service as found in the data plane.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ObservedService {
+    pub id: u32,
+    pub frontends: BTreeSet<Frontend>,
+    pub backends: BTreeMap<BackendKey, ObservedBackend>,
+    /// `ring_hash` of the backend set the Maglev ring was last written for.
+    pub ring_hash: u64,
+    pub active_backends: u32,
+}
+
+/// What the data plane holds now (read back from the kernel, so a
+/// restarted daemon adopts it).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Observed {
+    pub services: BTreeMap<ServiceKey, ObservedService>,
+    pub local_addrs: BTreeSet<IpAddr>,
+    /// Ids of backend slots in use whose service slot is not (or that
+    /// repeat a key of their service): what an apply interrupted by a
+    /// crash leaves behind. The reconciler frees them first, so a service
+    /// that takes the id again never inherits them.
+    pub orphan_backends: BTreeSet<u32>,
+}

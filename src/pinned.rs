@@ -1,0 +1,171 @@
+//! Typed handles on the data plane's BPF maps, opened either from a freshly
+//! loaded object (the daemon) or from their pins under `--bpffs` (`status`,
+//! `explain`, and anything else that must work while the daemon is down).
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::Ebpf;
+use meshlb_common::{
+    maps, AddrKey, Backend, CtEntry, FlowKey, FrontendKey, FrontendValue, NodeMeta, RnatEntry,
+    ServiceInfo, ServiceName, Stats,
+};
+
+/// Errors opening or using the pinned maps.
+#[derive(Debug, thiserror::Error)]
+pub enum PinnedError {
+    #[error(
+        "map {name}: not pinned under {dir} (is `meshlb run --bpffs {dir}` programming this node?)"
+    )]
+    NotPinned { name: &'static str, dir: PathBuf },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {name}: missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("cpu count: {0}")]
+    Cpus(String),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> PinnedError {
+    move |source| PinnedError::Map { name, source }
+}
+
+/// Every map of the data plane, typed.
+pub struct Maps {
+    pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    pub local_addrs: HashMap<MapData, AddrKey, u32>,
+    pub services: Array<MapData, ServiceInfo>,
+    pub service_names: Array<MapData, ServiceName>,
+    pub maglev: Array<MapData, u32>,
+    pub backends: Array<MapData, Backend>,
+    pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    pub reverse_nat: HashMap<MapData, FlowKey, RnatEntry>,
+    pub backend_stats: PerCpuArray<MapData, Stats>,
+    pub service_stats: PerCpuArray<MapData, Stats>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub meta: Array<MapData, NodeMeta>,
+}
+
+impl Maps {
+    /// Opens the maps pinned under `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Maps, PinnedError> {
+        Self::build(|name| {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Err(PinnedError::NotPinned {
+                    name,
+                    dir: dir.to_owned(),
+                });
+            }
+            let data = MapData::from_pin(&path).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        })
+    }
+
+    /// Takes the maps out of a loaded object (they are pinned by the loader).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, PinnedError> {
+        Self::build(|name| ebpf.take_map(name).ok_or(PinnedError::Missing { name }))
+    }
+
+    fn build(
+        mut take: impl FnMut(&'static str) -> Result<Map, PinnedError>,
+    ) -> Result<Maps, PinnedError> {
+        macro_rules! typed {
+            ($name:expr) => {
+                take($name)?.try_into().map_err(map_err($name))?
+            };
+        }
+        Ok(Maps {
+            frontends: typed!(maps::FRONTENDS),
+            local_addrs: typed!(maps::LOCAL_ADDRS),
+            services: typed!(maps::SERVICES),
+            service_names: typed!(maps::SERVICE_NAMES),
+            maglev: typed!(maps::MAGLEV),
+            backends: typed!(maps::BACKENDS),
+            conntrack: typed!(maps::CONNTRACK),
+            reverse_nat: typed!(maps::REVERSE_NAT),
+            backend_stats: typed!(maps::BACKEND_STATS),
+            service_stats: typed!(maps::SERVICE_STATS),
+            counters: typed!(maps::COUNTERS),
+            meta: typed!(maps::META),
+        })
+    }
+
+    /// Sum of a per-CPU stats slot over all CPUs.
+    pub fn sum_stats(arr: &PerCpuArray<MapData, Stats>, index: u32) -> Stats {
+        let mut total = Stats::default();
+        if let Ok(values) = arr.get(&index, 0) {
+            for v in values.iter() {
+                total.add(v);
+            }
+        }
+        total
+    }
+
+    /// Zeroes a per-CPU stats slot (a reused id starts from zero).
+    pub fn zero_stats(
+        arr: &mut PerCpuArray<MapData, Stats>,
+        index: u32,
+        name: &'static str,
+    ) -> Result<(), PinnedError> {
+        let n = aya::util::nr_cpus().map_err(|(m, e)| PinnedError::Cpus(format!("{m}: {e}")))?;
+        let zeros =
+            PerCpuValues::try_from(vec![Stats::default(); n]).map_err(|e| PinnedError::Map {
+                name,
+                source: MapError::IoError(e),
+            })?;
+        arr.set(index, zeros, 0).map_err(map_err(name))
+    }
+
+    /// Global counters summed over CPUs, by `Counter` index.
+    pub fn counters(&self) -> Vec<u64> {
+        (0..meshlb_common::COUNTER_COUNT)
+            .map(|i| {
+                self.counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+/// An address in the maps' layout: 16 network-order bytes + family.
+pub fn addr_bytes(addr: std::net::IpAddr) -> ([u8; 16], u8) {
+    let mut b = [0u8; 16];
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            b[..4].copy_from_slice(&a.octets());
+            (b, meshlb_common::FAMILY_V4)
+        }
+        std::net::IpAddr::V6(a) => (a.octets(), meshlb_common::FAMILY_V6),
+    }
+}
+
+/// The address stored in the maps' layout, if the family is known.
+pub fn addr_from(b: &[u8; 16], family: u8) -> Option<std::net::IpAddr> {
+    match family {
+        meshlb_common::FAMILY_V4 => Some(std::net::IpAddr::from([b[0], b[1], b[2], b[3]])),
+        meshlb_common::FAMILY_V6 => Some(std::net::IpAddr::from(*b)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_the_map_layout() {
+        for a in ["10.1.2.3", "fd00::1", "0.0.0.0", "::ffff:1.2.3.4"] {
+            let ip: std::net::IpAddr = a.parse().unwrap();
+            let (b, f) = addr_bytes(ip);
+            assert_eq!(addr_from(&b, f), Some(ip), "{a}");
+        }
+        assert_eq!(addr_from(&[0; 16], 9), None);
+    }
+}

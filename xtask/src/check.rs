@@ -1,0 +1,98 @@
+//! `cargo xtask test`: what CI runs — setup, eBPF build, fmt, clippy and
+//! the whole workspace's tests, each under a header, with timings.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::cmd::Cmd;
+use crate::{compile, setup};
+
+struct Steps {
+    start: Instant,
+    n: usize,
+    total: usize,
+}
+
+impl Steps {
+    fn step<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.n += 1;
+        println!("\n==> [{}/{}] {name}", self.n, self.total);
+        let t = Instant::now();
+        let r = f();
+        let ok = if r.is_ok() { "ok" } else { "FAILED" };
+        println!("<== {name}: {ok} in {:.1}s", t.elapsed().as_secs_f64());
+        r
+    }
+}
+
+pub fn test() -> Result<()> {
+    setup::require_root("test")?;
+    let mut s = Steps {
+        start: Instant::now(),
+        n: 0,
+        total: 5,
+    };
+    let r = run_all(&mut s);
+    println!(
+        "\ntotal wall time: {:.1}s ({})",
+        s.start.elapsed().as_secs_f64(),
+        if r.is_ok() { "passed" } else { "FAILED" }
+    );
+    r
+}
+
+fn run_all(s: &mut Steps) -> Result<()> {
+    if std::env::var_os("CI").is_some() {
+        println!(
+            "CI={} (propagated to every step)",
+            std::env::var("CI").unwrap_or_default()
+        );
+    }
+    s.step("setup", setup::setup)?;
+    s.step("build eBPF object", compile::build_ebpf)?;
+    s.step("cargo fmt --check", || {
+        Cmd::new("cargo")
+            .args(["fmt", "--all", "--", "--check"])
+            .run()?;
+        // The eBPF crate is outside the workspace; check its formatting too.
+        Cmd::new("cargo")
+            .args([
+                "fmt",
+                "--all",
+                "--manifest-path",
+                "ebpf/meshlb-ebpf/Cargo.toml",
+            ])
+            .args(["--", "--check"])
+            .dir(crate::root())
+            .run()
+    })?;
+    s.step("cargo clippy", || {
+        Cmd::new("cargo")
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .run()
+    })?;
+    s.step("cargo test", || {
+        // Tests are parallel-safe (own netns, bpffs dir, ports each) but
+        // mostly wait on the kernel and child processes: one test thread
+        // per core keeps a 2-core box responsive without serialising.
+        let threads = std::env::var("RUST_TEST_THREADS").unwrap_or_else(|_| {
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2)
+                .to_string()
+        });
+        Cmd::new("cargo")
+            .args(["test", "--workspace", "--no-fail-fast", "--"])
+            .arg(format!("--test-threads={threads}"))
+            .run()
+    })?;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! meshlb's developer tasks (`cargo xtask ...`): setup, eBPF and host
+//! builds, the CI test run, the netns demo and the data-plane benchmark.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod check;
+mod cmd;
+mod compile;
+mod demo;
+mod netns;
+mod procs;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "meshlb developer tasks")]
+struct Cli {
+    /// Echo every command, probes included (on by default when CI is set).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    cmd: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check and install prerequisites (apt packages, rustup component and
+    /// targets, bpf-linker, bpffs); idempotent.
+    Setup,
+    /// Build the XDP object (target/bpfel-unknown-none/release/meshlb-ebpf).
+    BuildEbpf,
+    /// Build the eBPF object, then the `meshlb` binary.
+    Build {
+        #[arg(long, value_enum, default_value = "x86_64")]
+        target: compile::Target,
+        #[arg(long)]
+        release: bool,
+    },
+    /// What CI runs: setup, eBPF build, fmt, clippy, all tests (as root).
+    Test,
+    /// Three nginx backends behind a meshlb VIP in network namespaces.
+    Demo {
+        /// Number of requests to send to the VIP.
+        #[arg(long)]
+        requests: Option<usize>,
+        /// Skip meshlb: check the topology and backends through plain
+        /// kernel forwarding only.
+        #[arg(long)]
+        kernel_only: bool,
+        /// Use this meshlb binary instead of building one.
+        #[arg(long, value_name = "PATH")]
+        meshlb: Option<PathBuf>,
+    },
+    /// End-to-end benchmarks in network namespaces (results in bench/results).
+    Bench {
+        #[arg(value_enum, default_value = "dataplane")]
+        suite: bench::Suite,
+        /// Rounds per scenario and path (interleaved A B A B).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        duration: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Use this meshlb binary instead of building a release one.
+        #[arg(long, value_name = "PATH")]
+        meshlb: Option<PathBuf>,
+    },
+}
+
+/// The workspace root (parent of xtask/).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn main() {
+    let cli = Cli::parse();
+    cmd::set_verbose(cli.verbose || std::env::var_os("CI").is_some());
+    let start = Instant::now();
+    let r = run(cli.cmd);
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        eprintln!("(after {:.1}s)", start.elapsed().as_secs_f64());
+        std::process::exit(1);
+    }
+}
+
+fn run(mut task: Task) -> Result<()> {
+    cmd::install_signal_handlers()?;
+    // Paths given on the command line are relative to where we were started.
+    if let Task::Demo {
+        meshlb: Some(p), ..
+    }
+    | Task::Bench {
+        meshlb: Some(p), ..
+    } = &mut task
+    {
+        *p = std::path::absolute(&*p)?;
+    }
+    std::env::set_current_dir(root())?;
+    match task {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => compile::build_ebpf().map(drop),
+        Task::Build { target, release } => compile::build(target, release).map(drop),
+        Task::Test => check::test(),
+        Task::Demo {
+            requests,
+            kernel_only,
+            meshlb,
+        } => demo::demo(requests, kernel_only, meshlb),
+        Task::Bench {
+            suite,
+            rounds,
+            duration,
+            connections,
+            meshlb,
+        } => bench::bench(
+            suite,
+            &bench::Options {
+                rounds,
+                duration_s: duration,
+                connections,
+                meshlb,
+            },
+        ),
+    }
+}

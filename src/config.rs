@@ -1004,13 +1004,11 @@ impl Scanner<'_> {
         loop {
             self.skip_blank(false);
             match self.peek()? {
-                q @ (b'"' | b'\'') => {
+                b'"' | b'\'' => {
                     let start = self.i + 1;
                     self.string()?;
                     let raw = &self.b[start..self.i - 1];
                     keys.push(String::from_utf8_lossy(raw).into_owned());
-                    // Dotted keys inside quotes would be ambiguous here.
-                    let _ = q;
                 }
                 _ => {
                     let start = self.i;
@@ -1591,6 +1589,19 @@ weight = 300
         assert_eq!(at("t.b[1].d[1]"), 3);
         // Unknown paths fall back to their nearest written ancestor.
         assert_eq!(at("s[0].nope.deeper"), 4);
+    }
+
+    #[test]
+    fn every_truncation_fails_cleanly() {
+        // Each prefix of a good file is either valid or one error line;
+        // the scanner that locates errors must never panic.
+        let text = format!("{GOOD}x = \"\"\"a\\\"\"\"\"\ny = 'q'\n");
+        for end in 0..text.len() {
+            if let Err(e) = parse(&text[..end]) {
+                let e = e.to_string();
+                assert!(!e.contains('\n'), "prefix {end}: {e}");
+            }
+        }
     }
 
     #[test]

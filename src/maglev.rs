@@ -67,7 +67,10 @@ fn backend_hash(seed: u8, key: &BackendKey) -> u64 {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// Build a weighted Maglev lookup table of `size` slots.

@@ -412,6 +412,10 @@ mod tests {
     fn assert_programmed(dp: &FakeDataplane, want: &DesiredState) {
         let obs = dp.observe().unwrap();
         assert_eq!(obs.local_addrs, want.local_addrs);
+        // No slot leaked.
+        assert!(obs.orphan_backends.is_empty());
+        let total: usize = want.services.values().map(|s| s.backends.len()).sum();
+        assert_eq!(dp.backends().len(), total);
         assert_eq!(
             obs.services.keys().collect::<Vec<_>>(),
             want.services.keys().collect::<Vec<_>>()
@@ -513,21 +517,35 @@ mod tests {
         assert!(!sync(&mut dp, &want).is_empty());
         assert_programmed(&dp, &want);
         // A restarted daemon sees the same tables and has nothing to do.
-        assert_eq!(plan(&want, &dp.observe().unwrap()).unwrap(), Plan::default());
+        assert_eq!(
+            plan(&want, &dp.observe().unwrap()).unwrap(),
+            Plan::default()
+        );
     }
 
     #[test]
     fn removed_backend_leaves_the_ring_first_and_others_keep_ids() {
         let key = skey("web", 80);
         let mut dp = FakeDataplane::new();
-        sync(&mut dp, &desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100), (3, 100)]))]));
+        sync(
+            &mut dp,
+            &desired(vec![(
+                key.clone(),
+                spec(80, &[(1, 100), (2, 100), (3, 100)]),
+            )]),
+        );
         let before = backend_ids(&dp, &key);
 
         let want = desired(vec![(key.clone(), spec(80, &[(1, 100), (3, 100)]))]);
         let p = sync(&mut dp, &want);
         let kinds: Vec<&str> = p.ops.iter().map(op_kind).collect();
         assert_eq!(kinds, ["WriteRing", "UpsertService", "RemoveBackend"]);
-        assert_eq!(p.ops[2], Op::RemoveBackend { id: before[&bkey(2)] });
+        assert_eq!(
+            p.ops[2],
+            Op::RemoveBackend {
+                id: before[&bkey(2)]
+            }
+        );
         assert!(matches!(p.ops[1], Op::UpsertService { fresh: false, .. }));
 
         let after = backend_ids(&dp, &key);
@@ -540,7 +558,10 @@ mod tests {
     fn weight_zero_drains() {
         let key = skey("web", 80);
         let mut dp = FakeDataplane::new();
-        sync(&mut dp, &desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]));
+        sync(
+            &mut dp,
+            &desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]),
+        );
         let id2 = backend_ids(&dp, &key)[&bkey(2)];
 
         let want = desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 0)]))]);
@@ -582,14 +603,22 @@ mod tests {
         web.frontends.insert(vip(10, 80));
         sync(
             &mut dp,
-            &desired(vec![(skey("web", 80), web), (skey("api", 81), spec(81, &[(2, 100)]))]),
+            &desired(vec![
+                (skey("web", 80), web),
+                (skey("api", 81), spec(81, &[(2, 100)])),
+            ]),
         );
         let want = desired(vec![(skey("api", 81), spec(81, &[(2, 100)]))]);
         let p = sync(&mut dp, &want);
         let kinds: Vec<&str> = p.ops.iter().map(op_kind).collect();
         assert_eq!(
             kinds,
-            ["RemoveFrontend", "RemoveFrontend", "RemoveService", "RemoveBackend"]
+            [
+                "RemoveFrontend",
+                "RemoveFrontend",
+                "RemoveService",
+                "RemoveBackend"
+            ]
         );
         assert_programmed(&dp, &want);
     }
@@ -600,7 +629,10 @@ mod tests {
         let mut a = spec(80, &[(1, 100)]);
         a.frontends.insert(vip(10, 80));
         let b = spec(81, &[(2, 100)]);
-        sync(&mut dp, &desired(vec![(skey("a", 80), a.clone()), (skey("b", 81), b.clone())]));
+        sync(
+            &mut dp,
+            &desired(vec![(skey("a", 80), a.clone()), (skey("b", 81), b.clone())]),
+        );
         let mut b2 = b;
         a.frontends.remove(&vip(10, 80));
         b2.frontends.insert(vip(10, 80));
@@ -641,7 +673,10 @@ mod tests {
                 .map(|(k, s)| (k.name.clone(), s.id))
                 .collect()
         };
-        assert_eq!(ids(&dp), [("a".into(), 0), ("b".into(), 1), ("c".into(), 2)].into());
+        assert_eq!(
+            ids(&dp),
+            [("a".into(), 0), ("b".into(), 1), ("c".into(), 2)].into()
+        );
         assert_eq!(backend_ids(&dp, &skey("a", 80))[&bkey(1)], 0);
 
         // Removing "a" frees service 0 and backends 0 and 1 in the same
@@ -654,7 +689,10 @@ mod tests {
                 svc("d", 83, &[(5, 100), (6, 100)]),
             ]),
         );
-        assert_eq!(ids(&dp), [("b".into(), 1), ("c".into(), 2), ("d".into(), 0)].into());
+        assert_eq!(
+            ids(&dp),
+            [("b".into(), 1), ("c".into(), 2), ("d".into(), 0)].into()
+        );
         assert_eq!(
             backend_ids(&dp, &skey("d", 83)),
             [(bkey(5), 0), (bkey(6), 1)].into()
@@ -693,10 +731,26 @@ mod tests {
             (skey("c", 82), spec(82, &[(3, 100)])),
         ]);
         let cases = [
-            ("services", lim(2, 10, 10, 10), ReconcileError::TooManyServices(2)),
-            ("backends", lim(10, 2, 10, 10), ReconcileError::TooManyBackends(2)),
-            ("frontends", lim(10, 10, 2, 10), ReconcileError::TooManyFrontends(2)),
-            ("local addrs", lim(10, 10, 10, 0), ReconcileError::TooManyLocalAddrs(0)),
+            (
+                "services",
+                lim(2, 10, 10, 10),
+                ReconcileError::TooManyServices(2),
+            ),
+            (
+                "backends",
+                lim(10, 2, 10, 10),
+                ReconcileError::TooManyBackends(2),
+            ),
+            (
+                "frontends",
+                lim(10, 10, 2, 10),
+                ReconcileError::TooManyFrontends(2),
+            ),
+            (
+                "local addrs",
+                lim(10, 10, 10, 0),
+                ReconcileError::TooManyLocalAddrs(0),
+            ),
         ];
         for (what, limits, want) in cases {
             let got = plan_with_limits(&three, &Observed::default(), limits);
@@ -708,7 +762,10 @@ mod tests {
         // count against the limit.
         let mut dp = FakeDataplane::with_limits(lim(3, 3, 3, 1));
         let key = skey("a", 80);
-        sync(&mut dp, &desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]));
+        sync(
+            &mut dp,
+            &desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]),
+        );
         let swap = desired(vec![(key, spec(80, &[(3, 100), (4, 100)]))]);
         let got = plan_with_limits(&swap, &dp.observe().unwrap(), lim(3, 3, 3, 1));
         assert_eq!(got, Err(ReconcileError::TooManyBackends(3)));
@@ -720,7 +777,10 @@ mod tests {
         // a stale ring_hash behind; the next plan rewrites the ring.
         let key = skey("web", 80);
         let mut dp = FakeDataplane::new();
-        sync(&mut dp, &desired(vec![(key.clone(), spec(80, &[(1, 100)]))]));
+        sync(
+            &mut dp,
+            &desired(vec![(key.clone(), spec(80, &[(1, 100)]))]),
+        );
         let want = desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]);
         let p = plan(&want, &dp.observe().unwrap()).unwrap();
         let kinds: Vec<&str> = p.ops.iter().map(op_kind).collect();
@@ -732,6 +792,40 @@ mod tests {
         let kinds: Vec<&str> = repair.ops.iter().map(op_kind).collect();
         assert_eq!(kinds, ["WriteRing", "UpsertService"]);
         assert_programmed(&dp, &want);
+    }
+
+    #[test]
+    fn orphans_of_an_interrupted_removal_are_freed_first() {
+        let key = skey("web", 80);
+        let one = desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]);
+        let mut dp = FakeDataplane::new();
+        sync(&mut dp, &one);
+        // Crash right after RemoveService: both backends are orphans.
+        let p = plan(&desired(vec![]), &dp.observe().unwrap()).unwrap();
+        let at = p
+            .ops
+            .iter()
+            .position(|o| op_kind(o) == "RemoveService")
+            .unwrap();
+        dp.fail_after(at + 1);
+        assert!(dp.apply(&p).is_err());
+        assert_eq!(dp.observe().unwrap().orphan_backends, [0, 1].into());
+
+        // The service comes back before anyone cleaned up: it must not
+        // inherit the orphans, and their ids are reused.
+        let p = sync(&mut dp, &one);
+        let kinds: Vec<&str> = p.ops.iter().map(op_kind).collect();
+        assert_eq!(
+            kinds[..4],
+            [
+                "RemoveBackend",
+                "RemoveBackend",
+                "UpsertBackend",
+                "UpsertBackend"
+            ]
+        );
+        assert_programmed(&dp, &one);
+        assert_eq!(backend_ids(&dp, &key), [(bkey(1), 0), (bkey(2), 1)].into());
     }
 
     fn op_kind(op: &Op) -> &'static str {
@@ -806,7 +900,13 @@ mod tests {
                 proto: if i % 2 == 0 { Proto::Tcp } else { Proto::Udp },
                 port,
             };
-            services.insert(key, ServiceSpec { frontends, backends });
+            services.insert(
+                key,
+                ServiceSpec {
+                    frontends,
+                    backends,
+                },
+            );
         }
         let local_addrs = (1..=4u8)
             .filter(|_| rng.chance(50))
@@ -833,7 +933,8 @@ mod tests {
                 assert!(dp.apply(&p).is_err(), "round {round}");
                 sync(&mut dp, &want);
             } else {
-                dp.apply(&p).unwrap_or_else(|e| panic!("round {round}: {e}"));
+                dp.apply(&p)
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
             }
             assert_programmed(&dp, &want);
             let obs = dp.observe().unwrap();

@@ -12,7 +12,9 @@ use common::*;
 use nix::sys::signal::Signal;
 
 const WEB_VIP: &str = "10.96.0.10:80";
-const WEB6_VIP: &str = "[fd00:96::10]:80";
+/// web6 publishes 81: frontends are per port, whatever the family, and 80 is web's.
+const WEB6_VIP: &str = "[fd00:96::10]:81";
+const WEB6_NODE_PORT: &str = "[fd00:200::1]:81";
 const ECHO_VIP: &str = "10.96.0.11:9000";
 const NODE_PORT: &str = "10.200.0.1:80";
 const UDP_PORT: u16 = 9000;
@@ -55,7 +57,7 @@ fn lb_config(topo: &Topology, v6: bool, skip: &[&str]) -> String {
             name: "web6",
             vip: Some("fd00:96::10"),
             proto: "tcp",
-            port: 80,
+            port: 81,
             target: HTTP_PORT,
             backends: live.iter().map(|b| b.v6.into()).collect(),
         });
@@ -186,7 +188,9 @@ fn native_xdp_balances_vip_nodeport_v6_and_udp() {
     let b = topo.http_burst(sa(NODE_PORT), 300, REQ_TIMEOUT);
     topo.assert_spread("HTTP via node port 10.200.0.1:80", &b, &names, 0.2);
     let b = topo.http_burst(sa(WEB6_VIP), 300, REQ_TIMEOUT);
-    topo.assert_spread("HTTP via VIP [fd00:96::10]:80", &b, &names, 0.2);
+    topo.assert_spread("HTTP via VIP [fd00:96::10]:81", &b, &names, 0.2);
+    let b = topo.http_burst(sa(WEB6_NODE_PORT), 300, REQ_TIMEOUT);
+    topo.assert_spread("HTTP via node port [fd00:200::1]:81", &b, &names, 0.2);
     let b = topo.udp_burst(sa(ECHO_VIP), 300, REQ_TIMEOUT);
     topo.assert_spread("UDP via VIP 10.96.0.11:9000", &b, &names, 0.2);
 
@@ -320,13 +324,14 @@ fn explain_names_the_backend_the_data_plane_uses() {
             .clone()
     };
 
-    // A flow that happened: conntrack knows where it went.
+    // An established flow: conntrack knows where it went.
     let src = from(41234);
-    let answered = topo
-        .client(|| http_get_from(Some(src), vip, REQ_TIMEOUT))
+    let mut ka = topo
+        .client(|| KeepAlive::open_from(Some(src), vip, REQ_TIMEOUT))
         .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+    let answered = ka.get().unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
     let v = topo.explain("tcp", src, vip);
-    assert_eq!(v["reason"], "conntrack", "explain after a request: {v}");
+    assert_eq!(v["reason"], "conntrack", "explain for an open flow: {v}");
     assert_eq!(v["service"], "web", "{v}");
     assert_eq!(v["frontend"], "10.96.0.10:80/tcp", "{v}");
     assert_eq!(
@@ -334,6 +339,11 @@ fn explain_names_the_backend_the_data_plane_uses() {
         answered,
         "explain disagrees with who answered: {v}"
     );
+    // Once closed, the tuple may be forgotten, but still maps to the same backend.
+    drop(ka);
+    std::thread::sleep(Duration::from_millis(200));
+    let v = topo.explain("tcp", src, vip);
+    assert_eq!(backend_of(&v), answered, "explain after close: {v}");
 
     // Flows never seen: Maglev's prediction must be what then happens.
     let mut predicted = Vec::new();
@@ -343,16 +353,17 @@ fn explain_names_the_backend_the_data_plane_uses() {
         assert_eq!(v["reason"], "maglev", "explain for unused {src}: {v}");
         assert!(v["slot"].is_u64(), "maglev answer without slot: {v}");
         let want = backend_of(&v);
-        let got = topo
-            .client(|| http_get_from(Some(src), vip, REQ_TIMEOUT))
+        let mut ka = topo
+            .client(|| KeepAlive::open_from(Some(src), vip, REQ_TIMEOUT))
             .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+        let got = ka.get().unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
         assert_eq!(
             got, want,
             "explain predicted {want} for {src}, {got} answered: {v}"
         );
-        let after = topo.explain("tcp", src, vip);
-        assert_eq!(after["reason"], "conntrack", "{after}");
-        assert_eq!(backend_of(&after), want, "{after}");
+        let open = topo.explain("tcp", src, vip);
+        assert_eq!(open["reason"], "conntrack", "{open}");
+        assert_eq!(backend_of(&open), want, "{open}");
         predicted.push(want);
     }
     eprintln!("maglev predictions for ports 41300..41306: {predicted:?}");

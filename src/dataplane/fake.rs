@@ -97,6 +97,11 @@ impl FakeDataplane {
         self.backends.get(&id)
     }
 
+    /// Every backend slot in use, orphans included.
+    pub fn backends(&self) -> &BTreeMap<u32, FakeBackend> {
+        &self.backends
+    }
+
     /// Frontend -> service id.
     pub fn frontends(&self) -> &BTreeMap<Frontend, u32> {
         &self.frontends
@@ -189,10 +194,12 @@ impl FakeDataplane {
                 for &b in ring.iter().filter(|&&b| b != NO_BACKEND) {
                     match self.backends.get(&b) {
                         Some(be) if be.service_id == *service_id => {}
-                        Some(be) => return Err(err(format!(
+                        Some(be) => {
+                            return Err(err(format!(
                             "ring of service {service_id}: backend id {b} belongs to service {}",
                             be.service_id
-                        ))),
+                        )))
+                        }
                         None => {
                             return Err(err(format!(
                                 "ring of service {service_id}: backend id {b} not present"

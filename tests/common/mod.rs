@@ -775,7 +775,6 @@ impl Topology {
     pub fn wait_ready(&self, daemon: &mut Proc, services: &[&str], timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         let metrics: SocketAddr = "127.0.0.1:9742".parse().unwrap();
-        let mut last = String::from("nothing checked yet");
         loop {
             if let Some(st) = daemon.exit_status() {
                 panic!("daemon exited before it was ready: {st}{}", self.ctx());
@@ -802,10 +801,10 @@ impl Topology {
                 }
                 Ok(status)
             })();
-            match r {
+            let last = match r {
                 Ok(v) => return v,
-                Err(e) => last = e,
-            }
+                Err(e) => e,
+            };
             if Instant::now() >= deadline {
                 daemon.signal(Signal::SIGKILL);
                 daemon.wait_exit(Duration::from_secs(5));
@@ -1282,7 +1281,16 @@ pub struct KeepAlive {
 impl KeepAlive {
     /// Connects (in the calling thread's namespace).
     pub fn open(dst: SocketAddr, timeout: Duration) -> Result<KeepAlive, String> {
-        let stream = tcp_connect(None, dst, timeout).map_err(|e| format!("connect {dst}: {e}"))?;
+        Self::open_from(None, dst, timeout)
+    }
+
+    /// Connects from a fixed source address (in the calling thread's namespace).
+    pub fn open_from(
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<KeepAlive, String> {
+        let stream = tcp_connect(src, dst, timeout).map_err(|e| format!("connect {dst}: {e}"))?;
         let local = stream.local_addr().map_err(|e| e.to_string())?;
         Ok(KeepAlive {
             stream,

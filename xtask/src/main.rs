@@ -19,7 +19,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "meshlb developer tasks")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "meshlb developer tasks"
+)]
 struct Cli {
     /// Echo every command, probes included (on by default when CI is set).
     #[arg(short, long, global = true)]

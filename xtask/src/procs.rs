@@ -139,7 +139,11 @@ impl Daemon {
             .timeout(Duration::from_secs(20))
             .output();
         match r {
-            Ok(_) => println!("meshlb cleanup --bpffs {}: ok", bpffs.display()),
+            Ok(_) => {
+                println!("meshlb cleanup --bpffs {}: ok", bpffs.display());
+                // Only if empty: whatever else is there is not ours to remove.
+                let _ = std::fs::remove_dir(bpffs);
+            }
             Err(e) => {
                 eprintln!("warning: {e}; removing {} directly", bpffs.display());
                 let _ = std::fs::remove_dir_all(bpffs);

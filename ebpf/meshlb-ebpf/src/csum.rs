@@ -23,8 +23,14 @@ impl CsumDelta {
     /// Records that the 4-byte IPv4 address `old` became `new`.
     #[inline(always)]
     pub fn bytes4(&mut self, old: &[u8; 16], new: &[u8; 16]) {
-        self.word(u16::from_be_bytes([old[0], old[1]]), u16::from_be_bytes([new[0], new[1]]));
-        self.word(u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]));
+        self.word(
+            u16::from_be_bytes([old[0], old[1]]),
+            u16::from_be_bytes([new[0], new[1]]),
+        );
+        self.word(
+            u16::from_be_bytes([old[2], old[3]]),
+            u16::from_be_bytes([new[2], new[3]]),
+        );
     }
 
     /// Records that the 16-byte IPv6 address `old` became `new`.

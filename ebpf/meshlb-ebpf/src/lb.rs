@@ -19,8 +19,8 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use meshlb_common::{
     hash::flow_slot, AddrKey, Counter, CtEntry, FlowKey, FrontendKey, FrontendValue, RnatEntry,
-    BE_F_PRESENT, CT_F_CLOSING, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, FAMILY_V4,
-    NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE, SVC_F_PRESENT,
+    BE_F_PRESENT, CT_F_CLOSING, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, FAMILY_V4, NO_BACKEND,
+    PROTO_TCP, PROTO_UDP, RING_SIZE, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -47,14 +47,30 @@ pub fn process(ctx: &XdpContext) -> Result<u32, u32> {
         if !pick_backend(&pkt, fe.service_id, &mut ct) {
             return Ok(XDP_PASS);
         }
-        rewrite(ctx, &pkt, &pkt.key.dst, &ct.backend_addr, pkt.key.dport, ct.backend_port, false)?;
+        rewrite(
+            ctx,
+            &pkt,
+            &pkt.key.dst,
+            &ct.backend_addr,
+            pkt.key.dport,
+            ct.backend_port,
+            false,
+        )?;
         return forward(ctx, &pkt, &ct.backend_addr, Counter::ForwardedIn);
     }
     // SAFETY: LRU map value, copied out at once.
     if let Some(r) = unsafe { MLB_RNAT_V1.get(&pkt.key) } {
         let r = *r;
         reply_seen(&pkt, &r);
-        rewrite(ctx, &pkt, &pkt.key.src, &r.frontend_addr, pkt.key.sport, r.frontend_port, true)?;
+        rewrite(
+            ctx,
+            &pkt,
+            &pkt.key.src,
+            &r.frontend_addr,
+            pkt.key.sport,
+            r.frontend_port,
+            true,
+        )?;
         return forward(ctx, &pkt, &pkt.key.dst, Counter::ForwardedOut);
     }
     if is_syn(&pkt) {

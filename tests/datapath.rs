@@ -1,0 +1,1136 @@
+//! The XDP program on crafted frames through BPF_PROG_TEST_RUN: a table of
+//! {description, map setup, input frame, expected verdict, expected output
+//! frame, expected counter deltas}. Maps are programmed by the daemon's own
+//! path (config -> desired state -> reconciler -> `apply_maps`), and every
+//! translated frame is compared byte for byte with one built from scratch,
+//! so the incremental checksum updates are checked against a full
+//! recomputation.
+//!
+//! Runs in its own network namespace (`mlbt-fx-<pid>`) holding the routes
+//! and static neighbours the program's FIB lookups see.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::process::Command;
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{Ebpf, EbpfLoader};
+use meshlb::dataplane::xdp::{apply_maps, observe_maps};
+use meshlb::pinned::{addr_bytes, Maps};
+use meshlb_common::{Counter, CtEntry, FlowKey, RnatEntry, CT_F_FIN_CLIENT, PROTO_TCP};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const FXA_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const FXB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+const BE1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+const BE3_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x03];
+
+const CONFIG: &str = r#"
+node = "fixture"
+[[service]]
+name = "web"
+vip = "10.96.0.10"
+publish = [{ proto = "tcp", port = 80, target = 8000 }, { proto = "udp", port = 53, target = 5353 }]
+[[service.backend]]
+addr = "10.201.1.2"
+
+[[service]]
+name = "web6"
+vip = "fd00:96::10"
+publish = [{ proto = "tcp", port = 8080, target = 8000 }, { proto = "udp", port = 5300, target = 5353 }]
+[[service.backend]]
+addr = "fd00:201:1::2"
+
+[[service]]
+name = "empty"
+vip = "10.96.0.20"
+publish = [{ proto = "tcp", port = 8081, target = 8000 }]
+
+[[service]]
+name = "noneigh"
+vip = "10.96.0.30"
+publish = [{ proto = "tcp", port = 8082, target = 8000 }]
+[[service.backend]]
+addr = "10.201.9.2"
+"#;
+
+// ---------------------------------------------------------------------
+// Frames
+// ---------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq)]
+enum L4 {
+    Tcp { flags: u8 },
+    Udp { zero_csum: bool },
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+
+/// A well-formed frame, described by its fields; `bytes()` builds it with
+/// correct checksums.
+#[derive(Clone)]
+struct Frame {
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    ttl: u8,
+    l4: L4,
+    payload: Vec<u8>,
+}
+
+fn sum16(data: &[u8]) -> u32 {
+    let mut s = 0u32;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        s += w as u32;
+    }
+    s
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p.extend(s.octets());
+            p.extend(d.octets());
+            p.extend([0, proto]);
+            p.extend((len as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            p.extend(s.octets());
+            p.extend(d.octets());
+            p.extend((len as u32).to_be_bytes());
+            p.extend([0, 0, 0, proto]);
+        }
+        _ => panic!("mixed families"),
+    }
+    p
+}
+
+impl Frame {
+    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Frame {
+        Frame {
+            dmac: LB_MAC,
+            smac: CLIENT_MAC,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            sport,
+            dport,
+            ttl: 64,
+            l4: L4::Tcp { flags },
+            payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+        }
+    }
+
+    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame {
+        Frame {
+            l4: L4::Udp { zero_csum: false },
+            payload: b"ping".to_vec(),
+            ..Frame::tcp(src, sport, dst, dport, 0)
+        }
+    }
+
+    fn l4_bytes(&self) -> Vec<u8> {
+        let proto = match self.l4 {
+            L4::Tcp { .. } => 6,
+            L4::Udp { .. } => 17,
+        };
+        let mut h = Vec::new();
+        h.extend(self.sport.to_be_bytes());
+        h.extend(self.dport.to_be_bytes());
+        match self.l4 {
+            L4::Tcp { flags } => {
+                h.extend(1000u32.to_be_bytes());
+                h.extend(if flags & ACK != 0 { 2000u32 } else { 0 }.to_be_bytes());
+                h.extend([0x50, flags]);
+                h.extend(65535u16.to_be_bytes());
+                h.extend([0, 0, 0, 0]);
+            }
+            L4::Udp { .. } => {
+                h.extend(((8 + self.payload.len()) as u16).to_be_bytes());
+                h.extend([0, 0]);
+            }
+        }
+        h.extend(&self.payload);
+        let zero = matches!(self.l4, L4::Udp { zero_csum: true });
+        if !zero {
+            let mut all = pseudo(self.src, self.dst, proto, h.len());
+            all.extend(&h);
+            let mut c = fold(sum16(&all));
+            if proto == 17 && c == 0 {
+                c = 0xffff;
+            }
+            let off = if proto == 6 { 16 } else { 6 };
+            h[off..off + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        h
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let proto = match self.l4 {
+            L4::Tcp { .. } => 6u8,
+            L4::Udp { .. } => 17,
+        };
+        let l4 = self.l4_bytes();
+        let mut f = Vec::new();
+        f.extend(self.dmac);
+        f.extend(self.smac);
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                f.extend([0x08, 0x00]);
+                let mut ip = vec![0x45, 0];
+                ip.extend(((20 + l4.len()) as u16).to_be_bytes());
+                ip.extend([0x12, 0x34, 0x40, 0x00, self.ttl, proto, 0, 0]);
+                ip.extend(s.octets());
+                ip.extend(d.octets());
+                let c = fold(sum16(&ip));
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                f.extend(ip);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                f.extend([0x86, 0xdd]);
+                f.extend([0x60, 0, 0, 0]);
+                f.extend((l4.len() as u16).to_be_bytes());
+                f.extend([proto, self.ttl]);
+                f.extend(s.octets());
+                f.extend(d.octets());
+            }
+            _ => panic!("mixed families"),
+        }
+        f.extend(l4);
+        f
+    }
+
+    /// The same frame after the load balancer forwarded it: new L3/L4
+    /// destination (or source), TTL - 1, MACs from the FIB.
+    fn translated(
+        &self,
+        dst: Option<(&str, u16)>,
+        src: Option<(&str, u16)>,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    ) -> Frame {
+        let mut f = self.clone();
+        if let Some((a, p)) = dst {
+            f.dst = a.parse().unwrap();
+            f.dport = p;
+        }
+        if let Some((a, p)) = src {
+            f.src = a.parse().unwrap();
+            f.sport = p;
+        }
+        f.ttl -= 1;
+        f.smac = smac;
+        f.dmac = dmac;
+        f
+    }
+}
+
+/// Checks every checksum in a frame by recomputation.
+fn assert_checksums(frame: &[u8], what: &str) {
+    let et = [frame[12], frame[13]];
+    let (src, dst, proto, l4) = if et == [0x08, 0x00] {
+        let ip = &frame[14..34];
+        assert_eq!(fold(sum16(ip)), 0, "{what}: IPv4 header checksum");
+        let s = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let d = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        (IpAddr::V4(s), IpAddr::V4(d), ip[9], &frame[34..])
+    } else {
+        let ip = &frame[14..54];
+        let s: [u8; 16] = ip[8..24].try_into().unwrap();
+        let d: [u8; 16] = ip[24..40].try_into().unwrap();
+        (
+            IpAddr::V6(Ipv6Addr::from(s)),
+            IpAddr::V6(Ipv6Addr::from(d)),
+            ip[6],
+            &frame[54..],
+        )
+    };
+    if proto == 17 && l4[6..8] == [0, 0] {
+        return;
+    }
+    let mut all = pseudo(src, dst, proto, l4.len());
+    all.extend(l4);
+    assert_eq!(fold(sum16(&all)), 0, "{what}: L4 checksum");
+}
+
+// ---------------------------------------------------------------------
+// The table
+// ---------------------------------------------------------------------
+
+/// What a step expects back.
+enum Expect {
+    /// Passed with not one byte changed.
+    Untouched,
+    /// This verdict and exactly these bytes.
+    Frame(u32, Vec<u8>),
+    /// The kernel refuses to run the program on this input.
+    Refused,
+}
+
+/// Extra map state a case needs before its first step.
+enum Seed {
+    None,
+    /// A conntrack entry for (client flow) pointing at a backend, with flags.
+    Ct(FlowKeySpec, &'static str, u16, u16),
+    /// A reply entry for (backend -> client) naming a frontend.
+    Rnat(FlowKeySpec, &'static str, u16),
+}
+
+#[derive(Clone, Copy)]
+struct FlowKeySpec {
+    src: &'static str,
+    sport: u16,
+    dst: &'static str,
+    dport: u16,
+    proto: u8,
+}
+
+impl FlowKeySpec {
+    fn key(&self) -> FlowKey {
+        let (src, family) = addr_bytes(self.src.parse().unwrap());
+        let (dst, _) = addr_bytes(self.dst.parse().unwrap());
+        FlowKey {
+            src,
+            dst,
+            sport: self.sport.to_be(),
+            dport: self.dport.to_be(),
+            proto: self.proto,
+            family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+struct Step {
+    input: Vec<u8>,
+    expect: Expect,
+    /// Counter deltas that must hold (others may move only if listed).
+    counters: &'static [(Counter, u64)],
+}
+
+struct Case {
+    name: &'static str,
+    seed: Seed,
+    steps: Vec<Step>,
+    /// Checked after the last step.
+    after: Option<Box<dyn Fn(&Maps) -> Result<(), String> + Send + Sync>>,
+}
+
+fn step(input: Vec<u8>, expect: Expect, counters: &'static [(Counter, u64)]) -> Step {
+    Step {
+        input,
+        expect,
+        counters,
+    }
+}
+
+fn case(name: &'static str, steps: Vec<Step>) -> Case {
+    Case {
+        name,
+        seed: Seed::None,
+        steps,
+        after: None,
+    }
+}
+
+fn fwd(f: &Frame) -> Expect {
+    Expect::Frame(XDP_REDIRECT, f.bytes())
+}
+
+const NEW_IN: &[(Counter, u64)] = &[(Counter::NewFlow, 1), (Counter::ForwardedIn, 1)];
+const HIT_IN: &[(Counter, u64)] = &[(Counter::NewFlow, 0), (Counter::ForwardedIn, 1)];
+const OUT: &[(Counter, u64)] = &[(Counter::ForwardedOut, 1)];
+const NOT_SVC: &[(Counter, u64)] = &[(Counter::NotService, 1), (Counter::NewFlow, 0)];
+
+fn mangle(mut b: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    f(&mut b);
+    b
+}
+
+fn cases() -> Vec<Case> {
+    let c4 = "10.200.0.2";
+    let c6 = "fd00:200::2";
+    let syn4 = Frame::tcp(c4, 40000, "10.96.0.10", 80, SYN);
+    let syn4_out = syn4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC);
+    let ack4 = Frame::tcp(c4, 40000, "10.96.0.10", 80, ACK);
+    let reply4 = Frame {
+        smac: BE1_MAC,
+        dmac: FXA_MAC,
+        ..Frame::tcp("10.201.1.2", 8000, c4, 40000, SYN | ACK)
+    };
+    let reply4_out = reply4.translated(None, Some(("10.96.0.10", 80)), FXB_MAC, CLIENT_MAC);
+    let syn6 = Frame::tcp(c6, 40000, "fd00:96::10", 8080, SYN);
+    let syn6_out = syn6.translated(Some(("fd00:201:1::2", 8000)), None, FXA_MAC, BE1_MAC);
+    let reply6 = Frame {
+        smac: BE1_MAC,
+        dmac: FXA_MAC,
+        ..Frame::tcp("fd00:201:1::2", 8000, c6, 40000, SYN | ACK)
+    };
+    let reply6_out = reply6.translated(None, Some(("fd00:96::10", 8080)), FXB_MAC, CLIENT_MAC);
+    let udp4 = Frame::udp(c4, 50000, "10.96.0.10", 53);
+    let udp4_out = udp4.translated(Some(("10.201.1.2", 5353)), None, FXA_MAC, BE1_MAC);
+    let udp6 = Frame::udp(c6, 50000, "fd00:96::10", 5300);
+    let udp6_out = udp6.translated(Some(("fd00:201:1::2", 5353)), None, FXA_MAC, BE1_MAC);
+    let flow4 = FlowKeySpec {
+        src: c4,
+        sport: 40000,
+        dst: "10.96.0.10",
+        dport: 80,
+        proto: PROTO_TCP,
+    };
+
+    vec![
+        case(
+            "ipv4 tcp SYN to the VIP: new flow, DNAT to the backend, redirected",
+            vec![step(syn4.bytes(), fwd(&syn4_out), NEW_IN)],
+        ),
+        case(
+            "ipv4 tcp: the next packet of the flow hits conntrack",
+            vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    HIT_IN,
+                ),
+            ],
+        ),
+        case(
+            "ipv4 tcp reply from the backend: source translated back to the VIP",
+            vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(reply4.bytes(), fwd(&reply4_out), OUT),
+            ],
+        ),
+        case(
+            "ipv4 tcp SYN to a node port (this node's address)",
+            vec![{
+                let f = Frame::tcp(c4, 40001, "10.200.0.1", 80, SYN);
+                step(
+                    f.bytes(),
+                    fwd(&f.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    NEW_IN,
+                )
+            }],
+        ),
+        case(
+            "ipv4 tcp to the VIP on an unpublished port: untouched",
+            vec![step(
+                Frame::tcp(c4, 40000, "10.96.0.10", 81, SYN).bytes(),
+                Expect::Untouched,
+                NOT_SVC,
+            )],
+        ),
+        case(
+            "ipv4 tcp to an address that is no frontend: untouched",
+            vec![step(
+                Frame::tcp(c4, 40000, "10.201.1.2", 8000, SYN).bytes(),
+                Expect::Untouched,
+                NOT_SVC,
+            )],
+        ),
+        case(
+            "ipv4 tcp to a node port on a non-local address: untouched",
+            vec![step(
+                Frame::tcp(c4, 40000, "10.200.0.9", 80, SYN).bytes(),
+                Expect::Untouched,
+                NOT_SVC,
+            )],
+        ),
+        case(
+            "ipv4 reply with no conntrack entry: untouched",
+            vec![step(reply4.bytes(), Expect::Untouched, NOT_SVC)],
+        ),
+        Case {
+            name: "SYN on a closing tuple selects afresh (conntrack said another backend)",
+            seed: Seed::Ct(flow4, "10.201.1.3", 8000, CT_F_FIN_CLIENT),
+            steps: vec![step(syn4.bytes(), fwd(&syn4_out), NEW_IN)],
+            after: None,
+        },
+        Case {
+            name: "SYN retransmit on an open tuple keeps the conntrack backend",
+            seed: Seed::Ct(flow4, "10.201.1.3", 8000, 0),
+            steps: vec![step(
+                syn4.bytes(),
+                fwd(&syn4.translated(Some(("10.201.1.3", 8000)), None, FXA_MAC, BE3_MAC)),
+                HIT_IN,
+            )],
+            after: None,
+        },
+        case(
+            "FIN from the backend marks the flow closing; a new SYN re-selects",
+            vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                {
+                    let fin = Frame {
+                        l4: L4::Tcp { flags: FIN | ACK },
+                        ..reply4.clone()
+                    };
+                    step(
+                        fin.bytes(),
+                        fwd(&fin.translated(None, Some(("10.96.0.10", 80)), FXB_MAC, CLIENT_MAC)),
+                        OUT,
+                    )
+                },
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+            ],
+        ),
+        Case {
+            name: "a direct SYN client->backend drops a stale reply entry of the same tuple",
+            seed: Seed::Rnat(
+                FlowKeySpec {
+                    src: "10.201.1.2",
+                    sport: 8000,
+                    dst: c4,
+                    dport: 40000,
+                    proto: PROTO_TCP,
+                },
+                "10.96.0.10",
+                80,
+            ),
+            steps: vec![
+                step(
+                    Frame::tcp(c4, 40000, "10.201.1.2", 8000, SYN).bytes(),
+                    Expect::Untouched,
+                    NOT_SVC,
+                ),
+                step(reply4.bytes(), Expect::Untouched, NOT_SVC),
+            ],
+            after: None,
+        },
+        case(
+            "ipv4 tcp SYN to a service with no backends: untouched",
+            vec![step(
+                Frame::tcp(c4, 40000, "10.96.0.20", 8081, SYN).bytes(),
+                Expect::Untouched,
+                &[(Counter::NoBackend, 1)],
+            )],
+        ),
+        case(
+            "backend without a neighbour entry: translated, then passed to the stack",
+            vec![{
+                let f = Frame::tcp(c4, 40000, "10.96.0.30", 8082, SYN);
+                let mut out = f.translated(Some(("10.201.9.2", 8000)), None, LB_MAC, CLIENT_MAC);
+                out.ttl += 1;
+                out.smac = CLIENT_MAC;
+                out.dmac = LB_MAC;
+                step(
+                    f.bytes(),
+                    Expect::Frame(XDP_PASS, out.bytes()),
+                    &[(Counter::FibPass, 1), (Counter::NewFlow, 1)],
+                )
+            }],
+        ),
+        case(
+            "ipv4 TTL 1 to the VIP: passed for the stack to answer",
+            vec![{
+                let f = Frame {
+                    ttl: 1,
+                    ..syn4.clone()
+                };
+                let mut out = f.translated(Some(("10.201.1.2", 8000)), None, LB_MAC, CLIENT_MAC);
+                out.ttl = 1;
+                out.smac = CLIENT_MAC;
+                out.dmac = LB_MAC;
+                step(
+                    f.bytes(),
+                    Expect::Frame(XDP_PASS, out.bytes()),
+                    &[(Counter::TtlExceeded, 1)],
+                )
+            }],
+        ),
+        case(
+            "ipv4 udp to the VIP: DNAT with checksum",
+            vec![step(udp4.bytes(), fwd(&udp4_out), NEW_IN)],
+        ),
+        case(
+            "ipv4 udp without checksum: stays without checksum",
+            vec![{
+                let f = Frame {
+                    l4: L4::Udp { zero_csum: true },
+                    ..udp4.clone()
+                };
+                let out = Frame {
+                    l4: L4::Udp { zero_csum: true },
+                    ..udp4_out.clone()
+                };
+                step(f.bytes(), fwd(&out), NEW_IN)
+            }],
+        ),
+        case(
+            "ipv4 udp reply: source translated back",
+            vec![step(udp4.bytes(), fwd(&udp4_out), NEW_IN), {
+                let r = Frame {
+                    smac: BE1_MAC,
+                    dmac: FXA_MAC,
+                    ..Frame::udp("10.201.1.2", 5353, c4, 50000)
+                };
+                step(
+                    r.bytes(),
+                    fwd(&r.translated(None, Some(("10.96.0.10", 53)), FXB_MAC, CLIENT_MAC)),
+                    OUT,
+                )
+            }],
+        ),
+        case(
+            "ipv4 udp second datagram of a flow hits conntrack",
+            vec![
+                step(udp4.bytes(), fwd(&udp4_out), NEW_IN),
+                step(udp4.bytes(), fwd(&udp4_out), HIT_IN),
+            ],
+        ),
+        case(
+            "ipv6 tcp SYN to the VIP",
+            vec![step(syn6.bytes(), fwd(&syn6_out), NEW_IN)],
+        ),
+        case(
+            "ipv6 tcp reply: source translated back",
+            vec![
+                step(syn6.bytes(), fwd(&syn6_out), NEW_IN),
+                step(reply6.bytes(), fwd(&reply6_out), OUT),
+            ],
+        ),
+        case(
+            "ipv6 tcp SYN to a node port",
+            vec![{
+                let f = Frame::tcp(c6, 40001, "fd00:200::1", 8080, SYN);
+                step(
+                    f.bytes(),
+                    fwd(&f.translated(Some(("fd00:201:1::2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    NEW_IN,
+                )
+            }],
+        ),
+        case(
+            "ipv6 udp to the VIP",
+            vec![step(udp6.bytes(), fwd(&udp6_out), NEW_IN)],
+        ),
+        case(
+            "ipv6 udp reply",
+            vec![step(udp6.bytes(), fwd(&udp6_out), NEW_IN), {
+                let r = Frame {
+                    smac: BE1_MAC,
+                    dmac: FXA_MAC,
+                    ..Frame::udp("fd00:201:1::2", 5353, c6, 50000)
+                };
+                step(
+                    r.bytes(),
+                    fwd(&r.translated(None, Some(("fd00:96::10", 5300)), FXB_MAC, CLIENT_MAC)),
+                    OUT,
+                )
+            }],
+        ),
+        case(
+            "ipv6 to a non-service address: untouched",
+            vec![step(
+                Frame::tcp(c6, 40000, "fd00:96::11", 80, SYN).bytes(),
+                Expect::Untouched,
+                NOT_SVC,
+            )],
+        ),
+        case(
+            "ipv6 hop limit 1: passed for the stack to answer",
+            vec![{
+                let f = Frame {
+                    ttl: 1,
+                    ..syn6.clone()
+                };
+                let mut out = f.translated(Some(("fd00:201:1::2", 8000)), None, LB_MAC, CLIENT_MAC);
+                out.ttl = 1;
+                out.smac = CLIENT_MAC;
+                out.dmac = LB_MAC;
+                step(
+                    f.bytes(),
+                    Expect::Frame(XDP_PASS, out.bytes()),
+                    &[(Counter::TtlExceeded, 1)],
+                )
+            }],
+        ),
+        // Malformed input: never translated, never forwarded.
+        case(
+            "empty frame: refused by the kernel",
+            vec![step(vec![], Expect::Refused, &[])],
+        ),
+        case(
+            "truncated ethernet header (13 bytes): never forwarded",
+            vec![step(syn4.bytes()[..13].to_vec(), Expect::Refused, &[])],
+        ),
+        case(
+            "truncated IPv4 header: untouched",
+            vec![step(
+                syn4.bytes()[..24].to_vec(),
+                Expect::Untouched,
+                &[(Counter::MalformedIp, 1)],
+            )],
+        ),
+        case(
+            "IPv4 header length 4 (bad IHL): untouched",
+            vec![step(
+                mangle(syn4.bytes(), |b| b[14] = 0x44),
+                Expect::Untouched,
+                &[(Counter::MalformedIp, 1)],
+            )],
+        ),
+        case(
+            "IPv4 version 6 in an IPv4 ethertype: untouched",
+            vec![step(
+                mangle(syn4.bytes(), |b| b[14] = 0x65),
+                Expect::Untouched,
+                &[(Counter::MalformedIp, 1)],
+            )],
+        ),
+        case(
+            "IPv4 with options (IHL 6) to the VIP: untouched",
+            vec![step(
+                mangle(syn4.bytes(), |b| {
+                    b[14] = 0x46;
+                    b.splice(34..34, [1, 1, 1, 1]);
+                    let tl = u16::from_be_bytes([b[16], b[17]]) + 4;
+                    b[16..18].copy_from_slice(&tl.to_be_bytes());
+                }),
+                Expect::Untouched,
+                &[(Counter::IpOptions, 1)],
+            )],
+        ),
+        case(
+            "IPv4 total length beyond the frame: untouched",
+            vec![step(
+                mangle(syn4.bytes(), |b| {
+                    b[16..18].copy_from_slice(&1500u16.to_be_bytes())
+                }),
+                Expect::Untouched,
+                &[(Counter::MalformedIp, 1)],
+            )],
+        ),
+        case(
+            "IPv4 first fragment (MF) to the VIP: untouched",
+            vec![step(
+                mangle(udp4.bytes(), |b| b[20] = 0x20),
+                Expect::Untouched,
+                &[(Counter::Fragment, 1)],
+            )],
+        ),
+        case(
+            "IPv4 later fragment (offset) to the VIP: untouched",
+            vec![step(
+                mangle(udp4.bytes(), |b| b[21] = 0x10),
+                Expect::Untouched,
+                &[(Counter::Fragment, 1)],
+            )],
+        ),
+        case(
+            "truncated TCP header to the VIP: untouched",
+            vec![step(
+                mangle(syn4.bytes()[..44].to_vec(), |b| {
+                    b[16..18].copy_from_slice(&30u16.to_be_bytes())
+                }),
+                Expect::Untouched,
+                &[(Counter::TruncatedL4, 1)],
+            )],
+        ),
+        case(
+            "TCP data offset below 5 to the VIP: untouched",
+            vec![step(
+                mangle(syn4.bytes(), |b| b[46] = 0x40),
+                Expect::Untouched,
+                &[(Counter::TruncatedL4, 1)],
+            )],
+        ),
+        case(
+            "truncated UDP header to the VIP: untouched",
+            vec![step(
+                mangle(udp4.bytes()[..38].to_vec(), |b| {
+                    b[16..18].copy_from_slice(&24u16.to_be_bytes())
+                }),
+                Expect::Untouched,
+                &[(Counter::TruncatedL4, 1)],
+            )],
+        ),
+        case(
+            "ICMP to the VIP: untouched",
+            vec![step(
+                mangle(syn4.bytes(), |b| b[23] = 1),
+                Expect::Untouched,
+                &[(Counter::OtherProto, 1)],
+            )],
+        ),
+        case(
+            "IPv6 hop-by-hop extension header to the VIP: untouched",
+            vec![step(
+                mangle(syn6.bytes(), |b| b[20] = 0),
+                Expect::Untouched,
+                &[(Counter::Ipv6ExtHeader, 1)],
+            )],
+        ),
+        case(
+            "IPv6 fragment header to the VIP: untouched",
+            vec![step(
+                mangle(udp6.bytes(), |b| b[20] = 44),
+                Expect::Untouched,
+                &[(Counter::Ipv6ExtHeader, 1)],
+            )],
+        ),
+        case(
+            "IPv6 payload length beyond the frame: untouched",
+            vec![step(
+                mangle(syn6.bytes(), |b| {
+                    b[18..20].copy_from_slice(&1400u16.to_be_bytes())
+                }),
+                Expect::Untouched,
+                &[(Counter::MalformedIp, 1)],
+            )],
+        ),
+        case(
+            "truncated IPv6 header: untouched",
+            vec![step(
+                syn6.bytes()[..40].to_vec(),
+                Expect::Untouched,
+                &[(Counter::MalformedIp, 1)],
+            )],
+        ),
+        case(
+            "802.1Q VLAN-tagged frame to the VIP: untouched",
+            vec![step(
+                mangle(syn4.bytes(), |b| {
+                    b.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
+                }),
+                Expect::Untouched,
+                &[(Counter::Vlan, 1)],
+            )],
+        ),
+        Case {
+            name: "per-backend and per-service counters: packets, bytes, connections",
+            seed: Seed::None,
+            steps: vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    HIT_IN,
+                ),
+                step(reply4.bytes(), fwd(&reply4_out), OUT),
+            ],
+            after: Some(Box::new({
+                let want_in = (syn4.bytes().len() + ack4.bytes().len()) as u64;
+                let want_out = reply4.bytes().len() as u64;
+                move |maps: &Maps| {
+                    let st = meshlb::inspect::status(maps, "fixture").map_err(|e| e.to_string())?;
+                    let web = st
+                        .services
+                        .iter()
+                        .find(|s| s.name == "web")
+                        .ok_or("no service web")?;
+                    let b = web
+                        .backends
+                        .iter()
+                        .find(|b| b.port == 8000)
+                        .ok_or("no backend :8000")?;
+                    let got = (b.connections, b.packets_in, b.packets_out, b.bytes);
+                    let want = (1, 2, 1, want_in + want_out);
+                    if got != want || web.connections != 1 || st.conntrack_entries != 1 {
+                        return Err(format!("backend (conns, in, out, bytes) {got:?} want {want:?}; service conns {}; ct {}", web.connections, st.conntrack_entries));
+                    }
+                    Ok(())
+                }
+            })),
+        },
+        case(
+            "ARP: untouched",
+            vec![step(
+                mangle(syn4.bytes()[..42].to_vec(), |b| {
+                    b[12] = 0x08;
+                    b[13] = 0x06;
+                }),
+                Expect::Untouched,
+                &[(Counter::NotService, 1)],
+            )],
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------
+// Running it
+// ---------------------------------------------------------------------
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The namespace the FIB lookups run in: fxa faces the backends, fxb the
+/// clients, with static neighbours so lookups succeed deterministically.
+struct Netns {
+    name: String,
+    pins: PathBuf,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        if std::fs::read_to_string("/proc/self/status")
+            .map(|st| {
+                !st.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+            })
+            .unwrap_or(true)
+        {
+            panic!("datapath fixtures need root (BPF_PROG_TEST_RUN, network namespaces); run `cargo xtask test` as root");
+        }
+        let name = format!("mlbt-fx-{}", std::process::id() % 100000);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ip = |a: &str| {
+            let mut v = vec!["ip", "-n", &name];
+            v.extend(a.split_whitespace());
+            sh(&v);
+        };
+        ip("link add fxa type veth peer name fxb");
+        ip("link set fxa address 02:00:00:00:01:01");
+        ip("link set fxb address 02:00:00:00:02:01");
+        ip("link set lo up");
+        ip("link set fxa up");
+        ip("link set fxb up");
+        ip("addr add 10.201.1.1/24 dev fxa");
+        ip("addr add 10.201.9.1/24 dev fxa");
+        ip("addr add 10.200.0.1/24 dev fxb");
+        ip("addr add fd00:201:1::1/64 dev fxa nodad");
+        ip("addr add fd00:200::1/64 dev fxb nodad");
+        ip("neigh replace 10.201.1.2 lladdr 02:00:00:00:01:02 dev fxa nud permanent");
+        ip("neigh replace 10.201.1.3 lladdr 02:00:00:00:01:03 dev fxa nud permanent");
+        ip("neigh replace fd00:201:1::2 lladdr 02:00:00:00:01:02 dev fxa nud permanent");
+        ip("neigh replace 10.200.0.2 lladdr 02:00:00:00:00:02 dev fxb nud permanent");
+        ip("neigh replace fd00:200::2 lladdr 02:00:00:00:00:02 dev fxb nud permanent");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.forwarding=1",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        if !std::path::Path::new("/sys/fs/bpf").join(".").exists()
+            || !String::from_utf8_lossy(&std::fs::read("/proc/mounts").unwrap_or_default())
+                .contains("/sys/fs/bpf bpf")
+        {
+            sh(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"]);
+        }
+        let pins = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        Netns { name, pins }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = meshlb::dataplane::xdp::cleanup(&self.pins);
+        let _ = std::fs::remove_dir(&self.pins);
+    }
+}
+
+fn load(pins: &std::path::Path) -> (Ebpf, Maps) {
+    let _ = meshlb::dataplane::xdp::cleanup(pins);
+    std::fs::create_dir_all(pins).unwrap();
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins)
+        .load(meshlb::EBPF_OBJECT)
+        .expect("load eBPF object");
+    let maps = Maps::from_ebpf(&mut ebpf).expect("every map of meshlb-common is in the object");
+    let prog: &mut Xdp = ebpf
+        .program_mut(meshlb_common::PROG_XDP_LB)
+        .expect("program")
+        .try_into()
+        .unwrap();
+    prog.load().expect("verifier accepts the program");
+    (ebpf, maps)
+}
+
+fn program(desired_locals: &[&str], maps: &mut Maps) {
+    let cfg = meshlb::config::parse(CONFIG).expect("fixture config");
+    let locals = desired_locals.iter().map(|a| a.parse().unwrap()).collect();
+    let desired = cfg.desired_state(locals);
+    let plan = meshlb::reconcile::plan(&desired, &observe_maps(maps).unwrap()).unwrap();
+    apply_maps(maps, &plan).unwrap();
+}
+
+fn seed(maps: &mut Maps, s: &Seed) {
+    match s {
+        Seed::None => {}
+        Seed::Ct(flow, backend, port, flags) => {
+            let (addr, _) = addr_bytes(backend.parse().unwrap());
+            let e = CtEntry {
+                backend_addr: addr,
+                backend_port: port.to_be(),
+                flags: *flags,
+                backend_id: 0,
+                service_id: 0,
+                _pad: 0,
+            };
+            maps.conntrack.insert(flow.key(), e, 0).unwrap();
+        }
+        Seed::Rnat(flow, fe, port) => {
+            let (addr, _) = addr_bytes(fe.parse().unwrap());
+            let e = RnatEntry {
+                frontend_addr: addr,
+                frontend_port: port.to_be(),
+                ..Default::default()
+            };
+            maps.reverse_nat.insert(flow.key(), e, 0).unwrap();
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+fn run_case(ns: &Netns, c: &Case) -> Result<(), String> {
+    let (ebpf, mut maps) = load(&ns.pins);
+    program(&["10.200.0.1", "fd00:200::1"], &mut maps);
+    seed(&mut maps, &c.seed);
+    let prog: &Xdp = ebpf
+        .program(meshlb_common::PROG_XDP_LB)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    for (i, s) in c.steps.iter().enumerate() {
+        let before = maps.counters();
+        let mut out = vec![0u8; 512];
+        let res = prog.test_run(TestRunOptions {
+            data_in: Some(&s.input),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        });
+        let after = maps.counters();
+        let at = format!("step {i}");
+        match (&s.expect, res) {
+            (Expect::Refused, Err(_)) => {}
+            (Expect::Refused, Ok(r)) => {
+                // Some kernels run it anyway: then it must not be forwarded.
+                if r.return_value != XDP_PASS && r.return_value != 1 {
+                    return Err(format!("{at}: tiny frame got verdict {}", r.return_value));
+                }
+            }
+            (_, Err(e)) => return Err(format!("{at}: test run failed: {e}")),
+            (Expect::Untouched, Ok(r)) => {
+                let got = &out[..r.data_size_out as usize];
+                if r.return_value != XDP_PASS || got != s.input.as_slice() {
+                    return Err(format!(
+                        "{at}: expected untouched XDP_PASS, got verdict {} bytes {}",
+                        r.return_value,
+                        hex(got)
+                    ));
+                }
+            }
+            (Expect::Frame(v, want), Ok(r)) => {
+                let got = &out[..r.data_size_out as usize];
+                if r.return_value != *v {
+                    return Err(format!("{at}: verdict {} want {v}", r.return_value));
+                }
+                if got != want.as_slice() {
+                    return Err(format!(
+                        "{at}: output differs\n got  {}\n want {}",
+                        hex(got),
+                        hex(want)
+                    ));
+                }
+                assert_checksums(got, &format!("{}: {at}", c.name));
+            }
+        }
+        for (counter, delta) in s.counters {
+            let d = after[*counter as usize] - before[*counter as usize];
+            if d != *delta {
+                return Err(format!(
+                    "{at}: counter {} moved by {d}, want {delta}",
+                    counter.name()
+                ));
+            }
+        }
+    }
+    if let Some(f) = &c.after {
+        f(&maps)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn datapath_fixture_table() {
+    let ns = Netns::new();
+    let table = cases();
+    assert!(table.len() >= 30, "the table must hold at least 30 cases");
+    // The FIB lookups use the namespace of the calling thread.
+    let ns_name = ns.name.clone();
+    let pins = ns.pins.clone();
+    let failures = std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let ns_ref = Netns {
+                name: String::new(),
+                pins,
+            };
+            let mut failures = BTreeMap::new();
+            for c in &table {
+                if let Err(e) = run_case(&ns_ref, c) {
+                    failures.insert(c.name, e);
+                }
+            }
+            std::mem::forget(ns_ref);
+            failures
+        })
+        .join()
+        .unwrap()
+    });
+    eprintln!("{} cases, {} failed", cases().len(), failures.len());
+    for (name, e) in &failures {
+        eprintln!("FAIL {name}: {e}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} datapath cases failed (see above)",
+        failures.len()
+    );
+}

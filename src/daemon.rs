@@ -117,7 +117,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
     let bpffs = args
         .bpffs
         .clone()
-        .or_else(|| (cfg.bpffs != PathBuf::from(DEFAULT_BPFFS)).then(|| cfg.bpffs.clone()))
+        .or_else(|| (cfg.bpffs != std::path::Path::new(DEFAULT_BPFFS)).then(|| cfg.bpffs.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
     let node = args
         .node

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 use meshlb::cli::{Cli, Command, ProtoArg};
 use meshlb::daemon::{self, DaemonError};
@@ -21,7 +22,24 @@ fn hostname() -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            // One line, like every other error: clap's first line names the
+            // argument and the bad value; drop its usage/help trailer.
+            _ => {
+                let text = e.to_string();
+                let line = text
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("invalid arguments");
+                return fail(2, line.trim_start_matches("error: "));
+            }
+        },
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();

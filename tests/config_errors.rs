@@ -161,6 +161,7 @@ fn malformed_config_exits_2_with_one_line_and_attaches_nothing() {
             ],
             Duration::from_secs(15),
         );
+        eprintln!("{case}: {:?} {}", out.code(), out.stderr.trim_end());
         let mut problems = Vec::new();
         if let Err(e) = one_line_naming(&out, wants) {
             problems.push(e);

@@ -330,12 +330,15 @@ struct Step {
     counters: &'static [(Counter, u64)],
 }
 
+/// A check on the maps after the last step.
+type AfterCheck = Box<dyn Fn(&Maps) -> Result<(), String> + Send + Sync>;
+
 struct Case {
     name: &'static str,
     seed: Seed,
     steps: Vec<Step>,
     /// Checked after the last step.
-    after: Option<Box<dyn Fn(&Maps) -> Result<(), String> + Send + Sync>>,
+    after: Option<AfterCheck>,
 }
 
 fn step(input: Vec<u8>, expect: Expect, counters: &'static [(Counter, u64)]) -> Step {

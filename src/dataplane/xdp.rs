@@ -254,9 +254,21 @@ pub fn attach_pass(dir: &Path, ifaces: &[String]) -> Result<(), XdpError> {
     Ok(())
 }
 
-/// Detaches and removes everything pinned under `dir`: the links first
-/// (the interfaces stop running the program), then the maps.
+/// Detaches and removes everything pinned under `dir`, then `dir` itself:
+/// the links first (the interfaces stop running the program), then the
+/// maps. Returns how many pins were removed.
 pub fn cleanup(dir: &Path) -> Result<usize, XdpError> {
+    let n = cleanup_contents(dir)?;
+    if dir.exists() {
+        std::fs::remove_dir(dir).map_err(|source| XdpError::Bpffs {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    }
+    Ok(n)
+}
+
+fn cleanup_contents(dir: &Path) -> Result<usize, XdpError> {
     let io = |source| XdpError::Bpffs {
         dir: dir.to_owned(),
         source,
@@ -278,7 +290,6 @@ pub fn cleanup(dir: &Path) -> Result<usize, XdpError> {
     for p in entries {
         if p.is_dir() {
             removed += cleanup(&p)?;
-            std::fs::remove_dir(&p).map_err(io)?;
         } else {
             std::fs::remove_file(&p).map_err(io)?;
             removed += 1;
@@ -409,6 +420,9 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
         }
         let (Some(key), Some(addr)) = (by_id.get(&b.service_id), addr_from(&b.addr, b.family))
         else {
+            // Left behind by a daemon that died between removing a service
+            // and its backends: the reconciler frees it.
+            obs.orphan_backends.insert(id);
             continue;
         };
         let state = if b.flags & BE_F_DOWN != 0 {
@@ -418,12 +432,18 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
         } else {
             BackendState::Up
         };
+        let bkey = BackendKey {
+            addr,
+            port: u16::from_be(b.port),
+        };
         if let Some(s) = obs.services.get_mut(key) {
+            if s.backends.contains_key(&bkey) {
+                // A duplicate slot (lowest id wins): free it.
+                obs.orphan_backends.insert(id);
+                continue;
+            }
             s.backends.insert(
-                BackendKey {
-                    addr,
-                    port: u16::from_be(b.port),
-                },
+                bkey,
                 ObservedBackend {
                     id,
                     weight: b.weight,

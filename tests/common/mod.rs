@@ -55,6 +55,12 @@ pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
 pub const LB_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
 /// TCP port every nginx backend listens on (v4 and v6).
 pub const HTTP_PORT: u16 = 8000;
+/// The same nginx server also listens here (v4 and v6): a direct-path
+/// baseline on this port never shares a 4-tuple with VIP flows at the
+/// backend. Sharing one makes the backend's TIME_WAIT sockets (from the
+/// other path, whose client ISN and TCP timestamp offset differ because they
+/// are keyed by the destination the client sees) reject new SYNs for a while.
+pub const BASELINE_PORT: u16 = 8001;
 /// The client's ephemeral port range; ports outside it (e.g. 41234) are only
 /// ever used when a test binds them explicitly.
 pub const CLIENT_PORT_RANGE: (u16, u16) = (20000, 39999);
@@ -938,6 +944,8 @@ http {{
     server {{
         listen {HTTP_PORT} backlog=4096;
         listen [::]:{HTTP_PORT} ipv6only=on backlog=4096;
+        listen {BASELINE_PORT} backlog=4096;
+        listen [::]:{BASELINE_PORT} ipv6only=on backlog=4096;
         location / {{ return 200 "{name}\n"; }}
     }}
 }}

@@ -40,6 +40,8 @@ pub struct Options {
     pub connections: u32,
     /// A prebuilt meshlb binary; built (release) when absent.
     pub meshlb: Option<PathBuf>,
+    /// "native" or "generic".
+    pub xdp_mode: String,
 }
 
 struct Scenario {
@@ -86,6 +88,9 @@ fn dataplane(opt: &Options) -> Result<()> {
     let _lock = netns::lock_prefix(PREFIX)?;
     netns::remove_stale(PREFIX)?;
     Daemon::cleanup_pins(&bin, Path::new(BPFFS));
+    for ns in ["client", "b1"] {
+        Daemon::cleanup_pins(&bin, Path::new(&format!("{BPFFS}-peer-{PREFIX}{ns}")));
+    }
 
     let tmp = TempDir::new("meshlb-bench")?;
     let topo = Topology::create(PREFIX, 1)?;
@@ -116,9 +121,23 @@ addr = "{backend}"
         args.push("--iface".into());
         args.push(i.clone());
     }
-    // native: needs peer xdp pass
-    let xdp_mode = "generic";
+    let xdp_mode = opt.xdp_mode.as_str();
     args.extend(["--xdp-mode".into(), xdp_mode.into()]);
+    if xdp_mode == "native" {
+        // Native redirect into a veth only delivers when its peer runs an
+        // XDP program: a pass-everything one on the client and backend ends.
+        for (ns, iface) in [
+            (&topo.client.name, "cl-lb"),
+            (&topo.backends[0].name, "b1-lb"),
+        ] {
+            Cmd::nsenter(ns, bin.to_string_lossy())
+                .args(["xdp-pass", "--iface", iface, "--bpffs"])
+                .arg(format!("{BPFFS}-peer-{ns}"))
+                .timeout(Duration::from_secs(20))
+                .run()
+                .with_context(|| format!("xdp-pass on {ns}/{iface}"))?;
+        }
+    }
     let mut daemon = Daemon::start(
         &bin,
         &topo.lb.name,
@@ -156,6 +175,9 @@ addr = "{backend}"
     }
     let meshlb_log = daemon.log_tail(200);
     drop(daemon);
+    for ns in [&topo.client.name, &topo.backends[0].name] {
+        Daemon::cleanup_pins(&bin, Path::new(&format!("{BPFFS}-peer-{ns}")));
+    }
     drop(_nginx);
     drop(topo);
 

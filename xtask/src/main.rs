@@ -77,6 +77,10 @@ enum Task {
         /// Use this meshlb binary instead of building a release one.
         #[arg(long, value_name = "PATH")]
         meshlb: Option<PathBuf>,
+        /// XDP attach mode of the daemon (native puts a pass program on the
+        /// receiving veth peers, as native redirect requires).
+        #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
+        xdp_mode: String,
     },
 }
 
@@ -129,6 +133,7 @@ fn run(mut task: Task) -> Result<()> {
             duration,
             connections,
             meshlb,
+            xdp_mode,
         } => bench::bench(
             suite,
             &bench::Options {
@@ -136,6 +141,7 @@ fn run(mut task: Task) -> Result<()> {
                 duration_s: duration,
                 connections,
                 meshlb,
+                xdp_mode,
             },
         ),
     }

@@ -358,6 +358,12 @@ fn case(name: &'static str, steps: Vec<Step>) -> Case {
     }
 }
 
+/// A one-step case: the frame must pass untouched, counted under `c`.
+fn untouched(name: &'static str, input: Vec<u8>, c: Counter) -> Case {
+    let counters: &'static [(Counter, u64)] = Box::leak(Box::new([(c, 1)]));
+    case(name, vec![step(input, Expect::Untouched, counters)])
+}
+
 fn fwd(f: &Frame) -> Expect {
     Expect::Frame(XDP_REDIRECT, f.bytes())
 }
@@ -523,13 +529,10 @@ fn cases() -> Vec<Case> {
             ],
             after: None,
         },
-        case(
+        untouched(
             "ipv4 tcp SYN to a service with no backends: untouched",
-            vec![step(
-                Frame::tcp(c4, 40000, "10.96.0.20", 8081, SYN).bytes(),
-                Expect::Untouched,
-                &[(Counter::NoBackend, 1)],
-            )],
+            Frame::tcp(c4, 40000, "10.96.0.20", 8081, SYN).bytes(),
+            Counter::NoBackend,
         ),
         case(
             "backend without a neighbour entry: translated, then passed to the stack",
@@ -680,148 +683,100 @@ fn cases() -> Vec<Case> {
             "truncated ethernet header (13 bytes): never forwarded",
             vec![step(syn4.bytes()[..13].to_vec(), Expect::Refused, &[])],
         ),
-        case(
+        untouched(
             "truncated IPv4 header: untouched",
-            vec![step(
-                syn4.bytes()[..24].to_vec(),
-                Expect::Untouched,
-                &[(Counter::MalformedIp, 1)],
-            )],
+            syn4.bytes()[..24].to_vec(),
+            Counter::MalformedIp,
         ),
-        case(
+        untouched(
             "IPv4 header length 4 (bad IHL): untouched",
-            vec![step(
-                mangle(syn4.bytes(), |b| b[14] = 0x44),
-                Expect::Untouched,
-                &[(Counter::MalformedIp, 1)],
-            )],
+            mangle(syn4.bytes(), |b| b[14] = 0x44),
+            Counter::MalformedIp,
         ),
-        case(
+        untouched(
             "IPv4 version 6 in an IPv4 ethertype: untouched",
-            vec![step(
-                mangle(syn4.bytes(), |b| b[14] = 0x65),
-                Expect::Untouched,
-                &[(Counter::MalformedIp, 1)],
-            )],
+            mangle(syn4.bytes(), |b| b[14] = 0x65),
+            Counter::MalformedIp,
         ),
-        case(
+        untouched(
             "IPv4 with options (IHL 6) to the VIP: untouched",
-            vec![step(
-                mangle(syn4.bytes(), |b| {
-                    b[14] = 0x46;
-                    b.splice(34..34, [1, 1, 1, 1]);
-                    let tl = u16::from_be_bytes([b[16], b[17]]) + 4;
-                    b[16..18].copy_from_slice(&tl.to_be_bytes());
-                }),
-                Expect::Untouched,
-                &[(Counter::IpOptions, 1)],
-            )],
+            mangle(syn4.bytes(), |b| {
+                b[14] = 0x46;
+                b.splice(34..34, [1, 1, 1, 1]);
+                let tl = u16::from_be_bytes([b[16], b[17]]) + 4;
+                b[16..18].copy_from_slice(&tl.to_be_bytes());
+            }),
+            Counter::IpOptions,
         ),
-        case(
+        untouched(
             "IPv4 total length beyond the frame: untouched",
-            vec![step(
-                mangle(syn4.bytes(), |b| {
-                    b[16..18].copy_from_slice(&1500u16.to_be_bytes())
-                }),
-                Expect::Untouched,
-                &[(Counter::MalformedIp, 1)],
-            )],
+            mangle(syn4.bytes(), |b| {
+                b[16..18].copy_from_slice(&1500u16.to_be_bytes())
+            }),
+            Counter::MalformedIp,
         ),
-        case(
+        untouched(
             "IPv4 first fragment (MF) to the VIP: untouched",
-            vec![step(
-                mangle(udp4.bytes(), |b| b[20] = 0x20),
-                Expect::Untouched,
-                &[(Counter::Fragment, 1)],
-            )],
+            mangle(udp4.bytes(), |b| b[20] = 0x20),
+            Counter::Fragment,
         ),
-        case(
+        untouched(
             "IPv4 later fragment (offset) to the VIP: untouched",
-            vec![step(
-                mangle(udp4.bytes(), |b| b[21] = 0x10),
-                Expect::Untouched,
-                &[(Counter::Fragment, 1)],
-            )],
+            mangle(udp4.bytes(), |b| b[21] = 0x10),
+            Counter::Fragment,
         ),
-        case(
+        untouched(
             "truncated TCP header to the VIP: untouched",
-            vec![step(
-                mangle(syn4.bytes()[..44].to_vec(), |b| {
-                    b[16..18].copy_from_slice(&30u16.to_be_bytes())
-                }),
-                Expect::Untouched,
-                &[(Counter::TruncatedL4, 1)],
-            )],
+            mangle(syn4.bytes()[..44].to_vec(), |b| {
+                b[16..18].copy_from_slice(&30u16.to_be_bytes())
+            }),
+            Counter::TruncatedL4,
         ),
-        case(
+        untouched(
             "TCP data offset below 5 to the VIP: untouched",
-            vec![step(
-                mangle(syn4.bytes(), |b| b[46] = 0x40),
-                Expect::Untouched,
-                &[(Counter::TruncatedL4, 1)],
-            )],
+            mangle(syn4.bytes(), |b| b[46] = 0x40),
+            Counter::TruncatedL4,
         ),
-        case(
+        untouched(
             "truncated UDP header to the VIP: untouched",
-            vec![step(
-                mangle(udp4.bytes()[..38].to_vec(), |b| {
-                    b[16..18].copy_from_slice(&24u16.to_be_bytes())
-                }),
-                Expect::Untouched,
-                &[(Counter::TruncatedL4, 1)],
-            )],
+            mangle(udp4.bytes()[..38].to_vec(), |b| {
+                b[16..18].copy_from_slice(&24u16.to_be_bytes())
+            }),
+            Counter::TruncatedL4,
         ),
-        case(
+        untouched(
             "ICMP to the VIP: untouched",
-            vec![step(
-                mangle(syn4.bytes(), |b| b[23] = 1),
-                Expect::Untouched,
-                &[(Counter::OtherProto, 1)],
-            )],
+            mangle(syn4.bytes(), |b| b[23] = 1),
+            Counter::OtherProto,
         ),
-        case(
+        untouched(
             "IPv6 hop-by-hop extension header to the VIP: untouched",
-            vec![step(
-                mangle(syn6.bytes(), |b| b[20] = 0),
-                Expect::Untouched,
-                &[(Counter::Ipv6ExtHeader, 1)],
-            )],
+            mangle(syn6.bytes(), |b| b[20] = 0),
+            Counter::Ipv6ExtHeader,
         ),
-        case(
+        untouched(
             "IPv6 fragment header to the VIP: untouched",
-            vec![step(
-                mangle(udp6.bytes(), |b| b[20] = 44),
-                Expect::Untouched,
-                &[(Counter::Ipv6ExtHeader, 1)],
-            )],
+            mangle(udp6.bytes(), |b| b[20] = 44),
+            Counter::Ipv6ExtHeader,
         ),
-        case(
+        untouched(
             "IPv6 payload length beyond the frame: untouched",
-            vec![step(
-                mangle(syn6.bytes(), |b| {
-                    b[18..20].copy_from_slice(&1400u16.to_be_bytes())
-                }),
-                Expect::Untouched,
-                &[(Counter::MalformedIp, 1)],
-            )],
+            mangle(syn6.bytes(), |b| {
+                b[18..20].copy_from_slice(&1400u16.to_be_bytes())
+            }),
+            Counter::MalformedIp,
         ),
-        case(
+        untouched(
             "truncated IPv6 header: untouched",
-            vec![step(
-                syn6.bytes()[..40].to_vec(),
-                Expect::Untouched,
-                &[(Counter::MalformedIp, 1)],
-            )],
+            syn6.bytes()[..40].to_vec(),
+            Counter::MalformedIp,
         ),
-        case(
+        untouched(
             "802.1Q VLAN-tagged frame to the VIP: untouched",
-            vec![step(
-                mangle(syn4.bytes(), |b| {
-                    b.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
-                }),
-                Expect::Untouched,
-                &[(Counter::Vlan, 1)],
-            )],
+            mangle(syn4.bytes(), |b| {
+                b.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
+            }),
+            Counter::Vlan,
         ),
         Case {
             name: "per-backend and per-service counters: packets, bytes, connections",
@@ -859,16 +814,13 @@ fn cases() -> Vec<Case> {
                 }
             })),
         },
-        case(
+        untouched(
             "ARP: untouched",
-            vec![step(
-                mangle(syn4.bytes()[..42].to_vec(), |b| {
-                    b[12] = 0x08;
-                    b[13] = 0x06;
-                }),
-                Expect::Untouched,
-                &[(Counter::NotService, 1)],
-            )],
+            mangle(syn4.bytes()[..42].to_vec(), |b| {
+                b[12] = 0x08;
+                b[13] = 0x06;
+            }),
+            Counter::NotService,
         ),
     ]
 }

@@ -1,8 +1,9 @@
 //! Forwarding survives the daemon: while a client keeps making requests to
 //! the VIP, the daemon is SIGKILLed and restarted, then SIGTERMed and
 //! restarted. No request may fail, XDP must stay attached while no daemon
-//! runs, and a long-lived connection keeps its backend throughout. Needs
-//! root; see `common` for the topology.
+//! runs, and a long-lived connection keeps its backend throughout. A
+//! restart with an interface no longer listed detaches it and keeps the
+//! rest. Needs root; see `common` for the topology.
 
 mod common;
 
@@ -173,4 +174,57 @@ fn forwarding_survives_daemon_kill_and_restart() {
         "no conntrack entries after restarts: {st}{}",
         topo.ctx()
     );
+}
+
+#[test]
+fn restart_without_an_interface_detaches_it_and_keeps_the_rest() {
+    let topo = Topology::new("rsi", TopoOpts { backends: 2 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &config_toml(&[Svc {
+            name: "web",
+            vip: Some("10.96.0.10"),
+            proto: "tcp",
+            port: 80,
+            target: HTTP_PORT,
+            backends: vec![topo.backends[0].v4.into()],
+        }]),
+    );
+    let ifaces = topo.lb_ifaces();
+    let all: Vec<&str> = ifaces.iter().map(String::as_str).collect();
+    let mut daemon = topo.start_daemon_on(&cfg, "generic", &all);
+    topo.wait_ready_on(&mut daemon, &["web"], READY, &all);
+    for i in &all {
+        assert!(
+            topo.xdp_mode(&topo.lb_ns, i).is_some(),
+            "{i} not attached{}",
+            topo.ctx()
+        );
+    }
+    daemon.kill9();
+    // The last interface (towards b2, which serves nothing) is dropped.
+    let kept = &all[..all.len() - 1];
+    let dropped = all[all.len() - 1];
+    let mut daemon = topo.start_daemon_on(&cfg, "generic", kept);
+    topo.wait_ready_on(&mut daemon, &["web"], READY, kept);
+    assert_eq!(
+        topo.xdp_mode(&topo.lb_ns, dropped),
+        None,
+        "{dropped} is no longer listed but XDP stayed{}",
+        topo.ctx()
+    );
+    for i in kept {
+        assert!(
+            topo.xdp_mode(&topo.lb_ns, i).is_some(),
+            "{i} lost XDP{}",
+            topo.ctx()
+        );
+    }
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let body = topo
+        .client(|| http_get(vip, Duration::from_secs(3)))
+        .unwrap_or_else(|e| panic!("VIP after restart: {e}{}", topo.ctx()));
+    assert_eq!(body.trim(), "b1", "{}", topo.ctx());
 }

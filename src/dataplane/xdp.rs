@@ -189,6 +189,7 @@ impl XdpDataplane {
                 None => log::info!("iface {iface}: adopted the pinned XDP link"),
             }
         }
+        detach_unlisted(dir, ifaces);
         let kind = kind
             .or_else(|| previous.map(|m| kind_from_meta(m.dataplane)))
             .unwrap_or(match mode {
@@ -216,6 +217,28 @@ impl XdpDataplane {
     /// The maps, for status and metrics while the daemon runs.
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+}
+
+/// Interfaces attached by an earlier daemon but no longer listed: removing
+/// the link pin detaches the program from them.
+fn detach_unlisted(dir: &Path, ifaces: &[String]) {
+    let prefix = format!("link_v{LAYOUT_VERSION}_");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(iface) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if ifaces.iter().any(|i| i == iface) {
+            continue;
+        }
+        match std::fs::remove_file(e.path()) {
+            Ok(()) => log::info!("iface {iface}: no longer listed: detached"),
+            Err(err) => log::warn!("iface {iface}: no longer listed, but unpinning failed: {err}"),
+        }
     }
 }
 

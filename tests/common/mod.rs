@@ -779,6 +779,19 @@ impl Topology {
     /// `services`, and XDP is attached to every LB interface. Fails at once
     /// when the daemon exits.
     pub fn wait_ready(&self, daemon: &mut Proc, services: &[&str], timeout: Duration) -> Value {
+        let ifaces = self.lb_ifaces();
+        let refs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
+        self.wait_ready_on(daemon, services, timeout, &refs)
+    }
+
+    /// `wait_ready` for a daemon attached to `ifaces` only.
+    pub fn wait_ready_on(
+        &self,
+        daemon: &mut Proc,
+        services: &[&str],
+        timeout: Duration,
+        ifaces: &[&str],
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         let metrics: SocketAddr = "127.0.0.1:9742".parse().unwrap();
         loop {
@@ -800,8 +813,8 @@ impl Topology {
                         return Err(format!("service {want} not in status: {status}"));
                     }
                 }
-                for i in self.lb_ifaces() {
-                    if self.xdp_mode(&self.lb_ns, &i).is_none() {
+                for i in ifaces {
+                    if self.xdp_mode(&self.lb_ns, i).is_none() {
                         return Err(format!("no XDP program on {i}"));
                     }
                 }

@@ -73,8 +73,8 @@ impl Target {
 /// Build the eBPF object, then the `meshlb` binary; returns its path.
 pub fn build(target: Target, release: bool) -> Result<PathBuf> {
     build_ebpf()?;
-    // protoc is needed by the host crate's dependencies on every target.
-    let mut pkgs = vec!["protobuf-compiler"];
+    // protoc and the protobuf well-known types are needed by the host crate's dependencies on every target.
+    let mut pkgs = vec!["protobuf-compiler", "libprotobuf-dev"];
     pkgs.extend_from_slice(target.cross_packages());
     setup::apt(&pkgs)?;
     let mut cmd = Cmd::new("cargo").args(["build", "--package", "meshlb", "--bin", "meshlb"]);

@@ -10,6 +10,8 @@ use crate::cmd::Cmd;
 /// Build tools and the peers/tools the tests, demo and benchmarks use.
 pub const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
+    "libprotobuf-dev",
+    "openssl",
     "etcd-server",
     "etcd-client",
     "nginx-light",

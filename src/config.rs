@@ -399,7 +399,8 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u64 = 300;
 // Validation
 // ---------------------------------------------------------------------
 
-fn port(path: &str, v: i64) -> Result<u16, FieldError> {
+/// A port number, 1..=65535 (`i64` so 70000 gets this message).
+pub fn port(path: &str, v: i64) -> Result<u16, FieldError> {
     match u16::try_from(v) {
         Ok(p) if p > 0 => Ok(p),
         _ => Err(FieldError::new(path, format!("must be 1..=65535, got {v}"))),
@@ -416,7 +417,8 @@ fn positive(path: &str, v: i64) -> Result<u32, FieldError> {
     }
 }
 
-fn ip(path: &str, s: &str) -> Result<IpAddr, FieldError> {
+/// A unicast IP address.
+pub fn ip(path: &str, s: &str) -> Result<IpAddr, FieldError> {
     let a: IpAddr = s
         .parse()
         .map_err(|_| FieldError::new(path, format!("invalid IP address {s:?}")))?;
@@ -427,6 +429,17 @@ fn ip(path: &str, s: &str) -> Result<IpAddr, FieldError> {
         ));
     }
     Ok(a)
+}
+
+/// A backend weight, 0..=`MAX_WEIGHT`.
+pub fn weight(path: &str, w: i64) -> Result<u32, FieldError> {
+    match u32::try_from(w) {
+        Ok(w) if w <= MAX_WEIGHT => Ok(w),
+        _ => Err(FieldError::new(
+            path,
+            format!("must be 0..={MAX_WEIGHT}, got {w}"),
+        )),
+    }
 }
 
 /// Check a service name: it becomes an etcd key, a metrics label and a
@@ -543,15 +556,7 @@ impl ServiceDef {
             let port_ = b.port.map(|p| port(&format!("{at}.port"), p)).transpose()?;
             let weight = match b.weight {
                 None => DEFAULT_WEIGHT,
-                Some(w) => match u32::try_from(w) {
-                    Ok(w) if w <= MAX_WEIGHT => w,
-                    _ => {
-                        return Err(FieldError::new(
-                            format!("{at}.weight"),
-                            format!("must be 0..={MAX_WEIGHT}, got {w}"),
-                        ))
-                    }
-                },
+                Some(w) => weight(&format!("{at}.weight"), w)?,
             };
             let cfg = BackendConfig {
                 addr,
@@ -765,17 +770,41 @@ impl Config {
     /// The data-plane services of the static `[[service]]` tables: one
     /// [`ServiceKey`] per publish entry, all backends up.
     pub fn desired_state(&self, local_addrs: BTreeSet<IpAddr>) -> DesiredState {
-        let mut services = BTreeMap::new();
-        for svc in &self.services {
-            for p in &svc.publish {
+        desired_state_of(&self.services, local_addrs)
+    }
+}
+
+/// The data-plane services of validated services with all backends up
+/// (static services; etcd builds its own with [`ServiceConfig::specs`]).
+pub fn desired_state_of(services: &[ServiceConfig], local_addrs: BTreeSet<IpAddr>) -> DesiredState {
+    DesiredState {
+        services: services
+            .iter()
+            .flat_map(|svc| svc.specs(|_| BackendState::Up))
+            .collect(),
+        local_addrs,
+    }
+}
+
+impl ServiceConfig {
+    /// One data-plane service per publish entry; `state` gives each
+    /// backend's state (a static backend is always up, an etcd task may
+    /// be draining).
+    pub fn specs(
+        &self,
+        state: impl Fn(&BackendConfig) -> BackendState,
+    ) -> Vec<(ServiceKey, ServiceSpec)> {
+        self.publish
+            .iter()
+            .map(|p| {
                 let key = ServiceKey {
-                    name: svc.name.clone(),
+                    name: self.name.clone(),
                     proto: p.proto,
                     port: p.port,
                 };
                 let spec = ServiceSpec {
-                    frontends: svc.frontends(p).into_iter().collect(),
-                    backends: svc
+                    frontends: self.frontends(p).into_iter().collect(),
+                    backends: self
                         .backends
                         .iter()
                         .map(|b| {
@@ -783,19 +812,15 @@ impl Config {
                                 b.key(p),
                                 BackendSpec {
                                     weight: b.weight,
-                                    state: BackendState::Up,
+                                    state: state(b),
                                 },
                             )
                         })
                         .collect(),
                 };
-                services.insert(key, spec);
-            }
-        }
-        DesiredState {
-            services,
-            local_addrs,
-        }
+                (key, spec)
+            })
+            .collect()
     }
 }
 

@@ -1,6 +1,7 @@
 //! `meshlb run`: the node daemon. Loads the config, attaches (or adopts)
 //! the data plane, reconciles, then keeps it in sync: SIGHUP reloads the
-//! config, this node's addresses are re-read periodically, SIGTERM/SIGINT
+//! config, etcd snapshots (when `--etcd` is given) are applied as they
+//! come, this node's addresses are re-read periodically, SIGTERM/SIGINT
 //! stop the daemon. Stopping never detaches forwarding: the pinned maps and
 //! links keep working, and the next daemon adopts them.
 
@@ -11,11 +12,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
 use crate::config::{self, Config, DataplaneChoice, XdpMode};
 use crate::dataplane::xdp::XdpDataplane;
 use crate::dataplane::Dataplane;
+use crate::etcd::layout::NodeRecord;
+use crate::etcd::watch::{keep_node, run_source, Snapshot};
+use crate::etcd::EtcdOptions;
+use crate::metrics::Registry;
+use crate::model::DesiredState;
 use crate::{metrics, netlink, reconcile};
 
 /// How often this node's addresses are re-read (node ports follow them).
@@ -39,6 +46,8 @@ pub struct Settings {
     pub xdp_mode: XdpMode,
     pub bpffs: PathBuf,
     pub metrics: Option<SocketAddr>,
+    /// The etcd source, when configured.
+    pub etcd: Option<EtcdOptions>,
 }
 
 fn hostname() -> String {
@@ -58,18 +67,18 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, DaemonError> {
 
 /// Validates flags and config into settings, before anything is touched.
 pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
-    if args.etcd.is_some() {
-        return Err(DaemonError::Usage(
-            "--etcd: not supported by this version yet (static config only)".into(),
-        ));
-    }
     if args.docker.is_some() {
         return Err(DaemonError::Usage(
             "--docker: not supported by this version yet".into(),
         ));
     }
     let cfg = load_config(args.config.as_ref())?;
-    if args.config.is_none() {
+    let etcd = EtcdOptions::from_args(&args.etcd, cfg.etcd.as_ref());
+    if let Some(o) = &etcd {
+        o.validate()
+            .map_err(|e| DaemonError::Usage(e.to_string()))?;
+    }
+    if args.config.is_none() && etcd.is_none() {
         log::warn!("no --config: using the embedded default config (demo service \"whoami\")");
     }
     let dataplane = match args.dataplane {
@@ -141,18 +150,36 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             xdp_mode,
             bpffs,
             metrics,
+            etcd,
         },
         cfg,
     ))
 }
 
-/// Reconciles the data plane with `cfg` and `locals`; logs the plan size.
+/// What the node should forward: static services, plus etcd's when an
+/// etcd source is configured (static ones win a name clash).
+fn desired(cfg: &Config, cluster: Option<&Snapshot>, locals: &BTreeSet<IpAddr>) -> DesiredState {
+    match cluster {
+        Some(snap) => snap.state.desired(&cfg.services, locals.clone()),
+        None => cfg.desired_state(locals.clone()),
+    }
+}
+
+/// Reconciles the data plane with the desired state; returns the plan size.
+/// With an etcd source, nothing is applied before its first list: a
+/// restarted daemon must not wipe the state it adopted because etcd is
+/// down at that moment.
 fn sync(
     dp: &mut XdpDataplane,
     cfg: &Config,
+    cluster: &Cluster,
     locals: &BTreeSet<IpAddr>,
 ) -> Result<usize, DaemonError> {
-    let desired = cfg.desired_state(locals.clone());
+    let desired = match cluster {
+        Cluster::Static => desired(cfg, None, locals),
+        Cluster::Waiting => return Ok(0),
+        Cluster::Etcd(snap) => desired(cfg, Some(snap), locals),
+    };
     let observed = dp
         .observe()
         .map_err(|e| DaemonError::Runtime(format!("observe data plane: {e}")))?;
@@ -164,6 +191,27 @@ fn sync(
             .map_err(|e| DaemonError::Runtime(format!("apply: {e}")))?;
     }
     Ok(n)
+}
+
+/// Where services come from now.
+enum Cluster {
+    /// Static config only.
+    Static,
+    /// An etcd source that has not listed yet.
+    Waiting,
+    /// The latest etcd snapshot.
+    Etcd(Arc<Snapshot>),
+}
+
+/// Waits for the next etcd snapshot; never resolves without a source.
+async fn next_snapshot(rx: &mut Option<watch::Receiver<Arc<Snapshot>>>) -> Option<Arc<Snapshot>> {
+    match rx {
+        Some(r) => match r.changed().await {
+            Ok(()) => Some(r.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs the daemon until `shutdown` resolves or SIGTERM/SIGINT arrives.
@@ -190,8 +238,40 @@ pub async fn run(
         settings.bpffs.display()
     );
     let mut locals = netlink::local_addrs().await.map_err(|e| rt(&e))?;
-    let n = sync(&mut dp, &cfg, &locals)?;
-    log::info!("applied {n} changes; {} services", cfg.services.len());
+    let registry = Arc::new(Registry::default());
+    let (mut etcd_rx, mut cluster, _etcd_tasks) = match &settings.etcd {
+        Some(o) => {
+            let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+            let record = NodeRecord {
+                addr: locals
+                    .iter()
+                    .find(|a| a.is_ipv4())
+                    .or(locals.first())
+                    .copied(),
+                dataplane: dp.kind().as_str().to_owned(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            };
+            let tasks = vec![
+                AbortOnDrop(tokio::spawn(run_source(o.clone(), tx, registry.clone()))),
+                AbortOnDrop(tokio::spawn(keep_node(
+                    o.clone(),
+                    settings.node.clone(),
+                    record,
+                ))),
+            ];
+            log::info!(
+                "etcd {} prefix {}: waiting for the first list before programming (adopted state kept)",
+                o.endpoints.join(","),
+                o.prefix
+            );
+            (Some(rx), Cluster::Waiting, tasks)
+        }
+        None => (None, Cluster::Static, Vec::new()),
+    };
+    let n = sync(&mut dp, &cfg, &cluster, &locals)?;
+    if matches!(cluster, Cluster::Static) {
+        log::info!("applied {n} changes; {} services", cfg.services.len());
+    }
 
     let _metrics_task = match metrics_listener {
         Some(l) => {
@@ -205,6 +285,7 @@ pub async fn run(
                 l,
                 maps,
                 settings.node.clone(),
+                registry.clone(),
             ))))
         }
         None => None,
@@ -220,11 +301,26 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = term.recv() => break,
             _ = int.recv() => break,
+            snap = next_snapshot(&mut etcd_rx) => {
+                let Some(snap) = snap else { continue };
+                let observed = snap.observed_at;
+                let rev = snap.revision;
+                cluster = Cluster::Etcd(snap);
+                match sync(&mut dp, &cfg, &cluster, &locals) {
+                    Ok(n) => {
+                        if let Some(t) = observed {
+                            registry.observe_sync(t.elapsed().as_secs_f64());
+                        }
+                        log::info!("etcd revision {rev}: {n} changes applied");
+                    }
+                    Err(e) => log::error!("etcd revision {rev}: {e}"),
+                }
+            }
             _ = hup.recv() => {
                 match load_config(settings.config_path.as_ref()) {
                     Ok(new) => {
                         cfg = new;
-                        match sync(&mut dp, &cfg, &locals) {
+                        match sync(&mut dp, &cfg, &cluster, &locals) {
                             Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
                             Err(e) => log::error!("SIGHUP: {e}"),
                         }
@@ -236,7 +332,7 @@ pub async fn run(
                 match netlink::local_addrs().await {
                     Ok(now) if now != locals => {
                         locals = now;
-                        match sync(&mut dp, &cfg, &locals) {
+                        match sync(&mut dp, &cfg, &cluster, &locals) {
                             Ok(n) => log::info!("node addresses changed: {n} changes applied"),
                             Err(e) => log::error!("{e}"),
                         }

@@ -10,6 +10,7 @@
 //! * [`dataplane`] — the `Dataplane` trait and its XDP and fake engines.
 //! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
 //! * [`inspect`] — `status` and `explain`, read from the pinned maps.
+//! * [`etcd`] — services and tasks from etcd (list+watch, node lease).
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
 //! * [`metrics`] — Prometheus text on `/metrics`.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod etcd;
 pub mod inspect;
 pub mod maglev;
 pub mod metrics;
@@ -30,3 +32,6 @@ pub mod reconcile;
 
 /// The XDP object (built by `cargo xtask build-ebpf`), embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESHLB_EBPF_OBJ"));
+
+/// `meshlb service ...` and `meshlb task ...`: the etcd client commands.
+pub mod admin;

@@ -193,13 +193,14 @@ mod tests {
     fn hashes_are_pinned() {
         // A change of these values moves flows on every deployment: it must
         // be deliberate, with ALGORITHM_VERSION bumped. (Checked against an
-        // independent Python implementation of the same definition.)
+        // independent Python implementation of the same definition, at
+        // ring size 4099; re-pinned here for 1021.)
         assert_eq!(backend_hash(SEED_OFFSET, &be(2)), 0xf9b8_46fb_9c98_26cc);
-        assert_eq!(ring_hash(&[(be(2), 100)]), 0xa7b5_3abf_ebe5_391d);
+        assert_eq!(ring_hash(&[(be(2), 100)]), 0xb1a2_22f5_acab_8b3d);
         let t = table(&[(be(1), 1), (be(2), 1), (be(3), 1)], RING_SIZE);
         assert_eq!(
             t[..6],
-            [Some(2), Some(2), Some(1), Some(0), Some(2), Some(1)]
+            [Some(1), Some(0), Some(2), Some(1), Some(0), Some(0)]
         );
     }
 

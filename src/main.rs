@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use meshlb::cli::{Cli, Command, ProtoArg};
+use meshlb::admin::{self, AdminError};
+use meshlb::cli::{AdminCommand, Cli, Command, EtcdArgs, ProtoArg};
 use meshlb::daemon::{self, DaemonError};
 use meshlb::model::Proto;
 use meshlb::{dataplane, inspect, pinned};
@@ -116,5 +117,23 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, e),
             }
         }
+        Command::Service(args) => run_admin(AdminCommand::Service(args.command), &args.etcd),
+        Command::Task(args) => run_admin(AdminCommand::Task(args.command), &args.etcd),
+    }
+}
+
+/// A client command (`service`, `task`) on a current-thread runtime.
+fn run_admin(cmd: AdminCommand, etcd: &EtcdArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("tokio runtime: {e}")),
+    };
+    match rt.block_on(admin::run(&cmd, etcd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ AdminError::Usage(_)) => fail(2, e),
+        Err(e @ AdminError::Runtime(_)) => fail(1, e),
     }
 }

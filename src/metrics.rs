@@ -1,15 +1,90 @@
 //! Prometheus text exposition on `/metrics`, rendered from the pinned maps
 //! at scrape time (the kernel's per-CPU counters are the only source).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::inspect;
 use crate::pinned::Maps;
+
+/// Upper bounds (seconds) of the sync-latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The daemon's own metrics (the data path's live in the maps).
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Cumulative counts per bucket of `LATENCY_BUCKETS`.
+    buckets: [u64; LATENCY_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+    config_errors: BTreeMap<String, u64>,
+}
+
+impl Registry {
+    /// Records one "etcd event observed -> kernel applied" latency.
+    pub fn observe_sync(&self, secs: f64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                g.buckets[i] += 1;
+            }
+        }
+        g.sum += secs;
+        g.count += 1;
+    }
+
+    /// Counts one rejected config item (`kind`: what was wrong).
+    pub fn config_error(&self, kind: &str) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *g.config_errors.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    /// Total config errors so far (all kinds).
+    pub fn config_errors_total(&self) -> u64 {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.config_errors.values().sum()
+    }
+
+    fn render(&self, out: &mut String) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(out, "# HELP meshlb_sync_latency_seconds From an etcd event observed to the kernel state applied.");
+        let _ = writeln!(out, "# TYPE meshlb_sync_latency_seconds histogram");
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "meshlb_sync_latency_seconds_bucket{{le=\"{le}\"}} {}",
+                g.buckets[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "meshlb_sync_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+            g.count
+        );
+        let _ = writeln!(out, "meshlb_sync_latency_seconds_sum {}", g.sum);
+        let _ = writeln!(out, "meshlb_sync_latency_seconds_count {}", g.count);
+        let _ = writeln!(
+            out,
+            "# HELP meshlb_config_errors_total Config items rejected, by kind."
+        );
+        let _ = writeln!(out, "# TYPE meshlb_config_errors_total counter");
+        for (k, v) in &g.config_errors {
+            let _ = writeln!(out, "meshlb_config_errors_total{{kind=\"{k}\"}} {v}");
+        }
+    }
+}
 
 /// Renders the metrics text from a status snapshot.
 pub fn render(status: &inspect::Status) -> String {
@@ -120,13 +195,14 @@ pub fn render(status: &inspect::Status) -> String {
 
 /// Serves `/metrics` until the task is dropped, reading the maps (its own
 /// handles on the pins) at each scrape.
-pub async fn serve(listener: TcpListener, maps: Arc<Maps>, node: String) {
+pub async fn serve(listener: TcpListener, maps: Arc<Maps>, node: String, registry: Arc<Registry>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
         let maps = maps.clone();
         let node = node.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n =
@@ -139,7 +215,11 @@ pub async fn serve(listener: TcpListener, maps: Arc<Maps>, node: String) {
             let req = String::from_utf8_lossy(&buf[..n]);
             let (code, body) = if req.starts_with("GET /metrics") {
                 match inspect::status(&maps, &node) {
-                    Ok(s) => ("200 OK", render(&s)),
+                    Ok(s) => {
+                        let mut text = render(&s);
+                        registry.render(&mut text);
+                        ("200 OK", text)
+                    }
                     Err(e) => ("500 Internal Server Error", format!("{e}\n")),
                 }
             } else {

@@ -933,8 +933,19 @@ mod tests {
                 assert!(dp.apply(&p).is_err(), "round {round}");
                 sync(&mut dp, &want);
             } else {
+                // A mirror seeded from what was observed follows the plan
+                // to the same state (the XDP data plane relies on this).
+                let mut mirror = FakeDataplane::from_observed(&dp.observe().unwrap());
                 dp.apply(&p)
                     .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                mirror
+                    .apply(&p)
+                    .unwrap_or_else(|e| panic!("round {round}: mirror: {e}"));
+                assert_eq!(
+                    mirror.observe().unwrap(),
+                    dp.observe().unwrap(),
+                    "round {round}: mirror diverged"
+                );
             }
             assert_programmed(&dp, &want);
             let obs = dp.observe().unwrap();

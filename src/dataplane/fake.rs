@@ -47,6 +47,9 @@ pub struct FakeDataplane {
     backends: BTreeMap<u32, FakeBackend>,
     frontends: BTreeMap<Frontend, u32>,
     local_addrs: BTreeSet<IpAddr>,
+    /// Keep only the distinct backend ids of each ring (a mirror needs no
+    /// more, and 10,000 full rings would cost 160 MiB).
+    compact_rings: bool,
     /// Operations applied successfully over the fake's life.
     applied: usize,
     /// Fail the operation with this index (counted like `applied`).
@@ -68,6 +71,59 @@ impl FakeDataplane {
             limits,
             ..Default::default()
         }
+    }
+
+    /// Tables holding what `obs` describes, so later plans can be applied
+    /// to them: the XDP data plane keeps one as its in-memory mirror of the
+    /// kernel, and reads it instead of every map slot on each sync. Rings
+    /// of existing services are unknown and start empty; rings are kept
+    /// compact (the distinct backend ids only).
+    pub fn from_observed(obs: &Observed) -> Self {
+        let mut f = FakeDataplane {
+            compact_rings: true,
+            ..FakeDataplane::new()
+        };
+        for (key, s) in &obs.services {
+            f.services.insert(
+                s.id,
+                FakeService {
+                    key: key.clone(),
+                    active_backends: s.active_backends,
+                    ring_hash: s.ring_hash,
+                },
+            );
+            f.rings.insert(s.id, Vec::new());
+            for fe in &s.frontends {
+                f.frontends.insert(*fe, s.id);
+            }
+            for (bk, b) in &s.backends {
+                f.backends.insert(
+                    b.id,
+                    FakeBackend {
+                        service_id: s.id,
+                        key: *bk,
+                        weight: b.weight,
+                        state: b.state,
+                    },
+                );
+            }
+        }
+        for id in &obs.orphan_backends {
+            f.backends.insert(
+                *id,
+                FakeBackend {
+                    service_id: u32::MAX,
+                    key: BackendKey {
+                        addr: IpAddr::from([0, 0, 0, 0]),
+                        port: 0,
+                    },
+                    weight: 0,
+                    state: BackendState::Down,
+                },
+            );
+        }
+        f.local_addrs = obs.local_addrs.clone();
+        f
     }
 
     /// Make the `n`th operation from now fail (0: the next one), as a
@@ -207,7 +263,12 @@ impl FakeDataplane {
                         }
                     }
                 }
-                self.rings.insert(*service_id, ring.clone());
+                let mut r = ring.clone();
+                if self.compact_rings {
+                    r.sort_unstable();
+                    r.dedup();
+                }
+                self.rings.insert(*service_id, r);
             }
             Op::UpsertService {
                 id,

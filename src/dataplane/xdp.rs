@@ -16,6 +16,7 @@ use meshlb_common::{
     PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE, SVC_F_PRESENT,
 };
 
+use super::fake::FakeDataplane;
 use super::{Dataplane, DataplaneError, DataplaneKind};
 use crate::model::{
     BackendKey, BackendState, Frontend, Observed, ObservedBackend, ObservedService, Proto,
@@ -166,6 +167,10 @@ fn attach_pinned(
 pub struct XdpDataplane {
     maps: Maps,
     kind: DataplaneKind,
+    /// What the maps hold, kept in memory after the first full read so a
+    /// sync costs O(change), not a read of every map slot. Dropped (and
+    /// re-read) whenever an apply fails part-way.
+    mirror: Option<FakeDataplane>,
     // Keeps the program loaded while the daemon runs; the pinned links keep
     // it attached when the daemon is gone.
     _ebpf: Ebpf,
@@ -210,6 +215,7 @@ impl XdpDataplane {
         Ok(XdpDataplane {
             maps,
             kind,
+            mirror: None,
             _ebpf: ebpf,
         })
     }
@@ -624,10 +630,21 @@ impl Dataplane for XdpDataplane {
     }
 
     fn observe(&self) -> Result<Observed, DataplaneError> {
-        observe_maps(&self.maps)
+        match &self.mirror {
+            Some(m) => m.observe(),
+            None => observe_maps(&self.maps),
+        }
     }
 
     fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
-        apply_maps(&mut self.maps, plan)
+        if self.mirror.is_none() {
+            self.mirror = Some(FakeDataplane::from_observed(&observe_maps(&self.maps)?));
+        }
+        let res = apply_maps(&mut self.maps, plan);
+        let mirrored = self.mirror.as_mut().map(|m| m.apply(plan));
+        if res.is_err() || !matches!(mirrored, Some(Ok(()))) {
+            self.mirror = None;
+        }
+        res
     }
 }

@@ -28,6 +28,8 @@
 //! Everything waits with a deadline, and failures carry the daemon's log.
 #![allow(dead_code)] // every test crate uses a different subset
 
+pub mod etcd;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -1555,4 +1557,33 @@ pub fn config_toml(services: &[Svc]) -> String {
         }
     }
     s
+}
+
+impl Topology {
+    /// Starts `meshlb run ARGS --bpffs <lb dir> --iface ...` in the LB
+    /// namespace: for flags `start_daemon_on` does not pass (e.g. `--etcd`).
+    pub fn start_daemon_args(&self, args: &[&str], ifaces: &[&str]) -> Proc {
+        let mut argv = vec![
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{}", self.lb_ns),
+            MESHLB.to_string(),
+            "run".into(),
+        ];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.push("--bpffs".into());
+        argv.push(self.lb_bpffs().display().to_string());
+        for i in ifaces {
+            argv.push("--iface".into());
+            argv.push((*i).into());
+        }
+        let log = self.next_log("meshlb-run");
+        self.daemon_logs.lock().unwrap().push(log.clone());
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        Proc::spawn(
+            "meshlb run",
+            &argv,
+            &[("RUST_LOG", &rust_log), ("RUST_BACKTRACE", "1")],
+            log,
+        )
+    }
 }

@@ -70,16 +70,17 @@ pub const PROG_XDP_LB: &str = "meshlb_xdp";
 /// XDP redirect only delivers to a veth whose peer runs an XDP program).
 pub const PROG_XDP_PASS: &str = "meshlb_pass";
 
-/// Maglev lookup table size per service (prime). Good balance needs the
-/// ring to be much larger than the backend count: ~100x holds the spread
-/// within a few percent up to ~40 backends.
-pub const RING_SIZE: u32 = 4099;
-/// Maximum number of services (ids 0..MAX_SERVICES).
-pub const MAX_SERVICES: u32 = 1024;
+/// Maglev lookup table size per service (prime). Balance needs the ring
+/// to be much larger than the backend count: ~100x keeps the spread within
+/// a few percent up to ~10 backends, ~25x (40 backends) within ~10%. The
+/// ring array costs MAX_SERVICES * RING_SIZE * 4 bytes (42 MiB).
+pub const RING_SIZE: u32 = 1021;
+/// Maximum number of services (ids 0..MAX_SERVICES): one per published port.
+pub const MAX_SERVICES: u32 = 10240;
 /// Maximum number of backends over all services.
-pub const MAX_BACKENDS: u32 = 16384;
-/// Maximum number of frontends (VIP and node-port listeners).
-pub const MAX_FRONTENDS: u32 = 4096;
+pub const MAX_BACKENDS: u32 = 131_072;
+/// Maximum number of frontend keys (a VIP port is one, a node port two).
+pub const MAX_FRONTENDS: u32 = 65536;
 /// Maximum number of local addresses.
 pub const MAX_LOCAL_ADDRS: u32 = 256;
 /// Connection-tracking capacity (LRU: the oldest flows go first).

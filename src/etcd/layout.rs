@@ -1,0 +1,1116 @@
+//! The etcd layout (SPEC.md, "etcd layout"): keys under the prefix, the
+//! JSON records they hold, their validation with one-line errors naming
+//! the key, and the [`ClusterState`] they add up to — and from it, this
+//! node's [`DesiredState`]. No IO here: the daemon's watch loop and the
+//! CLI feed bytes in.
+//!
+//! Services are validated by the very code that validates `[[service]]`
+//! tables (`config::ServiceDef::validate`); a task is a `[[service.backend]]`
+//! with a state, validated by the same field checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{
+    self, BackendConfig, FieldError, Scheduler, ServiceConfig, ServiceDef, DEFAULT_WEIGHT,
+};
+use crate::model::{BackendState, DesiredState, Frontend};
+
+/// Largest value meshlb reads: anything bigger is refused unparsed (a
+/// record is a few hundred bytes; a huge one is a mistake or an attack).
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Longest task id (a Docker container id plus a port fits easily).
+pub const MAX_ID_LEN: usize = 128;
+
+// ---------------------------------------------------------------------
+// Keys
+// ---------------------------------------------------------------------
+
+fn base(prefix: &str) -> &str {
+    prefix.trim_end_matches('/')
+}
+
+/// `<prefix>/services/<name>`
+pub fn service_key(prefix: &str, name: &str) -> String {
+    format!("{}/services/{name}", base(prefix))
+}
+
+/// `<prefix>/tasks/<service>/<id>`
+pub fn task_key(prefix: &str, service: &str, id: &str) -> String {
+    format!("{}/tasks/{service}/{id}", base(prefix))
+}
+
+/// `<prefix>/nodes/<node>`
+pub fn node_key(prefix: &str, node: &str) -> String {
+    format!("{}/nodes/{node}", base(prefix))
+}
+
+/// `<prefix>/services/`: every service key starts with it.
+pub fn services_prefix(prefix: &str) -> String {
+    format!("{}/services/", base(prefix))
+}
+
+/// `<prefix>/tasks/`, or `<prefix>/tasks/<service>/` for one service's
+/// tasks (the trailing slash keeps `web` from matching `web2`).
+pub fn tasks_prefix(prefix: &str, service: Option<&str>) -> String {
+    match service {
+        Some(s) => format!("{}/tasks/{s}/", base(prefix)),
+        None => format!("{}/tasks/", base(prefix)),
+    }
+}
+
+/// `<prefix>/nodes/`
+pub fn nodes_prefix(prefix: &str) -> String {
+    format!("{}/nodes/", base(prefix))
+}
+
+/// What a key under the prefix names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Service(String),
+    Task { service: String, id: String },
+    Node(String),
+}
+
+impl Key {
+    /// The key's full text under `prefix`.
+    pub fn to_key(&self, prefix: &str) -> String {
+        match self {
+            Key::Service(n) => service_key(prefix, n),
+            Key::Task { service, id } => task_key(prefix, service, id),
+            Key::Node(n) => node_key(prefix, n),
+        }
+    }
+}
+
+/// Check a task id or node name: 1..=128 characters of `A-Za-z0-9_.:-`
+/// (container ids, `id:port`, host names).
+pub fn validate_id(id: &str) -> Result<(), String> {
+    let n = id.len();
+    if n == 0 || n > MAX_ID_LEN {
+        return Err(format!("must be 1..={MAX_ID_LEN} characters, got {n}"));
+    }
+    if !id
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-'))
+    {
+        return Err(format!("invalid id {id:?}: use A-Z, a-z, 0-9 and _ . : -"));
+    }
+    Ok(())
+}
+
+/// Parses a key under `prefix`. Service names follow
+/// `config::validate_name`; task ids and node names [`validate_id`].
+pub fn parse_key(prefix: &str, key: &[u8]) -> Result<Key, RecordError> {
+    let shown = printable(key);
+    let err = |kind, message: String| RecordError::new(&shown, kind, message);
+    let Ok(text) = std::str::from_utf8(key) else {
+        return Err(err("key", "key is not UTF-8".into()));
+    };
+    let rest = text
+        .strip_prefix(base(prefix))
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(|| err("key", format!("not under the prefix {}", base(prefix))))?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let name = |n: &str| config::validate_name(n).map_err(|m| err("name", format!("name: {m}")));
+    let id = |what: &str, n: &str| validate_id(n).map_err(|m| err("key", format!("{what}: {m}")));
+    match parts.as_slice() {
+        ["services", n] => {
+            name(n)?;
+            Ok(Key::Service((*n).to_owned()))
+        }
+        ["tasks", s, i] => {
+            name(s)?;
+            id("task id", i)?;
+            Ok(Key::Task {
+                service: (*s).to_owned(),
+                id: (*i).to_owned(),
+            })
+        }
+        ["nodes", n] => {
+            id("node name", n)?;
+            Ok(Key::Node((*n).to_owned()))
+        }
+        _ => Err(err(
+            "key",
+            "unknown key: expected services/NAME, tasks/SERVICE/ID or nodes/NODE under the prefix"
+                .into(),
+        )),
+    }
+}
+
+/// A key (or any bytes) as one printable line.
+fn printable(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .chars()
+        .flat_map(|c| {
+            let e: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            e
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------
+
+/// A key or value that was refused. `Display` is one line naming the key;
+/// `kind` is the `meshlb_config_errors_total{kind}` label: one of "key",
+/// "json", "address", "port", "scheduler", "name", "too_large", "invalid".
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("etcd key {key}: {message}")]
+pub struct RecordError {
+    pub key: String,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl RecordError {
+    fn new(key: &str, kind: &'static str, message: impl Into<String>) -> RecordError {
+        RecordError {
+            key: key.to_owned(),
+            kind,
+            message: message.into().replace(['\n', '\r'], " "),
+        }
+    }
+
+    fn from_field(key: &str, e: FieldError) -> RecordError {
+        let kind = field_kind(&e.path);
+        let message = if e.path.is_empty() {
+            e.message
+        } else {
+            format!("{}: {}", e.path, e.message)
+        };
+        RecordError::new(key, kind, message)
+    }
+}
+
+/// The error kind of a field path such as `publish[0].target`.
+pub fn field_kind(path: &str) -> &'static str {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    if last.contains("port") || last.contains("target") {
+        "port"
+    } else if last.contains("vip") || last.contains("addr") {
+        "address"
+    } else if last.contains("scheduler") {
+        "scheduler"
+    } else if last.contains("name") {
+        "name"
+    } else {
+        "invalid"
+    }
+}
+
+// ---------------------------------------------------------------------
+// Records
+// ---------------------------------------------------------------------
+
+/// Whether a task takes new flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    #[default]
+    Running,
+    /// No new flows; established ones continue.
+    Draining,
+}
+
+/// Who registered a task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskSource {
+    Docker,
+    #[default]
+    Manual,
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TaskState::Running => "running",
+            TaskState::Draining => "draining",
+        })
+    }
+}
+
+impl fmt::Display for TaskSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TaskSource::Docker => "docker",
+            TaskSource::Manual => "manual",
+        })
+    }
+}
+
+/// A validated `tasks/<service>/<id>` value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TaskDef")]
+pub struct TaskRecord {
+    pub addr: IpAddr,
+    /// `None`: the `target` of each of the service's publish entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 0..=`config::MAX_WEIGHT`; 0 drains.
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub state: TaskState,
+    pub source: TaskSource,
+}
+
+/// A task value as written. Numbers are `i64` so out-of-range values get
+/// the config module's messages (`port: must be 1..=65535, got 70000`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDef {
+    pub addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<TaskState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<TaskSource>,
+}
+
+impl TaskDef {
+    /// Checks the fields; error paths are `addr`, `port`, `weight`, `node`.
+    pub fn validate(&self) -> Result<TaskRecord, FieldError> {
+        let field = |path: &str, message: String| FieldError {
+            path: path.into(),
+            message,
+        };
+        let addr = config::ip("addr", &self.addr)?;
+        let port = self.port.map(|p| config::port("port", p)).transpose()?;
+        let weight = match self.weight {
+            Some(w) => config::weight("weight", w)?,
+            None => DEFAULT_WEIGHT,
+        };
+        if let Some(n) = &self.node {
+            validate_id(n).map_err(|m| field("node", m))?;
+        }
+        Ok(TaskRecord {
+            addr,
+            port,
+            weight,
+            node: self.node.clone(),
+            state: self.state.unwrap_or_default(),
+            source: self.source.unwrap_or_default(),
+        })
+    }
+}
+
+impl TryFrom<TaskDef> for TaskRecord {
+    type Error = FieldError;
+    fn try_from(d: TaskDef) -> Result<TaskRecord, FieldError> {
+        d.validate()
+    }
+}
+
+impl TaskRecord {
+    /// The record as written (for merging an update).
+    pub fn to_def(&self) -> TaskDef {
+        TaskDef {
+            addr: self.addr.to_string(),
+            port: self.port.map(i64::from),
+            weight: Some(i64::from(self.weight)),
+            node: self.node.clone(),
+            state: Some(self.state),
+            source: Some(self.source),
+        }
+    }
+}
+
+/// A `nodes/<node>` value: a daemon announcing itself under its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<IpAddr>,
+    /// `xdp-native`, `xdp-generic` or `ipvs`.
+    pub dataplane: String,
+    pub version: String,
+}
+
+fn check_size(key: &str, value: &[u8]) -> Result<(), RecordError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(RecordError::new(
+            key,
+            "too_large",
+            format!(
+                "value is {} bytes, more than the limit of {MAX_VALUE_BYTES}",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn json_error(key: &str, e: serde_json::Error) -> RecordError {
+    RecordError::new(key, "json", format!("invalid JSON: {e}"))
+}
+
+/// Reads a `services/<name>` value as written, without validating it: the
+/// name is filled in from the key when absent and must match it when
+/// present; `backend` is refused (an etcd service's backends are its
+/// tasks). `key` is only used in errors.
+pub fn service_def(key: &str, name: &str, value: &[u8]) -> Result<ServiceDef, RecordError> {
+    check_size(key, value)?;
+    let mut v: serde_json::Value = serde_json::from_slice(value).map_err(|e| json_error(key, e))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(RecordError::new(key, "json", "value must be a JSON object"));
+    };
+    match obj.get("name") {
+        None => {
+            obj.insert("name".into(), name.into());
+        }
+        Some(serde_json::Value::String(n)) if n == name => {}
+        Some(other) => {
+            return Err(RecordError::new(
+                key,
+                "name",
+                format!("name: {other} differs from the key's name {name:?}"),
+            ))
+        }
+    }
+    // serde's "unknown variant" would count as a JSON error: check it here
+    // so it is reported as what it is.
+    if let Some(serde_json::Value::String(s)) = obj.get("scheduler") {
+        s.parse::<Scheduler>()
+            .map_err(|m| RecordError::new(key, "scheduler", format!("scheduler: {m}")))?;
+    }
+    if obj.contains_key("backend") {
+        return Err(RecordError::new(
+            key,
+            "invalid",
+            "backend: not allowed in etcd: register tasks under tasks/<service>/ instead",
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| json_error(key, e))
+}
+
+/// Reads and validates a `services/<name>` value.
+pub fn parse_service(key: &str, name: &str, value: &[u8]) -> Result<ServiceConfig, RecordError> {
+    let def = service_def(key, name, value)?;
+    def.validate().map_err(|e| RecordError::from_field(key, e))
+}
+
+/// Reads and validates a `tasks/<service>/<id>` value.
+pub fn parse_task(key: &str, value: &[u8]) -> Result<TaskRecord, RecordError> {
+    check_size(key, value)?;
+    let def: TaskDef = serde_json::from_slice(value).map_err(|e| json_error(key, e))?;
+    def.validate().map_err(|e| RecordError::from_field(key, e))
+}
+
+/// Reads a `nodes/<node>` value.
+pub fn parse_node(key: &str, value: &[u8]) -> Result<NodeRecord, RecordError> {
+    check_size(key, value)?;
+    serde_json::from_slice(value).map_err(|e| json_error(key, e))
+}
+
+// ---------------------------------------------------------------------
+// Cluster state
+// ---------------------------------------------------------------------
+
+/// Every valid record under the prefix. Invalid ones are not here: a bad
+/// put is reported and the previous valid value stays.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    services: BTreeMap<String, ServiceConfig>,
+    /// Service name → task id → task. Tasks of services not (yet) defined
+    /// are kept, and ignored until the service appears.
+    tasks: BTreeMap<String, BTreeMap<String, TaskRecord>>,
+    nodes: BTreeMap<String, NodeRecord>,
+}
+
+impl ClusterState {
+    /// Builds the state from a listing; returns the records it skipped.
+    pub fn from_kvs<'a>(
+        prefix: &str,
+        kvs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> (ClusterState, Vec<RecordError>) {
+        let mut s = ClusterState::default();
+        let mut errors = Vec::new();
+        for (k, v) in kvs {
+            if let Err(e) = s.apply_put(prefix, k, v) {
+                errors.push(e);
+            }
+        }
+        (s, errors)
+    }
+
+    /// Applies a put; `Ok(true)` when the state changed. A refused value
+    /// leaves the key's previous valid value in place.
+    pub fn apply_put(
+        &mut self,
+        prefix: &str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<bool, RecordError> {
+        let parsed = parse_key(prefix, key)?;
+        let shown = printable(key);
+        fn put<T: PartialEq>(map: &mut BTreeMap<String, T>, k: &str, v: T) -> bool {
+            if map.get(k) == Some(&v) {
+                return false;
+            }
+            map.insert(k.to_owned(), v);
+            true
+        }
+        Ok(match parsed {
+            Key::Service(name) => {
+                let svc = parse_service(&shown, &name, value)?;
+                put(&mut self.services, &name, svc)
+            }
+            Key::Task { service, id } => {
+                let task = parse_task(&shown, value)?;
+                put(self.tasks.entry(service).or_default(), &id, task)
+            }
+            Key::Node(name) => {
+                let node = parse_node(&shown, value)?;
+                put(&mut self.nodes, &name, node)
+            }
+        })
+    }
+
+    /// Applies a delete; `true` when the state changed.
+    pub fn apply_delete(&mut self, prefix: &str, key: &[u8]) -> bool {
+        match parse_key(prefix, key) {
+            Ok(Key::Service(name)) => self.services.remove(&name).is_some(),
+            Ok(Key::Task { service, id }) => {
+                let Some(tasks) = self.tasks.get_mut(&service) else {
+                    return false;
+                };
+                let removed = tasks.remove(&id).is_some();
+                if tasks.is_empty() {
+                    self.tasks.remove(&service);
+                }
+                removed
+            }
+            Ok(Key::Node(name)) => self.nodes.remove(&name).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    pub fn services(&self) -> &BTreeMap<String, ServiceConfig> {
+        &self.services
+    }
+
+    /// Service name → task id → task, services without tasks absent.
+    pub fn tasks(&self) -> &BTreeMap<String, BTreeMap<String, TaskRecord>> {
+        &self.tasks
+    }
+
+    /// One service's tasks by id (empty when it has none).
+    pub fn tasks_of(&self, service: &str) -> impl Iterator<Item = (&String, &TaskRecord)> {
+        self.tasks.get(service).into_iter().flatten()
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<String, NodeRecord> {
+        &self.nodes
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.tasks.values().map(BTreeMap::len).sum()
+    }
+
+    /// This node's desired state: the static services as
+    /// `config::desired_state_of` builds them, plus every etcd service
+    /// whose backends are its tasks (draining tasks drain).
+    ///
+    /// Static services win over an etcd service of the same name, and a
+    /// frontend already taken (by a static service, or an etcd service
+    /// earlier by name) is not given to another; a task of the other
+    /// address family than its service, or repeating another task's
+    /// address and port, is skipped. Each is logged once per process.
+    pub fn desired(
+        &self,
+        static_services: &[ServiceConfig],
+        local_addrs: BTreeSet<IpAddr>,
+    ) -> DesiredState {
+        let mut desired = config::desired_state_of(static_services, local_addrs);
+        let mut taken: BTreeMap<Frontend, String> = desired
+            .services
+            .iter()
+            .flat_map(|(k, s)| s.frontends.iter().map(move |fe| (*fe, k.name.clone())))
+            .collect();
+        let static_names: BTreeSet<&str> =
+            static_services.iter().map(|s| s.name.as_str()).collect();
+        for (name, svc) in &self.services {
+            if static_names.contains(name.as_str()) {
+                warn_once(format!(
+                    "etcd service {name:?} ignored: the config file defines a static service of that name"
+                ));
+                continue;
+            }
+            let (svc, states) = self.with_tasks(svc);
+            for (key, spec) in svc.specs(|b| states[&(b.addr, b.port)]) {
+                if let Some(fe) = spec.frontends.iter().find(|fe| taken.contains_key(fe)) {
+                    warn_once(format!(
+                        "etcd service {name:?}: frontend {fe} is already used by service {:?}; {key} ignored",
+                        taken[fe]
+                    ));
+                    continue;
+                }
+                for fe in &spec.frontends {
+                    taken.insert(*fe, name.clone());
+                }
+                desired.services.insert(key, spec);
+            }
+        }
+        desired
+    }
+
+    /// `svc` with its tasks as backends, and each backend's state.
+    fn with_tasks(
+        &self,
+        svc: &ServiceConfig,
+    ) -> (ServiceConfig, BTreeMap<(IpAddr, Option<u16>), BackendState>) {
+        let mut svc = svc.clone();
+        let mut states = BTreeMap::new();
+        let mut family: Option<(bool, String)> =
+            svc.vip.map(|v| (v.is_ipv4(), "the service vip".into()));
+        for (id, t) in self.tasks_of(&svc.name) {
+            let key = task_key("", &svc.name, id);
+            let key = key.trim_start_matches('/');
+            match &family {
+                Some((v4, what)) if *v4 != t.addr.is_ipv4() => {
+                    warn_once(format!(
+                        "etcd key {key}: task skipped: address {} is of another family than {what}",
+                        t.addr
+                    ));
+                    continue;
+                }
+                Some(_) => {}
+                None => family = Some((t.addr.is_ipv4(), format!("task {id:?}"))),
+            }
+            let b = BackendConfig {
+                addr: t.addr,
+                port: t.port,
+                weight: t.weight,
+            };
+            if let Some(p) = svc
+                .publish
+                .iter()
+                .find(|p| svc.backends.iter().any(|o| o.key(p) == b.key(p)))
+            {
+                warn_once(format!(
+                    "etcd key {key}: task skipped: {} is already a backend of service {:?}",
+                    b.key(p),
+                    svc.name
+                ));
+                continue;
+            }
+            let state = match t.state {
+                TaskState::Running => BackendState::Up,
+                TaskState::Draining => BackendState::Draining,
+            };
+            states.insert((b.addr, b.port), state);
+            svc.backends.push(b);
+        }
+        (svc, states)
+    }
+}
+
+/// Logs a warning the first time it is seen: `desired` runs on every
+/// change, and one bad task must not repeat its line on each of them.
+fn warn_once(message: String) {
+    static SEEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.len() < 10_000 && seen.insert(message.clone()) {
+        log::warn!("{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendKey, BackendSpec, Proto, ServiceKey, ServiceSpec};
+
+    const P: &str = "/meshlb/v1";
+
+    #[test]
+    fn keys_round_trip() {
+        let keys = [
+            Key::Service("web".into()),
+            Key::Service("db.v6".into()),
+            Key::Task {
+                service: "web".into(),
+                id: "3f2a9c:8000".into(),
+            },
+            Key::Node("Node-1.example".into()),
+        ];
+        for k in keys {
+            for prefix in [P, "/meshlb/v1/", "/x"] {
+                let text = k.to_key(prefix);
+                assert!(!text.contains("//"), "{text}");
+                assert_eq!(parse_key(prefix, text.as_bytes()).unwrap(), k, "{text}");
+            }
+        }
+        assert_eq!(service_key(P, "web"), "/meshlb/v1/services/web");
+        assert_eq!(task_key(P, "web", "a1"), "/meshlb/v1/tasks/web/a1");
+        assert_eq!(node_key(P, "n1"), "/meshlb/v1/nodes/n1");
+        assert_eq!(services_prefix(P), "/meshlb/v1/services/");
+        assert_eq!(tasks_prefix(P, None), "/meshlb/v1/tasks/");
+        assert_eq!(tasks_prefix(P, Some("web")), "/meshlb/v1/tasks/web/");
+        assert_eq!(nodes_prefix(P), "/meshlb/v1/nodes/");
+        assert!(service_key(P, "a").starts_with(&services_prefix(P)));
+        assert!(task_key(P, "a", "1").starts_with(&tasks_prefix(P, Some("a"))));
+        assert!(!task_key(P, "ab", "1").starts_with(&tasks_prefix(P, Some("a"))));
+        assert!(node_key(P, "n").starts_with(&nodes_prefix(P)));
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let cases = [
+            ("/other/services/web", "key", "not under the prefix"),
+            ("/meshlb/v1/services/Web", "name", "invalid name"),
+            ("/meshlb/v1/services/web/x", "key", "unknown key"),
+            ("/meshlb/v1/tasks/web", "key", "unknown key"),
+            ("/meshlb/v1/tasks/web/", "key", "task id: must be 1..=128"),
+            ("/meshlb/v1/tasks/web/a b", "key", "task id: invalid id"),
+            ("/meshlb/v1/nodes/", "key", "node name"),
+            ("/meshlb/v1/frobs/x", "key", "unknown key"),
+        ];
+        for (key, kind, want) in cases {
+            let e = parse_key(P, key.as_bytes()).unwrap_err();
+            assert_eq!(e.kind, kind, "{key}: {e}");
+            assert!(e.to_string().contains(want), "{key}: {e}");
+            assert!(
+                e.to_string().starts_with(&format!("etcd key {key}: ")),
+                "{e}"
+            );
+        }
+        let long = format!("/meshlb/v1/tasks/web/{}", "a".repeat(129));
+        assert_eq!(parse_key(P, long.as_bytes()).unwrap_err().kind, "key");
+        let e = parse_key(P, b"/meshlb/v1/services/a\nb").unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    const WEB: &str = r#"{"vip": "10.96.0.10", "publish": [{"port": 80, "target": 8000}, {"proto": "udp", "port": 53, "target": 5353}], "scheduler": "maglev"}"#;
+
+    #[test]
+    fn malformed_records_give_one_line_naming_the_key() {
+        let big = format!(
+            r#"{{"publish": [{{"port": 80}}], "x": "{}"}}"#,
+            "a".repeat(1 << 20)
+        );
+        let long_name = "a".repeat(61);
+        let long_key = format!("/meshlb/v1/services/{long_name}");
+        let cases: Vec<(&str, String, &[u8], &str, &str)> = vec![
+            // (what, key, value, kind, expected substring)
+            (
+                "bad json",
+                service_key(P, "web"),
+                b"{\"publish\": [",
+                "json",
+                "invalid JSON",
+            ),
+            (
+                "not an object",
+                service_key(P, "web"),
+                b"[1]",
+                "json",
+                "JSON object",
+            ),
+            (
+                "unknown field",
+                service_key(P, "web"),
+                br#"{"publish": [{"port": 80}], "colour": 1}"#,
+                "json",
+                "unknown field `colour`",
+            ),
+            (
+                "bad vip",
+                service_key(P, "web"),
+                br#"{"vip": "10.0.0.300", "publish": [{"port": 80}]}"#,
+                "address",
+                "vip: invalid IP address",
+            ),
+            (
+                "port 0",
+                service_key(P, "web"),
+                br#"{"publish": [{"port": 0}]}"#,
+                "port",
+                "publish[0].port: must be 1..=65535, got 0",
+            ),
+            (
+                "port 70000",
+                service_key(P, "web"),
+                br#"{"publish": [{"port": 70000}]}"#,
+                "port",
+                "publish[0].port: must be 1..=65535, got 70000",
+            ),
+            (
+                "target 70000",
+                service_key(P, "web"),
+                br#"{"publish": [{"port": 80, "target": 70000}]}"#,
+                "port",
+                "publish[0].target",
+            ),
+            (
+                "unknown scheduler",
+                service_key(P, "web"),
+                br#"{"publish": [{"port": 80}], "scheduler": "random"}"#,
+                "scheduler",
+                "scheduler: unknown scheduler \"random\"",
+            ),
+            (
+                "61-char name",
+                long_key.clone(),
+                br#"{"publish": [{"port": 80}]}"#,
+                "name",
+                "must be 1..=60 characters, got 61",
+            ),
+            (
+                "name mismatch",
+                service_key(P, "web"),
+                br#"{"name": "api", "publish": [{"port": 80}]}"#,
+                "name",
+                "differs from the key's name \"web\"",
+            ),
+            (
+                "backends in etcd",
+                service_key(P, "web"),
+                br#"{"publish": [{"port": 80}], "backend": []}"#,
+                "invalid",
+                "backend: not allowed",
+            ),
+            (
+                "1 MiB value",
+                service_key(P, "web"),
+                big.as_bytes(),
+                "too_large",
+                "more than the limit of 65536",
+            ),
+            (
+                "task bad json",
+                task_key(P, "web", "t1"),
+                b"addr=10.0.0.1",
+                "json",
+                "invalid JSON",
+            ),
+            (
+                "task bad address",
+                task_key(P, "web", "t1"),
+                br#"{"addr": "node-3"}"#,
+                "address",
+                "addr: invalid IP address \"node-3\"",
+            ),
+            (
+                "task port 0",
+                task_key(P, "web", "t1"),
+                br#"{"addr": "10.0.0.1", "port": 0}"#,
+                "port",
+                "port: must be 1..=65535, got 0",
+            ),
+            (
+                "task port 70000",
+                task_key(P, "web", "t1"),
+                br#"{"addr": "10.0.0.1", "port": 70000}"#,
+                "port",
+                "port: must be 1..=65535, got 70000",
+            ),
+            (
+                "task weight",
+                task_key(P, "web", "t1"),
+                br#"{"addr": "10.0.0.1", "weight": 10001}"#,
+                "invalid",
+                "weight: must be 0..=10000, got 10001",
+            ),
+            (
+                "task state",
+                task_key(P, "web", "t1"),
+                br#"{"addr": "10.0.0.1", "state": "gone"}"#,
+                "json",
+                "unknown variant `gone`",
+            ),
+            (
+                "task bad id",
+                format!("{P}/tasks/web/bad id"),
+                br#"{"addr": "10.0.0.1"}"#,
+                "key",
+                "task id: invalid id",
+            ),
+            (
+                "task 1 MiB",
+                task_key(P, "web", "t1"),
+                big.as_bytes(),
+                "too_large",
+                "bytes",
+            ),
+            (
+                "node bad json",
+                node_key(P, "n1"),
+                b"{",
+                "json",
+                "invalid JSON",
+            ),
+        ];
+        for (what, key, value, kind, want) in cases {
+            let mut s = ClusterState::default();
+            let e = s.apply_put(P, key.as_bytes(), value).expect_err(what);
+            let line = e.to_string();
+            assert_eq!(e.kind, kind, "{what}: {line}");
+            assert!(
+                line.starts_with(&format!("etcd key {key}: ")),
+                "{what}: {line}"
+            );
+            assert!(line.contains(want), "{what}: {line:?} lacks {want:?}");
+            assert!(
+                !line.contains('\n') && !line.ends_with('.'),
+                "{what}: {line:?}"
+            );
+            assert!(line.len() < 400, "{what}: too long: {line}");
+            assert_eq!(s, ClusterState::default(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_update_keeps_the_old_value() {
+        let mut s = ClusterState::default();
+        let web = service_key(P, "web");
+        let t1 = task_key(P, "web", "t1");
+        let n1 = node_key(P, "n1");
+        assert!(s.apply_put(P, web.as_bytes(), WEB.as_bytes()).unwrap());
+        assert!(s
+            .apply_put(P, t1.as_bytes(), br#"{"addr": "10.0.1.2"}"#)
+            .unwrap());
+        assert!(s
+            .apply_put(
+                P,
+                n1.as_bytes(),
+                br#"{"dataplane": "ipvs", "version": "0.1.0"}"#
+            )
+            .unwrap());
+        // The same value again changes nothing.
+        assert!(!s.apply_put(P, web.as_bytes(), WEB.as_bytes()).unwrap());
+        let before = s.clone();
+        s.apply_put(P, web.as_bytes(), br#"{"publish": [{"port": 0}]}"#)
+            .unwrap_err();
+        s.apply_put(P, t1.as_bytes(), br#"{"addr": "10.0.1.2", "port": 70000}"#)
+            .unwrap_err();
+        s.apply_put(P, n1.as_bytes(), b"{}").unwrap_err();
+        assert_eq!(s, before);
+        assert_eq!(s.services()["web"].vip, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!((s.service_count(), s.task_count()), (1, 1));
+
+        assert!(s.apply_delete(P, t1.as_bytes()));
+        assert!(!s.apply_delete(P, t1.as_bytes()));
+        assert!(s.tasks().is_empty());
+        assert!(!s.apply_delete(P, b"/meshlb/v1/bogus"));
+        assert!(s.apply_delete(P, web.as_bytes()));
+        assert!(s.apply_delete(P, n1.as_bytes()));
+        assert_eq!(s, ClusterState::default());
+    }
+
+    #[test]
+    fn records_fill_defaults_and_round_trip() {
+        let t = parse_task("k", br#"{"addr": "fd00::2"}"#).unwrap();
+        assert_eq!(
+            t,
+            TaskRecord {
+                addr: "fd00::2".parse().unwrap(),
+                port: None,
+                weight: DEFAULT_WEIGHT,
+                node: None,
+                state: TaskState::Running,
+                source: TaskSource::Manual,
+            }
+        );
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(
+            json,
+            r#"{"addr":"fd00::2","weight":100,"state":"running","source":"manual"}"#
+        );
+        assert_eq!(serde_json::from_str::<TaskRecord>(&json).unwrap(), t);
+        assert!(serde_json::from_str::<TaskRecord>(r#"{"addr":"10.0.0.1","port":0}"#).is_err());
+        assert_eq!(t.to_def().validate().unwrap(), t);
+
+        // The name comes from the key when absent.
+        let def = service_def("k", "web", WEB.as_bytes()).unwrap();
+        assert_eq!(def.name, "web");
+        let svc = parse_service("k", "web", WEB.as_bytes()).unwrap();
+        assert_eq!(svc.publish.len(), 2);
+        assert!(svc.backends.is_empty());
+    }
+
+    fn v4(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn desired_state_from_etcd_and_static_services() {
+        let put = |s: &mut ClusterState, k: String, v: &str| {
+            s.apply_put(P, k.as_bytes(), v.as_bytes()).unwrap();
+        };
+        let mut s = ClusterState::default();
+        put(&mut s, service_key(P, "web"), WEB);
+        put(
+            &mut s,
+            task_key(P, "web", "a"),
+            r#"{"addr": "10.0.1.2", "weight": 50}"#,
+        );
+        put(
+            &mut s,
+            task_key(P, "web", "b"),
+            r#"{"addr": "10.0.2.2", "port": 9000, "state": "draining", "source": "docker", "node": "n2"}"#,
+        );
+        // Another family than the VIP: skipped.
+        put(&mut s, task_key(P, "web", "c"), r#"{"addr": "fd00::2"}"#);
+        // Same address and port as task a: skipped.
+        put(
+            &mut s,
+            task_key(P, "web", "d"),
+            r#"{"addr": "10.0.1.2", "port": 8000}"#,
+        );
+        // A task of an unknown service: kept, ignored.
+        put(&mut s, task_key(P, "ghost", "g"), r#"{"addr": "10.0.9.9"}"#);
+        // Shadowed by the static service "static".
+        put(
+            &mut s,
+            service_key(P, "static"),
+            r#"{"publish": [{"port": 81}]}"#,
+        );
+        // Its node port is the static service's: not programmed.
+        put(
+            &mut s,
+            service_key(P, "clash"),
+            r#"{"publish": [{"port": 7000}]}"#,
+        );
+        assert_eq!(s.task_count(), 5);
+
+        let stat = ServiceDef {
+            name: "static".into(),
+            publish: vec![config::PublishDef {
+                proto: None,
+                port: 7000,
+                target: None,
+            }],
+            backends: vec![config::BackendDef {
+                addr: "10.0.3.3".into(),
+                port: None,
+                weight: None,
+            }],
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let locals: BTreeSet<IpAddr> = [v4("192.168.1.10")].into();
+        let d = s.desired(std::slice::from_ref(&stat), locals.clone());
+        assert_eq!(d.local_addrs, locals);
+
+        let fe = |addr: Option<&str>, port, proto| Frontend {
+            addr: addr.map(v4),
+            port,
+            proto,
+        };
+        let be = |a: &str, port| BackendKey { addr: v4(a), port };
+        let spec = |weight, state| BackendSpec { weight, state };
+        let skey = |name: &str, proto, port| ServiceKey {
+            name: name.into(),
+            proto,
+            port,
+        };
+        let want: BTreeMap<ServiceKey, ServiceSpec> = [
+            (
+                skey("static", Proto::Tcp, 7000),
+                ServiceSpec {
+                    frontends: [fe(None, 7000, Proto::Tcp)].into(),
+                    backends: [(be("10.0.3.3", 7000), spec(100, BackendState::Up))].into(),
+                },
+            ),
+            (
+                skey("web", Proto::Tcp, 80),
+                ServiceSpec {
+                    frontends: [
+                        fe(Some("10.96.0.10"), 80, Proto::Tcp),
+                        fe(None, 80, Proto::Tcp),
+                    ]
+                    .into(),
+                    backends: [
+                        (be("10.0.1.2", 8000), spec(50, BackendState::Up)),
+                        (be("10.0.2.2", 9000), spec(100, BackendState::Draining)),
+                    ]
+                    .into(),
+                },
+            ),
+            (
+                skey("web", Proto::Udp, 53),
+                ServiceSpec {
+                    frontends: [
+                        fe(Some("10.96.0.10"), 53, Proto::Udp),
+                        fe(None, 53, Proto::Udp),
+                    ]
+                    .into(),
+                    backends: [
+                        (be("10.0.1.2", 5353), spec(50, BackendState::Up)),
+                        (be("10.0.2.2", 9000), spec(100, BackendState::Draining)),
+                    ]
+                    .into(),
+                },
+            ),
+        ]
+        .into();
+        assert_eq!(d.services, want);
+
+        // Without static services, etcd's "static" (port 81) and "clash"
+        // (port 7000) are programmed too.
+        let d = s.desired(&[], BTreeSet::new());
+        let names: BTreeSet<&str> = d.services.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["clash", "static", "web"].into());
+        // Static services alone: exactly what the config builds.
+        assert_eq!(
+            ClusterState::default().desired(std::slice::from_ref(&stat), locals.clone()),
+            config::desired_state_of(&[stat], locals)
+        );
+    }
+
+    #[test]
+    fn a_service_without_vip_takes_the_family_of_its_first_task() {
+        let mut s = ClusterState::default();
+        for (k, v) in [
+            (service_key(P, "v6"), r#"{"publish": [{"port": 80}]}"#),
+            (task_key(P, "v6", "a"), r#"{"addr": "fd00::1"}"#),
+            (task_key(P, "v6", "b"), r#"{"addr": "10.0.0.1"}"#),
+        ] {
+            s.apply_put(P, k.as_bytes(), v.as_bytes()).unwrap();
+        }
+        let d = s.desired(&[], BTreeSet::new());
+        let spec = d.services.values().next().unwrap();
+        let addrs: Vec<IpAddr> = spec.backends.keys().map(|b| b.addr).collect();
+        assert_eq!(addrs, vec!["fd00::1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn from_kvs_reports_bad_records_and_keeps_the_rest() {
+        let web = service_key(P, "web");
+        let t1 = task_key(P, "web", "t1");
+        let bad = task_key(P, "web", "t2");
+        let kvs: Vec<(&[u8], &[u8])> = vec![
+            (web.as_bytes(), WEB.as_bytes()),
+            (t1.as_bytes(), br#"{"addr": "10.0.1.2"}"#),
+            (bad.as_bytes(), br#"{"addr": "10.0.1.3", "port": 0}"#),
+            (b"/meshlb/v1/junk", b"1"),
+        ];
+        let (s, errors) = ClusterState::from_kvs(P, kvs);
+        assert_eq!((s.service_count(), s.task_count()), (1, 1));
+        let kinds: Vec<&str> = errors.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["port", "key"]);
+        assert!(errors[0].to_string().contains(&bad));
+    }
+}

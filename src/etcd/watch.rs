@@ -1,0 +1,277 @@
+//! The daemon's etcd source: list the prefix at revision R, watch from
+//! R+1, publish every change as a new snapshot of the cluster state. On
+//! compaction (the watch's revision is gone) it lists again; on a broken
+//! connection it reconnects with a short capped backoff and resumes from
+//! the last revision seen, while the data plane stays as it is. Snapshots
+//! go through a `tokio::sync::watch` channel, which coalesces bursts: the
+//! daemon always applies the latest state, never a stale one, and never
+//! loses the last update.
+//!
+//! Also here: the node's own key `nodes/<node>`, kept under a lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::watch;
+
+use super::layout::{self, ClusterState, RecordError};
+use super::{connect, error_chain, EtcdOptions, REQUEST_TIMEOUT};
+use crate::metrics::Registry;
+
+/// Backoff between reconnect attempts: short, so that a returning etcd
+/// is noticed within a second.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// TTL of the node lease.
+pub const NODE_TTL_SECS: i64 = 10;
+
+/// One consistent view of the cluster, as of `revision`.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub state: ClusterState,
+    pub revision: i64,
+    /// When the change that produced this snapshot was observed (for the
+    /// sync-latency metric).
+    pub observed_at: Option<Instant>,
+}
+
+fn report(errors: &[RecordError], metrics: &Registry) {
+    for e in errors {
+        log::warn!("{e}: record skipped");
+        metrics.config_error(e.kind);
+    }
+}
+
+enum WatchEnd {
+    /// The watch's start revision was compacted: list again.
+    Compacted,
+    /// The stream broke: reconnect and resume.
+    Broken(String),
+}
+
+/// Lists the prefix; returns the state and its revision.
+async fn list(
+    client: &mut Client,
+    prefix: &str,
+    metrics: &Registry,
+) -> Result<(ClusterState, i64), String> {
+    let resp = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.get(format!("{prefix}/"), Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .map_err(|_| "list: timed out".to_owned())?
+    .map_err(|e| format!("list: {}", error_chain(&e)))?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let (state, errors) =
+        ClusterState::from_kvs(prefix, resp.kvs().iter().map(|kv| (kv.key(), kv.value())));
+    report(&errors, metrics);
+    Ok((state, revision))
+}
+
+/// Follows the prefix from `*revision + 1`, applying events to `state` and
+/// publishing after each response that changed something.
+async fn follow(
+    client: &mut Client,
+    prefix: &str,
+    state: &mut ClusterState,
+    revision: &mut i64,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    metrics: &Registry,
+) -> WatchEnd {
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(*revision + 1);
+    let mut stream = match tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.watch(format!("{prefix}/"), Some(opts)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return WatchEnd::Broken(format!("watch: {}", error_chain(&e))),
+        Err(_) => return WatchEnd::Broken("watch: timed out".into()),
+    };
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return WatchEnd::Broken("watch stream closed".into()),
+            Err(e) => return WatchEnd::Broken(format!("watch: {}", error_chain(&e))),
+        };
+        let observed = Instant::now();
+        if resp.compact_revision() > 0 {
+            log::warn!(
+                "etcd: revision {} was compacted (oldest kept {}): listing again",
+                *revision + 1,
+                resp.compact_revision()
+            );
+            return WatchEnd::Compacted;
+        }
+        if resp.canceled() {
+            return WatchEnd::Broken(format!("watch canceled: {}", resp.cancel_reason()));
+        }
+        let mut changed = false;
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            *revision = (*revision).max(kv.mod_revision());
+            match ev.event_type() {
+                EventType::Put => match state.apply_put(prefix, kv.key(), kv.value()) {
+                    Ok(c) => changed |= c,
+                    Err(e) => report(&[e], metrics),
+                },
+                EventType::Delete => changed |= state.apply_delete(prefix, kv.key()),
+            }
+        }
+        if let Some(h) = resp.header() {
+            // A response's header revision covers every event up to it.
+            if resp.events().is_empty() {
+                *revision = (*revision).max(h.revision());
+            }
+        }
+        if changed {
+            tx.send_replace(Arc::new(Snapshot {
+                state: state.clone(),
+                revision: *revision,
+                observed_at: Some(observed),
+            }));
+        }
+    }
+}
+
+/// Runs the source until the task is dropped. The first snapshot is sent
+/// after the first successful list; until then the receiver holds the
+/// initial empty snapshot with revision 0 (the daemon waits for it rather
+/// than wipe state it adopted).
+pub async fn run_source(
+    opts: EtcdOptions,
+    tx: watch::Sender<Arc<Snapshot>>,
+    metrics: Arc<Registry>,
+) {
+    let prefix = opts.prefix.clone();
+    let mut state = ClusterState::default();
+    let mut revision = 0i64;
+    let mut need_list = true;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut client = match connect(&opts).await {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!(
+                    "{e}; retrying in {} ms (data plane unchanged)",
+                    backoff.as_millis()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        loop {
+            if need_list {
+                match list(&mut client, &prefix, &metrics).await {
+                    Ok((s, rev)) => {
+                        let observed = Instant::now();
+                        state = s;
+                        revision = rev;
+                        need_list = false;
+                        log::info!(
+                            "etcd: listed {} services, {} tasks at revision {rev}",
+                            state.service_count(),
+                            state.task_count()
+                        );
+                        tx.send_replace(Arc::new(Snapshot {
+                            state: state.clone(),
+                            revision,
+                            observed_at: Some(observed),
+                        }));
+                    }
+                    Err(e) => {
+                        log::warn!("etcd: {e}; reconnecting");
+                        break;
+                    }
+                }
+            }
+            backoff = BACKOFF_MIN;
+            match follow(
+                &mut client,
+                &prefix,
+                &mut state,
+                &mut revision,
+                &tx,
+                &metrics,
+            )
+            .await
+            {
+                WatchEnd::Compacted => need_list = true,
+                WatchEnd::Broken(e) => {
+                    log::warn!(
+                        "etcd: {e}; reconnecting from revision {} (data plane unchanged)",
+                        revision + 1
+                    );
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Keeps `nodes/<node>` alive under a lease of `NODE_TTL_SECS`, re-creating
+/// lease and key whenever etcd comes back.
+pub async fn keep_node(opts: EtcdOptions, node: String, record: layout::NodeRecord) {
+    let key = layout::node_key(&opts.prefix, &node);
+    let value = match serde_json::to_vec(&record) {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("etcd {key}: cannot encode node record: {e}");
+            return;
+        }
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if let Err(e) = hold_lease(&opts, &key, &value).await {
+            log::warn!("etcd {key}: {e}; retrying");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn hold_lease(opts: &EtcdOptions, key: &str, value: &[u8]) -> Result<(), String> {
+    let mut client = connect(opts).await.map_err(|e| e.to_string())?;
+    let t = |what: &str| format!("{what}: timed out");
+    let lease = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_grant(NODE_TTL_SECS, None))
+        .await
+        .map_err(|_| t("lease grant"))?
+        .map_err(|e| format!("lease grant: {}", error_chain(&e)))?
+        .id();
+    tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.put(key, value, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await
+    .map_err(|_| t("put"))?
+    .map_err(|e| format!("put: {}", error_chain(&e)))?;
+    log::info!("etcd {key}: registered under lease {lease:x} (ttl {NODE_TTL_SECS} s)");
+    let (mut keeper, mut responses) =
+        tokio::time::timeout(REQUEST_TIMEOUT, client.lease_keep_alive(lease))
+            .await
+            .map_err(|_| t("keep-alive"))?
+            .map_err(|e| format!("keep-alive: {}", error_chain(&e)))?;
+    let mut tick = tokio::time::interval(Duration::from_secs((NODE_TTL_SECS / 3).max(1) as u64));
+    loop {
+        tick.tick().await;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|e| format!("keep-alive: {}", error_chain(&e)))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+            Ok(Ok(Some(_))) => return Err("lease expired".into()),
+            Ok(Ok(None)) => return Err("keep-alive stream closed".into()),
+            Ok(Err(e)) => return Err(format!("keep-alive: {}", error_chain(&e))),
+            Err(_) => return Err("keep-alive: timed out".into()),
+        }
+    }
+}

@@ -1,0 +1,1067 @@
+//! The etcd control plane end to end: `meshlb run --etcd` in a topology's
+//! LB namespace, with a real etcd (started inside that namespace, see
+//! `common::etcd`) written by the `meshlb service|task` CLI, by etcdctl and
+//! by an in-process churn client.
+//!
+//! Covered: CLI-made services and tasks carry traffic and their removal
+//! stops it; 1000 random writes converge exactly; a watch resumed after a
+//! compaction re-lists without stale backends; a 30 s etcd outage loses no
+//! request and a write after it is applied within 1 s; a 3-member cluster
+//! losing its leader mid-churn misses no update; TLS with client-cert auth
+//! works and a wrong CA fails clearly; malformed records are skipped with
+//! one log line and a metric each. Needs root; see `common` for the topology.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::etcd::*;
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+
+/// A non-default prefix, so `--prefix` is exercised everywhere.
+const PREFIX: &str = "/mlbt/v1";
+const READY: Duration = Duration::from_secs(30);
+const REQ_TIMEOUT: Duration = Duration::from_secs(3);
+const METRICS: &str = "127.0.0.1:9742";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn svc_key(name: &str) -> String {
+    format!("{PREFIX}/services/{name}")
+}
+
+fn task_key(svc: &str, id: &str) -> String {
+    format!("{PREFIX}/tasks/{svc}/{id}")
+}
+
+fn service_json(name: &str, vip: &str, port: u16) -> String {
+    json!({"name": name, "vip": vip, "publish": [{"proto": "tcp", "port": port, "target": HTTP_PORT}]})
+        .to_string()
+}
+
+fn task_json(addr: &str, port: u16, weight: u32, state: &str) -> String {
+    json!({"addr": addr, "port": port, "weight": weight, "state": state}).to_string()
+}
+
+/// A meshlb client command with this suite's prefix.
+fn cli(c: &EtcdClient, args: &[&str]) -> CmdOutput {
+    let mut a = args.to_vec();
+    a.extend(["--prefix", PREFIX]);
+    c.meshlb(&a)
+}
+
+fn cli_ok(topo: &Topology, c: &EtcdClient, args: &[&str]) -> String {
+    let out = cli(c, args);
+    assert!(
+        out.success(),
+        "meshlb client command failed: {}{}",
+        out.describe(),
+        topo.ctx()
+    );
+    out.stdout
+}
+
+/// Backends, nginx on :8000 and warm neighbour caches.
+fn prepared(tag: &str) -> Topology {
+    let topo = Topology::new(tag, TopoOpts { backends: 3 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    topo
+}
+
+/// `meshlb run --node lb --xdp-mode generic --prefix ... --etcd ...` on
+/// every LB interface, plus `extra`.
+fn start_etcd_daemon(topo: &Topology, etcd: &EtcdClient, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = ["--node", "lb", "--xdp-mode", "generic", "--prefix", PREFIX]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(etcd.meshlb_flags());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ifaces = topo.lb_ifaces();
+    let irefs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
+    topo.start_daemon_args(&refs, &irefs)
+}
+
+/// One backend as the tests compare it: (addr, port, weight, state), the
+/// state in status' words ("up" for a running task).
+type BackendRow = (String, u64, u64, String);
+/// Service name -> its backends.
+type Programmed = BTreeMap<String, BTreeSet<BackendRow>>;
+
+/// What status says, for the services not in `ignore`.
+fn from_status(status: &Value, ignore: &[&str]) -> Programmed {
+    let mut m = Programmed::new();
+    for s in status["services"].as_array().cloned().unwrap_or_default() {
+        let name = s["name"].as_str().unwrap_or("").to_string();
+        if ignore.contains(&name.as_str()) {
+            continue;
+        }
+        let rows = s["backends"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|b| {
+                (
+                    b["addr"].as_str().unwrap_or("?").to_string(),
+                    b["port"].as_u64().unwrap_or(0),
+                    b["weight"].as_u64().unwrap_or(u64::MAX),
+                    b["state"].as_str().unwrap_or("?").to_string(),
+                )
+            })
+            .collect();
+        m.insert(name, rows);
+    }
+    m
+}
+
+/// What etcd says should be programmed: every service record, with the
+/// tasks under its name (records written by these tests are all valid).
+fn from_etcd(etcd: &EtcdClient) -> Programmed {
+    let kvs = etcd.get_prefix(&format!("{PREFIX}/"));
+    let mut m = Programmed::new();
+    for k in kvs.keys() {
+        if let Some(name) = k.strip_prefix(&format!("{PREFIX}/services/")) {
+            m.insert(name.to_string(), BTreeSet::new());
+        }
+    }
+    for (k, (v, _)) in &kvs {
+        let Some(rest) = k.strip_prefix(&format!("{PREFIX}/tasks/")) else {
+            continue;
+        };
+        let svc = rest.split('/').next().unwrap_or("");
+        let Some(rows) = m.get_mut(svc) else { continue };
+        let t: Value =
+            serde_json::from_str(v).unwrap_or_else(|e| panic!("{k}: not JSON ({e}): {v}"));
+        let state = match t["state"].as_str().unwrap_or("running") {
+            "running" => "up",
+            other => other,
+        };
+        rows.insert((
+            t["addr"].as_str().unwrap_or("?").to_string(),
+            t["port"].as_u64().unwrap_or(HTTP_PORT as u64),
+            t["weight"].as_u64().unwrap_or(100),
+            state.to_string(),
+        ));
+    }
+    m
+}
+
+/// Readable difference between two programmed states.
+fn diff(want: &Programmed, got: &Programmed) -> String {
+    let mut s = String::new();
+    let names: BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+    for n in names {
+        match (want.get(n), got.get(n)) {
+            (Some(w), Some(g)) if w == g => {}
+            (Some(w), Some(g)) => {
+                s += &format!(
+                    "\n  {n}: missing {:?}; extra {:?}",
+                    w.difference(g).collect::<Vec<_>>(),
+                    g.difference(w).collect::<Vec<_>>()
+                )
+            }
+            (Some(w), None) => s += &format!("\n  {n}: in etcd ({} tasks), not in status", w.len()),
+            (None, Some(g)) => {
+                s += &format!("\n  {n}: in status ({} backends), not in etcd", g.len())
+            }
+            (None, None) => {}
+        }
+    }
+    s
+}
+
+/// Waits until status (minus `ignore`) equals `want`; returns how long it took.
+fn wait_programmed(
+    topo: &Topology,
+    want: &Programmed,
+    ignore: &[&str],
+    timeout: Duration,
+) -> Duration {
+    let t0 = Instant::now();
+    let mut last = Programmed::new();
+    let r = wait_for(timeout, "status to match etcd", || {
+        last = from_status(&topo.try_status()?, ignore);
+        if &last == want {
+            Ok(())
+        } else {
+            Err(diff(want, &last))
+        }
+    });
+    if let Err(e) = r {
+        panic!("{e}\nwant {want:?}\ngot  {last:?}{}", topo.ctx());
+    }
+    t0.elapsed()
+}
+
+/// Addresses of `service`'s backends in status, `None` while it is absent.
+fn backend_addrs(status: &Value, service: &str) -> Option<BTreeSet<String>> {
+    let svc = status["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == service)?;
+    Some(
+        svc["backends"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|b| b["addr"].as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+fn wait_backend_addrs(topo: &Topology, service: &str, want: &[&str], timeout: Duration) {
+    let want: Option<BTreeSet<String>> = Some(want.iter().map(|s| s.to_string()).collect());
+    let r = wait_for(timeout, &format!("{service} backends {want:?}"), || {
+        let got = backend_addrs(&topo.try_status()?, service);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("status has {got:?}"))
+        }
+    });
+    if let Err(e) = r {
+        panic!("{e}{}", topo.ctx());
+    }
+}
+
+fn daemon_metrics(topo: &Topology) -> String {
+    in_netns(&topo.lb_ns, || {
+        http_get_path(sa(METRICS), "/metrics", Duration::from_secs(3))
+    })
+    .unwrap_or_else(|e| panic!("daemon /metrics: {e}{}", topo.ctx()))
+}
+
+/// Sum of every sample of `name` (any labels) in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The id `meshlb task add` printed (first word of its last line).
+fn printed_id(stdout: &str) -> String {
+    stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("task add printed no id: {stdout:?}"))
+        .to_string()
+}
+
+/// Whether an error line is about certificates / the CA.
+fn mentions_cert(line: &str) -> bool {
+    let l = line.to_lowercase();
+    l.contains("certificate")
+        || l.contains("unknownissuer")
+        || l.contains("unknown issuer")
+        || l.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w == "ca")
+}
+
+// ---------------------------------------------------------------------------
+
+/// The harness itself, without meshlb: a server (restart keeps data,
+/// compaction), TLS with client-cert auth and a wrong CA, and a 3-member
+/// cluster that survives losing its leader.
+#[test]
+fn harness_etcd_server_tls_and_cluster() {
+    require_root();
+    let mut e = EtcdServer::start("hes");
+    let c = e.client();
+    c.put("/k/a", "1");
+    c.put("/k/b", "-2");
+    assert_eq!(
+        c.get_prefix("/k/").get("/k/b").map(|v| v.0.as_str()),
+        Some("-2")
+    );
+    let rev = c.revision();
+    c.del("/k/a");
+    c.compact(rev);
+    assert!(c
+        .etcdctl(&["get", "/k/a", "--rev", &(rev - 1).to_string()])
+        .stderr
+        .contains("compacted"));
+    e.stop();
+    assert!(
+        !c.etcdctl(&["get", "/k/b"]).success(),
+        "etcd answered after stop()"
+    );
+    e.start_again();
+    assert_eq!(c.get_prefix("/k/").len(), 1, "data kept across a restart");
+    let n = c.with_client(|rt, cl| {
+        rt.block_on(cl.put("/k/c", "3", None)).unwrap();
+        rt.block_on(cl.get("/k/", Some(etcd_client::GetOptions::new().with_prefix())))
+            .unwrap()
+            .kvs()
+            .len()
+    });
+    assert_eq!(n, 2);
+    drop(e);
+
+    let t = EtcdServer::start_tls("het");
+    let c = t.client();
+    c.put("/tls", "ok");
+    // rustls (what meshlb uses) accepts these certificates too.
+    let got = c.with_client(|rt, cl| {
+        let r = rt
+            .block_on(cl.get("/tls", None))
+            .expect("etcd-client get over TLS");
+        r.kvs().first().map(|kv| kv.value().to_vec())
+    });
+    assert_eq!(got.as_deref(), Some(&b"ok"[..]));
+    let pki = t.pki.clone().unwrap();
+    let no_cert = c.with_tls(Some(ClientTls {
+        ca: pki.ca.clone(),
+        cert: None,
+        key: None,
+    }));
+    assert!(
+        !no_cert.etcdctl(&["get", "/tls"]).success(),
+        "client-cert auth not enforced"
+    );
+    let wrong_ca = c.with_tls(Some(ClientTls {
+        ca: pki.other_ca.clone(),
+        cert: Some(pki.client_cert.clone()),
+        key: Some(pki.client_key.clone()),
+    }));
+    assert!(
+        !wrong_ca.etcdctl(&["get", "/tls"]).success(),
+        "wrong CA accepted"
+    );
+    drop(t);
+
+    let mut cl = EtcdCluster::start("hec", 3);
+    let c = cl.client();
+    c.put("/x", "1");
+    let leader = cl.leader();
+    cl.kill_member(leader);
+    let survivors = EtcdClient {
+        endpoints: (0..3)
+            .filter(|&i| i != leader)
+            .map(|i| cl.members[i].url())
+            .collect(),
+        ..c.clone()
+    };
+    wait_for(Duration::from_secs(15), "a new leader", || {
+        let out = survivors.etcdctl(&["put", "/x", "2"]);
+        if out.success() {
+            Ok(())
+        } else {
+            Err(out.describe())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", cl.logs(20)));
+    assert_ne!(cl.leader(), leader);
+}
+
+/// a. `service create` + `task add` carry traffic; `task rm` stops new
+/// connections to that task; `service rm` stops the VIP. A static service
+/// from the config file keeps working alongside; the node registers itself
+/// under a 10 s lease.
+#[test]
+fn cli_service_and_tasks_carry_traffic() {
+    require_root();
+    let topo = prepared("ea");
+    let etcd = EtcdServer::start_in(&topo.lb_ns, "ea");
+    let c = etcd.client();
+    let b3 = topo.backend("b3").v4;
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &config_toml(&[Svc {
+            name: "fixed",
+            vip: Some("10.96.0.20"),
+            proto: "tcp",
+            port: 80,
+            target: HTTP_PORT,
+            backends: vec![b3.into()],
+        }]),
+    );
+    let cfg_s = cfg.display().to_string();
+    let mut d = start_etcd_daemon(&topo, &c, &["--config", &cfg_s]);
+    topo.wait_ready(&mut d, &["fixed"], READY);
+
+    cli_ok(
+        &topo,
+        &c,
+        &[
+            "service",
+            "create",
+            "web",
+            "--publish",
+            "tcp:80:8000",
+            "--vip",
+            "10.96.0.10",
+        ],
+    );
+    let mut ids = BTreeMap::new();
+    for b in &topo.backends {
+        let addr = format!("{}:{HTTP_PORT}", b.v4);
+        let out = cli_ok(&topo, &c, &["task", "add", "web", &addr]);
+        ids.insert(b.name.clone(), printed_id(&out));
+    }
+    let ls = cli_ok(&topo, &c, &["task", "ls", "web"]);
+    for (name, id) in &ids {
+        assert!(
+            ls.lines()
+                .any(|l| l.split_whitespace().next() == Some(id.as_str())),
+            "task ls lacks {name}'s id {id}:\n{ls}"
+        );
+    }
+    let sls = cli_ok(&topo, &c, &["service", "ls"]);
+    assert!(
+        sls.contains("web") && sls.contains("10.96.0.10"),
+        "service ls:\n{sls}"
+    );
+    let inspect = cli_ok(&topo, &c, &["service", "inspect", "web"]);
+    assert!(
+        inspect.contains("10.96.0.10"),
+        "service inspect web:\n{inspect}"
+    );
+
+    let all: Vec<String> = topo.backends.iter().map(|b| b.v4.to_string()).collect();
+    let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    wait_backend_addrs(&topo, "web", &all_refs, Duration::from_secs(5));
+    let vip = sa("10.96.0.10:80");
+    let burst = topo.http_burst(vip, 300, REQ_TIMEOUT);
+    topo.assert_spread(
+        "300 GETs over 3 CLI tasks",
+        &burst,
+        &topo.backend_names(),
+        0.15,
+    );
+    let fixed = topo.http_burst(sa("10.96.0.20:80"), 20, REQ_TIMEOUT);
+    topo.assert_spread("static service", &fixed, &["b3".to_string()], 1.0);
+
+    // The node's registration: under a lease granted for 10 s.
+    let nodes = c.get_prefix(&format!("{PREFIX}/nodes/"));
+    let (_, lease) = nodes
+        .get(&format!("{PREFIX}/nodes/lb"))
+        .unwrap_or_else(|| panic!("no {PREFIX}/nodes/lb in etcd: {nodes:?}{}", topo.ctx()));
+    assert_ne!(*lease, 0, "{PREFIX}/nodes/lb is not bound to a lease");
+    let ttl = c.etcdctl_ok(&["lease", "timetolive", &format!("{lease:x}")]);
+    assert!(ttl.contains("granted with TTL(10s)"), "node lease: {ttl}");
+
+    let m = daemon_metrics(&topo);
+    assert!(
+        metric_sum(&m, "meshlb_sync_latency_seconds_count") > 0.0,
+        "meshlb_sync_latency_seconds observed nothing after etcd changes:\n{m}"
+    );
+
+    // task rm: the removed backend gets no new connection.
+    cli_ok(&topo, &c, &["task", "rm", "web", &ids["b1"]]);
+    let rest: Vec<&str> = all_refs[1..].to_vec();
+    wait_backend_addrs(&topo, "web", &rest, Duration::from_secs(5));
+    let burst = topo.http_burst(vip, 100, REQ_TIMEOUT);
+    topo.assert_spread(
+        "100 GETs after task rm b1",
+        &burst,
+        &["b2".to_string(), "b3".to_string()],
+        0.15,
+    );
+
+    // service rm: the VIP is no longer translated (packets go to the stack,
+    // which has no route for it).
+    cli_ok(&topo, &c, &["service", "rm", "web"]);
+    wait_for(
+        Duration::from_secs(5),
+        "web to leave status",
+        || match backend_addrs(&topo.try_status()?, "web") {
+            None => Ok(()),
+            Some(b) => Err(format!("still there with {b:?}")),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+    let burst = topo.http_burst(vip, 5, Duration::from_secs(1));
+    assert!(
+        burst.counts.is_empty(),
+        "VIP still answers after service rm: {:?}{}",
+        burst.counts,
+        topo.ctx()
+    );
+    let fixed = topo.http_burst(sa("10.96.0.20:80"), 20, REQ_TIMEOUT);
+    topo.assert_spread(
+        "static service after service rm",
+        &fixed,
+        &["b3".to_string()],
+        1.0,
+    );
+    assert!(d.is_running(), "daemon died{}", topo.ctx());
+}
+
+/// The i-th of the churn's task ids maps to one (addr, port), so no two
+/// tasks of a service share a backend address.
+fn churn_task(rng: &mut Rng, svc: &str, id: u64) -> Op {
+    let key = task_key(svc, &format!("t{id}"));
+    if rng.below(3) == 0 {
+        return Op::Del(key);
+    }
+    let addr = format!("10.201.{}.2", id % 3 + 1);
+    let port = 8000 + (id / 3) as u16;
+    let weight = 1 + rng.below(200) as u32;
+    let state = if rng.below(5) == 0 {
+        "draining"
+    } else {
+        "running"
+    };
+    Op::Put(key, task_json(&addr, port, weight, state))
+}
+
+/// `n` random writes over 3 services × 12 task ids (about 4% service
+/// puts/deletes). Seeded; `MLBT_SEED` overrides.
+fn churn_ops(n: usize, seed: u64) -> Vec<Op> {
+    let seed = std::env::var("MLBT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(seed);
+    eprintln!("churn seed {seed}");
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let k = rng.below(3);
+            let svc = format!("svc{k}");
+            if rng.below(100) < 4 {
+                if rng.below(2) == 0 {
+                    Op::Put(
+                        svc_key(&svc),
+                        service_json(&svc, &format!("10.96.1.{}", k + 1), 80),
+                    )
+                } else {
+                    Op::Del(svc_key(&svc))
+                }
+            } else {
+                let id = rng.below(12);
+                churn_task(&mut rng, &svc, id)
+            }
+        })
+        .collect()
+}
+
+fn put_churn_services(c: &EtcdClient) {
+    for k in 0..3 {
+        let svc = format!("svc{k}");
+        c.put(
+            &svc_key(&svc),
+            &service_json(&svc, &format!("10.96.1.{}", k + 1), 80),
+        );
+    }
+}
+
+/// b. 1000 random task (and a few service) writes while the daemon runs:
+/// afterwards status equals etcd exactly (addr, port, weight, state).
+#[test]
+fn churn_converges_exactly() {
+    require_root();
+    let topo = Topology::new("eb", TopoOpts { backends: 3 });
+    let etcd = EtcdServer::start_in(&topo.lb_ns, "eb");
+    let c = etcd.client();
+    put_churn_services(&c);
+    let mut d = start_etcd_daemon(&topo, &c, &[]);
+    topo.wait_ready(&mut d, &["svc0", "svc1", "svc2"], READY);
+
+    let t0 = Instant::now();
+    let churn = Churn::start(&c, churn_ops(1000, 0x6d65_7368), Duration::from_secs(10));
+    churn
+        .join()
+        .unwrap_or_else(|e| panic!("churn: {e}{}", etcd.log_tail(20)));
+    let wrote = t0.elapsed();
+    let want = from_etcd(&c);
+    let took = wait_programmed(&topo, &want, &[], Duration::from_secs(5));
+    eprintln!(
+        "1000 writes in {wrote:?}; status matched etcd {took:?} later ({} services, {} tasks)",
+        want.len(),
+        want.values().map(BTreeSet::len).sum::<usize>()
+    );
+    assert!(d.is_running(), "daemon died{}", topo.ctx());
+}
+
+/// c. The daemon misses changes and the history it would resume from is
+/// compacted: it must re-list, keeping no stale backend.
+#[test]
+fn compaction_forces_relist_without_stale_backends() {
+    require_root();
+    let topo = prepared("ec");
+    let mut etcd = EtcdServer::start_in(&topo.lb_ns, "ec");
+    let c = etcd.client();
+    let ip = |n: &str| topo.backend(n).v4.to_string();
+    c.put(&svc_key("web"), &service_json("web", "10.96.0.10", 80));
+    c.put(
+        &task_key("web", "t1"),
+        &task_json(&ip("b1"), HTTP_PORT, 100, "running"),
+    );
+    c.put(
+        &task_key("web", "t2"),
+        &task_json(&ip("b2"), HTTP_PORT, 100, "running"),
+    );
+    let mut d = start_etcd_daemon(&topo, &c, &[]);
+    topo.wait_ready(&mut d, &["web"], READY);
+    wait_backend_addrs(
+        &topo,
+        "web",
+        &[&ip("b1"), &ip("b2")],
+        Duration::from_secs(5),
+    );
+    let seen = c.revision();
+
+    // Freeze the daemon, and break its watch stream by restarting etcd, so
+    // it has to resume from its old revision; then change and compact.
+    d.signal(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    etcd.stop();
+    etcd.start_again();
+    c.del(&task_key("web", "t1"));
+    c.put(
+        &task_key("web", "t3"),
+        &task_json(&ip("b3"), HTTP_PORT, 100, "running"),
+    );
+    for i in 0..20 {
+        c.put("/unrelated/filler", &i.to_string());
+    }
+    let rev = c.revision();
+    assert!(rev > seen + 20, "revision {rev} did not move past {seen}");
+    c.compact(rev);
+    d.signal(Signal::SIGCONT);
+    eprintln!(
+        "daemon frozen for {:?}; compacted at {rev} (daemon saw {seen})",
+        frozen.elapsed()
+    );
+
+    wait_backend_addrs(
+        &topo,
+        "web",
+        &[&ip("b2"), &ip("b3")],
+        Duration::from_secs(10),
+    );
+    let burst = topo.http_burst(sa("10.96.0.10:80"), 100, REQ_TIMEOUT);
+    topo.assert_spread(
+        "after re-list",
+        &burst,
+        &["b2".to_string(), "b3".to_string()],
+        0.15,
+    );
+    let log = fs_log(&topo);
+    let compact_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("compact"))
+        .collect();
+    eprintln!("daemon log lines mentioning compaction: {compact_lines:?}");
+    assert!(d.is_running(), "daemon died{}", topo.ctx());
+}
+
+/// The daemon's log (every run of this test, concatenated).
+fn fs_log(topo: &Topology) -> String {
+    let mut s = String::new();
+    if let Ok(rd) = std::fs::read_dir(&topo.dir) {
+        let mut paths: Vec<_> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("meshlb-run-"))
+            })
+            .collect();
+        paths.sort();
+        for p in paths {
+            s += &std::fs::read_to_string(p).unwrap_or_default();
+        }
+    }
+    s
+}
+
+/// Sets the flag when dropped, so a panicking test still stops its client loop.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// d. etcd down for 30 s while a client keeps requesting the VIP: nothing
+/// fails; once etcd is back and the daemon watches again, a `task add` is
+/// programmed within 1 s and takes traffic.
+#[test]
+fn etcd_outage_keeps_forwarding_and_recovers() {
+    require_root();
+    let topo = prepared("ed");
+    let mut etcd = EtcdServer::start_in(&topo.lb_ns, "ed");
+    let c = etcd.client();
+    let ip = |n: &str| topo.backend(n).v4.to_string();
+    c.put(&svc_key("web"), &service_json("web", "10.96.0.10", 80));
+    c.put(
+        &task_key("web", "t1"),
+        &task_json(&ip("b1"), HTTP_PORT, 100, "running"),
+    );
+    c.put(
+        &task_key("web", "t2"),
+        &task_json(&ip("b2"), HTTP_PORT, 100, "running"),
+    );
+    let mut d = start_etcd_daemon(&topo, &c, &[]);
+    topo.wait_ready(&mut d, &["web"], READY);
+    wait_backend_addrs(
+        &topo,
+        "web",
+        &[&ip("b1"), &ip("b2")],
+        Duration::from_secs(5),
+    );
+    let vip = sa("10.96.0.10:80");
+
+    let stop = AtomicBool::new(false);
+    let tally: Mutex<(usize, Vec<String>)> = Mutex::new((0, Vec::new()));
+    thread::scope(|s| {
+        let _guard = StopOnDrop(&stop);
+        s.spawn(|| {
+            topo.client(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = http_get(vip, REQ_TIMEOUT);
+                    let mut t = tally.lock().unwrap();
+                    match r {
+                        Ok(_) => t.0 += 1,
+                        Err(e) => t.1.push(e),
+                    }
+                    drop(t);
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        });
+        thread::sleep(Duration::from_secs(1));
+        etcd.stop();
+        let down = Instant::now();
+        while down.elapsed() < Duration::from_secs(30) {
+            assert!(
+                d.is_running(),
+                "daemon exited while etcd was down{}",
+                topo.ctx()
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
+        etcd.start_again();
+        let back = Instant::now();
+        // The daemon is back once it holds a watch stream again (etcdctl never does).
+        wait_for(
+            Duration::from_secs(20),
+            "the daemon to watch again",
+            || match c.watch_streams()? {
+                0 => Err("no watch stream on etcd".into()),
+                _ => Ok(()),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+        let rewatch = back.elapsed();
+
+        let t_cli = Instant::now();
+        let addr = format!("{}:{HTTP_PORT}", ip("b3"));
+        cli_ok(&topo, &c, &["task", "add", "web", &addr]);
+        let t_put = Instant::now();
+        let want: BTreeSet<String> = [ip("b1"), ip("b2"), ip("b3")].into_iter().collect();
+        let seen =
+            wait_for(
+                Duration::from_secs(10),
+                "the new task in status",
+                || match backend_addrs(&topo.try_status()?, "web") {
+                    Some(b) if b == want => Ok(Instant::now()),
+                    other => Err(format!("web has {other:?}")),
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+        let apply = seen - t_put;
+        eprintln!(
+            "watch re-established {rewatch:?} after etcd returned; task add applied {apply:?} \
+             after the CLI returned ({:?} after it started)",
+            seen - t_cli
+        );
+        assert!(
+            apply <= Duration::from_millis(1100),
+            "task add after the outage took {apply:?} (> 1 s + polling) to reach status{}",
+            topo.ctx()
+        );
+        thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = std::mem::take(&mut *tally.lock().unwrap());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the etcd outage; first: {:?}{}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)],
+        topo.ctx()
+    );
+    assert!(ok >= 300, "only {ok} requests made in ~32 s");
+    let burst = topo.http_burst(vip, 150, REQ_TIMEOUT);
+    topo.assert_spread("after the outage", &burst, &topo.backend_names(), 0.15);
+}
+
+/// e. A 3-member cluster loses its leader in the middle of 800 writes:
+/// the daemon (given all endpoints) ends up exactly at etcd's state.
+#[test]
+fn cluster_leader_loss_misses_no_update() {
+    require_root();
+    let topo = Topology::new("ee", TopoOpts { backends: 3 });
+    let mut cluster = EtcdCluster::start_in(&topo.lb_ns, "ee", 3);
+    let c = cluster.client();
+    put_churn_services(&c);
+    let mut d = start_etcd_daemon(&topo, &c, &[]);
+    topo.wait_ready(&mut d, &["svc0", "svc1", "svc2"], READY);
+
+    let churn = Churn::start(&c, churn_ops(800, 0x636c_7573), Duration::from_secs(20));
+    churn
+        .wait_done(400, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}{}", cluster.logs(20)));
+    let leader = cluster.leader();
+    cluster.kill_member(leader);
+    let killed_at = churn.done.load(Ordering::Relaxed);
+    churn
+        .join()
+        .unwrap_or_else(|e| panic!("churn: {e}{}", cluster.logs(20)));
+    let survivors = EtcdClient {
+        endpoints: (0..3)
+            .filter(|&i| i != leader)
+            .map(|i| cluster.members[i].url())
+            .collect(),
+        ..c.clone()
+    };
+    let want = from_etcd(&survivors);
+    let took = wait_programmed(&topo, &want, &[], Duration::from_secs(10));
+    eprintln!(
+        "leader (member {leader}) killed after {killed_at} writes; status matched {took:?} after churn ended"
+    );
+    assert!(d.is_running(), "daemon died{}", topo.ctx());
+}
+
+/// f. TLS with client-cert auth: the daemon and the CLI work with the
+/// right files; with a CA that did not sign the server both fail with an
+/// error about the certificate, promptly.
+#[test]
+fn tls_client_cert_auth_and_wrong_ca() {
+    require_root();
+    let topo = prepared("ef");
+    let etcd = EtcdServer::start_tls_in(&topo.lb_ns, "ef");
+    let good = etcd.client();
+    let pki = etcd.pki.clone().expect("tls server has a pki");
+    assert!(good
+        .meshlb_flags()
+        .iter()
+        .any(|f| f.starts_with("https://")));
+
+    // The CLI with a wrong CA: non-zero exit, one line about the certificate.
+    let wrong = good.with_tls(Some(ClientTls {
+        ca: pki.other_ca.clone(),
+        cert: Some(pki.client_cert.clone()),
+        key: Some(pki.client_key.clone()),
+    }));
+    let t = Instant::now();
+    let out = cli(&wrong, &["service", "ls"]);
+    let took = t.elapsed();
+    assert!(
+        out.status.is_some() && !out.success(),
+        "service ls with a wrong CA must fail: {}",
+        out.describe()
+    );
+    assert!(took < Duration::from_secs(15), "wrong-CA CLI took {took:?}");
+    assert!(
+        out.stderr_lines().iter().any(|l| mentions_cert(l)),
+        "wrong-CA error does not mention the certificate/CA: {}",
+        out.describe()
+    );
+    // Without a client certificate the server refuses us.
+    let no_cert = good.with_tls(Some(ClientTls {
+        ca: pki.ca.clone(),
+        cert: None,
+        key: None,
+    }));
+    let out = cli(&no_cert, &["service", "ls"]);
+    assert!(
+        out.status.is_some() && !out.success(),
+        "service ls without a client certificate must fail: {}",
+        out.describe()
+    );
+
+    // The right files: daemon and CLI work end to end.
+    let mut d = start_etcd_daemon(&topo, &good, &[]);
+    topo.wait_ready(&mut d, &[], READY);
+    cli_ok(
+        &topo,
+        &good,
+        &[
+            "service",
+            "create",
+            "web",
+            "--publish",
+            "tcp:80:8000",
+            "--vip",
+            "10.96.0.10",
+        ],
+    );
+    for b in &topo.backends {
+        cli_ok(
+            &topo,
+            &good,
+            &["task", "add", "web", &format!("{}:{HTTP_PORT}", b.v4)],
+        );
+    }
+    let all: Vec<String> = topo.backends.iter().map(|b| b.v4.to_string()).collect();
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    wait_backend_addrs(&topo, "web", &refs, Duration::from_secs(5));
+    let burst = topo.http_burst(sa("10.96.0.10:80"), 150, REQ_TIMEOUT);
+    topo.assert_spread(
+        "over TLS-registered tasks",
+        &burst,
+        &topo.backend_names(),
+        0.15,
+    );
+    d.stop(Duration::from_secs(10));
+
+    // The daemon with a wrong CA: exits non-zero or keeps retrying, but
+    // either way says within 15 s that the certificate is the problem.
+    let mut bad = start_etcd_daemon(&topo, &wrong, &[]);
+    let t = Instant::now();
+    let verdict = wait_for(
+        Duration::from_secs(15),
+        "a certificate error from meshlb run",
+        || {
+            let log = bad.log_text();
+            let line = log.lines().find(|l| mentions_cert(l)).map(str::to_string);
+            match (bad.exit_status(), line) {
+                (Some(st), Some(l)) if !st.success() => Ok(format!("exited {st}: {l}")),
+                (Some(st), _) => Err(format!("exited {st} without a certificate error line")),
+                (None, Some(l)) => Ok(format!("still running, logged: {l}")),
+                (None, None) => Err("no certificate error logged yet".into()),
+            }
+        },
+    );
+    let verdict = verdict.unwrap_or_else(|e| panic!("{e}\n{}", bad.log_text()));
+    eprintln!("wrong-CA daemon after {:?}: {verdict}", t.elapsed());
+    bad.stop(Duration::from_secs(10));
+}
+
+/// g. Malformed records are each skipped with exactly one log line naming
+/// the key and a `meshlb_config_errors_total` increment; a good service and
+/// task written in the same batch are applied and serve.
+#[test]
+fn malformed_records_are_skipped_once_each() {
+    require_root();
+    let topo = prepared("eg");
+    let etcd = EtcdServer::start_in(&topo.lb_ns, "eg");
+    let c = etcd.client();
+    let mut d = start_etcd_daemon(&topo, &c, &[]);
+    topo.wait_ready(&mut d, &[], READY);
+    let before = metric_sum(&daemon_metrics(&topo), "meshlb_config_errors_total");
+
+    let b1 = topo.backend("b1").v4.to_string();
+    let b2 = topo.backend("b2").v4.to_string();
+    let long_name = "n".repeat(61);
+    let publish = |port: u32| json!([{"proto": "tcp", "port": port, "target": 8000}]);
+    // A task that would be valid but for its size (1 MiB of padding).
+    let mut huge = task_json(&b2, HTTP_PORT, 100, "running");
+    huge.push_str(&" ".repeat(1 << 20));
+    let huge_file = topo.write_file("huge.json", &huge);
+    let bad: Vec<(String, String)> = vec![
+        (svc_key("badjson"), r#"{"name": "badjson", "vip": "#.to_string()),
+        (
+            task_key("good", "badaddr"),
+            json!({"addr": "10.201.1.300", "port": 8000}).to_string(),
+        ),
+        (
+            svc_key("zeroport"),
+            json!({"name": "zeroport", "vip": "10.96.0.41", "publish": publish(0)}).to_string(),
+        ),
+        (
+            task_key("good", "hugeport"),
+            json!({"addr": b2, "port": 70000}).to_string(),
+        ),
+        (
+            svc_key("badsched"),
+            json!({"name": "badsched", "vip": "10.96.0.42", "publish": publish(80), "scheduler": "fastest"})
+                .to_string(),
+        ),
+        (
+            svc_key(&long_name),
+            json!({"name": long_name, "vip": "10.96.0.43", "publish": publish(80)}).to_string(),
+        ),
+    ];
+    for (k, v) in &bad {
+        c.put(k, v);
+    }
+    c.put_file(&task_key("good", "huge"), &huge_file);
+    c.put(&svc_key("good"), &service_json("good", "10.96.0.30", 80));
+    c.put(
+        &task_key("good", "ok"),
+        &task_json(&b1, HTTP_PORT, 100, "running"),
+    );
+
+    wait_backend_addrs(&topo, "good", &[&b1], Duration::from_secs(5));
+    let burst = topo.http_burst(sa("10.96.0.30:80"), 50, REQ_TIMEOUT);
+    topo.assert_spread(
+        "good service beside bad records",
+        &burst,
+        &["b1".to_string()],
+        1.0,
+    );
+    // A later change must not re-report the bad keys.
+    c.put(
+        &task_key("good", "ok2"),
+        &task_json(&b2, HTTP_PORT, 100, "running"),
+    );
+    wait_backend_addrs(&topo, "good", &[&b1, &b2], Duration::from_secs(5));
+    thread::sleep(Duration::from_secs(1));
+
+    let st = topo.status();
+    for name in ["badjson", "zeroport", "badsched", long_name.as_str()] {
+        assert!(
+            backend_addrs(&st, name).is_none(),
+            "invalid service {name} was programmed: {st}{}",
+            topo.ctx()
+        );
+    }
+    let log = d.log_text();
+    let mut keys: Vec<String> = bad.iter().map(|(k, _)| k.clone()).collect();
+    keys.push(task_key("good", "huge"));
+    let mut problems = Vec::new();
+    for k in &keys {
+        let rel = k.strip_prefix(&format!("{PREFIX}/")).unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(rel)).collect();
+        if lines.len() != 1 {
+            problems.push(format!(
+                "{rel}: {} log lines (want exactly 1): {:?}",
+                lines.len(),
+                lines
+                    .iter()
+                    .map(|l| &l[..l.len().min(300)])
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+    let metrics = daemon_metrics(&topo);
+    let errors = metric_sum(&metrics, "meshlb_config_errors_total") - before;
+    let samples: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("meshlb_config_errors_total"))
+        .collect();
+    assert!(
+        problems.is_empty() && errors >= keys.len() as f64,
+        "malformed records: {}\nmeshlb_config_errors_total rose by {errors} (want >= {}): {samples:?}{}",
+        problems.join("\n"),
+        keys.len(),
+        topo.ctx()
+    );
+    eprintln!("config error samples: {samples:?}");
+    assert!(d.is_running(), "daemon died{}", topo.ctx());
+}

@@ -14,6 +14,7 @@
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
 //! * [`metrics`] — Prometheus text on `/metrics`.
+//! * [`admin`] — the `service`/`task` client commands (etcd).
 //! * [`cli`] — the command line (clap), parsed in `main`.
 #![forbid(unsafe_code)]
 

@@ -128,7 +128,7 @@ pub struct StatusArgs {
     pub json: bool,
     #[command(flatten)]
     pub bpffs: BpffsArg,
-    /// Node name to report (default: the hostname).
+    /// Node name to report (default: the one the daemon recorded).
     #[arg(long)]
     pub node: Option<String>,
 }

@@ -56,12 +56,14 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn load_config(path: Option<&PathBuf>) -> Result<Config, DaemonError> {
+/// The config file; without one, the embedded demo default — unless etcd
+/// is the source, then an empty config (etcd alone says what to forward).
+fn load_config(path: Option<&PathBuf>, with_etcd: bool) -> Result<Config, DaemonError> {
+    let usage = |e: config::ConfigError| DaemonError::Usage(e.to_string());
     match path {
-        Some(p) => config::load(p).map_err(|e| DaemonError::Usage(e.to_string())),
-        None => {
-            config::parse(config::DEFAULT_CONFIG).map_err(|e| DaemonError::Usage(e.to_string()))
-        }
+        Some(p) => config::load(p).map_err(usage),
+        None if with_etcd => config::parse("").map_err(usage),
+        None => config::parse(config::DEFAULT_CONFIG).map_err(usage),
     }
 }
 
@@ -72,7 +74,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             "--docker: not supported by this version yet".into(),
         ));
     }
-    let cfg = load_config(args.config.as_ref())?;
+    let cfg = load_config(args.config.as_ref(), args.etcd.etcd.is_some())?;
     let etcd = EtcdOptions::from_args(&args.etcd, cfg.etcd.as_ref());
     if let Some(o) = &etcd {
         o.validate()
@@ -228,8 +230,13 @@ pub async fn run(
         .await
         .map_err(|e| DaemonError::Runtime(format!("metrics listen: {e}")))?;
 
-    let mut dp = XdpDataplane::open(&settings.bpffs, &settings.ifaces, settings.xdp_mode)
-        .map_err(|e| rt(&e))?;
+    let mut dp = XdpDataplane::open(
+        &settings.bpffs,
+        &settings.ifaces,
+        settings.xdp_mode,
+        &settings.node,
+    )
+    .map_err(|e| rt(&e))?;
     log::info!(
         "node {}: data plane {} on {} (pinned under {})",
         settings.node,
@@ -317,7 +324,7 @@ pub async fn run(
                 }
             }
             _ = hup.recv() => {
-                match load_config(settings.config_path.as_ref()) {
+                match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
                     Ok(new) => {
                         cfg = new;
                         match sync(&mut dp, &cfg, &cluster, &locals) {

@@ -64,13 +64,18 @@ fn fmt_addr(a: IpAddr) -> String {
     a.to_string()
 }
 
-/// This node's programmed state.
-pub fn status(maps: &Maps, node: &str) -> Result<Status, InspectError> {
+/// This node's programmed state. `node`: the name to report; `None`: the
+/// name the programming daemon recorded.
+pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
     let err = |map| move |source| InspectError::Map { map, source };
     let meta = maps
         .meta
         .get(&0, 0)
         .map_err(err(meshlb_common::maps::META))?;
+    let recorded = String::from_utf8_lossy(&meta.node)
+        .trim_end_matches('\0')
+        .to_owned();
+    let node = node.unwrap_or(&recorded);
     let mut by_name: BTreeMap<String, ServiceStatus> = BTreeMap::new();
     let mut id_name = BTreeMap::new();
     for id in 0..MAX_SERVICES {

@@ -16,12 +16,6 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -68,8 +62,7 @@ fn main() -> ExitCode {
                 Ok(m) => m,
                 Err(e) => return fail(1, e),
             };
-            let node = args.node.unwrap_or_else(hostname);
-            match inspect::status(&maps, &node) {
+            match inspect::status(&maps, args.node.as_deref()) {
                 Ok(s) if args.json => {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
                     ExitCode::SUCCESS

@@ -214,7 +214,7 @@ pub async fn serve(listener: TcpListener, maps: Arc<Maps>, node: String, registr
                 };
             let req = String::from_utf8_lossy(&buf[..n]);
             let (code, body) = if req.starts_with("GET /metrics") {
-                match inspect::status(&maps, &node) {
+                match inspect::status(&maps, Some(node.as_str())) {
                     Ok(s) => {
                         let mut text = render(&s);
                         registry.render(&mut text);

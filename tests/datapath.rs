@@ -794,7 +794,8 @@ fn cases() -> Vec<Case> {
                 let want_in = (syn4.bytes().len() + ack4.bytes().len()) as u64;
                 let want_out = reply4.bytes().len() as u64;
                 move |maps: &Maps| {
-                    let st = meshlb::inspect::status(maps, "fixture").map_err(|e| e.to_string())?;
+                    let st = meshlb::inspect::status(maps, Some("fixture"))
+                        .map_err(|e| e.to_string())?;
                     let web = st
                         .services
                         .iter()

@@ -179,7 +179,12 @@ pub struct XdpDataplane {
 impl XdpDataplane {
     /// Loads (or adopts) the data plane under `dir` and attaches it to
     /// every interface in `ifaces`.
-    pub fn open(dir: &Path, ifaces: &[String], mode: AttachMode) -> Result<Self, XdpError> {
+    pub fn open(
+        dir: &Path,
+        ifaces: &[String],
+        mode: AttachMode,
+        node: &str,
+    ) -> Result<Self, XdpError> {
         let mut ebpf = load(dir)?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         let previous = maps.meta.get(&0, 0).ok().filter(|m| m.layout_version != 0);
@@ -201,11 +206,14 @@ impl XdpDataplane {
                 AttachMode::Generic => DataplaneKind::XdpGeneric,
                 _ => DataplaneKind::XdpNative,
             });
-        let meta = NodeMeta {
+        let mut meta = NodeMeta {
             layout_version: LAYOUT_VERSION,
             dataplane: kind_to_meta(kind),
             applied_at: now(),
+            ..Default::default()
         };
+        let n = node.len().min(meta.node.len());
+        meta.node[..n].copy_from_slice(&node.as_bytes()[..n]);
         maps.meta
             .set(0, meta, 0)
             .map_err(|source| PinnedError::Map {

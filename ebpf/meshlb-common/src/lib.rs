@@ -259,13 +259,26 @@ impl Stats {
 
 /// Userspace bookkeeping of who programmed the maps.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeMeta {
     pub layout_version: u32,
     /// `DATAPLANE_*`.
     pub dataplane: u32,
     /// Unix seconds of the last successful apply.
     pub applied_at: u64,
+    /// The node name of the daemon that programmed the maps, NUL-padded.
+    pub node: [u8; 64],
+}
+
+impl Default for NodeMeta {
+    fn default() -> Self {
+        NodeMeta {
+            layout_version: 0,
+            dataplane: 0,
+            applied_at: 0,
+            node: [0; 64],
+        }
+    }
 }
 
 pub const DATAPLANE_NONE: u32 = 0;
@@ -393,7 +406,7 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 32);
         assert_eq!(size_of::<RnatEntry>(), 32);
         assert_eq!(size_of::<Stats>(), 40);
-        assert_eq!(size_of::<NodeMeta>(), 16);
+        assert_eq!(size_of::<NodeMeta>(), 80);
     }
 
     #[test]

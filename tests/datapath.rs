@@ -852,6 +852,10 @@ struct Netns {
 
 impl Netns {
     fn new() -> Netns {
+        Self::new_named("mlbt-fx")
+    }
+
+    fn new_named(prefix: &str) -> Netns {
         if std::fs::read_to_string("/proc/self/status")
             .map(|st| {
                 !st.lines()
@@ -861,7 +865,7 @@ impl Netns {
         {
             panic!("datapath fixtures need root (BPF_PROG_TEST_RUN, network namespaces); run `cargo xtask test` as root");
         }
-        let name = format!("mlbt-fx-{}", std::process::id() % 100000);
+        let name = format!("{prefix}-{}", std::process::id() % 100000);
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         sh(&["ip", "netns", "add", &name]);
         let ip = |a: &str| {
@@ -1089,4 +1093,32 @@ fn datapath_fixture_table() {
         "{} datapath cases failed (see above)",
         failures.len()
     );
+}
+
+#[test]
+fn bare_forwarder_swaps_macs_and_transmits() {
+    let ns = Netns::new_named("mlbt-fxb");
+    let (mut ebpf, _maps) = load(&ns.pins);
+    let prog: &mut Xdp = ebpf
+        .program_mut(meshlb_common::PROG_XDP_BARE)
+        .expect("bare program")
+        .try_into()
+        .unwrap();
+    prog.load().expect("verifier accepts the bare forwarder");
+    let f = Frame::tcp("10.200.0.2", 40000, "10.96.0.10", 80, SYN);
+    let mut out = vec![0u8; 512];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&f.bytes()),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .unwrap();
+    let want = Frame {
+        smac: f.dmac,
+        dmac: f.smac,
+        ..f.clone()
+    };
+    assert_eq!(r.return_value, 3, "XDP_TX");
+    assert_eq!(&out[..r.data_size_out as usize], want.bytes().as_slice());
 }

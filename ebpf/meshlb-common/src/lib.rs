@@ -69,6 +69,8 @@ pub const PROG_XDP_LB: &str = "meshlb_xdp";
 /// Name of an XDP program that passes everything (for veth peers: native
 /// XDP redirect only delivers to a veth whose peer runs an XDP program).
 pub const PROG_XDP_PASS: &str = "meshlb_pass";
+/// Name of the benchmark baseline: parse, swap MACs, XDP_TX.
+pub const PROG_XDP_BARE: &str = "meshlb_bare";
 
 /// Maglev lookup table size per service (prime). Balance needs the ring
 /// to be much larger than the backend count: ~100x keeps the spread within

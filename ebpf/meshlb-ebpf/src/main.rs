@@ -35,6 +35,14 @@ mod progs {
         xdp_action::XDP_PASS
     }
 
+    /// The benchmark baseline ("bare forwarder"): parse Ethernet + IPv4/6
+    /// + ports like the load balancer does, swap the MACs, XDP_TX. What the
+    /// load balancer costs on top of this is its own work.
+    #[xdp]
+    pub fn meshlb_bare(ctx: XdpContext) -> u32 {
+        crate::parse::bare_forward(&ctx)
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         loop {}

@@ -193,3 +193,20 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
         len,
     })
 }
+
+/// Parses like the load balancer, then bounces the frame back out with the
+/// MACs swapped (the microbenchmark's baseline).
+#[inline(always)]
+pub fn bare_forward(ctx: &XdpContext) -> u32 {
+    match parse(ctx) {
+        Ok(p) if p.len > 0 => {}
+        _ => return XDP_PASS,
+    }
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let eth = unsafe { &mut *eth };
+    core::mem::swap(&mut eth.dst, &mut eth.src);
+    aya_ebpf::bindings::xdp_action::XDP_TX
+}

@@ -8,7 +8,8 @@
 //! compaction re-lists without stale backends; a 30 s etcd outage loses no
 //! request and a write after it is applied within 1 s; a 3-member cluster
 //! losing its leader mid-churn misses no update; TLS with client-cert auth
-//! works and a wrong CA fails clearly; malformed records are skipped with
+//! works and a wrong CA fails clearly; username/password auth works and a
+//! missing or wrong password is refused in one line; malformed records are skipped with
 //! one log line and a metric each. Needs root; see `common` for the topology.
 
 mod common;
@@ -1104,4 +1105,80 @@ fn malformed_records_are_skipped_once_each() {
     );
     eprintln!("config error samples: {samples:?}");
     assert!(d.is_running(), "daemon died{}", topo.ctx());
+}
+
+#[test]
+fn username_and_password_auth() {
+    require_root();
+    let srv = EtcdServer::start("eau");
+    let c = srv.client();
+    let as_root = |args: &[&str]| {
+        let mut a = vec!["--user=root:s3cret"];
+        a.extend_from_slice(args);
+        c.etcdctl(&a)
+    };
+    c.etcdctl_ok(&["user", "add", "root:s3cret", "--interactive=false"]);
+    let _ = c.etcdctl(&["user", "grant-role", "root", "root"]);
+    c.etcdctl_ok(&["auth", "enable"]);
+    let good = srv.dir.join("password");
+    let bad = srv.dir.join("wrong-password");
+    std::fs::write(&good, "s3cret\n").unwrap();
+    std::fs::write(&bad, "nope\n").unwrap();
+    let good_s = good.display().to_string();
+    let bad_s = bad.display().to_string();
+
+    let created = cli(
+        &c,
+        &[
+            "service",
+            "create",
+            "web",
+            "--publish",
+            "80:8000",
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            &good_s,
+        ],
+    );
+    assert!(
+        created.success(),
+        "with the password: {}",
+        created.describe()
+    );
+    let stored = as_root(&["get", &svc_key("web")]);
+    assert!(
+        stored.success() && stored.stdout.contains("\"web\""),
+        "service not stored: {}",
+        stored.describe()
+    );
+
+    for (what, extra) in [
+        ("no credentials", vec![]),
+        (
+            "a wrong password",
+            vec![
+                "--etcd-user",
+                "root",
+                "--etcd-password-file",
+                bad_s.as_str(),
+            ],
+        ),
+    ] {
+        let mut args = vec!["service", "ls"];
+        args.extend(extra);
+        let out = cli(&c, &args);
+        assert_eq!(
+            out.code(),
+            Some(1),
+            "{what} must be refused: {}",
+            out.describe()
+        );
+        assert_eq!(
+            out.stderr_lines().len(),
+            1,
+            "{what}: one error line: {}",
+            out.describe()
+        );
+    }
 }

@@ -220,7 +220,9 @@ pub async fn connect(opts: &EtcdOptions) -> Result<Client, EtcdError> {
     let mut co = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        // etcd answers pings more often than every 5 s (its default
+        // --grpc-keepalive-min-time) with GOAWAY, which breaks the watch.
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
     if opts.ca.is_some() || opts.cert.is_some() {

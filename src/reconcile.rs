@@ -919,6 +919,41 @@ mod tests {
     }
 
     #[test]
+    fn one_task_change_among_10k_services_touches_only_its_service() {
+        let services: Vec<_> = (0..10_000u16)
+            .map(|i| {
+                (
+                    skey(&format!("s{i}"), 10_000 + i),
+                    spec(10_000 + i, &(1..=10).map(|b| (b, 100)).collect::<Vec<_>>()),
+                )
+            })
+            .collect();
+        let mut want = desired(services);
+        // The compact tables the XDP data plane mirrors the kernel with.
+        let mut dp = FakeDataplane::from_observed(&Observed::default());
+        sync(&mut dp, &want);
+        let key = skey("s4321", 14_321);
+        want.services
+            .get_mut(&key)
+            .unwrap()
+            .backends
+            .insert(bkey(7), up(50));
+        let p = sync(&mut dp, &want);
+        let id = dp.observe().unwrap().services[&key].id;
+        let kinds: Vec<_> = p.ops.iter().map(op_kind).collect();
+        assert_eq!(kinds, ["UpsertBackend", "WriteRing", "UpsertService"]);
+        for op in &p.ops {
+            match op {
+                Op::WriteRing { service_id, .. } | Op::UpsertService { id: service_id, .. } => {
+                    assert_eq!(*service_id, id)
+                }
+                Op::UpsertBackend { service_id, .. } => assert_eq!(*service_id, id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn random_sequences_converge() {
         let mut rng = Rng(0x6d65_7368_6c62_0001);
         let mut dp = FakeDataplane::new();

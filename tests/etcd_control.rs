@@ -1182,3 +1182,38 @@ fn username_and_password_auth() {
         );
     }
 }
+
+/// More records than one list page (and than a single 4 MiB gRPC message
+/// would hold at scale): the first list pages through them at one revision.
+#[test]
+fn first_list_pages_through_many_records() {
+    let topo = Topology::new("epg", TopoOpts { backends: 1 });
+    let etcd = EtcdServer::start_in(&topo.lb_ns, "epg");
+    let c = etcd.client();
+    const SERVICES: u16 = 150;
+    const TASKS: u16 = 8;
+    c.with_client(|rt, client| {
+        for s in 0..SERVICES {
+            let name = format!("pg{s}");
+            let vip = format!("10.97.{}.{}", s / 250, s % 250 + 1);
+            rt.block_on(client.put(svc_key(&name), service_json(&name, &vip, 20_000 + s), None))
+                .expect("put service");
+            for t in 0..TASKS {
+                let addr = format!("10.202.{}.{}", s % 250, t + 1);
+                rt.block_on(client.put(
+                    task_key(&name, &format!("t{t}")),
+                    task_json(&addr, 8000, 100, "running"),
+                    None,
+                ))
+                .expect("put task");
+            }
+        }
+    });
+    let want = from_etcd(&c);
+    assert_eq!(want.len(), SERVICES as usize);
+    let mut daemon = start_etcd_daemon(&topo, &c, &[]);
+    let names: Vec<String> = (0..SERVICES).map(|s| format!("pg{s}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    topo.wait_ready(&mut daemon, &refs, READY);
+    wait_programmed(&topo, &want, &[], Duration::from_secs(10));
+}

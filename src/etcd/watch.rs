@@ -50,22 +50,52 @@ enum WatchEnd {
     Broken(String),
 }
 
-/// Lists the prefix; returns the state and its revision.
+/// Records per list page: a page stays far below gRPC's 4 MiB message
+/// limit (records are at most `MAX_VALUE_BYTES`, typically ~200 bytes).
+const LIST_PAGE: i64 = 500;
+
+/// Lists the prefix page by page, every page at the revision of the first,
+/// so the result is one consistent snapshot; returns it and its revision.
 async fn list(
     client: &mut Client,
     prefix: &str,
     metrics: &Registry,
 ) -> Result<(ClusterState, i64), String> {
-    let resp = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        client.get(format!("{prefix}/"), Some(GetOptions::new().with_prefix())),
-    )
-    .await
-    .map_err(|_| "list: timed out".to_owned())?
-    .map_err(|e| format!("list: {}", error_chain(&e)))?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let (state, errors) =
-        ClusterState::from_kvs(prefix, resp.kvs().iter().map(|kv| (kv.key(), kv.value())));
+    let start = format!("{prefix}/");
+    // The end of the prefix range: "<prefix>/" with its last byte + 1.
+    let end = format!("{prefix}0");
+    let mut key = start.into_bytes();
+    let mut revision = 0i64;
+    let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key.clone(), Some(opts)))
+            .await
+            .map_err(|_| "list: timed out".to_owned())?
+            .map_err(|e| format!("list: {}", error_chain(&e)))?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            kvs.push((kv.key().to_vec(), kv.value().to_vec()));
+        }
+        match kvs.last() {
+            Some((last, _)) if resp.more() => {
+                key = last.clone();
+                key.push(0);
+            }
+            _ => break,
+        }
+    }
+    let (state, errors) = ClusterState::from_kvs(
+        prefix,
+        kvs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+    );
     report(&errors, metrics);
     Ok((state, revision))
 }

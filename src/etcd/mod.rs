@@ -24,17 +24,9 @@ pub const DEFAULT_PREFIX: &str = "/meshlb/v1";
 /// The default endpoint of the CLI.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 
-/// How to reach etcd.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EtcdOptions {
-    pub endpoints: Vec<String>,
-    pub prefix: String,
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-}
+/// How to reach etcd: the config file's `[etcd]` section, which flags can
+/// also fill or override.
+pub use crate::config::EtcdConfig as EtcdOptions;
 
 /// Errors reaching etcd.
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +52,8 @@ impl EtcdOptions {
     /// From the `[etcd]` section of the config file.
     pub fn from_config(c: &EtcdConfig) -> EtcdOptions {
         EtcdOptions {
-            endpoints: c.endpoints.clone(),
             prefix: c.prefix.trim_end_matches('/').to_owned(),
-            ca: c.ca.clone(),
-            cert: c.cert.clone(),
-            key: c.key.clone(),
-            username: c.username.clone(),
-            password_file: c.password_file.clone(),
+            ..c.clone()
         }
     }
 

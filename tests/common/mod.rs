@@ -727,31 +727,8 @@ impl Topology {
     }
 
     pub fn start_daemon_on(&self, config: &Path, xdp_mode: &str, ifaces: &[&str]) -> Proc {
-        let mut argv = vec![
-            "nsenter".to_string(),
-            format!("--net=/run/netns/{}", self.lb_ns),
-            MESHLB.to_string(),
-            "run".into(),
-            "--config".into(),
-            config.display().to_string(),
-            "--xdp-mode".into(),
-            xdp_mode.into(),
-            "--bpffs".into(),
-            self.lb_bpffs().display().to_string(),
-        ];
-        for i in ifaces {
-            argv.push("--iface".into());
-            argv.push((*i).into());
-        }
-        let log = self.next_log("meshlb-run");
-        self.daemon_logs.lock().unwrap().push(log.clone());
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-        Proc::spawn(
-            "meshlb run",
-            &argv,
-            &[("RUST_LOG", &rust_log), ("RUST_BACKTRACE", "1")],
-            log,
-        )
+        let config = config.display().to_string();
+        self.start_daemon_args(&["--config", &config, "--xdp-mode", xdp_mode], ifaces)
     }
 
     /// Every daemon log of this test (tail), for failure messages.

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
                 Ok(v) => v,
                 Err(e) => return fail(2, e),
             };
-            let rt = match tokio::runtime::Builder::new_current_thread()
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                // The daemon loop applies plans synchronously; the node lease,
+                // the etcd watch and /metrics must keep running meanwhile.
+                .worker_threads(2)
                 .enable_all()
                 .build()
             {

@@ -1,15 +1,21 @@
 //! meshlb's developer tasks (`cargo xtask ...`): setup, eBPF and host
-//! builds, the CI test run, the netns demo and the data-plane benchmark.
+//! builds, the CI test run, the netns demo and the data-plane and
+//! control-plane benchmarks.
 
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_control_plane;
+mod bench_peers;
 mod check;
 mod cmd;
 mod compile;
 mod demo;
+mod loadgen;
+mod microbench;
 mod netns;
 mod procs;
+mod report;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -68,7 +74,8 @@ enum Task {
         /// Rounds per scenario and path (interleaved A B A B).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Seconds per wrk run.
+        /// Seconds per run (wrk, paced client, UDP blaster); microbench:
+        /// 40k calls per case and round per second.
         #[arg(long, default_value_t = 5)]
         duration: u32,
         /// wrk connections.
@@ -77,10 +84,19 @@ enum Task {
         /// Use this meshlb binary instead of building a release one.
         #[arg(long, value_name = "PATH")]
         meshlb: Option<PathBuf>,
-        /// XDP attach mode of the daemon (native puts a pass program on the
-        /// receiving veth peers, as native redirect requires).
-        #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
-        xdp_mode: String,
+        /// control-plane: service counts to sync (10 tasks each).
+        #[arg(long, default_value = "1000,10000")]
+        sizes: String,
+        /// control-plane: single etcd changes timed per size.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+    },
+    /// The load generators of `bench dataplane`, run by it inside a
+    /// namespace: `paced`, `udp-blast`, `udp-sink`.
+    #[command(hide = true)]
+    BenchHelper {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -133,7 +149,8 @@ fn run(mut task: Task) -> Result<()> {
             duration,
             connections,
             meshlb,
-            xdp_mode,
+            sizes,
+            changes,
         } => bench::bench(
             suite,
             &bench::Options {
@@ -141,8 +158,10 @@ fn run(mut task: Task) -> Result<()> {
                 duration_s: duration,
                 connections,
                 meshlb,
-                xdp_mode,
+                sizes,
+                changes,
             },
         ),
+        Task::BenchHelper { args } => loadgen::helper(&args),
     }
 }

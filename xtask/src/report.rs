@@ -427,6 +427,55 @@ pub fn latest(suite: &str) -> Option<PathBuf> {
     v.pop()
 }
 
+/// The control-plane suite's summary tables.
+fn control_plane_tables(md: &mut String, cp: &Value) {
+    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    md.push_str("| services | sync from | services present after (s) | daemon RSS (MiB) |\n|---|---|---|---|\n");
+    for r in cp["full_sync"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.1} |",
+            r["services"],
+            r["mode"].as_str().unwrap_or("?"),
+            num(&r["services_present_s"]),
+            num(&r["rss_kib"]) / 1024.0
+        );
+    }
+    md.push_str("\n| services | etcd put → BACKENDS map p50 (ms) | p99 (ms) | put alone p50 (ms) | changes |\n|---|---|---|---|---|\n");
+    for r in cp["change_summary"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {} |",
+            r["services"],
+            num(&r["visible_us"]["p50"]) / 1000.0,
+            num(&r["visible_us"]["p99"]) / 1000.0,
+            num(&r["put_us"]["p50"]) / 1000.0,
+            r["visible_us"]["count"]
+        );
+    }
+    md.push_str("\nkube-proxy iptables mode, the same services (KUBE-SERVICES/NODEPORTS/SVC/SEP chains, DNAT), loaded into a fresh namespace:\n\n| services | tool | rules | full restore (s) | one change = full `--noflush` re-restore (s) | meshlb full sync ÷ restore | re-restore ÷ meshlb change p50 |\n|---|---|---|---|---|---|---|\n");
+    for r in cp["iptables"].as_array().into_iter().flatten() {
+        let rr = r["rerestore_median_s"]
+            .as_f64()
+            .map_or(format!(">{}", r["timeout_s"]), |v| format!("{v:.2}"));
+        let ratio = r["rerestore_over_meshlb_change_p50"]
+            .as_f64()
+            .map_or("–".to_string(), |v| format!("{v:.0}×"));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.2} | {} | {:.2} | {} |",
+            r["services"],
+            r["tool"].as_str().unwrap_or("?"),
+            r["rules"],
+            num(&r["full_restore_s"]),
+            rr,
+            num(&r["meshlb_sync_over_iptables_full"]),
+            ratio
+        );
+    }
+    md.push('\n');
+}
+
 fn load(p: &Path) -> Result<Value> {
     let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&t).with_context(|| format!("parsing {}", p.display()))
@@ -807,10 +856,13 @@ pub fn write() -> Result<PathBuf> {
     if let Some(f) = &cp_file {
         let _ = writeln!(
             md,
-            "## Control plane\n\nSee [`{}`]({}) (`cargo xtask bench control-plane`).\n",
+            "## Control plane\n\nResults: [`{}`]({}) (`cargo xtask bench control-plane`): services × 10 tasks in etcd, meshlb XDP generic.\n",
             rel(f),
             rel(f)
         );
+        if let Ok(cp) = load(f) {
+            control_plane_tables(&mut md, &cp);
+        }
     }
 
     let mut head =

@@ -613,6 +613,23 @@ fn churn_converges_exactly() {
     assert!(d.is_running(), "daemon died{}", topo.ctx());
 }
 
+/// Service "web" with tasks t1 (b1) and t2 (b2) in etcd, and a daemon that
+/// has programmed both.
+fn web_on_b1_b2(topo: &Topology, c: &EtcdClient) -> Proc {
+    let ip = |n: &str| topo.backend(n).v4.to_string();
+    c.put(&svc_key("web"), &service_json("web", WEB_VIP_IP, WEB_PORT));
+    for (id, b) in [("t1", "b1"), ("t2", "b2")] {
+        c.put(
+            &task_key("web", id),
+            &task_json(&ip(b), HTTP_PORT, 100, "running"),
+        );
+    }
+    let mut d = start_etcd_daemon(topo, c, &[]);
+    topo.wait_ready(&mut d, &["web"], READY);
+    wait_backend_addrs(topo, "web", &[&ip("b1"), &ip("b2")], Duration::from_secs(5));
+    d
+}
+
 /// c. The daemon misses changes and the history it would resume from is
 /// compacted: it must re-list, keeping no stale backend.
 #[test]
@@ -622,23 +639,7 @@ fn compaction_forces_relist_without_stale_backends() {
     let mut etcd = EtcdServer::start_in(&topo.lb_ns, "ec");
     let c = etcd.client();
     let ip = |n: &str| topo.backend(n).v4.to_string();
-    c.put(&svc_key("web"), &service_json("web", WEB_VIP_IP, WEB_PORT));
-    c.put(
-        &task_key("web", "t1"),
-        &task_json(&ip("b1"), HTTP_PORT, 100, "running"),
-    );
-    c.put(
-        &task_key("web", "t2"),
-        &task_json(&ip("b2"), HTTP_PORT, 100, "running"),
-    );
-    let mut d = start_etcd_daemon(&topo, &c, &[]);
-    topo.wait_ready(&mut d, &["web"], READY);
-    wait_backend_addrs(
-        &topo,
-        "web",
-        &[&ip("b1"), &ip("b2")],
-        Duration::from_secs(5),
-    );
+    let mut d = web_on_b1_b2(&topo, &c);
     let seen = c.revision();
 
     // Freeze the daemon, and break its watch stream by restarting etcd, so
@@ -724,23 +725,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     let mut etcd = EtcdServer::start_in(&topo.lb_ns, "ed");
     let c = etcd.client();
     let ip = |n: &str| topo.backend(n).v4.to_string();
-    c.put(&svc_key("web"), &service_json("web", WEB_VIP_IP, WEB_PORT));
-    c.put(
-        &task_key("web", "t1"),
-        &task_json(&ip("b1"), HTTP_PORT, 100, "running"),
-    );
-    c.put(
-        &task_key("web", "t2"),
-        &task_json(&ip("b2"), HTTP_PORT, 100, "running"),
-    );
-    let mut d = start_etcd_daemon(&topo, &c, &[]);
-    topo.wait_ready(&mut d, &["web"], READY);
-    wait_backend_addrs(
-        &topo,
-        "web",
-        &[&ip("b1"), &ip("b2")],
-        Duration::from_secs(5),
-    );
+    let mut d = web_on_b1_b2(&topo, &c);
     let vip = sa(WEB_VIP);
 
     let stop = AtomicBool::new(false);

@@ -47,7 +47,7 @@ use serde_json::{json, Value};
 use crate::bench::{parse_wrk, utc_stamp, Options};
 use crate::cmd::{self, Background, Cmd};
 use crate::compile::{self, Target};
-use crate::netns::{self, Netns};
+use crate::netns::{self, veth, Netns};
 use crate::procs::{self, Daemon, TempDir};
 use crate::setup;
 
@@ -195,18 +195,6 @@ impl Drop for Bed {
             Daemon::cleanup_pins(&self.bin, p);
         }
     }
-}
-
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    a.ip(&[
-        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
-    ])
-    .with_context(|| format!("creating veth {a_if} <-> {b_if}"))?;
-    a.tx_off(a_if)?;
-    b.tx_off(b_if)?;
-    a.ip(&["link", "set", a_if, "up"])?;
-    b.ip(&["link", "set", b_if, "up"])?;
-    Ok(())
 }
 
 fn meshlb_config(lane: Lane) -> String {

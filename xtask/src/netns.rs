@@ -210,7 +210,9 @@ impl Topology {
     }
 }
 
-fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+/// A veth pair `a_if` (in `a`) <-> `b_if` (in `b`), TX checksum offload
+/// off on both ends (ENV.md), both up.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     a.ip(&[
         "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
     ])

@@ -266,13 +266,16 @@ pub struct Health {
     pub fall: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     pub addr: IpAddr,
     /// `None`: the `target` of each publish entry.
     pub port: Option<u16>,
     /// 0 drains.
     pub weight: u32,
+    /// The node the backend runs on; `None`: this node (or reachable
+    /// without source translation). A backend of another node gets SNAT.
+    pub node: Option<String>,
 }
 
 // ---------------------------------------------------------------------
@@ -390,6 +393,8 @@ pub struct BackendDef {
     pub port: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Default affinity timeout (seconds), as IPVS persistence.
@@ -558,10 +563,19 @@ impl ServiceDef {
                 None => DEFAULT_WEIGHT,
                 Some(w) => weight(&format!("{at}.weight"), w)?,
             };
+            if let Some(n) = &b.node {
+                if n.is_empty() || n.len() > 128 || n.chars().any(|c| c.is_whitespace()) {
+                    return Err(FieldError::new(
+                        format!("{at}.node"),
+                        format!("must be a node name (1..=128 characters, no spaces), got {n:?}"),
+                    ));
+                }
+            }
             let cfg = BackendConfig {
                 addr,
                 port: port_,
                 weight,
+                node: b.node.clone(),
             };
             for p in &publish {
                 let key = cfg.key(p);
@@ -767,31 +781,39 @@ fn validate_etcd(e: &EtcdDef) -> Result<EtcdConfig, FieldError> {
 }
 
 impl Config {
-    /// The data-plane services of the static `[[service]]` tables: one
-    /// [`ServiceKey`] per publish entry, all backends up.
-    pub fn desired_state(&self, local_addrs: BTreeSet<IpAddr>) -> DesiredState {
-        desired_state_of(&self.services, local_addrs)
+    /// The data-plane services of the static `[[service]]` tables, as
+    /// node `node` forwards them: one [`ServiceKey`] per publish entry,
+    /// all backends up.
+    pub fn desired_state(&self, local_addrs: BTreeSet<IpAddr>, node: &str) -> DesiredState {
+        desired_state_of(&self.services, local_addrs, node)
     }
 }
 
 /// The data-plane services of validated services with all backends up
-/// (static services; etcd builds its own with [`ServiceConfig::specs`]).
-pub fn desired_state_of(services: &[ServiceConfig], local_addrs: BTreeSet<IpAddr>) -> DesiredState {
+/// (static services; etcd builds its own with [`ServiceConfig::specs`]),
+/// as node `node` forwards them.
+pub fn desired_state_of(
+    services: &[ServiceConfig],
+    local_addrs: BTreeSet<IpAddr>,
+    node: &str,
+) -> DesiredState {
     DesiredState {
         services: services
             .iter()
-            .flat_map(|svc| svc.specs(|_| BackendState::Up))
+            .flat_map(|svc| svc.specs(node, |_| BackendState::Up))
             .collect(),
         local_addrs,
     }
 }
 
 impl ServiceConfig {
-    /// One data-plane service per publish entry; `state` gives each
+    /// One data-plane service per publish entry, as node `node` forwards
+    /// it (backends of other nodes are remote); `state` gives each
     /// backend's state (a static backend is always up, an etcd task may
     /// be draining).
     pub fn specs(
         &self,
+        node: &str,
         state: impl Fn(&BackendConfig) -> BackendState,
     ) -> Vec<(ServiceKey, ServiceSpec)> {
         self.publish
@@ -813,6 +835,7 @@ impl ServiceConfig {
                                 BackendSpec {
                                     weight: b.weight,
                                     state: state(b),
+                                    remote: b.node.as_deref().is_some_and(|n| n != node),
                                 },
                             )
                         })
@@ -1279,10 +1302,11 @@ weight = 300
     fn good_config_gives_desired_state() {
         let c = parse(GOOD).unwrap();
         let local: BTreeSet<IpAddr> = [v4(192, 168, 1, 10)].into();
-        let d = c.desired_state(local.clone());
+        let d = c.desired_state(local.clone(), "node-1");
         assert_eq!(d.local_addrs, local);
 
         let up = |weight| BackendSpec {
+            remote: false,
             weight,
             state: BackendState::Up,
         };
@@ -1371,7 +1395,7 @@ weight = 300
         assert_eq!(whoami.name, "whoami");
         assert_eq!(whoami.vip, Some(v4(10, 96, 0, 10)));
         assert_eq!(whoami.backends.len(), 3);
-        let d = c.desired_state(BTreeSet::new());
+        let d = c.desired_state(BTreeSet::new(), "node-1");
         assert_eq!(d.services.len(), 2);
     }
 
@@ -1442,6 +1466,12 @@ weight = 300
                 svc("[[service.backend]]\naddr = \"node-3\""),
                 "service[0].backend[0].addr: invalid IP address",
                 Some(5),
+            ),
+            (
+                "empty backend node",
+                svc("[[service.backend]]\naddr = \"10.0.0.9\"\nnode = \"\""),
+                "service[0].backend[0].node: must be a node name",
+                Some(6),
             ),
             (
                 "unknown scheduler",

@@ -23,6 +23,7 @@ use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
 use crate::metrics::Registry;
 use crate::model::DesiredState;
+use crate::nodenet::NodeNet;
 use crate::{metrics, netlink, reconcile};
 
 /// How often this node's addresses are re-read (node ports follow them).
@@ -160,10 +161,15 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
 
 /// What the node should forward: static services, plus etcd's when an
 /// etcd source is configured (static ones win a name clash).
-fn desired(cfg: &Config, cluster: Option<&Snapshot>, locals: &BTreeSet<IpAddr>) -> DesiredState {
+fn desired(
+    cfg: &Config,
+    cluster: Option<&Snapshot>,
+    locals: &BTreeSet<IpAddr>,
+    node: &str,
+) -> DesiredState {
     match cluster {
-        Some(snap) => snap.state.desired(&cfg.services, locals.clone()),
-        None => cfg.desired_state(locals.clone()),
+        Some(snap) => snap.state.desired(&cfg.services, locals.clone(), node),
+        None => cfg.desired_state(locals.clone(), node),
     }
 }
 
@@ -176,11 +182,12 @@ fn sync(
     cfg: &Config,
     cluster: &Cluster,
     locals: &BTreeSet<IpAddr>,
+    node: &str,
 ) -> Result<usize, DaemonError> {
     let desired = match cluster {
-        Cluster::Static => desired(cfg, None, locals),
+        Cluster::Static => desired(cfg, None, locals, node),
         Cluster::Waiting => return Ok(0),
-        Cluster::Etcd(snap) => desired(cfg, Some(snap), locals),
+        Cluster::Etcd(snap) => desired(cfg, Some(snap), locals, node),
     };
     let observed = dp
         .observe()
@@ -244,7 +251,9 @@ pub async fn run(
         settings.ifaces.join(","),
         settings.bpffs.display()
     );
-    let mut locals = netlink::local_addrs().await.map_err(|e| rt(&e))?;
+    let (mut locals, net) = read_node_net(&settings.ifaces).await.map_err(|e| rt(&e))?;
+    apply_node_net(&mut dp, &net);
+    allow_local_source(&settings.ifaces);
     let registry = Arc::new(Registry::default());
     let (mut etcd_rx, mut cluster, _etcd_tasks) = match &settings.etcd {
         Some(o) => {
@@ -275,7 +284,7 @@ pub async fn run(
         }
         None => (None, Cluster::Static, Vec::new()),
     };
-    let n = sync(&mut dp, &cfg, &cluster, &locals)?;
+    let n = sync(&mut dp, &cfg, &cluster, &locals, &settings.node)?;
     if matches!(cluster, Cluster::Static) {
         log::info!("applied {n} changes; {} services", cfg.services.len());
     }
@@ -313,7 +322,7 @@ pub async fn run(
                 let observed = snap.observed_at;
                 let rev = snap.revision;
                 cluster = Cluster::Etcd(snap);
-                match sync(&mut dp, &cfg, &cluster, &locals) {
+                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
                     Ok(n) => {
                         if let Some(t) = observed {
                             registry.observe_sync(t.elapsed().as_secs_f64());
@@ -327,7 +336,7 @@ pub async fn run(
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
                     Ok(new) => {
                         cfg = new;
-                        match sync(&mut dp, &cfg, &cluster, &locals) {
+                        match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
                             Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
                             Err(e) => log::error!("SIGHUP: {e}"),
                         }
@@ -336,15 +345,17 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
-                match netlink::local_addrs().await {
-                    Ok(now) if now != locals => {
-                        locals = now;
-                        match sync(&mut dp, &cfg, &cluster, &locals) {
-                            Ok(n) => log::info!("node addresses changed: {n} changes applied"),
-                            Err(e) => log::error!("{e}"),
+                match read_node_net(&settings.ifaces).await {
+                    Ok((now, net)) => {
+                        apply_node_net(&mut dp, &net);
+                        if now != locals {
+                            locals = now;
+                            match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
+                                Ok(n) => log::info!("node addresses changed: {n} changes applied"),
+                                Err(e) => log::error!("{e}"),
+                            }
                         }
                     }
-                    Ok(_) => {}
                     Err(e) => log::warn!("{e}"),
                 }
             }
@@ -355,6 +366,50 @@ pub async fn run(
         settings.bpffs.display()
     );
     Ok(())
+}
+
+/// This node's addresses and network facts, read over rtnetlink.
+async fn read_node_net(
+    ifaces: &[String],
+) -> Result<(BTreeSet<IpAddr>, NodeNet), netlink::NetlinkError> {
+    let addrs = netlink::addresses().await?;
+    let links = netlink::links().await?;
+    let locals = addrs.iter().map(|(_, a)| *a).collect();
+    Ok((locals, NodeNet::new(ifaces, &links, &addrs)))
+}
+
+/// Writes the node facts to the data plane, logging what changed.
+fn apply_node_net(dp: &mut XdpDataplane, net: &NodeNet) {
+    match dp.set_node_net(net) {
+        Ok(true) => {
+            let show = |a: Option<IpAddr>| a.map_or("none".to_string(), |a| a.to_string());
+            log::info!(
+                "SNAT address for remote backends: {} / {}; {} interfaces flagged",
+                show(net.snat.0),
+                show(net.snat.1),
+                net.iface_flags.len()
+            );
+        }
+        Ok(false) => {}
+        Err(e) => log::error!("node network facts: {e}"),
+    }
+}
+
+/// Lets the listed interfaces take packets with this node's own source
+/// address (`accept_local`): a SNATed packet the XDP program hands to the
+/// stack (neighbour not resolved yet) carries it, and would otherwise be
+/// dropped as a martian.
+fn allow_local_source(ifaces: &[String]) {
+    for i in ifaces {
+        let p = format!("/proc/sys/net/ipv4/conf/{i}/accept_local");
+        match std::fs::read_to_string(&p) {
+            Ok(v) if v.trim() == "1" => {}
+            _ => match std::fs::write(&p, "1") {
+                Ok(()) => log::info!("iface {i}: accept_local=1 (SNATed packets may pass through the stack)"),
+                Err(e) => log::warn!("iface {i}: cannot set accept_local: {e}; SNATed packets whose neighbour is unresolved are dropped"),
+            },
+        }
+    }
 }
 
 /// Aborts a spawned task when dropped: every task has an owner.

@@ -12,6 +12,7 @@
 //! * [`inspect`] — `status` and `explain`, read from the pinned maps.
 //! * [`etcd`] — services and tasks from etcd (list+watch, node lease).
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
+//! * [`nodenet`] — interface forwarding flags and the SNAT address (pure).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
 //! * [`metrics`] — Prometheus text on `/metrics`.
 //! * [`admin`] — the `service`/`task` client commands (etcd).
@@ -28,6 +29,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
+pub mod nodenet;
 pub mod pinned;
 pub mod reconcile;
 

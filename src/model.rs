@@ -121,6 +121,9 @@ impl fmt::Display for BackendKey {
 pub struct BackendSpec {
     pub weight: u32,
     pub state: BackendState,
+    /// On another node: flows to it are source-translated to this node's
+    /// address so its replies come back here (the routing mesh).
+    pub remote: bool,
 }
 
 impl BackendSpec {
@@ -160,6 +163,7 @@ pub struct ObservedBackend {
     pub id: u32,
     pub weight: u32,
     pub state: BackendState,
+    pub remote: bool,
 }
 
 /// A service as found in the data plane.

@@ -1,6 +1,7 @@
 //! Interfaces and this node's own addresses, read over rtnetlink. Node-port
-//! frontends answer on every address found here. Every request has a
-//! timeout.
+//! frontends answer on every address found here; `nodenet` turns the
+//! interface facts into forwarding flags and the SNAT address. Every
+//! request has a timeout.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -8,6 +9,9 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkXdp, XdpAttached};
+
+use crate::nodenet::LinkFacts;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,6 +41,12 @@ fn connect() -> Result<rtnetlink::Handle, NetlinkError> {
 /// Every address on this node (this network namespace), except loopback
 /// and IPv6 link-local ones.
 pub async fn local_addrs() -> Result<BTreeSet<IpAddr>, NetlinkError> {
+    Ok(addresses().await?.into_iter().map(|(_, a)| a).collect())
+}
+
+/// Every address with the index of its interface, in dump order (primary
+/// addresses first), except loopback and IPv6 link-local ones.
+pub async fn addresses() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
     let handle = connect()?;
     let msgs: Vec<_> =
         tokio::time::timeout(TIMEOUT, handle.address().get().execute().try_collect())
@@ -46,21 +56,65 @@ pub async fn local_addrs() -> Result<BTreeSet<IpAddr>, NetlinkError> {
                 what: "address dump",
                 source,
             })?;
-    let mut out = BTreeSet::new();
+    let mut out = Vec::new();
     for m in msgs {
+        let index = m.header.index;
         for a in m.attributes {
             let addr = match a {
                 AddressAttribute::Local(a) => a,
                 AddressAttribute::Address(a) => a,
                 _ => continue,
             };
-            if addr.is_loopback() || is_link_local_v6(&addr) {
+            if addr.is_loopback() || is_link_local_v6(&addr) || out.contains(&(index, addr)) {
                 continue;
             }
-            out.insert(addr);
+            out.push((index, addr));
         }
     }
     Ok(out)
+}
+
+/// Every interface of this node: index, name, kind, and XDP attach mode.
+pub async fn links() -> Result<Vec<LinkFacts>, NetlinkError> {
+    let handle = connect()?;
+    let msgs: Vec<_> = tokio::time::timeout(TIMEOUT, handle.link().get().execute().try_collect())
+        .await
+        .map_err(|_| NetlinkError::Timeout("link dump"))?
+        .map_err(|source| NetlinkError::Request {
+            what: "link dump",
+            source,
+        })?;
+    Ok(msgs
+        .into_iter()
+        .map(|m| {
+            let mut f = LinkFacts {
+                index: m.header.index,
+                loopback: m.header.flags.contains(LinkFlags::Loopback),
+                ..Default::default()
+            };
+            for a in m.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => f.name = n,
+                    LinkAttribute::LinkInfo(infos) => {
+                        for i in infos {
+                            if let LinkInfo::Kind(k) = i {
+                                f.kind = Some(k.to_string());
+                            }
+                        }
+                    }
+                    LinkAttribute::Xdp(xs) => {
+                        for x in xs {
+                            if let LinkXdp::Attached(XdpAttached::SocketBuffer) = x {
+                                f.xdp_generic = true;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            f
+        })
+        .collect())
 }
 
 fn is_link_local_v6(a: &IpAddr) -> bool {

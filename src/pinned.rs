@@ -8,7 +8,7 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use aya::Ebpf;
 use meshlb_common::{
     maps, AddrKey, Backend, CtEntry, FlowKey, FrontendKey, FrontendValue, NodeMeta, RnatEntry,
-    ServiceInfo, ServiceName, Stats,
+    ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats,
 };
 
 /// Errors opening or using the pinned maps.
@@ -48,6 +48,9 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, Stats>,
     pub counters: PerCpuArray<MapData, u64>,
     pub meta: Array<MapData, NodeMeta>,
+    pub snat: HashMap<MapData, FlowKey, SnatEntry>,
+    pub snat_addrs: Array<MapData, SnatAddr>,
+    pub ifaces: HashMap<MapData, u32, u32>,
 }
 
 impl Maps {
@@ -92,6 +95,9 @@ impl Maps {
             service_stats: typed!(maps::SERVICE_STATS),
             counters: typed!(maps::COUNTERS),
             meta: typed!(maps::META),
+            snat: typed!(maps::SNAT),
+            snat_addrs: typed!(maps::SNAT_ADDRS),
+            ifaces: typed!(maps::IFACES),
         })
     }
 

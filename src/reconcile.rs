@@ -24,6 +24,8 @@ pub enum Op {
         key: BackendKey,
         weight: u32,
         state: BackendState,
+        /// Source-translate its flows (`BackendSpec::remote`).
+        remote: bool,
         fresh: bool,
     },
     /// Free a backend slot. Established flows keep their backend (conntrack
@@ -222,7 +224,9 @@ pub fn plan_with_limits(
             let state = bs.effective_state();
             let found = os.and_then(|os| os.backends.get(bk));
             let (id, fresh) = match found {
-                Some(ob) if ob.weight == bs.weight && ob.state == state => {
+                Some(ob)
+                    if ob.weight == bs.weight && ob.state == state && ob.remote == bs.remote =>
+                {
                     ids.insert(*bk, ob.id);
                     continue;
                 }
@@ -241,6 +245,7 @@ pub fn plan_with_limits(
                 key: *bk,
                 weight: bs.weight,
                 state,
+                remote: bs.remote,
                 fresh,
             });
         }
@@ -374,6 +379,7 @@ mod tests {
         BackendSpec {
             weight,
             state: BackendState::Up,
+            remote: false,
         }
     }
 
@@ -426,12 +432,12 @@ mod tests {
             let got: BTreeMap<_, _> = os
                 .backends
                 .iter()
-                .map(|(k, b)| (*k, (b.weight, b.state)))
+                .map(|(k, b)| (*k, (b.weight, b.state, b.remote)))
                 .collect();
             let wanted: BTreeMap<_, _> = spec
                 .backends
                 .iter()
-                .map(|(k, b)| (*k, (b.weight, b.effective_state())))
+                .map(|(k, b)| (*k, (b.weight, b.effective_state(), b.remote)))
                 .collect();
             assert_eq!(got, wanted, "{key}");
             let ring = dp.ring(os.id).expect("ring");
@@ -476,6 +482,7 @@ mod tests {
             key: bkey(id as u8 + 1),
             weight,
             state: BackendState::Up,
+            remote: false,
             fresh: true,
         };
         assert_eq!(
@@ -574,6 +581,7 @@ mod tests {
                 key: bkey(2),
                 weight: 0,
                 state: BackendState::Draining,
+                remote: false,
                 fresh: false,
             }
         );
@@ -589,6 +597,7 @@ mod tests {
             BackendSpec {
                 weight: 100,
                 state: BackendState::Down,
+                remote: false,
             },
         );
         sync(&mut dp, &down);
@@ -892,7 +901,15 @@ mod tests {
                         addr: ip(10, 0, i, b),
                         port: 80 + rng.below(2) as u16,
                     };
-                    backends.insert(key, BackendSpec { weight, state });
+                    let remote = rng.chance(30);
+                    backends.insert(
+                        key,
+                        BackendSpec {
+                            weight,
+                            state,
+                            remote,
+                        },
+                    );
                 }
             }
             let key = ServiceKey {

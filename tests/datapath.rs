@@ -16,9 +16,12 @@ use std::process::Command;
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
-use meshlb::dataplane::xdp::{apply_maps, observe_maps};
+use meshlb::dataplane::xdp::{apply_maps, apply_node_net, observe_maps};
 use meshlb::pinned::{addr_bytes, Maps};
-use meshlb_common::{Counter, CtEntry, FlowKey, RnatEntry, CT_F_FIN_CLIENT, PROTO_TCP};
+use meshlb_common::{
+    Counter, CtEntry, FlowKey, RnatEntry, SnatEntry, CT_F_FIN_CLIENT, CT_F_SNAT, IF_F_NO_XMIT,
+    PROTO_TCP, SNAT_PORT_MIN,
+};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -50,6 +53,22 @@ addr = "fd00:201:1::2"
 name = "empty"
 vip = "10.96.0.20"
 publish = [{ proto = "tcp", port = 8081, target = 8000 }]
+
+[[service]]
+name = "remote"
+vip = "10.96.0.40"
+publish = [{ proto = "tcp", port = 81, target = 8000 }, { proto = "udp", port = 54, target = 5353 }]
+[[service.backend]]
+addr = "10.201.1.3"
+node = "other"
+
+[[service]]
+name = "remote6"
+vip = "fd00:96::40"
+publish = [{ proto = "tcp", port = 82, target = 8000 }]
+[[service.backend]]
+addr = "fd00:201:1::3"
+node = "other"
 
 [[service]]
 name = "noneigh"
@@ -296,6 +315,15 @@ enum Seed {
     Ct(FlowKeySpec, &'static str, u16, u16),
     /// A reply entry for (backend -> client) naming a frontend.
     Rnat(FlowKeySpec, &'static str, u16),
+    /// SNAT port `port` to backend 10.201.1.3:8000 held by client flow
+    /// `flow`; `live`: that flow is in conntrack (else it is gone).
+    SnatHeld {
+        flow: FlowKeySpec,
+        port: u16,
+        live: bool,
+    },
+    /// The interface is flagged as unable to take native redirects.
+    NoXmit(&'static str),
 }
 
 #[derive(Clone, Copy)]
@@ -372,6 +400,14 @@ const NEW_IN: &[(Counter, u64)] = &[(Counter::NewFlow, 1), (Counter::ForwardedIn
 const HIT_IN: &[(Counter, u64)] = &[(Counter::NewFlow, 0), (Counter::ForwardedIn, 1)];
 const OUT: &[(Counter, u64)] = &[(Counter::ForwardedOut, 1)];
 const NOT_SVC: &[(Counter, u64)] = &[(Counter::NotService, 1), (Counter::NewFlow, 0)];
+const SNAT_IN: &[(Counter, u64)] = &[
+    (Counter::NewFlow, 1),
+    (Counter::SnatNew, 1),
+    (Counter::ForwardedIn, 1),
+];
+/// The node's SNAT addresses in the fixture (the backend-side addresses).
+const SNAT4: &str = "10.201.1.1";
+const SNAT6: &str = "fd00:201:1::1";
 
 fn mangle(mut b: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     f(&mut b);
@@ -402,6 +438,52 @@ fn cases() -> Vec<Case> {
     let udp4_out = udp4.translated(Some(("10.201.1.2", 5353)), None, FXA_MAC, BE1_MAC);
     let udp6 = Frame::udp(c6, 50000, "fd00:96::10", 5300);
     let udp6_out = udp6.translated(Some(("fd00:201:1::2", 5353)), None, FXA_MAC, BE1_MAC);
+    let syn_r = Frame::tcp(c4, 40000, "10.96.0.40", 81, SYN);
+    let syn_r_out = syn_r.translated(
+        Some(("10.201.1.3", 8000)),
+        Some((SNAT4, SNAT_PORT_MIN)),
+        FXA_MAC,
+        BE3_MAC,
+    );
+    let syn_r2 = Frame::tcp(c4, 40001, "10.96.0.40", 81, SYN);
+    let ack_r = Frame::tcp(c4, 40000, "10.96.0.40", 81, ACK);
+    let reply_r = Frame {
+        smac: BE3_MAC,
+        dmac: FXA_MAC,
+        ..Frame::tcp("10.201.1.3", 8000, SNAT4, SNAT_PORT_MIN, SYN | ACK)
+    };
+    let reply_r_out = reply_r.translated(
+        Some((c4, 40000)),
+        Some(("10.96.0.40", 81)),
+        FXB_MAC,
+        CLIENT_MAC,
+    );
+    let udp_r = Frame::udp(c4, 50000, "10.96.0.40", 54);
+    let syn6_r = Frame::tcp(c6, 40000, "fd00:96::40", 82, SYN);
+    let syn6_r_out = syn6_r.translated(
+        Some(("fd00:201:1::3", 8000)),
+        Some((SNAT6, SNAT_PORT_MIN)),
+        FXA_MAC,
+        BE3_MAC,
+    );
+    let reply6_r = Frame {
+        smac: BE3_MAC,
+        dmac: FXA_MAC,
+        ..Frame::tcp("fd00:201:1::3", 8000, SNAT6, SNAT_PORT_MIN, SYN | ACK)
+    };
+    let reply6_r_out = reply6_r.translated(
+        Some((c6, 40000)),
+        Some(("fd00:96::40", 82)),
+        FXB_MAC,
+        CLIENT_MAC,
+    );
+    let other_flow = FlowKeySpec {
+        src: "10.200.0.9",
+        sport: 41000,
+        dst: "10.96.0.40",
+        dport: 81,
+        proto: PROTO_TCP,
+    };
     let flow4 = FlowKeySpec {
         src: c4,
         sport: 40000,
@@ -815,6 +897,127 @@ fn cases() -> Vec<Case> {
                 }
             })),
         },
+        case(
+            "ipv4 tcp SYN to a remote backend: DNAT, and SNAT to the node address with the first port of the range",
+            vec![step(syn_r.bytes(), fwd(&syn_r_out), SNAT_IN)],
+        ),
+        case(
+            "ipv4 tcp remote backend: its reply is translated back to the client (source = the VIP)",
+            vec![
+                step(syn_r.bytes(), fwd(&syn_r_out), SNAT_IN),
+                step(reply_r.bytes(), fwd(&reply_r_out), OUT),
+                step(
+                    ack_r.bytes(),
+                    fwd(&ack_r.translated(
+                        Some(("10.201.1.3", 8000)),
+                        Some((SNAT4, SNAT_PORT_MIN)),
+                        FXA_MAC,
+                        BE3_MAC,
+                    )),
+                    &[(Counter::NewFlow, 0), (Counter::SnatNew, 0), (Counter::ForwardedIn, 1)],
+                ),
+            ],
+        ),
+        case(
+            "ipv4 tcp remote backend: two flows get two ports",
+            vec![
+                step(syn_r.bytes(), fwd(&syn_r_out), SNAT_IN),
+                step(
+                    syn_r2.bytes(),
+                    fwd(&syn_r2.translated(
+                        Some(("10.201.1.3", 8000)),
+                        Some((SNAT4, SNAT_PORT_MIN + 1)),
+                        FXA_MAC,
+                        BE3_MAC,
+                    )),
+                    SNAT_IN,
+                ),
+            ],
+        ),
+        Case {
+            name: "ipv4 remote backend: a port held by a live flow is skipped",
+            seed: Seed::SnatHeld {
+                flow: other_flow,
+                port: SNAT_PORT_MIN,
+                live: true,
+            },
+            steps: vec![step(
+                syn_r.bytes(),
+                fwd(&syn_r.translated(
+                    Some(("10.201.1.3", 8000)),
+                    Some((SNAT4, SNAT_PORT_MIN + 1)),
+                    FXA_MAC,
+                    BE3_MAC,
+                )),
+                &[(Counter::SnatNew, 1), (Counter::SnatReclaimed, 0), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "ipv4 remote backend: a port whose flow left conntrack is reclaimed, and the old reply entry is replaced",
+            seed: Seed::SnatHeld {
+                flow: other_flow,
+                port: SNAT_PORT_MIN,
+                live: false,
+            },
+            steps: vec![step(
+                syn_r.bytes(),
+                fwd(&syn_r_out),
+                &[(Counter::SnatNew, 0), (Counter::SnatReclaimed, 1), (Counter::ForwardedIn, 1)],
+            )],
+            after: Some(Box::new(|maps: &Maps| {
+                let n = maps.snat.keys().count();
+                let ct = maps
+                    .conntrack
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, v)| v.flags & CT_F_SNAT != 0)
+                    .count();
+                if n == 1 && ct == 1 {
+                    Ok(())
+                } else {
+                    Err(format!("snat entries {n}, snat conntrack entries {ct}; want 1 and 1"))
+                }
+            })),
+        },
+        case(
+            "ipv4 udp to a remote backend: DNAT + SNAT",
+            vec![step(
+                udp_r.bytes(),
+                fwd(&udp_r.translated(
+                    Some(("10.201.1.3", 5353)),
+                    Some((SNAT4, SNAT_PORT_MIN)),
+                    FXA_MAC,
+                    BE3_MAC,
+                )),
+                SNAT_IN,
+            )],
+        ),
+        case(
+            "ipv6 tcp SYN to a remote backend and its reply: DNAT + SNAT, then back",
+            vec![
+                step(syn6_r.bytes(), fwd(&syn6_r_out), SNAT_IN),
+                step(reply6_r.bytes(), fwd(&reply6_r_out), OUT),
+            ],
+        ),
+        Case {
+            name: "egress device without native XDP transmit (bridge): translated, handed to the stack unforwarded",
+            seed: Seed::NoXmit("fxa"),
+            steps: vec![step(
+                syn4.bytes(),
+                Expect::Frame(
+                    XDP_PASS,
+                    Frame {
+                        dst: "10.201.1.2".parse().unwrap(),
+                        dport: 8000,
+                        ..syn4.clone()
+                    }
+                    .bytes(),
+                ),
+                &[(Counter::RedirectPass, 1), (Counter::ForwardedIn, 0)],
+            )],
+            after: None,
+        },
         untouched(
             "ARP: untouched",
             mangle(syn4.bytes()[..42].to_vec(), |b| {
@@ -887,6 +1090,7 @@ impl Netns {
         ip("neigh replace 10.201.1.2 lladdr 02:00:00:00:01:02 dev fxa nud permanent");
         ip("neigh replace 10.201.1.3 lladdr 02:00:00:00:01:03 dev fxa nud permanent");
         ip("neigh replace fd00:201:1::2 lladdr 02:00:00:00:01:02 dev fxa nud permanent");
+        ip("neigh replace fd00:201:1::3 lladdr 02:00:00:00:01:03 dev fxa nud permanent");
         ip("neigh replace 10.200.0.2 lladdr 02:00:00:00:00:02 dev fxb nud permanent");
         ip("neigh replace fd00:200::2 lladdr 02:00:00:00:00:02 dev fxb nud permanent");
         sh(&[
@@ -948,9 +1152,14 @@ fn load(pins: &std::path::Path) -> (Ebpf, Maps) {
 fn program(desired_locals: &[&str], maps: &mut Maps) {
     let cfg = meshlb::config::parse(CONFIG).expect("fixture config");
     let locals = desired_locals.iter().map(|a| a.parse().unwrap()).collect();
-    let desired = cfg.desired_state(locals);
+    let desired = cfg.desired_state(locals, "fixture");
     let plan = meshlb::reconcile::plan(&desired, &observe_maps(maps).unwrap()).unwrap();
     apply_maps(maps, &plan).unwrap();
+    let net = meshlb::nodenet::NodeNet {
+        iface_flags: Default::default(),
+        snat: (Some(SNAT4.parse().unwrap()), Some(SNAT6.parse().unwrap())),
+    };
+    apply_node_net(maps, &net).unwrap();
 }
 
 fn seed(maps: &mut Maps, s: &Seed) {
@@ -964,9 +1173,49 @@ fn seed(maps: &mut Maps, s: &Seed) {
                 flags: *flags,
                 backend_id: 0,
                 service_id: 0,
+                snat_port: 0,
                 _pad: 0,
             };
             maps.conntrack.insert(flow.key(), e, 0).unwrap();
+        }
+        Seed::SnatHeld { flow, port, live } => {
+            let k = flow.key();
+            let (backend, _) = addr_bytes("10.201.1.3".parse().unwrap());
+            let (snat, _) = addr_bytes(SNAT4.parse().unwrap());
+            let reply = FlowKey {
+                src: backend,
+                dst: snat,
+                sport: 8000u16.to_be(),
+                dport: port.to_be(),
+                ..k
+            };
+            let e = SnatEntry {
+                client_addr: k.src,
+                frontend_addr: k.dst,
+                client_port: k.sport,
+                frontend_port: k.dport,
+                // Now (bpf_ktime_get_ns is CLOCK_MONOTONIC): not idle.
+                last_seen: {
+                    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+                    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+                },
+                ..Default::default()
+            };
+            maps.snat.insert(reply, e, 0).unwrap();
+            if *live {
+                let ct = CtEntry {
+                    backend_addr: backend,
+                    backend_port: 8000u16.to_be(),
+                    flags: CT_F_SNAT,
+                    snat_port: port.to_be(),
+                    ..Default::default()
+                };
+                maps.conntrack.insert(k, ct, 0).unwrap();
+            }
+        }
+        Seed::NoXmit(iface) => {
+            let index = nix::net::if_::if_nametoindex(*iface).expect("fixture iface");
+            maps.ifaces.insert(index, IF_F_NO_XMIT, 0).unwrap();
         }
         Seed::Rnat(flow, fe, port) => {
             let (addr, _) = addr_bytes(fe.parse().unwrap());

@@ -34,6 +34,7 @@ pub struct FakeBackend {
     pub key: BackendKey,
     pub weight: u32,
     pub state: BackendState,
+    pub remote: bool,
 }
 
 /// See the module documentation.
@@ -104,6 +105,7 @@ impl FakeDataplane {
                         key: *bk,
                         weight: b.weight,
                         state: b.state,
+                        remote: b.remote,
                     },
                 );
             }
@@ -119,6 +121,7 @@ impl FakeDataplane {
                     },
                     weight: 0,
                     state: BackendState::Down,
+                    remote: false,
                 },
             );
         }
@@ -189,6 +192,7 @@ impl FakeDataplane {
                 key,
                 weight,
                 state,
+                remote,
                 fresh,
             } => {
                 if *id >= limits.backends {
@@ -219,6 +223,7 @@ impl FakeDataplane {
                         key: *key,
                         weight: *weight,
                         state: *state,
+                        remote: *remote,
                     },
                 );
             }
@@ -395,6 +400,7 @@ impl Dataplane for FakeDataplane {
                     id: *id,
                     weight: b.weight,
                     state: b.state,
+                    remote: b.remote,
                 },
             );
         }
@@ -449,6 +455,7 @@ mod tests {
             key: key(id as u8),
             weight: 100,
             state: BackendState::Up,
+            remote: false,
             fresh,
         }
     }
@@ -621,7 +628,8 @@ mod tests {
                 ObservedBackend {
                     id: 1,
                     weight: 100,
-                    state: BackendState::Up
+                    state: BackendState::Up,
+                    remote: false,
                 }
             )]
             .into()

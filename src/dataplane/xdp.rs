@@ -4,6 +4,7 @@
 //! link), and executes reconciler plans as map updates.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,8 +13,9 @@ use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use meshlb_common::{
     maps, AddrKey, Backend, FrontendKey, FrontendValue, NodeMeta, ServiceInfo, ServiceName,
-    BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
-    PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE, SVC_F_PRESENT,
+    SnatAddr, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS,
+    MAX_SERVICES, PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
+    SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_PRESENT,
 };
 
 use super::fake::FakeDataplane;
@@ -22,6 +24,7 @@ use crate::model::{
     BackendKey, BackendState, Frontend, Observed, ObservedBackend, ObservedService, Proto,
     ServiceKey,
 };
+use crate::nodenet::NodeNet;
 use crate::pinned::{addr_bytes, addr_from, Maps, PinnedError};
 use crate::reconcile::{Op, Plan};
 
@@ -171,6 +174,9 @@ pub struct XdpDataplane {
     /// sync costs O(change), not a read of every map slot. Dropped (and
     /// re-read) whenever an apply fails part-way.
     mirror: Option<FakeDataplane>,
+    /// The node facts last written (`None`: not yet; the maps may hold an
+    /// earlier daemon's).
+    node_net: Option<NodeNet>,
     // Keeps the program loaded while the daemon runs; the pinned links keep
     // it attached when the daemon is gone.
     _ebpf: Ebpf,
@@ -186,6 +192,7 @@ impl XdpDataplane {
         node: &str,
     ) -> Result<Self, XdpError> {
         let mut ebpf = load(dir)?;
+        remove_superseded(dir);
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         let previous = maps.meta.get(&0, 0).ok().filter(|m| m.layout_version != 0);
         let prog = program(&mut ebpf, PROG_XDP_LB)?;
@@ -224,13 +231,76 @@ impl XdpDataplane {
             maps,
             kind,
             mirror: None,
+            node_net: None,
             _ebpf: ebpf,
         })
+    }
+
+    /// Writes this node's interface flags and SNAT addresses when they
+    /// differ from what was last written; returns whether anything did.
+    pub fn set_node_net(&mut self, net: &NodeNet) -> Result<bool, DataplaneError> {
+        if self.node_net.as_ref() == Some(net) {
+            return Ok(false);
+        }
+        apply_node_net(&mut self.maps, net)?;
+        self.node_net = Some(net.clone());
+        Ok(true)
     }
 
     /// The maps, for status and metrics while the daemon runs.
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+}
+
+/// Writes this node's interface flags (`IFACES`, replacing what is there)
+/// and SNAT addresses (`SNAT_ADDRS`).
+pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneError> {
+    let stale: Vec<u32> = maps
+        .ifaces
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|i| !net.iface_flags.contains_key(i))
+        .collect();
+    for i in stale {
+        let _ = maps.ifaces.remove(&i);
+    }
+    for (i, f) in &net.iface_flags {
+        maps.ifaces
+            .insert(i, f, 0)
+            .map_err(map_error(maps::IFACES))?;
+    }
+    for (idx, addr) in [(SNAT_IDX_V4, net.snat.0), (SNAT_IDX_V6, net.snat.1)] {
+        maps.snat_addrs
+            .set(idx, snat_entry(addr), 0)
+            .map_err(map_error(maps::SNAT_ADDRS))?;
+    }
+    Ok(())
+}
+
+/// The `SNAT_ADDRS` entry of one family: the default port range.
+fn snat_entry(addr: Option<IpAddr>) -> SnatAddr {
+    match addr {
+        Some(a) => SnatAddr {
+            addr: addr_bytes(a).0,
+            port_min: SNAT_PORT_MIN,
+            port_count: SNAT_PORT_COUNT,
+            flags: SNAT_F_PRESENT,
+        },
+        None => SnatAddr::default(),
+    }
+}
+
+/// Unpins maps of earlier layouts (`maps::SUPERSEDED`).
+fn remove_superseded(dir: &Path) {
+    for name in maps::SUPERSEDED {
+        let p = dir.join(name);
+        if p.exists() {
+            match std::fs::remove_file(&p) {
+                Ok(()) => log::info!("map {name}: superseded by a newer layout: unpinned"),
+                Err(e) => log::warn!("map {name}: superseded, but unpinning failed: {e}"),
+            }
+        }
     }
 }
 
@@ -485,6 +555,7 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
                     id,
                     weight: b.weight,
                     state,
+                    remote: b.flags & BE_F_SNAT != 0,
                 },
             );
         }
@@ -532,6 +603,7 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 key,
                 weight,
                 state,
+                remote,
                 fresh,
             } => {
                 if *fresh {
@@ -543,7 +615,7 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                     addr,
                     port: key.port.to_be(),
                     family,
-                    flags: BE_F_PRESENT | state_flags(*state),
+                    flags: BE_F_PRESENT | state_flags(*state) | if *remote { BE_F_SNAT } else { 0 },
                     service_id: *service_id,
                     weight: *weight,
                     _pad: 0,

@@ -541,8 +541,9 @@ impl ClusterState {
         &self,
         static_services: &[ServiceConfig],
         local_addrs: BTreeSet<IpAddr>,
+        node: &str,
     ) -> DesiredState {
-        let mut desired = config::desired_state_of(static_services, local_addrs);
+        let mut desired = config::desired_state_of(static_services, local_addrs, node);
         let mut taken: BTreeMap<Frontend, String> = desired
             .services
             .iter()
@@ -558,7 +559,7 @@ impl ClusterState {
                 continue;
             }
             let (svc, states) = self.with_tasks(svc);
-            for (key, spec) in svc.specs(|b| states[&(b.addr, b.port)]) {
+            for (key, spec) in svc.specs(node, |b| states[&(b.addr, b.port)]) {
                 if let Some(fe) = spec.frontends.iter().find(|fe| taken.contains_key(fe)) {
                     warn_once(format!(
                         "etcd service {name:?}: frontend {fe} is already used by service {:?}; {key} ignored",
@@ -602,6 +603,7 @@ impl ClusterState {
                 addr: t.addr,
                 port: t.port,
                 weight: t.weight,
+                node: t.node.clone(),
             };
             if let Some(p) = svc
                 .publish
@@ -1005,13 +1007,14 @@ mod tests {
                 addr: "10.0.3.3".into(),
                 port: None,
                 weight: None,
+                node: None,
             }],
             ..Default::default()
         }
         .validate()
         .unwrap();
         let locals: BTreeSet<IpAddr> = [v4("192.168.1.10")].into();
-        let d = s.desired(std::slice::from_ref(&stat), locals.clone());
+        let d = s.desired(std::slice::from_ref(&stat), locals.clone(), "n1");
         assert_eq!(d.local_addrs, locals);
 
         let fe = |addr: Option<&str>, port, proto| Frontend {
@@ -1020,7 +1023,16 @@ mod tests {
             proto,
         };
         let be = |a: &str, port| BackendKey { addr: v4(a), port };
-        let spec = |weight, state| BackendSpec { weight, state };
+        let spec = |weight, state| BackendSpec {
+            weight,
+            state,
+            remote: false,
+        };
+        // The draining task runs on node n2: remote from n1, so SNATed.
+        let on_n2 = |weight, state| BackendSpec {
+            remote: true,
+            ..spec(weight, state)
+        };
         let skey = |name: &str, proto, port| ServiceKey {
             name: name.into(),
             proto,
@@ -1044,7 +1056,7 @@ mod tests {
                     .into(),
                     backends: [
                         (be("10.0.1.2", 8000), spec(50, BackendState::Up)),
-                        (be("10.0.2.2", 9000), spec(100, BackendState::Draining)),
+                        (be("10.0.2.2", 9000), on_n2(100, BackendState::Draining)),
                     ]
                     .into(),
                 },
@@ -1059,7 +1071,7 @@ mod tests {
                     .into(),
                     backends: [
                         (be("10.0.1.2", 5353), spec(50, BackendState::Up)),
-                        (be("10.0.2.2", 9000), spec(100, BackendState::Draining)),
+                        (be("10.0.2.2", 9000), on_n2(100, BackendState::Draining)),
                     ]
                     .into(),
                 },
@@ -1070,13 +1082,13 @@ mod tests {
 
         // Without static services, etcd's "static" (port 81) and "clash"
         // (port 7000) are programmed too.
-        let d = s.desired(&[], BTreeSet::new());
+        let d = s.desired(&[], BTreeSet::new(), "n1");
         let names: BTreeSet<&str> = d.services.keys().map(|k| k.name.as_str()).collect();
         assert_eq!(names, ["clash", "static", "web"].into());
         // Static services alone: exactly what the config builds.
         assert_eq!(
-            ClusterState::default().desired(std::slice::from_ref(&stat), locals.clone()),
-            config::desired_state_of(&[stat], locals)
+            ClusterState::default().desired(std::slice::from_ref(&stat), locals.clone(), "n1"),
+            config::desired_state_of(&[stat], locals, "n1")
         );
     }
 
@@ -1090,7 +1102,7 @@ mod tests {
         ] {
             s.apply_put(P, k.as_bytes(), v.as_bytes()).unwrap();
         }
-        let d = s.desired(&[], BTreeSet::new());
+        let d = s.desired(&[], BTreeSet::new(), "n1");
         let spec = d.services.values().next().unwrap();
         let addrs: Vec<IpAddr> = spec.backends.keys().map(|b| b.addr).collect();
         assert_eq!(addrs, vec!["fd00::1".parse::<IpAddr>().unwrap()]);

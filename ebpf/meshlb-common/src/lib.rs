@@ -42,13 +42,24 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "MLB_BSTAT_V1";
     /// per-CPU array, service id -> `Stats`.
     pub const SERVICE_STATS: &str = "MLB_SSTAT_V1";
-    /// per-CPU array, `Counter` index -> packets (`u64`).
-    pub const COUNTERS: &str = "MLB_CNT_V1";
+    /// per-CPU array, `Counter` index -> packets (`u64`). V2: room for
+    /// `COUNTER_CAPACITY` counters (V1 had exactly 16).
+    pub const COUNTERS: &str = "MLB_CNT_V2";
     /// array, index 0 -> `NodeMeta` (userspace only: who programmed this).
     pub const META: &str = "MLB_META_V1";
+    /// LRU hash, SNAT reply flow `FlowKey` (backend -> node address and
+    /// allocated port) -> `SnatEntry`. Owning an entry is owning the port.
+    pub const SNAT: &str = "MLB_SNAT_V1";
+    /// array, `SNAT_IDX_V4`/`SNAT_IDX_V6` -> `SnatAddr`: the node address
+    /// and port range remote-backend flows are translated to.
+    pub const SNAT_ADDRS: &str = "MLB_SNATADR_V1";
+    /// hash, ifindex (`u32`) -> `IF_F_*` flags: how to forward via it.
+    pub const IFACES: &str = "MLB_IFACE_V1";
+    /// per-CPU array, index 0 -> `u32` cursor of the SNAT port allocator.
+    pub const SNAT_CURSOR: &str = "MLB_SNATCUR_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -61,6 +72,17 @@ pub mod maps {
         SERVICE_STATS,
         COUNTERS,
         META,
+        SNAT,
+        SNAT_ADDRS,
+        IFACES,
+        SNAT_CURSOR,
+    ];
+
+    /// Pin names of maps from earlier layouts: removed when found (their
+    /// replacement starts empty; what they held is not state, see each).
+    pub const SUPERSEDED: [&str; 1] = [
+        // V1 counters: totals only, the V2 map starts at zero.
+        "MLB_CNT_V1",
     ];
 }
 
@@ -85,6 +107,8 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_FRONTENDS: u32 = 65536;
 /// Maximum number of local addresses.
 pub const MAX_LOCAL_ADDRS: u32 = 256;
+/// Maximum number of interfaces with `IFACES` flags.
+pub const MAX_IFACES: u32 = 1024;
 /// Connection-tracking capacity (LRU: the oldest flows go first).
 pub const MAX_FLOWS: u32 = 262_144;
 /// Ring slot value meaning "no backend".
@@ -169,6 +193,9 @@ pub const BE_F_PRESENT: u8 = 1;
 pub const BE_F_DRAINING: u8 = 2;
 /// Failed its health check: no new flows.
 pub const BE_F_DOWN: u8 = 4;
+/// On another node: flows are also source-translated to this node's
+/// address (`SNAT_ADDRS`) so replies come back through this node.
+pub const BE_F_SNAT: u8 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -207,6 +234,11 @@ pub const CT_F_FIN_BACKEND: u16 = 2;
 pub const CT_F_RST: u16 = 4;
 /// Closing or closed: a new SYN on this tuple selects a backend afresh.
 pub const CT_F_CLOSING: u16 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST;
+/// Gone for good (RST, or FIN both ways): its SNAT port may be reused
+/// after `SNAT_CLOSED_GRACE_NS`.
+pub const CT_F_CLOSED: u16 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND;
+/// `CtEntry::flags`: the flow is source-translated (`CtEntry::snat_port`).
+pub const CT_F_SNAT: u16 = 8;
 
 /// Conntrack entry for a client flow (client -> frontend).
 #[repr(C)]
@@ -218,7 +250,10 @@ pub struct CtEntry {
     pub flags: u16,
     pub backend_id: u32,
     pub service_id: u32,
-    pub _pad: u32,
+    /// With `CT_F_SNAT`: the source port allocated on this node (network
+    /// byte order); the address is `SNAT_ADDRS` of the family.
+    pub snat_port: u16,
+    pub _pad: u16,
 }
 
 /// Reverse translation for replies (backend -> client): the frontend the
@@ -234,6 +269,67 @@ pub struct RnatEntry {
     pub service_id: u32,
     pub _pad: u32,
 }
+
+/// A source-translated flow, keyed by its reply tuple (backend -> node
+/// address : allocated port): where replies go back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatEntry {
+    pub client_addr: [u8; 16],
+    pub frontend_addr: [u8; 16],
+    /// Network byte order.
+    pub client_port: u16,
+    /// Network byte order.
+    pub frontend_port: u16,
+    pub _pad: u32,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns` of the last reply (at most a second stale), or
+    /// of the flow's start: an idle flow's port can be reclaimed.
+    pub last_seen: u64,
+}
+
+/// Index of the IPv4 entry of `SNAT_ADDRS`.
+pub const SNAT_IDX_V4: u32 = 0;
+/// Index of the IPv6 entry of `SNAT_ADDRS`.
+pub const SNAT_IDX_V6: u32 = 1;
+/// `SnatAddr::flags`: the entry is set.
+pub const SNAT_F_PRESENT: u32 = 1;
+
+/// The address and source-port range of this node's SNAT, per family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatAddr {
+    pub addr: [u8; 16],
+    /// First port of the range (host byte order).
+    pub port_min: u16,
+    /// Ports in the range (host byte order; 0 = none).
+    pub port_count: u16,
+    pub flags: u32,
+}
+
+/// Default SNAT source-port range: above Linux's default ephemeral range
+/// (32768-60999), so the node's own connections never collide with it.
+pub const SNAT_PORT_MIN: u16 = 61000;
+/// Ports in the default range (61000-65535).
+pub const SNAT_PORT_COUNT: u16 = 4536;
+/// Ports tried per new flow before it is dropped as exhausted.
+pub const SNAT_TRIES: u32 = 8;
+/// A closed flow's port is reused after this long without replies.
+pub const SNAT_CLOSED_GRACE_NS: u64 = 2_000_000_000;
+/// An idle TCP flow's port is reclaimed after this long without replies.
+pub const SNAT_TCP_IDLE_NS: u64 = 3_600_000_000_000;
+/// An idle UDP flow's port is reclaimed after this long without replies.
+pub const SNAT_UDP_IDLE_NS: u64 = 120_000_000_000;
+/// `SnatEntry::last_seen` is refreshed when older than this.
+pub const SNAT_TOUCH_NS: u64 = 1_000_000_000;
+
+/// `IFACES` flags: XDP runs in generic (skb) mode on this interface, so a
+/// redirect from it may target any device.
+pub const IF_F_GENERIC: u32 = 1;
+/// This device cannot take native XDP redirects (a bridge, dummy, ...):
+/// translated packets for it go to the stack, which forwards them.
+pub const IF_F_NO_XMIT: u32 = 2;
 
 /// Per-CPU traffic counters of one backend or one service.
 #[repr(C)]
@@ -324,10 +420,24 @@ pub enum Counter {
     CtFull = 14,
     /// Not TCP/UDP: passed untouched.
     OtherProto = 15,
+    /// A remote-backend flow got a SNAT port.
+    SnatNew = 16,
+    /// No free SNAT port after `SNAT_TRIES`: the packet was dropped.
+    SnatExhausted = 17,
+    /// A SNAT port of a closed or idle flow was taken over.
+    SnatReclaimed = 18,
+    /// Remote backend but no SNAT address for the family: dropped.
+    SnatNoAddr = 19,
+    /// Translated, but the egress device cannot take a native redirect:
+    /// passed to the stack, which forwards it.
+    RedirectPass = 20,
 }
 
-/// Number of `Counter` variants (size of the `COUNTERS` map).
-pub const COUNTER_COUNT: u32 = 16;
+/// Number of `Counter` variants.
+pub const COUNTER_COUNT: u32 = 21;
+/// Size of the `COUNTERS` map: room to append counters without a new
+/// layout.
+pub const COUNTER_CAPACITY: u32 = 64;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -347,6 +457,11 @@ impl Counter {
         Counter::NewFlow,
         Counter::CtFull,
         Counter::OtherProto,
+        Counter::SnatNew,
+        Counter::SnatExhausted,
+        Counter::SnatReclaimed,
+        Counter::SnatNoAddr,
+        Counter::RedirectPass,
     ];
 
     /// Stable name used in metrics and status output.
@@ -368,6 +483,11 @@ impl Counter {
             Counter::NewFlow => "new_flow",
             Counter::CtFull => "ct_full",
             Counter::OtherProto => "other_proto",
+            Counter::SnatNew => "snat_new",
+            Counter::SnatExhausted => "snat_exhausted",
+            Counter::SnatReclaimed => "snat_reclaimed",
+            Counter::SnatNoAddr => "snat_no_addr",
+            Counter::RedirectPass => "redirect_pass",
         }
     }
 }
@@ -388,6 +508,8 @@ mod pod {
     unsafe impl aya::Pod for RnatEntry {}
     unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for NodeMeta {}
+    unsafe impl aya::Pod for SnatEntry {}
+    unsafe impl aya::Pod for SnatAddr {}
 }
 
 #[cfg(test)]
@@ -409,6 +531,8 @@ mod tests {
         assert_eq!(size_of::<RnatEntry>(), 32);
         assert_eq!(size_of::<Stats>(), 40);
         assert_eq!(size_of::<NodeMeta>(), 80);
+        assert_eq!(size_of::<SnatEntry>(), 56);
+        assert_eq!(size_of::<SnatAddr>(), 24);
     }
 
     #[test]
@@ -425,7 +549,15 @@ mod tests {
     fn map_names_fit_the_kernel_limit_and_carry_the_version() {
         for n in maps::ALL {
             assert!(n.len() < 16, "{n} too long for BPF_OBJ_NAME_LEN");
-            assert!(n.ends_with("_V1"), "{n} not versioned");
+            let v = n.rsplit_once("_V").map(|(_, v)| v);
+            assert!(
+                v.is_some_and(|v| v.parse::<u32>().is_ok()),
+                "{n} not versioned"
+            );
+            assert!(
+                !maps::SUPERSEDED.contains(&n),
+                "{n} both live and superseded"
+            );
         }
     }
 }

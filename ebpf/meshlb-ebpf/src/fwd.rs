@@ -1,4 +1,4 @@
-//! Forwarding of a translated packet: FIB lookup for the new destination,
+//! Forwarding of a translated packet: FIB lookup for its (new) destination,
 //! MAC rewrite, TTL/hop-limit decrement, then XDP_TX or redirect. When the
 //! FIB cannot answer (no neighbour entry yet, no route, fragmentation
 //! needed, TTL about to expire) the translated packet goes to the stack,
@@ -13,11 +13,11 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use meshlb_common::{Counter, FAMILY_V4};
+use meshlb_common::{Counter, FAMILY_V4, IF_F_GENERIC, IF_F_NO_XMIT};
 
 use crate::{
     csum::CsumDelta,
-    maps::count,
+    maps::{count, MLB_IFACE_V1},
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN},
 };
 
@@ -25,7 +25,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 #[inline(never)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: &[u8; 16], done: Counter) -> Result<u32, u32> {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32> {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.l4_protocol = pkt.key.proto;
@@ -46,7 +46,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: &[u8; 16], done: Counter) ->
             p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
             p.__bindgen_anon_2.tos = ip.tos;
             p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src);
-            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst);
         } else {
             let ip = &*ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
             if ip.hop_limit <= 1 {
@@ -58,7 +58,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: &[u8; 16], done: Counter) ->
             p.__bindgen_anon_2.flowinfo =
                 u32::from_ne_bytes(ip.vtcfl) & u32::from_ne_bytes([0x0f, 0xff, 0xff, 0xff]);
             p.__bindgen_anon_3.ipv6_src = words(&ip.src);
-            p.__bindgen_anon_4.ipv6_dst = words(dst);
+            p.__bindgen_anon_4.ipv6_dst = words(&ip.dst);
         }
     }
     // SAFETY: ctx and p are valid for the helper's duration.
@@ -72,6 +72,11 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: &[u8; 16], done: Counter) ->
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         count(Counter::FibPass);
+        return Ok(XDP_PASS);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    if p.ifindex != ingress && !can_redirect(ingress, p.ifindex) {
+        count(Counter::RedirectPass);
         return Ok(XDP_PASS);
     }
     // SAFETY: bounds-checked by the parser.
@@ -93,7 +98,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: &[u8; 16], done: Counter) ->
         eth.src = p.smac;
     }
     count(done);
-    if p.ifindex == ctx.ingress_ifindex() as u32 {
+    if p.ifindex == ingress {
         return Ok(XDP_TX);
     }
     // SAFETY: plain helper call.
@@ -103,6 +108,16 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dst: &[u8; 16], done: Counter) ->
     } else {
         Ok(XDP_PASS)
     }
+}
+
+/// Whether a redirect from `ingress` to `egress` is delivered: always in
+/// generic mode; in native mode only to a device with an XDP transmit
+/// path (userspace flags the others, e.g. bridges, in `MLB_IFACE`).
+#[inline(always)]
+fn can_redirect(ingress: u32, egress: u32) -> bool {
+    // SAFETY: hash map values, read at once.
+    let flags = |i: u32| unsafe { MLB_IFACE_V1.get(&i) }.copied().unwrap_or(0);
+    flags(ingress) & IF_F_GENERIC != 0 || flags(egress) & IF_F_NO_XMIT == 0
 }
 
 #[inline(always)]

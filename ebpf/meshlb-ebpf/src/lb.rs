@@ -10,17 +10,32 @@
 //! * a direct (non-service) TCP SYN from a client to a backend removes a
 //!   stale reply entry for the same tuple, so a client that reaches a
 //!   backend both directly and via the load balancer never has its direct
-//!   replies rewritten.
+//!   replies rewritten;
+//! * a flow to a backend on another node (`BE_F_SNAT`) is also translated
+//!   to this node's address and a port it owns: the port is owned by the
+//!   `MLB_SNAT` entry keyed by the reply tuple, taken with an atomic
+//!   insert-if-absent, so two flows never share one; it is taken over only
+//!   when its flow is gone (closed, idle past its timeout, or no longer in
+//!   conntrack), and the old flow's conntrack entry goes with it.
 //!
 //! Stack: BPF allows 512 bytes over the whole call chain, so the decision
 //! functions are separate subprograms that return to `process`, and only
 //! `forward` is called below it.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        BPF_ANY, BPF_NOEXIST,
+    },
+    helpers::bpf_ktime_get_ns,
+    programs::XdpContext,
+};
 use meshlb_common::{
-    hash::flow_slot, AddrKey, Counter, CtEntry, FlowKey, FrontendKey, FrontendValue, RnatEntry,
-    BE_F_PRESENT, CT_F_CLOSING, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, FAMILY_V4, NO_BACKEND,
-    PROTO_TCP, PROTO_UDP, RING_SIZE, SVC_F_PRESENT,
+    hash::flow_slot, AddrKey, Counter, CtEntry, FlowKey, FrontendKey, FrontendValue,
+    RnatEntry, SnatAddr, SnatEntry, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING,
+    CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
+    SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -43,41 +58,99 @@ pub fn process(ctx: &XdpContext) -> Result<u32, u32> {
     let pkt = parse(ctx)?;
     let mut fe = FrontendValue::default();
     if lookup_frontend(&pkt, &mut fe) {
-        let mut ct = CtEntry::default();
-        if !pick_backend(&pkt, fe.service_id, &mut ct) {
-            return Ok(XDP_PASS);
-        }
-        rewrite(
-            ctx,
-            &pkt,
-            &pkt.key.dst,
-            &ct.backend_addr,
-            pkt.key.dport,
-            ct.backend_port,
-            false,
-        )?;
-        return forward(ctx, &pkt, &ct.backend_addr, Counter::ForwardedIn);
+        client_path(ctx, &pkt, fe.service_id)?;
+        return forward(ctx, &pkt, Counter::ForwardedIn);
     }
-    // SAFETY: LRU map value, copied out at once.
-    if let Some(r) = unsafe { MLB_RNAT_V1.get(&pkt.key) } {
-        let r = *r;
-        reply_seen(&pkt, &r);
-        rewrite(
-            ctx,
-            &pkt,
-            &pkt.key.src,
-            &r.frontend_addr,
-            pkt.key.sport,
-            r.frontend_port,
-            true,
-        )?;
-        return forward(ctx, &pkt, &pkt.key.dst, Counter::ForwardedOut);
+    if rnat_reply(ctx, &pkt)? || snat_reply(ctx, &pkt)? {
+        return forward(ctx, &pkt, Counter::ForwardedOut);
     }
     if is_syn(&pkt) {
         forget_reply(&pkt);
     }
     count(Counter::NotService);
     Ok(XDP_PASS)
+}
+
+/// A client packet to a frontend: picks (or recalls) its backend and
+/// translates the packet in place. `Err(action)`: leave it with that
+/// verdict (no backend: pass untouched; no SNAT port: drop).
+///
+/// Each of the paths below `process` is its own subprogram so that their
+/// stack frames are not all live at once (BPF allows 512 bytes in all).
+#[inline(never)]
+fn client_path(ctx: &XdpContext, pkt: &Packet, service_id: u32) -> Result<(), u32> {
+    let mut ct = CtEntry::default();
+    if pick_backend(pkt, service_id, &mut ct)? {
+        if ct.flags & CT_F_SNAT != 0 {
+            ct.snat_port = snat_alloc(pkt, &ct)?;
+        }
+        record_flow(pkt, &ct);
+    }
+    let snat = if ct.flags & CT_F_SNAT != 0 {
+        match snat_addr(pkt.key.family) {
+            Some(a) => Some(a.addr),
+            None => {
+                count(Counter::SnatNoAddr);
+                return Err(XDP_DROP);
+            }
+        }
+    } else {
+        None
+    };
+    translate(ctx, pkt, &ct.backend_addr, ct.backend_port, false)?;
+    if let Some(addr) = snat {
+        translate(ctx, pkt, &addr, ct.snat_port, true)?;
+    }
+    Ok(())
+}
+
+/// A reply of a local (not source-translated) flow: source back to the
+/// frontend. `Ok(false)`: not one.
+#[inline(never)]
+fn rnat_reply(ctx: &XdpContext, pkt: &Packet) -> Result<bool, u32> {
+    // SAFETY: LRU map value, copied out at once.
+    let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) }).copied() else {
+        return Ok(false);
+    };
+    let client = FlowKey {
+        src: pkt.key.dst,
+        dst: r.frontend_addr,
+        sport: pkt.key.dport,
+        dport: r.frontend_port,
+        ..pkt.key
+    };
+    reply_seen(pkt, &client, r.service_id, r.backend_id);
+    translate(ctx, pkt, &r.frontend_addr, r.frontend_port, true)?;
+    Ok(true)
+}
+
+/// A reply of a source-translated flow: source back to the frontend,
+/// destination back to the client; refreshes the flow's last-seen time.
+/// `Ok(false)`: not one.
+#[inline(never)]
+fn snat_reply(ctx: &XdpContext, pkt: &Packet) -> Result<bool, u32> {
+    let Some(p) = MLB_SNAT_V1.get_ptr_mut(&pkt.key) else {
+        return Ok(false);
+    };
+    // SAFETY: LRU map value; a racing refresh of last_seen is harmless.
+    let e = unsafe {
+        let now = bpf_ktime_get_ns();
+        if now.saturating_sub((*p).last_seen) > SNAT_TOUCH_NS {
+            (*p).last_seen = now;
+        }
+        *p
+    };
+    let client = FlowKey {
+        src: e.client_addr,
+        dst: e.frontend_addr,
+        sport: e.client_port,
+        dport: e.frontend_port,
+        ..pkt.key
+    };
+    reply_seen(pkt, &client, e.service_id, e.backend_id);
+    translate(ctx, pkt, &e.frontend_addr, e.frontend_port, true)?;
+    translate(ctx, pkt, &e.client_addr, e.client_port, false)?;
+    Ok(true)
 }
 
 /// Finds the frontend of a packet: exact (VIP) first, then node port when
@@ -145,12 +218,12 @@ fn closing_flags(tcp_flags: u8, from_client: bool) -> u16 {
 }
 
 /// The backend of a client packet: conntrack when the flow is known (and
-/// not a SYN reusing a closed tuple), else Maglev, recording the new flow.
-/// `false`: no backend (counted), pass the packet untouched.
+/// not a SYN reusing a closed tuple), else Maglev. `Ok(true)`: a new flow,
+/// which the caller records (`record_flow`) once it has its SNAT port.
+/// `Err(XDP_PASS)`: no backend (counted), pass the packet untouched.
 #[inline(never)]
-fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> bool {
+fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool, u32> {
     let flags = closing_flags(pkt.tcp_flags, true);
-    let mut stale: Option<(u16, [u8; 16])> = None;
     if let Some(ct) = MLB_CT_V1.get_ptr_mut(&pkt.key) {
         // SAFETY: LRU map value; a concurrent update of `flags` only loses
         // a flag bit, which the next FIN/RST sets again.
@@ -161,118 +234,278 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> bool {
             }
             *out = *ct;
             account(out.service_id, out.backend_id, pkt.len, false, false);
-            return true;
+            return Ok(false);
         }
-        stale = Some((ct.backend_port, ct.backend_addr));
+        // The tuple's previous flow is over: forget its replies.
+        let old = *ct;
+        forget_flow(pkt, &old);
     }
 
     match MLB_SVC_V1.get(service_id) {
         Some(s) if s.flags & SVC_F_PRESENT != 0 && s.active_backends > 0 => {}
         _ => {
             count(Counter::NoBackend);
-            return false;
+            return Err(XDP_PASS);
         }
     }
     let backend_id = match MLB_MAGLEV_V1.get(service_id * RING_SIZE + flow_slot(&pkt.key)) {
         Some(b) if *b != NO_BACKEND => *b,
         _ => {
             count(Counter::NoBackend);
-            return false;
+            return Err(XDP_PASS);
         }
     };
     let be = match MLB_BE_V1.get(backend_id) {
         Some(b) if b.flags & BE_F_PRESENT != 0 && b.family == pkt.key.family => b,
         _ => {
             count(Counter::NoBackend);
-            return false;
+            return Err(XDP_PASS);
         }
     };
-    let mut reply_key = FlowKey {
-        src: be.addr,
-        dst: pkt.key.src,
-        sport: be.port,
-        dport: pkt.key.sport,
-        ..pkt.key
-    };
-    if let Some((port, addr)) = stale {
-        // The tuple's previous flow went elsewhere: forget its replies.
-        let new = (reply_key.sport, reply_key.src);
-        reply_key.sport = port;
-        reply_key.src = addr;
-        let _ = MLB_RNAT_V1.remove(&reply_key);
-        reply_key.sport = new.0;
-        reply_key.src = new.1;
-    }
     *out = CtEntry {
         backend_addr: be.addr,
         backend_port: be.port,
-        flags,
+        flags: flags | if be.flags & BE_F_SNAT != 0 { CT_F_SNAT } else { 0 },
         backend_id,
         service_id,
+        snat_port: 0,
         _pad: 0,
     };
-    let rnat = RnatEntry {
-        frontend_addr: pkt.key.dst,
-        frontend_port: pkt.key.dport,
-        flags: 0,
-        backend_id,
-        service_id,
-        _pad: 0,
-    };
-    if MLB_RNAT_V1.insert(&reply_key, &rnat, 0).is_err()
-        || MLB_CT_V1.insert(&pkt.key, &*out, 0).is_err()
-    {
-        // Forward anyway: Maglev gives the same answer for the next packet.
-        count(Counter::CtFull);
-    } else {
-        count(Counter::NewFlow);
+    Ok(true)
+}
+
+/// Records a new flow: its conntrack entry, and for a flow that is not
+/// source-translated the reverse-NAT entry of its replies (a translated
+/// one's is its SNAT entry, written when the port was taken).
+#[inline(never)]
+fn record_flow(pkt: &Packet, ct: &CtEntry) {
+    let mut ok = MLB_CT_V1.insert(&pkt.key, ct, 0).is_ok();
+    if ct.flags & CT_F_SNAT == 0 {
+        let reply_key = FlowKey {
+            src: ct.backend_addr,
+            dst: pkt.key.src,
+            sport: ct.backend_port,
+            dport: pkt.key.sport,
+            ..pkt.key
+        };
+        let rnat = RnatEntry {
+            frontend_addr: pkt.key.dst,
+            frontend_port: pkt.key.dport,
+            flags: 0,
+            backend_id: ct.backend_id,
+            service_id: ct.service_id,
+            _pad: 0,
+        };
+        ok &= MLB_RNAT_V1.insert(&reply_key, &rnat, 0).is_ok();
     }
-    account(service_id, backend_id, pkt.len, false, true);
+    // On failure forward anyway: Maglev gives the same answer next time.
+    count(if ok { Counter::NewFlow } else { Counter::CtFull });
+    account(ct.service_id, ct.backend_id, pkt.len, false, true);
+}
+
+/// Removes the reply-side state of a finished flow (`old`, the conntrack
+/// entry of the tuple `pkt` reuses): its reverse-NAT entry, or its SNAT
+/// entry, which frees its port.
+#[inline(never)]
+fn forget_flow(pkt: &Packet, old: &CtEntry) {
+    if old.flags & CT_F_SNAT != 0 {
+        if let Some(a) = snat_addr(pkt.key.family) {
+            let key = FlowKey {
+                src: old.backend_addr,
+                dst: a.addr,
+                sport: old.backend_port,
+                dport: old.snat_port,
+                ..pkt.key
+            };
+            let _ = MLB_SNAT_V1.remove(&key);
+        }
+        return;
+    }
+    let key = FlowKey {
+        src: old.backend_addr,
+        dst: pkt.key.src,
+        sport: old.backend_port,
+        dport: pkt.key.sport,
+        ..pkt.key
+    };
+    let _ = MLB_RNAT_V1.remove(&key);
+}
+
+/// This node's SNAT address and port range for a family.
+#[inline(always)]
+fn snat_addr(family: u8) -> Option<&'static SnatAddr> {
+    let idx = if family == FAMILY_V4 {
+        SNAT_IDX_V4
+    } else {
+        SNAT_IDX_V6
+    };
+    MLB_SNATADR_V1
+        .get(idx)
+        .filter(|a| a.flags & SNAT_F_PRESENT != 0 && a.port_count > 0)
+}
+
+/// Takes a SNAT port for a new flow `ct` to a remote backend: ports are
+/// tried in sequence from a per-CPU cursor (so a port is reused as late as
+/// possible), each with an atomic insert-if-absent of the reply tuple.
+#[inline(never)]
+fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
+    let Some(a) = snat_addr(pkt.key.family) else {
+        count(Counter::SnatNoAddr);
+        return Err(XDP_DROP);
+    };
+    let Some(cursor) = MLB_SNATCUR_V1.get_ptr_mut(0) else {
+        return Err(XDP_DROP);
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut key = FlowKey {
+        src: ct.backend_addr,
+        dst: a.addr,
+        sport: ct.backend_port,
+        dport: 0,
+        ..pkt.key
+    };
+    let entry = SnatEntry {
+        client_addr: pkt.key.src,
+        frontend_addr: pkt.key.dst,
+        client_port: pkt.key.sport,
+        frontend_port: pkt.key.dport,
+        _pad: 0,
+        backend_id: ct.backend_id,
+        service_id: ct.service_id,
+        last_seen: now,
+    };
+    let (min, n) = (a.port_min as u32, a.port_count as u32);
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        let c = unsafe {
+            let c = *cursor;
+            *cursor = c.wrapping_add(1);
+            c
+        };
+        // checked_rem: no panic path (n > 0 is checked by snat_addr).
+        key.dport = ((min + c.checked_rem(n).unwrap_or(0)) as u16).to_be();
+        if try_port(&key, &entry, now) {
+            return Ok(key.dport);
+        }
+    }
+    count(Counter::SnatExhausted);
+    Err(XDP_DROP)
+}
+
+/// Takes the port in `key.dport` for `entry` if it is free, or if the flow
+/// holding it is gone (its conntrack entry then goes too).
+#[inline(never)]
+fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
+    if MLB_SNAT_V1.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
+        count(Counter::SnatNew);
+        return true;
+    }
+    // SAFETY: LRU map value, copied out at once.
+    let Some(old) = (unsafe { MLB_SNAT_V1.get(key) }).copied() else {
+        return false;
+    };
+    let client = FlowKey {
+        src: old.client_addr,
+        dst: old.frontend_addr,
+        sport: old.client_port,
+        dport: old.frontend_port,
+        ..*key
+    };
+    let idle = now.saturating_sub(old.last_seen);
+    // SAFETY: as above.
+    let owner = unsafe { MLB_CT_V1.get(&client) }
+        .copied()
+        .filter(|ct| ct.flags & CT_F_SNAT != 0 && ct.snat_port == key.dport);
+    let reclaim = match owner {
+        None => true,
+        Some(ct) => {
+            let closed = ct.flags & CT_F_RST != 0 || ct.flags & CT_F_CLOSED == CT_F_CLOSED;
+            let limit = if closed {
+                SNAT_CLOSED_GRACE_NS
+            } else if key.proto == PROTO_TCP {
+                SNAT_TCP_IDLE_NS
+            } else {
+                SNAT_UDP_IDLE_NS
+            };
+            idle > limit
+        }
+    };
+    if !reclaim {
+        return false;
+    }
+    if owner.is_some() {
+        let _ = MLB_CT_V1.remove(&client);
+    }
+    if MLB_SNAT_V1.insert(key, entry, BPF_ANY as u64).is_err() {
+        return false;
+    }
+    count(Counter::SnatReclaimed);
     true
 }
 
 /// Bookkeeping of a reply: counters, and FIN/RST from the backend marks
-/// the client flow closing.
+/// the client flow (`client`) closing.
 #[inline(never)]
-fn reply_seen(pkt: &Packet, r: &RnatEntry) {
+fn reply_seen(pkt: &Packet, client: &FlowKey, service_id: u32, backend_id: u32) {
     let flags = closing_flags(pkt.tcp_flags, false);
     if flags != 0 {
-        let client_key = FlowKey {
-            src: pkt.key.dst,
-            dst: r.frontend_addr,
-            sport: pkt.key.dport,
-            dport: r.frontend_port,
-            ..pkt.key
-        };
-        if let Some(ct) = MLB_CT_V1.get_ptr_mut(&client_key) {
+        if let Some(ct) = MLB_CT_V1.get_ptr_mut(client) {
             // SAFETY: as in pick_backend.
             unsafe { (*ct).flags |= flags };
         }
     }
-    account(r.service_id, r.backend_id, pkt.len, true, false);
+    account(service_id, backend_id, pkt.len, true, false);
 }
 
-/// Replaces the destination (`src_side == false`) or source address and
-/// port, fixing the IPv4 header checksum and the L4 checksum.
+/// [`rewrite`], failing with XDP_PASS (headers out of bounds).
 #[inline(always)]
-fn rewrite(
+fn translate(
     ctx: &XdpContext,
     pkt: &Packet,
-    old: &[u8; 16],
     new: &[u8; 16],
-    old_port: u16,
     new_port: u16,
     src_side: bool,
 ) -> Result<(), u32> {
+    if rewrite(ctx, pkt, new, new_port, src_side) {
+        Ok(())
+    } else {
+        Err(XDP_PASS)
+    }
+}
+
+/// Replaces the destination (`src_side == false`) or source address and
+/// port, fixing the IPv4 header checksum and the L4 checksum. The old
+/// values are the parsed ones (`pkt.key`): each side is rewritten at most
+/// once per packet. A subprogram, so its frame is not repeated per caller.
+#[inline(never)]
+fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    new: &[u8; 16],
+    new_port: u16,
+    src_side: bool,
+) -> bool {
+    let (old, old_port) = if src_side {
+        (&pkt.key.src, pkt.key.sport)
+    } else {
+        (&pkt.key.dst, pkt.key.dport)
+    };
     let v4 = pkt.key.family == FAMILY_V4;
-    let check_ptr: *mut [u8; 2] = ptr_at(ctx, pkt.check_off).map_err(|_| XDP_PASS)?;
-    let l4_ptr: *mut L4Ports = ptr_at(ctx, pkt.l4_off).map_err(|_| XDP_PASS)?;
+    let Ok(check_ptr) = ptr_at::<[u8; 2]>(ctx, pkt.check_off) else {
+        return false;
+    };
+    let Ok(l4_ptr) = ptr_at::<L4Ports>(ctx, pkt.l4_off) else {
+        return false;
+    };
     // SAFETY: bounds-checked by ptr_at.
     let check = unsafe { *check_ptr };
     let udp_no_csum = pkt.key.proto == PROTO_UDP && v4 && check == [0, 0];
     let mut l4 = CsumDelta::new(check);
     if v4 {
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+        let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        return false;
+    };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
         let mut l3 = CsumDelta::new(ip.check);
@@ -286,7 +519,9 @@ fn rewrite(
             ip.dst = a;
         }
     } else {
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+        let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        return false;
+    };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
         l4.bytes16(old, new);
@@ -312,5 +547,5 @@ fn rewrite(
         // SAFETY: as above.
         unsafe { *check_ptr = c };
     }
-    Ok(())
+    true
 }

@@ -51,15 +51,31 @@ pub static MLB_SSTAT_V1: PerCpuArray<Stats> = PerCpuArray::pinned(MAX_SERVICES, 
 
 /// Counter index -> packets, per CPU.
 #[map]
-pub static MLB_CNT_V1: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+pub static MLB_CNT_V2: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_CAPACITY, 0);
 
 /// 0 -> NodeMeta (userspace only).
 #[map]
 pub static MLB_META_V1: Array<NodeMeta> = Array::pinned(1, 0);
 
+/// SNAT reply flow (backend -> node addr:allocated port) -> SnatEntry.
+#[map]
+pub static MLB_SNAT_V1: LruHashMap<FlowKey, SnatEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+/// SNAT_IDX_V4 / SNAT_IDX_V6 -> SnatAddr (node address, port range).
+#[map]
+pub static MLB_SNATADR_V1: Array<SnatAddr> = Array::pinned(2, 0);
+
+/// ifindex -> IF_F_* flags (absent = 0: native, redirect-capable).
+#[map]
+pub static MLB_IFACE_V1: HashMap<u32, u32> = HashMap::pinned(MAX_IFACES, 0);
+
+/// 0 -> next SNAT port offset to try, per CPU.
+#[map]
+pub static MLB_SNATCUR_V1: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
-    if let Some(p) = MLB_CNT_V1.get_ptr_mut(c as u32) {
+    if let Some(p) = MLB_CNT_V2.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += 1 };
     }

@@ -1,0 +1,158 @@
+//! This node's network facts the data plane needs besides services, as
+//! pure functions of what rtnetlink reports: per-interface forwarding
+//! flags (`MLB_IFACE`) and the SNAT address per family (`MLB_SNATADR`).
+//!
+//! **Invariant:** no IO here; `netlink` reads the facts, `dataplane::xdp`
+//! writes the result.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use meshlb_common::{IF_F_GENERIC, IF_F_NO_XMIT};
+
+/// What the data plane is told about this node's network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeNet {
+    /// ifindex -> `IF_F_*` flags (absent: none).
+    pub iface_flags: BTreeMap<u32, u32>,
+    /// SNAT source address per family (IPv4, IPv6).
+    pub snat: (Option<IpAddr>, Option<IpAddr>),
+}
+
+impl NodeNet {
+    /// The facts of `links`/`addrs` for a daemon attached to `ifaces`.
+    pub fn new(ifaces: &[String], links: &[LinkFacts], addrs: &[(u32, IpAddr)]) -> NodeNet {
+        NodeNet {
+            iface_flags: iface_flags(links),
+            snat: snat_addrs(ifaces, links, addrs),
+        }
+    }
+}
+
+/// One interface as rtnetlink reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub index: u32,
+    pub name: String,
+    /// `IFLA_INFO_KIND` ("veth", "bridge", ...); `None` for physical NICs
+    /// (and loopback).
+    pub kind: Option<String>,
+    pub loopback: bool,
+    /// An XDP program is attached in generic (skb) mode.
+    pub xdp_generic: bool,
+}
+
+/// Kinds of virtual device that implement `ndo_xdp_xmit`, i.e. accept a
+/// native XDP redirect. Physical NICs (no kind) are assumed to, as native
+/// XDP drivers do; every other virtual kind (bridge, dummy, vxlan, vlan,
+/// macvlan, wireguard, ...) does not.
+const XMIT_KINDS: [&str; 3] = ["veth", "tun", "bond"];
+
+/// The `IF_F_*` flags of every interface that has any.
+pub fn iface_flags(links: &[LinkFacts]) -> BTreeMap<u32, u32> {
+    links
+        .iter()
+        .filter_map(|l| {
+            let mut f = 0;
+            if l.xdp_generic {
+                f |= IF_F_GENERIC;
+            }
+            let xmit = match &l.kind {
+                Some(k) => XMIT_KINDS.contains(&k.as_str()),
+                None => !l.loopback,
+            };
+            if !xmit {
+                f |= IF_F_NO_XMIT;
+            }
+            (f != 0).then_some((l.index, f))
+        })
+        .collect()
+}
+
+/// This node's SNAT source address per family: the first address of that
+/// family on the first interface of `ifaces` (in the order given) that has
+/// one; remote nodes must route it back to this node, which holds for the
+/// address of the interface the cluster network is on.
+pub fn snat_addrs(
+    ifaces: &[String],
+    links: &[LinkFacts],
+    addrs: &[(u32, IpAddr)],
+) -> (Option<IpAddr>, Option<IpAddr>) {
+    let mut v4 = None;
+    let mut v6 = None;
+    for name in ifaces {
+        let Some(l) = links.iter().find(|l| &l.name == name) else {
+            continue;
+        };
+        for (_, a) in addrs.iter().filter(|(i, _)| *i == l.index) {
+            match a {
+                IpAddr::V4(_) if v4.is_none() => v4 = Some(*a),
+                IpAddr::V6(_) if v6.is_none() => v6 = Some(*a),
+                _ => {}
+            }
+        }
+    }
+    (v4, v6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, kind: Option<&str>) -> LinkFacts {
+        LinkFacts {
+            index,
+            name: name.into(),
+            kind: kind.map(Into::into),
+            loopback: false,
+            xdp_generic: false,
+        }
+    }
+
+    #[test]
+    fn bridges_and_other_virtual_devices_take_no_native_redirect() {
+        let mut lo = link(1, "lo", None);
+        lo.loopback = true;
+        let mut br = link(4, "br0", Some("bridge"));
+        br.xdp_generic = true;
+        let links = [
+            lo,
+            link(2, "eth0", None),
+            link(3, "veth0", Some("veth")),
+            br,
+            link(5, "dummy0", Some("dummy")),
+            link(6, "vx0", Some("vxlan")),
+            link(7, "bond0", Some("bond")),
+        ];
+        let f = iface_flags(&links);
+        assert_eq!(f.get(&1), Some(&IF_F_NO_XMIT));
+        assert_eq!(f.get(&2), None);
+        assert_eq!(f.get(&3), None);
+        assert_eq!(f.get(&4), Some(&(IF_F_NO_XMIT | IF_F_GENERIC)));
+        assert_eq!(f.get(&5), Some(&IF_F_NO_XMIT));
+        assert_eq!(f.get(&6), Some(&IF_F_NO_XMIT));
+        assert_eq!(f.get(&7), None);
+    }
+
+    #[test]
+    fn snat_address_is_the_first_listed_interface_with_the_family() {
+        let links = [link(2, "eth0", None), link(3, "br0", Some("bridge"))];
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addrs = [
+            (3, a("10.9.0.1")),
+            (2, a("10.0.0.5")),
+            (2, a("10.0.0.6")),
+            (3, a("fd00:9::1")),
+        ];
+        let order = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            snat_addrs(&order(&["eth0", "br0"]), &links, &addrs),
+            (Some(a("10.0.0.5")), Some(a("fd00:9::1")))
+        );
+        assert_eq!(
+            snat_addrs(&order(&["br0", "eth0"]), &links, &addrs),
+            (Some(a("10.9.0.1")), Some(a("fd00:9::1")))
+        );
+        assert_eq!(snat_addrs(&order(&["nope"]), &links, &addrs), (None, None));
+    }
+}

@@ -24,7 +24,7 @@ use crate::etcd::EtcdOptions;
 use crate::metrics::Registry;
 use crate::model::DesiredState;
 use crate::nodenet::NodeNet;
-use crate::{metrics, netlink, reconcile};
+use crate::{metrics, netlink, nodenet, reconcile};
 
 /// How often this node's addresses are re-read (node ports follow them).
 const ADDR_REFRESH: Duration = Duration::from_secs(2);
@@ -375,7 +375,10 @@ async fn read_node_net(
     let addrs = netlink::addresses().await?;
     let links = netlink::links().await?;
     let locals = addrs.iter().map(|(_, a)| *a).collect();
-    Ok((locals, NodeNet::new(ifaces, &links, &addrs)))
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| nodenet::parse_port_range(&t));
+    Ok((locals, NodeNet::new(ifaces, &links, &addrs, ephemeral)))
 }
 
 /// Writes the node facts to the data plane, logging what changed.

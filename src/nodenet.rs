@@ -17,15 +17,34 @@ pub struct NodeNet {
     pub iface_flags: BTreeMap<u32, u32>,
     /// SNAT source address per family (IPv4, IPv6).
     pub snat: (Option<IpAddr>, Option<IpAddr>),
+    /// The node's own ephemeral port range (`ip_local_port_range`): SNAT
+    /// never uses these ports, so the node's own connections (health
+    /// checks, ...) never collide with a translated flow.
+    pub ephemeral: Option<(u16, u16)>,
 }
 
 impl NodeNet {
     /// The facts of `links`/`addrs` for a daemon attached to `ifaces`.
-    pub fn new(ifaces: &[String], links: &[LinkFacts], addrs: &[(u32, IpAddr)]) -> NodeNet {
+    pub fn new(
+        ifaces: &[String],
+        links: &[LinkFacts],
+        addrs: &[(u32, IpAddr)],
+        ephemeral: Option<(u16, u16)>,
+    ) -> NodeNet {
         NodeNet {
             iface_flags: iface_flags(links),
             snat: snat_addrs(ifaces, links, addrs),
+            ephemeral,
         }
+    }
+}
+
+/// Parses `/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999").
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(|w| w.parse::<u16>());
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b)), None) if a <= b => Some((a, b)),
+        _ => None,
     }
 }
 
@@ -132,6 +151,15 @@ mod tests {
         assert_eq!(f.get(&5), Some(&IF_F_NO_XMIT));
         assert_eq!(f.get(&6), Some(&IF_F_NO_XMIT));
         assert_eq!(f.get(&7), None);
+    }
+
+    #[test]
+    fn port_range_parses_or_is_none() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("61000 61000"), Some((61000, 61000)));
+        for bad in ["", "1", "2 1", "1 2 3", "a b", "1 70000"] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

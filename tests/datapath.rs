@@ -20,7 +20,7 @@ use meshlb::dataplane::xdp::{apply_maps, apply_node_net, observe_maps};
 use meshlb::pinned::{addr_bytes, Maps};
 use meshlb_common::{
     Counter, CtEntry, FlowKey, RnatEntry, SnatEntry, CT_F_FIN_CLIENT, CT_F_SNAT, IF_F_NO_XMIT,
-    PROTO_TCP, SNAT_PORT_MIN,
+    PROTO_TCP,
 };
 
 const XDP_PASS: u32 = 2;
@@ -405,6 +405,14 @@ const SNAT_IN: &[(Counter, u64)] = &[
     (Counter::SnatNew, 1),
     (Counter::ForwardedIn, 1),
 ];
+/// The fixture node's ephemeral range: SNAT folds client ports in it into
+/// the usable ports one to one.
+const EPHEMERAL: (u16, u16) = (32768, 60999);
+/// The SNAT port of client port 40000 (in the ephemeral range): its offset
+/// in the range, from 1024.
+const SNAT_PORT: u16 = 1024 + 40000 - EPHEMERAL.0;
+/// The SNAT port of client port 50000.
+const SNAT_PORT_UDP: u16 = 1024 + 50000 - EPHEMERAL.0;
 /// The node's SNAT addresses in the fixture (the backend-side addresses).
 const SNAT4: &str = "10.201.1.1";
 const SNAT6: &str = "fd00:201:1::1";
@@ -441,7 +449,7 @@ fn cases() -> Vec<Case> {
     let syn_r = Frame::tcp(c4, 40000, "10.96.0.40", 81, SYN);
     let syn_r_out = syn_r.translated(
         Some(("10.201.1.3", 8000)),
-        Some((SNAT4, SNAT_PORT_MIN)),
+        Some((SNAT4, SNAT_PORT)),
         FXA_MAC,
         BE3_MAC,
     );
@@ -450,7 +458,7 @@ fn cases() -> Vec<Case> {
     let reply_r = Frame {
         smac: BE3_MAC,
         dmac: FXA_MAC,
-        ..Frame::tcp("10.201.1.3", 8000, SNAT4, SNAT_PORT_MIN, SYN | ACK)
+        ..Frame::tcp("10.201.1.3", 8000, SNAT4, SNAT_PORT, SYN | ACK)
     };
     let reply_r_out = reply_r.translated(
         Some((c4, 40000)),
@@ -462,14 +470,14 @@ fn cases() -> Vec<Case> {
     let syn6_r = Frame::tcp(c6, 40000, "fd00:96::40", 82, SYN);
     let syn6_r_out = syn6_r.translated(
         Some(("fd00:201:1::3", 8000)),
-        Some((SNAT6, SNAT_PORT_MIN)),
+        Some((SNAT6, SNAT_PORT)),
         FXA_MAC,
         BE3_MAC,
     );
     let reply6_r = Frame {
         smac: BE3_MAC,
         dmac: FXA_MAC,
-        ..Frame::tcp("fd00:201:1::3", 8000, SNAT6, SNAT_PORT_MIN, SYN | ACK)
+        ..Frame::tcp("fd00:201:1::3", 8000, SNAT6, SNAT_PORT, SYN | ACK)
     };
     let reply6_r_out = reply6_r.translated(
         Some((c6, 40000)),
@@ -898,7 +906,7 @@ fn cases() -> Vec<Case> {
             })),
         },
         case(
-            "ipv4 tcp SYN to a remote backend: DNAT, and SNAT to the node address with the first port of the range",
+            "ipv4 tcp SYN to a remote backend: DNAT, and SNAT to the node address, the client port (ephemeral on the node) folded into the usable ports",
             vec![step(syn_r.bytes(), fwd(&syn_r_out), SNAT_IN)],
         ),
         case(
@@ -910,7 +918,7 @@ fn cases() -> Vec<Case> {
                     ack_r.bytes(),
                     fwd(&ack_r.translated(
                         Some(("10.201.1.3", 8000)),
-                        Some((SNAT4, SNAT_PORT_MIN)),
+                        Some((SNAT4, SNAT_PORT)),
                         FXA_MAC,
                         BE3_MAC,
                     )),
@@ -919,14 +927,14 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
-            "ipv4 tcp remote backend: two flows get two ports",
+            "ipv4 tcp remote backend: two flows, two ports",
             vec![
                 step(syn_r.bytes(), fwd(&syn_r_out), SNAT_IN),
                 step(
                     syn_r2.bytes(),
                     fwd(&syn_r2.translated(
                         Some(("10.201.1.3", 8000)),
-                        Some((SNAT4, SNAT_PORT_MIN + 1)),
+                        Some((SNAT4, SNAT_PORT + 1)),
                         FXA_MAC,
                         BE3_MAC,
                     )),
@@ -938,14 +946,14 @@ fn cases() -> Vec<Case> {
             name: "ipv4 remote backend: a port held by a live flow is skipped",
             seed: Seed::SnatHeld {
                 flow: other_flow,
-                port: SNAT_PORT_MIN,
+                port: SNAT_PORT,
                 live: true,
             },
             steps: vec![step(
                 syn_r.bytes(),
                 fwd(&syn_r.translated(
                     Some(("10.201.1.3", 8000)),
-                    Some((SNAT4, SNAT_PORT_MIN + 1)),
+                    Some((SNAT4, SNAT_PORT + 1)),
                     FXA_MAC,
                     BE3_MAC,
                 )),
@@ -957,7 +965,7 @@ fn cases() -> Vec<Case> {
             name: "ipv4 remote backend: a port whose flow left conntrack is reclaimed, and the old reply entry is replaced",
             seed: Seed::SnatHeld {
                 flow: other_flow,
-                port: SNAT_PORT_MIN,
+                port: SNAT_PORT,
                 live: false,
             },
             steps: vec![step(
@@ -986,7 +994,7 @@ fn cases() -> Vec<Case> {
                 udp_r.bytes(),
                 fwd(&udp_r.translated(
                     Some(("10.201.1.3", 5353)),
-                    Some((SNAT4, SNAT_PORT_MIN)),
+                    Some((SNAT4, SNAT_PORT_UDP)),
                     FXA_MAC,
                     BE3_MAC,
                 )),
@@ -1158,6 +1166,7 @@ fn program(desired_locals: &[&str], maps: &mut Maps) {
     let net = meshlb::nodenet::NodeNet {
         iface_flags: Default::default(),
         snat: (Some(SNAT4.parse().unwrap()), Some(SNAT6.parse().unwrap())),
+        ephemeral: Some(EPHEMERAL),
     };
     apply_node_net(maps, &net).unwrap();
 }

@@ -15,7 +15,7 @@ use meshlb_common::{
     maps, AddrKey, Backend, FrontendKey, FrontendValue, NodeMeta, ServiceInfo, ServiceName,
     SnatAddr, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS,
     MAX_SERVICES, PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
-    SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_PRESENT,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_PRESENT,
 };
 
 use super::fake::FakeDataplane;
@@ -272,20 +272,25 @@ pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneErr
     }
     for (idx, addr) in [(SNAT_IDX_V4, net.snat.0), (SNAT_IDX_V6, net.snat.1)] {
         maps.snat_addrs
-            .set(idx, snat_entry(addr), 0)
+            .set(idx, snat_entry(addr, net.ephemeral), 0)
             .map_err(map_error(maps::SNAT_ADDRS))?;
     }
     Ok(())
 }
 
-/// The `SNAT_ADDRS` entry of one family: the default port range.
-fn snat_entry(addr: Option<IpAddr>) -> SnatAddr {
+/// The `SNAT_ADDRS` entry of one family: the default ports minus the
+/// node's ephemeral range.
+fn snat_entry(addr: Option<IpAddr>, ephemeral: Option<(u16, u16)>) -> SnatAddr {
+    let (hole_min, hole_max) = ephemeral.unwrap_or((1, 0));
     match addr {
         Some(a) => SnatAddr {
             addr: addr_bytes(a).0,
             port_min: SNAT_PORT_MIN,
-            port_count: SNAT_PORT_COUNT,
+            port_max: SNAT_PORT_MAX,
+            hole_min,
+            hole_max,
             flags: SNAT_F_PRESENT,
+            _pad: [0; 3],
         },
         None => SnatAddr::default(),
     }

@@ -29,6 +29,7 @@
 #![allow(dead_code)] // every test crate uses a different subset
 
 pub mod etcd;
+pub mod mesh;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -288,7 +289,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, argv: &[String], env: &[(&str, &str)], log: PathBuf) -> Proc {
+    pub fn spawn(name: &str, argv: &[String], env: &[(&str, &str)], log: PathBuf) -> Proc {
         let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = out.try_clone().expect("clone log fd");
         let mut cmd = Command::new(&argv[0]);
@@ -911,82 +912,12 @@ impl Topology {
     /// answering `<backend-name>\n`; waits until each answers locally.
     pub fn start_nginx(&self) {
         for b in &self.backends {
-            let d = self.dir.join(format!("nginx-{}", b.name));
-            fs::create_dir_all(d.join("tmp")).expect("nginx dir");
-            let dd = d.display();
-            let conf = format!(
-                r#"master_process off;
-daemon off;
-worker_processes 1;
-pid {dd}/nginx.pid;
-error_log {dd}/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 8192; multi_accept on; }}
-http {{
-    access_log off;
-    client_body_temp_path {dd}/tmp/body;
-    proxy_temp_path {dd}/tmp/proxy;
-    fastcgi_temp_path {dd}/tmp/fastcgi;
-    uwsgi_temp_path {dd}/tmp/uwsgi;
-    scgi_temp_path {dd}/tmp/scgi;
-    keepalive_timeout 600s;
-    keepalive_requests 1000000;
-    tcp_nodelay on;
-    default_type text/plain;
-    server {{
-        listen {HTTP_PORT} backlog=4096;
-        listen [::]:{HTTP_PORT} ipv6only=on backlog=4096;
-        listen {BASELINE_PORT} backlog=4096;
-        listen [::]:{BASELINE_PORT} ipv6only=on backlog=4096;
-        location / {{ return 200 "{name}\n"; }}
-    }}
-}}
-"#,
-                name = b.name
-            );
-            let conf_path = d.join("nginx.conf");
-            fs::write(&conf_path, conf).expect("write nginx.conf");
-            let argv: Vec<String> = [
-                "ip",
-                "netns",
-                "exec",
+            let p = start_nginx_in(
+                &self.dir.join(format!("nginx-{}", b.name)),
                 &b.ns,
-                "nginx",
-                "-p",
-                &d.display().to_string(),
-                "-e",
-                &d.join("error.log").display().to_string(),
-                "-c",
-                &conf_path.display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let mut p = Proc::spawn(
-                &format!("nginx {}", b.name),
-                &argv,
-                &[],
+                &b.name,
                 self.next_log(&format!("nginx-{}", b.name)),
             );
-            let want = b.name.clone();
-            let r = wait_for(Duration::from_secs(10), "nginx to answer", || {
-                if let Some(st) = p.exit_status() {
-                    return Err(format!("nginx exited: {st}"));
-                }
-                in_netns(&b.ns, || {
-                    for a in ["127.0.0.1:8000", "[::1]:8000"] {
-                        let body = http_get(a.parse().unwrap(), Duration::from_secs(1))?;
-                        if body != want {
-                            return Err(format!("{a} answered {body:?}"));
-                        }
-                    }
-                    Ok(())
-                })
-            });
-            if let Err(e) = r {
-                let elog = fs::read_to_string(d.join("error.log")).unwrap_or_default();
-                panic!("{}: {e}\n{}\n{elog}", b.name, p.log_text());
-            }
             self.servers.lock().unwrap().push(p);
         }
     }
@@ -1088,27 +1019,36 @@ http {{
     /// Runs wrk in the client namespace (`-t1 -c<conns> -d<secs>s`, plus
     /// `Connection: close` when `close` is set).
     pub fn wrk(&self, url: &str, conns: u32, secs: u32, close: bool) -> WrkResult {
-        assert!(
-            which("wrk").is_some(),
-            "wrk is not installed (apt install wrk)"
-        );
-        let c = format!("-c{conns}");
-        let d = format!("-d{secs}s");
-        let mut argv = vec!["ip", "netns", "exec", &self.client_ns, "wrk", "-t1", &c, &d];
-        if close {
-            argv.extend(["-H", "Connection: close"]);
-        }
-        argv.push(url);
-        let out = run_cmd(&argv, Duration::from_secs(secs as u64 + 30));
-        assert!(
-            out.success(),
-            "wrk failed: {}{}",
-            out.describe(),
-            self.ctx()
-        );
-        WrkResult::parse(&out.stdout)
-            .unwrap_or_else(|e| panic!("cannot parse wrk output ({e}):\n{}", out.stdout))
+        wrk_in(&self.client_ns, url, conns, secs, close)
+            .unwrap_or_else(|e| panic!("{e}{}", self.ctx()))
     }
+}
+
+/// Runs wrk in namespace `ns` (`-t1 -c<conns> -d<secs>s`, plus
+/// `Connection: close` when `close` is set).
+pub fn wrk_in(
+    ns: &str,
+    url: &str,
+    conns: u32,
+    secs: u32,
+    close: bool,
+) -> Result<WrkResult, String> {
+    if which("wrk").is_none() {
+        return Err("wrk is not installed (apt install wrk)".into());
+    }
+    let c = format!("-c{conns}");
+    let d = format!("-d{secs}s");
+    let mut argv = vec!["ip", "netns", "exec", ns, "wrk", "-t1", &c, &d];
+    if close {
+        argv.extend(["-H", "Connection: close"]);
+    }
+    argv.push(url);
+    let out = run_cmd(&argv, Duration::from_secs(secs as u64 + 30));
+    if !out.success() {
+        return Err(format!("wrk failed: {}", out.describe()));
+    }
+    WrkResult::parse(&out.stdout)
+        .map_err(|e| format!("cannot parse wrk output ({e}):\n{}", out.stdout))
 }
 
 impl Drop for Topology {
@@ -1178,6 +1118,82 @@ impl Drop for Topology {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Starts nginx in namespace `ns` on :8000 and :8001 (v4 and v6), state in
+/// `d`, answering `<name>\n`; waits until it answers locally.
+pub fn start_nginx_in(d: &Path, ns: &str, name: &str, log: PathBuf) -> Proc {
+    fs::create_dir_all(d.join("tmp")).expect("nginx dir");
+    let dd = d.display();
+    let conf = format!(
+        r#"master_process off;
+daemon off;
+worker_processes 1;
+pid {dd}/nginx.pid;
+error_log {dd}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {dd}/tmp/body;
+    proxy_temp_path {dd}/tmp/proxy;
+    fastcgi_temp_path {dd}/tmp/fastcgi;
+    uwsgi_temp_path {dd}/tmp/uwsgi;
+    scgi_temp_path {dd}/tmp/scgi;
+    keepalive_timeout 600s;
+    keepalive_requests 1000000;
+    tcp_nodelay on;
+    default_type text/plain;
+    server {{
+listen {HTTP_PORT} backlog=4096;
+listen [::]:{HTTP_PORT} ipv6only=on backlog=4096;
+listen {BASELINE_PORT} backlog=4096;
+listen [::]:{BASELINE_PORT} ipv6only=on backlog=4096;
+location / {{ return 200 "{name}\n"; }}
+    }}
+}}
+"#,
+        name = name
+    );
+    let conf_path = d.join("nginx.conf");
+    fs::write(&conf_path, conf).expect("write nginx.conf");
+    let argv: Vec<String> = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "nginx",
+        "-p",
+        &d.display().to_string(),
+        "-e",
+        &d.join("error.log").display().to_string(),
+        "-c",
+        &conf_path.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = Proc::spawn(&format!("nginx {}", name), &argv, &[], log);
+    let want = name.to_string();
+    let r = wait_for(Duration::from_secs(10), "nginx to answer", || {
+        if let Some(st) = p.exit_status() {
+            return Err(format!("nginx exited: {st}"));
+        }
+        in_netns(ns, || {
+            for a in ["127.0.0.1:8000", "[::1]:8000"] {
+                let body = http_get(a.parse().unwrap(), Duration::from_secs(1))?;
+                if body != want {
+                    return Err(format!("{a} answered {body:?}"));
+                }
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = r {
+        let elog = fs::read_to_string(d.join("error.log")).unwrap_or_default();
+        panic!("{}: {e}\n{}\n{elog}", name, p.log_text());
+    }
+    p
 }
 
 /// Outcome of a series of requests: answers by backend name, and failures.

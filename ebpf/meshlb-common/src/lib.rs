@@ -55,11 +55,9 @@ pub mod maps {
     pub const SNAT_ADDRS: &str = "MLB_SNATADR_V1";
     /// hash, ifindex (`u32`) -> `IF_F_*` flags: how to forward via it.
     pub const IFACES: &str = "MLB_IFACE_V1";
-    /// per-CPU array, index 0 -> `u32` cursor of the SNAT port allocator.
-    pub const SNAT_CURSOR: &str = "MLB_SNATCUR_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 15] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -75,7 +73,6 @@ pub mod maps {
         SNAT,
         SNAT_ADDRS,
         IFACES,
-        SNAT_CURSOR,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -294,29 +291,97 @@ pub const SNAT_IDX_V4: u32 = 0;
 /// Index of the IPv6 entry of `SNAT_ADDRS`.
 pub const SNAT_IDX_V6: u32 = 1;
 /// `SnatAddr::flags`: the entry is set.
-pub const SNAT_F_PRESENT: u32 = 1;
+pub const SNAT_F_PRESENT: u16 = 1;
 
-/// The address and source-port range of this node's SNAT, per family.
+/// The address and source ports of this node's SNAT, per family: ports
+/// `port_min..=port_max` except the hole `hole_min..=hole_max` (the node's
+/// own ephemeral range, so its own connections never collide with a
+/// translated flow; `hole_min > hole_max`: no hole). Ports in host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SnatAddr {
     pub addr: [u8; 16],
-    /// First port of the range (host byte order).
     pub port_min: u16,
-    /// Ports in the range (host byte order; 0 = none).
-    pub port_count: u16,
-    pub flags: u32,
+    pub port_max: u16,
+    pub hole_min: u16,
+    pub hole_max: u16,
+    pub flags: u16,
+    pub _pad: [u16; 3],
 }
 
-/// Default SNAT source-port range: above Linux's default ephemeral range
-/// (32768-60999), so the node's own connections never collide with it.
-pub const SNAT_PORT_MIN: u16 = 61000;
-/// Ports in the default range (61000-65535).
-pub const SNAT_PORT_COUNT: u16 = 4536;
+impl SnatAddr {
+    /// Ports in the hole (0 when there is none or it lies outside).
+    #[inline(always)]
+    fn hole_len(&self) -> u32 {
+        if self.hole_min > self.hole_max
+            || self.hole_min < self.port_min
+            || self.hole_max > self.port_max
+        {
+            0
+        } else {
+            self.hole_max as u32 - self.hole_min as u32 + 1
+        }
+    }
+
+    /// Usable ports (0: SNAT impossible).
+    #[inline(always)]
+    pub fn usable(&self) -> u32 {
+        if self.port_min == 0 || self.port_min > self.port_max {
+            return 0;
+        }
+        (self.port_max as u32 - self.port_min as u32 + 1) - self.hole_len()
+    }
+
+    /// The `try_no`th port to try for a client's source port `client`
+    /// (host order). Try 0 keeps the client's port when it is usable (as
+    /// netfilter's NAT does), else folds it into the usable ports one to
+    /// one (a port of the hole maps to its offset in the hole, others to
+    /// themselves modulo the count); later tries walk on by one. So a
+    /// client tuple maps to the same port every time it comes back, and a
+    /// backend sees the client's own port reuse pattern, which its
+    /// TIME_WAIT handling (timestamps are per tuple) accepts.
+    #[inline(always)]
+    pub fn candidate(&self, client: u16, try_no: u32) -> u16 {
+        let n = self.usable();
+        if n == 0 {
+            return 0;
+        }
+        let hole = self.hole_len();
+        let c = client as u32;
+        let (min, hmin, hmax) = (
+            self.port_min as u32,
+            self.hole_min as u32,
+            self.hole_max as u32,
+        );
+        let base = if c >= min && c <= self.port_max as u32 && !(hole > 0 && c >= hmin && c <= hmax)
+        {
+            if hole > 0 && c > hmax {
+                c - min - hole
+            } else {
+                c - min
+            }
+        } else if hole > 0 && c >= hmin && c <= hmax {
+            c - hmin
+        } else {
+            c
+        };
+        // checked_rem: no panic path in BPF (n == 0 gives index 0).
+        let idx = base.wrapping_add(try_no).checked_rem(n).unwrap_or(0);
+        let p = min + idx;
+        (if hole > 0 && p >= hmin { p + hole } else { p }) as u16
+    }
+}
+
+/// Default SNAT ports: all non-privileged ones (minus the node's
+/// ephemeral range, found at run time).
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_MAX: u16 = 65535;
 /// Ports tried per new flow before it is dropped as exhausted.
 pub const SNAT_TRIES: u32 = 8;
-/// A closed flow's port is reused after this long without replies.
-pub const SNAT_CLOSED_GRACE_NS: u64 = 2_000_000_000;
+/// A closed flow's (RST, or FIN both ways) port may be reused this long
+/// after its last reply. Zero: the allocator walks the whole range before
+/// it comes back to a port, which is the quarantine.
+pub const SNAT_CLOSED_GRACE_NS: u64 = 0;
 /// An idle TCP flow's port is reclaimed after this long without replies.
 pub const SNAT_TCP_IDLE_NS: u64 = 3_600_000_000_000;
 /// An idle UDP flow's port is reclaimed after this long without replies.
@@ -532,7 +597,58 @@ mod tests {
         assert_eq!(size_of::<Stats>(), 40);
         assert_eq!(size_of::<NodeMeta>(), 80);
         assert_eq!(size_of::<SnatEntry>(), 56);
-        assert_eq!(size_of::<SnatAddr>(), 24);
+        assert_eq!(size_of::<SnatAddr>(), 32);
+    }
+
+    fn linux_default() -> SnatAddr {
+        SnatAddr {
+            port_min: 1024,
+            port_max: 65535,
+            hole_min: 32768,
+            hole_max: 60999,
+            flags: SNAT_F_PRESENT,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn snat_keeps_usable_client_ports_and_folds_the_rest_one_to_one() {
+        let a = linux_default();
+        assert_eq!(a.usable(), 65535 - 1024 + 1 - (60999 - 32768 + 1));
+        for p in [1024u16, 20000, 32767, 61000, 65535] {
+            assert_eq!(a.candidate(p, 0), p, "usable port {p} is kept");
+        }
+        assert_eq!(a.candidate(32768, 0), 1024);
+        assert_eq!(a.candidate(32769, 0), 1025);
+        // The whole hole maps one to one into usable ports.
+        let mut seen = [false; 65536];
+        for p in 32768u16..=60999 {
+            let q = a.candidate(p, 0);
+            assert!(!(32768..=60999).contains(&q) && q >= 1024, "{p} -> {q}");
+            assert!(!seen[q as usize], "{p} -> {q} twice");
+            seen[q as usize] = true;
+        }
+        // Later tries walk on and skip the hole.
+        assert_eq!(a.candidate(32767, 1), 61000);
+        assert_eq!(a.candidate(65535, 1), 1024);
+        assert_eq!(a.candidate(80, 0), 80 + 1024);
+    }
+
+    #[test]
+    fn snat_without_a_hole_or_ports() {
+        let a = SnatAddr {
+            port_min: 61000,
+            port_max: 61009,
+            hole_min: 1,
+            hole_max: 0,
+            ..Default::default()
+        };
+        assert_eq!(a.usable(), 10);
+        assert_eq!(a.candidate(61005, 0), 61005);
+        assert_eq!(a.candidate(61009, 1), 61000);
+        assert_eq!(a.candidate(5, 0), 61005);
+        assert_eq!(SnatAddr::default().usable(), 0);
+        assert_eq!(SnatAddr::default().candidate(5, 0), 0);
     }
 
     #[test]

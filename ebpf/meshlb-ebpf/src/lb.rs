@@ -341,19 +341,17 @@ fn snat_addr(family: u8) -> Option<&'static SnatAddr> {
     };
     MLB_SNATADR_V1
         .get(idx)
-        .filter(|a| a.flags & SNAT_F_PRESENT != 0 && a.port_count > 0)
+        .filter(|a| a.flags & SNAT_F_PRESENT != 0 && a.usable() > 0)
 }
 
-/// Takes a SNAT port for a new flow `ct` to a remote backend: ports are
-/// tried in sequence from a per-CPU cursor (so a port is reused as late as
-/// possible), each with an atomic insert-if-absent of the reply tuple.
+/// Takes a SNAT port for a new flow `ct` to a remote backend: the
+/// client's own port when it is usable, else its one-to-one fold into the
+/// usable ports (`SnatAddr::candidate`), then the next ones; each with an
+/// atomic insert-if-absent of the reply tuple.
 #[inline(never)]
 fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
     let Some(a) = snat_addr(pkt.key.family) else {
         count(Counter::SnatNoAddr);
-        return Err(XDP_DROP);
-    };
-    let Some(cursor) = MLB_SNATCUR_V1.get_ptr_mut(0) else {
         return Err(XDP_DROP);
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -375,16 +373,9 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
         service_id: ct.service_id,
         last_seen: now,
     };
-    let (min, n) = (a.port_min as u32, a.port_count as u32);
-    for _ in 0..SNAT_TRIES {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        let c = unsafe {
-            let c = *cursor;
-            *cursor = c.wrapping_add(1);
-            c
-        };
-        // checked_rem: no panic path (n > 0 is checked by snat_addr).
-        key.dport = ((min + c.checked_rem(n).unwrap_or(0)) as u16).to_be();
+    let client = u16::from_be(pkt.key.sport);
+    for i in 0..SNAT_TRIES {
+        key.dport = a.candidate(client, i).to_be();
         if try_port(&key, &entry, now) {
             return Ok(key.dport);
         }

@@ -69,9 +69,6 @@ pub static MLB_SNATADR_V1: Array<SnatAddr> = Array::pinned(2, 0);
 #[map]
 pub static MLB_IFACE_V1: HashMap<u32, u32> = HashMap::pinned(MAX_IFACES, 0);
 
-/// 0 -> next SNAT port offset to try, per CPU.
-#[map]
-pub static MLB_SNATCUR_V1: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
 #[inline(always)]
 pub fn count(c: Counter) {

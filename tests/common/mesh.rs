@@ -1,0 +1,693 @@
+//! A netns "cluster" for the routing mesh: three node namespaces on one L2
+//! switch with a client, each node with its own bridge of task namespaces,
+//! each node running its own `meshlb run`. Nothing is added to the root
+//! namespace; everything is named after the test's prefix and removed on
+//! drop.
+//!
+//! ```text
+//!                      switch ns: bridge <short>sw
+//!        +-----------------+-----------------+-----------------+
+//!   client 10.210.0.100  node n1 .1        node n2 .2        node n3 .3
+//!   fd00:210::100        (eth <short>e1)   (eth <short>e2)   (eth <short>e3)
+//!                        bridge 10.221.0.1 bridge 10.222.0.1 bridge 10.223.0.1
+//!                         t1 .2   t2 .3     t3 .2             t4 .2
+//! ```
+//!
+//! IPv6 mirrors it (fd00:210::/64, fd00:22i::/64). Nodes route the other
+//! nodes' task subnets via those nodes (host-gw style); tasks route
+//! everything via their node; the client routes the VIP ranges via n1.
+//! The switch ports facing the nodes run `meshlb xdp-pass`, so the nodes'
+//! native XDP can transmit into them.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use super::{
+    ensure_bpffs, http_get_path, in_netns, must, require_root, run_cmd, run_cmd_env,
+    start_nginx_in, wait_for, CmdOutput, Proc, UdpEcho, CLIENT_PORT_RANGE, MESHLB,
+};
+
+/// The services' VIPs.
+pub const VIP4: &str = "10.96.0.10";
+pub const VIP6: &str = "fd00:96::10";
+
+/// Port the tasks' UDP echo servers listen on.
+pub const UDP_PORT: u16 = 5353;
+
+/// One node namespace.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// "n1".."n3": also its `--node` name.
+    pub name: String,
+    pub ns: String,
+    /// Uplink (veth) in the node namespace.
+    pub eth: String,
+    /// Its peer: a port of the switch bridge.
+    pub sw_port: String,
+    /// The node's task bridge.
+    pub br: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub br_v4: Ipv4Addr,
+    pub br_v6: Ipv6Addr,
+}
+
+/// One task (backend) namespace behind a node's bridge.
+#[derive(Clone, Debug)]
+pub struct Task {
+    /// "t1".."t4": also what its servers answer.
+    pub name: String,
+    pub ns: String,
+    /// Index into `Mesh::nodes`.
+    pub node: usize,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// See the module documentation.
+pub struct Mesh {
+    pub prefix: String,
+    pub short: String,
+    pub sw_ns: String,
+    pub client_ns: String,
+    pub client_v4: Ipv4Addr,
+    pub client_v6: Ipv6Addr,
+    pub nodes: Vec<Node>,
+    pub tasks: Vec<Task>,
+    pub dir: PathBuf,
+    pub bpffs_root: PathBuf,
+    servers: Mutex<Vec<Proc>>,
+    udp: Mutex<Vec<UdpEcho>>,
+    logs: Mutex<Vec<PathBuf>>,
+    seq: AtomicUsize,
+}
+
+/// Which node each task sits on: t1, t2 on n1; t3 on n2; t4 on n3.
+const TASK_NODES: [usize; 4] = [0, 0, 1, 2];
+
+impl Mesh {
+    /// Builds the cluster network and starts nginx (:8000) and a UDP echo
+    /// (:5353) in every task. `tag`: 1-3 alphanumerics, unique per test
+    /// binary.
+    pub fn new(tag: &str) -> Mesh {
+        require_root();
+        assert!(
+            (1..=3).contains(&tag.len()) && tag.chars().all(|c| c.is_ascii_alphanumeric()),
+            "mesh tag {tag:?} must be 1-3 ascii alphanumerics"
+        );
+        ensure_bpffs();
+        let pid = std::process::id() % 10000;
+        let prefix = format!("mlbt-m{tag}-{pid}");
+        let short = format!("{tag}{pid}");
+        let nodes = (1..=3u8)
+            .map(|i| Node {
+                name: format!("n{i}"),
+                ns: format!("{prefix}-n{i}"),
+                eth: format!("{short}e{i}"),
+                sw_port: format!("{short}s{i}"),
+                br: format!("{short}br"),
+                v4: Ipv4Addr::new(10, 210, 0, i),
+                v6: Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, i as u16),
+                br_v4: Ipv4Addr::new(10, 220 + i, 0, 1),
+                br_v6: Ipv6Addr::new(0xfd00, 0x220 + i as u16, 0, 0, 0, 0, 0, 1),
+            })
+            .collect::<Vec<_>>();
+        let mut per_node = [0u8; 3];
+        let tasks = TASK_NODES
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                per_node[n] += 1;
+                let host = 1 + per_node[n];
+                Task {
+                    name: format!("t{}", j + 1),
+                    ns: format!("{prefix}-t{}", j + 1),
+                    node: n,
+                    v4: Ipv4Addr::new(10, 221 + n as u8, 0, host),
+                    v6: Ipv6Addr::new(0xfd00, 0x221 + n as u16, 0, 0, 0, 0, 0, host as u16),
+                }
+            })
+            .collect();
+        let m = Mesh {
+            sw_ns: format!("{prefix}-sw"),
+            client_ns: format!("{prefix}-c"),
+            client_v4: Ipv4Addr::new(10, 210, 0, 100),
+            client_v6: Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 0x100),
+            nodes,
+            tasks,
+            dir: std::env::temp_dir().join(&prefix),
+            bpffs_root: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            prefix,
+            short,
+            servers: Mutex::new(Vec::new()),
+            udp: Mutex::new(Vec::new()),
+            logs: Mutex::new(Vec::new()),
+            seq: AtomicUsize::new(0),
+        };
+        // From here on a panic drops `m`, which removes whatever exists.
+        m.remove_stale();
+        fs::create_dir_all(&m.dir).expect("create test temp dir");
+        fs::create_dir_all(&m.bpffs_root).expect("create test bpffs dir");
+        m.build();
+        m.start_servers();
+        m
+    }
+
+    fn all_ns(&self) -> Vec<String> {
+        let mut v = vec![self.sw_ns.clone(), self.client_ns.clone()];
+        v.extend(self.nodes.iter().map(|n| n.ns.clone()));
+        v.extend(self.tasks.iter().map(|t| t.ns.clone()));
+        v
+    }
+
+    fn remove_stale(&self) {
+        for ns in self.all_ns() {
+            if Path::new("/run/netns").join(&ns).exists() {
+                let _ = run_cmd(&["ip", "netns", "del", &ns], Duration::from_secs(30));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(&self.bpffs_root);
+    }
+
+    fn build(&self) {
+        let range = format!(
+            "net.ipv4.ip_local_port_range={} {}",
+            CLIENT_PORT_RANGE.0, CLIENT_PORT_RANGE.1
+        );
+        for ns in self.all_ns() {
+            must(&["ip", "netns", "add", &ns]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            let mut sysctls = vec![
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ];
+            if self.nodes.iter().any(|n| n.ns == ns) {
+                sysctls.extend(["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+            }
+            if ns == self.client_ns {
+                sysctls.extend([range.as_str(), "net.ipv4.tcp_tw_reuse=1"]);
+            }
+            let mut argv = vec!["ip", "netns", "exec", &ns, "sysctl", "-qw"];
+            argv.extend(sysctls.iter().copied());
+            must(&argv);
+        }
+        let sw = self.sw_ns.as_str();
+        let swbr = format!("{}sw", self.short);
+        must(&["ip", "-n", sw, "link", "add", &swbr, "type", "bridge"]);
+        must(&["ip", "-n", sw, "link", "set", &swbr, "up"]);
+
+        // Client and nodes on the switch.
+        let client_if = format!("{}c", self.short);
+        let client_port = format!("{}sc", self.short);
+        let mut uplinks = vec![(
+            self.client_ns.clone(),
+            client_if,
+            client_port,
+            self.client_v4,
+            self.client_v6,
+        )];
+        for n in &self.nodes {
+            uplinks.push((n.ns.clone(), n.eth.clone(), n.sw_port.clone(), n.v4, n.v6));
+        }
+        for (ns, ifname, port, v4, v6) in &uplinks {
+            must(&[
+                "ip", "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", port,
+                "netns", sw,
+            ]);
+            must(&["ip", "-n", sw, "link", "set", port, "master", &swbr]);
+            addr(ns, ifname, &format!("{v4}/24"), &format!("{v6}/64"));
+            tx_off(ns, ifname);
+            tx_off(sw, port);
+            must(&["ip", "-n", sw, "link", "set", port, "up"]);
+            must(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+        }
+        let (n1v4, n1v6) = (self.nodes[0].v4.to_string(), self.nodes[0].v6.to_string());
+        let c = self.client_ns.as_str();
+        must(&["ip", "-n", c, "route", "add", "10.96.0.0/16", "via", &n1v4]);
+        must(&[
+            "ip",
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "fd00:96::/64",
+            "via",
+            &n1v6,
+        ]);
+
+        // Each node's task bridge, and routes to the other nodes' tasks.
+        for n in &self.nodes {
+            must(&["ip", "-n", &n.ns, "link", "add", &n.br, "type", "bridge"]);
+            addr(
+                &n.ns,
+                &n.br,
+                &format!("{}/24", n.br_v4),
+                &format!("{}/64", n.br_v6),
+            );
+            must(&["ip", "-n", &n.ns, "link", "set", &n.br, "up"]);
+            for o in self.nodes.iter().filter(|o| o.name != n.name) {
+                let net4 = format!("{}/24", Ipv4Addr::from(u32::from(o.br_v4) & !0xff));
+                let seg = o.br_v6.segments();
+                let net6 = format!("{:x}:{:x}::/64", seg[0], seg[1]);
+                must(&[
+                    "ip",
+                    "-n",
+                    &n.ns,
+                    "route",
+                    "add",
+                    &net4,
+                    "via",
+                    &o.v4.to_string(),
+                ]);
+                must(&[
+                    "ip",
+                    "-n",
+                    &n.ns,
+                    "-6",
+                    "route",
+                    "add",
+                    &net6,
+                    "via",
+                    &o.v6.to_string(),
+                ]);
+            }
+        }
+        for (j, t) in self.tasks.iter().enumerate() {
+            let n = &self.nodes[t.node];
+            let host_if = format!("{}h{}", self.short, j + 1);
+            let task_if = format!("{}t{}", self.short, j + 1);
+            must(&[
+                "ip", "-n", &n.ns, "link", "add", &host_if, "type", "veth", "peer", "name",
+                &task_if, "netns", &t.ns,
+            ]);
+            must(&["ip", "-n", &n.ns, "link", "set", &host_if, "master", &n.br]);
+            addr(
+                &t.ns,
+                &task_if,
+                &format!("{}/24", t.v4),
+                &format!("{}/64", t.v6),
+            );
+            tx_off(&n.ns, &host_if);
+            tx_off(&t.ns, &task_if);
+            must(&["ip", "-n", &n.ns, "link", "set", &host_if, "up"]);
+            must(&["ip", "-n", &t.ns, "link", "set", &task_if, "up"]);
+            must(&[
+                "ip",
+                "-n",
+                &t.ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &n.br_v4.to_string(),
+            ]);
+            must(&[
+                "ip",
+                "-n",
+                &t.ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &n.br_v6.to_string(),
+            ]);
+        }
+        for ns in self.all_ns() {
+            wait_for(Duration::from_secs(10), "IPv6 addresses to settle", || {
+                let out = must(&["ip", "-n", &ns, "-6", "addr", "show", "tentative"]);
+                if out.trim().is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{ns}: {out}"))
+                }
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let root_links = must(&["ip", "-o", "link", "show"]);
+        for line in root_links.lines() {
+            let name = line.split(':').nth(1).unwrap_or("").trim();
+            assert!(
+                !name.starts_with(&self.short),
+                "mesh leaked interface {name} into the root namespace"
+            );
+        }
+        // Native XDP on a node's uplink transmits into its switch port.
+        for n in &self.nodes {
+            let dir = self.bpffs_root.join(format!("sw-{}", n.name));
+            let out = self.meshlb(
+                sw,
+                &[
+                    "xdp-pass",
+                    "--iface",
+                    &n.sw_port,
+                    "--bpffs",
+                    &dir.display().to_string(),
+                ],
+                Duration::from_secs(30),
+            );
+            assert!(
+                out.success(),
+                "xdp-pass on {}: {}",
+                n.sw_port,
+                out.describe()
+            );
+        }
+    }
+
+    fn start_servers(&self) {
+        for t in &self.tasks {
+            let n = self.seq.fetch_add(1, Ordering::Relaxed);
+            let p = start_nginx_in(
+                &self.dir.join(format!("nginx-{}", t.name)),
+                &t.ns,
+                &t.name,
+                self.dir.join(format!("nginx-{}-{n}.log", t.name)),
+            );
+            self.servers.lock().unwrap().push(p);
+            let e = UdpEcho::start(&t.ns, UDP_PORT, t.name.clone());
+            self.udp.lock().unwrap().push(e);
+        }
+    }
+
+    pub fn task(&self, name: &str) -> &Task {
+        self.tasks
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no task {name}"))
+    }
+
+    pub fn task_names(&self) -> Vec<String> {
+        self.tasks.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// The task answering from address `ip`.
+    pub fn task_by_ip(&self, ip: IpAddr) -> Option<&Task> {
+        self.tasks
+            .iter()
+            .find(|t| IpAddr::from(t.v4) == ip || IpAddr::from(t.v6) == ip)
+    }
+
+    /// `[[service.backend]]` tables for `tasks` (by name), v4 or v6, each
+    /// with the node it runs on.
+    pub fn backends_toml(&self, tasks: &[&str], v6: bool) -> String {
+        let mut s = String::new();
+        for name in tasks {
+            let t = self.task(name);
+            let a: IpAddr = if v6 { t.v6.into() } else { t.v4.into() };
+            s += &format!(
+                "[[service.backend]]\naddr = \"{a}\"\nnode = \"{}\"\n\n",
+                self.nodes[t.node].name
+            );
+        }
+        s
+    }
+
+    pub fn write_file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        p
+    }
+
+    pub fn bpffs(&self, node: &Node) -> PathBuf {
+        self.bpffs_root.join(&node.name)
+    }
+
+    /// Runs `meshlb ARGS` in namespace `ns`.
+    pub fn meshlb(&self, ns: &str, args: &[&str], timeout: Duration) -> CmdOutput {
+        let net = format!("--net=/run/netns/{ns}");
+        let mut argv = vec!["nsenter", net.as_str(), MESHLB];
+        argv.extend_from_slice(args);
+        run_cmd_env(&argv, &[("RUST_BACKTRACE", "0")], timeout)
+    }
+
+    /// Runs a shell script in namespace `ns` (nsenter, so bpffs stays
+    /// visible).
+    pub fn meshlb_sh(&self, ns: &str, script: &str, timeout: Duration) -> CmdOutput {
+        let net = format!("--net=/run/netns/{ns}");
+        run_cmd_env(
+            &["nsenter", net.as_str(), "sh", "-c", script],
+            &[("RUST_BACKTRACE", "0")],
+            timeout,
+        )
+    }
+
+    /// Starts `meshlb run --config CONFIG --node <name>` on node `i`,
+    /// attached to its uplink and its task bridge.
+    pub fn start_daemon(&self, i: usize, config: &Path) -> Proc {
+        let n = &self.nodes[i];
+        let log = self.dir.join(format!(
+            "meshlb-{}-{}.log",
+            n.name,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        self.logs.lock().unwrap().push(log.clone());
+        let argv: Vec<String> = [
+            "nsenter",
+            &format!("--net=/run/netns/{}", n.ns),
+            MESHLB,
+            "run",
+            "--config",
+            &config.display().to_string(),
+            "--node",
+            &n.name,
+            "--bpffs",
+            &self.bpffs(n).display().to_string(),
+            "--iface",
+            &n.eth,
+            "--iface",
+            &n.br,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        Proc::spawn(
+            &format!("meshlb run {}", n.name),
+            &argv,
+            &[("RUST_LOG", &rust_log), ("RUST_BACKTRACE", "1")],
+            log,
+        )
+    }
+
+    /// Waits until node `i`'s daemon serves metrics, lists every service
+    /// of `services` in `status`, and XDP sits on both its interfaces
+    /// (native on the uplink, generic on the bridge).
+    pub fn wait_ready(&self, i: usize, daemon: &mut Proc, services: &[&str]) -> Value {
+        let n = &self.nodes[i];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = daemon.exit_status() {
+                panic!(
+                    "daemon {} exited before it was ready: {st}{}",
+                    n.name,
+                    self.ctx()
+                );
+            }
+            let r = (|| -> Result<Value, String> {
+                in_netns(&n.ns, || {
+                    http_get_path(
+                        "127.0.0.1:9742".parse().unwrap(),
+                        "/metrics",
+                        Duration::from_secs(2),
+                    )
+                })
+                .map_err(|e| format!("metrics: {e}"))?;
+                let st = self.try_status(i)?;
+                for want in services {
+                    let found = st["services"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|s| s["name"] == *want));
+                    if !found {
+                        return Err(format!("service {want} not in status"));
+                    }
+                }
+                for (iface, mode) in [(&n.eth, 1), (&n.br, 2)] {
+                    if xdp_mode(&n.ns, iface) != Some(mode) {
+                        return Err(format!("XDP mode of {iface}: {:?}", xdp_mode(&n.ns, iface)));
+                    }
+                }
+                Ok(st)
+            })();
+            match r {
+                Ok(v) => return v,
+                Err(e) if Instant::now() >= deadline => {
+                    daemon.signal(Signal::SIGKILL);
+                    panic!("daemon {} not ready: {e}{}", n.name, self.ctx());
+                }
+                Err(_) => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    pub fn try_status(&self, i: usize) -> Result<Value, String> {
+        let n = &self.nodes[i];
+        let dir = self.bpffs(n).display().to_string();
+        let out = self.meshlb(
+            &n.ns,
+            &["status", "--json", "--bpffs", &dir],
+            Duration::from_secs(15),
+        );
+        if !out.success() {
+            return Err(out.describe());
+        }
+        serde_json::from_str(&out.stdout).map_err(|e| format!("status --json: {e}"))
+    }
+
+    /// Every daemon log of this test (tail), for failure messages.
+    pub fn ctx(&self) -> String {
+        let mut s = String::new();
+        for p in self.logs.lock().unwrap().iter() {
+            let text = fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            s += &format!("\n===== {} =====\n{}", p.display(), tail.join("\n"));
+        }
+        s
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    pub fn client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.client_ns, f)
+    }
+}
+
+/// The mesh tests' config: `web` (v4) and `web6` over `tasks`; `solo`
+/// (v4, port 81) has only t3, which runs on n2.
+pub fn config(m: &Mesh, tasks: &[&str]) -> String {
+    format!(
+        r#"
+[[service]]
+name = "web"
+vip = "{VIP4}"
+publish = [{{ proto = "tcp", port = 80, target = 8000 }}, {{ proto = "udp", port = 53, target = {UDP_PORT} }}]
+
+{}
+[[service]]
+name = "web6"
+vip = "{VIP6}"
+publish = [{{ proto = "tcp", port = 8080, target = 8000 }}, {{ proto = "udp", port = 5300, target = {UDP_PORT} }}]
+
+{}
+[[service]]
+name = "solo"
+publish = [{{ proto = "tcp", port = 81, target = 8000 }}]
+
+{}
+"#,
+        m.backends_toml(tasks, false),
+        m.backends_toml(tasks, true),
+        m.backends_toml(&["t3"], false),
+    )
+}
+
+/// Every task.
+pub const ALL: [&str; 4] = ["t1", "t2", "t3", "t4"];
+/// The services of `config`.
+pub const SERVICES: [&str; 3] = ["web", "web6", "solo"];
+
+/// Starts a daemon on every node with `config(m, &ALL)` and waits until
+/// each is ready.
+pub fn start_cluster(m: &Mesh) -> Vec<Proc> {
+    let cfg = m.write_file("meshlb.toml", &config(m, &ALL));
+    let mut daemons: Vec<Proc> = (0..3).map(|i| m.start_daemon(i, &cfg)).collect();
+    for (i, d) in daemons.iter_mut().enumerate() {
+        m.wait_ready(i, d, &SERVICES);
+    }
+    daemons
+}
+
+/// `ip -d -j link` XDP attach mode of `iface` in `ns` (1 native, 2 generic).
+pub fn xdp_mode(ns: &str, iface: &str) -> Option<u64> {
+    let out = must(&["ip", "-n", ns, "-d", "-j", "link", "show", "dev", iface]);
+    let v: Value = serde_json::from_str(&out).ok()?;
+    v[0]["xdp"]["mode"].as_u64()
+}
+
+fn addr(ns: &str, ifname: &str, v4: &str, v6: &str) {
+    must(&["ip", "-n", ns, "addr", "add", v4, "dev", ifname]);
+    must(&["ip", "-n", ns, "addr", "add", v6, "dev", ifname, "nodad"]);
+}
+
+/// Native XDP on veth needs full checksums: no TX checksum offload.
+fn tx_off(ns: &str, ifname: &str) {
+    must(&[
+        "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off",
+    ]);
+}
+
+/// The node-port address of node `n` for a published port.
+pub fn node_addr(n: &Node, port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(n.v6.into(), port)
+    } else {
+        SocketAddr::new(n.v4.into(), port)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for e in self
+            .udp
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+        {
+            drop(e);
+        }
+        let servers = self
+            .servers
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        for mut p in servers {
+            p.stop(Duration::from_secs(3));
+        }
+        // Detach and unpin: each node's dir in its namespace, the switch
+        // ports' in the switch namespace.
+        let mut dirs: Vec<(String, PathBuf)> = self
+            .nodes
+            .iter()
+            .map(|n| (n.ns.clone(), self.bpffs(n)))
+            .collect();
+        dirs.extend(self.nodes.iter().map(|n| {
+            (
+                self.sw_ns.clone(),
+                self.bpffs_root.join(format!("sw-{}", n.name)),
+            )
+        }));
+        for (ns, d) in dirs {
+            if d.is_dir() && Path::new("/run/netns").join(&ns).exists() {
+                let ds = d.display().to_string();
+                let out = self.meshlb(&ns, &["cleanup", "--bpffs", &ds], Duration::from_secs(20));
+                if !out.success() {
+                    eprintln!("teardown: {}", out.describe());
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.bpffs_root);
+        for ns in self.all_ns() {
+            if Path::new("/run/netns").join(&ns).exists() {
+                let out = run_cmd(&["ip", "netns", "del", &ns], Duration::from_secs(30));
+                if !out.success() {
+                    eprintln!("teardown: {}", out.describe());
+                }
+            }
+        }
+        if thread::panicking() {
+            eprintln!("test failed: logs kept in {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

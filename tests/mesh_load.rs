@@ -1,0 +1,48 @@
+//! Connection-per-request load through one node of the netns cluster (see
+//! `common::mesh`) to a task on another node: source-translated flows at
+//! full rate, several rounds back to back, with no errors and no collapse
+//! (SNAT ports are taken per client tuple, so the backend's TIME_WAIT
+//! sockets see each tuple's own timestamps come back). A binary of its own
+//! so no other test competes for the CPU.
+
+mod common;
+
+use common::mesh::{start_cluster, Mesh};
+use common::wrk_in;
+
+#[test]
+fn connection_per_request_to_a_remote_task_does_not_collapse() {
+    let m = Mesh::new("d");
+    let _daemons = start_cluster(&m);
+    let url = format!("http://{}:81/", m.nodes[0].v4);
+    let mut rounds = Vec::new();
+    for round in 1..=5 {
+        let r =
+            wrk_in(&m.client_ns, &url, 32, 5, true).unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+        eprintln!(
+            "conn-per-request via n1 to t3 on n2, round {round}: {:.0} req/s ({} requests, {} socket errors, {} non-2xx)",
+            r.rps,
+            r.requests,
+            r.socket_errors(),
+            r.non_2xx
+        );
+        assert!(
+            r.socket_errors() == 0 && r.non_2xx == 0 && r.requests > 0,
+            "round {round}: errors: {r:?}{}",
+            m.ctx()
+        );
+        rounds.push(r.rps);
+        for i in 0..2 {
+            let st = m.try_status(i).unwrap();
+            eprintln!("{} counters: {}", m.nodes[i].name, st["counters"]);
+        }
+    }
+    let (first, last) = (rounds[0], rounds[4]);
+    assert!(
+        last >= 0.8 * first,
+        "collapse: last round {last:.0} req/s < 0.8 x first {first:.0}: {rounds:?}{}",
+        m.ctx()
+    );
+    let st = m.try_status(0).unwrap();
+    eprintln!("n1 counters: {}", st["counters"]);
+}

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 use self::labels::{ContainerInfo, Health, Registration};
 use self::registrar::Registrar;
+use crate::etcd::layout::TaskState;
 use crate::etcd::EtcdOptions;
 
 /// Timeout of one Docker API request (the event stream's body is exempt).
@@ -227,14 +228,14 @@ impl Watcher {
             let Some(id) = c.id else { continue };
             running.insert(id.clone());
             if let Some(info) = self.inspect(&id).await? {
-                if self.stopping.contains(&id) {
-                    continue;
-                }
-                all.extend(
-                    self.registrations(&info)
-                        .into_iter()
-                        .map(|r| (id.clone(), r)),
-                );
+                let stopping = self.stopping.contains(&id);
+                all.extend(self.registrations(&info).into_iter().map(|mut r| {
+                    // Still running, but being stopped: it keeps draining.
+                    if stopping {
+                        r.record.state = TaskState::Draining;
+                    }
+                    (id.clone(), r)
+                }));
             }
         }
         self.stopping.retain(|id| running.contains(id));
@@ -301,10 +302,9 @@ impl Watcher {
                 self.stopping.remove(&id);
                 self.refresh(reg, &id).await?;
             }
-            "unpause" | "health_status" | "update" | "rename" => {
-                if !self.stopping.contains(&id) {
-                    self.refresh(reg, &id).await?;
-                }
+            // A container being stopped stays draining whatever it reports.
+            "unpause" | "health_status" | "update" | "rename" if !self.stopping.contains(&id) => {
+                self.refresh(reg, &id).await?;
             }
             "kill" => {
                 let signal = actor

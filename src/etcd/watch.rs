@@ -7,7 +7,9 @@
 //! daemon always applies the latest state, never a stale one, and never
 //! loses the last update.
 //!
-//! Also here: the node's own key `nodes/<node>`, kept under a lease.
+//! Also here: the node's own key `nodes/<node>`, kept under a lease whose
+//! id is published for the Docker registrar, so the node's container
+//! registrations live and die with the node.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

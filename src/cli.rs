@@ -68,7 +68,9 @@ pub struct RunArgs {
     /// How the XDP program is attached.
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeArg>,
-    /// Register this node's Docker containers (not in this version).
+    /// Register this node's opted-in Docker containers as tasks in etcd
+    /// (labels meshlb.service/port/weight or registrator's SERVICE_NAME);
+    /// needs --etcd.
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "/var/run/docker.sock")]
     pub docker: Option<String>,
     /// Prometheus metrics listen address, or "none".

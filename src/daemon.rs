@@ -1,7 +1,8 @@
 //! `meshlb run`: the node daemon. Loads the config, attaches (or adopts)
 //! the data plane, reconciles, then keeps it in sync: SIGHUP reloads the
 //! config, etcd snapshots (when `--etcd` is given) are applied as they
-//! come, this node's addresses are re-read periodically, SIGTERM/SIGINT
+//! come, this node's addresses are re-read periodically, this node's
+//! opted-in Docker containers are registered in etcd (`--docker`), SIGTERM/SIGINT
 //! stop the daemon. Stopping never detaches forwarding: the pinned maps and
 //! links keep working, and the next daemon adopts them.
 
@@ -18,6 +19,7 @@ use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
 use crate::config::{self, Config, DataplaneChoice, XdpMode};
 use crate::dataplane::xdp::XdpDataplane;
 use crate::dataplane::Dataplane;
+use crate::docker::{self, DockerOptions};
 use crate::etcd::layout::NodeRecord;
 use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
@@ -49,6 +51,8 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// The etcd source, when configured.
     pub etcd: Option<EtcdOptions>,
+    /// The Docker API socket whose containers are registered (needs etcd).
+    pub docker: Option<PathBuf>,
 }
 
 fn hostname() -> String {
@@ -70,16 +74,23 @@ fn load_config(path: Option<&PathBuf>, with_etcd: bool) -> Result<Config, Daemon
 
 /// Validates flags and config into settings, before anything is touched.
 pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
-    if args.docker.is_some() {
-        return Err(DaemonError::Usage(
-            "--docker: not supported by this version yet".into(),
-        ));
-    }
     let cfg = load_config(args.config.as_ref(), args.etcd.etcd.is_some())?;
     let etcd = EtcdOptions::from_args(&args.etcd, cfg.etcd.as_ref());
     if let Some(o) = &etcd {
         o.validate()
             .map_err(|e| DaemonError::Usage(e.to_string()))?;
+    }
+    let docker = match &args.docker {
+        Some(s) if s.trim().is_empty() => {
+            return Err(DaemonError::Usage("--docker: empty socket path".into()))
+        }
+        Some(s) => Some(PathBuf::from(s)),
+        None => cfg.docker.as_ref().map(|d| d.socket.clone()),
+    };
+    if docker.is_some() && etcd.is_none() {
+        return Err(DaemonError::Usage(
+            "--docker: needs --etcd (or [etcd] in the config): containers are registered as tasks in etcd".into(),
+        ));
     }
     if args.config.is_none() && etcd.is_none() {
         log::warn!("no --config: using the embedded default config (demo service \"whoami\")");
@@ -154,6 +165,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             bpffs,
             metrics,
             etcd,
+            docker,
         },
         cfg,
     ))
@@ -267,14 +279,33 @@ pub async fn run(
                 dataplane: dp.kind().as_str().to_owned(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             };
-            let tasks = vec![
+            let node_addr = record.addr;
+            let (lease_tx, lease_rx) = watch::channel(None);
+            let mut tasks = vec![
                 AbortOnDrop(tokio::spawn(run_source(o.clone(), tx, registry.clone()))),
                 AbortOnDrop(tokio::spawn(keep_node(
                     o.clone(),
                     settings.node.clone(),
                     record,
+                    lease_tx,
                 ))),
             ];
+            if let Some(socket) = &settings.docker {
+                log::info!(
+                    "docker {}: registering this node's opted-in containers",
+                    socket.display()
+                );
+                let opts = DockerOptions {
+                    socket: socket.clone(),
+                    node: settings.node.clone(),
+                    node_addr,
+                };
+                tasks.push(AbortOnDrop(tokio::spawn(docker::run(
+                    opts,
+                    o.clone(),
+                    lease_rx,
+                ))));
+            }
             log::info!(
                 "etcd {} prefix {}: waiting for the first list before programming (adopted state kept)",
                 o.endpoints.join(","),

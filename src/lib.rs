@@ -11,6 +11,7 @@
 //! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
 //! * [`inspect`] — `status` and `explain`, read from the pinned maps.
 //! * [`etcd`] — services and tasks from etcd (list+watch, node lease).
+//! * [`docker`] — this node's opted-in containers registered as tasks in etcd.
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
 //! * [`nodenet`] — interface forwarding flags and the SNAT address (pure).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod docker;
 pub mod etcd;
 pub mod inspect;
 pub mod maglev;

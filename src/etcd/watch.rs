@@ -7,7 +7,9 @@
 //! daemon always applies the latest state, never a stale one, and never
 //! loses the last update.
 //!
-//! Also here: the node's own key `nodes/<node>`, kept under a lease.
+//! Also here: the node's own key `nodes/<node>`, kept under a lease whose
+//! id is published for the Docker registrar, so the node's container
+//! registrations live and die with the node.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -248,8 +250,15 @@ pub async fn run_source(
 }
 
 /// Keeps `nodes/<node>` alive under a lease of `NODE_TTL_SECS`, re-creating
-/// lease and key whenever etcd comes back.
-pub async fn keep_node(opts: EtcdOptions, node: String, record: layout::NodeRecord) {
+/// lease and key whenever etcd comes back. The lease in force is published
+/// on `lease` (`None` while there is none), so the node's Docker
+/// registrations hang on the very same lease.
+pub async fn keep_node(
+    opts: EtcdOptions,
+    node: String,
+    record: layout::NodeRecord,
+    lease: watch::Sender<Option<i64>>,
+) {
     let key = layout::node_key(&opts.prefix, &node);
     let value = match serde_json::to_vec(&record) {
         Ok(v) => v,
@@ -260,15 +269,21 @@ pub async fn keep_node(opts: EtcdOptions, node: String, record: layout::NodeReco
     };
     let mut backoff = BACKOFF_MIN;
     loop {
-        if let Err(e) = hold_lease(&opts, &key, &value).await {
+        if let Err(e) = hold_lease(&opts, &key, &value, &lease).await {
             log::warn!("etcd {key}: {e}; retrying");
         }
+        lease.send_replace(None);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
-async fn hold_lease(opts: &EtcdOptions, key: &str, value: &[u8]) -> Result<(), String> {
+async fn hold_lease(
+    opts: &EtcdOptions,
+    key: &str,
+    value: &[u8],
+    published: &watch::Sender<Option<i64>>,
+) -> Result<(), String> {
     let mut client = connect(opts).await.map_err(|e| e.to_string())?;
     let t = |what: &str| format!("{what}: timed out");
     let lease = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_grant(NODE_TTL_SECS, None))
@@ -284,6 +299,7 @@ async fn hold_lease(opts: &EtcdOptions, key: &str, value: &[u8]) -> Result<(), S
     .map_err(|_| t("put"))?
     .map_err(|e| format!("put: {}", error_chain(&e)))?;
     log::info!("etcd {key}: registered under lease {lease:x} (ttl {NODE_TTL_SECS} s)");
+    published.send_replace(Some(lease));
     let (mut keeper, mut responses) =
         tokio::time::timeout(REQUEST_TIMEOUT, client.lease_keep_alive(lease))
             .await

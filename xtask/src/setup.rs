@@ -14,6 +14,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "openssl",
     "etcd-server",
     "etcd-client",
+    // dockerd (+ containerd, runc) and the busybox the Docker registration
+    // tests build their image from (`docker import`, no registry).
+    "docker.io",
+    "busybox-static",
     "nginx-light",
     "wrk",
     "ethtool",

@@ -284,7 +284,10 @@ fn load(pins: &Path) -> Result<(Ebpf, Maps)> {
         .iter()
         .map(|a| a.parse::<IpAddr>().expect("literal"))
         .collect();
-    let plan = meshlb::reconcile::plan(&cfg.desired_state(locals), &observe_maps(&maps)?)?;
+    let plan = meshlb::reconcile::plan(
+        &cfg.desired_state(locals, "microbench"),
+        &observe_maps(&maps)?,
+    )?;
     apply_maps(&mut maps, &plan)?;
     Ok((ebpf, maps))
 }

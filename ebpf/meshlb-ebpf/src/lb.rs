@@ -31,11 +31,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use meshlb_common::{
-    hash::flow_slot, AddrKey, Counter, CtEntry, FlowKey, FrontendKey, FrontendValue,
-    RnatEntry, SnatAddr, SnatEntry, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING,
-    CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
-    SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
+    hash::flow_slot, AddrKey, Counter, CtEntry, FlowKey, FrontendKey, FrontendValue, RnatEntry,
+    SnatAddr, SnatEntry, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND,
+    CT_F_FIN_CLIENT, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
+    SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TCP_IDLE_NS,
+    SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -265,7 +265,12 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
     *out = CtEntry {
         backend_addr: be.addr,
         backend_port: be.port,
-        flags: flags | if be.flags & BE_F_SNAT != 0 { CT_F_SNAT } else { 0 },
+        flags: flags
+            | if be.flags & BE_F_SNAT != 0 {
+                CT_F_SNAT
+            } else {
+                0
+            },
         backend_id,
         service_id,
         snat_port: 0,
@@ -299,7 +304,11 @@ fn record_flow(pkt: &Packet, ct: &CtEntry) {
         ok &= MLB_RNAT_V1.insert(&reply_key, &rnat, 0).is_ok();
     }
     // On failure forward anyway: Maglev gives the same answer next time.
-    count(if ok { Counter::NewFlow } else { Counter::CtFull });
+    count(if ok {
+        Counter::NewFlow
+    } else {
+        Counter::CtFull
+    });
     account(ct.service_id, ct.backend_id, pkt.len, false, true);
 }
 
@@ -470,13 +479,7 @@ fn translate(
 /// values are the parsed ones (`pkt.key`): each side is rewritten at most
 /// once per packet. A subprogram, so its frame is not repeated per caller.
 #[inline(never)]
-fn rewrite(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    new: &[u8; 16],
-    new_port: u16,
-    src_side: bool,
-) -> bool {
+fn rewrite(ctx: &XdpContext, pkt: &Packet, new: &[u8; 16], new_port: u16, src_side: bool) -> bool {
     let (old, old_port) = if src_side {
         (&pkt.key.src, pkt.key.sport)
     } else {
@@ -495,8 +498,8 @@ fn rewrite(
     let mut l4 = CsumDelta::new(check);
     if v4 {
         let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return false;
-    };
+            return false;
+        };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
         let mut l3 = CsumDelta::new(ip.check);
@@ -511,8 +514,8 @@ fn rewrite(
         }
     } else {
         let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
-        return false;
-    };
+            return false;
+        };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
         l4.bytes16(old, new);

@@ -69,7 +69,6 @@ pub static MLB_SNATADR_V1: Array<SnatAddr> = Array::pinned(2, 0);
 #[map]
 pub static MLB_IFACE_V1: HashMap<u32, u32> = HashMap::pinned(MAX_IFACES, 0);
 
-
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = MLB_CNT_V2.get_ptr_mut(c as u32) {

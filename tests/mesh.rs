@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::mesh::{config, node_addr, start_cluster, Mesh, ALL, SERVICES, VIP4, VIP6};
-use common::{http_get, udp_request, KeepAlive};
+use common::{http_get, udp_request, KeepAlive, Proc};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -294,4 +294,85 @@ fn all_nodes_pick_the_same_task_for_the_same_flow() {
         first, second,
         "the same flow through another node reached another task"
     );
+}
+
+#[test]
+fn etcd_driven_mesh_snats_tasks_of_other_nodes() {
+    let m = Mesh::new("e");
+    // etcd in the client namespace, on its switch address: every node
+    // reaches it.
+    let etcd = common::etcd::EtcdServer::start_on(&m.client_ns, "mesh-e", &m.client_v4.to_string());
+    let c = etcd.client();
+    let ok = |args: &[&str]| {
+        let out = c.meshlb(args);
+        assert!(out.success(), "{}{}", out.describe(), m.ctx());
+        out.stdout
+    };
+    ok(&[
+        "service",
+        "create",
+        "web",
+        "--publish",
+        "tcp:80:8000",
+        "--vip",
+        VIP4,
+    ]);
+    let mut ids = BTreeMap::new();
+    for name in ALL {
+        let t = m.task(name);
+        let node = &m.nodes[t.node].name;
+        let out = ok(&[
+            "task",
+            "add",
+            "web",
+            &format!("{}:8000", t.v4),
+            "--node",
+            node,
+        ]);
+        let id = out
+            .lines()
+            .last()
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default();
+        ids.insert(name, id.to_string());
+    }
+    let url = etcd.url();
+    let mut daemons: Vec<Proc> = (0..3)
+        .map(|i| m.start_daemon_args(i, &["--etcd", &url]))
+        .collect();
+    for (i, d) in daemons.iter_mut().enumerate() {
+        m.wait_ready(i, d, &["web"]);
+    }
+    for n in &m.nodes {
+        let b = burst(&m, node_addr(n, 80, false), false, REQUESTS);
+        assert_spread(&m, &format!("etcd: via {}", n.name), &b, &ALL);
+    }
+    // Each node SNATs exactly the tasks of the other nodes.
+    for (i, n) in m.nodes.iter().enumerate() {
+        let st = m.try_status(i).unwrap();
+        let snat = st["counters"]["snat_new"].as_u64().unwrap_or(0);
+        assert!(snat > 0, "{}: no SNAT flows: {}", n.name, st["counters"]);
+    }
+    // The task of n2 goes: no node sends it new flows.
+    ok(&["task", "rm", "web", &ids["t3"]]);
+    for i in 0..3 {
+        common::wait_for(Duration::from_secs(10), "t3 to leave web", || {
+            let n = backends_of(&m.try_status(i)?, "web");
+            if n == 3 {
+                Ok(())
+            } else {
+                Err(format!("node {i}: {n} backends"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    }
+    for n in &m.nodes {
+        let b = burst(&m, node_addr(n, 80, false), false, 100);
+        assert_spread(
+            &m,
+            &format!("etcd: via {} without t3", n.name),
+            &b,
+            &["t1", "t2", "t4"],
+        );
+    }
 }

@@ -501,6 +501,9 @@ pub struct EtcdServer {
     pub dir: PathBuf,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Address the client URL listens on (127.0.0.1 unless started with
+    /// [`EtcdServer::start_on`]).
+    pub host: String,
     pub pki: Option<Pki>,
     initial_cluster: String,
     /// Whether this struct owns (and removes) `dir`.
@@ -527,6 +530,12 @@ impl EtcdServer {
         Self::start_opts(Some(ns), tag, false)
     }
 
+    /// A single plain-HTTP member inside `ns` whose client URL listens on
+    /// `host` (an address of `ns` other namespaces can reach).
+    pub fn start_on(ns: &str, tag: &str, host: &str) -> EtcdServer {
+        Self::start_full(Some(ns), tag, false, host)
+    }
+
     /// A single HTTPS member with client-cert auth (root namespace).
     pub fn start_tls(tag: &str) -> EtcdServer {
         Self::start_opts(None, tag, true)
@@ -538,6 +547,10 @@ impl EtcdServer {
     }
 
     fn start_opts(ns: Option<&str>, tag: &str, tls: bool) -> EtcdServer {
+        Self::start_full(ns, tag, tls, "127.0.0.1")
+    }
+
+    fn start_full(ns: Option<&str>, tag: &str, tls: bool, host: &str) -> EtcdServer {
         require_etcd();
         let dir = test_dir(tag);
         let pki = tls.then(|| Pki::generate(&dir.join("pki")));
@@ -550,6 +563,7 @@ impl EtcdServer {
             dir,
             client_port: ports[0],
             peer_port: ports[1],
+            host: host.to_string(),
             pki,
             initial_cluster,
             owns_dir: true,
@@ -571,7 +585,7 @@ impl EtcdServer {
 
     /// This member's client URL.
     pub fn url(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+        format!("{}://{}:{}", self.scheme(), self.host, self.client_port)
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -783,6 +797,7 @@ impl EtcdCluster {
                 dir: dir.clone(),
                 client_port: ports[2 * i],
                 peer_port: ports[2 * i + 1],
+                host: "127.0.0.1".into(),
                 pki: None,
                 initial_cluster: initial_cluster.clone(),
                 owns_dir: false,

@@ -445,6 +445,12 @@ impl Mesh {
     /// Starts `meshlb run --config CONFIG --node <name>` on node `i`,
     /// attached to its uplink and its task bridge.
     pub fn start_daemon(&self, i: usize, config: &Path) -> Proc {
+        self.start_daemon_args(i, &["--config", &config.display().to_string()])
+    }
+
+    /// Starts `meshlb run ARGS --node <name>` on node `i`, attached to its
+    /// uplink and its task bridge.
+    pub fn start_daemon_args(&self, i: usize, args: &[&str]) -> Proc {
         let n = &self.nodes[i];
         let log = self.dir.join(format!(
             "meshlb-{}-{}.log",
@@ -452,25 +458,14 @@ impl Mesh {
             self.seq.fetch_add(1, Ordering::Relaxed)
         ));
         self.logs.lock().unwrap().push(log.clone());
-        let argv: Vec<String> = [
-            "nsenter",
-            &format!("--net=/run/netns/{}", n.ns),
-            MESHLB,
-            "run",
-            "--config",
-            &config.display().to_string(),
-            "--node",
-            &n.name,
-            "--bpffs",
-            &self.bpffs(n).display().to_string(),
-            "--iface",
-            &n.eth,
-            "--iface",
-            &n.br,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let bpffs = self.bpffs(n).display().to_string();
+        let net = format!("--net=/run/netns/{}", n.ns);
+        let mut argv: Vec<&str> = vec!["nsenter", &net, MESHLB, "run"];
+        argv.extend_from_slice(args);
+        argv.extend([
+            "--node", &n.name, "--bpffs", &bpffs, "--iface", &n.eth, "--iface", &n.br,
+        ]);
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         Proc::spawn(
             &format!("meshlb run {}", n.name),

@@ -10,6 +10,7 @@
 //! * [`dataplane`] — the `Dataplane` trait and its XDP and fake engines.
 //! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
 //! * [`inspect`] — `status` and `explain`, read from the pinned maps.
+//! * [`ipvs`] — IPVS over generic netlink (constants, wire format, handle).
 //! * [`etcd`] — services and tasks from etcd (list+watch, node lease).
 //! * [`docker`] — this node's opted-in containers registered as tasks in etcd.
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
@@ -27,6 +28,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod etcd;
 pub mod inspect;
+pub mod ipvs;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

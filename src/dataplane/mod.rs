@@ -1,8 +1,10 @@
 //! The `Dataplane` trait: the one door from the reconciler's plans to a
 //! kernel forwarding engine. Implementations: `xdp` (aya) and `fake` (in
-//! memory, for tests of pure logic).
+//! memory, for tests of pure logic). `ipvs` holds the IPVS engine's pure
+//! table and diff (not yet driving a kernel).
 
 pub mod fake;
+pub mod ipvs;
 pub mod xdp;
 
 use crate::model::Observed;

@@ -1,0 +1,314 @@
+//! The IPVS engine's pure half: the IPVS table a node should hold for a
+//! [`DesiredState`] (one virtual service per frontend address, node ports
+//! on every node address; one masquerading destination per backend,
+//! weight 0 for a backend that takes no new flows), and the ordered
+//! changes that turn the kernel's table into it. A sync is a diff, never a
+//! flush: unchanged services and destinations, and so their connections,
+//! are not touched; only services this node created are ever deleted.
+//!
+//! **Not wired into `meshlb run` yet:** the host kernel has no IPVS; the
+//! engine is exercised only once the vm/ guests run it (issue 6).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::ipvs::consts::{IP_VS_CONN_F_MASQ, IP_VS_SVC_F_PERSISTENT};
+use crate::ipvs::{Dest, Service, ServiceId, Stats};
+use crate::model::DesiredState;
+
+/// How one service is scheduled in IPVS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpvsOptions {
+    /// IPVS scheduler name ("mh" for maglev, "rr", "wrr", "lc", "sh").
+    pub sched: String,
+    /// Persistence (client-IP affinity) timeout in seconds.
+    pub persistence: Option<u32>,
+}
+
+impl Default for IpvsOptions {
+    fn default() -> Self {
+        IpvsOptions {
+            sched: "mh".into(),
+            persistence: None,
+        }
+    }
+}
+
+/// The IPVS scheduler implementing a config scheduler.
+pub fn sched_name(s: crate::config::Scheduler) -> &'static str {
+    use crate::config::Scheduler::*;
+    match s {
+        Maglev => "mh",
+        Rr => "rr",
+        Wrr => "wrr",
+        Lc => "lc",
+        Sh => "sh",
+    }
+}
+
+/// Destinations of one virtual service, by (address, port).
+pub type Dests = BTreeMap<(IpAddr, u16), Dest>;
+/// A whole IPVS table.
+pub type Table = BTreeMap<ServiceId, (Service, Dests)>;
+
+/// The table for `desired`; `opts` gives each service's scheduling
+/// (default: `mh`, no persistence).
+pub fn table(desired: &DesiredState, opts: &BTreeMap<String, IpvsOptions>) -> Table {
+    let mut t = Table::new();
+    for (key, spec) in &desired.services {
+        let o = opts.get(&key.name).cloned().unwrap_or_default();
+        let dests: Dests = spec
+            .backends
+            .iter()
+            .map(|(bk, bs)| {
+                let d = Dest {
+                    addr: bk.addr,
+                    port: bk.port,
+                    weight: if bs.active() { bs.weight } else { 0 },
+                    fwd: IP_VS_CONN_F_MASQ,
+                    active_conns: 0,
+                    inactive_conns: 0,
+                    stats: Stats::default(),
+                };
+                ((bk.addr, bk.port), d)
+            })
+            .collect();
+        for fe in &spec.frontends {
+            let addrs: Vec<IpAddr> = match fe.addr {
+                Some(a) => vec![a],
+                None => desired.local_addrs.iter().copied().collect(),
+            };
+            for addr in addrs {
+                let id = ServiceId {
+                    addr,
+                    port: fe.port,
+                    proto: key.proto.number(),
+                };
+                // A service holds backends of its own family only.
+                let fam: Dests = dests
+                    .iter()
+                    .filter(|((a, _), _)| a.is_ipv4() == addr.is_ipv4())
+                    .map(|(k, d)| (*k, d.clone()))
+                    .collect();
+                t.insert(id, (service(id, &o), fam));
+            }
+        }
+    }
+    t
+}
+
+fn service(id: ServiceId, o: &IpvsOptions) -> Service {
+    Service {
+        id,
+        sched: o.sched.clone(),
+        flags: if o.persistence.is_some() {
+            IP_VS_SVC_F_PERSISTENT
+        } else {
+            0
+        },
+        timeout: o.persistence.unwrap_or(0),
+        stats: Stats::default(),
+    }
+}
+
+/// One change to the kernel's IPVS table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    AddService(Service),
+    /// Scheduler, flags or timeout changed (connections are kept).
+    SetService(Service),
+    AddDest(ServiceId, Dest),
+    /// Weight or forwarding method changed (connections are kept).
+    SetDest(ServiceId, Dest),
+    DelDest(ServiceId, Dest),
+    DelService(ServiceId),
+}
+
+/// The changes turning `have` (the kernel's table) into `want`, in a safe
+/// order: services, then destinations added or updated, then destinations
+/// deleted, then services deleted. A service of `have` not in `want` is
+/// deleted only if it is in `owned` (created by meshlb): other tools'
+/// services are never touched.
+pub fn diff(want: &Table, have: &Table, owned: &BTreeSet<ServiceId>) -> Vec<Change> {
+    let mut svc = Vec::new();
+    let mut add = Vec::new();
+    let mut del = Vec::new();
+    let mut gone = Vec::new();
+    for (id, (ws, wd)) in want {
+        let hd = match have.get(id) {
+            None => {
+                svc.push(Change::AddService(ws.clone()));
+                None
+            }
+            Some((hs, hd)) => {
+                if (hs.sched.as_str(), hs.flags, hs.timeout)
+                    != (ws.sched.as_str(), ws.flags, ws.timeout)
+                {
+                    svc.push(Change::SetService(ws.clone()));
+                }
+                Some(hd)
+            }
+        };
+        for (k, d) in wd {
+            match hd.and_then(|hd| hd.get(k)) {
+                None => add.push(Change::AddDest(*id, d.clone())),
+                Some(h) if (h.weight, h.fwd) != (d.weight, d.fwd) => {
+                    add.push(Change::SetDest(*id, d.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(hd) = hd {
+            for (k, d) in hd {
+                if !wd.contains_key(k) {
+                    del.push(Change::DelDest(*id, d.clone()));
+                }
+            }
+        }
+    }
+    for id in have.keys() {
+        if !want.contains_key(id) && owned.contains(id) {
+            gone.push(Change::DelService(*id));
+        }
+    }
+    svc.into_iter().chain(add).chain(del).chain(gone).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        BackendKey, BackendSpec, BackendState, Frontend, Proto, ServiceKey, ServiceSpec,
+    };
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn desired(backends: &[(&str, u32, BackendState)]) -> DesiredState {
+        let spec = ServiceSpec {
+            frontends: [
+                Frontend {
+                    addr: Some(ip("10.96.0.10")),
+                    port: 80,
+                    proto: Proto::Tcp,
+                },
+                Frontend {
+                    addr: None,
+                    port: 80,
+                    proto: Proto::Tcp,
+                },
+            ]
+            .into(),
+            backends: backends
+                .iter()
+                .map(|(a, w, s)| {
+                    (
+                        BackendKey {
+                            addr: ip(a),
+                            port: 8000,
+                        },
+                        BackendSpec {
+                            weight: *w,
+                            state: *s,
+                            remote: false,
+                        },
+                    )
+                })
+                .collect(),
+        };
+        DesiredState {
+            services: [(
+                ServiceKey {
+                    name: "web".into(),
+                    proto: Proto::Tcp,
+                    port: 80,
+                },
+                spec,
+            )]
+            .into(),
+            local_addrs: [ip("192.168.1.5"), ip("fd00::5")].into(),
+        }
+    }
+
+    fn sid(a: &str) -> ServiceId {
+        ServiceId {
+            addr: ip(a),
+            port: 80,
+            proto: 6,
+        }
+    }
+
+    #[test]
+    fn vip_and_every_node_address_get_a_service_with_their_family_of_backends() {
+        let t = table(
+            &desired(&[
+                ("10.0.1.2", 100, BackendState::Up),
+                ("10.0.1.3", 100, BackendState::Draining),
+                ("10.0.1.4", 100, BackendState::Down),
+            ]),
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            t.keys().copied().collect::<Vec<_>>(),
+            vec![sid("10.96.0.10"), sid("192.168.1.5"), sid("fd00::5")]
+        );
+        let (s, d) = &t[&sid("10.96.0.10")];
+        assert_eq!(s.sched, "mh");
+        let w: Vec<u32> = d.values().map(|d| d.weight).collect();
+        assert_eq!(w, vec![100, 0, 0], "draining and down take no new flows");
+        assert!(t[&sid("fd00::5")].1.is_empty(), "no IPv6 backends");
+    }
+
+    #[test]
+    fn sync_is_a_diff_in_a_safe_order_and_leaves_foreign_services_alone() {
+        let opts: BTreeMap<String, IpvsOptions> = [(
+            "web".to_string(),
+            IpvsOptions {
+                sched: "wrr".into(),
+                persistence: Some(600),
+            },
+        )]
+        .into();
+        let before = table(
+            &desired(&[("10.0.1.2", 100, BackendState::Up)]),
+            &BTreeMap::new(),
+        );
+        // Nothing to do when the kernel already holds the table (adoption).
+        assert!(diff(&before, &before, &BTreeSet::new()).is_empty());
+        let mut have = before.clone();
+        let foreign = sid("172.16.0.1");
+        have.insert(
+            foreign,
+            (service(foreign, &IpvsOptions::default()), Dests::new()),
+        );
+        let want = table(&desired(&[("10.0.1.3", 50, BackendState::Up)]), &opts);
+        let owned: BTreeSet<ServiceId> = before.keys().copied().collect();
+        let changes = diff(&want, &have, &owned);
+        let kinds: Vec<&str> = changes
+            .iter()
+            .map(|c| match c {
+                Change::AddService(_) => "add-svc",
+                Change::SetService(_) => "set-svc",
+                Change::AddDest(..) => "add-dest",
+                Change::SetDest(..) => "set-dest",
+                Change::DelDest(..) => "del-dest",
+                Change::DelService(_) => "del-svc",
+            })
+            .collect();
+        // 3 services rescheduled, 2 IPv4 ones get the new dest and lose
+        // the old one; the foreign service is kept.
+        assert_eq!(
+            kinds,
+            vec!["set-svc", "set-svc", "set-svc", "add-dest", "add-dest", "del-dest", "del-dest"]
+        );
+        assert!(!changes
+            .iter()
+            .any(|c| matches!(c, Change::DelService(id) if *id == foreign)));
+        // An owned service that is no longer wanted goes, last.
+        let empty = Table::new();
+        let gone = diff(&empty, &before, &owned);
+        assert_eq!(gone.len(), 3);
+        assert!(gone.iter().all(|c| matches!(c, Change::DelService(_))));
+    }
+}

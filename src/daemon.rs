@@ -6,7 +6,7 @@
 //! stop the daemon. Stopping never detaches forwarding: the pinned maps and
 //! links keep working, and the next daemon adopts them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,13 +16,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
-use crate::config::{self, Config, DataplaneChoice, XdpMode};
+use crate::config::{self, Config, DataplaneChoice, ServiceConfig, XdpMode};
 use crate::dataplane::xdp::XdpDataplane;
 use crate::dataplane::Dataplane;
 use crate::docker::{self, DockerOptions};
 use crate::etcd::layout::NodeRecord;
 use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
+use crate::health::{self, Checker};
 use crate::metrics::Registry;
 use crate::model::DesiredState;
 use crate::nodenet::NodeNet;
@@ -185,18 +186,40 @@ fn desired(
     }
 }
 
+/// The services by name as this node forwards them (static ones win a
+/// name clash, as in `desired`): where health checks and drain timeouts
+/// are read from.
+fn service_configs<'a>(
+    cfg: &'a Config,
+    cluster: &'a Cluster,
+) -> BTreeMap<&'a str, &'a ServiceConfig> {
+    let mut out = BTreeMap::new();
+    if let Cluster::Etcd(snap) = cluster {
+        for (name, s) in snap.state.services() {
+            out.insert(name.as_str(), s);
+        }
+    }
+    for s in &cfg.services {
+        out.insert(s.name.as_str(), s);
+    }
+    out
+}
+
 /// Reconciles the data plane with the desired state; returns the plan size.
 /// With an etcd source, nothing is applied before its first list: a
 /// restarted daemon must not wipe the state it adopted because etcd is
-/// down at that moment.
+/// down at that moment. The health checker is pointed at the backends of
+/// the desired state first, and those it reports down are programmed
+/// `Down` (no new flows; established flows keep their conntrack entry).
 fn sync(
     dp: &mut XdpDataplane,
     cfg: &Config,
     cluster: &Cluster,
     locals: &BTreeSet<IpAddr>,
     node: &str,
+    checker: &mut Checker,
 ) -> Result<usize, DaemonError> {
-    let desired = match cluster {
+    let mut desired = match cluster {
         Cluster::Static => desired(cfg, None, locals, node),
         Cluster::Waiting => return Ok(0),
         Cluster::Etcd(snap) => desired(cfg, Some(snap), locals, node),
@@ -204,6 +227,13 @@ fn sync(
     let observed = dp
         .observe()
         .map_err(|e| DaemonError::Runtime(format!("observe data plane: {e}")))?;
+    let services = service_configs(cfg, cluster);
+    checker.set_targets(&health::targets(
+        &desired,
+        |name| services.get(name).and_then(|s| s.health.as_ref()),
+        &observed,
+    ));
+    health::mark_down(&mut desired, &checker.down());
     let plan = reconcile::plan(&desired, &observed)
         .map_err(|e| DaemonError::Runtime(format!("reconcile: {e}")))?;
     let n = plan.ops.len();
@@ -315,7 +345,15 @@ pub async fn run(
         }
         None => (None, Cluster::Static, Vec::new()),
     };
-    let n = sync(&mut dp, &cfg, &cluster, &locals, &settings.node)?;
+    let (mut checker, mut health_rx) = Checker::new(health::MAX_CONCURRENT_PROBES);
+    let n = sync(
+        &mut dp,
+        &cfg,
+        &cluster,
+        &locals,
+        &settings.node,
+        &mut checker,
+    )?;
     if matches!(cluster, Cluster::Static) {
         log::info!("applied {n} changes; {} services", cfg.services.len());
     }
@@ -353,7 +391,7 @@ pub async fn run(
                 let observed = snap.observed_at;
                 let rev = snap.revision;
                 cluster = Cluster::Etcd(snap);
-                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
+                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut checker) {
                     Ok(n) => {
                         if let Some(t) = observed {
                             registry.observe_sync(t.elapsed().as_secs_f64());
@@ -363,11 +401,21 @@ pub async fn run(
                     Err(e) => log::error!("etcd revision {rev}: {e}"),
                 }
             }
+            Ok(()) = health_rx.changed() => {
+                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut checker) {
+                    Ok(n) => {
+                        if n > 0 {
+                            log::info!("health changed: {n} changes applied");
+                        }
+                    }
+                    Err(e) => log::error!("health changed: {e}"),
+                }
+            }
             _ = hup.recv() => {
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
                     Ok(new) => {
                         cfg = new;
-                        match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
+                        match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut checker) {
                             Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
                             Err(e) => log::error!("SIGHUP: {e}"),
                         }
@@ -381,7 +429,7 @@ pub async fn run(
                         apply_node_net(&mut dp, &net);
                         if now != locals {
                             locals = now;
-                            match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
+                            match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut checker) {
                                 Ok(n) => log::info!("node addresses changed: {n} changes applied"),
                                 Err(e) => log::error!("{e}"),
                             }

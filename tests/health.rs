@@ -1,0 +1,342 @@
+//! Issue 8 on the XDP data plane, end to end through `meshlb run` in
+//! private network namespaces: active health checks (a killed backend
+//! leaves for new flows and comes back after `rise`; a backend whose checks
+//! fail keeps its established flows), weighted Maglev (3:1), drain with a
+//! timeout, session affinity, and `/metrics`. Needs root; see `common`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const VIP: &str = "10.96.0.10:80";
+const REQ_TIMEOUT: Duration = Duration::from_secs(2);
+const READY: Duration = Duration::from_secs(30);
+
+fn vip() -> SocketAddr {
+    VIP.parse().unwrap()
+}
+
+/// A config with one service `web` (VIP 10.96.0.10:80 -> :8000), `extra`
+/// lines in its table, and the given backends with their weights.
+fn web_config(extra: &str, backends: &[(IpAddr, u32)]) -> String {
+    let mut s = format!(
+        "node = \"lb\"\n\n[[service]]\nname = \"web\"\nvip = \"10.96.0.10\"\n\
+         publish = [{{ proto = \"tcp\", port = 80, target = {HTTP_PORT} }}]\n{extra}\n"
+    );
+    for (addr, w) in backends {
+        s += &format!("\n[[service.backend]]\naddr = \"{addr}\"\nweight = {w}\n");
+    }
+    s
+}
+
+fn all_backends(topo: &Topology, weight: u32) -> Vec<(IpAddr, u32)> {
+    topo.backends
+        .iter()
+        .map(|b| (b.v4.into(), weight))
+        .collect()
+}
+
+/// The state ("up", "down", "draining") of backend `ip` of `web` in
+/// `status --json`, `None` when it is not listed.
+fn backend_state(topo: &Topology, ip: IpAddr) -> Result<Option<String>, String> {
+    let st = topo.try_status()?;
+    let ip = ip.to_string();
+    Ok(st["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "web"))
+        .and_then(|s| s["backends"].as_array())
+        .and_then(|bs| bs.iter().find(|b| b["addr"] == ip.as_str()))
+        .and_then(|b| b["state"].as_str().map(str::to_owned)))
+}
+
+/// Waits (bounded) until backend `ip` of `web` is in `want` (`None`: gone
+/// from the data plane); returns when that was first seen.
+fn wait_state(topo: &Topology, ip: IpAddr, want: Option<&str>, timeout: Duration) -> Instant {
+    wait_for(timeout, &format!("backend {ip} state {want:?}"), || {
+        let got = backend_state(topo, ip)?;
+        if got.as_deref() == want {
+            Ok(Instant::now())
+        } else {
+            Err(format!("state {got:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()))
+}
+
+/// `/metrics` of the daemon in the LB namespace.
+fn scrape(topo: &Topology) -> String {
+    let addr: SocketAddr = "127.0.0.1:9742".parse().unwrap();
+    in_netns(&topo.lb_ns, || {
+        http_get_path(addr, "/metrics", Duration::from_secs(5))
+    })
+    .unwrap_or_else(|e| panic!("GET /metrics: {e}{}", topo.ctx()))
+}
+
+/// One request of a [`RequestLoop`]: when it started and what it got.
+#[derive(Debug)]
+struct Sample {
+    at: Instant,
+    answer: Result<String, String>,
+}
+
+/// A client that sends `GET /` to `dst` on a new connection each time,
+/// from its own thread in the client namespace, until stopped.
+struct RequestLoop {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Vec<Sample>>>,
+}
+
+impl RequestLoop {
+    fn start(ns: &str, dst: SocketAddr, pause: Duration) -> RequestLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, flag) = (ns.to_owned(), stop.clone());
+        let handle = thread::spawn(move || {
+            enter_netns(&ns);
+            let mut v = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let answer = http_get(dst, REQ_TIMEOUT);
+                v.push(Sample { at, answer });
+                thread::sleep(pause);
+            }
+            v
+        });
+        RequestLoop {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take().expect("joined once").join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+}
+
+impl Drop for RequestLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Answers by backend name of the samples that started in `[from, to)`.
+fn tally(samples: &[Sample], from: Instant, to: Instant) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut counts = BTreeMap::new();
+    let mut failures = Vec::new();
+    for s in samples.iter().filter(|s| s.at >= from && s.at < to) {
+        match &s.answer {
+            Ok(b) => *counts.entry(b.clone()).or_default() += 1,
+            Err(e) => failures.push(e.clone()),
+        }
+    }
+    (counts, failures)
+}
+
+const HC_INTERVAL_MS: u64 = 500;
+const HC_FALL: u64 = 2;
+const HC_RISE: u64 = 2;
+
+/// Acceptance: one of three backends is killed while a client loops
+/// requests; it is out of the data plane within interval × fall + 1 s and
+/// no request fails after that; restarted, it gets traffic again after
+/// `rise` successful checks.
+#[test]
+fn health_check_takes_a_killed_backend_out_and_brings_it_back() {
+    let topo = Topology::new("hc1", TopoOpts { backends: 3 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    let health = format!(
+        "health = {{ kind = \"http\", path = \"/\", interval_ms = {HC_INTERVAL_MS}, timeout_ms = 250, rise = {HC_RISE}, fall = {HC_FALL} }}"
+    );
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &web_config(&health, &all_backends(&topo, 100)),
+    );
+    let mut daemon = topo.start_daemon(&cfg, "generic");
+    topo.wait_ready(&mut daemon, &["web"], READY);
+    let b2: IpAddr = topo.backend("b2").v4.into();
+    for b in &topo.backends {
+        wait_state(&topo, b.v4.into(), Some("up"), Duration::from_secs(10));
+    }
+    let bound = Duration::from_millis(HC_INTERVAL_MS * HC_FALL + 1000);
+
+    let lp = RequestLoop::start(&topo.client_ns, vip(), Duration::from_millis(10));
+    thread::sleep(Duration::from_secs(1));
+    let killed = Instant::now();
+    topo.kill_nginx("b2");
+    let down = wait_state(&topo, b2, Some("down"), Duration::from_secs(15));
+    let metrics = scrape(&topo);
+    assert!(
+        metrics.contains("meshlb_backend_up{service=\"web\",backend=\"10.201.2.2:8000\"} 0"),
+        "backend_up of a down backend is not 0:\n{metrics}"
+    );
+    thread::sleep(Duration::from_secs(3));
+    let restart = Instant::now();
+    topo.restart_nginx("b2");
+    let answering = Instant::now();
+    let up = wait_state(&topo, b2, Some("up"), Duration::from_secs(15));
+    thread::sleep(Duration::from_secs(2));
+    let end = Instant::now();
+    let samples = lp.finish();
+    assert!(daemon.is_running(), "daemon died{}", topo.ctx());
+
+    let last_failure = samples
+        .iter()
+        .filter(|s| s.answer.is_err())
+        .map(|s| s.at)
+        .max();
+    let out_after = last_failure.map_or(Duration::ZERO, |t| t.saturating_duration_since(killed));
+    eprintln!(
+        "hc1: {} requests; status down {:?} after the kill, last failed request started {:?} after it (bound {bound:?}); up {:?} after nginx answered again (rise {HC_RISE} x {HC_INTERVAL_MS} ms)",
+        samples.len(),
+        down - killed,
+        out_after,
+        up.saturating_duration_since(answering),
+    );
+    assert!(
+        out_after <= bound,
+        "a request failed {out_after:?} after the kill (bound {bound:?}){}",
+        topo.ctx()
+    );
+    assert!(
+        down - killed <= bound + Duration::from_secs(1),
+        "status showed b2 down only {:?} after the kill (bound {bound:?} + 1 s of polling){}",
+        down - killed,
+        topo.ctx()
+    );
+    let (while_down, failures) = tally(&samples, down, restart);
+    assert!(
+        failures.is_empty(),
+        "requests failed after b2 left the data plane: {failures:?}{}",
+        topo.ctx()
+    );
+    assert!(
+        !while_down.contains_key("b2") && while_down.values().sum::<usize>() > 50,
+        "while b2 was down: {while_down:?}{}",
+        topo.ctx()
+    );
+    // Up after `rise` successes, not at the first one.
+    let min_up = Duration::from_millis(HC_INTERVAL_MS * (HC_RISE - 1) * 9 / 10);
+    assert!(
+        up - restart >= min_up,
+        "b2 came back {:?} after its restart began: before {HC_RISE} checks could pass{}",
+        up - restart,
+        topo.ctx()
+    );
+    let max_up = Duration::from_millis(HC_INTERVAL_MS * HC_RISE + 1000);
+    assert!(
+        up.saturating_duration_since(answering) <= max_up + Duration::from_secs(1),
+        "b2 came back only {:?} after it answered again (bound {max_up:?} + 1 s of polling){}",
+        up.saturating_duration_since(answering),
+        topo.ctx()
+    );
+    let (after, failures) = tally(&samples, up, end);
+    assert!(
+        failures.is_empty(),
+        "requests failed after b2 came back: {failures:?}{}",
+        topo.ctx()
+    );
+    assert!(
+        after.get("b2").copied().unwrap_or(0) > 0,
+        "b2 got no traffic after it came back: {after:?}{}",
+        topo.ctx()
+    );
+}
+
+/// A backend whose health checks fail (its probes are rejected; it still
+/// serves) gets no new flows, but an established connection to it goes
+/// on; when checks pass again it takes new flows again.
+#[test]
+fn health_down_keeps_established_flows() {
+    let topo = Topology::new("hc2", TopoOpts { backends: 3 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    let health =
+        "health = { kind = \"tcp\", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }";
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &web_config(health, &all_backends(&topo, 100)),
+    );
+    let mut daemon = topo.start_daemon(&cfg, "generic");
+    topo.wait_ready(&mut daemon, &["web"], READY);
+    let b2 = topo.backend("b2").clone();
+    wait_state(&topo, b2.v4.into(), Some("up"), Duration::from_secs(10));
+
+    // A keep-alive connection that landed on b2.
+    let mut kept = topo
+        .client(|| {
+            for _ in 0..60 {
+                let mut ka = KeepAlive::open(vip(), REQ_TIMEOUT)?;
+                if ka.get()? == "b2" {
+                    return Ok(ka);
+                }
+            }
+            Err("no connection landed on b2 in 60 tries".to_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+
+    // Probes come from the LB's address on b2's link; clients do not.
+    let rule = [
+        "INPUT",
+        "-s",
+        &b2.lb_v4.to_string(),
+        "-p",
+        "tcp",
+        "--dport",
+        &HTTP_PORT.to_string(),
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]
+    .map(str::to_owned);
+    let iptables = |op: &str| {
+        let mut argv = vec!["ip", "netns", "exec", &b2.ns, "iptables", op];
+        argv.extend(rule.iter().map(String::as_str));
+        must(&argv);
+    };
+    iptables("-I");
+    wait_state(&topo, b2.v4.into(), Some("down"), Duration::from_secs(15));
+    for i in 0..5 {
+        assert_eq!(
+            kept.get().unwrap_or_else(|e| panic!(
+                "request {i} on the established connection: {e}{}",
+                topo.ctx()
+            )),
+            "b2",
+            "the established connection changed backend"
+        );
+    }
+    let b = topo.http_burst(vip(), 60, REQ_TIMEOUT);
+    let others = vec!["b1".to_string(), "b3".to_string()];
+    topo.assert_spread("new connections while b2 is down", &b, &others, 0.1);
+
+    iptables("-D");
+    wait_state(&topo, b2.v4.into(), Some("up"), Duration::from_secs(15));
+    assert_eq!(
+        kept.get().unwrap(),
+        "b2",
+        "established connection after recovery"
+    );
+    let b = topo.http_burst(vip(), 90, REQ_TIMEOUT);
+    topo.assert_spread(
+        "new connections after recovery",
+        &b,
+        &topo.backend_names(),
+        0.1,
+    );
+    assert!(daemon.is_running(), "daemon died{}", topo.ctx());
+}

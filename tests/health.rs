@@ -340,3 +340,35 @@ fn health_down_keeps_established_flows() {
     );
     assert!(daemon.is_running(), "daemon died{}", topo.ctx());
 }
+
+/// Acceptance: weights 3:1 split 2000 new connections within ±5
+/// percentage points (weighted Maglev).
+#[test]
+fn weights_three_to_one_split_new_connections() {
+    let topo = Topology::new("wt1", TopoOpts { backends: 2 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    let b1: IpAddr = topo.backend("b1").v4.into();
+    let b2: IpAddr = topo.backend("b2").v4.into();
+    let cfg = topo.write_file("meshlb.toml", &web_config("", &[(b1, 300), (b2, 100)]));
+    let mut daemon = topo.start_daemon(&cfg, "generic");
+    topo.wait_ready(&mut daemon, &["web"], READY);
+    let b = topo.http_burst(vip(), 2000, REQ_TIMEOUT);
+    assert!(
+        b.failures.is_empty(),
+        "{} of 2000 requests failed; first: {:?}{}",
+        b.failures.len(),
+        &b.failures[..b.failures.len().min(5)],
+        topo.ctx()
+    );
+    let n1 = b.counts.get("b1").copied().unwrap_or(0);
+    let share = 100.0 * n1 as f64 / b.total() as f64;
+    eprintln!("wt1: weights 300:100 -> {:?}: b1 {share:.1}%", b.counts);
+    assert!(
+        (70.0..=80.0).contains(&share),
+        "weights 3:1 gave b1 {share:.1}% of new connections (want 75 ± 5): {:?}{}",
+        b.counts,
+        topo.ctx()
+    );
+    assert!(daemon.is_running(), "daemon died{}", topo.ctx());
+}

@@ -37,6 +37,8 @@ pub struct BackendStatus {
     pub connections: u64,
     pub packets_in: u64,
     pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,6 +154,8 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
                 connections: st.connections,
                 packets_in: st.packets_in,
                 packets_out: st.packets_out,
+                bytes_in: st.bytes_in,
+                bytes_out: st.bytes_out,
             });
         }
     }

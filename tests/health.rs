@@ -372,3 +372,293 @@ fn weights_three_to_one_split_new_connections() {
     );
     assert!(daemon.is_running(), "daemon died{}", topo.ctx());
 }
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug)]
+struct PromSample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn is_metric_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+}
+
+fn is_label_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+/// A strict parser of the Prometheus text format (0.0.4): HELP/TYPE
+/// syntax, a TYPE before its samples and at most once, a family's lines
+/// contiguous, histogram suffixes only on histograms, label syntax and
+/// escapes, float values, no duplicate series. `Err` names the line.
+fn parse_prometheus(text: &str) -> Result<Vec<PromSample>, String> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut finished: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    let mut enter = |family: &str, current: &mut Option<String>| -> Result<(), String> {
+        if current.as_deref() != Some(family) {
+            if finished.iter().any(|f| f == family) {
+                return Err(format!("family {family} is not contiguous"));
+            }
+            if let Some(c) = current.take() {
+                finished.push(c);
+            }
+            *current = Some(family.to_owned());
+        }
+        Ok(())
+    };
+    for (i, line) in text.lines().enumerate() {
+        let at = |e: String| format!("line {}: {e}: {line:?}", i + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let mut parts = rest.trim_start().splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("HELP"), Some(name), _) => {
+                    if !is_metric_name(name) {
+                        return Err(at("bad metric name in HELP".into()));
+                    }
+                    enter(name, &mut current).map_err(at)?;
+                }
+                (Some("TYPE"), Some(name), Some(kind)) => {
+                    if !is_metric_name(name) {
+                        return Err(at("bad metric name in TYPE".into()));
+                    }
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                        return Err(at(format!("unknown type {kind}")));
+                    }
+                    enter(name, &mut current).map_err(at)?;
+                    if types.insert(name.to_owned(), kind.to_owned()).is_some() {
+                        return Err(at("second TYPE".into()));
+                    }
+                    if out.iter().any(|s: &PromSample| s.name == name) {
+                        return Err(at("TYPE after samples".into()));
+                    }
+                }
+                _ => {} // other comments are allowed
+            }
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
+        let name = &line[..name_end];
+        if !is_metric_name(name) {
+            return Err(at("bad metric name".into()));
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut r = r;
+            loop {
+                if let Some(after) = r.strip_prefix('}') {
+                    r = after;
+                    break;
+                }
+                let eq = r.find('=').ok_or_else(|| at("label without '='".into()))?;
+                let lname = &r[..eq];
+                if !is_label_name(lname) {
+                    return Err(at(format!("bad label name {lname:?}")));
+                }
+                let mut chars = r[eq + 1..].char_indices();
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    return Err(at("label value not quoted".into()));
+                }
+                let mut value = String::new();
+                let mut end = None;
+                while let Some((j, c)) = chars.next() {
+                    match c {
+                        '\\' => match chars.next().map(|(_, c)| c) {
+                            Some('\\') => value.push('\\'),
+                            Some('"') => value.push('"'),
+                            Some('n') => value.push('\n'),
+                            other => return Err(at(format!("bad escape {other:?}"))),
+                        },
+                        '"' => {
+                            end = Some(eq + 1 + j + 1);
+                            break;
+                        }
+                        '\n' => return Err(at("raw newline in label".into())),
+                        c => value.push(c),
+                    }
+                }
+                let end = end.ok_or_else(|| at("unterminated label value".into()))?;
+                if labels.insert(lname.to_owned(), value).is_some() {
+                    return Err(at(format!("label {lname} twice")));
+                }
+                r = &r[end..];
+                if let Some(after) = r.strip_prefix(',') {
+                    r = after;
+                } else if !r.starts_with('}') {
+                    return Err(at("expected ',' or '}' after a label".into()));
+                }
+            }
+            rest = r;
+        }
+        let mut fields = rest
+            .strip_prefix(' ')
+            .ok_or_else(|| at("no space before the value".into()))?
+            .split(' ');
+        let v = fields.next().unwrap_or("");
+        let value = match v {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v
+                .parse::<f64>()
+                .map_err(|e| at(format!("value {v:?}: {e}")))?,
+        };
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>()
+                .map_err(|e| at(format!("timestamp {ts:?}: {e}")))?;
+        }
+        if fields.next().is_some() {
+            return Err(at("trailing fields".into()));
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suf| {
+                name.strip_suffix(suf).filter(|b| {
+                    matches!(
+                        types.get(*b).map(String::as_str),
+                        Some("histogram" | "summary")
+                    )
+                })
+            })
+            .unwrap_or(name);
+        if name.ends_with("_bucket") && family != name && !labels.contains_key("le") {
+            return Err(at("bucket without le".into()));
+        }
+        enter(family, &mut current).map_err(at)?;
+        let id = format!("{name}{labels:?}");
+        if !seen.insert(id) {
+            return Err(at("duplicate series".into()));
+        }
+        out.push(PromSample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+#[test]
+fn strict_prometheus_parser_rejects_malformed_text() {
+    let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\\\"\\n\"} 3\na_total{x=\"2\"} 4 1700000000\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 0.5\nh_count 1\n";
+    let s = parse_prometheus(good).unwrap();
+    assert_eq!(s.len(), 5);
+    assert_eq!(s[0].labels["x"], "1\"\n");
+    for bad in [
+        "a{x=\"1\"} 1\na{x=\"1\"} 2\n",              // duplicate series
+        "a{x=1} 1\n",                                // unquoted
+        "a{x=\"1\" 1\n",                             // unterminated
+        "a{x=\"\\q\"} 1\n",                          // bad escape
+        "a{1x=\"1\"} 1\n",                           // bad label name
+        "a one\n",                                   // bad value
+        "a 1\nb 1\na 2\n",                           // not contiguous
+        "a 1\n# TYPE a counter\n",                   // TYPE after samples
+        "# TYPE a counter\n# TYPE a counter\na 1\n", // TYPE twice
+        "# TYPE a widget\na 1\n",                    // unknown type
+        "a{x=\"1\",x=\"2\"} 1\n",                    // label twice
+        "a 1 2 3\n",                                 // trailing
+        "9a 1\n",                                    // bad name
+    ] {
+        assert!(parse_prometheus(bad).is_err(), "accepted {bad:?}");
+    }
+}
+
+/// Acceptance: `/metrics` parses as Prometheus text, and the per-backend
+/// connection counters match what the client sent within 1%.
+#[test]
+fn metrics_parse_and_count_what_the_client_sent() {
+    let topo = Topology::new("mx1", TopoOpts { backends: 3 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    let cfg = topo.write_file("meshlb.toml", &web_config("", &all_backends(&topo, 100)));
+    let mut daemon = topo.start_daemon(&cfg, "generic");
+    topo.wait_ready(&mut daemon, &["web"], READY);
+    let b = topo.http_burst(vip(), 600, REQ_TIMEOUT);
+    topo.assert_spread("via VIP", &b, &topo.backend_names(), 0.15);
+    let text = scrape(&topo);
+    let samples = parse_prometheus(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let get = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let found: Vec<&PromSample> = samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{name}{labels:?} in:\n{text}");
+        found[0].value
+    };
+    for be in &topo.backends {
+        let addr = format!("{}:{HTTP_PORT}", be.v4);
+        let l = [("service", "web"), ("backend", addr.as_str())];
+        let sent = b.counts[&be.name] as f64;
+        let counted = get("meshlb_connections_total", &l);
+        eprintln!(
+            "mx1: {} sent {sent} connections, counted {counted}",
+            be.name
+        );
+        assert!(
+            (counted - sent).abs() <= (sent * 0.01).max(1.0),
+            "{}: client made {sent} connections, metrics say {counted}\n{text}",
+            be.name
+        );
+        assert_eq!(get("meshlb_backend_up", &l), 1.0);
+        for dir in ["in", "out"] {
+            let l = [
+                ("service", "web"),
+                ("backend", addr.as_str()),
+                ("direction", dir),
+            ];
+            // At least SYN, request, ACK of the FIN... per connection each way.
+            assert!(
+                get("meshlb_packets_total", &l) >= 3.0 * sent,
+                "{dir}\n{text}"
+            );
+            assert!(
+                get("meshlb_bytes_total", &l) >= 3.0 * 54.0 * sent,
+                "{dir}\n{text}"
+            );
+        }
+    }
+    assert_eq!(get("meshlb_backends", &[("service", "web")]), 3.0);
+    assert_eq!(
+        get("meshlb_dataplane_info", &[("kind", "xdp-generic")]),
+        1.0
+    );
+    let count = get("meshlb_sync_latency_seconds_count", &[]);
+    assert_eq!(
+        get("meshlb_sync_latency_seconds_bucket", &[("le", "+Inf")]),
+        count
+    );
+    let table = topo.meshlb(
+        &topo.lb_ns,
+        &["status", "--bpffs", &topo.lb_bpffs().display().to_string()],
+        Duration::from_secs(15),
+    );
+    assert!(table.success(), "{}", table.describe());
+    for want in ["BACKEND", "STATE", "CONNECTIONS", "10.201.1.2:8000", " up "] {
+        assert!(
+            table.stdout.contains(want),
+            "status table lacks {want:?}:\n{}",
+            table.stdout
+        );
+    }
+    assert!(daemon.is_running(), "daemon died{}", topo.ctx());
+}

@@ -601,6 +601,7 @@ mod tests {
             port: 80,
         };
         let svc = |backends: Vec<(BackendKey, BackendSpec)>| ServiceSpec {
+            affinity_secs: 0,
             frontends: Default::default(),
             backends: backends.into_iter().collect(),
         };

@@ -662,3 +662,105 @@ fn metrics_parse_and_count_what_the_client_sent() {
     }
     assert!(daemon.is_running(), "daemon died{}", topo.ctx());
 }
+
+/// Acceptance: with client-IP affinity, one client address gets the same
+/// backend for 100 consecutive connections and different addresses
+/// spread; `explain` says "affinity"; a backend that stops taking new
+/// flows (weight 0) is not chosen by affinity any more.
+#[test]
+fn affinity_keeps_a_client_on_one_backend_and_spreads_clients() {
+    let topo = Topology::new("af1", TopoOpts { backends: 3 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    let extra: Vec<IpAddr> = (10..22u8).map(|i| IpAddr::from([10, 200, 0, i])).collect();
+    for a in &extra {
+        must(&[
+            "ip",
+            "-n",
+            &topo.client_ns,
+            "addr",
+            "add",
+            &format!("{a}/24"),
+            "dev",
+            &topo.client_iface,
+        ]);
+    }
+    let affinity = "affinity = { client_ip = true, timeout = 60 }";
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &web_config(affinity, &all_backends(&topo, 100)),
+    );
+    let mut daemon = topo.start_daemon(&cfg, "generic");
+    topo.wait_ready(&mut daemon, &["web"], READY);
+
+    let from = |src: IpAddr, n: usize| -> BTreeMap<String, usize> {
+        topo.client(|| {
+            let mut counts = BTreeMap::new();
+            for i in 0..n {
+                let body = http_get_from(Some(SocketAddr::new(src, 0)), vip(), REQ_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("request {i} from {src}: {e}"));
+                *counts.entry(body).or_insert(0) += 1;
+            }
+            counts
+        })
+    };
+    let main = from(CLIENT_V4.into(), 100);
+    assert_eq!(
+        main.len(),
+        1,
+        "100 connections from one address went to several backends: {main:?}{}",
+        topo.ctx()
+    );
+    let (chosen, _) = main.iter().next().unwrap();
+    let chosen = topo.backend(chosen).clone();
+    let e = topo.explain("tcp", "10.200.0.2:45678".parse().unwrap(), vip());
+    assert_eq!(e["reason"], "affinity", "explain: {e}");
+    assert_eq!(
+        e["backend"],
+        format!("{}:{HTTP_PORT}", chosen.v4),
+        "explain: {e}"
+    );
+
+    let mut per_client = BTreeMap::new();
+    for a in &extra {
+        let c = from(*a, 5);
+        assert_eq!(c.len(), 1, "client {a} went to several backends: {c:?}");
+        *per_client
+            .entry(c.keys().next().unwrap().clone())
+            .or_insert(0) += 1;
+    }
+    eprintln!(
+        "af1: {} -> {main:?}; 12 other clients x 5 connections -> clients per backend {per_client:?}",
+        CLIENT_V4
+    );
+    assert!(
+        per_client.len() >= 2,
+        "12 client addresses all went to one backend: {per_client:?}"
+    );
+    let status = topo.status();
+    let hits = status["counters"]["affinity_hit"].as_u64().unwrap_or(0);
+    assert!(hits >= 99 + 12 * 4, "affinity_hit counter {hits}: {status}");
+
+    // Weight 0 on the chosen backend: affinity must not send new flows there.
+    let weights: Vec<(IpAddr, u32)> = topo
+        .backends
+        .iter()
+        .map(|b| (b.v4.into(), if b.name == chosen.name { 0 } else { 100 }))
+        .collect();
+    topo.write_file("meshlb.toml", &web_config(affinity, &weights));
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_state(
+        &topo,
+        chosen.v4.into(),
+        Some("draining"),
+        Duration::from_secs(15),
+    );
+    let after = from(CLIENT_V4.into(), 20);
+    assert!(
+        after.len() == 1 && !after.contains_key(&chosen.name),
+        "after {} drained, one client address got {after:?}{}",
+        chosen.name,
+        topo.ctx()
+    );
+    assert!(daemon.is_running(), "daemon died{}", topo.ctx());
+}

@@ -495,6 +495,7 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
                 id,
                 ring_hash: info.ring_hash,
                 active_backends: info.active_backends,
+                affinity_secs: maps.service_affinity.get(&id, 0).unwrap_or(0),
                 ..Default::default()
             },
         );
@@ -647,8 +648,14 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 key,
                 active_backends,
                 ring_hash,
+                affinity_secs,
                 fresh,
             } => {
+                // Before the service slot: a fresh service never runs
+                // without its affinity setting.
+                maps.service_affinity
+                    .set(*id, *affinity_secs, 0)
+                    .map_err(map_error(maps::SERVICE_AFFINITY))?;
                 if *fresh {
                     Maps::zero_stats(&mut maps.service_stats, *id, maps::SERVICE_STATS)
                         .map_err(|e| DataplaneError::Other(e.to_string()))?;
@@ -669,6 +676,9 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 maps.services
                     .set(*id, ServiceInfo::default(), 0)
                     .map_err(map_error(maps::SERVICES))?;
+                maps.service_affinity
+                    .set(*id, 0, 0)
+                    .map_err(map_error(maps::SERVICE_AFFINITY))?;
                 maps.service_names
                     .set(*id, ServiceName::default(), 0)
                     .map_err(map_error(maps::SERVICE_NAMES))?;

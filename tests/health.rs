@@ -764,3 +764,98 @@ fn affinity_keeps_a_client_on_one_backend_and_spreads_clients() {
     );
     assert!(daemon.is_running(), "daemon died{}", topo.ctx());
 }
+
+const DRAIN_SECS: u64 = 4;
+
+/// Acceptance: long-lived connections to a draining backend survive and
+/// no new ones arrive; after the drain timeout it is removed and the
+/// connections still on it end.
+#[test]
+fn drain_keeps_established_flows_until_the_timeout() {
+    let topo = Topology::new("dr1", TopoOpts { backends: 2 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    let drain = format!("drain_timeout = {DRAIN_SECS}");
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &web_config(&drain, &all_backends(&topo, 100)),
+    );
+    let mut daemon = topo.start_daemon(&cfg, "generic");
+    topo.wait_ready(&mut daemon, &["web"], READY);
+    let b2 = topo.backend("b2").clone();
+
+    // Two long-lived connections that landed on b2.
+    let mut kept = topo
+        .client(|| {
+            let mut v = Vec::new();
+            for _ in 0..80 {
+                let mut ka = KeepAlive::open(vip(), REQ_TIMEOUT)?;
+                if ka.get()? == "b2" {
+                    v.push(ka);
+                    if v.len() == 2 {
+                        return Ok(v);
+                    }
+                }
+            }
+            Err("fewer than 2 of 80 connections landed on b2".to_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+
+    let b1: IpAddr = topo.backend("b1").v4.into();
+    topo.write_file(
+        "meshlb.toml",
+        &web_config(&drain, &[(b1, 100), (b2.v4.into(), 0)]),
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let draining = wait_state(
+        &topo,
+        b2.v4.into(),
+        Some("draining"),
+        Duration::from_secs(15),
+    );
+    let b = topo.http_burst(vip(), 40, REQ_TIMEOUT);
+    topo.assert_spread(
+        "new connections while b2 drains",
+        &b,
+        &["b1".to_string()],
+        1.0,
+    );
+    for ka in kept.iter_mut() {
+        assert_eq!(
+            ka.get().unwrap_or_else(|e| panic!(
+                "established connection while draining: {e}{}",
+                topo.ctx()
+            )),
+            "b2"
+        );
+    }
+    let gone = wait_state(
+        &topo,
+        b2.v4.into(),
+        None,
+        Duration::from_secs(DRAIN_SECS + 10),
+    );
+    let took = gone - draining;
+    eprintln!("dr1: b2 removed {took:?} after it was seen draining (drain_timeout {DRAIN_SECS} s)");
+    assert!(
+        took >= Duration::from_secs(DRAIN_SECS - 1) && took <= Duration::from_secs(DRAIN_SECS + 3),
+        "b2 removed {took:?} after draining began (drain_timeout {DRAIN_SECS} s){}",
+        topo.ctx()
+    );
+    for (i, ka) in kept.iter_mut().enumerate() {
+        let r = ka.get();
+        assert!(
+            r.is_err(),
+            "connection {i} to b2 still served after the drain timeout: {r:?}{}",
+            topo.ctx()
+        );
+    }
+    let b = topo.http_burst(vip(), 40, REQ_TIMEOUT);
+    topo.assert_spread(
+        "new connections after the drain",
+        &b,
+        &["b1".to_string()],
+        1.0,
+    );
+    assert!(daemon.is_running(), "daemon died{}", topo.ctx());
+}

@@ -247,6 +247,49 @@ impl XdpDataplane {
         Ok(true)
     }
 
+    /// Deletes the flow state of backend `backend_id` of service
+    /// `service_id` (conntrack, reverse NAT and SNAT entries), so its
+    /// established flows end; returns how many conntrack entries went.
+    /// The backend must be out of the ring already, or new flows would
+    /// come straight back.
+    pub fn forget_flows(&mut self, service_id: u32, backend_id: u32) -> usize {
+        let owned = |s: u32, b: u32| s == service_id && b == backend_id;
+        let ct: Vec<_> = self
+            .maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &ct {
+            let _ = self.maps.conntrack.remove(k);
+        }
+        let rnat: Vec<_> = self
+            .maps
+            .reverse_nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &rnat {
+            let _ = self.maps.reverse_nat.remove(k);
+        }
+        let snat: Vec<_> = self
+            .maps
+            .snat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &snat {
+            let _ = self.maps.snat.remove(k);
+        }
+        ct.len()
+    }
+
     /// The maps, for status and metrics while the daemon runs.
     pub fn maps(&self) -> &Maps {
         &self.maps

@@ -125,6 +125,9 @@ mod tests {
         (name == "a").then_some(Duration::from_secs(10))
     }
 
+    /// (time, backends wanted, expected expired in "a", backends left in "a")
+    type Step<'a> = (u64, &'a [(u8, u32, BackendState)], &'a [u8], &'a [u8]);
+
     #[test]
     fn drained_backends_leave_after_the_timeout_and_return_when_undrained() {
         use BackendState::*;
@@ -132,8 +135,7 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let drained = [(1, 100, Up), (2, 0, Up), (3, 100, Draining)];
         let mut timers = DrainTimers::default();
-        // (time, backends wanted, expected expired in "a", backends left in "a")
-        let steps: &[(u64, &[(u8, u32, BackendState)], &[u8], &[u8])] = &[
+        let steps: &[Step] = &[
             (0, &drained, &[], &[1, 2, 3]),
             (9, &drained, &[], &[1, 2, 3]),
             (10, &drained, &[2, 3], &[1]),

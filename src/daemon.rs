@@ -2,7 +2,9 @@
 //! the data plane, reconciles, then keeps it in sync: SIGHUP reloads the
 //! config, etcd snapshots (when `--etcd` is given) are applied as they
 //! come, this node's addresses are re-read periodically, this node's
-//! opted-in Docker containers are registered in etcd (`--docker`), SIGTERM/SIGINT
+//! opted-in Docker containers are registered in etcd (`--docker`), health
+//! checks take failing backends out for new flows (`health`), drained
+//! backends leave after their drain timeout (`drain`), SIGTERM/SIGINT
 //! stop the daemon. Stopping never detaches forwarding: the pinned maps and
 //! links keep working, and the next daemon adopts them.
 

@@ -76,6 +76,11 @@ pub struct RunArgs {
     /// Prometheus metrics listen address, or "none".
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Seconds a draining backend (weight 0 or a draining task) keeps its
+    /// established flows before it is removed and they are ended, for
+    /// services without their own drain_timeout (default: never removed).
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<i64>,
     /// Directory on a bpffs for the pinned maps and links.
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,

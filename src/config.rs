@@ -826,6 +826,10 @@ impl ServiceConfig {
                 };
                 let spec = ServiceSpec {
                     frontends: self.frontends(p).into_iter().collect(),
+                    affinity_secs: self
+                        .affinity
+                        .filter(|a| a.client_ip)
+                        .map_or(0, |a| u32::try_from(a.timeout).unwrap_or(u32::MAX)),
                     backends: self
                         .backends
                         .iter()
@@ -1322,6 +1326,7 @@ weight = 300
                     port: 80,
                 },
                 ServiceSpec {
+                    affinity_secs: 600,
                     frontends: [fe(vip, 80, Proto::Tcp), fe(None, 80, Proto::Tcp)].into(),
                     backends: [
                         (be(v4(10, 0, 1, 2), 8000), up(100)),
@@ -1337,6 +1342,7 @@ weight = 300
                     port: 53,
                 },
                 ServiceSpec {
+                    affinity_secs: 600,
                     frontends: [fe(vip, 53, Proto::Udp), fe(None, 53, Proto::Udp)].into(),
                     backends: [
                         (be(v4(10, 0, 1, 2), 53), up(100)),
@@ -1352,6 +1358,7 @@ weight = 300
                     port: 5432,
                 },
                 ServiceSpec {
+                    affinity_secs: 0,
                     frontends: [fe(Some(v6), 5432, Proto::Tcp), fe(None, 5432, Proto::Tcp)].into(),
                     backends: [(be("fd00::2".parse().unwrap(), 5432), up(300))].into(),
                 },

@@ -2,11 +2,13 @@
 //! the data plane, reconciles, then keeps it in sync: SIGHUP reloads the
 //! config, etcd snapshots (when `--etcd` is given) are applied as they
 //! come, this node's addresses are re-read periodically, this node's
-//! opted-in Docker containers are registered in etcd (`--docker`), SIGTERM/SIGINT
+//! opted-in Docker containers are registered in etcd (`--docker`), health
+//! checks take failing backends out for new flows (`health`), drained
+//! backends leave after their drain timeout (`drain`), SIGTERM/SIGINT
 //! stop the daemon. Stopping never detaches forwarding: the pinned maps and
 //! links keep working, and the next daemon adopts them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,13 +18,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
-use crate::config::{self, Config, DataplaneChoice, XdpMode};
+use crate::config::{self, Config, DataplaneChoice, ServiceConfig, XdpMode};
 use crate::dataplane::xdp::XdpDataplane;
 use crate::dataplane::Dataplane;
 use crate::docker::{self, DockerOptions};
+use crate::drain::DrainTimers;
 use crate::etcd::layout::NodeRecord;
 use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
+use crate::health::{self, Checker};
 use crate::metrics::Registry;
 use crate::model::DesiredState;
 use crate::nodenet::NodeNet;
@@ -53,6 +57,8 @@ pub struct Settings {
     pub etcd: Option<EtcdOptions>,
     /// The Docker API socket whose containers are registered (needs etcd).
     pub docker: Option<PathBuf>,
+    /// Drain timeout of services without their own (`None`: drain forever).
+    pub drain_timeout: Option<Duration>,
 }
 
 fn hostname() -> String {
@@ -156,6 +162,15 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             );
         }
     }
+    let drain_timeout = match args.drain_timeout {
+        Some(t) if t < 0 => {
+            return Err(DaemonError::Usage(format!(
+                "--drain-timeout: must be 0 or more seconds, got {t}"
+            )))
+        }
+        Some(t) => Some(Duration::from_secs(t as u64)),
+        None => None,
+    };
     Ok((
         Settings {
             config_path: args.config.clone(),
@@ -166,6 +181,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             metrics,
             etcd,
             docker,
+            drain_timeout,
         },
         cfg,
     ))
@@ -185,31 +201,102 @@ fn desired(
     }
 }
 
+/// The services by name as this node forwards them (static ones win a
+/// name clash, as in `desired`): where health checks and drain timeouts
+/// are read from.
+fn service_configs<'a>(
+    cfg: &'a Config,
+    cluster: &'a Cluster,
+) -> BTreeMap<&'a str, &'a ServiceConfig> {
+    let mut out = BTreeMap::new();
+    if let Cluster::Etcd(snap) = cluster {
+        for (name, s) in snap.state.services() {
+            out.insert(name.as_str(), s);
+        }
+    }
+    for s in &cfg.services {
+        out.insert(s.name.as_str(), s);
+    }
+    out
+}
+
+/// What the daemon keeps beside the data plane to decide backend states:
+/// health checks and drain timers.
+struct Liveness {
+    checker: Checker,
+    drains: DrainTimers,
+    /// `--drain-timeout`: for services without their own.
+    drain_default: Option<Duration>,
+}
+
+/// Resolves at `t`; never without one.
+async fn until(t: Option<std::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reconciles the data plane with the desired state; returns the plan size.
 /// With an etcd source, nothing is applied before its first list: a
 /// restarted daemon must not wipe the state it adopted because etcd is
-/// down at that moment.
+/// down at that moment. The health checker is pointed at the backends of
+/// the desired state first, and those it reports down are programmed
+/// `Down` (no new flows; established flows keep their conntrack entry).
+/// Backends draining longer than their drain timeout are left out, and
+/// the flows still on them are ended once they are out of the kernel.
 fn sync(
     dp: &mut XdpDataplane,
     cfg: &Config,
     cluster: &Cluster,
     locals: &BTreeSet<IpAddr>,
     node: &str,
+    live: &mut Liveness,
 ) -> Result<usize, DaemonError> {
-    let desired = match cluster {
+    let mut desired = match cluster {
         Cluster::Static => desired(cfg, None, locals, node),
         Cluster::Waiting => return Ok(0),
         Cluster::Etcd(snap) => desired(cfg, Some(snap), locals, node),
     };
+    let services = service_configs(cfg, cluster);
+    // Before anything can fail, so a passed deadline is never left armed.
+    let expired = live.drains.apply(
+        &mut desired,
+        |name| {
+            services
+                .get(name)
+                .and_then(|s| s.drain_timeout)
+                .map(Duration::from_secs)
+                .or(live.drain_default)
+        },
+        std::time::Instant::now(),
+    );
     let observed = dp
         .observe()
         .map_err(|e| DaemonError::Runtime(format!("observe data plane: {e}")))?;
+    live.checker.set_targets(&health::targets(
+        &desired,
+        |name| services.get(name).and_then(|s| s.health.as_ref()),
+        &observed,
+    ));
+    health::mark_down(&mut desired, &live.checker.down());
     let plan = reconcile::plan(&desired, &observed)
         .map_err(|e| DaemonError::Runtime(format!("reconcile: {e}")))?;
     let n = plan.ops.len();
     if n > 0 {
         dp.apply(&plan)
             .map_err(|e| DaemonError::Runtime(format!("apply: {e}")))?;
+    }
+    for (skey, bk) in expired {
+        // Only the sync that takes it out finds it in `observed`.
+        let Some(os) = observed.services.get(&skey) else {
+            continue;
+        };
+        let Some(ob) = os.backends.get(&bk) else {
+            continue;
+        };
+        let ended = dp.forget_flows(os.id, ob.id);
+        log::info!("{skey}: backend {bk} drained past its timeout: removed, {ended} flows ended");
     }
     Ok(n)
 }
@@ -315,7 +402,13 @@ pub async fn run(
         }
         None => (None, Cluster::Static, Vec::new()),
     };
-    let n = sync(&mut dp, &cfg, &cluster, &locals, &settings.node)?;
+    let (checker, mut health_rx) = Checker::new(health::MAX_CONCURRENT_PROBES);
+    let mut live = Liveness {
+        checker,
+        drains: DrainTimers::default(),
+        drain_default: settings.drain_timeout,
+    };
+    let n = sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live)?;
     if matches!(cluster, Cluster::Static) {
         log::info!("applied {n} changes; {} services", cfg.services.len());
     }
@@ -353,7 +446,7 @@ pub async fn run(
                 let observed = snap.observed_at;
                 let rev = snap.revision;
                 cluster = Cluster::Etcd(snap);
-                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
+                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
                     Ok(n) => {
                         if let Some(t) = observed {
                             registry.observe_sync(t.elapsed().as_secs_f64());
@@ -363,11 +456,26 @@ pub async fn run(
                     Err(e) => log::error!("etcd revision {rev}: {e}"),
                 }
             }
+            Ok(()) = health_rx.changed() => {
+                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
+                    Ok(n) => {
+                        if n > 0 {
+                            log::info!("health changed: {n} changes applied");
+                        }
+                    }
+                    Err(e) => log::error!("health changed: {e}"),
+                }
+            }
+            _ = until(live.drains.next_deadline()) => {
+                if let Err(e) = sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
+                    log::error!("drain timeout: {e}");
+                }
+            }
             _ = hup.recv() => {
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
                     Ok(new) => {
                         cfg = new;
-                        match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
+                        match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
                             Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
                             Err(e) => log::error!("SIGHUP: {e}"),
                         }
@@ -381,7 +489,7 @@ pub async fn run(
                         apply_node_net(&mut dp, &net);
                         if now != locals {
                             locals = now;
-                            match sync(&mut dp, &cfg, &cluster, &locals, &settings.node) {
+                            match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
                                 Ok(n) => log::info!("node addresses changed: {n} changes applied"),
                                 Err(e) => log::error!("{e}"),
                             }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use meshlb_common::{
-    hash::flow_slot, AddrKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
-    CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, RING_SIZE, SVC_F_PRESENT,
+    hash::flow_slot, AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING,
+    BE_F_PRESENT, CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, RING_SIZE, SVC_F_PRESENT,
 };
 use serde::Serialize;
 
@@ -37,6 +37,8 @@ pub struct BackendStatus {
     pub connections: u64,
     pub packets_in: u64,
     pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,6 +154,8 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
                 connections: st.connections,
                 packets_in: st.packets_in,
                 packets_out: st.packets_out,
+                bytes_in: st.bytes_in,
+                bytes_out: st.bytes_out,
             });
         }
     }
@@ -217,7 +221,7 @@ pub struct Explanation {
     pub service: Option<String>,
     pub frontend: Option<String>,
     pub backend: Option<String>,
-    /// "conntrack" | "maglev" | "no-service" | "no-backend"
+    /// "conntrack" | "affinity" | "maglev" | "no-service" | "no-backend"
     pub reason: &'static str,
     pub slot: Option<u32>,
 }
@@ -241,6 +245,12 @@ impl Explanation {
                 self.frontend.as_deref().unwrap_or("?"),
                 self.backend.as_deref().unwrap_or("?")
             ),
+            "affinity" => format!(
+                "service {} (frontend {}) -> backend {}: session affinity of the client address",
+                self.service.as_deref().unwrap_or("?"),
+                self.frontend.as_deref().unwrap_or("?"),
+                self.backend.as_deref().unwrap_or("?")
+            ),
             _ => format!(
                 "service {} (frontend {}) -> backend {}: maglev slot {}",
                 self.service.as_deref().unwrap_or("?"),
@@ -254,6 +264,44 @@ impl Explanation {
 
 fn sockaddr(a: IpAddr, port: u16) -> String {
     SocketAddr::new(a, port).to_string()
+}
+
+/// CLOCK_BOOTTIME in nanoseconds (what `bpf_ktime_get_boot_ns` reads),
+/// from `/proc/uptime` (10 ms resolution: plenty for timeouts in seconds).
+fn boot_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1e9) as u64)
+}
+
+/// The backend session affinity gives a new flow of `key`'s client, as
+/// the data path decides it (`select_backend` in the eBPF `lb`): the
+/// service has a timeout, the client's entry is fresh, and its backend is
+/// of this service and family, neither down nor draining.
+fn affinity_backend(maps: &Maps, service_id: u32, key: &FlowKey) -> Option<String> {
+    let timeout = maps.service_affinity.get(&service_id, 0).ok()?;
+    if timeout == 0 {
+        return None;
+    }
+    let akey = AffinityKey {
+        service_id,
+        family: key.family,
+        _pad: [0; 3],
+        addr: key.src,
+    };
+    let entry = maps.affinity.get(&akey, 0).ok()?;
+    if !entry.fresh(boot_ns()?, timeout) {
+        return None;
+    }
+    let b = maps.backends.get(&entry.backend_id, 0).ok()?;
+    if b.flags & BE_F_PRESENT == 0
+        || b.flags & (BE_F_DOWN | BE_F_DRAINING) != 0
+        || b.service_id != service_id
+        || b.family != key.family
+    {
+        return None;
+    }
+    addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port)))
 }
 
 /// Which backend the data plane picks for `proto src -> dst`, and why.
@@ -331,6 +379,15 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
                 slot: None,
             };
         }
+    }
+    if let Some(backend) = affinity_backend(maps, fe.service_id, &key) {
+        return Explanation {
+            service,
+            frontend: Some(frontend),
+            backend: Some(backend),
+            reason: "affinity",
+            slot: None,
+        };
     }
     let slot = flow_slot(&key);
     let backend = maps

@@ -13,6 +13,8 @@
 //! * [`ipvs`] — IPVS over generic netlink (constants, wire format, handle).
 //! * [`etcd`] — services and tasks from etcd (list+watch, node lease).
 //! * [`docker`] — this node's opted-in containers registered as tasks in etcd.
+//! * [`health`] — active health checks (rise/fall state machine, prober).
+//! * [`drain`] — drain timeouts: draining backends leave after `drain_timeout`.
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
 //! * [`nodenet`] — interface forwarding flags and the SNAT address (pure).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
@@ -26,7 +28,9 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod docker;
+pub mod drain;
 pub mod etcd;
+pub mod health;
 pub mod inspect;
 pub mod ipvs;
 pub mod maglev;

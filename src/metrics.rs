@@ -81,99 +81,112 @@ impl Registry {
         );
         let _ = writeln!(out, "# TYPE meshlb_config_errors_total counter");
         for (k, v) in &g.config_errors {
-            let _ = writeln!(out, "meshlb_config_errors_total{{kind=\"{k}\"}} {v}");
+            let _ = writeln!(out, "meshlb_config_errors_total{{kind=\"{}\"}} {v}", esc(k));
         }
     }
+}
+
+/// Per-backend numbers of one (service, backend) label set. A backend
+/// that serves several published ports of a service is one slot per port
+/// in the data plane, but one series here: its slots are summed.
+#[derive(Default)]
+struct BackendSeries {
+    packets_in: u64,
+    packets_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    connections: u64,
+    /// Up in at least one of its slots.
+    up: bool,
+}
+
+/// Escapes a label value (text format: backslash, quote, newline).
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Renders the metrics text from a status snapshot.
 pub fn render(status: &inspect::Status) -> String {
     let mut out = String::new();
-    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let _ = writeln!(
-        out,
-        "# HELP meshlb_packets_total Packets forwarded, per service, backend and direction."
-    );
-    let _ = writeln!(out, "# TYPE meshlb_packets_total counter");
+    let mut series: BTreeMap<(String, String), BackendSeries> = BTreeMap::new();
     for s in &status.services {
         for b in &s.backends {
-            let be = format!("{}:{}", b.addr, b.port);
-            let _ = writeln!(
-                out,
-                "meshlb_packets_total{{service=\"{}\",backend=\"{}\",direction=\"in\"}} {}",
-                esc(&s.name),
-                esc(&be),
-                b.packets_in
-            );
-            let _ = writeln!(
-                out,
-                "meshlb_packets_total{{service=\"{}\",backend=\"{}\",direction=\"out\"}} {}",
-                esc(&s.name),
-                esc(&be),
-                b.packets_out
-            );
+            let be = match b.addr.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(_)) => format!("[{}]:{}", b.addr, b.port),
+                _ => format!("{}:{}", b.addr, b.port),
+            };
+            let e = series.entry((esc(&s.name), esc(&be))).or_default();
+            e.packets_in += b.packets_in;
+            e.packets_out += b.packets_out;
+            e.bytes_in += b.bytes_in;
+            e.bytes_out += b.bytes_out;
+            e.connections += b.connections;
+            e.up |= b.state == "up";
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP meshlb_bytes_total Bytes forwarded, per service and backend."
-    );
-    let _ = writeln!(out, "# TYPE meshlb_bytes_total counter");
-    for s in &status.services {
-        for b in &s.backends {
-            let _ = writeln!(
-                out,
-                "meshlb_bytes_total{{service=\"{}\",backend=\"{}:{}\"}} {}",
-                esc(&s.name),
-                esc(&b.addr),
-                b.port,
-                b.bytes
-            );
+    type Field = fn(&BackendSeries) -> u64;
+    let directed: [(&str, &str, &str, Field, Field); 2] = [
+        (
+            "meshlb_packets_total",
+            "Packets forwarded, per service, backend and direction (in: client to backend).",
+            "counter",
+            |b| b.packets_in,
+            |b| b.packets_out,
+        ),
+        (
+            "meshlb_bytes_total",
+            "Bytes forwarded (L2 frame length), per service, backend and direction.",
+            "counter",
+            |b| b.bytes_in,
+            |b| b.bytes_out,
+        ),
+    ];
+    for (name, help, kind, fin, fout) in directed {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for ((svc, be), b) in &series {
+            for (dir, v) in [("in", fin(b)), ("out", fout(b))] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{svc}\",backend=\"{be}\",direction=\"{dir}\"}} {v}"
+                );
+            }
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP meshlb_connections_total New flows, per service and backend."
-    );
-    let _ = writeln!(out, "# TYPE meshlb_connections_total counter");
-    for s in &status.services {
-        for b in &s.backends {
-            let _ = writeln!(
-                out,
-                "meshlb_connections_total{{service=\"{}\",backend=\"{}:{}\"}} {}",
-                esc(&s.name),
-                esc(&b.addr),
-                b.port,
-                b.connections
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP meshlb_backend_up Whether a backend takes new flows."
-    );
-    let _ = writeln!(out, "# TYPE meshlb_backend_up gauge");
-    for s in &status.services {
-        for b in &s.backends {
-            let _ = writeln!(
-                out,
-                "meshlb_backend_up{{service=\"{}\",backend=\"{}:{}\"}} {}",
-                esc(&s.name),
-                esc(&b.addr),
-                b.port,
-                u8::from(b.state == "up")
-            );
+    let plain: [(&str, &str, &str, Field); 2] = [
+        (
+            "meshlb_connections_total",
+            "New flows, per service and backend.",
+            "counter",
+            |b| b.connections,
+        ),
+        (
+            "meshlb_backend_up",
+            "Whether a backend takes new flows (0: down by health checks, draining or weight 0).",
+            "gauge",
+            |b| u64::from(b.up),
+        ),
+    ];
+    for (name, help, kind, f) in plain {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for ((svc, be), b) in &series {
+            let _ = writeln!(out, "{name}{{service=\"{svc}\",backend=\"{be}\"}} {}", f(b));
         }
     }
     let _ = writeln!(out, "# HELP meshlb_backends Backends per service.");
     let _ = writeln!(out, "# TYPE meshlb_backends gauge");
+    let mut per_service: BTreeMap<String, usize> = BTreeMap::new();
+    for (svc, _) in series.keys() {
+        *per_service.entry(svc.clone()).or_default() += 1;
+    }
     for s in &status.services {
-        let _ = writeln!(
-            out,
-            "meshlb_backends{{service=\"{}\"}} {}",
-            esc(&s.name),
-            s.backends.len()
-        );
+        per_service.entry(esc(&s.name)).or_default();
+    }
+    for (svc, n) in &per_service {
+        let _ = writeln!(out, "meshlb_backends{{service=\"{svc}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP meshlb_datapath_packets_total Data-path events by kind (passes, translations, malformed input).");
     let _ = writeln!(out, "# TYPE meshlb_datapath_packets_total counter");
@@ -188,7 +201,7 @@ pub fn render(status: &inspect::Status) -> String {
     let _ = writeln!(
         out,
         "meshlb_dataplane_info{{kind=\"{}\"}} 1",
-        status.dataplane
+        esc(status.dataplane)
     );
     out
 }
@@ -239,5 +252,83 @@ pub async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListene
     match addr {
         Some(a) => TcpListener::bind(a).await.map(Some),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::{BackendStatus, ServiceStatus, Status};
+
+    fn backend(addr: &str, port: u16, state: &'static str, n: u64) -> BackendStatus {
+        BackendStatus {
+            addr: addr.into(),
+            port,
+            weight: 100,
+            state,
+            packets: 2 * n,
+            bytes: 200 * n,
+            connections: n,
+            packets_in: n,
+            packets_out: n,
+            bytes_in: 100 * n,
+            bytes_out: 100 * n,
+        }
+    }
+
+    #[test]
+    fn one_series_per_label_set_with_escaped_values() {
+        let status = Status {
+            node: "n".into(),
+            dataplane: "xdp-generic",
+            services: vec![ServiceStatus {
+                name: "we\"b".into(),
+                vip: None,
+                ports: vec!["80/tcp".into(), "8080/tcp".into()],
+                scheduler: "maglev",
+                // The same backend behind two published ports: two slots.
+                backends: vec![
+                    backend("10.0.0.1", 8000, "up", 3),
+                    backend("10.0.0.1", 8000, "up", 4),
+                    backend("fd00::1", 8000, "down", 1),
+                ],
+                packets: 0,
+                bytes: 0,
+                connections: 0,
+            }],
+            conntrack_entries: 0,
+            counters: BTreeMap::new(),
+        };
+        let text = render(&status);
+        let line = |prefix: &str| -> Vec<&str> {
+            text.lines().filter(|l| l.starts_with(prefix)).collect()
+        };
+        assert_eq!(
+            line("meshlb_connections_total{"),
+            vec![
+                "meshlb_connections_total{service=\"we\\\"b\",backend=\"10.0.0.1:8000\"} 7",
+                "meshlb_connections_total{service=\"we\\\"b\",backend=\"[fd00::1]:8000\"} 1",
+            ]
+        );
+        assert_eq!(
+            line("meshlb_backend_up{"),
+            vec![
+                "meshlb_backend_up{service=\"we\\\"b\",backend=\"10.0.0.1:8000\"} 1",
+                "meshlb_backend_up{service=\"we\\\"b\",backend=\"[fd00::1]:8000\"} 0",
+            ]
+        );
+        assert_eq!(
+            line("meshlb_bytes_total{").len(),
+            4,
+            "in and out per backend"
+        );
+        assert_eq!(
+            line("meshlb_backends{"),
+            vec!["meshlb_backends{service=\"we\\\"b\"} 2"]
+        );
+        assert_eq!(
+            line("meshlb_dataplane_info{"),
+            vec!["meshlb_dataplane_info{kind=\"xdp-generic\"} 1"]
+        );
     }
 }

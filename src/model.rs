@@ -147,6 +147,8 @@ impl BackendSpec {
 pub struct ServiceSpec {
     pub frontends: BTreeSet<Frontend>,
     pub backends: BTreeMap<BackendKey, BackendSpec>,
+    /// Client-IP session affinity timeout in seconds (0: none).
+    pub affinity_secs: u32,
 }
 
 /// Everything this node's data plane should do.
@@ -175,6 +177,8 @@ pub struct ObservedService {
     /// `ring_hash` of the backend set the Maglev ring was last written for.
     pub ring_hash: u64,
     pub active_backends: u32,
+    /// Session affinity timeout in seconds (0: none).
+    pub affinity_secs: u32,
 }
 
 /// What the data plane holds now (read back from the kernel, so a

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use meshlb_common::{
-    maps, AddrKey, Backend, CtEntry, FlowKey, FrontendKey, FrontendValue, NodeMeta, RnatEntry,
-    ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats,
+    maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, FrontendKey,
+    FrontendValue, NodeMeta, RnatEntry, ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats,
 };
 
 /// Errors opening or using the pinned maps.
@@ -51,6 +51,8 @@ pub struct Maps {
     pub snat: HashMap<MapData, FlowKey, SnatEntry>,
     pub snat_addrs: Array<MapData, SnatAddr>,
     pub ifaces: HashMap<MapData, u32, u32>,
+    pub service_affinity: Array<MapData, u32>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
 }
 
 impl Maps {
@@ -98,6 +100,8 @@ impl Maps {
             snat: typed!(maps::SNAT),
             snat_addrs: typed!(maps::SNAT_ADDRS),
             ifaces: typed!(maps::IFACES),
+            service_affinity: typed!(maps::SERVICE_AFFINITY),
+            affinity: typed!(maps::AFFINITY),
         })
     }
 

@@ -45,6 +45,8 @@ pub enum Op {
         key: ServiceKey,
         active_backends: u32,
         ring_hash: u64,
+        /// Session affinity timeout in seconds (0: none).
+        affinity_secs: u32,
         fresh: bool,
     },
     RemoveService {
@@ -268,11 +270,14 @@ pub fn plan_with_limits(
                 .map(|slot| slot.map_or(NO_BACKEND, |i| ids[&active[i].0]))
                 .collect();
             ops.push(Op::WriteRing { service_id, ring });
+        }
+        if stale || os.is_some_and(|os| os.affinity_secs != spec.affinity_secs) {
             ops.push(Op::UpsertService {
                 id: service_id,
                 key: key.clone(),
                 active_backends,
                 ring_hash,
+                affinity_secs: spec.affinity_secs,
                 fresh: os.is_none(),
             });
         }
@@ -388,6 +393,7 @@ mod tests {
         ServiceSpec {
             frontends: [node_port(port)].into(),
             backends: backends.iter().map(|&(i, w)| (bkey(i), up(w))).collect(),
+            affinity_secs: 0,
         }
     }
 
@@ -500,6 +506,7 @@ mod tests {
                     key,
                     active_backends: 2,
                     ring_hash: maglev::ring_hash(&active),
+                    affinity_secs: 0,
                     fresh: true,
                 },
                 Op::AddFrontend {
@@ -528,6 +535,29 @@ mod tests {
             plan(&want, &dp.observe().unwrap()).unwrap(),
             Plan::default()
         );
+    }
+
+    #[test]
+    fn affinity_change_updates_the_service_without_rewriting_the_ring() {
+        let key = skey("web", 80);
+        let mut dp = FakeDataplane::new();
+        let mut want = desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]);
+        sync(&mut dp, &want);
+        want.services.get_mut(&key).unwrap().affinity_secs = 600;
+        let p = sync(&mut dp, &want);
+        assert!(
+            matches!(
+                p.ops[..],
+                [Op::UpsertService {
+                    affinity_secs: 600,
+                    fresh: false,
+                    ..
+                }]
+            ),
+            "{p:?}"
+        );
+        assert_eq!(dp.observe().unwrap().services[&key].affinity_secs, 600);
+        assert!(sync(&mut dp, &want).is_empty(), "converged");
     }
 
     #[test]
@@ -922,6 +952,7 @@ mod tests {
                 ServiceSpec {
                     frontends,
                     backends,
+                    affinity_secs: 0,
                 },
             );
         }

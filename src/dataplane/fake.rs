@@ -25,6 +25,7 @@ pub struct FakeService {
     pub key: ServiceKey,
     pub active_backends: u32,
     pub ring_hash: u64,
+    pub affinity_secs: u32,
 }
 
 /// A backend slot (`BACKENDS`).
@@ -91,6 +92,7 @@ impl FakeDataplane {
                     key: key.clone(),
                     active_backends: s.active_backends,
                     ring_hash: s.ring_hash,
+                    affinity_secs: s.affinity_secs,
                 },
             );
             f.rings.insert(s.id, Vec::new());
@@ -280,6 +282,7 @@ impl FakeDataplane {
                 key,
                 active_backends,
                 ring_hash,
+                affinity_secs,
                 fresh,
             } => {
                 if *id >= limits.services {
@@ -312,6 +315,7 @@ impl FakeDataplane {
                         key: key.clone(),
                         active_backends: *active_backends,
                         ring_hash: *ring_hash,
+                        affinity_secs: *affinity_secs,
                     },
                 );
             }
@@ -373,6 +377,7 @@ impl Dataplane for FakeDataplane {
                         id: *id,
                         ring_hash: s.ring_hash,
                         active_backends: s.active_backends,
+                        affinity_secs: s.affinity_secs,
                         ..Default::default()
                     },
                 )
@@ -473,6 +478,7 @@ mod tests {
             key: svc(),
             active_backends: 1,
             ring_hash: 7,
+            affinity_secs: 0,
             fresh,
         }
     }
@@ -517,6 +523,7 @@ mod tests {
                     },
                     active_backends: 0,
                     ring_hash: 0,
+                    affinity_secs: 0,
                     fresh: true,
                 }],
                 "written before its ring",

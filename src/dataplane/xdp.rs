@@ -247,6 +247,49 @@ impl XdpDataplane {
         Ok(true)
     }
 
+    /// Deletes the flow state of backend `backend_id` of service
+    /// `service_id` (conntrack, reverse NAT and SNAT entries), so its
+    /// established flows end; returns how many conntrack entries went.
+    /// The backend must be out of the ring already, or new flows would
+    /// come straight back.
+    pub fn forget_flows(&mut self, service_id: u32, backend_id: u32) -> usize {
+        let owned = |s: u32, b: u32| s == service_id && b == backend_id;
+        let ct: Vec<_> = self
+            .maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &ct {
+            let _ = self.maps.conntrack.remove(k);
+        }
+        let rnat: Vec<_> = self
+            .maps
+            .reverse_nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &rnat {
+            let _ = self.maps.reverse_nat.remove(k);
+        }
+        let snat: Vec<_> = self
+            .maps
+            .snat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &snat {
+            let _ = self.maps.snat.remove(k);
+        }
+        ct.len()
+    }
+
     /// The maps, for status and metrics while the daemon runs.
     pub fn maps(&self) -> &Maps {
         &self.maps
@@ -495,6 +538,7 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
                 id,
                 ring_hash: info.ring_hash,
                 active_backends: info.active_backends,
+                affinity_secs: maps.service_affinity.get(&id, 0).unwrap_or(0),
                 ..Default::default()
             },
         );
@@ -647,8 +691,14 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 key,
                 active_backends,
                 ring_hash,
+                affinity_secs,
                 fresh,
             } => {
+                // Before the service slot: a fresh service never runs
+                // without its affinity setting.
+                maps.service_affinity
+                    .set(*id, *affinity_secs, 0)
+                    .map_err(map_error(maps::SERVICE_AFFINITY))?;
                 if *fresh {
                     Maps::zero_stats(&mut maps.service_stats, *id, maps::SERVICE_STATS)
                         .map_err(|e| DataplaneError::Other(e.to_string()))?;
@@ -669,6 +719,9 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 maps.services
                     .set(*id, ServiceInfo::default(), 0)
                     .map_err(map_error(maps::SERVICES))?;
+                maps.service_affinity
+                    .set(*id, 0, 0)
+                    .map_err(map_error(maps::SERVICE_AFFINITY))?;
                 maps.service_names
                     .set(*id, ServiceName::default(), 0)
                     .map_err(map_error(maps::SERVICE_NAMES))?;

@@ -1042,6 +1042,7 @@ mod tests {
             (
                 skey("static", Proto::Tcp, 7000),
                 ServiceSpec {
+                    affinity_secs: 0,
                     frontends: [fe(None, 7000, Proto::Tcp)].into(),
                     backends: [(be("10.0.3.3", 7000), spec(100, BackendState::Up))].into(),
                 },
@@ -1049,6 +1050,7 @@ mod tests {
             (
                 skey("web", Proto::Tcp, 80),
                 ServiceSpec {
+                    affinity_secs: 0,
                     frontends: [
                         fe(Some("10.96.0.10"), 80, Proto::Tcp),
                         fe(None, 80, Proto::Tcp),
@@ -1064,6 +1066,7 @@ mod tests {
             (
                 skey("web", Proto::Udp, 53),
                 ServiceSpec {
+                    affinity_secs: 0,
                     frontends: [
                         fe(Some("10.96.0.10"), 53, Proto::Udp),
                         fe(None, 53, Proto::Udp),

@@ -923,6 +923,33 @@ impl Topology {
         }
     }
 
+    /// Kills backend `name`'s nginx (SIGKILL by PID): it stops answering
+    /// on every port at once, established connections are reset.
+    pub fn kill_nginx(&self, name: &str) {
+        let want = format!("nginx {name}");
+        let mut p = {
+            let mut v = self.servers.lock().unwrap();
+            let i = v
+                .iter()
+                .position(|p| p.name == want)
+                .unwrap_or_else(|| panic!("no running {want}"));
+            v.remove(i)
+        };
+        p.kill9();
+    }
+
+    /// Starts backend `name`'s nginx again (after [`Topology::kill_nginx`]).
+    pub fn restart_nginx(&self, name: &str) {
+        let b = self.backend(name);
+        let p = start_nginx_in(
+            &self.dir.join(format!("nginx-{name}")),
+            &b.ns,
+            name,
+            self.next_log(&format!("nginx-{name}")),
+        );
+        self.servers.lock().unwrap().push(p);
+    }
+
     /// Starts a UDP echo server on `port` (v4 and v6) in every backend
     /// namespace, answering each datagram with `<backend-name>`.
     pub fn start_udp_echo(&self, port: u16) {

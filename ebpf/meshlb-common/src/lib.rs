@@ -55,9 +55,15 @@ pub mod maps {
     pub const SNAT_ADDRS: &str = "MLB_SNATADR_V1";
     /// hash, ifindex (`u32`) -> `IF_F_*` flags: how to forward via it.
     pub const IFACES: &str = "MLB_IFACE_V1";
+    /// array, service id -> `u32` session-affinity timeout in seconds (0:
+    /// no affinity). Beside `SERVICES`, whose layout has no room for it.
+    pub const SERVICE_AFFINITY: &str = "MLB_SVCAFF_V1";
+    /// LRU hash, `AffinityKey` (service id, client address) ->
+    /// `AffinityEntry` (backend id, last use): client-IP session affinity.
+    pub const AFFINITY: &str = "MLB_AFF_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -73,6 +79,8 @@ pub mod maps {
         SNAT,
         SNAT_ADDRS,
         IFACES,
+        SERVICE_AFFINITY,
+        AFFINITY,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -108,6 +116,9 @@ pub const MAX_LOCAL_ADDRS: u32 = 256;
 pub const MAX_IFACES: u32 = 1024;
 /// Connection-tracking capacity (LRU: the oldest flows go first).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Client addresses remembered for session affinity, over all services
+/// (LRU: the least recently used go first).
+pub const MAX_AFFINITY: u32 = 65_536;
 /// Ring slot value meaning "no backend".
 pub const NO_BACKEND: u32 = u32::MAX;
 /// Longest service name (bytes).
@@ -284,6 +295,40 @@ pub struct SnatEntry {
     /// `bpf_ktime_get_ns` of the last reply (at most a second stale), or
     /// of the flow's start: an idle flow's port can be reclaimed.
     pub last_seen: u64,
+}
+
+/// Key of `AFFINITY`: one client address of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// The client's address (network order; IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+}
+
+/// Value of `AFFINITY`: the backend a client's new flows go to while the
+/// entry is fresh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_boot_ns` (CLOCK_BOOTTIME) of the last new flow that
+    /// used it: expired `timeout` seconds after that. Boot time, so
+    /// `explain` can compare it with `/proc/uptime`.
+    pub last_used: u64,
+}
+
+impl AffinityEntry {
+    /// Whether the entry still holds at `now` (same clock) for a timeout
+    /// of `timeout_secs` (0: affinity off).
+    #[inline(always)]
+    pub fn fresh(&self, now: u64, timeout_secs: u32) -> bool {
+        timeout_secs != 0
+            && now.saturating_sub(self.last_used) <= timeout_secs as u64 * 1_000_000_000
+    }
 }
 
 /// Index of the IPv4 entry of `SNAT_ADDRS`.
@@ -496,10 +541,12 @@ pub enum Counter {
     /// Translated, but the egress device cannot take a native redirect:
     /// passed to the stack, which forwards it.
     RedirectPass = 20,
+    /// A new flow went to its client's backend by session affinity.
+    AffinityHit = 21,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -527,6 +574,7 @@ impl Counter {
         Counter::SnatReclaimed,
         Counter::SnatNoAddr,
         Counter::RedirectPass,
+        Counter::AffinityHit,
     ];
 
     /// Stable name used in metrics and status output.
@@ -553,6 +601,7 @@ impl Counter {
             Counter::SnatReclaimed => "snat_reclaimed",
             Counter::SnatNoAddr => "snat_no_addr",
             Counter::RedirectPass => "redirect_pass",
+            Counter::AffinityHit => "affinity_hit",
         }
     }
 }
@@ -575,6 +624,8 @@ mod pod {
     unsafe impl aya::Pod for NodeMeta {}
     unsafe impl aya::Pod for SnatEntry {}
     unsafe impl aya::Pod for SnatAddr {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
 }
 
 #[cfg(test)]
@@ -598,6 +649,8 @@ mod tests {
         assert_eq!(size_of::<NodeMeta>(), 80);
         assert_eq!(size_of::<SnatEntry>(), 56);
         assert_eq!(size_of::<SnatAddr>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 24);
+        assert_eq!(size_of::<AffinityEntry>(), 16);
     }
 
     fn linux_default() -> SnatAddr {
@@ -649,6 +702,20 @@ mod tests {
         assert_eq!(a.candidate(5, 0), 61005);
         assert_eq!(SnatAddr::default().usable(), 0);
         assert_eq!(SnatAddr::default().candidate(5, 0), 0);
+    }
+
+    #[test]
+    fn affinity_entries_expire_after_their_timeout() {
+        let e = AffinityEntry {
+            backend_id: 3,
+            _pad: 0,
+            last_used: 10_000_000_000,
+        };
+        assert!(e.fresh(10_000_000_000, 1));
+        assert!(e.fresh(11_000_000_000, 1));
+        assert!(!e.fresh(11_000_000_001, 1));
+        assert!(!e.fresh(10_000_000_000, 0), "timeout 0: affinity off");
+        assert!(e.fresh(5, 1), "a clock behind the entry is not expiry");
     }
 
     #[test]

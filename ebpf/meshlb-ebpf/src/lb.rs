@@ -27,15 +27,16 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS},
         BPF_ANY, BPF_NOEXIST,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
     programs::XdpContext,
 };
 use meshlb_common::{
-    hash::flow_slot, AddrKey, Counter, CtEntry, FlowKey, FrontendKey, FrontendValue, RnatEntry,
-    SnatAddr, SnatEntry, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND,
-    CT_F_FIN_CLIENT, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
-    SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TCP_IDLE_NS,
-    SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
+    hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowKey, FrontendKey,
+    FrontendValue, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
+    BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CT_F_SNAT,
+    FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT,
+    SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS,
+    SVC_F_PRESENT,
 };
 
 use crate::{
@@ -248,13 +249,11 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
             return Err(XDP_PASS);
         }
     }
-    let backend_id = match MLB_MAGLEV_V1.get(service_id * RING_SIZE + flow_slot(&pkt.key)) {
-        Some(b) if *b != NO_BACKEND => *b,
-        _ => {
-            count(Counter::NoBackend);
-            return Err(XDP_PASS);
-        }
-    };
+    let backend_id = select_backend(pkt, service_id);
+    if backend_id == NO_BACKEND {
+        count(Counter::NoBackend);
+        return Err(XDP_PASS);
+    }
     let be = match MLB_BE_V1.get(backend_id) {
         Some(b) if b.flags & BE_F_PRESENT != 0 && b.family == pkt.key.family => b,
         _ => {
@@ -277,6 +276,65 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
         _pad: 0,
     };
     Ok(true)
+}
+
+/// The backend of a new flow: with session affinity (a non-zero timeout in
+/// `MLB_SVCAFF_V1`), the client address's entry when it is fresh and names
+/// a backend of this service that still takes new flows (refreshed on
+/// use); else the Maglev ring, whose answer becomes the client's entry.
+/// `NO_BACKEND`: none.
+#[inline(never)]
+fn select_backend(pkt: &Packet, service_id: u32) -> u32 {
+    let timeout = MLB_SVCAFF_V1.get(service_id).copied().unwrap_or(0);
+    if timeout == 0 {
+        return maglev_backend(pkt, service_id);
+    }
+    let key = AffinityKey {
+        service_id,
+        family: pkt.key.family,
+        _pad: [0; 3],
+        addr: pkt.key.src,
+    };
+    // SAFETY: bpf_ktime_get_boot_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(e) = MLB_AFF_V1.get_ptr_mut(&key) {
+        // SAFETY: LRU map value; a racing refresh of last_used is harmless.
+        let e = unsafe { &mut *e };
+        if e.fresh(now, timeout) && takes_new_flows(e.backend_id, service_id, pkt.key.family) {
+            e.last_used = now;
+            count(Counter::AffinityHit);
+            return e.backend_id;
+        }
+    }
+    let backend_id = maglev_backend(pkt, service_id);
+    if backend_id != NO_BACKEND {
+        let entry = AffinityEntry {
+            backend_id,
+            _pad: 0,
+            last_used: now,
+        };
+        let _ = MLB_AFF_V1.insert(&key, &entry, 0);
+    }
+    backend_id
+}
+
+/// The Maglev ring's backend for a flow (`NO_BACKEND`: none).
+#[inline(always)]
+fn maglev_backend(pkt: &Packet, service_id: u32) -> u32 {
+    MLB_MAGLEV_V1
+        .get(service_id * RING_SIZE + flow_slot(&pkt.key))
+        .copied()
+        .unwrap_or(NO_BACKEND)
+}
+
+/// Whether backend `id` is in use by `service_id`, of the flow's family,
+/// and neither down nor draining.
+#[inline(always)]
+fn takes_new_flows(id: u32, service_id: u32, family: u8) -> bool {
+    matches!(MLB_BE_V1.get(id), Some(b) if b.flags & BE_F_PRESENT != 0
+        && b.flags & (BE_F_DOWN | BE_F_DRAINING) == 0
+        && b.service_id == service_id
+        && b.family == family)
 }
 
 /// Records a new flow: its conntrack entry, and for a flow that is not

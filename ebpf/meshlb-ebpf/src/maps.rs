@@ -69,6 +69,14 @@ pub static MLB_SNATADR_V1: Array<SnatAddr> = Array::pinned(2, 0);
 #[map]
 pub static MLB_IFACE_V1: HashMap<u32, u32> = HashMap::pinned(MAX_IFACES, 0);
 
+/// service id -> affinity timeout in seconds (0: none).
+#[map]
+pub static MLB_SVCAFF_V1: Array<u32> = Array::pinned(MAX_SERVICES, 0);
+
+/// AffinityKey (service id, client addr) -> AffinityEntry (backend id, last use).
+#[map]
+pub static MLB_AFF_V1: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(MAX_AFFINITY, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = MLB_CNT_V2.get_ptr_mut(c as u32) {

@@ -56,7 +56,10 @@ pub type Table = BTreeMap<ServiceId, (Service, Dests)>;
 pub fn table(desired: &DesiredState, opts: &BTreeMap<String, IpvsOptions>) -> Table {
     let mut t = Table::new();
     for (key, spec) in &desired.services {
-        let o = opts.get(&key.name).cloned().unwrap_or_default();
+        let mut o = opts.get(&key.name).cloned().unwrap_or_default();
+        if o.persistence.is_none() && spec.affinity_secs > 0 {
+            o.persistence = Some(spec.affinity_secs);
+        }
         let dests: Dests = spec
             .backends
             .iter()
@@ -187,6 +190,7 @@ mod tests {
 
     fn desired(backends: &[(&str, u32, BackendState)]) -> DesiredState {
         let spec = ServiceSpec {
+            affinity_secs: 0,
             frontends: [
                 Frontend {
                     addr: Some(ip("10.96.0.10")),

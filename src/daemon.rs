@@ -59,6 +59,8 @@ pub struct Settings {
     pub docker: Option<PathBuf>,
     /// Drain timeout of services without their own (`None`: drain forever).
     pub drain_timeout: Option<Duration>,
+    /// XDP, IPVS, or XDP falling back to IPVS.
+    pub dataplane: DataplaneChoice,
 }
 
 fn hostname() -> String {
@@ -107,11 +109,6 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         Some(DataplaneArg::Ipvs) => DataplaneChoice::Ipvs,
         None => cfg.dataplane,
     };
-    if dataplane == DataplaneChoice::Ipvs {
-        return Err(DaemonError::Usage(
-            "dataplane: ipvs is not available in this version yet (use auto or xdp)".into(),
-        ));
-    }
     let xdp_mode = match args.xdp_mode {
         Some(XdpModeArg::Auto) => XdpMode::Auto,
         Some(XdpModeArg::Native) => XdpMode::Native,
@@ -182,6 +179,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             etcd,
             docker,
             drain_timeout,
+            dataplane,
         },
         cfg,
     ))
@@ -336,13 +334,22 @@ pub async fn run(
         .await
         .map_err(|e| DaemonError::Runtime(format!("metrics listen: {e}")))?;
 
-    let mut dp = XdpDataplane::open(
+    if settings.dataplane == DataplaneChoice::Ipvs {
+        return run_ipvs(settings, cfg, shutdown).await;
+    }
+    let mut dp = match XdpDataplane::open(
         &settings.bpffs,
         &settings.ifaces,
         settings.xdp_mode,
         &settings.node,
-    )
-    .map_err(|e| rt(&e))?;
+    ) {
+        Ok(dp) => dp,
+        Err(e) if settings.dataplane == DataplaneChoice::Auto => {
+            log::warn!("XDP unavailable ({e}); dataplane auto: falling back to IPVS");
+            return run_ipvs(settings, cfg, shutdown).await;
+        }
+        Err(e) => return Err(rt(&e)),
+    };
     log::info!(
         "node {}: data plane {} on {} (pinned under {})",
         settings.node,
@@ -552,6 +559,128 @@ fn allow_local_source(ifaces: &[String]) {
             },
         }
     }
+}
+
+/// Where the IPVS engine remembers which services it created.
+const IPVS_STATE_DIR: &str = "/run/meshlb";
+/// Name of the dummy device holding the VIPs in IPVS mode.
+pub const VIP_DEVICE: &str = "meshlb0";
+
+/// `meshlb run` on the IPVS data plane: the same sources (config, SIGHUP,
+/// etcd, node addresses) and the same desired state as XDP, turned into an
+/// IPVS table and synced as a diff. Stopping leaves IPVS as it is.
+/// Not yet here: health checks, drain timers, metrics, Docker registration
+/// and SNAT for remote backends (IPVS masquerading is DNAT only).
+async fn run_ipvs(
+    settings: Settings,
+    mut cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    use crate::dataplane::ipvs::{self, IpvsEngine, IpvsOptions};
+    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
+    let state = PathBuf::from(IPVS_STATE_DIR).join(format!("{}.ipvs", settings.node));
+    let mut engine = IpvsEngine::open(state).await.map_err(|e| rt(&e))?;
+    log::info!(
+        "node {}: data plane ipvs (VIPs on {VIP_DEVICE})",
+        settings.node
+    );
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let registry = Arc::new(Registry::default());
+    let _etcd_task = settings
+        .etcd
+        .as_ref()
+        .map(|o| AbortOnDrop(tokio::spawn(run_source(o.clone(), tx, registry.clone()))));
+    let mut cluster = match settings.etcd {
+        Some(_) => Cluster::Waiting,
+        None => Cluster::Static,
+    };
+    let mut locals = netlink::local_addrs().await.map_err(|e| rt(&e))?;
+    let sync = |cfg: &Config, cluster: &Cluster, locals: &BTreeSet<IpAddr>| {
+        let mut configs: Vec<&config::ServiceConfig> = cfg.services.iter().collect();
+        let d = match cluster {
+            Cluster::Static => desired(cfg, None, locals, &settings.node),
+            Cluster::Waiting => return None,
+            Cluster::Etcd(snap) => {
+                configs.extend(snap.state.service_configs());
+                desired(cfg, Some(snap), locals, &settings.node)
+            }
+        };
+        let opts = configs
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    IpvsOptions {
+                        sched: ipvs::sched_name(s.scheduler).into(),
+                        persistence: s.affinity.as_ref().map(|a| a.timeout as u32),
+                    },
+                )
+            })
+            .collect();
+        let vips: BTreeSet<IpAddr> = d
+            .services
+            .values()
+            .flat_map(|s| s.frontends.iter().filter_map(|f| f.addr))
+            .collect();
+        // The VIPs are local now: node ports are the other local addresses.
+        let mut d = d;
+        d.local_addrs.retain(|a| !vips.contains(a));
+        Some((ipvs::table(&d, &opts), vips))
+    };
+    let apply = async |engine: &mut IpvsEngine,
+                       cfg: &Config,
+                       cluster: &Cluster,
+                       locals: &BTreeSet<IpAddr>|
+           -> Result<usize, DaemonError> {
+        let Some((table, vips)) = sync(cfg, cluster, locals) else {
+            return Ok(0);
+        };
+        netlink::ensure_vip_device(VIP_DEVICE, &vips)
+            .await
+            .map_err(|e| rt(&e))?;
+        engine.sync(&table).await.map_err(|e| rt(&e))
+    };
+    let n = apply(&mut engine, &cfg, &cluster, &locals).await?;
+    log::info!("applied {n} IPVS changes");
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| rt(&e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
+    let mut tick = tokio::time::interval(ADDR_REFRESH);
+    let mut etcd_rx = settings.etcd.as_ref().map(|_| rx);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            snap = next_snapshot(&mut etcd_rx) => {
+                let Some(snap) = snap else { continue };
+                cluster = Cluster::Etcd(snap);
+            }
+            _ = hup.recv() => {
+                match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
+                    Ok(new) => cfg = new,
+                    Err(e) => {
+                        log::error!("SIGHUP: keeping the running config: {e}");
+                        continue;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                match netlink::local_addrs().await {
+                    Ok(now) => locals = now,
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+        }
+        match apply(&mut engine, &cfg, &cluster, &locals).await {
+            Ok(0) => {}
+            Ok(n) => log::info!("applied {n} IPVS changes"),
+            Err(e) => log::error!("{e}"),
+        }
+    }
+    log::info!("stopping; IPVS keeps forwarding");
+    Ok(())
 }
 
 /// Aborts a spawned task when dropped: every task has an owner.

@@ -143,3 +143,75 @@ pub async fn check_interfaces(names: &[String]) -> Result<(), NetlinkError> {
     }
     Ok(())
 }
+
+/// Makes interface `name` a dummy device that is up and holds exactly
+/// `vips` (as /32 and /128): where IPVS virtual services' addresses live,
+/// so the node accepts their packets.
+pub async fn ensure_vip_device(name: &str, vips: &BTreeSet<IpAddr>) -> Result<(), NetlinkError> {
+    let handle = connect()?;
+    let req = |what: &'static str| move |source| NetlinkError::Request { what, source };
+    let find = || async {
+        let mut s = handle.link().get().match_name(name.to_string()).execute();
+        tokio::time::timeout(TIMEOUT, s.try_next())
+            .await
+            .map_err(|_| NetlinkError::Timeout("link get"))
+    };
+    let index = match find().await? {
+        Ok(Some(m)) => m.header.index,
+        _ => {
+            tokio::time::timeout(
+                TIMEOUT,
+                handle
+                    .link()
+                    .add(rtnetlink::LinkDummy::new(name).up().build())
+                    .execute(),
+            )
+            .await
+            .map_err(|_| NetlinkError::Timeout("link add"))?
+            .map_err(req("link add"))?;
+            match find().await? {
+                Ok(Some(m)) => m.header.index,
+                _ => return Err(NetlinkError::NoSuchInterface(name.to_string())),
+            }
+        }
+    };
+    let msgs: Vec<_> = tokio::time::timeout(
+        TIMEOUT,
+        handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect(),
+    )
+    .await
+    .map_err(|_| NetlinkError::Timeout("address dump"))?
+    .map_err(req("address dump"))?;
+    let mut have = BTreeSet::new();
+    for m in msgs {
+        let addr = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(a) | AddressAttribute::Local(a) => Some(*a),
+            _ => None,
+        });
+        match addr {
+            Some(a) if vips.contains(&a) => {
+                have.insert(a);
+            }
+            Some(_) => {
+                tokio::time::timeout(TIMEOUT, handle.address().del(m).execute())
+                    .await
+                    .map_err(|_| NetlinkError::Timeout("address del"))?
+                    .map_err(req("address del"))?;
+            }
+            None => {}
+        }
+    }
+    for a in vips.difference(&have) {
+        let plen = if a.is_ipv4() { 32 } else { 128 };
+        tokio::time::timeout(TIMEOUT, handle.address().add(index, *a, plen).execute())
+            .await
+            .map_err(|_| NetlinkError::Timeout("address add"))?
+            .map_err(req("address add"))?;
+    }
+    Ok(())
+}

@@ -6,14 +6,20 @@
 //! flush: unchanged services and destinations, and so their connections,
 //! are not touched; only services this node created are ever deleted.
 //!
-//! **Not wired into `meshlb run` yet:** the host kernel has no IPVS; the
-//! engine is exercised only once the vm/ guests run it (issue 6).
+//! [`IpvsEngine`] is the IO half: it dumps the kernel's table, applies the
+//! diff, and remembers (in a state file) which services it created, so a
+//! restarted daemon adopts them — connections and all — and can still
+//! delete the ones no longer wanted. `meshlb run --dataplane ipvs` drives
+//! it (`daemon::run_ipvs`). The host kernel of this project's CI has no
+//! IPVS: the engine is exercised in the vm/ guests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use std::path::PathBuf;
+
 use crate::ipvs::consts::{IP_VS_CONN_F_MASQ, IP_VS_SVC_F_PERSISTENT};
-use crate::ipvs::{Dest, Service, ServiceId, Stats};
+use crate::ipvs::{Dest, Ipvs, IpvsError, Service, ServiceId, Stats};
 use crate::model::DesiredState;
 
 /// How one service is scheduled in IPVS.
@@ -177,6 +183,100 @@ pub fn diff(want: &Table, have: &Table, owned: &BTreeSet<ServiceId>) -> Vec<Chan
     svc.into_iter().chain(add).chain(del).chain(gone).collect()
 }
 
+/// The IPVS engine of `meshlb run --dataplane ipvs`.
+pub struct IpvsEngine {
+    ipvs: Ipvs,
+    /// Services this node created (persisted in `state_file`).
+    owned: BTreeSet<ServiceId>,
+    state_file: PathBuf,
+}
+
+impl IpvsEngine {
+    /// Connects to IPVS and reads which services an earlier daemon created.
+    pub async fn open(state_file: PathBuf) -> Result<IpvsEngine, IpvsError> {
+        let ipvs = Ipvs::open().await?;
+        let owned = std::fs::read_to_string(&state_file)
+            .ok()
+            .map(|t| parse_owned(&t))
+            .unwrap_or_default();
+        Ok(IpvsEngine {
+            ipvs,
+            owned,
+            state_file,
+        })
+    }
+
+    /// The kernel's table now.
+    pub async fn dump(&mut self) -> Result<Table, IpvsError> {
+        let mut t = Table::new();
+        for s in self.ipvs.services().await? {
+            let dests = self
+                .ipvs
+                .dests(&s.id)
+                .await?
+                .into_iter()
+                .map(|d| ((d.addr, d.port), d))
+                .collect();
+            t.insert(s.id, (s, dests));
+        }
+        Ok(t)
+    }
+
+    /// Makes the kernel hold `want`; returns the number of changes.
+    pub async fn sync(&mut self, want: &Table) -> Result<usize, IpvsError> {
+        let have = self.dump().await?;
+        let changes = diff(want, &have, &self.owned);
+        for c in &changes {
+            match c {
+                Change::AddService(s) => self.ipvs.new_service(s).await?,
+                Change::SetService(s) => self.ipvs.set_service(s).await?,
+                Change::AddDest(id, d) => self.ipvs.new_dest(id, d).await?,
+                Change::SetDest(id, d) => self.ipvs.set_dest(id, d).await?,
+                Change::DelDest(id, d) => self.ipvs.del_dest(id, d).await?,
+                Change::DelService(id) => self.ipvs.del_service(id).await?,
+            }
+            if let Change::AddService(s) = c {
+                self.owned.insert(s.id);
+                self.save();
+            }
+        }
+        self.owned = want.keys().copied().collect();
+        self.save();
+        Ok(changes.len())
+    }
+
+    fn save(&self) {
+        if let Some(d) = self.state_file.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        if let Err(e) = std::fs::write(&self.state_file, format_owned(&self.owned)) {
+            log::warn!("ipvs state {}: {e}", self.state_file.display());
+        }
+    }
+}
+
+/// One owned service per line: `proto addr port`.
+fn format_owned(owned: &BTreeSet<ServiceId>) -> String {
+    owned
+        .iter()
+        .map(|id| format!("{} {} {}\n", id.proto, id.addr, id.port))
+        .collect()
+}
+
+/// The lines of `format_owned`; malformed lines are skipped.
+fn parse_owned(text: &str) -> BTreeSet<ServiceId> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some(ServiceId {
+                proto: w.next()?.parse().ok()?,
+                addr: w.next()?.parse().ok()?,
+                port: w.next()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +341,13 @@ mod tests {
             port: 80,
             proto: 6,
         }
+    }
+
+    #[test]
+    fn owned_services_round_trip_through_the_state_file() {
+        let owned: BTreeSet<ServiceId> = [sid("10.96.0.10"), sid("fd00::5")].into();
+        assert_eq!(parse_owned(&format_owned(&owned)), owned);
+        assert_eq!(parse_owned("6 nope 80\n17 10.0.0.1\n"), BTreeSet::new());
     }
 
     #[test]

@@ -435,6 +435,11 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// Every valid service definition in etcd.
+    pub fn service_configs(&self) -> impl Iterator<Item = &ServiceConfig> {
+        self.services.values()
+    }
+
     /// Builds the state from a listing; returns the records it skipped.
     pub fn from_kvs<'a>(
         prefix: &str,

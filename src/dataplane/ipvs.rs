@@ -18,7 +18,10 @@ use std::net::IpAddr;
 
 use std::path::PathBuf;
 
-use crate::ipvs::consts::{IP_VS_CONN_F_MASQ, IP_VS_SVC_F_PERSISTENT};
+use crate::ipvs::consts::{
+    IP_VS_CONN_F_MASQ, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED_MH_FALLBACK,
+    IP_VS_SVC_F_SCHED_MH_PORT,
+};
 use crate::ipvs::{Dest, Ipvs, IpvsError, Service, ServiceId, Stats};
 use crate::model::DesiredState;
 
@@ -106,15 +109,20 @@ pub fn table(desired: &DesiredState, opts: &BTreeMap<String, IpvsOptions>) -> Ta
     t
 }
 
+/// `mh` hashes address and port (as meshlb's Maglev hashes the flow) and
+/// falls back past weight-0 destinations.
 fn service(id: ServiceId, o: &IpvsOptions) -> Service {
+    let mut flags = 0;
+    if o.persistence.is_some() {
+        flags |= IP_VS_SVC_F_PERSISTENT;
+    }
+    if o.sched == "mh" {
+        flags |= IP_VS_SVC_F_SCHED_MH_PORT | IP_VS_SVC_F_SCHED_MH_FALLBACK;
+    }
     Service {
         id,
         sched: o.sched.clone(),
-        flags: if o.persistence.is_some() {
-            IP_VS_SVC_F_PERSISTENT
-        } else {
-            0
-        },
+        flags,
         timeout: o.persistence.unwrap_or(0),
         stats: Stats::default(),
     }

@@ -58,6 +58,12 @@ pub const IP_VS_CONN_F_FWD_MASK: u32 = 7;
 
 /// Service flag: persistence (session affinity), `IP_VS_SVC_F_PERSISTENT`.
 pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x1;
+/// `mh`: fall back to another destination when the chosen one has
+/// weight 0 (`IP_VS_SVC_F_SCHED_MH_FALLBACK`, = SCHED1).
+pub const IP_VS_SVC_F_SCHED_MH_FALLBACK: u32 = 0x8;
+/// `mh`: hash the source port too, not only the address
+/// (`IP_VS_SVC_F_SCHED_MH_PORT`, = SCHED2).
+pub const IP_VS_SVC_F_SCHED_MH_PORT: u32 = 0x10;
 /// The kernel sets this on every hashed service (ignored on input).
 pub const IP_VS_SVC_F_HASHED: u32 = 0x2;
 

@@ -10,14 +10,17 @@
 # below the host's), meshlb.args=A,B (comma-separated, to the script).
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/opt/busybox
+# The tree has busybox but not its applet links (nor util-linux's mount):
+# link every applet, behind the tree's own tools in PATH.
+/bin/busybox mkdir -p /opt/busybox
+/bin/busybox --install -s /opt/busybox
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-mkdir -p /dev/pts /sys/fs/bpf /opt/busybox
+mkdir -p /dev/pts /sys/fs/bpf
 mount -t devpts devpts /dev/pts
 mount -t bpf bpf /sys/fs/bpf
-/bin/busybox --install -s /opt/busybox
 
 SCENARIO=unknown SCRIPT= NODE=guest DEADLINE=300 ARGS=
 for kv in $(cat /proc/cmdline); do
@@ -30,6 +33,7 @@ for kv in $(cat /proc/cmdline); do
     esac
 done
 hostname "$NODE"
+/bin/ip link set lo up
 echo 1 >/proc/sys/kernel/printk_ratelimit 2>/dev/null
 # The daemon and the scenarios live in /mnt/host (read-only).
 export SCENARIO NODE ARGS

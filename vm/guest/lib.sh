@@ -66,11 +66,11 @@ veth() {
         if [ "$1" != - ]; then
             must ip link set "$2" netns "$1"
             must ip -n "$1" addr add "$3" dev "$2"
-            must in_ns "$1" /sbin/ethtool -K "$2" tx off
+            must in_ns "$1" /sbin/ethtool -K "$2" tx off >/dev/null
             must ip -n "$1" link set "$2" up
         else
             must ip addr add "$3" dev "$2"
-            must ethtool -K "$2" tx off
+            must ethtool -K "$2" tx off >/dev/null
             must ip link set "$2" up
         fi
     done
@@ -103,13 +103,16 @@ meshlb_start() {
     shift
     RUST_LOG=${RUST_LOG:-info} "$MESHLB" run "$@" >"$LOGDIR/meshlb-$name.log" 2>&1 &
     MESHLB_PID=$!
+    # Its log on the console too: a guest killed at the host's deadline
+    # leaves nothing else behind.
+    bb tail -f "$LOGDIR/meshlb-$name.log" 2>/dev/null | while read -r l; do echo "[meshlb $name] $l"; done &
 }
 
 # meshlb_ready BPFFS SERVICE: wait until status lists SERVICE (and the
 # daemon is still alive).
 meshlb_ready() {
     end=$(($(cut -d. -f1 /proc/uptime) + 120))
-    until "$MESHLB" status --json --bpffs "$1" 2>/dev/null | grep -q "\"name\":\"$2\""; do
+    until "$MESHLB" status --json --bpffs "$1" 2>/dev/null | grep -q "\"name\": *\"$2\""; do
         kill -0 "$MESHLB_PID" 2>/dev/null || fail "meshlb exited before it was ready: $(tail -n 5 "$LOGDIR"/meshlb-*.log | tr '\n' ' ')"
         [ "$(cut -d. -f1 /proc/uptime)" -ge "$end" ] && fail "meshlb not ready within 120s"
         bb usleep 250000

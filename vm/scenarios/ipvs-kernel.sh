@@ -8,6 +8,10 @@ must modprobe -a $mods
 for m in $mods; do
     grep -q "^$m " /proc/modules || fail "module $m not loaded after modprobe"
 done
+# IPVS takes only real servers it has a unicast route to.
+must ip link add d0 type dummy
+must ip addr add 10.201.1.1/24 dev d0
+must ip link set d0 up
 must ipvsadm -A -t 10.96.0.10:80 -s mh
 must ipvsadm -a -t 10.96.0.10:80 -r 10.201.1.2:8000 -m -w 100
 out=$(ipvsadm -Ln) || fail "ipvsadm -Ln failed"

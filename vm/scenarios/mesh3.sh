@@ -72,7 +72,7 @@ EOF
 
 meshlb_start "$NODE" --config /tmp/meshlb.toml --node "$NODE" --iface "$eth" --iface br0 --bpffs "$BPFFS"
 meshlb_ready "$BPFFS" web
-dp=$("$MESHLB" status --json --bpffs "$BPFFS" | grep -o '"dataplane":"[a-z-]*"' | cut -d'"' -f4)
+dp=$("$MESHLB" status --json --bpffs "$BPFFS" | grep -o '"dataplane": *"[a-z-]*"' | cut -d'"' -f4)
 modes="$eth=$(xdp_mode "$eth") br0=$(xdp_mode br0)"
 log "meshlb ready on $NODE: $dp, $modes"
 

@@ -290,7 +290,8 @@ fn guest<'a>(s: &'a Scenario, k: &'a ArchKit, node: &'a str, nics: Vec<Nic>) -> 
         script: s.script,
         node,
         args: s.args,
-        mem_mb: 1024,
+        // A meshlb map set is ~220 MB; the xdp scenario holds two.
+        mem_mb: if s.guests == 1 { 1536 } else { 1024 },
         nics,
         deadline: s.deadline,
     }

@@ -75,8 +75,14 @@ impl Guest<'_> {
                 &["-M", "virt,highmem=off", "-cpu", "cortex-a15"],
             ),
         };
+        // 32-bit ARM: the default vmalloc area (240 MB) cannot hold
+        // meshlb's BPF maps.
+        let vmalloc = match self.arch {
+            Target::Armv7 => " vmalloc=768M",
+            _ => "",
+        };
         let append = format!(
-            "console={} panic=-1 quiet loglevel=4 meshlb.scenario={} meshlb.script={} \
+            "console={}{vmalloc} panic=-1 quiet loglevel=4 meshlb.scenario={} meshlb.script={} \
              meshlb.node={} meshlb.deadline={} meshlb.args={}",
             self.console_dev(),
             self.scenario,

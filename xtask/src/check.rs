@@ -1,5 +1,6 @@
-//! `cargo xtask test`: what CI runs — setup, eBPF build, fmt, clippy and
-//! the whole workspace's tests, each under a header, with timings.
+//! `cargo xtask test`: what CI runs — setup, eBPF build, fmt, clippy, the
+//! whole workspace's tests and the QEMU guest scenarios (`cargo xtask vm
+//! test`), each under a header, with timings.
 
 use std::time::Instant;
 
@@ -31,7 +32,7 @@ pub fn test() -> Result<()> {
     let mut s = Steps {
         start: Instant::now(),
         n: 0,
-        total: 5,
+        total: 6,
     };
     let r = run_all(&mut s);
     println!(
@@ -93,6 +94,15 @@ fn run_all(s: &mut Steps) -> Result<()> {
             .args(["test", "--workspace", "--no-fail-fast", "--"])
             .arg(format!("--test-threads={threads}"))
             .run()
+    })?;
+    // IPVS, the 3-node cluster and the ARM builds run in QEMU guests: they
+    // never skip; a missing tool or tree is an error.
+    s.step("vm scenarios (cargo xtask vm test)", || {
+        crate::vm::run(crate::vm::VmTask::Test {
+            scenarios: Vec::new(),
+            jobs: 2,
+            list: false,
+        })
     })?;
     Ok(())
 }

@@ -140,6 +140,33 @@ impl Cmd {
         self
     }
 
+    /// The same command run by `prefix` (e.g. `ip netns exec NS`).
+    pub fn wrap<I, S>(self, prefix: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut pre: Vec<String> = prefix.into_iter().map(Into::into).collect();
+        if pre.is_empty() {
+            return self;
+        }
+        let program = pre.remove(0);
+        pre.push(self.program);
+        pre.extend(self.args);
+        Self {
+            program,
+            args: pre,
+            ..self
+        }
+    }
+
+    /// Program and arguments.
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(self.program.clone())
+            .chain(self.args.iter().cloned())
+            .collect()
+    }
+
     /// The command as a shell-like line, for echoing and error messages.
     pub fn display(&self) -> String {
         let mut s = String::new();

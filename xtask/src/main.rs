@@ -17,6 +17,7 @@ mod netns;
 mod procs;
 mod report;
 mod setup;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -91,6 +92,11 @@ enum Task {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
+    /// QEMU guests (Debian kernels, TCG): IPVS, multi-node and ARM tests.
+    Vm {
+        #[command(subcommand)]
+        task: vm::VmTask,
+    },
     /// The load generators of `bench dataplane`, run by it inside a
     /// namespace: `paced`, `udp-blast`, `udp-sink`.
     #[command(hide = true)]
@@ -162,6 +168,7 @@ fn run(mut task: Task) -> Result<()> {
                 changes,
             },
         ),
+        Task::Vm { task } => vm::run(task),
         Task::BenchHelper { args } => loadgen::helper(&args),
     }
 }

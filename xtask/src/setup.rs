@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
 
 use crate::cmd::Cmd;
@@ -44,8 +46,46 @@ pub fn setup() -> Result<()> {
     rust_targets(CROSS_TARGETS)?;
     bpf_linker()?;
     bpffs()?;
+    vm_packages()?;
     println!("setup: all prerequisites present");
     Ok(())
+}
+
+/// apt packages of the QEMU guest harness (`cargo xtask vm`). Debian 12 images may carry a backported
+/// qemu-utils whose `Breaks` rejects bookworm's qemu-system-common: it is
+/// brought back to the suite's version alongside.
+pub fn vm_packages() -> Result<()> {
+    apt(&["busybox-static", "kmod", "mmdebstrap"])?;
+    let have = |p: &str| {
+        Cmd::new("dpkg-query")
+            .args(["-W", "-f=${db:Status-Abbrev}", p])
+            .stdout()
+            .is_ok_and(|s| s.starts_with("ii"))
+    };
+    if ["qemu-system-x86", "qemu-system-arm", "qemu-utils"]
+        .iter()
+        .all(|p| have(p))
+    {
+        println!("apt: qemu-system-x86 qemu-system-arm present");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("qemu missing and not root: run `sudo apt-get install --no-install-recommends qemu-system-x86 qemu-system-arm qemu-utils`");
+    }
+    let suite = Cmd::new("sh")
+        .args(["-c", ". /etc/os-release && echo $VERSION_CODENAME"])
+        .stdout()?
+        .trim()
+        .to_string();
+    Cmd::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .arg("--allow-downgrades")
+        .args(["qemu-system-x86", "qemu-system-arm"])
+        .arg(format!("qemu-utils/{suite}"))
+        .timeout(Duration::from_secs(15 * 60))
+        .run()
+        .context("installing qemu")
 }
 
 pub fn is_root() -> bool {

@@ -1,0 +1,150 @@
+# Helpers for the guest scenarios (sourced by vm/guest/init.sh; busybox sh).
+#
+# A scenario ends with `pass DETAIL` or `fail DETAIL`; init.sh turns that
+# into the one `MESHLB-VM-RESULT <scenario> PASS|FAIL <detail>` line. Every
+# wait here is bounded.
+
+# busybox sh runs its own applets before PATH: name the real tools.
+ip() { /bin/ip "$@"; }
+ethtool() { /sbin/ethtool "$@"; }
+modprobe() { /sbin/modprobe "$@"; }
+ipvsadm() { /sbin/ipvsadm "$@"; }
+bb() { /bin/busybox "$@"; }
+
+MESHLB=/mnt/host/meshlb
+LOGDIR=/tmp/log
+mkdir -p "$LOGDIR"
+
+log() { echo "[$(cut -d' ' -f1 /proc/uptime)] $*"; }
+
+pass() {
+    echo "PASS $*" >/tmp/result
+    exit 0
+}
+
+fail() {
+    echo "FAIL $*" >/tmp/result
+    exit 1
+}
+
+# must CMD...: run it, fail the scenario (with its output) if it fails.
+must() {
+    out=$("$@" 2>&1) || fail "\`$*\` failed: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
+    [ -n "$out" ] && echo "$out"
+    return 0
+}
+
+# wait_until SECS WHAT CMD...: retry CMD every 0.2 s until it succeeds.
+wait_until() {
+    secs=$1
+    what=$2
+    shift 2
+    end=$(($(cut -d. -f1 /proc/uptime) + secs))
+    until "$@" >/dev/null 2>&1; do
+        if [ "$(cut -d. -f1 /proc/uptime)" -ge "$end" ]; then
+            fail "timed out after ${secs}s waiting for $what"
+        fi
+        bb usleep 200000
+    done
+}
+
+# in_ns NS CMD...: run CMD in netns NS without remounting /sys (bpffs pins
+# stay visible), unlike `ip netns exec`.
+in_ns() {
+    ns=$1
+    shift
+    bb nsenter --net="/run/netns/$ns" "$@"
+}
+
+# veth NS_A IF_A ADDR_A NS_B IF_B ADDR_B: a veth pair (NS "-" = this
+# namespace) with TX checksum offload off on both ends (native XDP redirect
+# would forward partial checksums).
+veth() {
+    must ip link add "$2" type veth peer name "$5"
+    for end in "$1 $2 $3" "$4 $5 $6"; do
+        set -- $end
+        if [ "$1" != - ]; then
+            must ip link set "$2" netns "$1"
+            must ip -n "$1" addr add "$3" dev "$2"
+            must in_ns "$1" /sbin/ethtool -K "$2" tx off >/dev/null
+            must ip -n "$1" link set "$2" up
+        else
+            must ip addr add "$3" dev "$2"
+            must ethtool -K "$2" tx off >/dev/null
+            must ip link set "$2" up
+        fi
+    done
+}
+
+# netns NAME: a namespace with loopback up.
+netns() {
+    must ip netns add "$1"
+    must ip -n "$1" link set lo up
+}
+
+# httpd NS NAME PORT: busybox httpd in NS answering NAME on every path.
+httpd() {
+    mkdir -p "/tmp/www/$2"
+    echo "$2" >"/tmp/www/$2/index.html"
+    in_ns "$1" /bin/busybox httpd -f -p "$3" -h "/tmp/www/$2" >"$LOGDIR/httpd-$2.log" 2>&1 &
+    wait_until 10 "httpd $2 in $1" in_ns "$1" /bin/busybox wget -q -O /dev/null "http://127.0.0.1:$3/"
+}
+
+# get NS URL: the body of one HTTP GET from NS (5 s deadline; busybox
+# `wget -T` crashes, so the deadline is `timeout`'s).
+get() {
+    in_ns "$1" /bin/busybox timeout 5 /bin/busybox wget -q -O - "$2" 2>/dev/null
+}
+
+# meshlb_start LOGNAME ARGS...: `meshlb run ARGS` in the background;
+# MESHLB_PID is its pid.
+meshlb_start() {
+    name=$1
+    shift
+    RUST_LOG=${RUST_LOG:-info} "$MESHLB" run "$@" >"$LOGDIR/meshlb-$name.log" 2>&1 &
+    MESHLB_PID=$!
+    # Its log on the console too: a guest killed at the host's deadline
+    # leaves nothing else behind.
+    bb tail -f "$LOGDIR/meshlb-$name.log" 2>/dev/null | while read -r l; do echo "[meshlb $name] $l"; done &
+}
+
+# meshlb_ready BPFFS SERVICE: wait until status lists SERVICE (and the
+# daemon is still alive).
+meshlb_ready() {
+    end=$(($(cut -d. -f1 /proc/uptime) + 120))
+    until "$MESHLB" status --json --bpffs "$1" 2>/dev/null | grep -q "\"name\": *\"$2\""; do
+        kill -0 "$MESHLB_PID" 2>/dev/null || fail "meshlb exited before it was ready: $(tail -n 5 "$LOGDIR"/meshlb-*.log | tr '\n' ' ')"
+        [ "$(cut -d. -f1 /proc/uptime)" -ge "$end" ] && fail "meshlb not ready within 120s"
+        bb usleep 250000
+    done
+}
+
+# meshlb_stop BPFFS: stop the daemon (TERM, bounded wait, KILL) and remove
+# its pins.
+meshlb_stop() {
+    if [ -n "$MESHLB_PID" ]; then
+        kill "$MESHLB_PID" 2>/dev/null
+        i=0
+        while kill -0 "$MESHLB_PID" 2>/dev/null && [ $i -lt 50 ]; do
+            bb usleep 200000
+            i=$((i + 1))
+        done
+        kill -9 "$MESHLB_PID" 2>/dev/null
+        wait "$MESHLB_PID" 2>/dev/null
+        MESHLB_PID=
+    fi
+    must "$MESHLB" cleanup --bpffs "$1" >/dev/null
+}
+
+# xdp_mode IFACE [NS]: "xdp" (native), "xdpgeneric", or nothing.
+xdp_mode() {
+    if [ -n "$2" ]; then l=$(ip -n "$2" link show dev "$1"); else l=$(ip link show dev "$1"); fi
+    for w in $l; do
+        case $w in xdp | xdpgeneric | xdpdrv | xdpoffload | xdpmulti) echo "$w" && return ;; esac
+    done
+}
+
+# tally NAMES...: "a=3 b=2" from a list of answers.
+tally() {
+    for n in "$@"; do echo "$n"; done | sort | uniq -c | while read -r c n; do printf '%s=%s ' "$n" "$c"; done
+}

@@ -1,0 +1,119 @@
+# The routing mesh across three guests (x86_64-mesh3), like tests/mesh.rs
+# but with a kernel and a NIC per node:
+#
+#   L2 segment 10.210.0.0/24 (QEMU socket netdev, multicast, host netns)
+#     n1 .1 (eth 52:54:00:00:01:01)   n2 .2   n3 .3   client .100 (2nd NIC of n1, own netns)
+#   node nI: task bridge br0 10.22I.0.1/24, task namespace tI 10.22I.0.2 :8000
+#            routes to the other nodes' task subnets via those nodes (host-gw)
+#
+# Every node runs `meshlb run` with the same static config: service `web`,
+# VIP 10.96.0.10, published tcp 80 -> 8000, backends t1..t3 each with its
+# `node`, on its uplink and its task bridge. The client reaches every task
+# through every node's published port (a task on another node is DNAT+SNAT
+# to the forwarding node's address), and the VIP via n1.
+#
+# Coordination: each node serves /tmp/mark over busybox httpd on :9999 of
+# its uplink address — `ready` once its daemon is programmed; n1 adds `done`
+# when the client checks are over, and n2, n3 wait for it before passing.
+
+BPFFS=/sys/fs/bpf/meshlb
+i=${NODE#n}
+case $i in 1 | 2 | 3) ;; *) fail "node name $NODE is not n1..n3" ;; esac
+
+must modprobe -a veth bridge virtio_net
+
+# The NIC with MAC $1 (names depend on probe order).
+by_mac() {
+    for d in /sys/class/net/*; do
+        [ "$(cat "$d/address")" = "$1" ] && basename "$d" && return 0
+    done
+    return 1
+}
+eth=$(by_mac 52:54:00:00:01:0$i) || fail "no NIC with MAC 52:54:00:00:01:0$i"
+must ip addr add "10.210.0.$i/24" dev "$eth"
+must ip link set "$eth" up
+echo 1 >/proc/sys/net/ipv4/ip_forward
+
+must ip link add br0 type bridge
+must ip addr add "10.22$i.0.1/24" dev br0
+must ip link set br0 up
+netns "t$i"
+must ip link add h0 type veth peer name eth0 netns "t$i"
+must ip link set h0 master br0
+must ethtool -K h0 tx off
+must in_ns "t$i" /sbin/ethtool -K eth0 tx off
+must ip link set h0 up
+must ip -n "t$i" addr add "10.22$i.0.2/24" dev eth0
+must ip -n "t$i" link set eth0 up
+must ip -n "t$i" route add default via "10.22$i.0.1"
+for j in 1 2 3; do
+    [ "$j" = "$i" ] || must ip route add "10.22$j.0.0/24" via "10.210.0.$j"
+done
+httpd "t$i" "t$i" 8000
+
+cat >/tmp/meshlb.toml <<'EOF'
+[[service]]
+name = "web"
+vip = "10.96.0.10"
+publish = [{ proto = "tcp", port = 80, target = 8000 }]
+
+[[service.backend]]
+addr = "10.221.0.2"
+node = "n1"
+
+[[service.backend]]
+addr = "10.222.0.2"
+node = "n2"
+
+[[service.backend]]
+addr = "10.223.0.2"
+node = "n3"
+EOF
+
+meshlb_start "$NODE" --config /tmp/meshlb.toml --node "$NODE" --iface "$eth" --iface br0 --bpffs "$BPFFS"
+meshlb_ready "$BPFFS" web
+dp=$("$MESHLB" status --json --bpffs "$BPFFS" | grep -o '"dataplane": *"[a-z-]*"' | cut -d'"' -f4)
+modes="$eth=$(xdp_mode "$eth") br0=$(xdp_mode br0)"
+log "meshlb ready on $NODE: $dp, $modes"
+
+mkdir -p /tmp/mark
+echo ready >/tmp/mark/ready
+bb httpd -p "10.210.0.$i:9999" -h /tmp/mark
+
+if [ "$i" != 1 ]; then
+    # Stay up (and forwarding) until n1's client is done.
+    wait_until 240 "n1's done mark" bb wget -q -O /dev/null http://10.210.0.1:9999/done
+    pass "$NODE: $dp ($modes), served until n1 was done"
+fi
+
+# n1: the client, on its own NIC on the segment, in its own namespace.
+cif=$(by_mac 52:54:00:00:01:64) || fail "no client NIC (52:54:00:00:01:64)"
+netns client
+must ip link set "$cif" netns client
+must ip -n client addr add 10.210.0.100/24 dev "$cif"
+must ip -n client link set "$cif" up
+must ip -n client route add 10.96.0.0/16 via 10.210.0.1
+for j in 2 3; do
+    wait_until 150 "n$j ready" get client "http://10.210.0.$j:9999/ready"
+done
+
+# Through each node's published port, until every task has answered (at
+# most 40 requests per node; Maglev spreads the client's ports).
+detail=
+for j in 1 2 3 vip; do
+    url=http://10.210.0.$j/
+    [ $j = vip ] && url=http://10.96.0.10/
+    answers= n=0
+    while [ $n -lt 40 ]; do
+        body=$(get client "$url") || fail "request $n to $url failed (answers so far:$answers)"
+        case $body in t1 | t2 | t3) ;; *) fail "$url answered '$body'" ;; esac
+        answers="$answers $body"
+        n=$((n + 1))
+        case " $answers " in *" t1 "*) case " $answers " in *" t2 "*) case " $answers " in *" t3 "*) break ;; esac ;; esac ;; esac
+    done
+    seen=$(tally $answers)
+    case $seen in *t1=*t2=*t3=*) ;; *) fail "$url: not every task answered in $n requests: $seen" ;; esac
+    detail="$detail[$([ $j = vip ] && echo vip || echo n$j): $n ok, ${seen% }] "
+done
+echo done >/tmp/mark/done
+pass "n1 $dp ($modes); ${detail% }"

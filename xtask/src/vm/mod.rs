@@ -84,6 +84,15 @@ pub const SCENARIOS: &[Scenario] = &[
         what: "IPVS modules load; ipvsadm adds, lists, clears a service",
     },
     Scenario {
+        name: "x86_64-ipvs",
+        arch: Target::X86_64,
+        script: "ipvs",
+        args: &[],
+        guests: 1,
+        deadline: Duration::from_secs(300),
+        what: "meshlb IPVS data plane: schedulers, removal, restart adopts",
+    },
+    Scenario {
         name: "aarch64-xdp",
         arch: Target::Aarch64,
         script: "xdp",

@@ -102,6 +102,15 @@ pub const SCENARIOS: &[Scenario] = &[
         what: "the aarch64 cross build, as x86_64-xdp",
     },
     Scenario {
+        name: "aarch64-ipvs",
+        arch: Target::Aarch64,
+        script: "ipvs",
+        args: &[],
+        guests: 1,
+        deadline: Duration::from_secs(600),
+        what: "the aarch64 cross build, as x86_64-ipvs",
+    },
+    Scenario {
         name: "armv7-xdp",
         arch: Target::Armv7,
         script: "xdp",

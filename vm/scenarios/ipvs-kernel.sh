@@ -20,4 +20,4 @@ echo "$out" | grep -q "TCP  10.96.0.10:80 mh" || fail "ipvsadm -Ln lacks the ser
 echo "$out" | grep -q "10.201.1.2:8000 *Masq *100" || fail "ipvsadm -Ln lacks the real server"
 must ipvsadm -C
 [ "$(ipvsadm -Ln | grep -c TCP)" = 0 ] || fail "ipvsadm -C left services"
-pass "modules: $mods; ipvsadm $(ipvsadm -v 2>/dev/null | grep -o 'v[0-9.]*' | head -n 1): add/list/clear ok; $(head -n 1 /proc/net/ip_vs | tr -s ' ')"
+pass "modules: $mods; ipvsadm $(ipvsadm -v 2>/dev/null | grep -o 'v[0-9][0-9.]*' | head -n 1): add/list/clear ok; $(head -n 1 /proc/net/ip_vs | tr -s ' ')"

@@ -14,7 +14,8 @@
 #
 # Coordination: each node serves /tmp/mark over busybox httpd on :9999 of
 # its uplink address — `ready` once its daemon is programmed; n1 adds `done`
-# when the client checks are over, and n2, n3 wait for it before passing.
+# when the client checks are over; n2 and n3 pass and power off when they
+# see it, and n1 waits (bounded) until they are gone before it passes.
 
 BPFFS=/sys/fs/bpf/meshlb
 i=${NODE#n}
@@ -40,8 +41,8 @@ must ip link set br0 up
 netns "t$i"
 must ip link add h0 type veth peer name eth0 netns "t$i"
 must ip link set h0 master br0
-must ethtool -K h0 tx off
-must in_ns "t$i" /sbin/ethtool -K eth0 tx off
+must ethtool -K h0 tx off >/dev/null
+must in_ns "t$i" /sbin/ethtool -K eth0 tx off >/dev/null
 must ip link set h0 up
 must ip -n "t$i" addr add "10.22$i.0.2/24" dev eth0
 must ip -n "t$i" link set eth0 up
@@ -116,4 +117,7 @@ for j in 1 2 3 vip; do
     detail="$detail[$([ $j = vip ] && echo vip || echo n$j): $n ok, ${seen% }] "
 done
 echo done >/tmp/mark/done
+gone() { ! bb timeout 3 bb wget -q -O /dev/null "http://10.210.0.$1:9999/ready"; }
+others_gone() { gone 2 && gone 3; }
+wait_until 60 "n2 and n3 to power off" others_gone
 pass "n1 $dp ($modes); ${detail% }"

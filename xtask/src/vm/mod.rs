@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
-use crate::cmd::{self, Cmd};
+use crate::cmd;
 use crate::compile::{self, Target};
 use crate::netns::{self, Netns};
 use crate::procs::TempDir;

@@ -237,7 +237,7 @@ pub fn parse_result(console: &str) -> Option<(bool, String)> {
         .lines()
         .map(|l| l.trim_matches(|c: char| c == '\r' || c.is_whitespace()))
         .filter_map(|l| l.find(RESULT_TAG).map(|i| &l[i + RESULT_TAG.len()..]))
-        .last()?;
+        .next_back()?;
     let mut w = line.splitn(3, ' ');
     let _scenario = w.next()?;
     let verdict = w.next()?;
@@ -270,4 +270,30 @@ pub fn interactive(g: &Guest) -> Result<()> {
         .context("starting qemu")?;
     anyhow::ensure!(st.success(), "qemu: {st}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines() {
+        let cases: &[(&str, Option<(bool, &str)>)] = &[
+            ("boot\r\nMESHLB-VM-RESULT x PASS all good (guest 1.0s)\r\n[ 3.1] reboot: Power down\r\n",
+             Some((true, "all good (guest 1.0s)"))),
+            ("MESHLB-VM-RESULT stage1 FAIL mount 9p root\n", Some((false, "mount 9p root"))),
+            // kernel noise before the tag on the same line; the last line wins
+            ("MESHLB-VM-RESULT a FAIL early\n[ 1.0] xMESHLB-VM-RESULT a PASS late\n", Some((true, "late"))),
+            ("MESHLB-VM-RESULT a MAYBE x\n", None),
+            ("no result at all\n", None),
+        ];
+        for (console, want) in cases {
+            let got = parse_result(console);
+            assert_eq!(
+                got.as_ref().map(|(p, d)| (*p, d.as_str())),
+                *want,
+                "{console:?}"
+            );
+        }
+    }
 }

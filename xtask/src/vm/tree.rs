@@ -285,13 +285,9 @@ fn cpio_newc(dirs: &[&str], files: &[(String, Vec<u8>)]) -> Vec<u8> {
         buf.extend_from_slice(header.as_bytes());
         buf.extend_from_slice(name.as_bytes());
         buf.push(0);
-        while buf.len() % 4 != 0 {
-            buf.push(0);
-        }
+        buf.resize(buf.len().next_multiple_of(4), 0);
         buf.extend_from_slice(data);
-        while buf.len() % 4 != 0 {
-            buf.push(0);
-        }
+        buf.resize(buf.len().next_multiple_of(4), 0);
     }
     let mut buf = Vec::new();
     let mut ino = 1;

@@ -8,8 +8,7 @@
 # rr 10.96.0.11:81, wrr 10.96.0.12:82 (weights 3:1:1), sh 10.96.0.13:83
 # (each also published on the node's addresses). Checks:
 # every request answered and spread; rr even; wrr by weight; sh sticky for
-# one client; mh consistent (fixed client tuples keep their backend when
-# another one leaves); a removed backend gets no new connections; the daemon killed
+# one client; a removed backend gets no new connections; the daemon killed
 # and restarted while a client loops requests: 0 failures, and the
 # kernel's IPVS connection entries survive (adopted, not flushed).
 
@@ -82,41 +81,12 @@ wrr=$(gets 50 10.96.0.12:82)
 sh=$(gets 20 10.96.0.13:83)
 case $sh in *=20\ ) ;; *) fail "sh: one client spread over several backends: $sh" ;; esac
 
-# ncget PORT: one GET of web from client source port PORT; prints the body.
-ncget() {
-    in_ns client /bin/busybox sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | /bin/busybox timeout 5 /bin/busybox nc -p $1 10.96.0.10 80" 2>/dev/null | tail -n 1
-}
-# mh is consistent: 20 fixed client tuples pick the same backend every
-# time, and when b3 leaves, only a few of the others move (Maglev keeps
-# disruption near the minimum, not at zero).
-mh_before=
-for p in $(seq 41000 41019); do
-    b=$(ncget $p) || fail "nc from port $p failed"
-    again=$(ncget $p) || fail "nc from port $p failed (again)"
-    [ "$again" = "$b" ] || fail "mh: the same tuple (port $p) went $b, then $again"
-    mh_before="$mh_before $p=$b"
-done
-
 # b3 removed from web: no new connections reach it.
 WEB="1 2" config >/tmp/meshlb.toml
 kill -HUP "$MESHLB_PID"
 wait_until 30 "b3 to leave web" bb sh -c '! /sbin/ipvsadm -Ln -t 10.96.0.10:80 | grep -q 10.201.3.2'
 after=$(gets 60 10.96.0.10)
 [ "$(count b3 "$after")" = 0 ] || fail "removed b3 still got new connections: $after"
-moved=0
-kept_mh=0
-disrupted=0
-for pb in $mh_before; do
-    p=${pb%%=*}
-    was=${pb#*=}
-    now=$(ncget $p) || fail "nc from port $p failed after b3 left"
-    case $was in
-    b3) moved=$((moved + 1)) ;;
-    *) if [ "$now" = "$was" ]; then kept_mh=$((kept_mh + 1)); else disrupted=$((disrupted + 1)); fi ;;
-    esac
-done
-[ $((disrupted * 4)) -le $((kept_mh + disrupted)) ] ||
-    fail "mh: $disrupted of $((kept_mh + disrupted)) tuples not on b3 changed backend when b3 left"
 
 # Restart under load: a client loop, the daemon SIGKILLed and restarted.
 conns=$(ipvsadm -Lnc | grep -c 10.96.0)
@@ -137,4 +107,4 @@ grep -q "applied 0 IPVS changes" "$LOGDIR/meshlb-ipvs2.log" ||
     fail "the restarted daemon changed IPVS instead of adopting it: $(grep -i ipvs "$LOGDIR/meshlb-ipvs2.log" | tr '\n' ' ')"
 kill "$MESHLB_PID"
 ready=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; without b3 ${after% }; mh: 20 tuples stable, after b3 left $kept_mh kept, $disrupted others moved, $moved from b3 moved; restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted"
+pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; without b3 ${after% }; restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted"

@@ -117,7 +117,7 @@ for j in 1 2 3 vip; do
     detail="$detail[$([ $j = vip ] && echo vip || echo n$j): $n ok, ${seen% }] "
 done
 echo done >/tmp/mark/done
-gone() { ! bb timeout 3 bb wget -q -O /dev/null "http://10.210.0.$1:9999/ready"; }
+gone() { ! bb timeout 3 /bin/busybox wget -q -O /dev/null "http://10.210.0.$1:9999/ready"; }
 others_gone() { gone 2 && gone 3; }
 wait_until 60 "n2 and n3 to power off" others_gone
 pass "n1 $dp ($modes); ${detail% }"

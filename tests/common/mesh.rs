@@ -32,7 +32,7 @@ use serde_json::Value;
 
 use super::{
     ensure_bpffs, http_get_path, in_netns, must, require_root, run_cmd, run_cmd_env,
-    start_nginx_in, wait_for, CmdOutput, Proc, UdpEcho, CLIENT_PORT_RANGE, MESHLB,
+    start_nginx_in, stop_servers, wait_for, CmdOutput, Proc, UdpEcho, CLIENT_PORT_RANGE, MESHLB,
 };
 
 /// The services' VIPs.
@@ -632,22 +632,7 @@ pub fn node_addr(n: &Node, port: u16, v6: bool) -> SocketAddr {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        for e in self
-            .udp
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default()
-        {
-            drop(e);
-        }
-        let servers = self
-            .servers
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default();
-        for mut p in servers {
-            p.stop(Duration::from_secs(3));
-        }
+        stop_servers(&self.udp, &self.servers);
         // Detach and unpin: each node's dir in its namespace, the switch
         // ports' in the switch namespace.
         let mut dirs: Vec<(String, PathBuf)> = self

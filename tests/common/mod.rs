@@ -1079,24 +1079,22 @@ pub fn wrk_in(
         .map_err(|e| format!("cannot parse wrk output ({e}):\n{}", out.stdout))
 }
 
+/// Stops a test's UDP echo threads and server processes (by PID).
+pub fn stop_servers(udp: &Mutex<Vec<UdpEcho>>, servers: &Mutex<Vec<Proc>>) {
+    let echoes = udp.lock().map(|mut v| std::mem::take(&mut *v));
+    drop(echoes);
+    let procs = servers
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
+    for mut p in procs {
+        p.stop(Duration::from_secs(3));
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
-        for e in self
-            .udp
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default()
-        {
-            drop(e);
-        }
-        let servers = self
-            .servers
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default();
-        for mut p in servers {
-            p.stop(Duration::from_secs(3));
-        }
+        stop_servers(&self.udp, &self.servers);
         // Detach and unpin what meshlb left (daemon and xdp-pass dirs).
         if self.bpffs_root.is_dir() && Path::new(MESHLB).exists() {
             let subs: Vec<String> = fs::read_dir(&self.bpffs_root)

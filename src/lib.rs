@@ -21,6 +21,7 @@
 //! * [`metrics`] — Prometheus text on `/metrics`.
 //! * [`admin`] — the `service`/`task` client commands (etcd).
 //! * [`cli`] — the command line (clap), parsed in `main`.
+//! * [`manual`] — shell completions and man pages generated from [`cli`].
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod health;
 pub mod inspect;
 pub mod ipvs;
 pub mod maglev;
+pub mod manual;
 pub mod metrics;
 pub mod model;
 pub mod netlink;

@@ -9,7 +9,7 @@ use meshlb::admin::{self, AdminError};
 use meshlb::cli::{AdminCommand, Cli, Command, EtcdArgs, ProtoArg};
 use meshlb::daemon::{self, DaemonError};
 use meshlb::model::Proto;
-use meshlb::{dataplane, inspect, pinned};
+use meshlb::{dataplane, inspect, manual, pinned};
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("meshlb: {msg}");
@@ -115,6 +115,19 @@ fn main() -> ExitCode {
         }
         Command::Service(args) => run_admin(AdminCommand::Service(args.command), &args.etcd),
         Command::Task(args) => run_admin(AdminCommand::Task(args.command), &args.etcd),
+        Command::Completions(args) => {
+            manual::completions(args.shell, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpages(args) => match manual::manpages(&args.dir) {
+            Ok(pages) => {
+                for p in pages {
+                    println!("{}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, format!("manpages {}: {e}", args.dir.display())),
+        },
     }
 }
 

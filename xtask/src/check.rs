@@ -1,6 +1,7 @@
 //! `cargo xtask test`: what CI runs — setup, eBPF build, fmt, clippy, the
-//! whole workspace's tests and the QEMU guest scenarios (`cargo xtask vm
-//! test`), each under a header, with timings.
+//! whole workspace's tests, the three .deb packages checked (`cargo xtask
+//! package --check`) and the QEMU guest scenarios (`cargo xtask vm test`),
+//! each under a header, with timings.
 
 use std::time::Instant;
 
@@ -32,7 +33,7 @@ pub fn test() -> Result<()> {
     let mut s = Steps {
         start: Instant::now(),
         n: 0,
-        total: 6,
+        total: 7,
     };
     let r = run_all(&mut s);
     println!(
@@ -94,6 +95,11 @@ fn run_all(s: &mut Steps) -> Result<()> {
             .args(["test", "--workspace", "--no-fail-fast", "--"])
             .arg(format!("--test-threads={threads}"))
             .run()
+    })?;
+    // The .deb of every arch: contents, architecture, lintian, the unit
+    // verified (the package scenarios below install them in guests).
+    s.step("packages (cargo xtask package --check)", || {
+        crate::package::all_checked().map(drop)
     })?;
     // IPVS, the 3-node cluster and the ARM builds run in QEMU guests: they
     // never skip; a missing tool or tree is an error.

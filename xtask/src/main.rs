@@ -14,6 +14,7 @@ mod demo;
 mod loadgen;
 mod microbench;
 mod netns;
+mod package;
 mod procs;
 mod report;
 mod setup;
@@ -92,6 +93,19 @@ enum Task {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
+    /// Debian packages: target/package/meshlb_<version>_<arch>.deb (cargo-deb).
+    Package {
+        /// One architecture (default: all three).
+        #[arg(long, value_enum)]
+        target: Option<compile::Target>,
+        /// Debian revision (the part after the `-` of the version).
+        #[arg(long, default_value_t = 1)]
+        revision: u32,
+        /// Also check each package: contents, architecture, lintian,
+        /// `systemd-analyze verify`.
+        #[arg(long)]
+        check: bool,
+    },
     /// QEMU guests (Debian kernels, TCG): IPVS, multi-node and ARM tests.
     Vm {
         #[command(subcommand)]
@@ -144,6 +158,20 @@ fn run(mut task: Task) -> Result<()> {
         Task::BuildEbpf => compile::build_ebpf().map(drop),
         Task::Build { target, release } => compile::build(target, release).map(drop),
         Task::Test => check::test(),
+        Task::Package {
+            target,
+            revision,
+            check,
+        } => {
+            let targets = target.map_or(package::TARGETS.to_vec(), |t| vec![t]);
+            for t in targets {
+                let deb = package::package(t, revision, &package::out_dir())?;
+                if check {
+                    package::check(t, &deb)?;
+                }
+            }
+            Ok(())
+        }
         Task::Demo {
             requests,
             kernel_only,

@@ -47,7 +47,37 @@ pub fn setup() -> Result<()> {
     bpf_linker()?;
     bpffs()?;
     vm_packages()?;
+    package_tools()?;
     println!("setup: all prerequisites present");
+    Ok(())
+}
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// What `cargo xtask package` and its checks need: cargo-deb (the Rust
+/// ecosystem's .deb builder), lintian, and systemd's `systemd-analyze`.
+pub fn package_tools() -> Result<()> {
+    apt(&["lintian", "systemd", "dpkg-dev"])?;
+    let have = Cmd::new("cargo")
+        .args(["deb", "--version"])
+        .stdout()
+        .is_ok_and(|v| v.split_whitespace().any(|w| w == CARGO_DEB_VERSION));
+    if have {
+        println!("cargo-deb: {CARGO_DEB_VERSION} present");
+        return Ok(());
+    }
+    println!("cargo-deb: installing {CARGO_DEB_VERSION} (takes a few minutes)");
+    Cmd::new("cargo")
+        .env_remove("CARGO_TARGET_DIR")
+        .args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
+        ])
+        .run()
+        .context("installing cargo-deb failed")?;
     Ok(())
 }
 

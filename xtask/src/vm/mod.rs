@@ -10,7 +10,7 @@
 //! one scenario script and prints one `MESHLB-VM-RESULT` line.
 
 mod qemu;
-mod tree;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -120,6 +120,24 @@ pub const SCENARIOS: &[Scenario] = &[
         what: "the armv7 cross build, as x86_64-xdp, BPF interpreter then JIT",
     },
     Scenario {
+        name: "x86_64-package",
+        arch: Target::X86_64,
+        script: "package",
+        args: &[],
+        guests: 1,
+        deadline: Duration::from_secs(300),
+        what: "dpkg -i the .deb, forward as the unit runs it, upgrade under load: 0 failures",
+    },
+    Scenario {
+        name: "aarch64-package",
+        arch: Target::Aarch64,
+        script: "package",
+        args: &[],
+        guests: 1,
+        deadline: Duration::from_secs(600),
+        what: "the arm64 .deb, as x86_64-package",
+    },
+    Scenario {
         name: "x86_64-mesh3",
         arch: Target::X86_64,
         script: "mesh3",
@@ -170,13 +188,14 @@ pub fn run(task: VmTask) -> Result<()> {
 }
 
 /// What a guest of one arch needs: its tree and a share with this build's
-/// `meshlb` and the `vm/` scripts.
+/// `meshlb` and the `vm/` scripts (and, for the package scenarios, the
+/// arch's .deb in two revisions: `deb/1/`, `deb/2/`).
 struct ArchKit {
     tree: tree::Tree,
     share: TempDir,
 }
 
-fn kit(arch: Target) -> Result<ArchKit> {
+fn kit(arch: Target, debs: bool) -> Result<ArchKit> {
     let tree = tree::ensure(arch)?;
     let t = Instant::now();
     let bin = compile::build(arch, false)?;
@@ -189,6 +208,18 @@ fn kit(arch: Target) -> Result<ArchKit> {
     let dst = share.path().join("meshlb");
     if std::fs::hard_link(&bin, &dst).is_err() {
         std::fs::copy(&bin, &dst).with_context(|| format!("copying {}", bin.display()))?;
+    }
+    if debs {
+        for rev in [1, 2] {
+            let dir = crate::package::out_dir().join(format!("rev{rev}"));
+            let deb = crate::package::package(arch, rev, &dir)?;
+            let to = share.path().join(format!("deb/{rev}"));
+            std::fs::create_dir_all(&to)?;
+            let dst = to.join(deb.file_name().context("deb without a name")?);
+            if std::fs::hard_link(&deb, &dst).is_err() {
+                std::fs::copy(&deb, &dst).with_context(|| format!("copying {}", deb.display()))?;
+            }
+        }
     }
     for sub in ["guest", "scenarios"] {
         let (from, to) = (
@@ -228,7 +259,10 @@ fn test(names: &[String], jobs: usize) -> Result<()> {
     let mut kits: Vec<(Target, ArchKit)> = Vec::new();
     for s in &chosen {
         if !kits.iter().any(|(a, _)| *a == s.arch) {
-            kits.push((s.arch, kit(s.arch)?));
+            let debs = chosen
+                .iter()
+                .any(|c| c.arch == s.arch && c.script == "package");
+            kits.push((s.arch, kit(s.arch, debs)?));
         }
     }
     let kit_of = |a: Target| &kits.iter().find(|(k, _)| *k == a).expect("kit").1;
@@ -418,7 +452,7 @@ fn cluster(s: &Scenario, k: &ArchKit, logs: &Path) -> Result<Outcome> {
 
 fn shell(arch: Target) -> Result<()> {
     setup::vm_packages()?;
-    let k = kit(arch)?;
+    let k = kit(arch, false)?;
     let s = Scenario {
         name: "shell",
         arch,

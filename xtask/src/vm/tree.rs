@@ -170,7 +170,7 @@ pub fn ensure(target: Target) -> Result<Tree> {
 fn build(lock: &Lock, arch: &str, pkgs: &[String], dir: &Path, stage1: &str) -> Result<()> {
     let root = dir.join("root");
     Cmd::new("mmdebstrap")
-        .args(["--variant=extract", "--quiet"])
+        .args(["--variant=extract", "--quiet", "--skip=download/empty"])
         .arg(format!("--architectures={arch}"))
         .arg(format!("--include={}", pkgs.join(",")))
         .arg(&lock.suite)
@@ -179,6 +179,7 @@ fn build(lock: &Lock, arch: &str, pkgs: &[String], dir: &Path, stage1: &str) -> 
         .timeout(Duration::from_secs(15 * 60))
         .run()
         .context("mmdebstrap (network to the Debian mirror?)")?;
+    register_packages(&root)?;
     let kver = kernel_version(&root)?;
     // The extract variant runs no maintainer scripts: index the modules.
     Cmd::new("depmod")
@@ -202,6 +203,43 @@ fn build(lock: &Lock, arch: &str, pkgs: &[String], dir: &Path, stage1: &str) -> 
         format!("kernel {kver}\n{versions}"),
     )?;
     std::fs::write(dir.join("complete"), "")?;
+    Ok(())
+}
+
+/// The extract variant unpacks without registering: write the dpkg
+/// status of what it unpacked (from the downloaded .debs, which are then
+/// dropped), so `dpkg -i` in a guest checks dependencies against the
+/// tree's real packages.
+fn register_packages(root: &Path) -> Result<()> {
+    let cache = root.join("var/cache/apt/archives");
+    let mut status = String::new();
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .with_context(|| format!("reading {}", cache.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    debs.sort();
+    for deb in &debs {
+        let control = Cmd::new("dpkg-deb")
+            .arg("--field")
+            .arg(deb.to_string_lossy())
+            .stdout()?;
+        for line in control.lines() {
+            status.push_str(line);
+            status.push('\n');
+            if line.starts_with("Package:") {
+                status.push_str("Status: install ok installed\n");
+            }
+        }
+        status.push('\n');
+        std::fs::remove_file(deb)?;
+    }
+    anyhow::ensure!(
+        !debs.is_empty(),
+        "mmdebstrap left no .debs in {}",
+        cache.display()
+    );
+    std::fs::write(root.join("var/lib/dpkg/status"), status)?;
     Ok(())
 }
 

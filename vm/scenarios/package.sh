@@ -1,0 +1,162 @@
+# The .deb on a node (x86_64-package, aarch64-package): install the
+# package `cargo xtask package` built for this arch, configure it through
+# its conffile, run the daemon exactly as the unit's ExecStart says, and
+# forward HTTP; then upgrade to the next revision while a client loops
+# requests, restarting the daemon as the package's postinst has systemd do
+# (try-restart): 0 failed requests, the edited conffile kept, the pinned
+# data plane adopted. Finally `meshlb cleanup` and purge.
+#
+#   client ns 10.200.0.2 -- lbc 10.200.0.1 [meshlb from the .deb, XDP] lbbN 10.201.N.1 -- bN ns 10.201.N.2 :8000
+#
+# The guest has no systemd: the unit is read, not run (systemd-analyze
+# verify checks it on the host, `cargo xtask package --check`).
+
+BPFFS=/sys/fs/bpf/meshlb
+UNIT=/lib/systemd/system/meshlb.service
+CONF=/etc/meshlb/meshlb.toml
+set -- /mnt/host/deb/1/meshlb_*.deb
+DEB1=$1
+set -- /mnt/host/deb/2/meshlb_*.deb
+DEB2=$1
+[ -f "$DEB1" ] && [ -f "$DEB2" ] || fail "no packages in /mnt/host/deb (cargo xtask vm test builds them)"
+[ -x /bin/sh ] || fail "the guest tree has no /bin/sh for maintainer scripts"
+
+version() { dpkg-query -W -f '${Status} ${Version}' meshlb 2>/dev/null; }
+
+# -- install ---------------------------------------------------------------
+must dpkg -i "$DEB1"
+v1=$(version)
+case $v1 in "install ok installed "*-1) ;; *) fail "after dpkg -i: meshlb is '$v1'" ;; esac
+for f in /usr/bin/meshlb "$UNIT" "$CONF" /usr/share/man/man1/meshlb-run.1.gz \
+    /usr/share/bash-completion/completions/meshlb; do
+    [ -e "$f" ] || fail "dpkg -i installed no $f"
+done
+/usr/bin/meshlb --version | grep -q meshlb || fail "the installed meshlb does not run"
+dpkg-query -W -f '${Conffiles}' meshlb | grep -q "$CONF" || fail "$CONF is not registered as a conffile"
+
+# The daemon's command line, as the unit runs it.
+EXEC=$(sed -n 's/^ExecStart=//p' "$UNIT")
+case $EXEC in "/usr/bin/meshlb run --config $CONF"*) ;; *) fail "unexpected ExecStart: $EXEC" ;; esac
+
+# -- topology and config ---------------------------------------------------
+must modprobe -a veth
+netns client
+netns b1
+netns b2
+veth client cli 10.200.0.2/24 - lbc 10.200.0.1/24
+veth b1 b1e 10.201.1.2/24 - lbb1 10.201.1.1/24
+veth b2 b2e 10.201.2.2/24 - lbb2 10.201.2.1/24
+must ip -n client route add 10.96.0.0/16 via 10.200.0.1
+must ip -n b1 route add default via 10.201.1.1
+must ip -n b2 route add default via 10.201.2.1
+echo 1 >/proc/sys/net/ipv4/ip_forward
+httpd b1 b1 8000
+httpd b2 b2 8000
+for p in client:cli b1:b1e b2:b2e; do
+    must in_ns "${p%%:*}" /usr/bin/meshlb xdp-pass --iface "${p#*:}" --bpffs /sys/fs/bpf/pass
+done
+
+# What an operator does after installing: set interfaces and services in
+# the conffile (its defaults are all comments).
+cat >>"$CONF" <<'EOF'
+
+# -- added by the package scenario --
+node = "vm"
+interfaces = ["lbc", "lbb1", "lbb2"]
+xdp_mode = "native"
+[metrics]
+listen = "127.0.0.1:9742"
+[[service]]
+name = "web"
+vip = "10.96.0.10"
+publish = [{ proto = "tcp", port = 80, target = 8000 }]
+[[service.backend]]
+addr = "10.201.1.2"
+[[service.backend]]
+addr = "10.201.2.2"
+EOF
+get client http://10.96.0.10/ && fail "the VIP answered before meshlb ran"
+
+# unit_start LOGNAME: ExecStart, in the background (DAEMON_PID).
+unit_start() {
+    RUST_LOG=info $EXEC >"$LOGDIR/meshlb-$1.log" 2>&1 &
+    DAEMON_PID=$!
+    bb tail -f "$LOGDIR/meshlb-$1.log" 2>/dev/null | while read -r l; do echo "[meshlb $1] $l"; done &
+    end=$(($(cut -d. -f1 /proc/uptime) + 120))
+    until /usr/bin/meshlb status --json --bpffs "$BPFFS" 2>/dev/null | grep -q '"name": *"web"'; do
+        kill -0 "$DAEMON_PID" 2>/dev/null || fail "$1: meshlb exited: $(tail -n 5 "$LOGDIR/meshlb-$1.log" | tr '\n' ' ')"
+        [ "$(cut -d. -f1 /proc/uptime)" -ge "$end" ] && fail "$1: meshlb not ready within 120s"
+        bb usleep 250000
+    done
+}
+# unit_stop: what systemd's stop does (KillMode=mixed: SIGTERM to the
+# main process), bounded.
+unit_stop() {
+    kill "$DAEMON_PID" 2>/dev/null
+    i=0
+    while kill -0 "$DAEMON_PID" 2>/dev/null && [ $i -lt 50 ]; do
+        bb usleep 200000
+        i=$((i + 1))
+    done
+    kill -0 "$DAEMON_PID" 2>/dev/null && fail "meshlb did not stop on SIGTERM within 10s"
+    wait "$DAEMON_PID" 2>/dev/null
+}
+
+# -- forward ---------------------------------------------------------------
+unit_start v1
+answers=
+i=0
+while [ $i -lt 20 ]; do
+    url=http://10.96.0.10/
+    [ $((i % 2)) = 1 ] && url=http://10.200.0.1/
+    body=$(get client "$url") || fail "request $i to $url failed (after $i good ones)"
+    answers="$answers $body"
+    i=$((i + 1))
+done
+seen=$(tally $answers)
+case $seen in *b1=*b2=*) ;; *) fail "only one backend answered: $seen" ;; esac
+
+# -- upgrade under load ----------------------------------------------------
+# A client loops requests (one line per request: ok or FAIL) until told to
+# stop; the package is upgraded and the daemon restarted meanwhile.
+rm -f /tmp/loop.stop /tmp/loop.out
+(
+    n=0
+    while [ ! -e /tmp/loop.stop ] && [ $n -lt 2000 ]; do
+        if b=$(get client http://10.96.0.10/); then echo "ok $b"; else echo "FAIL $n"; fi
+        n=$((n + 1))
+    done >/tmp/loop.out
+) &
+LOOP=$!
+bb sleep 2
+must dpkg -i "$DEB2"
+v2=$(version)
+case $v2 in "install ok installed "*-2) ;; *) fail "after the upgrade: meshlb is '$v2'" ;; esac
+grep -q "added by the package scenario" "$CONF" || fail "the upgrade replaced the edited conffile"
+# postinst: `deb-systemd-invoke try-restart meshlb.service` under systemd.
+unit_stop
+bb sleep 2 # forwarding with no daemon at all
+unit_start v2
+grep -q "adopted the pinned XDP link" "$LOGDIR/meshlb-v2.log" || fail "the upgraded daemon did not adopt the pinned links"
+bb sleep 2
+touch /tmp/loop.stop
+i=0
+while kill -0 $LOOP 2>/dev/null && [ $i -lt 50 ]; do
+    bb usleep 200000
+    i=$((i + 1))
+done
+kill -0 $LOOP 2>/dev/null && fail "the client loop did not stop"
+total=$(grep -c . /tmp/loop.out)
+failed=$(grep -c '^FAIL' /tmp/loop.out)
+[ "$total" -ge 10 ] || fail "the client loop made only $total requests"
+[ "$failed" = 0 ] || fail "$failed of $total requests failed during the upgrade: $(grep '^FAIL' /tmp/loop.out | head -n 5 | tr '\n' ' ')"
+during=$(tally $(sed -n 's/^ok //p' /tmp/loop.out))
+
+# -- cleanup and purge -----------------------------------------------------
+unit_stop
+must /usr/bin/meshlb cleanup --bpffs "$BPFFS"
+get client http://10.96.0.10/ >/dev/null && fail "the VIP still answers after meshlb cleanup"
+must dpkg --purge meshlb
+[ -e /usr/bin/meshlb ] && fail "purge left /usr/bin/meshlb"
+[ -e "$CONF" ] && fail "purge left $CONF"
+pass "installed ${v1##* }, forwarded 20/20 ($seen), upgraded to ${v2##* } under load: $total requests, 0 failed ($during), conffile kept, links adopted; purged"

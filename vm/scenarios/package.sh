@@ -21,7 +21,10 @@ DEB2=$1
 [ -f "$DEB1" ] && [ -f "$DEB2" ] || fail "no packages in /mnt/host/deb (cargo xtask vm test builds them)"
 [ -x /bin/sh ] || fail "the guest tree has no /bin/sh for maintainer scripts"
 
-version() { dpkg-query -W -f '${Status} ${Version}' meshlb 2>/dev/null; }
+# busybox sh would run its own `dpkg` applet: name the real tools.
+dpkg() { /usr/bin/dpkg "$@"; }
+dpkg_query() { /usr/bin/dpkg-query "$@"; }
+version() { dpkg_query -W -f '${Status} ${Version}' meshlb 2>/dev/null; }
 
 # -- install ---------------------------------------------------------------
 must dpkg -i "$DEB1"
@@ -32,7 +35,7 @@ for f in /usr/bin/meshlb "$UNIT" "$CONF" /usr/share/man/man1/meshlb-run.1.gz \
     [ -e "$f" ] || fail "dpkg -i installed no $f"
 done
 /usr/bin/meshlb --version | grep -q meshlb || fail "the installed meshlb does not run"
-dpkg-query -W -f '${Conffiles}' meshlb | grep -q "$CONF" || fail "$CONF is not registered as a conffile"
+dpkg_query -W -f '${Conffiles}' meshlb | grep -q "$CONF" || fail "$CONF is not registered as a conffile"
 
 # The daemon's command line, as the unit runs it.
 EXEC=$(sed -n 's/^ExecStart=//p' "$UNIT")
@@ -137,7 +140,10 @@ grep -q "added by the package scenario" "$CONF" || fail "the upgrade replaced th
 unit_stop
 bb sleep 2 # forwarding with no daemon at all
 unit_start v2
-grep -q "adopted the pinned XDP link" "$LOGDIR/meshlb-v2.log" || fail "the upgraded daemon did not adopt the pinned links"
+# status reads the pins, so it lists "web" before the new daemon is up:
+# wait for the daemon's own word that it adopted the links.
+wait_until 60 "the upgraded daemon adopting the pinned links" grep -q "adopted the pinned XDP link" "$LOGDIR/meshlb-v2.log"
+wait_until 60 "the upgraded daemon's first sync" grep -q "applied .* changes" "$LOGDIR/meshlb-v2.log"
 bb sleep 2
 touch /tmp/loop.stop
 i=0
@@ -159,4 +165,4 @@ get client http://10.96.0.10/ >/dev/null && fail "the VIP still answers after me
 must dpkg --purge meshlb
 [ -e /usr/bin/meshlb ] && fail "purge left /usr/bin/meshlb"
 [ -e "$CONF" ] && fail "purge left $CONF"
-pass "installed ${v1##* }, forwarded 20/20 ($seen), upgraded to ${v2##* } under load: $total requests, 0 failed ($during), conffile kept, links adopted; purged"
+pass "installed ${v1##* }, forwarded 20/20 (${seen% }), upgraded to ${v2##* } under load: $total requests, 0 failed (${during% }), conffile kept, links adopted; purged"

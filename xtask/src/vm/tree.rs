@@ -170,7 +170,7 @@ pub fn ensure(target: Target) -> Result<Tree> {
 fn build(lock: &Lock, arch: &str, pkgs: &[String], dir: &Path, stage1: &str) -> Result<()> {
     let root = dir.join("root");
     Cmd::new("mmdebstrap")
-        .args(["--variant=extract", "--quiet", "--skip=download/empty"])
+        .args(["--variant=extract", "--quiet", "--skip=cleanup/apt/cache"])
         .arg(format!("--architectures={arch}"))
         .arg(format!("--include={}", pkgs.join(",")))
         .arg(&lock.suite)

@@ -6,9 +6,12 @@
 #   node nI: task bridge br0 10.22I.0.1/24, task namespace tI 10.22I.0.2 :8000
 #            routes to the other nodes' task subnets via those nodes (host-gw)
 #
-# Every node runs `meshlb run` with the same static config: service `web`,
-# VIP 10.96.0.10, published tcp 80 -> 8000, backends t1..t3 each with its
-# `node`, on its uplink and its task bridge. The client reaches every task
+# Every node runs `meshlb run` on its uplink and its task bridge, with
+# service `web` (VIP 10.96.0.10, published tcp 80 -> 8000, tasks t1..t3
+# each with its node) from etcd (arg `etcd`: etcd-server runs on n1, on
+# the segment; n1 creates the service and the tasks with `meshlb service
+# create` / `meshlb task add --node`, and every daemon watches it), or
+# (arg `static`) from the same static config on every node. The client reaches every task
 # through every node's published port (a task on another node is DNAT+SNAT
 # to the forwarding node's address), and the VIP via n1.
 #
@@ -18,6 +21,8 @@
 # see it, and n1 waits (bounded) until they are gone before it passes.
 
 BPFFS=/sys/fs/bpf/meshlb
+SOURCE=${1:-static}
+ETCD=http://10.210.0.1:2379
 i=${NODE#n}
 case $i in 1 | 2 | 3) ;; *) fail "node name $NODE is not n1..n3" ;; esac
 
@@ -52,7 +57,9 @@ for j in 1 2 3; do
 done
 httpd "t$i" "t$i" 8000
 
-cat >/tmp/meshlb.toml <<'EOF'
+case $SOURCE in
+static)
+    cat >/tmp/meshlb.toml <<'EOF'
 [[service]]
 name = "web"
 vip = "10.96.0.10"
@@ -70,8 +77,27 @@ node = "n2"
 addr = "10.223.0.2"
 node = "n3"
 EOF
+    SRC="--config /tmp/meshlb.toml"
+    ;;
+etcd)
+    if [ "$i" = 1 ]; then
+        /usr/bin/etcd --name n1 --data-dir /tmp/etcd \
+            --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
+            --listen-peer-urls http://127.0.0.1:2380 \
+            --initial-advertise-peer-urls http://127.0.0.1:2380 \
+            --initial-cluster n1=http://127.0.0.1:2380 >"$LOGDIR/etcd.log" 2>&1 &
+        wait_until 60 "etcd on n1" "$MESHLB" service ls --etcd "$ETCD"
+        must "$MESHLB" service create web --vip 10.96.0.10 --publish tcp:80:8000 --etcd "$ETCD"
+        for j in 1 2 3; do
+            must "$MESHLB" task add web "10.22$j.0.2" --node "n$j" --id "t$j" --etcd "$ETCD"
+        done
+    fi
+    SRC="--etcd $ETCD"
+    ;;
+*) fail "unknown source $SOURCE (static or etcd)" ;;
+esac
 
-meshlb_start "$NODE" --config /tmp/meshlb.toml --node "$NODE" --iface "$eth" --iface br0 --bpffs "$BPFFS"
+meshlb_start "$NODE" $SRC --node "$NODE" --iface "$eth" --iface br0 --bpffs "$BPFFS"
 meshlb_ready "$BPFFS" web
 dp=$("$MESHLB" status --json --bpffs "$BPFFS" | grep -o '"dataplane": *"[a-z-]*"' | cut -d'"' -f4)
 modes="$eth=$(xdp_mode "$eth") br0=$(xdp_mode br0)"
@@ -120,4 +146,4 @@ echo done >/tmp/mark/done
 gone() { ! bb timeout 3 /bin/busybox wget -q -O /dev/null "http://10.210.0.$1:9999/ready"; }
 others_gone() { gone 2 && gone 3; }
 wait_until 60 "n2 and n3 to power off" others_gone
-pass "n1 $dp ($modes); ${detail% }"
+pass "n1 $dp ($modes), services from $SOURCE; ${detail% }"

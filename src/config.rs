@@ -1393,6 +1393,33 @@ weight = 300
         );
     }
 
+    /// The .deb's /etc/meshlb/meshlb.toml: as shipped (all comments) it is
+    /// the defaults; with every setting uncommented it is still valid and
+    /// its values are the documented defaults.
+    #[test]
+    fn packaged_conffile_shows_the_defaults() {
+        let shipped = include_str!("../xtask/package/meshlb.toml");
+        assert_eq!(parse(shipped).unwrap(), parse("").unwrap());
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        let d = parse("").unwrap();
+        assert_eq!(c.dataplane, d.dataplane);
+        assert_eq!(c.xdp_mode, d.xdp_mode);
+        assert_eq!(c.bpffs, d.bpffs);
+        assert_eq!(c.metrics, d.metrics);
+        assert_eq!(c.etcd.unwrap().prefix, DEFAULT_ETCD_PREFIX);
+        assert_eq!(c.docker.unwrap().socket, Path::new(DEFAULT_DOCKER_SOCKET));
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.services[0].backends[0].weight, DEFAULT_WEIGHT);
+    }
+
     #[test]
     fn embedded_default_is_valid() {
         let c = parse(DEFAULT_CONFIG).unwrap();

@@ -128,6 +128,15 @@ pub const SCENARIOS: &[Scenario] = &[
         deadline: Duration::from_secs(360),
         what: "3 guests on one L2: every task via every node's published port",
     },
+    Scenario {
+        name: "x86_64-mesh3-ipvs",
+        arch: Target::X86_64,
+        script: "mesh3",
+        args: &["ipvs"],
+        guests: 3,
+        deadline: Duration::from_secs(360),
+        what: "mesh3 on IPVS: remote tasks SNATed (nf_tables), local ones not",
+    },
 ];
 
 const NETNS_PREFIX: &str = "mlbvm-";

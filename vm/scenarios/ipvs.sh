@@ -166,6 +166,7 @@ fixget() {
 # mhmap: the backend of hc for 16 fixed client tuples, as "port=backend" words.
 mhmap() {
     for p in $(bb seq 41000 41015); do printf '%s=%s ' $p "$(fixget 10.96.0.14:84 $p)"; done
+    in_ns client /bin/busybox sh -c 'echo 32768 60999 >/proc/sys/net/ipv4/ip_local_port_range'
 }
 mh1=$(mhmap)
 bb usleep 1100000
@@ -196,7 +197,6 @@ for pb in $mh1; do
         mh_kept=$((mh_kept + 1))
     fi
 done
-in_ns client /bin/busybox sh -c 'echo 32768 60999 >/proc/sys/net/ipv4/ip_local_port_range'
 m=$(metrics) || fail "/metrics did not answer"
 echo "$m" | grep -q '^meshlb_dataplane_info{kind="ipvs"} 1$' || fail "/metrics: no meshlb_dataplane_info ipvs: $(echo "$m" | grep dataplane)"
 echo "$m" | grep -q '^meshlb_backend_up{service="hc",backend="10.201.2.2:8001"} 0$' || fail "/metrics: hc b2 not down: $(echo "$m" | grep backend_up)"
@@ -232,4 +232,4 @@ grep -q "applied 0 changes" "$LOGDIR/meshlb-ipvs2.log" ||
     fail "the restarted daemon changed IPVS instead of adopting it: $(grep -i ipvs "$LOGDIR/meshlb-ipvs2.log" | tr '\n' ' ')"
 kill "$MESHLB_PID"
 ready=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: b2 down in ${detect}s, 60/60 ok ${hc_down% }; metrics ok (web b1 conns $webconns); without b3 ${after% }; restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted"
+pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics ok (web b1 conns $webconns); without b3 ${after% }; restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted"

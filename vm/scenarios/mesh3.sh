@@ -130,6 +130,8 @@ for j in 1 2 3 vip; do
     while [ $n -lt 40 ]; do
         body=$(get client "$url") || fail "request $n to $url failed (answers so far:$answers)"
         task=${body%% *} peer=${body#* }
+        # busybox httpd listens dual-stack: "[::ffff:10.210.0.1]".
+        peer=${peer#\[::ffff:} peer=${peer%\]}
         case $task in t1 | t2 | t3) ;; *) fail "$url answered '$body'" ;; esac
         want=10.210.0.$via
         [ "$task" = "t$via" ] && want=10.210.0.100

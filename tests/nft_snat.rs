@@ -58,7 +58,11 @@ fn remote_backends_are_masqueraded_and_nothing_else() {
     let v6 = |p| SocketAddr::new(b.v6.into(), p);
     let client4: IpAddr = CLIENT_V4.into();
     let client6: IpAddr = CLIENT_V6.into();
-    assert_eq!(seen_from_client(&topo, v4(PORT)), client4, "routed, not masqueraded yet");
+    assert_eq!(
+        seen_from_client(&topo, v4(PORT)),
+        client4,
+        "routed, not masqueraded yet"
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,22 +81,49 @@ fn remote_backends_are_masqueraded_and_nothing_else() {
             .unwrap_or_else(|e| panic!("masquerade {want:?}: {e}"))
     };
     let n = sync(&mut masq, set(&[remote(b.v4.into(), PORT)]));
-    assert_eq!(n, 10, "table, chain, 2 sets, flush, 2 rules, 2 set flushes, 1 add");
-    assert_eq!(sync(&mut masq, set(&[remote(b.v4.into(), PORT)])), 0, "no change, no message");
-    assert_eq!(seen_from_client(&topo, v4(PORT)), IpAddr::from(b.lb_v4), "in the set: masqueraded");
-    assert_eq!(seen_from_client(&topo, v4(OTHER_PORT)), client4, "other port: untouched");
-    assert_eq!(seen_from_client(&topo, v6(PORT)), client6, "other family: untouched");
+    assert_eq!(
+        n, 10,
+        "table, chain, 2 sets, flush, 2 rules, 2 set flushes, 1 add"
+    );
+    assert_eq!(
+        sync(&mut masq, set(&[remote(b.v4.into(), PORT)])),
+        0,
+        "no change, no message"
+    );
+    assert_eq!(
+        seen_from_client(&topo, v4(PORT)),
+        IpAddr::from(b.lb_v4),
+        "in the set: masqueraded"
+    );
+    assert_eq!(
+        seen_from_client(&topo, v4(OTHER_PORT)),
+        client4,
+        "other port: untouched"
+    );
+    assert_eq!(
+        seen_from_client(&topo, v6(PORT)),
+        client6,
+        "other family: untouched"
+    );
 
     // A restarted daemon installs everything again over the same table.
     let mut again = Masquerade::new();
     let both = set(&[remote(b.v4.into(), PORT), remote(b.v6.into(), PORT)]);
     assert_eq!(sync(&mut again, both.clone()), 11);
     assert_eq!(seen_from_client(&topo, v4(PORT)), IpAddr::from(b.lb_v4));
-    assert_eq!(seen_from_client(&topo, v6(PORT)), IpAddr::from(b.lb_v6), "IPv6 masqueraded");
+    assert_eq!(
+        seen_from_client(&topo, v6(PORT)),
+        IpAddr::from(b.lb_v6),
+        "IPv6 masqueraded"
+    );
 
     // Incremental: the v4 element goes, the v6 one stays, one message.
     assert_eq!(sync(&mut again, set(&[remote(b.v6.into(), PORT)])), 1);
-    assert_eq!(seen_from_client(&topo, v4(PORT)), client4, "removed: untouched again");
+    assert_eq!(
+        seen_from_client(&topo, v4(PORT)),
+        client4,
+        "removed: untouched again"
+    );
     assert_eq!(seen_from_client(&topo, v6(PORT)), IpAddr::from(b.lb_v6));
     // A UDP entry for the same address and port masquerades no TCP.
     let udp = Remote {
@@ -100,6 +131,10 @@ fn remote_backends_are_masqueraded_and_nothing_else() {
         ..remote(b.v4.into(), PORT)
     };
     assert_eq!(sync(&mut again, set(&[udp])), 2);
-    assert_eq!(seen_from_client(&topo, v4(PORT)), client4, "udp entry, tcp flow");
+    assert_eq!(
+        seen_from_client(&topo, v4(PORT)),
+        client4,
+        "udp entry, tcp flow"
+    );
     assert_eq!(seen_from_client(&topo, v6(PORT)), client6);
 }

@@ -727,4 +727,115 @@ mod tests {
         assert_eq!(gone.len(), 3);
         assert!(gone.iter().all(|c| matches!(c, Change::DelService(_))));
     }
+
+    fn skey() -> ServiceKey {
+        ServiceKey {
+            name: "web".into(),
+            proto: Proto::Tcp,
+            port: 80,
+        }
+    }
+
+    fn bkey(a: &str) -> BackendKey {
+        BackendKey {
+            addr: ip(a),
+            port: 8000,
+        }
+    }
+
+    #[test]
+    fn remote_backends_are_the_masquerade_set() {
+        let mut d = desired(&[
+            ("10.0.1.2", 100, BackendState::Up),
+            ("10.0.2.2", 100, BackendState::Down),
+            ("fd00:2::2", 0, BackendState::Up),
+        ]);
+        let spec = d.services.get_mut(&skey()).unwrap();
+        for a in ["10.0.2.2", "fd00:2::2"] {
+            spec.backends.get_mut(&bkey(a)).unwrap().remote = true;
+        }
+        // Down or draining, a remote backend keeps its established flows:
+        // they still need the SNAT.
+        let want: BTreeSet<Remote> = ["10.0.2.2", "fd00:2::2"]
+            .iter()
+            .map(|a| Remote {
+                addr: ip(a),
+                proto: 6,
+                port: 8000,
+            })
+            .collect();
+        assert_eq!(remotes(&d), want);
+    }
+
+    #[test]
+    fn held_down_is_weight_zero_in_the_kernel_for_a_backend_wanted_up() {
+        let want = desired(&[
+            ("10.0.1.2", 100, BackendState::Up),
+            ("10.0.1.3", 100, BackendState::Up),
+            ("10.0.1.4", 0, BackendState::Up),
+        ]);
+        let mut have = table(&want, &BTreeMap::new());
+        for (_, dests) in have.values_mut() {
+            if let Some(d) = dests.get_mut(&(ip("10.0.1.3"), 8000)) {
+                d.weight = 0;
+            }
+        }
+        // 10.0.1.4 is at weight 0 because it is drained, not held down.
+        assert_eq!(held_down(&want, &have), [(skey(), bkey("10.0.1.3"))].into());
+        assert!(
+            held_down(&want, &Table::new()).is_empty(),
+            "nothing in the kernel"
+        );
+    }
+
+    /// `/metrics` in IPVS mode: one service by name over its VIP and node
+    /// address services, the kernel's counters per destination, the
+    /// state meshlb programmed.
+    #[test]
+    fn status_names_the_kernel_services_and_keeps_their_counters() {
+        let want = desired(&[
+            ("10.0.1.2", 100, BackendState::Up),
+            ("10.0.1.3", 100, BackendState::Down),
+        ]);
+        let mut have = table(&want, &BTreeMap::new());
+        for (id, (_, dests)) in have.iter_mut() {
+            // The IPv6 node address's service has no IPv4 destination.
+            if let Some(d) = dests.get_mut(&(ip("10.0.1.2"), 8000)) {
+                d.stats = Stats {
+                    conns: if id.addr == ip("10.96.0.10") { 7 } else { 2 },
+                    in_packets: 10,
+                    out_packets: 8,
+                    in_bytes: 1000,
+                    out_bytes: 800,
+                };
+            }
+        }
+        let view = IpvsView::default();
+        view.update(&want, &have, &ServiceConfigs::new());
+        let names = view.0.lock().unwrap().clone();
+        let st = status_of("n1", &names, &have);
+        assert_eq!(st.dataplane, "ipvs");
+        assert_eq!(st.services.len(), 1);
+        let svc = &st.services[0];
+        assert_eq!(
+            (svc.name.as_str(), svc.vip.as_deref(), svc.scheduler),
+            ("web", Some("10.96.0.10"), "maglev")
+        );
+        assert_eq!(svc.ports, vec!["80/tcp"]);
+        let text = crate::metrics::render(&st);
+        let line = |p: &str| text.lines().find(|l| l.starts_with(p)).map(str::to_owned);
+        assert_eq!(
+            line("meshlb_connections_total{service=\"web\",backend=\"10.0.1.2:8000\"}").as_deref(),
+            Some("meshlb_connections_total{service=\"web\",backend=\"10.0.1.2:8000\"} 9"),
+            "VIP and node-address services summed"
+        );
+        assert_eq!(
+            line("meshlb_backend_up{service=\"web\",backend=\"10.0.1.3:8000\"}").as_deref(),
+            Some("meshlb_backend_up{service=\"web\",backend=\"10.0.1.3:8000\"} 0")
+        );
+        assert_eq!(
+            line("meshlb_dataplane_info").as_deref(),
+            Some("meshlb_dataplane_info{kind=\"ipvs\"} 1")
+        );
+    }
 }

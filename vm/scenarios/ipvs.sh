@@ -51,9 +51,11 @@ config() { # config BACKENDS_OF_WEB...
         echo "vip = \"10.96.0.$2\""
         echo "publish = [{ proto = \"tcp\", port = $4, target = 8000 }]"
         echo "scheduler = \"$3\""
+        [ "$1" = sh ] && echo "drain_timeout = 2"
         for b in $WEB; do
             w=100
             [ "$1" = wrr ] && [ "$b" = 1 ] && w=300
+            [ "$1" = sh ] && [ "$b" = "$DRAIN" ] && w=0
             echo "[[service.backend]]"
             echo "addr = \"10.201.$b.2\""
             echo "weight = $w"
@@ -206,6 +208,18 @@ webconns=$(echo "$m" | awk -F'} ' '/^meshlb_connections_total\{service="web",bac
 wait_until 10 "hc b2 back at weight 100" bb sh -c '/sbin/ipvsadm -Ln -t 10.96.0.14:84 | grep -Eq "10.201.2.2:8001 +Masq +100 "'
 detect=$(awk -v a="$tk" -v b="$td" 'BEGIN { printf "%.1f", b - a }')
 
+# Drain: b1 of sh set to weight 0 (SIGHUP): at once weight 0 in IPVS,
+# and deleted after the service's drain_timeout (2 s).
+DRAIN=1 WEB="1 2 3" config >/tmp/meshlb.toml
+kill -HUP "$MESHLB_PID"
+wait_until 10 "sh b1 draining (weight 0)" bb sh -c '/sbin/ipvsadm -Ln -t 10.96.0.13:83 | grep -Eq "10.201.1.2:8000 +Masq +0 "'
+t_drain=$(cut -d' ' -f1 /proc/uptime)
+wait_until 10 "sh b1 removed after its drain timeout" bb sh -c '! /sbin/ipvsadm -Ln -t 10.96.0.13:83 | grep -q 10.201.1.2'
+t_gone=$(cut -d' ' -f1 /proc/uptime)
+drained=$(awk -v a="$t_drain" -v b="$t_gone" 'BEGIN { printf "%.1f", b - a }')
+awk -v d="$drained" 'BEGIN { exit !(d >= 1.5) }' || fail "sh b1 left ${drained}s after it began draining, before its 2 s drain timeout"
+grep -q "backend 10.201.1.2:8000 drained past its timeout" "$LOGDIR/meshlb-ipvs.log" || fail "no drain timeout logged"
+
 # b3 removed from web: no new connections reach it.
 WEB="1 2" config >/tmp/meshlb.toml
 kill -HUP "$MESHLB_PID"
@@ -232,4 +246,4 @@ grep -q "applied 0 changes" "$LOGDIR/meshlb-ipvs2.log" ||
     fail "the restarted daemon changed IPVS instead of adopting it: $(grep -i ipvs "$LOGDIR/meshlb-ipvs2.log" | tr '\n' ' ')"
 kill "$MESHLB_PID"
 ready=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics ok (web b1 conns $webconns); without b3 ${after% }; restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted"
+pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics ok (web b1 conns $webconns); sh b1 drained out ${drained}s after weight 0; without b3 ${after% }; restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted"

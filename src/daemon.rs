@@ -605,3 +605,117 @@ impl<T> Drop for AbortOnDrop<T> {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{BackendOf, ServiceConfigs};
+    use crate::model::{BackendKey, BackendState, Proto, ServiceKey};
+
+    /// An engine that records what the loop asks of it.
+    #[derive(Default)]
+    struct Recorder {
+        held: BTreeSet<BackendOf>,
+        synced: Vec<(DesiredState, Vec<BackendOf>)>,
+    }
+
+    impl Engine for Recorder {
+        fn kind(&self) -> DataplaneKind {
+            DataplaneKind::Fake
+        }
+        async fn held_down(
+            &mut self,
+            _desired: &DesiredState,
+        ) -> Result<BTreeSet<BackendOf>, DataplaneError> {
+            Ok(self.held.clone())
+        }
+        async fn sync(
+            &mut self,
+            desired: &DesiredState,
+            _services: &ServiceConfigs<'_>,
+            expired: &[BackendOf],
+        ) -> Result<usize, DataplaneError> {
+            self.synced.push((desired.clone(), expired.to_vec()));
+            Ok(1)
+        }
+        fn set_node_net(&mut self, _net: &NodeNet) -> Result<bool, DataplaneError> {
+            Ok(false)
+        }
+        fn metrics_source(&self) -> Result<metrics::Source, DataplaneError> {
+            Err(DataplaneError::Other("none".into()))
+        }
+    }
+
+    /// Health and drain are decided above the engine, the same for XDP
+    /// and IPVS: a backend the engine holds down starts down (its probes
+    /// to a closed port keep it so), a drained backend past its timeout
+    /// leaves the desired state and is handed over as expired.
+    #[tokio::test]
+    async fn any_engine_gets_health_and_drain_applied() {
+        let cfg = config::parse(
+            r#"
+[[service]]
+name = "web"
+publish = [{ proto = "tcp", port = 80, target = 1 }]
+health = { kind = "tcp", interval_ms = 60000, timeout_ms = 100 }
+[[service.backend]]
+addr = "127.0.0.1"
+[[service.backend]]
+addr = "127.0.0.2"
+weight = 0
+[[service.backend]]
+addr = "127.0.0.3"
+"#,
+        )
+        .expect("config");
+        let skey = ServiceKey {
+            name: "web".into(),
+            proto: Proto::Tcp,
+            port: 80,
+        };
+        let bk = |a: [u8; 4]| BackendKey {
+            addr: IpAddr::from(a),
+            port: 1,
+        };
+        let mut engine = Recorder {
+            held: [(skey.clone(), bk([127, 0, 0, 1]))].into(),
+            ..Default::default()
+        };
+        let (checker, _rx) = Checker::new(4);
+        let mut live = Liveness {
+            checker,
+            drains: DrainTimers::default(),
+            drain_default: Some(Duration::ZERO),
+        };
+        let locals = [IpAddr::from([192, 168, 1, 5])].into();
+        let n = sync(
+            &mut engine,
+            &cfg,
+            &Cluster::Static,
+            &locals,
+            "n1",
+            &mut live,
+        )
+        .await
+        .expect("sync");
+        assert_eq!(n, 1);
+        let (desired, expired) = &engine.synced[0];
+        let backends = &desired.services[&skey].backends;
+        assert_eq!(backends[&bk([127, 0, 0, 1])].state, BackendState::Down);
+        assert_eq!(backends[&bk([127, 0, 0, 3])].state, BackendState::Up);
+        assert!(!backends.contains_key(&bk([127, 0, 0, 2])), "drained out");
+        assert_eq!(expired, &vec![(skey.clone(), bk([127, 0, 0, 2]))]);
+        // Waiting for etcd's first list: nothing reaches the engine.
+        let n = sync(
+            &mut engine,
+            &cfg,
+            &Cluster::Waiting,
+            &locals,
+            "n1",
+            &mut live,
+        )
+        .await
+        .expect("sync");
+        assert_eq!((n, engine.synced.len()), (0, 1));
+    }
+}

@@ -6,7 +6,10 @@
 //! checks take failing backends out for new flows (`health`), drained
 //! backends leave after their drain timeout (`drain`), SIGTERM/SIGINT
 //! stop the daemon. Stopping never detaches forwarding: the pinned maps and
-//! links keep working, and the next daemon adopts them.
+//! links (or the IPVS table) keep working, and the next daemon adopts them.
+//!
+//! One loop serves every engine (`run_engine`, generic over
+//! [`Engine`]): XDP, or IPVS when asked for or when XDP cannot load.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -19,8 +22,9 @@ use tokio::sync::watch;
 
 use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
 use crate::config::{self, Config, DataplaneChoice, ServiceConfig, XdpMode};
+use crate::dataplane::ipvs::IpvsEngine;
 use crate::dataplane::xdp::XdpDataplane;
-use crate::dataplane::Dataplane;
+use crate::dataplane::{DataplaneError, DataplaneKind, Engine};
 use crate::docker::{self, DockerOptions};
 use crate::drain::DrainTimers;
 use crate::etcd::layout::NodeRecord;
@@ -30,7 +34,7 @@ use crate::health::{self, Checker};
 use crate::metrics::Registry;
 use crate::model::DesiredState;
 use crate::nodenet::NodeNet;
-use crate::{metrics, netlink, nodenet, reconcile};
+use crate::{metrics, netlink, nodenet};
 
 /// How often this node's addresses are re-read (node ports follow them).
 const ADDR_REFRESH: Duration = Duration::from_secs(2);
@@ -150,15 +154,6 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         .clone()
         .or_else(|| cfg.node.clone())
         .unwrap_or_else(hostname);
-    for s in &cfg.services {
-        if s.scheduler != config::Scheduler::Maglev {
-            log::warn!(
-                "service {}: scheduler {} is not implemented by the XDP data plane yet: maglev is used",
-                s.name,
-                s.scheduler.as_str()
-            );
-        }
-    }
     let drain_timeout = match args.drain_timeout {
         Some(t) if t < 0 => {
             return Err(DaemonError::Usage(format!(
@@ -235,16 +230,16 @@ async fn until(t: Option<std::time::Instant>) {
     }
 }
 
-/// Reconciles the data plane with the desired state; returns the plan size.
-/// With an etcd source, nothing is applied before its first list: a
-/// restarted daemon must not wipe the state it adopted because etcd is
-/// down at that moment. The health checker is pointed at the backends of
-/// the desired state first, and those it reports down are programmed
-/// `Down` (no new flows; established flows keep their conntrack entry).
+/// Makes the engine hold the desired state; returns the number of
+/// changes. With an etcd source, nothing is applied before its first
+/// list: a restarted daemon must not wipe the state it adopted because
+/// etcd is down at that moment. The health checker is pointed at the
+/// backends of the desired state first, and those it reports down are
+/// programmed `Down` (no new flows; established flows are kept).
 /// Backends draining longer than their drain timeout are left out, and
-/// the flows still on them are ended once they are out of the kernel.
-fn sync(
-    dp: &mut XdpDataplane,
+/// the engine ends the flows still on them.
+async fn sync<E: Engine>(
+    engine: &mut E,
     cfg: &Config,
     cluster: &Cluster,
     locals: &BTreeSet<IpAddr>,
@@ -269,34 +264,21 @@ fn sync(
         },
         std::time::Instant::now(),
     );
-    let observed = dp
-        .observe()
-        .map_err(|e| DaemonError::Runtime(format!("observe data plane: {e}")))?;
+    let rt = |what: &str, e: DataplaneError| DaemonError::Runtime(format!("{what}: {e}"));
+    let held_down = engine
+        .held_down(&desired)
+        .await
+        .map_err(|e| rt("observe data plane", e))?;
     live.checker.set_targets(&health::targets(
         &desired,
         |name| services.get(name).and_then(|s| s.health.as_ref()),
-        &observed,
+        &held_down,
     ));
     health::mark_down(&mut desired, &live.checker.down());
-    let plan = reconcile::plan(&desired, &observed)
-        .map_err(|e| DaemonError::Runtime(format!("reconcile: {e}")))?;
-    let n = plan.ops.len();
-    if n > 0 {
-        dp.apply(&plan)
-            .map_err(|e| DaemonError::Runtime(format!("apply: {e}")))?;
-    }
-    for (skey, bk) in expired {
-        // Only the sync that takes it out finds it in `observed`.
-        let Some(os) = observed.services.get(&skey) else {
-            continue;
-        };
-        let Some(ob) = os.backends.get(&bk) else {
-            continue;
-        };
-        let ended = dp.forget_flows(os.id, ob.id);
-        log::info!("{skey}: backend {bk} drained past its timeout: removed, {ended} flows ended");
-    }
-    Ok(n)
+    engine
+        .sync(&desired, &services, &expired)
+        .await
+        .map_err(|e| rt("apply", e))
 }
 
 /// Where services come from now.
@@ -320,10 +302,12 @@ async fn next_snapshot(rx: &mut Option<watch::Receiver<Arc<Snapshot>>>) -> Optio
     }
 }
 
-/// Runs the daemon until `shutdown` resolves or SIGTERM/SIGINT arrives.
+/// Runs the daemon until `shutdown` resolves or SIGTERM/SIGINT arrives:
+/// opens the engine (`--dataplane`: XDP, IPVS, or XDP falling back to
+/// IPVS) and runs the one loop with it.
 pub async fn run(
     settings: Settings,
-    mut cfg: Config,
+    cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     netlink::check_interfaces(&settings.ifaces)
@@ -333,33 +317,70 @@ pub async fn run(
     let metrics_listener = metrics::bind(settings.metrics)
         .await
         .map_err(|e| DaemonError::Runtime(format!("metrics listen: {e}")))?;
-
+    let ipvs = async || {
+        let state = PathBuf::from(IPVS_STATE_DIR).join(format!("{}.ipvs", settings.node));
+        let engine = IpvsEngine::open(state, VIP_DEVICE)
+            .await
+            .map_err(|e| rt(&e))?;
+        log::info!(
+            "node {}: data plane ipvs (VIPs on {VIP_DEVICE})",
+            settings.node
+        );
+        Ok::<_, DaemonError>(engine)
+    };
     if settings.dataplane == DataplaneChoice::Ipvs {
-        return run_ipvs(settings, cfg, shutdown).await;
+        let engine = ipvs().await?;
+        return run_engine(engine, settings, cfg, shutdown, metrics_listener).await;
     }
-    let mut dp = match XdpDataplane::open(
+    match XdpDataplane::open(
         &settings.bpffs,
         &settings.ifaces,
         settings.xdp_mode,
         &settings.node,
     ) {
-        Ok(dp) => dp,
+        Ok(dp) => {
+            log::info!(
+                "node {}: data plane {} on {} (pinned under {})",
+                settings.node,
+                Engine::kind(&dp).as_str(),
+                settings.ifaces.join(","),
+                settings.bpffs.display()
+            );
+            allow_local_source(&settings.ifaces);
+            run_engine(dp, settings, cfg, shutdown, metrics_listener).await
+        }
         Err(e) if settings.dataplane == DataplaneChoice::Auto => {
             log::warn!("XDP unavailable ({e}); dataplane auto: falling back to IPVS");
-            return run_ipvs(settings, cfg, shutdown).await;
+            let engine = ipvs().await?;
+            run_engine(engine, settings, cfg, shutdown, metrics_listener).await
         }
-        Err(e) => return Err(rt(&e)),
-    };
-    log::info!(
-        "node {}: data plane {} on {} (pinned under {})",
-        settings.node,
-        dp.kind().as_str(),
-        settings.ifaces.join(","),
-        settings.bpffs.display()
-    );
+        Err(e) => Err(rt(&e)),
+    }
+}
+
+/// The daemon's loop, the same for every engine.
+async fn run_engine<E: Engine>(
+    mut engine: E,
+    settings: Settings,
+    mut cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> Result<(), DaemonError> {
+    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
+    let kind = engine.kind();
+    if matches!(kind, DataplaneKind::XdpNative | DataplaneKind::XdpGeneric) {
+        for s in &cfg.services {
+            if s.scheduler != config::Scheduler::Maglev {
+                log::warn!(
+                    "service {}: scheduler {} is not implemented by the XDP data plane yet: maglev is used",
+                    s.name,
+                    s.scheduler.as_str()
+                );
+            }
+        }
+    }
     let (mut locals, net) = read_node_net(&settings.ifaces).await.map_err(|e| rt(&e))?;
-    apply_node_net(&mut dp, &net);
-    allow_local_source(&settings.ifaces);
+    apply_node_net(&mut engine, &net);
     let registry = Arc::new(Registry::default());
     let (mut etcd_rx, mut cluster, _etcd_tasks) = match &settings.etcd {
         Some(o) => {
@@ -370,7 +391,7 @@ pub async fn run(
                     .find(|a| a.is_ipv4())
                     .or(locals.first())
                     .copied(),
-                dataplane: dp.kind().as_str().to_owned(),
+                dataplane: kind.as_str().to_owned(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             };
             let node_addr = record.addr;
@@ -415,22 +436,29 @@ pub async fn run(
         drains: DrainTimers::default(),
         drain_default: settings.drain_timeout,
     };
-    let n = sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live)?;
+    let n = sync(
+        &mut engine,
+        &cfg,
+        &cluster,
+        &locals,
+        &settings.node,
+        &mut live,
+    )
+    .await?;
     if matches!(cluster, Cluster::Static) {
         log::info!("applied {n} changes; {} services", cfg.services.len());
     }
 
     let _metrics_task = match metrics_listener {
         Some(l) => {
-            let maps =
-                Arc::new(crate::pinned::Maps::from_pins(&settings.bpffs).map_err(|e| rt(&e))?);
+            let source = engine.metrics_source().map_err(|e| rt(&e))?;
             log::info!(
                 "metrics on http://{}/metrics",
                 l.local_addr().map_err(|e| rt(&e))?
             );
             Some(AbortOnDrop(tokio::spawn(metrics::serve(
                 l,
-                maps,
+                source,
                 settings.node.clone(),
                 registry.clone(),
             ))))
@@ -453,7 +481,7 @@ pub async fn run(
                 let observed = snap.observed_at;
                 let rev = snap.revision;
                 cluster = Cluster::Etcd(snap);
-                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
+                match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
                     Ok(n) => {
                         if let Some(t) = observed {
                             registry.observe_sync(t.elapsed().as_secs_f64());
@@ -464,7 +492,7 @@ pub async fn run(
                 }
             }
             Ok(()) = health_rx.changed() => {
-                match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
+                match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
                     Ok(n) => {
                         if n > 0 {
                             log::info!("health changed: {n} changes applied");
@@ -474,7 +502,7 @@ pub async fn run(
                 }
             }
             _ = until(live.drains.next_deadline()) => {
-                if let Err(e) = sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
+                if let Err(e) = sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
                     log::error!("drain timeout: {e}");
                 }
             }
@@ -482,7 +510,7 @@ pub async fn run(
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
                     Ok(new) => {
                         cfg = new;
-                        match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
+                        match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
                             Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
                             Err(e) => log::error!("SIGHUP: {e}"),
                         }
@@ -493,10 +521,10 @@ pub async fn run(
             _ = tick.tick() => {
                 match read_node_net(&settings.ifaces).await {
                     Ok((now, net)) => {
-                        apply_node_net(&mut dp, &net);
+                        apply_node_net(&mut engine, &net);
                         if now != locals {
                             locals = now;
-                            match sync(&mut dp, &cfg, &cluster, &locals, &settings.node, &mut live) {
+                            match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
                                 Ok(n) => log::info!("node addresses changed: {n} changes applied"),
                                 Err(e) => log::error!("{e}"),
                             }
@@ -507,10 +535,13 @@ pub async fn run(
             }
         }
     }
-    log::info!(
-        "stopping; forwarding continues from the pinned state under {}",
-        settings.bpffs.display()
-    );
+    match kind {
+        DataplaneKind::Ipvs => log::info!("stopping; IPVS keeps forwarding"),
+        _ => log::info!(
+            "stopping; forwarding continues from the pinned state under {}",
+            settings.bpffs.display()
+        ),
+    }
     Ok(())
 }
 
@@ -528,8 +559,8 @@ async fn read_node_net(
 }
 
 /// Writes the node facts to the data plane, logging what changed.
-fn apply_node_net(dp: &mut XdpDataplane, net: &NodeNet) {
-    match dp.set_node_net(net) {
+fn apply_node_net<E: Engine>(engine: &mut E, net: &NodeNet) {
+    match engine.set_node_net(net) {
         Ok(true) => {
             let show = |a: Option<IpAddr>| a.map_or("none".to_string(), |a| a.to_string());
             log::info!(
@@ -566,128 +597,125 @@ const IPVS_STATE_DIR: &str = "/run/meshlb";
 /// Name of the dummy device holding the VIPs in IPVS mode.
 pub const VIP_DEVICE: &str = "meshlb0";
 
-/// `meshlb run` on the IPVS data plane: the same sources (config, SIGHUP,
-/// etcd, node addresses) and the same desired state as XDP, turned into an
-/// IPVS table and synced as a diff. Stopping leaves IPVS as it is.
-/// Not yet here: health checks, drain timers, metrics, Docker registration
-/// and SNAT for remote backends (IPVS masquerading is DNAT only).
-async fn run_ipvs(
-    settings: Settings,
-    mut cfg: Config,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), DaemonError> {
-    use crate::dataplane::ipvs::{self, IpvsEngine, IpvsOptions};
-    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
-    let state = PathBuf::from(IPVS_STATE_DIR).join(format!("{}.ipvs", settings.node));
-    let mut engine = IpvsEngine::open(state).await.map_err(|e| rt(&e))?;
-    log::info!(
-        "node {}: data plane ipvs (VIPs on {VIP_DEVICE})",
-        settings.node
-    );
-    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    let registry = Arc::new(Registry::default());
-    let _etcd_task = settings
-        .etcd
-        .as_ref()
-        .map(|o| AbortOnDrop(tokio::spawn(run_source(o.clone(), tx, registry.clone()))));
-    let mut cluster = match settings.etcd {
-        Some(_) => Cluster::Waiting,
-        None => Cluster::Static,
-    };
-    let mut locals = netlink::local_addrs().await.map_err(|e| rt(&e))?;
-    let sync = |cfg: &Config, cluster: &Cluster, locals: &BTreeSet<IpAddr>| {
-        let mut configs: Vec<&config::ServiceConfig> = cfg.services.iter().collect();
-        let d = match cluster {
-            Cluster::Static => desired(cfg, None, locals, &settings.node),
-            Cluster::Waiting => return None,
-            Cluster::Etcd(snap) => {
-                configs.extend(snap.state.service_configs());
-                desired(cfg, Some(snap), locals, &settings.node)
-            }
-        };
-        let opts = configs
-            .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    IpvsOptions {
-                        sched: ipvs::sched_name(s.scheduler).into(),
-                        persistence: s.affinity.as_ref().map(|a| a.timeout as u32),
-                    },
-                )
-            })
-            .collect();
-        let vips: BTreeSet<IpAddr> = d
-            .services
-            .values()
-            .flat_map(|s| s.frontends.iter().filter_map(|f| f.addr))
-            .collect();
-        // The VIPs are local now: node ports are the other local addresses.
-        let mut d = d;
-        d.local_addrs.retain(|a| !vips.contains(a));
-        Some((ipvs::table(&d, &opts), vips))
-    };
-    let apply = async |engine: &mut IpvsEngine,
-                       cfg: &Config,
-                       cluster: &Cluster,
-                       locals: &BTreeSet<IpAddr>|
-           -> Result<usize, DaemonError> {
-        let Some((table, vips)) = sync(cfg, cluster, locals) else {
-            return Ok(0);
-        };
-        netlink::ensure_vip_device(VIP_DEVICE, &vips)
-            .await
-            .map_err(|e| rt(&e))?;
-        engine.sync(&table).await.map_err(|e| rt(&e))
-    };
-    let n = apply(&mut engine, &cfg, &cluster, &locals).await?;
-    log::info!("applied {n} IPVS changes");
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| rt(&e))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
-    let mut tick = tokio::time::interval(ADDR_REFRESH);
-    let mut etcd_rx = settings.etcd.as_ref().map(|_| rx);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            snap = next_snapshot(&mut etcd_rx) => {
-                let Some(snap) = snap else { continue };
-                cluster = Cluster::Etcd(snap);
-            }
-            _ = hup.recv() => {
-                match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
-                    Ok(new) => cfg = new,
-                    Err(e) => {
-                        log::error!("SIGHUP: keeping the running config: {e}");
-                        continue;
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                match netlink::local_addrs().await {
-                    Ok(now) => locals = now,
-                    Err(e) => log::warn!("{e}"),
-                }
-            }
-        }
-        match apply(&mut engine, &cfg, &cluster, &locals).await {
-            Ok(0) => {}
-            Ok(n) => log::info!("applied {n} IPVS changes"),
-            Err(e) => log::error!("{e}"),
-        }
-    }
-    log::info!("stopping; IPVS keeps forwarding");
-    Ok(())
-}
-
 /// Aborts a spawned task when dropped: every task has an owner.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{BackendOf, ServiceConfigs};
+    use crate::model::{BackendKey, BackendState, Proto, ServiceKey};
+
+    /// An engine that records what the loop asks of it.
+    #[derive(Default)]
+    struct Recorder {
+        held: BTreeSet<BackendOf>,
+        synced: Vec<(DesiredState, Vec<BackendOf>)>,
+    }
+
+    impl Engine for Recorder {
+        fn kind(&self) -> DataplaneKind {
+            DataplaneKind::Fake
+        }
+        async fn held_down(
+            &mut self,
+            _desired: &DesiredState,
+        ) -> Result<BTreeSet<BackendOf>, DataplaneError> {
+            Ok(self.held.clone())
+        }
+        async fn sync(
+            &mut self,
+            desired: &DesiredState,
+            _services: &ServiceConfigs<'_>,
+            expired: &[BackendOf],
+        ) -> Result<usize, DataplaneError> {
+            self.synced.push((desired.clone(), expired.to_vec()));
+            Ok(1)
+        }
+        fn set_node_net(&mut self, _net: &NodeNet) -> Result<bool, DataplaneError> {
+            Ok(false)
+        }
+        fn metrics_source(&self) -> Result<metrics::Source, DataplaneError> {
+            Err(DataplaneError::Other("none".into()))
+        }
+    }
+
+    /// Health and drain are decided above the engine, the same for XDP
+    /// and IPVS: a backend the engine holds down starts down (its probes
+    /// to a closed port keep it so), a drained backend past its timeout
+    /// leaves the desired state and is handed over as expired.
+    #[tokio::test]
+    async fn any_engine_gets_health_and_drain_applied() {
+        let cfg = config::parse(
+            r#"
+[[service]]
+name = "web"
+publish = [{ proto = "tcp", port = 80, target = 1 }]
+health = { kind = "tcp", interval_ms = 60000, timeout_ms = 100 }
+[[service.backend]]
+addr = "127.0.0.1"
+[[service.backend]]
+addr = "127.0.0.2"
+weight = 0
+[[service.backend]]
+addr = "127.0.0.3"
+"#,
+        )
+        .expect("config");
+        let skey = ServiceKey {
+            name: "web".into(),
+            proto: Proto::Tcp,
+            port: 80,
+        };
+        let bk = |a: [u8; 4]| BackendKey {
+            addr: IpAddr::from(a),
+            port: 1,
+        };
+        let mut engine = Recorder {
+            held: [(skey.clone(), bk([127, 0, 0, 1]))].into(),
+            ..Default::default()
+        };
+        let (checker, _rx) = Checker::new(4);
+        let mut live = Liveness {
+            checker,
+            drains: DrainTimers::default(),
+            drain_default: Some(Duration::ZERO),
+        };
+        let locals = [IpAddr::from([192, 168, 1, 5])].into();
+        let n = sync(
+            &mut engine,
+            &cfg,
+            &Cluster::Static,
+            &locals,
+            "n1",
+            &mut live,
+        )
+        .await
+        .expect("sync");
+        assert_eq!(n, 1);
+        let (desired, expired) = &engine.synced[0];
+        let backends = &desired.services[&skey].backends;
+        assert_eq!(backends[&bk([127, 0, 0, 1])].state, BackendState::Down);
+        assert_eq!(backends[&bk([127, 0, 0, 3])].state, BackendState::Up);
+        assert!(!backends.contains_key(&bk([127, 0, 0, 2])), "drained out");
+        assert_eq!(expired, &vec![(skey.clone(), bk([127, 0, 0, 2]))]);
+        // Waiting for etcd's first list: nothing reaches the engine.
+        let n = sync(
+            &mut engine,
+            &cfg,
+            &Cluster::Waiting,
+            &locals,
+            "n1",
+            &mut live,
+        )
+        .await
+        .expect("sync");
+        assert_eq!((n, engine.synced.len()), (0, 1));
     }
 }

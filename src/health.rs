@@ -22,7 +22,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{Health, HealthKind};
-use crate::model::{BackendKey, BackendState, DesiredState, Observed, Proto};
+use crate::model::{BackendKey, BackendState, DesiredState, Proto, ServiceKey};
 
 /// Probes in flight at once, over all targets: a node with thousands of
 /// backends must not open thousands of sockets in the same millisecond.
@@ -55,12 +55,13 @@ pub struct TargetSpec {
 /// whose service has a health check (`health_of` gives it by service
 /// name). UDP ports are not probed (a TCP or HTTP probe says nothing about
 /// them); a UDP port whose backend address and port are also a checked TCP
-/// target follows that target's state (see [`mark_down`]). `observed`
-/// gives each new target its initial state.
+/// target follows that target's state (see [`mark_down`]). `held_down`
+/// (what the data plane holds as down now) gives each new target its
+/// initial state.
 pub fn targets<'a>(
     desired: &DesiredState,
     health_of: impl Fn(&str) -> Option<&'a Health>,
-    observed: &Observed,
+    held_down: &BTreeSet<(ServiceKey, BackendKey)>,
 ) -> BTreeMap<TargetKey, TargetSpec> {
     let mut out = BTreeMap::new();
     for (key, spec) in &desired.services {
@@ -71,11 +72,7 @@ pub fn targets<'a>(
             continue;
         };
         for bk in spec.backends.keys() {
-            let initially_up = observed
-                .services
-                .get(key)
-                .and_then(|o| o.backends.get(bk))
-                .is_none_or(|ob| ob.state != BackendState::Down);
+            let initially_up = !held_down.contains(&(key.clone(), *bk));
             out.insert(
                 TargetKey {
                     service: key.name.clone(),
@@ -579,9 +576,7 @@ mod tests {
 
     #[test]
     fn targets_and_mark_down() {
-        use crate::model::{
-            BackendSpec, ObservedBackend, ObservedService, ServiceKey, ServiceSpec,
-        };
+        use crate::model::{BackendSpec, ServiceSpec};
         let bk = |i: u8| BackendKey {
             addr: std::net::IpAddr::from([10, 0, 0, i]),
             port: 8000,
@@ -616,20 +611,9 @@ mod tests {
         desired
             .services
             .insert(skey("plain", Proto::Tcp), svc(vec![(bk(1), up)]));
-        let mut observed = Observed::default();
-        let mut os = ObservedService::default();
-        os.backends.insert(
-            bk(2),
-            ObservedBackend {
-                id: 1,
-                weight: 100,
-                state: BackendState::Down,
-                remote: false,
-            },
-        );
-        observed.services.insert(skey("web", Proto::Tcp), os);
+        let held_down = [(skey("web", Proto::Tcp), bk(2))].into();
         let h = fast(HealthKind::Tcp);
-        let t = targets(&desired, |n| (n == "web").then_some(&h), &observed);
+        let t = targets(&desired, |n| (n == "web").then_some(&h), &held_down);
         let tk = |s: &str, i| TargetKey {
             service: s.into(),
             backend: bk(i),
@@ -640,7 +624,7 @@ mod tests {
             "only services with a check; UDP ports are not probed"
         );
         assert!(t[&tk("web", 1)].initially_up);
-        assert!(!t[&tk("web", 2)].initially_up, "observed down stays down");
+        assert!(!t[&tk("web", 2)].initially_up, "held down stays down");
 
         let down: BTreeSet<TargetKey> = [tk("web", 1), tk("web", 3)].into();
         mark_down(&mut desired, &down);

@@ -7,7 +7,8 @@
 //! * [`model`] — desired/observed state in the reconciler's terms.
 //! * [`maglev`] — the Maglev lookup table (weighted, deterministic).
 //! * [`reconcile`] — the pure reconciler: desired + observed → plan.
-//! * [`dataplane`] — the `Dataplane` trait and its XDP and fake engines.
+//! * [`dataplane`] — the `Dataplane` (plans) and `Engine` (the daemon's loop)
+//!   traits; the XDP, IPVS and fake engines.
 //! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
 //! * [`inspect`] — `status` and `explain`, read from the pinned maps.
 //! * [`ipvs`] — IPVS over generic netlink (constants, wire format, handle).
@@ -16,6 +17,7 @@
 //! * [`health`] — active health checks (rise/fall state machine, prober).
 //! * [`drain`] — drain timeouts: draining backends leave after `drain_timeout`.
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
+//! * [`nft`] — nf_tables over nfnetlink: masquerade for remote backends (IPVS mode).
 //! * [`nodenet`] — interface forwarding flags and the SNAT address (pure).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
 //! * [`metrics`] — Prometheus text on `/metrics`.
@@ -39,6 +41,7 @@ pub mod manual;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
+pub mod nft;
 pub mod nodenet;
 pub mod pinned;
 pub mod reconcile;

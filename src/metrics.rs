@@ -1,5 +1,6 @@
-//! Prometheus text exposition on `/metrics`, rendered from the pinned maps
-//! at scrape time (the kernel's per-CPU counters are the only source).
+//! Prometheus text exposition on `/metrics`, rendered at scrape time from
+//! the kernel's own counters: the pinned maps (XDP: per-CPU counters) or
+//! the IPVS services' and destinations' statistics (IPVS), see [`Source`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::dataplane::ipvs::IpvsView;
 use crate::inspect;
 use crate::pinned::Maps;
 
@@ -206,14 +208,32 @@ pub fn render(status: &inspect::Status) -> String {
     out
 }
 
-/// Serves `/metrics` until the task is dropped, reading the maps (its own
-/// handles on the pins) at each scrape.
-pub async fn serve(listener: TcpListener, maps: Arc<Maps>, node: String, registry: Arc<Registry>) {
+/// Where the per-service and per-backend numbers come from.
+#[derive(Clone)]
+pub enum Source {
+    /// XDP: the pinned maps (the server's own handles on the pins).
+    Pinned(Arc<Maps>),
+    /// IPVS: the kernel's IPVS statistics, named by the engine.
+    Ipvs(IpvsView),
+}
+
+impl Source {
+    async fn status(&self, node: &str) -> Result<inspect::Status, String> {
+        match self {
+            Source::Pinned(maps) => inspect::status(maps, Some(node)).map_err(|e| e.to_string()),
+            Source::Ipvs(view) => view.status(node).await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Serves `/metrics` until the task is dropped, reading `source` at each
+/// scrape.
+pub async fn serve(listener: TcpListener, source: Source, node: String, registry: Arc<Registry>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let maps = maps.clone();
+        let source = source.clone();
         let node = node.clone();
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -227,7 +247,7 @@ pub async fn serve(listener: TcpListener, maps: Arc<Maps>, node: String, registr
                 };
             let req = String::from_utf8_lossy(&buf[..n]);
             let (code, body) = if req.starts_with("GET /metrics") {
-                match inspect::status(&maps, Some(node.as_str())) {
+                match source.status(&node).await {
                     Ok(s) => {
                         let mut text = render(&s);
                         registry.render(&mut text);

@@ -6,17 +6,26 @@
 //! flush: unchanged services and destinations, and so their connections,
 //! are not touched; only services this node created are ever deleted.
 //!
-//! [`IpvsEngine`] is the IO half: it dumps the kernel's table, applies the
-//! diff, and remembers (in a state file) which services it created, so a
-//! restarted daemon adopts them — connections and all — and can still
-//! delete the ones no longer wanted. `meshlb run --dataplane ipvs` drives
-//! it (`daemon::run_ipvs`). The host kernel of this project's CI has no
-//! IPVS: the engine is exercised in the vm/ guests.
+//! [`IpvsEngine`] is the IO half and the daemon's [`Engine`] in IPVS mode:
+//! it dumps the kernel's table, applies the diff, and remembers (in a
+//! state file) which services it created, so a restarted daemon adopts
+//! them — connections and all — and can still delete the ones no longer
+//! wanted; it keeps the VIPs on a dummy device and the remote backends in
+//! meshlb's nf_tables masquerade set (`crate::nft`), and serves
+//! `/metrics` from the kernel's IPVS counters ([`IpvsView`]). The host
+//! kernel of this project's CI has no IPVS: the engine is exercised in
+//! the vm/ guests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::{BackendOf, DataplaneError, DataplaneKind, Engine, ServiceConfigs};
+use crate::inspect::{BackendStatus, ServiceStatus, Status};
+use crate::model::{BackendState, ServiceKey, ServiceSpec};
+use crate::nft::{Masquerade, Remote};
+use crate::nodenet::NodeNet;
 
 use crate::ipvs::consts::{
     IP_VS_CONN_F_MASQ, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED_MH_FALLBACK,
@@ -60,18 +69,44 @@ pub type Dests = BTreeMap<(IpAddr, u16), Dest>;
 /// A whole IPVS table.
 pub type Table = BTreeMap<ServiceId, (Service, Dests)>;
 
+/// Every IPVS virtual service of `desired` with the data-plane service it
+/// implements: one per VIP frontend, and one per node address for a node
+/// port.
+pub fn services(
+    desired: &DesiredState,
+) -> impl Iterator<Item = (ServiceId, &ServiceKey, &ServiceSpec)> {
+    desired.services.iter().flat_map(move |(key, spec)| {
+        spec.frontends.iter().flat_map(move |fe| {
+            let addrs: Vec<IpAddr> = match fe.addr {
+                Some(a) => vec![a],
+                None => desired.local_addrs.iter().copied().collect(),
+            };
+            addrs.into_iter().map(move |addr| {
+                let id = ServiceId {
+                    addr,
+                    port: fe.port,
+                    proto: key.proto.number(),
+                };
+                (id, key, spec)
+            })
+        })
+    })
+}
+
 /// The table for `desired`; `opts` gives each service's scheduling
 /// (default: `mh`, no persistence).
 pub fn table(desired: &DesiredState, opts: &BTreeMap<String, IpvsOptions>) -> Table {
     let mut t = Table::new();
-    for (key, spec) in &desired.services {
+    for (id, key, spec) in services(desired) {
         let mut o = opts.get(&key.name).cloned().unwrap_or_default();
         if o.persistence.is_none() && spec.affinity_secs > 0 {
             o.persistence = Some(spec.affinity_secs);
         }
+        // A service holds backends of its own family only.
         let dests: Dests = spec
             .backends
             .iter()
+            .filter(|(bk, _)| bk.addr.is_ipv4() == id.addr.is_ipv4())
             .map(|(bk, bs)| {
                 let d = Dest {
                     addr: bk.addr,
@@ -85,28 +120,50 @@ pub fn table(desired: &DesiredState, opts: &BTreeMap<String, IpvsOptions>) -> Ta
                 ((bk.addr, bk.port), d)
             })
             .collect();
-        for fe in &spec.frontends {
-            let addrs: Vec<IpAddr> = match fe.addr {
-                Some(a) => vec![a],
-                None => desired.local_addrs.iter().copied().collect(),
-            };
-            for addr in addrs {
-                let id = ServiceId {
-                    addr,
-                    port: fe.port,
+        t.insert(id, (service(id, &o), dests));
+    }
+    t
+}
+
+/// The remote backends of `desired` (on another node): their flows must
+/// leave this node masqueraded, or they would answer the client directly.
+pub fn remotes(desired: &DesiredState) -> BTreeSet<Remote> {
+    desired
+        .services
+        .iter()
+        .flat_map(|(key, spec)| {
+            spec.backends
+                .iter()
+                .filter(|(_, bs)| bs.remote)
+                .map(|(bk, _)| Remote {
+                    addr: bk.addr,
                     proto: key.proto.number(),
-                };
-                // A service holds backends of its own family only.
-                let fam: Dests = dests
-                    .iter()
-                    .filter(|((a, _), _)| a.is_ipv4() == addr.is_ipv4())
-                    .map(|(k, d)| (*k, d.clone()))
-                    .collect();
-                t.insert(id, (service(id, &o), fam));
+                    port: bk.port,
+                })
+        })
+        .collect()
+}
+
+/// Backends of `desired` that should take new flows but that `have` (the
+/// kernel's table) holds at weight 0: taken out by an earlier daemon's
+/// health checks.
+pub fn held_down(desired: &DesiredState, have: &Table) -> BTreeSet<BackendOf> {
+    let mut out = BTreeSet::new();
+    for (id, key, spec) in services(desired) {
+        let Some((_, dests)) = have.get(&id) else {
+            continue;
+        };
+        for (bk, bs) in &spec.backends {
+            if bs.active()
+                && dests
+                    .get(&(bk.addr, bk.port))
+                    .is_some_and(|d| d.weight == 0)
+            {
+                out.insert((key.clone(), *bk));
             }
         }
     }
-    t
+    out
 }
 
 /// `mh` hashes address and port (as meshlb's Maglev hashes the flow) and
@@ -197,11 +254,20 @@ pub struct IpvsEngine {
     /// Services this node created (persisted in `state_file`).
     owned: BTreeSet<ServiceId>,
     state_file: PathBuf,
+    /// The dummy device holding the VIPs.
+    vip_device: String,
+    /// SNAT of flows to remote backends (nf_tables).
+    masq: Masquerade,
+    /// Names and states for `/metrics`, as of the last sync.
+    view: IpvsView,
+    /// The kernel's table as `held_down` read it, for the `sync` that
+    /// follows it in the same round.
+    last_dump: Option<Table>,
 }
 
 impl IpvsEngine {
     /// Connects to IPVS and reads which services an earlier daemon created.
-    pub async fn open(state_file: PathBuf) -> Result<IpvsEngine, IpvsError> {
+    pub async fn open(state_file: PathBuf, vip_device: &str) -> Result<IpvsEngine, IpvsError> {
         let ipvs = Ipvs::open().await?;
         let owned = std::fs::read_to_string(&state_file)
             .ok()
@@ -211,29 +277,17 @@ impl IpvsEngine {
             ipvs,
             owned,
             state_file,
+            vip_device: vip_device.to_owned(),
+            masq: Masquerade::new(),
+            view: IpvsView::default(),
+            last_dump: None,
         })
     }
 
-    /// The kernel's table now.
-    pub async fn dump(&mut self) -> Result<Table, IpvsError> {
-        let mut t = Table::new();
-        for s in self.ipvs.services().await? {
-            let dests = self
-                .ipvs
-                .dests(&s.id)
-                .await?
-                .into_iter()
-                .map(|d| ((d.addr, d.port), d))
-                .collect();
-            t.insert(s.id, (s, dests));
-        }
-        Ok(t)
-    }
-
-    /// Makes the kernel hold `want`; returns the number of changes.
-    pub async fn sync(&mut self, want: &Table) -> Result<usize, IpvsError> {
-        let have = self.dump().await?;
-        let changes = diff(want, &have, &self.owned);
+    /// Makes the kernel's table (`have`) into `want`; returns the number
+    /// of changes.
+    async fn apply_table(&mut self, want: &Table, have: &Table) -> Result<usize, IpvsError> {
+        let changes = diff(want, have, &self.owned);
         for c in &changes {
             match c {
                 Change::AddService(s) => self.ipvs.new_service(s).await?,
@@ -260,6 +314,249 @@ impl IpvsEngine {
         if let Err(e) = std::fs::write(&self.state_file, format_owned(&self.owned)) {
             log::warn!("ipvs state {}: {e}", self.state_file.display());
         }
+    }
+}
+
+/// The kernel's whole table, stats included.
+pub async fn dump(ipvs: &mut Ipvs) -> Result<Table, IpvsError> {
+    let mut t = Table::new();
+    for s in ipvs.services().await? {
+        let dests = ipvs
+            .dests(&s.id)
+            .await?
+            .into_iter()
+            .map(|d| ((d.addr, d.port), d))
+            .collect();
+        t.insert(s.id, (s, dests));
+    }
+    Ok(t)
+}
+
+/// The scheduling of every configured service.
+fn options(services: &ServiceConfigs<'_>) -> BTreeMap<String, IpvsOptions> {
+    services
+        .iter()
+        .map(|(name, s)| {
+            (
+                name.to_string(),
+                IpvsOptions {
+                    sched: sched_name(s.scheduler).into(),
+                    persistence: s.affinity.as_ref().map(|a| a.timeout as u32),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The IPVS engine of the daemon's loop: the desired state as an IPVS
+/// table (synced as a diff), its VIPs on the dummy device, and its remote
+/// backends in the masquerade set.
+impl Engine for IpvsEngine {
+    fn kind(&self) -> DataplaneKind {
+        DataplaneKind::Ipvs
+    }
+
+    async fn held_down(
+        &mut self,
+        desired: &DesiredState,
+    ) -> Result<BTreeSet<BackendOf>, DataplaneError> {
+        let have = dump(&mut self.ipvs).await?;
+        let down = held_down(desired, &have);
+        self.last_dump = Some(have);
+        Ok(down)
+    }
+
+    async fn sync(
+        &mut self,
+        desired: &DesiredState,
+        services: &ServiceConfigs<'_>,
+        expired: &[BackendOf],
+    ) -> Result<usize, DataplaneError> {
+        let vips: BTreeSet<IpAddr> = desired
+            .services
+            .values()
+            .flat_map(|s| s.frontends.iter().filter_map(|f| f.addr))
+            .collect();
+        // The VIPs are local once on the device: node ports answer on the
+        // other local addresses only.
+        let mut d = desired.clone();
+        d.local_addrs.retain(|a| !vips.contains(a));
+        let want = table(&d, &options(services));
+        crate::netlink::ensure_vip_device(&self.vip_device, &vips).await?;
+        let have = match self.last_dump.take() {
+            Some(t) => t,
+            None => dump(&mut self.ipvs).await?,
+        };
+        let n = self.apply_table(&want, &have).await?;
+        for (skey, bk) in expired {
+            let conns: u32 = services_of(&have, &d, skey)
+                .filter_map(|(_, dests)| dests.get(&(bk.addr, bk.port)))
+                .map(|dest| dest.active_conns + dest.inactive_conns)
+                .sum();
+            log::info!("{skey}: backend {bk} drained past its timeout: removed, {conns} IPVS connections end (their packets are dropped)");
+        }
+        self.view.update(&d, &want, services);
+        let m = self.masq.sync(&remotes(&d)).await?;
+        Ok(n + m)
+    }
+
+    fn set_node_net(&mut self, _net: &NodeNet) -> Result<bool, DataplaneError> {
+        // Masquerade picks the outgoing interface's address itself.
+        Ok(false)
+    }
+
+    fn metrics_source(&self) -> Result<crate::metrics::Source, DataplaneError> {
+        Ok(crate::metrics::Source::Ipvs(self.view.clone()))
+    }
+}
+
+/// The kernel services of `have` implementing data-plane service `skey`.
+fn services_of<'a>(
+    have: &'a Table,
+    desired: &'a DesiredState,
+    skey: &'a ServiceKey,
+) -> impl Iterator<Item = &'a (Service, Dests)> {
+    desired
+        .local_addrs
+        .iter()
+        .map(|a| ServiceId {
+            addr: *a,
+            port: skey.port,
+            proto: skey.proto.number(),
+        })
+        .chain(
+            desired
+                .services
+                .get(skey)
+                .into_iter()
+                .flat_map(|s| s.frontends.iter().filter_map(|f| f.addr))
+                .map(|a| ServiceId {
+                    addr: a,
+                    port: skey.port,
+                    proto: skey.proto.number(),
+                }),
+        )
+        .filter_map(|id| have.get(&id))
+}
+
+/// What `/metrics` needs beside the kernel's counters: which service and
+/// state each IPVS service and destination stands for (the kernel knows
+/// no names). Updated by every sync; read at scrape time with a fresh
+/// dump of the kernel's table and stats.
+#[derive(Clone, Debug, Default)]
+pub struct IpvsView(Arc<Mutex<BTreeMap<ServiceId, Named>>>);
+
+#[derive(Clone, Debug)]
+struct Named {
+    name: String,
+    scheduler: &'static str,
+    vip: bool,
+    states: BTreeMap<(IpAddr, u16), &'static str>,
+}
+
+impl IpvsView {
+    fn update(&self, desired: &DesiredState, want: &Table, configs: &ServiceConfigs<'_>) {
+        let mut m = BTreeMap::new();
+        for (id, key, spec) in services(desired) {
+            if !want.contains_key(&id) {
+                continue;
+            }
+            let states = spec
+                .backends
+                .iter()
+                .map(|(bk, bs)| {
+                    let st = match bs.effective_state() {
+                        BackendState::Up => "up",
+                        BackendState::Down => "down",
+                        BackendState::Draining => "draining",
+                    };
+                    ((bk.addr, bk.port), st)
+                })
+                .collect();
+            let scheduler = configs
+                .get(key.name.as_str())
+                .map_or(crate::config::Scheduler::Maglev.as_str(), |s| {
+                    s.scheduler.as_str()
+                });
+            let vip = spec.frontends.iter().any(|f| f.addr == Some(id.addr));
+            m.insert(
+                id,
+                Named {
+                    name: key.name.clone(),
+                    scheduler,
+                    vip,
+                    states,
+                },
+            );
+        }
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = m;
+    }
+
+    /// This node's status from IPVS: per service and backend, the kernel's
+    /// connection, packet and byte counters (summed over the VIP and node
+    /// addresses of a port by the metrics renderer).
+    pub async fn status(&self, node: &str) -> Result<Status, IpvsError> {
+        let mut ipvs = Ipvs::open().await?;
+        let have = dump(&mut ipvs).await?;
+        let names = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(status_of(node, &names, &have))
+    }
+}
+
+fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &Table) -> Status {
+    let mut by_name: BTreeMap<&str, ServiceStatus> = BTreeMap::new();
+    for (id, n) in names {
+        let Some((svc, dests)) = have.get(id) else {
+            continue;
+        };
+        let s = by_name
+            .entry(n.name.as_str())
+            .or_insert_with(|| ServiceStatus {
+                name: n.name.clone(),
+                vip: None,
+                ports: vec![],
+                scheduler: n.scheduler,
+                backends: vec![],
+                packets: 0,
+                bytes: 0,
+                connections: 0,
+            });
+        if n.vip {
+            s.vip.get_or_insert_with(|| id.addr.to_string());
+        }
+        let proto =
+            crate::model::Proto::from_number(id.proto).map_or("?".into(), |p| p.to_string());
+        let port = format!("{}/{proto}", id.port);
+        if !s.ports.contains(&port) {
+            s.ports.push(port);
+        }
+        let st = svc.stats;
+        s.packets += st.in_packets + st.out_packets;
+        s.bytes += st.in_bytes + st.out_bytes;
+        s.connections += st.conns;
+        for (k, d) in dests {
+            let st = d.stats;
+            s.backends.push(BackendStatus {
+                addr: d.addr.to_string(),
+                port: d.port,
+                weight: d.weight,
+                state: n.states.get(k).copied().unwrap_or("up"),
+                packets: st.in_packets + st.out_packets,
+                bytes: st.in_bytes + st.out_bytes,
+                connections: st.conns,
+                packets_in: st.in_packets,
+                packets_out: st.out_packets,
+                bytes_in: st.in_bytes,
+                bytes_out: st.out_bytes,
+            });
+        }
+    }
+    Status {
+        node: node.to_owned(),
+        dataplane: DataplaneKind::Ipvs.as_str(),
+        services: by_name.into_values().collect(),
+        conntrack_entries: 0,
+        counters: BTreeMap::new(),
     }
 }
 
@@ -429,5 +726,116 @@ mod tests {
         let gone = diff(&empty, &before, &owned);
         assert_eq!(gone.len(), 3);
         assert!(gone.iter().all(|c| matches!(c, Change::DelService(_))));
+    }
+
+    fn skey() -> ServiceKey {
+        ServiceKey {
+            name: "web".into(),
+            proto: Proto::Tcp,
+            port: 80,
+        }
+    }
+
+    fn bkey(a: &str) -> BackendKey {
+        BackendKey {
+            addr: ip(a),
+            port: 8000,
+        }
+    }
+
+    #[test]
+    fn remote_backends_are_the_masquerade_set() {
+        let mut d = desired(&[
+            ("10.0.1.2", 100, BackendState::Up),
+            ("10.0.2.2", 100, BackendState::Down),
+            ("fd00:2::2", 0, BackendState::Up),
+        ]);
+        let spec = d.services.get_mut(&skey()).unwrap();
+        for a in ["10.0.2.2", "fd00:2::2"] {
+            spec.backends.get_mut(&bkey(a)).unwrap().remote = true;
+        }
+        // Down or draining, a remote backend keeps its established flows:
+        // they still need the SNAT.
+        let want: BTreeSet<Remote> = ["10.0.2.2", "fd00:2::2"]
+            .iter()
+            .map(|a| Remote {
+                addr: ip(a),
+                proto: 6,
+                port: 8000,
+            })
+            .collect();
+        assert_eq!(remotes(&d), want);
+    }
+
+    #[test]
+    fn held_down_is_weight_zero_in_the_kernel_for_a_backend_wanted_up() {
+        let want = desired(&[
+            ("10.0.1.2", 100, BackendState::Up),
+            ("10.0.1.3", 100, BackendState::Up),
+            ("10.0.1.4", 0, BackendState::Up),
+        ]);
+        let mut have = table(&want, &BTreeMap::new());
+        for (_, dests) in have.values_mut() {
+            if let Some(d) = dests.get_mut(&(ip("10.0.1.3"), 8000)) {
+                d.weight = 0;
+            }
+        }
+        // 10.0.1.4 is at weight 0 because it is drained, not held down.
+        assert_eq!(held_down(&want, &have), [(skey(), bkey("10.0.1.3"))].into());
+        assert!(
+            held_down(&want, &Table::new()).is_empty(),
+            "nothing in the kernel"
+        );
+    }
+
+    /// `/metrics` in IPVS mode: one service by name over its VIP and node
+    /// address services, the kernel's counters per destination, the
+    /// state meshlb programmed.
+    #[test]
+    fn status_names_the_kernel_services_and_keeps_their_counters() {
+        let want = desired(&[
+            ("10.0.1.2", 100, BackendState::Up),
+            ("10.0.1.3", 100, BackendState::Down),
+        ]);
+        let mut have = table(&want, &BTreeMap::new());
+        for (id, (_, dests)) in have.iter_mut() {
+            // The IPv6 node address's service has no IPv4 destination.
+            if let Some(d) = dests.get_mut(&(ip("10.0.1.2"), 8000)) {
+                d.stats = Stats {
+                    conns: if id.addr == ip("10.96.0.10") { 7 } else { 2 },
+                    in_packets: 10,
+                    out_packets: 8,
+                    in_bytes: 1000,
+                    out_bytes: 800,
+                };
+            }
+        }
+        let view = IpvsView::default();
+        view.update(&want, &have, &ServiceConfigs::new());
+        let names = view.0.lock().unwrap().clone();
+        let st = status_of("n1", &names, &have);
+        assert_eq!(st.dataplane, "ipvs");
+        assert_eq!(st.services.len(), 1);
+        let svc = &st.services[0];
+        assert_eq!(
+            (svc.name.as_str(), svc.vip.as_deref(), svc.scheduler),
+            ("web", Some("10.96.0.10"), "maglev")
+        );
+        assert_eq!(svc.ports, vec!["80/tcp"]);
+        let text = crate::metrics::render(&st);
+        let line = |p: &str| text.lines().find(|l| l.starts_with(p)).map(str::to_owned);
+        assert_eq!(
+            line("meshlb_connections_total{service=\"web\",backend=\"10.0.1.2:8000\"}").as_deref(),
+            Some("meshlb_connections_total{service=\"web\",backend=\"10.0.1.2:8000\"} 9"),
+            "VIP and node-address services summed"
+        );
+        assert_eq!(
+            line("meshlb_backend_up{service=\"web\",backend=\"10.0.1.3:8000\"}").as_deref(),
+            Some("meshlb_backend_up{service=\"web\",backend=\"10.0.1.3:8000\"} 0")
+        );
+        assert_eq!(
+            line("meshlb_dataplane_info").as_deref(),
+            Some("meshlb_dataplane_info{kind=\"ipvs\"} 1")
+        );
     }
 }

@@ -1,13 +1,27 @@
-//! The `Dataplane` trait: the one door from the reconciler's plans to a
-//! kernel forwarding engine. Implementations: `xdp` (aya) and `fake` (in
-//! memory, for tests of pure logic). `ipvs` holds the IPVS engine's pure
-//! table and diff (not yet driving a kernel).
+//! The data plane seen from the daemon. Two layers:
+//!
+//! * [`Dataplane`]: the one door from the reconciler's plans (dense ids,
+//!   Maglev rings) to map-shaped tables. Implementations: `xdp` (aya) and
+//!   `fake` (in memory, for tests of pure logic).
+//! * [`Engine`]: what the daemon's single loop drives — make the kernel
+//!   hold a [`DesiredState`] (health and drain already applied to it),
+//!   report which backends it holds down, and show the daemon's counters.
+//!   Implementations: [`xdp::XdpDataplane`] (reconciler plans over
+//!   `Dataplane`) and [`ipvs::IpvsEngine`] (the same desired state as an
+//!   IPVS table diff, plus nf_tables SNAT for remote backends).
+//!
+//! Everything about services, tasks, health, drain and schedulers sits
+//! above `Engine`, written once.
 
 pub mod fake;
 pub mod ipvs;
 pub mod xdp;
 
-use crate::model::Observed;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::ServiceConfig;
+use crate::model::{BackendKey, DesiredState, Observed, ServiceKey};
+use crate::nodenet::NodeNet;
 use crate::reconcile::Plan;
 
 /// Which engine forwards packets on this node.
@@ -40,6 +54,12 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(transparent)]
+    Ipvs(#[from] crate::ipvs::IpvsError),
+    #[error(transparent)]
+    Nft(#[from] crate::nft::NftError),
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
     #[error("{0}")]
     Other(String),
 }
@@ -52,4 +72,43 @@ pub trait Dataplane {
     /// Carry out a plan, in order. A failure leaves earlier steps applied;
     /// the next observe/reconcile round repairs the rest.
     fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError>;
+}
+
+/// The services as configured, by name: schedulers and affinity, which
+/// only some engines need beyond the desired state.
+pub type ServiceConfigs<'a> = BTreeMap<&'a str, &'a ServiceConfig>;
+
+/// One backend of one data-plane service.
+pub type BackendOf = (ServiceKey, BackendKey);
+
+/// What the daemon's loop drives (see the module docs). Its futures run on
+/// the daemon's own task, never spawned, so they need not be `Send`.
+#[allow(async_fn_in_trait)]
+pub trait Engine {
+    fn kind(&self) -> DataplaneKind;
+
+    /// Backends of `desired` the kernel holds as down now (no new flows
+    /// for health): a restarted daemon starts their checks down, so they
+    /// are not flapped up.
+    async fn held_down(
+        &mut self,
+        desired: &DesiredState,
+    ) -> Result<BTreeSet<BackendOf>, DataplaneError>;
+
+    /// Makes the kernel hold `desired`; returns the number of changes.
+    /// `expired`: backends drained past their timeout, already left out of
+    /// `desired`: their established flows end too.
+    async fn sync(
+        &mut self,
+        desired: &DesiredState,
+        services: &ServiceConfigs<'_>,
+        expired: &[BackendOf],
+    ) -> Result<usize, DataplaneError>;
+
+    /// This node's interface facts and SNAT addresses, re-read
+    /// periodically; returns whether anything was written.
+    fn set_node_net(&mut self, net: &NodeNet) -> Result<bool, DataplaneError>;
+
+    /// Where `/metrics` reads per-service and per-backend numbers from.
+    fn metrics_source(&self) -> Result<crate::metrics::Source, DataplaneError>;
 }

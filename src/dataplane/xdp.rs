@@ -19,10 +19,10 @@ use meshlb_common::{
 };
 
 use super::fake::FakeDataplane;
-use super::{Dataplane, DataplaneError, DataplaneKind};
+use super::{BackendOf, Dataplane, DataplaneError, DataplaneKind, Engine, ServiceConfigs};
 use crate::model::{
-    BackendKey, BackendState, Frontend, Observed, ObservedBackend, ObservedService, Proto,
-    ServiceKey,
+    BackendKey, BackendState, DesiredState, Frontend, Observed, ObservedBackend, ObservedService,
+    Proto, ServiceKey,
 };
 use crate::nodenet::NodeNet;
 use crate::pinned::{addr_bytes, addr_from, Maps, PinnedError};
@@ -177,6 +177,8 @@ pub struct XdpDataplane {
     /// The node facts last written (`None`: not yet; the maps may hold an
     /// earlier daemon's).
     node_net: Option<NodeNet>,
+    /// The pin directory (`/metrics` opens its own handles there).
+    dir: PathBuf,
     // Keeps the program loaded while the daemon runs; the pinned links keep
     // it attached when the daemon is gone.
     _ebpf: Ebpf,
@@ -232,6 +234,7 @@ impl XdpDataplane {
             kind,
             mirror: None,
             node_net: None,
+            dir: dir.to_owned(),
             _ebpf: ebpf,
         })
     }
@@ -784,5 +787,69 @@ impl Dataplane for XdpDataplane {
             self.mirror = None;
         }
         res
+    }
+}
+
+/// The XDP engine of the daemon's loop: the reconciler's plan between
+/// what the maps hold and the desired state, applied as map updates.
+impl Engine for XdpDataplane {
+    fn kind(&self) -> DataplaneKind {
+        self.kind
+    }
+
+    async fn held_down(
+        &mut self,
+        _desired: &DesiredState,
+    ) -> Result<BTreeSet<BackendOf>, DataplaneError> {
+        let observed = self.observe()?;
+        Ok(observed
+            .services
+            .iter()
+            .flat_map(|(k, s)| {
+                s.backends
+                    .iter()
+                    .filter(|(_, b)| b.state == BackendState::Down)
+                    .map(move |(bk, _)| (k.clone(), *bk))
+            })
+            .collect())
+    }
+
+    async fn sync(
+        &mut self,
+        desired: &DesiredState,
+        _services: &ServiceConfigs<'_>,
+        expired: &[BackendOf],
+    ) -> Result<usize, DataplaneError> {
+        let observed = self.observe()?;
+        let plan = crate::reconcile::plan(desired, &observed)
+            .map_err(|e| DataplaneError::Other(format!("reconcile: {e}")))?;
+        let n = plan.ops.len();
+        if n > 0 {
+            self.apply(&plan)?;
+        }
+        for (skey, bk) in expired {
+            // Only the sync that takes it out finds it in `observed`.
+            let Some(os) = observed.services.get(skey) else {
+                continue;
+            };
+            let Some(ob) = os.backends.get(bk) else {
+                continue;
+            };
+            let ended = self.forget_flows(os.id, ob.id);
+            log::info!(
+                "{skey}: backend {bk} drained past its timeout: removed, {ended} flows ended"
+            );
+        }
+        Ok(n)
+    }
+
+    fn set_node_net(&mut self, net: &NodeNet) -> Result<bool, DataplaneError> {
+        XdpDataplane::set_node_net(self, net)
+    }
+
+    fn metrics_source(&self) -> Result<crate::metrics::Source, DataplaneError> {
+        Maps::from_pins(&self.dir)
+            .map(|m| crate::metrics::Source::Pinned(std::sync::Arc::new(m)))
+            .map_err(|e| DataplaneError::Other(e.to_string()))
     }
 }

@@ -17,13 +17,16 @@ mkdir -p "$LOGDIR"
 
 log() { echo "[$(cut -d' ' -f1 /proc/uptime)] $*"; }
 
+# A `fail` inside $(...) only ends that subshell: the first FAIL written
+# stays the result, and a later `pass` cannot overwrite it.
 pass() {
+    grep -q '^FAIL' /tmp/result 2>/dev/null && exit 1
     echo "PASS $*" >/tmp/result
     exit 0
 }
 
 fail() {
-    echo "FAIL $*" >/tmp/result
+    grep -q '^FAIL' /tmp/result 2>/dev/null || echo "FAIL $*" >/tmp/result
     exit 1
 }
 

@@ -11,9 +11,17 @@
 # each with its node) from etcd (arg `etcd`: etcd-server runs on n1, on
 # the segment; n1 creates the service and the tasks with `meshlb service
 # create` / `meshlb task add --node`, and every daemon watches it), or
-# (arg `static`) from the same static config on every node. The client reaches every task
+# (arg `static`) from the same static config on every node. The client
+# reaches every task
 # through every node's published port (a task on another node is DNAT+SNAT
 # to the forwarding node's address), and the VIP via n1.
+#
+# With the data plane argument `ipvs` (x86_64-mesh3-ipvs) the nodes run `meshlb run
+# --dataplane ipvs`: IPVS masquerading, and meshlb's nf_tables
+# masquerade for the tasks of the other nodes. Every task answers
+# /cgi-bin/peer with its name and the source address it saw: a task on
+# the forwarding node sees the client (10.210.0.100), a task on another
+# node sees the forwarding node's address (SNAT), checked in IPVS mode.
 #
 # Coordination: each node serves /tmp/mark over busybox httpd on :9999 of
 # its uplink address — `ready` once its daemon is programmed; n1 adds `done`
@@ -21,12 +29,15 @@
 # see it, and n1 waits (bounded) until they are gone before it passes.
 
 BPFFS=/sys/fs/bpf/meshlb
-SOURCE=${1:-static}
+# Args: the data plane (xdp | ipvs), then the source (static | etcd).
+MODE=${1:-xdp}
+SOURCE=${2:-static}
 ETCD=http://10.210.0.1:2379
 i=${NODE#n}
 case $i in 1 | 2 | 3) ;; *) fail "node name $NODE is not n1..n3" ;; esac
 
 must modprobe -a veth bridge virtio_net
+[ "$MODE" = ipvs ] && must modprobe -a ip_vs ip_vs_mh dummy
 
 # The NIC with MAC $1 (names depend on probe order).
 by_mac() {
@@ -55,6 +66,9 @@ must ip -n "t$i" route add default via "10.22$i.0.1"
 for j in 1 2 3; do
     [ "$j" = "$i" ] || must ip route add "10.22$j.0.0/24" via "10.210.0.$j"
 done
+mkdir -p "/tmp/www/t$i/cgi-bin"
+printf '#!/bin/busybox sh\necho "Content-Type: text/plain"\necho\necho "t%s $REMOTE_ADDR"\n' "$i" >"/tmp/www/t$i/cgi-bin/peer"
+chmod +x "/tmp/www/t$i/cgi-bin/peer"
 httpd "t$i" "t$i" 8000
 
 case $SOURCE in
@@ -97,10 +111,18 @@ etcd)
 *) fail "unknown source $SOURCE (static or etcd)" ;;
 esac
 
-meshlb_start "$NODE" $SRC --node "$NODE" --iface "$eth" --iface br0 --bpffs "$BPFFS"
-meshlb_ready "$BPFFS" web
-dp=$("$MESHLB" status --json --bpffs "$BPFFS" | grep -o '"dataplane": *"[a-z-]*"' | cut -d'"' -f4)
-modes="$eth=$(xdp_mode "$eth") br0=$(xdp_mode br0)"
+if [ "$MODE" = ipvs ]; then
+    meshlb_start "$NODE" $SRC --node "$NODE" --iface "$eth" --iface br0 --dataplane ipvs
+    wait_until 120 "IPVS programmed (VIP with 3 tasks)" bb sh -c '[ "$(/sbin/ipvsadm -Ln -t 10.96.0.10:80 | grep -c Masq)" = 3 ]'
+    dp=$(bb timeout 5 /bin/busybox wget -q -O - http://127.0.0.1:9742/metrics | grep -o 'meshlb_dataplane_info{kind="[a-z-]*"}' | cut -d'"' -f2)
+    [ "$dp" = ipvs ] || fail "/metrics: meshlb_dataplane_info is '$dp', not ipvs"
+    modes="conntrack=$(cat /proc/sys/net/ipv4/vs/conntrack)"
+else
+    meshlb_start "$NODE" $SRC --node "$NODE" --iface "$eth" --iface br0 --bpffs "$BPFFS"
+    meshlb_ready "$BPFFS" web
+    dp=$("$MESHLB" status --json --bpffs "$BPFFS" | grep -o '"dataplane": *"[a-z-]*"' | cut -d'"' -f4)
+    modes="$eth=$(xdp_mode "$eth") br0=$(xdp_mode br0)"
+fi
 log "meshlb ready on $NODE: $dp, $modes"
 
 mkdir -p /tmp/mark
@@ -128,19 +150,30 @@ done
 # most 40 requests per node; Maglev spreads the client's ports).
 detail=
 for j in 1 2 3 vip; do
-    url=http://10.210.0.$j/
-    [ $j = vip ] && url=http://10.96.0.10/
+    url=http://10.210.0.$j/cgi-bin/peer
+    [ $j = vip ] && url=http://10.96.0.10/cgi-bin/peer
+    via=$j
+    [ $j = vip ] && via=1
     answers= n=0
     while [ $n -lt 40 ]; do
         body=$(get client "$url") || fail "request $n to $url failed (answers so far:$answers)"
-        case $body in t1 | t2 | t3) ;; *) fail "$url answered '$body'" ;; esac
+        task=${body%% *} peer=${body#* }
+        # busybox httpd listens dual-stack: "[::ffff:10.210.0.1]".
+        peer=${peer#\[::ffff:} peer=${peer%\]}
+        case $task in t1 | t2 | t3) ;; *) fail "$url answered '$body'" ;; esac
+        want=10.210.0.$via
+        [ "$task" = "t$via" ] && want=10.210.0.100
+        if [ "$MODE" = ipvs ] && [ "$peer" != "$want" ]; then
+            fail "$url: $task saw the client as $peer, not $want ($([ "$want" = 10.210.0.100 ] && echo 'local task: no SNAT' || echo "remote task: SNAT to n$via"))"
+        fi
+        body=$task
         answers="$answers $body"
         n=$((n + 1))
         case " $answers " in *" t1 "*) case " $answers " in *" t2 "*) case " $answers " in *" t3 "*) break ;; esac ;; esac ;; esac
     done
     seen=$(tally $answers)
     case $seen in *t1=*t2=*t3=*) ;; *) fail "$url: not every task answered in $n requests: $seen" ;; esac
-    detail="$detail[$([ $j = vip ] && echo vip || echo n$j): $n ok, ${seen% }] "
+    detail="$detail[$([ $j = vip ] && echo vip || echo n$j): $n ok, ${seen% }$([ "$MODE" = ipvs ] && echo ", peers ok")] "
 done
 echo done >/tmp/mark/done
 gone() { ! bb timeout 3 /bin/busybox wget -q -O /dev/null "http://10.210.0.$1:9999/ready"; }

@@ -141,10 +141,19 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "x86_64-mesh3",
         arch: Target::X86_64,
         script: "mesh3",
-        args: &["etcd"],
+        args: &["xdp", "etcd"],
         guests: 3,
         deadline: Duration::from_secs(360),
         what: "3 guests on one L2, etcd on n1: every task via every node's published port",
+    },
+    Scenario {
+        name: "x86_64-mesh3-ipvs",
+        arch: Target::X86_64,
+        script: "mesh3",
+        args: &["ipvs", "etcd"],
+        guests: 3,
+        deadline: Duration::from_secs(360),
+        what: "mesh3 on IPVS: remote tasks SNATed (nf_tables), local ones not",
     },
 ];
 

@@ -30,7 +30,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Which backend this node's data plane picks for a flow, and why.
     Explain(ExplainArgs),
-    /// Detach the data plane and remove its pinned state (forwarding stops).
+    /// Remove the data plane's state on purpose (forwarding stops): the
+    /// pinned XDP maps and links, and after IPVS mode the IPVS services
+    /// meshlb created, its nf_tables table and the device meshlb0.
     Cleanup(BpffsArg),
     /// Attach a pass-everything XDP program in native mode (for veth peers:
     /// native XDP redirect only delivers into a veth whose peer runs XDP).

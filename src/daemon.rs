@@ -592,10 +592,7 @@ fn allow_local_source(ifaces: &[String]) {
     }
 }
 
-/// Where the IPVS engine remembers which services it created.
-const IPVS_STATE_DIR: &str = "/run/meshlb";
-/// Name of the dummy device holding the VIPs in IPVS mode.
-pub const VIP_DEVICE: &str = "meshlb0";
+pub use crate::dataplane::ipvs::{STATE_DIR as IPVS_STATE_DIR, VIP_DEVICE};
 
 /// Aborts a spawned task when dropped: every task has an owner.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

@@ -97,16 +97,44 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Cleanup(args) => match dataplane::xdp::cleanup(&args.bpffs) {
-            Ok(n) => {
-                eprintln!(
+        Command::Cleanup(args) => {
+            match dataplane::xdp::cleanup(&args.bpffs) {
+                Ok(n) => eprintln!(
                     "meshlb: removed {n} pinned objects under {}",
                     args.bpffs.display()
-                );
-                ExitCode::SUCCESS
+                ),
+                Err(e) => return fail(1, e),
             }
-            Err(e) => fail(1, e),
-        },
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(1, format!("tokio runtime: {e}")),
+            };
+            let state = std::path::Path::new(dataplane::ipvs::STATE_DIR);
+            match rt.block_on(dataplane::ipvs::cleanup(state, dataplane::ipvs::VIP_DEVICE)) {
+                Ok(None) => ExitCode::SUCCESS,
+                Ok(Some(c)) => {
+                    eprintln!(
+                        "meshlb: removed {} IPVS services{}{}",
+                        c.services,
+                        if c.snat_table {
+                            ", the nf_tables table inet meshlb"
+                        } else {
+                            ""
+                        },
+                        if c.vip_device {
+                            ", the device meshlb0"
+                        } else {
+                            ""
+                        },
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, format!("cleanup ipvs: {e}")),
+            }
+        }
         Command::XdpPass(args) => {
             match dataplane::xdp::attach_pass(&args.bpffs.bpffs, &args.ifaces) {
                 Ok(()) => ExitCode::SUCCESS,

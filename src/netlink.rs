@@ -144,6 +144,27 @@ pub async fn check_interfaces(names: &[String]) -> Result<(), NetlinkError> {
     Ok(())
 }
 
+/// Deletes the link `name`; `false` when there is none.
+pub async fn remove_link(name: &str) -> Result<bool, NetlinkError> {
+    let handle = connect()?;
+    let mut s = handle.link().get().match_name(name.to_string()).execute();
+    let found = tokio::time::timeout(TIMEOUT, s.try_next())
+        .await
+        .map_err(|_| NetlinkError::Timeout("link get"))?;
+    let index = match found {
+        Ok(Some(m)) => m.header.index,
+        _ => return Ok(false),
+    };
+    tokio::time::timeout(TIMEOUT, handle.link().del(index).execute())
+        .await
+        .map_err(|_| NetlinkError::Timeout("link del"))?
+        .map_err(|source| NetlinkError::Request {
+            what: "link del",
+            source,
+        })?;
+    Ok(true)
+}
+
 /// Makes interface `name` a dummy device that is up and holds exactly
 /// `vips` (as /32 and /128): where IPVS virtual services' addresses live,
 /// so the node accepts their packets.

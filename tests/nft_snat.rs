@@ -5,7 +5,8 @@
 //! (address, protocol, port) in meshlb's set arrives from the LB's
 //! address, any other flow from the client's; the set changes
 //! incrementally, a second `Masquerade` (a restarted daemon) installs over
-//! the first, and IPv6 works the same. Needs root; see `common`.
+//! the first, IPv6 works the same, and `remove` (`meshlb cleanup`)
+//! takes the whole table away. Needs root; see `common`.
 
 mod common;
 
@@ -137,4 +138,18 @@ fn remote_backends_are_masqueraded_and_nothing_else() {
         "udp entry, tcp flow"
     );
     assert_eq!(seen_from_client(&topo, v6(PORT)), client6);
+
+    // `meshlb cleanup`: the table goes with everything in it.
+    assert_eq!(sync(&mut again, set(&[remote(b.v4.into(), PORT)])), 2);
+    assert_eq!(seen_from_client(&topo, v4(PORT)), IpAddr::from(b.lb_v4));
+    let remove = |m: &mut Masquerade| {
+        in_netns(&topo.lb_ns, || rt.block_on(m.remove())).unwrap_or_else(|e| panic!("remove: {e}"))
+    };
+    assert!(remove(&mut Masquerade::new()), "the table was there");
+    assert_eq!(
+        seen_from_client(&topo, v4(PORT)),
+        client4,
+        "table removed: nothing masqueraded"
+    );
+    assert!(!remove(&mut Masquerade::new()), "no table left to remove");
 }

@@ -248,6 +248,78 @@ pub fn diff(want: &Table, have: &Table, owned: &BTreeSet<ServiceId>) -> Vec<Chan
     svc.into_iter().chain(add).chain(del).chain(gone).collect()
 }
 
+/// Where the IPVS engine remembers which services it created
+/// (`<node>.ipvs`; kept across daemon restarts, the unit's
+/// `RuntimeDirectory`).
+pub const STATE_DIR: &str = "/run/meshlb";
+/// Name of the dummy device holding the VIPs in IPVS mode.
+pub const VIP_DEVICE: &str = "meshlb0";
+
+/// What `meshlb cleanup` removed of IPVS mode.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleaned {
+    /// IPVS services deleted (those the state files name that still
+    /// existed; nobody else's).
+    pub services: usize,
+    /// meshlb's nf_tables table (the SNAT of remote backends).
+    pub snat_table: bool,
+    /// The VIP device.
+    pub vip_device: bool,
+}
+
+/// `meshlb cleanup` for IPVS mode: deletes the IPVS services this node's
+/// daemons created (as their state files in `state_dir` record), then the
+/// state files, meshlb's nf_tables table and the VIP device. `None` when
+/// no daemon ran in IPVS mode here (no state file): IPVS and nf_tables are
+/// then not touched at all. Forwarding of those services stops.
+pub async fn cleanup(
+    state_dir: &std::path::Path,
+    vip_device: &str,
+) -> Result<Option<Cleaned>, DataplaneError> {
+    let other =
+        |what: &str, e: &dyn std::fmt::Display| DataplaneError::Other(format!("{what}: {e}"));
+    let files: Vec<PathBuf> = match std::fs::read_dir(state_dir) {
+        Ok(d) => d
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "ipvs"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(other(&state_dir.display().to_string(), &e)),
+    };
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let mut ipvs = Ipvs::open().await.map_err(|e| other("ipvs", &e))?;
+    let live: BTreeSet<ServiceId> = ipvs
+        .services()
+        .await
+        .map_err(|e| other("ipvs services", &e))?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    let mut cleaned = Cleaned::default();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| other(&f.display().to_string(), &e))?;
+        for id in parse_owned(&text) {
+            if live.contains(&id) {
+                ipvs.del_service(&id)
+                    .await
+                    .map_err(|e| other("ipvs delete service", &e))?;
+                cleaned.services += 1;
+            }
+        }
+        std::fs::remove_file(&f).map_err(|e| other(&f.display().to_string(), &e))?;
+    }
+    cleaned.snat_table = Masquerade::new()
+        .remove()
+        .await
+        .map_err(|e| other("nf_tables", &e))?;
+    cleaned.vip_device = crate::netlink::remove_link(vip_device)
+        .await
+        .map_err(|e| other(vip_device, &e))?;
+    Ok(Some(cleaned))
+}
+
 /// The IPVS engine of `meshlb run --dataplane ipvs`.
 pub struct IpvsEngine {
     ipvs: Ipvs,

@@ -13,6 +13,7 @@ pub const NFNETLINK_V0: u8 = 0;
 
 // `enum nf_tables_msg_types`.
 pub const NFT_MSG_NEWTABLE: u8 = 0;
+pub const NFT_MSG_DELTABLE: u8 = 2;
 pub const NFT_MSG_NEWCHAIN: u8 = 3;
 pub const NFT_MSG_NEWRULE: u8 = 6;
 pub const NFT_MSG_DELRULE: u8 = 8;

@@ -88,6 +88,18 @@ impl Masquerade {
         Ok(msgs.len())
     }
 
+    /// Deletes meshlb's table, chain, sets and rules (`meshlb cleanup`);
+    /// `false` when there was none. Flows already masqueraded keep their
+    /// conntrack binding until they end.
+    pub async fn remove(&mut self) -> Result<bool, NftError> {
+        self.installed = None;
+        match self.transact(&[wire::del_table()]).await {
+            Ok(()) => Ok(true),
+            Err(NftError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn transact(&mut self, msgs: &[wire::Msg]) -> Result<(), NftError> {
         if self.sock.is_none() {
             let mut s = TokioSocket::new(consts::NETLINK_NETFILTER).map_err(NftError::Socket)?;

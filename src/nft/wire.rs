@@ -141,6 +141,13 @@ pub fn new_table() -> Msg {
     msg(NFT_MSG_NEWTABLE, NLM_F_CREATE, a)
 }
 
+/// Deletes the table with everything in it (`meshlb cleanup`).
+pub fn del_table() -> Msg {
+    let mut a = Vec::new();
+    put_str(&mut a, NFTA_TABLE_NAME, TABLE);
+    msg(NFT_MSG_DELTABLE, 0, a)
+}
+
 /// Creates the nat postrouting chain (priority srcnat, policy accept), or
 /// leaves it as it is.
 pub fn new_chain() -> Msg {
@@ -374,6 +381,7 @@ mod tests {
         let table = "0b0001006d6573686c620000";
         let cases: Vec<(&str, Msg, u8, u16, &str)> = vec![
             ("table", new_table(), NFT_MSG_NEWTABLE, NLM_F_CREATE, ""),
+            ("delete table", del_table(), NFT_MSG_DELTABLE, 0, ""),
             (
                 "chain snat: type nat hook postrouting (4) priority 100 policy accept",
                 new_chain(),

@@ -261,5 +261,13 @@ failures=$(cat /tmp/loop-failures)
 grep -q "applied 0 changes" "$LOGDIR/meshlb-ipvs2.log" ||
     fail "the restarted daemon changed IPVS instead of adopting it: $(grep -i ipvs "$LOGDIR/meshlb-ipvs2.log" | tr '\n' ' ')"
 kill "$MESHLB_PID"
+wait "$MESHLB_PID" 2>/dev/null
+# `meshlb cleanup` takes meshlb's IPVS services and VIP device away.
+out=$("$MESHLB" cleanup --bpffs "$BPFFS" 2>&1) || fail "meshlb cleanup: $out"
+left=$(ipvsadm -Ln | grep -c '^[TU][CD]P')
+[ "$left" = 0 ] || fail "meshlb cleanup left $left IPVS services: $(ipvsadm -Ln | tr '\n' ' ')"
+ip link show meshlb0 >/dev/null 2>&1 && fail "meshlb cleanup left the device meshlb0"
+get client http://10.96.0.10/ >/dev/null && fail "the VIP still answers after meshlb cleanup"
+cleaned=$(echo "$out" | grep -o 'removed [0-9]* IPVS services')
 ready=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics ok (web b1 conns $webconns); sh b1 drained out ${drained}s after weight 0; without b3 ${after% } (mh tuples: $rm_b3 moved off b3, $rm_kept others kept, $rm_moved others moved); restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted"
+pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics ok (web b1 conns $webconns); sh b1 drained out ${drained}s after weight 0; without b3 ${after% } (mh tuples: $rm_b3 moved off b3, $rm_kept others kept, $rm_moved others moved); restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted; cleanup: $cleaned"

@@ -61,11 +61,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Status(args) => {
-            let maps = match pinned::Maps::from_pins(&args.bpffs.bpffs) {
-                Ok(m) => m,
-                Err(e) => return fail(1, e),
+            let status = match pinned::Maps::from_pins(&args.bpffs.bpffs) {
+                Ok(maps) => inspect::status(&maps, args.node.as_deref()).map_err(|e| e.to_string()),
+                // No XDP pins: the node may run IPVS.
+                Err(e) => match ipvs_status(args.node.as_deref()) {
+                    Ok(Some(s)) => Ok(s),
+                    Ok(None) => Err(e.to_string()),
+                    Err(ipvs) => Err(format!("{e}; {ipvs}")),
+                },
             };
-            match inspect::status(&maps, args.node.as_deref()) {
+            match status {
                 Ok(s) if args.json => {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
                     ExitCode::SUCCESS
@@ -157,6 +162,17 @@ fn main() -> ExitCode {
             Err(e) => fail(1, format!("manpages {}: {e}", args.dir.display())),
         },
     }
+}
+
+/// `meshlb status` of a node in IPVS mode (`None`: no IPVS daemon here).
+fn ipvs_status(node: Option<&str>) -> Result<Option<inspect::Status>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let dir = std::path::Path::new(dataplane::ipvs::STATE_DIR);
+    rt.block_on(dataplane::ipvs::status_from_state(dir, node))
+        .map_err(|e| e.to_string())
 }
 
 /// A client command (`service`, `task`) on a current-thread runtime.

@@ -309,6 +309,7 @@ pub async fn cleanup(
             }
         }
         std::fs::remove_file(&f).map_err(|e| other(&f.display().to_string(), &e))?;
+        let _ = std::fs::remove_file(f.with_extension("view"));
     }
     cleaned.snat_table = Masquerade::new()
         .remove()
@@ -468,6 +469,7 @@ impl Engine for IpvsEngine {
             log::info!("{skey}: backend {bk} drained past its timeout: removed, {conns} IPVS connections end (their packets are dropped)");
         }
         self.view.update(&d, &want, services);
+        self.view.save(&self.state_file.with_extension("view"));
         let m = self.masq.sync(&remotes(&d)).await?;
         Ok(n + m)
     }
@@ -518,7 +520,7 @@ fn services_of<'a>(
 #[derive(Clone, Debug, Default)]
 pub struct IpvsView(Arc<Mutex<BTreeMap<ServiceId, Named>>>);
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Named {
     name: String,
     scheduler: &'static str,
@@ -573,6 +575,117 @@ impl IpvsView {
         let names = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Ok(status_of(node, &names, &have))
     }
+}
+
+impl IpvsView {
+    /// Writes the names and states for `meshlb status` (another process):
+    /// `<node>.view` beside the state file, replaced atomically.
+    fn save(&self, path: &std::path::Path) {
+        let text = format_view(&self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let tmp = path.with_extension("view.tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            log::warn!("ipvs view {}: {e}", path.display());
+        }
+    }
+}
+
+/// One service per `S` line (`S proto addr port vip scheduler name`),
+/// followed by its backends (`B addr port state`).
+fn format_view(names: &BTreeMap<ServiceId, Named>) -> String {
+    let mut out = String::new();
+    for (id, n) in names {
+        out.push_str(&format!(
+            "S {} {} {} {} {} {}\n",
+            id.proto,
+            id.addr,
+            id.port,
+            u8::from(n.vip),
+            n.scheduler,
+            n.name
+        ));
+        for ((addr, port), st) in &n.states {
+            out.push_str(&format!("B {addr} {port} {st}\n"));
+        }
+    }
+    out
+}
+
+/// The lines of `format_view`; malformed lines (and backends of a
+/// malformed service) are skipped.
+fn parse_view(text: &str) -> BTreeMap<ServiceId, Named> {
+    const SCHEDULERS: [&str; 5] = ["maglev", "rr", "wrr", "lc", "sh"];
+    const STATES: [&str; 3] = ["up", "down", "draining"];
+    let mut out = BTreeMap::new();
+    let mut cur: Option<ServiceId> = None;
+    for l in text.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.as_slice() {
+            ["S", proto, addr, port, vip, sched, name] => {
+                cur = (|| {
+                    let id = ServiceId {
+                        proto: proto.parse().ok()?,
+                        addr: addr.parse().ok()?,
+                        port: port.parse().ok()?,
+                    };
+                    let scheduler = SCHEDULERS.into_iter().find(|s| s == sched)?;
+                    out.insert(
+                        id,
+                        Named {
+                            name: (*name).to_owned(),
+                            scheduler,
+                            vip: *vip == "1",
+                            states: BTreeMap::new(),
+                        },
+                    );
+                    Some(id)
+                })();
+            }
+            ["B", addr, port, st] => {
+                let parsed = (addr.parse::<IpAddr>(), port.parse::<u16>());
+                let state = STATES.into_iter().find(|s| s == st);
+                if let (Some(id), (Ok(a), Ok(p)), Some(state)) = (cur, parsed, state) {
+                    if let Some(n) = out.get_mut(&id) {
+                        n.states.insert((a, p), state);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `meshlb status` in IPVS mode: the kernel's table and counters, named by
+/// the view the daemon of `node` (default: the only one here) last wrote
+/// under `state_dir`. `None` when no daemon ran in IPVS mode here.
+pub async fn status_from_state(
+    state_dir: &std::path::Path,
+    node: Option<&str>,
+) -> Result<Option<Status>, DataplaneError> {
+    let mut views: Vec<PathBuf> = match std::fs::read_dir(state_dir) {
+        Ok(d) => d
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "view"))
+            .collect(),
+        Err(_) => return Ok(None),
+    };
+    views.sort();
+    let stem = |p: &PathBuf| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let Some(path) = (match node {
+        Some(n) => views.iter().find(|p| stem(p) == n),
+        None => views.first(),
+    }) else {
+        return Ok(None);
+    };
+    let other = |e: &dyn std::fmt::Display| DataplaneError::Other(format!("ipvs status: {e}"));
+    let names = parse_view(&std::fs::read_to_string(path).map_err(|e| other(&e))?);
+    let mut ipvs = Ipvs::open().await.map_err(|e| other(&e))?;
+    let have = dump(&mut ipvs).await.map_err(|e| other(&e))?;
+    Ok(Some(status_of(&stem(path), &names, &have)))
 }
 
 fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &Table) -> Status {
@@ -718,6 +831,45 @@ mod tests {
             port: 80,
             proto: 6,
         }
+    }
+
+    #[test]
+    fn the_status_view_round_trips_and_skips_malformed_lines() {
+        let id = |port| ServiceId {
+            proto: 6,
+            addr: "10.96.0.10".parse().unwrap(),
+            port,
+        };
+        let mut names = BTreeMap::new();
+        names.insert(
+            id(80),
+            Named {
+                name: "web".into(),
+                scheduler: "maglev",
+                vip: true,
+                states: [
+                    (("10.0.1.2".parse().unwrap(), 8000), "up"),
+                    (("fd00::2".parse().unwrap(), 8000), "draining"),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        );
+        names.insert(
+            id(81),
+            Named {
+                name: "db".into(),
+                scheduler: "sh",
+                vip: false,
+                states: BTreeMap::new(),
+            },
+        );
+        let text = format_view(&names);
+        assert_eq!(parse_view(&text), names);
+        let noisy = format!(
+            "garbage\nS 6 10.96.0.10 82 1 nosuch x\nB 10.0.9.9 1 up\nS 6 not-an-ip 83 1 rr y\n{text}B 10.0.1.3 8000 sideways\n"
+        );
+        assert_eq!(parse_view(&noisy), names);
     }
 
     #[test]

@@ -205,6 +205,14 @@ echo "$m" | grep -q '^meshlb_dataplane_info{kind="ipvs"} 1$' || fail "/metrics: 
 echo "$m" | grep -q '^meshlb_backend_up{service="hc",backend="10.201.2.2:8001"} 0$' || fail "/metrics: hc b2 not down: $(echo "$m" | grep backend_up)"
 webconns=$(echo "$m" | awk -F'} ' '/^meshlb_connections_total\{service="web",backend="10.201.1.2:8000"\}/ { print $2 }')
 [ "${webconns:-0}" -gt 0 ] || fail "/metrics: no connections counted for web b1: $(echo "$m" | grep connections_total)"
+# `meshlb status` (another process) reads IPVS mode from the kernel and
+# the daemon's view file: names, schedulers, states.
+st=$("$MESHLB" status --json --bpffs "$BPFFS" 2>&1) || fail "meshlb status in IPVS mode: $st"
+flat=$(echo "$st" | tr -d ' \n')
+case $flat in *'"dataplane":"ipvs"'*) ;; *) fail "status: dataplane is not ipvs: $flat" ;; esac
+case $flat in *'"name":"hc"'*'"addr":"10.201.2.2","port":8001,"weight":0,"state":"down"'*) ;;
+*) fail "status: hc's b2 is not down at weight 0: $flat" ;; esac
+case $flat in *'"name":"web"'*'"scheduler":"maglev"'*) ;; *) fail "status: no web (maglev): $flat" ;; esac
 /bin/busybox nsenter --net=/run/netns/b2 /bin/busybox httpd -f -p 8001 -h /tmp/www/b2 &
 wait_until 10 "hc b2 back at weight 100" bb sh -c '/sbin/ipvsadm -Ln -t 10.96.0.14:84 | grep -Eq "10.201.2.2:8001 +Masq +100 "'
 detect=$(awk -v a="$tk" -v b="$td" 'BEGIN { printf "%.1f", b - a }')
@@ -270,4 +278,4 @@ ip link show meshlb0 >/dev/null 2>&1 && fail "meshlb cleanup left the device mes
 get client http://10.96.0.10/ >/dev/null && fail "the VIP still answers after meshlb cleanup"
 cleaned=$(echo "$out" | grep -o 'removed [0-9]* IPVS services')
 ready=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics ok (web b1 conns $webconns); sh b1 drained out ${drained}s after weight 0; without b3 ${after% } (mh tuples: $rm_b3 moved off b3, $rm_kept others kept, $rm_moved others moved); restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted; cleanup: $cleaned"
+pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics and status ok (web b1 conns $webconns); sh b1 drained out ${drained}s after weight 0; without b3 ${after% } (mh tuples: $rm_b3 moved off b3, $rm_kept others kept, $rm_moved others moved); restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted; cleanup: $cleaned"

@@ -144,16 +144,23 @@ pub async fn check_interfaces(names: &[String]) -> Result<(), NetlinkError> {
     Ok(())
 }
 
-/// Deletes the link `name`; `false` when there is none.
-pub async fn remove_link(name: &str) -> Result<bool, NetlinkError> {
-    let handle = connect()?;
+/// The index of the link `name` (`None`: no such link).
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NetlinkError> {
     let mut s = handle.link().get().match_name(name.to_string()).execute();
     let found = tokio::time::timeout(TIMEOUT, s.try_next())
         .await
         .map_err(|_| NetlinkError::Timeout("link get"))?;
-    let index = match found {
-        Ok(Some(m)) => m.header.index,
-        _ => return Ok(false),
+    Ok(match found {
+        Ok(Some(m)) => Some(m.header.index),
+        _ => None,
+    })
+}
+
+/// Deletes the link `name`; `false` when there is none.
+pub async fn remove_link(name: &str) -> Result<bool, NetlinkError> {
+    let handle = connect()?;
+    let Some(index) = link_index(&handle, name).await? else {
+        return Ok(false);
     };
     tokio::time::timeout(TIMEOUT, handle.link().del(index).execute())
         .await
@@ -171,15 +178,9 @@ pub async fn remove_link(name: &str) -> Result<bool, NetlinkError> {
 pub async fn ensure_vip_device(name: &str, vips: &BTreeSet<IpAddr>) -> Result<(), NetlinkError> {
     let handle = connect()?;
     let req = |what: &'static str| move |source| NetlinkError::Request { what, source };
-    let find = || async {
-        let mut s = handle.link().get().match_name(name.to_string()).execute();
-        tokio::time::timeout(TIMEOUT, s.try_next())
-            .await
-            .map_err(|_| NetlinkError::Timeout("link get"))
-    };
-    let index = match find().await? {
-        Ok(Some(m)) => m.header.index,
-        _ => {
+    let index = match link_index(&handle, name).await? {
+        Some(index) => index,
+        None => {
             tokio::time::timeout(
                 TIMEOUT,
                 handle
@@ -190,10 +191,9 @@ pub async fn ensure_vip_device(name: &str, vips: &BTreeSet<IpAddr>) -> Result<()
             .await
             .map_err(|_| NetlinkError::Timeout("link add"))?
             .map_err(req("link add"))?;
-            match find().await? {
-                Ok(Some(m)) => m.header.index,
-                _ => return Err(NetlinkError::NoSuchInterface(name.to_string())),
-            }
+            link_index(&handle, name)
+                .await?
+                .ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))?
         }
     };
     let msgs: Vec<_> = tokio::time::timeout(

@@ -122,17 +122,42 @@ meshlb_ready() {
     done
 }
 
+# stop_pid PID: SIGTERM, then up to 10 s for it to exit; non-zero if it
+# is still running.
+stop_pid() {
+    _sp=0
+    kill "$1" 2>/dev/null
+    while kill -0 "$1" 2>/dev/null && [ $_sp -lt 50 ]; do
+        bb usleep 200000
+        _sp=$((_sp + 1))
+    done
+    ! kill -0 "$1" 2>/dev/null
+}
+
+# lb_topology: the single-node load-balancer topology (xdp.sh, package.sh),
+# this namespace being the LB, IPv4 forwarding on:
+#   client ns 10.200.0.2 -- lbc 10.200.0.1 [LB] lbbN 10.201.N.1 -- bN ns 10.201.N.2 :8000
+# (N = 1, 2; busybox httpd in bN answers "bN"; the client routes
+# 10.96.0.0/16, the VIPs, via the LB).
+lb_topology() {
+    must modprobe -a veth
+    netns client
+    veth client cli 10.200.0.2/24 - lbc 10.200.0.1/24
+    must ip -n client route add 10.96.0.0/16 via 10.200.0.1
+    for n in 1 2; do
+        netns "b$n"
+        veth "b$n" "b${n}e" "10.201.$n.2/24" - "lbb$n" "10.201.$n.1/24"
+        must ip -n "b$n" route add default via "10.201.$n.1"
+        httpd "b$n" "b$n" 8000
+    done
+    echo 1 >/proc/sys/net/ipv4/ip_forward
+}
+
 # meshlb_stop BPFFS: stop the daemon (TERM, bounded wait, KILL) and remove
 # its pins.
 meshlb_stop() {
     if [ -n "$MESHLB_PID" ]; then
-        kill "$MESHLB_PID" 2>/dev/null
-        i=0
-        while kill -0 "$MESHLB_PID" 2>/dev/null && [ $i -lt 50 ]; do
-            bb usleep 200000
-            i=$((i + 1))
-        done
-        kill -9 "$MESHLB_PID" 2>/dev/null
+        stop_pid "$MESHLB_PID" || kill -9 "$MESHLB_PID" 2>/dev/null
         wait "$MESHLB_PID" 2>/dev/null
         MESHLB_PID=
     fi

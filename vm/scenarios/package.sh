@@ -42,19 +42,7 @@ EXEC=$(sed -n 's/^ExecStart=//p' "$UNIT")
 case $EXEC in "/usr/bin/meshlb run --config $CONF"*) ;; *) fail "unexpected ExecStart: $EXEC" ;; esac
 
 # -- topology and config ---------------------------------------------------
-must modprobe -a veth
-netns client
-netns b1
-netns b2
-veth client cli 10.200.0.2/24 - lbc 10.200.0.1/24
-veth b1 b1e 10.201.1.2/24 - lbb1 10.201.1.1/24
-veth b2 b2e 10.201.2.2/24 - lbb2 10.201.2.1/24
-must ip -n client route add 10.96.0.0/16 via 10.200.0.1
-must ip -n b1 route add default via 10.201.1.1
-must ip -n b2 route add default via 10.201.2.1
-echo 1 >/proc/sys/net/ipv4/ip_forward
-httpd b1 b1 8000
-httpd b2 b2 8000
+lb_topology
 for p in client:cli b1:b1e b2:b2e; do
     must in_ns "${p%%:*}" /usr/bin/meshlb xdp-pass --iface "${p#*:}" --bpffs /sys/fs/bpf/pass
 done
@@ -95,13 +83,7 @@ unit_start() {
 # unit_stop: what systemd's stop does (KillMode=mixed: SIGTERM to the
 # main process), bounded.
 unit_stop() {
-    kill "$DAEMON_PID" 2>/dev/null
-    i=0
-    while kill -0 "$DAEMON_PID" 2>/dev/null && [ $i -lt 50 ]; do
-        bb usleep 200000
-        i=$((i + 1))
-    done
-    kill -0 "$DAEMON_PID" 2>/dev/null && fail "meshlb did not stop on SIGTERM within 10s"
+    stop_pid "$DAEMON_PID" || fail "meshlb did not stop on SIGTERM within 10s"
     wait "$DAEMON_PID" 2>/dev/null
 }
 

@@ -17,19 +17,7 @@ REQUESTS=20
 BPFFS=/sys/fs/bpf/meshlb
 [ $# -gt 0 ] || set -- default
 
-must modprobe -a veth
-netns client
-netns b1
-netns b2
-veth client cli 10.200.0.2/24 - lbc 10.200.0.1/24
-veth b1 b1e 10.201.1.2/24 - lbb1 10.201.1.1/24
-veth b2 b2e 10.201.2.2/24 - lbb2 10.201.2.1/24
-must ip -n client route add 10.96.0.0/16 via 10.200.0.1
-must ip -n b1 route add default via 10.201.1.1
-must ip -n b2 route add default via 10.201.2.1
-echo 1 >/proc/sys/net/ipv4/ip_forward
-httpd b1 b1 8000
-httpd b2 b2 8000
+lb_topology
 
 cat >/tmp/meshlb.toml <<'EOF'
 [[service]]

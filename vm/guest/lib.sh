@@ -153,6 +153,33 @@ lb_topology() {
     echo 1 >/proc/sys/net/ipv4/ip_forward
 }
 
+# lb_service: the TOML of lb_topology's service "web": VIP 10.96.0.10,
+# tcp 80 -> 8000 on b1 and b2.
+lb_service() {
+    cat <<'EOF'
+[[service]]
+name = "web"
+vip = "10.96.0.10"
+publish = [{ proto = "tcp", port = 80, target = 8000 }]
+
+[[service.backend]]
+addr = "10.201.1.2"
+
+[[service.backend]]
+addr = "10.201.2.2"
+EOF
+}
+
+# lb_peers_xdp_pass MESHLB: `MESHLB xdp-pass` on the client and backend
+# ends of lb_topology's veths. Native redirect into a veth only delivers if
+# its peer runs XDP. One pin directory for the three: each directory costs
+# a full set of meshlb's maps (~220 MB), too much for a small guest.
+lb_peers_xdp_pass() {
+    for p in client:cli b1:b1e b2:b2e; do
+        must in_ns "${p%%:*}" "$1" xdp-pass --iface "${p#*:}" --bpffs /sys/fs/bpf/pass
+    done
+}
+
 # meshlb_stop BPFFS: stop the daemon (TERM, bounded wait, KILL) and remove
 # its pins.
 meshlb_stop() {

@@ -43,9 +43,7 @@ case $EXEC in "/usr/bin/meshlb run --config $CONF"*) ;; *) fail "unexpected Exec
 
 # -- topology and config ---------------------------------------------------
 lb_topology
-for p in client:cli b1:b1e b2:b2e; do
-    must in_ns "${p%%:*}" /usr/bin/meshlb xdp-pass --iface "${p#*:}" --bpffs /sys/fs/bpf/pass
-done
+lb_peers_xdp_pass /usr/bin/meshlb
 
 # What an operator does after installing: set interfaces and services in
 # the conffile (its defaults are all comments).
@@ -57,15 +55,8 @@ interfaces = ["lbc", "lbb1", "lbb2"]
 xdp_mode = "native"
 [metrics]
 listen = "127.0.0.1:9742"
-[[service]]
-name = "web"
-vip = "10.96.0.10"
-publish = [{ proto = "tcp", port = 80, target = 8000 }]
-[[service.backend]]
-addr = "10.201.1.2"
-[[service.backend]]
-addr = "10.201.2.2"
 EOF
+lb_service >>"$CONF"
 get client http://10.96.0.10/ && fail "the VIP answered before meshlb ran"
 
 # unit_start LOGNAME: ExecStart, in the background (DAEMON_PID).

@@ -18,26 +18,8 @@ BPFFS=/sys/fs/bpf/meshlb
 [ $# -gt 0 ] || set -- default
 
 lb_topology
-
-cat >/tmp/meshlb.toml <<'EOF'
-[[service]]
-name = "web"
-vip = "10.96.0.10"
-publish = [{ proto = "tcp", port = 80, target = 8000 }]
-
-[[service.backend]]
-addr = "10.201.1.2"
-
-[[service.backend]]
-addr = "10.201.2.2"
-EOF
-
-# Native redirect into a veth only delivers if its peer runs XDP. One
-# pin directory for the three: each directory costs a full set of meshlb's
-# maps (~220 MB), too much for a small guest.
-for p in client:cli b1:b1e b2:b2e; do
-    must in_ns "${p%%:*}" "$MESHLB" xdp-pass --iface "${p#*:}" --bpffs /sys/fs/bpf/pass
-done
+lb_service >/tmp/meshlb.toml
+lb_peers_xdp_pass "$MESHLB"
 
 # Without meshlb nothing answers on the VIP: the check below can't pass by
 # plain forwarding.

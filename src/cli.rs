@@ -80,6 +80,12 @@ pub struct RunArgs {
     /// Interface that receives service traffic (repeatable).
     #[arg(long = "iface", value_name = "IF")]
     pub ifaces: Vec<String>,
+    /// Interface where local tasks live (repeatable): served by the TC
+    /// program (partial checksums of local senders, hairpin calls)
+    /// instead of XDP. Bridges given with --iface are task interfaces
+    /// without being named here.
+    #[arg(long = "task-iface", value_name = "IF")]
+    pub task_ifaces: Vec<String>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Forwarding engine.

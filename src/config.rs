@@ -186,6 +186,9 @@ pub struct Config {
     pub node: Option<String>,
     /// Interfaces that receive service traffic (empty: from the CLI).
     pub interfaces: Vec<String>,
+    /// Interfaces where local tasks live (TC instead of XDP; bridges in
+    /// `interfaces` are task interfaces anyway).
+    pub task_interfaces: Vec<String>,
     pub dataplane: DataplaneChoice,
     pub xdp_mode: XdpMode,
     /// Where pinned maps and links live.
@@ -290,6 +293,8 @@ pub struct ConfigDef {
     pub node: Option<String>,
     #[serde(default)]
     pub interfaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub task_interfaces: Vec<String>,
     pub dataplane: Option<DataplaneChoice>,
     pub xdp_mode: Option<XdpMode>,
     pub bpffs: Option<String>,
@@ -676,16 +681,21 @@ impl ConfigDef {
                 return Err(FieldError::new("node", "must not be empty"));
             }
         }
-        for (i, ifname) in self.interfaces.iter().enumerate() {
-            // IFNAMSIZ is 16 with the terminating NUL.
-            if ifname.is_empty()
-                || ifname.len() > 15
-                || ifname.contains(|c: char| c == '/' || c.is_whitespace())
-            {
-                return Err(FieldError::new(
-                    format!("interfaces[{i}]"),
-                    format!("invalid interface name {ifname:?}"),
-                ));
+        for (key, list) in [
+            ("interfaces", &self.interfaces),
+            ("task_interfaces", &self.task_interfaces),
+        ] {
+            for (i, ifname) in list.iter().enumerate() {
+                // IFNAMSIZ is 16 with the terminating NUL.
+                if ifname.is_empty()
+                    || ifname.len() > 15
+                    || ifname.contains(|c: char| c == '/' || c.is_whitespace())
+                {
+                    return Err(FieldError::new(
+                        format!("{key}[{i}]"),
+                        format!("invalid interface name {ifname:?}"),
+                    ));
+                }
             }
         }
 
@@ -733,6 +743,7 @@ impl ConfigDef {
         Ok(Config {
             node: self.node.clone(),
             interfaces: self.interfaces.clone(),
+            task_interfaces: self.task_interfaces.clone(),
             dataplane: self.dataplane.unwrap_or_default(),
             xdp_mode: self.xdp_mode.unwrap_or_default(),
             bpffs: PathBuf::from(self.bpffs.as_deref().unwrap_or(DEFAULT_BPFFS)),

@@ -53,7 +53,11 @@ pub enum DaemonError {
 pub struct Settings {
     pub config_path: Option<PathBuf>,
     pub node: String,
+    /// Every interface attached: uplinks (XDP) and task interfaces (TC).
     pub ifaces: Vec<String>,
+    /// Named task interfaces (`--task-iface`); bridges among `ifaces` are
+    /// added when the daemon opens the data plane.
+    pub task_ifaces: Vec<String>,
     pub xdp_mode: XdpMode,
     pub bpffs: PathBuf,
     pub metrics: Option<SocketAddr>,
@@ -119,11 +123,21 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         Some(XdpModeArg::Generic) => XdpMode::Generic,
         None => cfg.xdp_mode,
     };
-    let ifaces = if args.ifaces.is_empty() {
+    let mut ifaces = if args.ifaces.is_empty() {
         cfg.interfaces.clone()
     } else {
         args.ifaces.clone()
     };
+    let task_ifaces = if args.task_ifaces.is_empty() {
+        cfg.task_interfaces.clone()
+    } else {
+        args.task_ifaces.clone()
+    };
+    for t in &task_ifaces {
+        if !ifaces.contains(t) {
+            ifaces.push(t.clone());
+        }
+    }
     if ifaces.is_empty() {
         return Err(DaemonError::Usage(
             "interfaces: none given (use --iface IF or interfaces = [...] in the config)".into(),
@@ -168,6 +182,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             config_path: args.config.clone(),
             node,
             ifaces,
+            task_ifaces,
             xdp_mode,
             bpffs,
             metrics,
@@ -332,9 +347,12 @@ pub async fn run(
         let engine = ipvs().await?;
         return run_engine(engine, settings, cfg, shutdown, metrics_listener).await;
     }
+    let links = netlink::links().await.map_err(|e| rt(&e))?;
+    let tasks = crate::nodenet::task_ifaces(&settings.ifaces, &settings.task_ifaces, &links);
     match XdpDataplane::open(
         &settings.bpffs,
         &settings.ifaces,
+        &tasks,
         settings.xdp_mode,
         &settings.node,
     ) {

@@ -21,6 +21,10 @@ pub struct NodeNet {
     /// never uses these ports, so the node's own connections (health
     /// checks, ...) never collide with a translated flow.
     pub ephemeral: Option<(u16, u16)>,
+    /// ifindex -> its first IPv4 and first non-link-local IPv6 address,
+    /// for every listed interface: the source of hairpin flows entering
+    /// it (`MLB_IFADDR`).
+    pub iface_addrs: BTreeMap<u32, (Option<IpAddr>, Option<IpAddr>)>,
 }
 
 impl NodeNet {
@@ -35,8 +39,55 @@ impl NodeNet {
             iface_flags: iface_flags(links),
             snat: snat_addrs(ifaces, links, addrs),
             ephemeral,
+            iface_addrs: iface_addrs(ifaces, links, addrs),
         }
     }
+}
+
+/// The interfaces of `ifaces` served by the TC program: those named as
+/// task interfaces, and every bridge (local tasks sit behind bridges; a
+/// bridge never receives frames straight from a wire).
+pub fn task_ifaces(
+    ifaces: &[String],
+    named: &[String],
+    links: &[LinkFacts],
+) -> std::collections::BTreeSet<String> {
+    ifaces
+        .iter()
+        .filter(|i| {
+            named.contains(i)
+                || links
+                    .iter()
+                    .any(|l| &l.name == *i && l.kind.as_deref() == Some("bridge"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The first IPv4 and first global IPv6 address of each listed interface.
+pub fn iface_addrs(
+    ifaces: &[String],
+    links: &[LinkFacts],
+    addrs: &[(u32, IpAddr)],
+) -> BTreeMap<u32, (Option<IpAddr>, Option<IpAddr>)> {
+    let mut out = BTreeMap::new();
+    for l in links.iter().filter(|l| ifaces.contains(&l.name)) {
+        let mut v4 = None;
+        let mut v6 = None;
+        for (_, a) in addrs.iter().filter(|(i, _)| *i == l.index) {
+            match a {
+                IpAddr::V4(_) if v4.is_none() => v4 = Some(*a),
+                IpAddr::V6(b) if v6.is_none() && (b.segments()[0] & 0xffc0) != 0xfe80 => {
+                    v6 = Some(*a)
+                }
+                _ => {}
+            }
+        }
+        if v4.is_some() || v6.is_some() {
+            out.insert(l.index, (v4, v6));
+        }
+    }
+    out
 }
 
 /// Parses `/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999").
@@ -151,6 +202,38 @@ mod tests {
         assert_eq!(f.get(&5), Some(&IF_F_NO_XMIT));
         assert_eq!(f.get(&6), Some(&IF_F_NO_XMIT));
         assert_eq!(f.get(&7), None);
+    }
+
+    #[test]
+    fn bridges_and_named_interfaces_are_task_interfaces() {
+        let links = [
+            link(2, "eth0", None),
+            link(3, "br0", Some("bridge")),
+            link(4, "veth9", Some("veth")),
+            link(5, "docker0", Some("bridge")),
+        ];
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t = task_ifaces(&v(&["eth0", "br0", "veth9"]), &v(&["veth9"]), &links);
+        assert_eq!(t.into_iter().collect::<Vec<_>>(), v(&["br0", "veth9"]));
+        // Only listed interfaces: docker0 is a bridge but not attached.
+        let t = task_ifaces(&v(&["eth0"]), &[], &links);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn interface_addresses_skip_link_local_ipv6() {
+        let links = [link(2, "eth0", None), link(3, "br0", Some("bridge"))];
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addrs = [
+            (3, a("fe80::1")),
+            (3, a("10.9.0.1")),
+            (3, a("fd00:9::1")),
+            (3, a("10.9.0.2")),
+            (4, a("10.1.1.1")),
+        ];
+        let m = iface_addrs(&["br0".to_string()], &links, &addrs);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[&3], (Some(a("10.9.0.1")), Some(a("fd00:9::1"))));
     }
 
     #[test]

@@ -8,7 +8,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use aya::Ebpf;
 use meshlb_common::{
     maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, FrontendKey,
-    FrontendValue, NodeMeta, RnatEntry, ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats,
+    FrontendValue, IfAddrKey, NodeMeta, RnatEntry, ServiceInfo, ServiceName, SnatAddr, SnatEntry,
+    Stats,
 };
 
 /// Errors opening or using the pinned maps.
@@ -53,6 +54,9 @@ pub struct Maps {
     pub ifaces: HashMap<MapData, u32, u32>,
     pub service_affinity: Array<MapData, u32>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub iface_addrs: HashMap<MapData, IfAddrKey, [u8; 16]>,
+    /// VIP -> how many frontends use it.
+    pub vips: HashMap<MapData, AddrKey, u32>,
 }
 
 impl Maps {
@@ -102,6 +106,8 @@ impl Maps {
             ifaces: typed!(maps::IFACES),
             service_affinity: typed!(maps::SERVICE_AFFINITY),
             affinity: typed!(maps::AFFINITY),
+            iface_addrs: typed!(maps::IFACE_ADDRS),
+            vips: typed!(maps::VIPS),
         })
     }
 

@@ -24,6 +24,7 @@ use meshlb_common::{
 };
 
 const XDP_PASS: u32 = 2;
+const XDP_DROP: u32 = 1;
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -306,6 +307,8 @@ enum Expect {
     Frame(u32, Vec<u8>),
     /// The kernel refuses to run the program on this input.
     Refused,
+    /// XDP_DROP.
+    Dropped,
 }
 
 /// Extra map state a case needs before its first step.
@@ -384,6 +387,25 @@ fn case(name: &'static str, steps: Vec<Step>) -> Case {
         steps,
         after: None,
     }
+}
+
+/// `fxa`'s ifindex in the fixture namespace (its peer `fxb` is created
+/// first, after `lo`).
+const FXA_IFINDEX: u32 = 3;
+
+/// A frame as XDP hands it up for the TC handoff program: the
+/// `XdpHandoff` metadata (magic, egress ifindex; host order) in front.
+fn handoff(ifindex: u32, frame: Vec<u8>) -> Vec<u8> {
+    let mut v = meshlb_common::HANDOFF_MAGIC.to_ne_bytes().to_vec();
+    v.extend(ifindex.to_ne_bytes());
+    v.extend(frame);
+    v
+}
+
+/// A one-step case: the frame must be dropped, counted under `c`.
+fn dropped(name: &'static str, input: Vec<u8>, c: Counter) -> Case {
+    let counters: &'static [(Counter, u64)] = Box::leak(Box::new([(c, 1)]));
+    case(name, vec![step(input, Expect::Dropped, counters)])
 }
 
 /// A one-step case: the frame must pass untouched, counted under `c`.
@@ -535,14 +557,6 @@ fn cases() -> Vec<Case> {
             }],
         ),
         case(
-            "ipv4 tcp to the VIP on an unpublished port: untouched",
-            vec![step(
-                Frame::tcp(c4, 40000, "10.96.0.10", 81, SYN).bytes(),
-                Expect::Untouched,
-                NOT_SVC,
-            )],
-        ),
-        case(
             "ipv4 tcp to an address that is no frontend: untouched",
             vec![step(
                 Frame::tcp(c4, 40000, "10.201.1.2", 8000, SYN).bytes(),
@@ -619,13 +633,28 @@ fn cases() -> Vec<Case> {
             ],
             after: None,
         },
-        untouched(
-            "ipv4 tcp SYN to a service with no backends: untouched",
+        dropped(
+            "ipv4 tcp SYN to a service with no backends: dropped, never routed on",
             Frame::tcp(c4, 40000, "10.96.0.20", 8081, SYN).bytes(),
             Counter::NoBackend,
         ),
+        dropped(
+            "ipv4 udp to a VIP on a port it does not publish: dropped",
+            Frame::udp(c4, 40000, "10.96.0.10", 9999).bytes(),
+            Counter::UnknownPort,
+        ),
+        dropped(
+            "ipv4 tcp SYN to a VIP on a port it does not publish: dropped",
+            Frame::tcp(c4, 40000, "10.96.0.10", 9999, SYN).bytes(),
+            Counter::UnknownPort,
+        ),
+        dropped(
+            "ipv6 udp to a VIP on a port it does not publish: dropped",
+            Frame::udp(c6, 40000, "fd00:96::10", 9999).bytes(),
+            Counter::UnknownPort,
+        ),
         case(
-            "backend without a neighbour entry: translated, then passed to the stack",
+            "backend without a neighbour entry: translated, handed up with handoff metadata",
             vec![{
                 let f = Frame::tcp(c4, 40000, "10.96.0.30", 8082, SYN);
                 let mut out = f.translated(Some(("10.201.9.2", 8000)), None, LB_MAC, CLIENT_MAC);
@@ -634,8 +663,12 @@ fn cases() -> Vec<Case> {
                 out.dmac = LB_MAC;
                 step(
                     f.bytes(),
-                    Expect::Frame(XDP_PASS, out.bytes()),
-                    &[(Counter::FibPass, 1), (Counter::NewFlow, 1)],
+                    Expect::Frame(XDP_PASS, handoff(FXA_IFINDEX, out.bytes())),
+                    &[
+                        (Counter::FibPass, 1),
+                        (Counter::Handoff, 1),
+                        (Counter::NewFlow, 1),
+                    ],
                 )
             }],
         ),
@@ -1009,20 +1042,27 @@ fn cases() -> Vec<Case> {
             ],
         ),
         Case {
-            name: "egress device without native XDP transmit (bridge): translated, handed to the stack unforwarded",
+            name: "egress device without native XDP transmit (bridge): translated, handed up with handoff metadata",
             seed: Seed::NoXmit("fxa"),
             steps: vec![step(
                 syn4.bytes(),
                 Expect::Frame(
                     XDP_PASS,
-                    Frame {
-                        dst: "10.201.1.2".parse().unwrap(),
-                        dport: 8000,
-                        ..syn4.clone()
-                    }
-                    .bytes(),
+                    handoff(
+                        FXA_IFINDEX,
+                        Frame {
+                            dst: "10.201.1.2".parse().unwrap(),
+                            dport: 8000,
+                            ..syn4.clone()
+                        }
+                        .bytes(),
+                    ),
                 ),
-                &[(Counter::RedirectPass, 1), (Counter::ForwardedIn, 0)],
+                &[
+                    (Counter::RedirectPass, 1),
+                    (Counter::Handoff, 1),
+                    (Counter::ForwardedIn, 0),
+                ],
             )],
             after: None,
         },
@@ -1167,6 +1207,7 @@ fn program(desired_locals: &[&str], maps: &mut Maps) {
         iface_flags: Default::default(),
         snat: (Some(SNAT4.parse().unwrap()), Some(SNAT6.parse().unwrap())),
         ephemeral: Some(EPHEMERAL),
+        iface_addrs: Default::default(),
     };
     apply_node_net(maps, &net).unwrap();
 }
@@ -1273,6 +1314,11 @@ fn run_case(ns: &Netns, c: &Case) -> Result<(), String> {
                 }
             }
             (_, Err(e)) => return Err(format!("{at}: test run failed: {e}")),
+            (Expect::Dropped, Ok(r)) => {
+                if r.return_value != XDP_DROP {
+                    return Err(format!("{at}: verdict {} want XDP_DROP", r.return_value));
+                }
+            }
             (Expect::Untouched, Ok(r)) => {
                 let got = &out[..r.data_size_out as usize];
                 if r.return_value != XDP_PASS || got != s.input.as_slice() {
@@ -1295,7 +1341,13 @@ fn run_case(ns: &Netns, c: &Case) -> Result<(), String> {
                         hex(want)
                     ));
                 }
-                assert_checksums(got, &format!("{}: {at}", c.name));
+                let magic = meshlb_common::HANDOFF_MAGIC.to_ne_bytes();
+                let frame = if got.starts_with(&magic) {
+                    &got[8..]
+                } else {
+                    got
+                };
+                assert_checksums(frame, &format!("{}: {at}", c.name));
             }
         }
         for (counter, delta) in s.counters {

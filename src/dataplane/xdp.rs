@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use meshlb_common::{
-    maps, AddrKey, Backend, FrontendKey, FrontendValue, NodeMeta, ServiceInfo, ServiceName,
-    SnatAddr, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS,
-    MAX_SERVICES, PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_PRESENT,
+    maps, AddrKey, Backend, FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo,
+    ServiceName, SnatAddr, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, LAYOUT_VERSION,
+    MAX_BACKENDS, MAX_SERVICES, PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE,
+    SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_PRESENT,
 };
 
 use super::fake::FakeDataplane;
@@ -68,6 +69,164 @@ fn link_pin(dir: &Path, iface: &str) -> PathBuf {
     dir.join(format!("link_v{LAYOUT_VERSION}_{iface}"))
 }
 
+/// The hooks of one interface, each with its own link pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    /// The XDP load balancer (uplinks).
+    Xdp,
+    /// The TC load balancer (task interfaces).
+    TcLb,
+    /// The TC handoff program beside XDP (uplinks).
+    TcHandoff,
+}
+
+impl Hook {
+    const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcLb, Hook::TcHandoff];
+
+    fn pin_prefix(self) -> String {
+        match self {
+            Hook::Xdp => format!("link_v{LAYOUT_VERSION}_"),
+            Hook::TcLb => format!("tclb_v{LAYOUT_VERSION}_"),
+            Hook::TcHandoff => format!("tcho_v{LAYOUT_VERSION}_"),
+        }
+    }
+
+    fn pin(self, dir: &Path, iface: &str) -> PathBuf {
+        dir.join(format!("{}{iface}", self.pin_prefix()))
+    }
+}
+
+/// Netlink (cls_bpf) filters, for kernels without tcx links (< 6.6), sit
+/// at this priority and handle on the clsact ingress hook, so a restarted
+/// daemon replaces its own filter in place.
+const TC_NL_PRIORITY: u16 = 0x6d6c;
+const TC_NL_HANDLE_LB: u32 = 0x6d6c_0001;
+const TC_NL_HANDLE_HANDOFF: u32 = 0x6d6c_0002;
+
+fn tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, XdpError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| XdpError::Program {
+            name,
+            source: Box::new(aya::programs::ProgramError::NotLoaded),
+        })?
+        .try_into()
+        .map_err(|e| XdpError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| XdpError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+    }
+    Ok(prog)
+}
+
+/// Attaches a TC program to `iface`'s ingress: adopts its pinned tcx link
+/// (atomic program swap), else a tcx link pinned afresh (kernel >= 6.6),
+/// else a netlink cls_bpf filter at meshlb's priority and handle (replaced
+/// in place when it is there). The attachment outlives the daemon.
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    dir: &Path,
+    iface: &str,
+    hook: Hook,
+) -> Result<(), XdpError> {
+    let path = hook.pin(dir, iface);
+    let link_err = |msg: String| XdpError::Link {
+        iface: iface.to_owned(),
+        path: path.clone(),
+        msg,
+    };
+    let attach_err = |e: aya::programs::ProgramError| XdpError::Attach {
+        iface: iface.to_owned(),
+        mode: "tc",
+        source: Box::new(e),
+    };
+    if path.exists() {
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(e.to_string()))?;
+        let fd: FdLink = pinned.into();
+        let link = SchedClassifierLink::try_from(fd).map_err(|e| link_err(e.to_string()))?;
+        prog.attach_to_link(link)
+            .map_err(|e| link_err(format!("swap program: {e}")))?;
+        return Ok(());
+    }
+    let tcx = prog.attach_with_options(
+        iface,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(Default::default()),
+    );
+    match tcx {
+        Ok(id) => {
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
+            fd.pin(&path).map_err(|e| link_err(format!("pin: {e}")))?;
+            Ok(())
+        }
+        Err(e) => {
+            log::info!("iface {iface}: tcx attach failed ({e}); using a cls_bpf filter");
+            attach_tc_netlink(prog, iface, hook).map_err(attach_err)
+        }
+    }
+}
+
+/// The netlink (cls_bpf) fallback of `attach_tc`.
+fn attach_tc_netlink(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    hook: Hook,
+) -> Result<(), aya::programs::ProgramError> {
+    let handle = TcHandle::from(match hook {
+        Hook::TcHandoff => TC_NL_HANDLE_HANDOFF,
+        _ => TC_NL_HANDLE_LB,
+    });
+    if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
+        log::debug!("iface {iface}: clsact: {e} (already there?)");
+    }
+    // Replace our filter if it is there (a restart), else create it.
+    let replaced =
+        SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_NL_PRIORITY, handle, None)
+            .ok()
+            .and_then(|l| prog.attach_to_link(l).ok());
+    let id = match replaced {
+        Some(id) => id,
+        None => prog.attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(aya::programs::tc::NlOptions {
+                priority: TC_NL_PRIORITY,
+                handle,
+                classid: None,
+            }),
+        )?,
+    };
+    // A netlink filter stays until deleted; dropping aya's link object
+    // would delete it.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Removes the pins of `iface`'s hooks other than `keep` (a role change:
+/// an uplink became a task interface or the other way round).
+fn unpin_other_hooks(dir: &Path, iface: &str, keep: &[Hook]) {
+    for h in Hook::ALL.into_iter().filter(|h| !keep.contains(h)) {
+        let p = h.pin(dir, iface);
+        if p.exists() {
+            match std::fs::remove_file(&p) {
+                Ok(()) => log::info!("iface {iface}: {h:?} hook no longer wanted: detached"),
+                Err(e) => log::warn!("iface {iface}: {h:?} hook unpin failed: {e}"),
+            }
+        }
+    }
+}
+
 /// Makes sure `dir` is a directory on a bpffs.
 pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), XdpError> {
     std::fs::create_dir_all(dir).map_err(|source| XdpError::Bpffs {
@@ -97,10 +256,12 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Xd
             name,
             source: Box::new(e),
         })?;
-    prog.load().map_err(|e| XdpError::Program {
-        name,
-        source: Box::new(e),
-    })?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| XdpError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+    }
     Ok(prog)
 }
 
@@ -186,10 +347,14 @@ pub struct XdpDataplane {
 
 impl XdpDataplane {
     /// Loads (or adopts) the data plane under `dir` and attaches it to
-    /// every interface in `ifaces`.
+    /// every interface in `ifaces`: the TC load balancer on the task
+    /// interfaces `tasks` (local senders: partial checksums, hairpin), XDP
+    /// and the TC handoff program on the others (uplinks). A task
+    /// interface where TC cannot be attached gets XDP, with a warning.
     pub fn open(
         dir: &Path,
         ifaces: &[String],
+        tasks: &BTreeSet<String>,
         mode: AttachMode,
         node: &str,
     ) -> Result<Self, XdpError> {
@@ -197,9 +362,26 @@ impl XdpDataplane {
         remove_superseded(dir);
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         let previous = maps.meta.get(&0, 0).ok().filter(|m| m.layout_version != 0);
-        let prog = program(&mut ebpf, PROG_XDP_LB)?;
+        let mut uplinks: Vec<&String> = Vec::new();
+        for iface in ifaces.iter().filter(|i| tasks.contains(*i)) {
+            let prog = tc_program(&mut ebpf, PROG_TC_LB)?;
+            match attach_tc(prog, dir, iface, Hook::TcLb) {
+                Ok(()) => {
+                    log::info!(
+                        "iface {iface}: task interface: TC load balancer attached (ingress)"
+                    );
+                    unpin_other_hooks(dir, iface, &[Hook::TcLb]);
+                }
+                Err(e) => {
+                    log::warn!("iface {iface}: task interface, but TC attach failed ({e}): XDP instead (partial checksums of local senders are not handled there)");
+                    uplinks.push(iface);
+                }
+            }
+        }
+        uplinks.extend(ifaces.iter().filter(|i| !tasks.contains(*i)));
         let mut kind = None;
-        for iface in ifaces {
+        for iface in &uplinks {
+            let prog = program(&mut ebpf, PROG_XDP_LB)?;
             match attach_pinned(prog, dir, iface, mode)? {
                 Some(k) => {
                     log::info!("iface {iface}: attached ({})", k.as_str());
@@ -207,8 +389,20 @@ impl XdpDataplane {
                 }
                 None => log::info!("iface {iface}: adopted the pinned XDP link"),
             }
+            let mut keep = vec![Hook::Xdp];
+            let prog = tc_program(&mut ebpf, PROG_TC_HANDOFF)?;
+            match attach_tc(prog, dir, iface, Hook::TcHandoff) {
+                Ok(()) => keep.push(Hook::TcHandoff),
+                Err(e) => log::warn!("iface {iface}: TC handoff program not attached ({e}): frames XDP cannot transmit go to the stack"),
+            }
+            unpin_other_hooks(dir, iface, &keep);
         }
         detach_unlisted(dir, ifaces);
+        rebuild_vips(&mut maps).map_err(|e| XdpError::Link {
+            iface: String::new(),
+            path: dir.join(maps::VIPS),
+            msg: e.to_string(),
+        })?;
         let kind = kind
             .or_else(|| previous.map(|m| kind_from_meta(m.dataplane)))
             .unwrap_or(match mode {
@@ -316,6 +510,40 @@ pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneErr
             .insert(i, f, 0)
             .map_err(map_error(maps::IFACES))?;
     }
+    let want: BTreeSet<IfAddrKey> = net
+        .iface_addrs
+        .iter()
+        .flat_map(|(i, (a4, a6))| [(i, a4), (i, a6)])
+        .filter_map(|(i, a)| {
+            a.map(|a| IfAddrKey {
+                ifindex: *i,
+                family: addr_bytes(a).1,
+                _pad: [0; 3],
+            })
+        })
+        .collect();
+    let stale: Vec<IfAddrKey> = maps
+        .iface_addrs
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains(k))
+        .collect();
+    for k in stale {
+        let _ = maps.iface_addrs.remove(&k);
+    }
+    for (i, (a4, a6)) in &net.iface_addrs {
+        for a in [a4, a6].into_iter().flatten() {
+            let (bytes, family) = addr_bytes(*a);
+            let key = IfAddrKey {
+                ifindex: *i,
+                family,
+                _pad: [0; 3],
+            };
+            maps.iface_addrs
+                .insert(key, bytes, 0)
+                .map_err(map_error(maps::IFACE_ADDRS))?;
+        }
+    }
     for (idx, addr) in [(SNAT_IDX_V4, net.snat.0), (SNAT_IDX_V6, net.snat.1)] {
         maps.snat_addrs
             .set(idx, snat_entry(addr, net.ephemeral), 0)
@@ -356,15 +584,17 @@ fn remove_superseded(dir: &Path) {
 }
 
 /// Interfaces attached by an earlier daemon but no longer listed: removing
-/// the link pin detaches the program from them.
+/// the link pins detaches the programs from them.
 fn detach_unlisted(dir: &Path, ifaces: &[String]) {
-    let prefix = format!("link_v{LAYOUT_VERSION}_");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(iface) = name.strip_prefix(&prefix) else {
+        let Some(iface) = Hook::ALL
+            .iter()
+            .find_map(|h| name.strip_prefix(&h.pin_prefix()))
+        else {
             continue;
         };
         if ifaces.iter().any(|i| i == iface) {
@@ -443,7 +673,7 @@ fn cleanup_contents(dir: &Path) -> Result<usize, XdpError> {
     entries.sort_by_key(|p| {
         !p.file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("link_"))
+            .is_some_and(|n| Hook::ALL.iter().any(|h| n.starts_with(&h.pin_prefix())))
     });
     for p in entries {
         if p.is_dir() {
@@ -734,6 +964,9 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 service_id,
             } => {
                 for k in frontend_keys(frontend) {
+                    if k.family != 0 && k.addr != [0; 16] && maps.frontends.get(&k, 0).is_err() {
+                        vip_refs(maps, &k, 1)?;
+                    }
                     maps.frontends
                         .insert(
                             k,
@@ -748,7 +981,9 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
             }
             Op::RemoveFrontend { frontend } => {
                 for k in frontend_keys(frontend) {
-                    let _ = maps.frontends.remove(&k);
+                    if maps.frontends.remove(&k).is_ok() && k.addr != [0; 16] {
+                        vip_refs(maps, &k, -1)?;
+                    }
                 }
             }
         }
@@ -762,6 +997,59 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
         },
         0,
     );
+    Ok(())
+}
+
+/// The VIP key of a frontend key.
+fn vip_key(k: &FrontendKey) -> AddrKey {
+    AddrKey {
+        addr: k.addr,
+        family: k.family,
+        _pad: [0; 3],
+    }
+}
+
+/// Adds `delta` to the count of frontends using `k`'s VIP in `VIPS` (the
+/// entry goes at zero).
+fn vip_refs(maps: &mut Maps, k: &FrontendKey, delta: i64) -> Result<(), DataplaneError> {
+    let key = vip_key(k);
+    let n = maps.vips.get(&key, 0).unwrap_or(0) as i64 + delta;
+    if n <= 0 {
+        let _ = maps.vips.remove(&key);
+        Ok(())
+    } else {
+        maps.vips
+            .insert(key, n as u32, 0)
+            .map_err(map_error(maps::VIPS))
+    }
+}
+
+/// Rebuilds `VIPS` from the frontends (adoption: maps written by a daemon
+/// that kept no VIP counts, or counts left by an interrupted apply).
+pub fn rebuild_vips(maps: &mut Maps) -> Result<(), DataplaneError> {
+    let mut want: std::collections::BTreeMap<([u8; 16], u8), u32> = Default::default();
+    for k in maps.frontends.keys().filter_map(Result::ok) {
+        if k.addr != [0; 16] {
+            *want.entry((k.addr, k.family)).or_default() += 1;
+        }
+    }
+    let stale: Vec<AddrKey> = maps
+        .vips
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(&(k.addr, k.family)))
+        .collect();
+    for k in stale {
+        let _ = maps.vips.remove(&k);
+    }
+    for ((addr, family), n) in want {
+        let key = AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        maps.vips.insert(key, n, 0).map_err(map_error(maps::VIPS))?;
+    }
     Ok(())
 }
 
@@ -785,6 +1073,8 @@ impl Dataplane for XdpDataplane {
         let mirrored = self.mirror.as_mut().map(|m| m.apply(plan));
         if res.is_err() || !matches!(mirrored, Some(Ok(()))) {
             self.mirror = None;
+            // Part of the plan may be in: recount the VIPs from what is.
+            let _ = rebuild_vips(&mut self.maps);
         }
         res
     }

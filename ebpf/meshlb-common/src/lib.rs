@@ -61,9 +61,16 @@ pub mod maps {
     /// LRU hash, `AffinityKey` (service id, client address) ->
     /// `AffinityEntry` (backend id, last use): client-IP session affinity.
     pub const AFFINITY: &str = "MLB_AFF_V1";
+    /// hash, `IfAddrKey` (ifindex, family) -> `[u8; 16]`: the address of a
+    /// task-facing interface, the source a hairpin flow is translated to.
+    pub const IFACE_ADDRS: &str = "MLB_IFADDR_V1";
+    /// hash, `AddrKey` -> `u32` (1): the VIPs of this node's services, so
+    /// a packet to a VIP on a port it does not publish is dropped, not
+    /// routed on.
+    pub const VIPS: &str = "MLB_VIP_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -81,6 +88,8 @@ pub mod maps {
         IFACES,
         SERVICE_AFFINITY,
         AFFINITY,
+        IFACE_ADDRS,
+        VIPS,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -98,6 +107,15 @@ pub const PROG_XDP_LB: &str = "meshlb_xdp";
 pub const PROG_XDP_PASS: &str = "meshlb_pass";
 /// Name of the benchmark baseline: parse, swap MACs, XDP_TX.
 pub const PROG_XDP_BARE: &str = "meshlb_bare";
+/// Name of the TC (cls_bpf/tcx ingress) load balancer, for interfaces
+/// where local senders are (bridges and veths toward local tasks): an skb
+/// may carry a partial checksum there, which only the skb checksum
+/// helpers update correctly.
+pub const PROG_TC_LB: &str = "meshlb_tc";
+/// Name of the TC ingress program beside XDP on an uplink: it forwards,
+/// through the neighbour subsystem, what the XDP program translated but
+/// could not transmit itself (see `XdpHandoff`).
+pub const PROG_TC_HANDOFF: &str = "meshlb_tc_handoff";
 
 /// Maglev lookup table size per service (prime). Balance needs the ring
 /// to be much larger than the backend count: ~100x keeps the spread within
@@ -247,6 +265,11 @@ pub const CT_F_CLOSING: u16 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST;
 pub const CT_F_CLOSED: u16 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND;
 /// `CtEntry::flags`: the flow is source-translated (`CtEntry::snat_port`).
 pub const CT_F_SNAT: u16 = 8;
+/// `CtEntry::flags`: a hairpin flow (a local client to a local backend,
+/// seen by the TC program): source-translated to the address of the
+/// interface it came in on (`IFACE_ADDRS`), so the backend answers
+/// through this node and not straight to the client.
+pub const CT_F_HAIRPIN: u16 = 16;
 
 /// Conntrack entry for a client flow (client -> frontend).
 #[repr(C)]
@@ -330,6 +353,33 @@ impl AffinityEntry {
             && now.saturating_sub(self.last_used) <= timeout_secs as u64 * 1_000_000_000
     }
 }
+
+/// Key of `IFACE_ADDRS`: an interface and an address family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct IfAddrKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The metadata the XDP program puts in front of a translated frame it
+/// hands to the stack (no neighbour entry yet, or an egress device that
+/// takes no native redirect): the TC program on the same interface
+/// (`PROG_TC_HANDOFF`) forwards it to `ifindex` through the neighbour
+/// subsystem. Without it, a packet whose source became this node's own
+/// address would be dropped by the stack as a martian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct XdpHandoff {
+    /// `HANDOFF_MAGIC`.
+    pub magic: u32,
+    /// Egress interface from the FIB lookup.
+    pub ifindex: u32,
+}
+
+/// `XdpHandoff::magic`.
+pub const HANDOFF_MAGIC: u32 = 0x6d6c_6231;
 
 /// Index of the IPv4 entry of `SNAT_ADDRS`.
 pub const SNAT_IDX_V4: u32 = 0;
@@ -506,7 +556,8 @@ pub enum Counter {
     ForwardedOut = 2,
     /// Translated, but the FIB had no neighbour/route: passed to the stack.
     FibPass = 3,
-    /// Service without active backends: passed to the stack.
+    /// Service without a usable backend: dropped (before wave 2: passed
+    /// to the stack, which routed it on).
     NoBackend = 4,
     /// Too short for an Ethernet header.
     TruncatedEth = 5,
@@ -543,10 +594,23 @@ pub enum Counter {
     RedirectPass = 20,
     /// A new flow went to its client's backend by session affinity.
     AffinityHit = 21,
+    /// A hairpin flow (local client, local backend) was source-translated
+    /// to its interface's address.
+    Hairpin = 22,
+    /// To a VIP on a port it does not publish: dropped.
+    UnknownPort = 23,
+    /// Forwarded through the neighbour subsystem (`bpf_redirect_neigh`).
+    RedirectNeigh = 24,
+    /// Translated by XDP, handed with `XdpHandoff` metadata to the TC
+    /// program of the same interface.
+    Handoff = 25,
+    /// A hairpin flow needs the interface's address but it has none
+    /// (`IFACE_ADDRS`): dropped.
+    HairpinNoAddr = 26,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 22;
+pub const COUNTER_COUNT: u32 = 27;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -575,6 +639,11 @@ impl Counter {
         Counter::SnatNoAddr,
         Counter::RedirectPass,
         Counter::AffinityHit,
+        Counter::Hairpin,
+        Counter::UnknownPort,
+        Counter::RedirectNeigh,
+        Counter::Handoff,
+        Counter::HairpinNoAddr,
     ];
 
     /// Stable name used in metrics and status output.
@@ -602,6 +671,11 @@ impl Counter {
             Counter::SnatNoAddr => "snat_no_addr",
             Counter::RedirectPass => "redirect_pass",
             Counter::AffinityHit => "affinity_hit",
+            Counter::Hairpin => "hairpin",
+            Counter::UnknownPort => "unknown_port",
+            Counter::RedirectNeigh => "redirect_neigh",
+            Counter::Handoff => "handoff",
+            Counter::HairpinNoAddr => "hairpin_no_addr",
         }
     }
 }
@@ -626,6 +700,7 @@ mod pod {
     unsafe impl aya::Pod for SnatAddr {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for IfAddrKey {}
 }
 
 #[cfg(test)]
@@ -651,6 +726,8 @@ mod tests {
         assert_eq!(size_of::<SnatAddr>(), 32);
         assert_eq!(size_of::<AffinityKey>(), 24);
         assert_eq!(size_of::<AffinityEntry>(), 16);
+        assert_eq!(size_of::<IfAddrKey>(), 8);
+        assert_eq!(size_of::<XdpHandoff>(), 8);
     }
 
     fn linux_default() -> SnatAddr {

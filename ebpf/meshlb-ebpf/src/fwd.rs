@@ -1,22 +1,26 @@
-//! Forwarding of a translated packet: FIB lookup for its (new) destination,
-//! MAC rewrite, TTL/hop-limit decrement, then XDP_TX or redirect. When the
-//! FIB cannot answer (no neighbour entry yet, no route, fragmentation
-//! needed, TTL about to expire) the translated packet goes to the stack,
-//! which resolves the neighbour and forwards or answers it itself.
+//! Forwarding of a translated frame in XDP: FIB lookup for its (new)
+//! destination, MAC rewrite, TTL/hop-limit decrement, then XDP_TX or
+//! redirect. When the next hop is not resolved yet or the egress device
+//! takes no native redirect, the frame goes up with `XdpHandoff` metadata
+//! and the TC handoff program sends it through the neighbour subsystem
+//! (the stack itself would drop a packet whose source became this node's
+//! own address as a martian). No route or fragmentation needed: the stack
+//! answers. A TTL about to expire is never forwarded.
 
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup,
         xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
-        BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use meshlb_common::{Counter, FAMILY_V4, IF_F_GENERIC, IF_F_NO_XMIT};
+use meshlb_common::{Counter, XdpHandoff, FAMILY_V4, HANDOFF_MAGIC, IF_F_GENERIC, IF_F_NO_XMIT};
 
 use crate::{
     csum::CsumDelta,
+    frame::Frame,
     maps::{count, MLB_IFACE_V1},
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN},
 };
@@ -24,23 +28,27 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-#[inline(never)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32> {
+/// The FIB lookup parameters of a translated packet (addresses, ports,
+/// length, TOS/flow label from its headers; the ingress interface).
+/// `None`: headers out of bounds, or a TTL / hop limit that would expire
+/// here (counted): such a packet is never forwarded by the data path.
+#[inline(always)]
+pub fn fib_params<C: Frame>(ctx: &C, pkt: &Packet) -> Option<bpf_fib_lookup> {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.l4_protocol = pkt.key.proto;
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: header pointers were bounds-checked by the parser; the union
+    p.ifindex = ctx.ifindex();
+    // SAFETY: header pointers are bounds-checked by ptr_at; the union
     // fields written are the ones the kernel reads for this family.
     unsafe {
-        let ports = &*ptr_at::<L4Ports>(ctx, pkt.l4_off).map_err(|_| XDP_PASS)?;
+        let ports = &*ptr_at::<L4Ports, _>(ctx, pkt.l4_off).ok()?;
         p.sport = u16::from_ne_bytes(ports.sport);
         p.dport = u16::from_ne_bytes(ports.dport);
         if pkt.key.family == FAMILY_V4 {
-            let ip = &*ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+            let ip = &*ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN).ok()?;
             if ip.ttl <= 1 {
                 count(Counter::TtlExceeded);
-                return Ok(XDP_PASS);
+                return None;
             }
             p.family = AF_INET;
             p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
@@ -48,10 +56,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
             p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src);
             p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst);
         } else {
-            let ip = &*ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+            let ip = &*ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN).ok()?;
             if ip.hop_limit <= 1 {
                 count(Counter::TtlExceeded);
-                return Ok(XDP_PASS);
+                return None;
             }
             p.family = AF_INET6;
             p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.payload_len) + 40;
@@ -61,6 +69,18 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
             p.__bindgen_anon_4.ipv6_dst = words(&ip.dst);
         }
     }
+    Some(p)
+}
+
+/// XDP's `Frame::forward`. What it cannot transmit itself (no neighbour
+/// entry yet; an egress device without a native XDP transmit path) goes
+/// up with `XdpHandoff` metadata, for the TC handoff program on this
+/// interface to send through the neighbour subsystem.
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32> {
+    let Some(mut p) = fib_params(ctx, pkt) else {
+        return Ok(XDP_PASS);
+    };
     // SAFETY: ctx and p are valid for the helper's duration.
     let rc = unsafe {
         fib_lookup(
@@ -70,6 +90,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
             0,
         )
     };
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        count(Counter::FibPass);
+        return Ok(handoff(ctx, p.ifindex));
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         count(Counter::FibPass);
         return Ok(XDP_PASS);
@@ -77,13 +101,13 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
     let ingress = ctx.ingress_ifindex() as u32;
     if p.ifindex != ingress && !can_redirect(ingress, p.ifindex) {
         count(Counter::RedirectPass);
-        return Ok(XDP_PASS);
+        return Ok(handoff(ctx, p.ifindex));
     }
     // SAFETY: bounds-checked by the parser.
     unsafe {
-        let eth = &mut *ptr_at::<EthHdr>(ctx, 0).map_err(|_| XDP_PASS)?;
+        let eth = &mut *ptr_at::<EthHdr, _>(ctx, 0).map_err(|_| XDP_PASS)?;
         if pkt.key.family == FAMILY_V4 {
-            let ip = &mut *ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+            let ip = &mut *ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
             let mut c = CsumDelta::new(ip.check);
             c.word(
                 u16::from_be_bytes([ip.ttl, ip.proto]),
@@ -92,7 +116,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
             ip.ttl -= 1;
             ip.check = c.finish();
         } else {
-            (*ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?).hop_limit -= 1;
+            (*ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?).hop_limit -= 1;
         }
         eth.dst = p.dmac;
         eth.src = p.smac;
@@ -108,6 +132,30 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
     } else {
         Ok(XDP_PASS)
     }
+}
+
+/// Puts `XdpHandoff` metadata naming `ifindex` in front of the frame and
+/// passes it up; without room for metadata it just passes it.
+#[inline(always)]
+fn handoff(ctx: &XdpContext, ifindex: u32) -> u32 {
+    let size = core::mem::size_of::<XdpHandoff>();
+    // SAFETY: plain helper call; the context pointer is valid.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size as i32)) } != 0 {
+        return XDP_PASS;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + size > data {
+        return XDP_PASS;
+    }
+    // SAFETY: bounds-checked just above.
+    unsafe {
+        *(meta as *mut XdpHandoff) = XdpHandoff {
+            magic: HANDOFF_MAGIC,
+            ifindex,
+        };
+    }
+    count(Counter::Handoff);
+    XDP_PASS
 }
 
 /// Whether a redirect from `ingress` to `egress` is delivered: always in

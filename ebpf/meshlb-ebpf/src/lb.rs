@@ -28,20 +28,19 @@ use aya_ebpf::{
         BPF_ANY, BPF_NOEXIST,
     },
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
-    programs::XdpContext,
 };
 use meshlb_common::{
     hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowKey, FrontendKey,
-    FrontendValue, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
-    BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CT_F_SNAT,
-    FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT,
-    SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS,
-    SVC_F_PRESENT,
+    FrontendValue, IfAddrKey, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING,
+    BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT,
+    CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
+    SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TCP_IDLE_NS,
+    SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
 };
 
 use crate::{
     csum::CsumDelta,
-    fwd::forward,
+    frame::Frame,
     maps::*,
     parse::{
         parse, ptr_at, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, TCP_ACK, TCP_FIN, TCP_RST,
@@ -54,22 +53,42 @@ fn is_syn(pkt: &Packet) -> bool {
     pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// The decision spine, the same for both hooks (`Frame`: XDP on uplinks,
+/// TC on task-facing interfaces). Verdicts are XDP's; the TC entry point
+/// maps them.
 #[inline(always)]
-pub fn process(ctx: &XdpContext) -> Result<u32, u32> {
+pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
     let pkt = parse(ctx)?;
     let mut fe = FrontendValue::default();
     if lookup_frontend(&pkt, &mut fe) {
         client_path(ctx, &pkt, fe.service_id)?;
-        return forward(ctx, &pkt, Counter::ForwardedIn);
+        return ctx.forward(&pkt, Counter::ForwardedIn);
     }
     if rnat_reply(ctx, &pkt)? || snat_reply(ctx, &pkt)? {
-        return forward(ctx, &pkt, Counter::ForwardedOut);
+        return ctx.forward(&pkt, Counter::ForwardedOut);
+    }
+    if is_vip(&pkt) {
+        // A VIP is nobody's address: routed on, the packet would follow
+        // the default route (and maybe come back).
+        count(Counter::UnknownPort);
+        return Ok(XDP_DROP);
     }
     if is_syn(&pkt) {
         forget_reply(&pkt);
     }
     count(Counter::NotService);
     Ok(XDP_PASS)
+}
+
+/// Whether the packet's destination is one of the VIPs (`MLB_VIP_V1`).
+#[inline(never)]
+fn is_vip(pkt: &Packet) -> bool {
+    let ak = AddrKey {
+        addr: pkt.key.dst,
+        family: pkt.key.family,
+        _pad: [0; 3],
+    };
+    MLB_VIP_V1.get_ptr(&ak).is_some()
 }
 
 /// A client packet to a frontend: picks (or recalls) its backend and
@@ -79,36 +98,71 @@ pub fn process(ctx: &XdpContext) -> Result<u32, u32> {
 /// Each of the paths below `process` is its own subprogram so that their
 /// stack frames are not all live at once (BPF allows 512 bytes in all).
 #[inline(never)]
-fn client_path(ctx: &XdpContext, pkt: &Packet, service_id: u32) -> Result<(), u32> {
+fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u32> {
     let mut ct = CtEntry::default();
     if pick_backend(pkt, service_id, &mut ct)? {
+        if C::LOCAL_SENDERS && ct.flags & CT_F_SNAT == 0 {
+            // A local client and a local backend: without a source
+            // translation the backend would answer the client directly
+            // (same bridge), from its own address.
+            ct.flags |= CT_F_SNAT | CT_F_HAIRPIN;
+            count(Counter::Hairpin);
+        }
         if ct.flags & CT_F_SNAT != 0 {
             ct.snat_port = snat_alloc(pkt, &ct)?;
         }
         record_flow(pkt, &ct);
     }
-    let snat = if ct.flags & CT_F_SNAT != 0 {
-        match snat_addr(pkt.key.family) {
-            Some(a) => Some(a.addr),
-            None => {
-                count(Counter::SnatNoAddr);
-                return Err(XDP_DROP);
-            }
-        }
-    } else {
-        None
-    };
+    let mut src = [0u8; 16];
+    if ct.flags & CT_F_SNAT != 0 && !snat_source(pkt, ct.flags, &mut src) {
+        return Err(XDP_DROP);
+    }
     translate(ctx, pkt, &ct.backend_addr, ct.backend_port, false)?;
-    if let Some(addr) = snat {
-        translate(ctx, pkt, &addr, ct.snat_port, true)?;
+    if ct.flags & CT_F_SNAT != 0 {
+        translate(ctx, pkt, &src, ct.snat_port, true)?;
     }
     Ok(())
+}
+
+/// The source address a translated flow gets: the node's SNAT address
+/// (remote backend), or the address of the interface the packet came in
+/// on (hairpin). `false` (counted): there is none, drop.
+#[inline(never)]
+fn snat_source(pkt: &Packet, ct_flags: u16, out: &mut [u8; 16]) -> bool {
+    if ct_flags & CT_F_HAIRPIN != 0 {
+        let k = IfAddrKey {
+            ifindex: pkt.ifindex,
+            family: pkt.key.family,
+            _pad: [0; 3],
+        };
+        // SAFETY: hash map value, copied out at once.
+        return match unsafe { MLB_IFADDR_V1.get(&k) } {
+            Some(a) => {
+                *out = *a;
+                true
+            }
+            None => {
+                count(Counter::HairpinNoAddr);
+                false
+            }
+        };
+    }
+    match snat_addr(pkt.key.family) {
+        Some(a) => {
+            *out = a.addr;
+            true
+        }
+        None => {
+            count(Counter::SnatNoAddr);
+            false
+        }
+    }
 }
 
 /// A reply of a local (not source-translated) flow: source back to the
 /// frontend. `Ok(false)`: not one.
 #[inline(never)]
-fn rnat_reply(ctx: &XdpContext, pkt: &Packet) -> Result<bool, u32> {
+fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     // SAFETY: LRU map value, copied out at once.
     let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) }).copied() else {
         return Ok(false);
@@ -129,7 +183,7 @@ fn rnat_reply(ctx: &XdpContext, pkt: &Packet) -> Result<bool, u32> {
 /// destination back to the client; refreshes the flow's last-seen time.
 /// `Ok(false)`: not one.
 #[inline(never)]
-fn snat_reply(ctx: &XdpContext, pkt: &Packet) -> Result<bool, u32> {
+fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     let Some(p) = MLB_SNAT_V1.get_ptr_mut(&pkt.key) else {
         return Ok(false);
     };
@@ -221,7 +275,7 @@ fn closing_flags(tcp_flags: u8, from_client: bool) -> u16 {
 /// The backend of a client packet: conntrack when the flow is known (and
 /// not a SYN reusing a closed tuple), else Maglev. `Ok(true)`: a new flow,
 /// which the caller records (`record_flow`) once it has its SNAT port.
-/// `Err(XDP_PASS)`: no backend (counted), pass the packet untouched.
+/// `Err(XDP_DROP)`: no usable backend (counted).
 #[inline(never)]
 fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool, u32> {
     let flags = closing_flags(pkt.tcp_flags, true);
@@ -242,23 +296,25 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
         forget_flow(pkt, &old);
     }
 
+    // No usable backend: drop. Passed on, a packet to a VIP would follow
+    // the default route.
     match MLB_SVC_V1.get(service_id) {
         Some(s) if s.flags & SVC_F_PRESENT != 0 && s.active_backends > 0 => {}
         _ => {
             count(Counter::NoBackend);
-            return Err(XDP_PASS);
+            return Err(XDP_DROP);
         }
     }
     let backend_id = select_backend(pkt, service_id);
     if backend_id == NO_BACKEND {
         count(Counter::NoBackend);
-        return Err(XDP_PASS);
+        return Err(XDP_DROP);
     }
     let be = match MLB_BE_V1.get(backend_id) {
         Some(b) if b.flags & BE_F_PRESENT != 0 && b.family == pkt.key.family => b,
         _ => {
             count(Counter::NoBackend);
-            return Err(XDP_PASS);
+            return Err(XDP_DROP);
         }
     };
     *out = CtEntry {
@@ -376,10 +432,11 @@ fn record_flow(pkt: &Packet, ct: &CtEntry) {
 #[inline(never)]
 fn forget_flow(pkt: &Packet, old: &CtEntry) {
     if old.flags & CT_F_SNAT != 0 {
-        if let Some(a) = snat_addr(pkt.key.family) {
+        let mut src = [0u8; 16];
+        if snat_source(pkt, old.flags, &mut src) {
             let key = FlowKey {
                 src: old.backend_addr,
-                dst: a.addr,
+                dst: src,
                 sport: old.backend_port,
                 dport: old.snat_port,
                 ..pkt.key
@@ -417,15 +474,20 @@ fn snat_addr(family: u8) -> Option<&'static SnatAddr> {
 /// atomic insert-if-absent of the reply tuple.
 #[inline(never)]
 fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
+    // The port range is the node's (hairpin flows share it).
     let Some(a) = snat_addr(pkt.key.family) else {
         count(Counter::SnatNoAddr);
         return Err(XDP_DROP);
     };
+    let mut src = [0u8; 16];
+    if !snat_source(pkt, ct.flags, &mut src) {
+        return Err(XDP_DROP);
+    }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut key = FlowKey {
         src: ct.backend_addr,
-        dst: a.addr,
+        dst: src,
         sport: ct.backend_port,
         dport: 0,
         ..pkt.key
@@ -516,38 +578,47 @@ fn reply_seen(pkt: &Packet, client: &FlowKey, service_id: u32, backend_id: u32) 
     account(service_id, backend_id, pkt.len, true, false);
 }
 
-/// [`rewrite`], failing with XDP_PASS (headers out of bounds).
+/// `Frame::rewrite`, failing with XDP_PASS (headers out of bounds).
 #[inline(always)]
-fn translate(
-    ctx: &XdpContext,
+fn translate<C: Frame>(
+    ctx: &C,
     pkt: &Packet,
     new: &[u8; 16],
     new_port: u16,
     src_side: bool,
 ) -> Result<(), u32> {
-    if rewrite(ctx, pkt, new, new_port, src_side) {
+    if ctx.rewrite(pkt, new, new_port, src_side) {
         Ok(())
     } else {
         Err(XDP_PASS)
     }
 }
 
-/// Replaces the destination (`src_side == false`) or source address and
-/// port, fixing the IPv4 header checksum and the L4 checksum. The old
-/// values are the parsed ones (`pkt.key`): each side is rewritten at most
-/// once per packet. A subprogram, so its frame is not repeated per caller.
+/// XDP's `Frame::rewrite`: replaces the destination (`src_side == false`)
+/// or source address and port, fixing the IPv4 header checksum and the L4
+/// checksum incrementally (RFC 1624). Right for complete checksums only,
+/// which is what frames from the wire carry (XDP cannot see a partial
+/// one; local senders are served by the TC program). The old values are
+/// the parsed ones (`pkt.key`): each side is rewritten at most once per
+/// packet. A subprogram, so its frame is not repeated per caller.
 #[inline(never)]
-fn rewrite(ctx: &XdpContext, pkt: &Packet, new: &[u8; 16], new_port: u16, src_side: bool) -> bool {
+pub fn rewrite_xdp(
+    ctx: &aya_ebpf::programs::XdpContext,
+    pkt: &Packet,
+    new: &[u8; 16],
+    new_port: u16,
+    src_side: bool,
+) -> bool {
     let (old, old_port) = if src_side {
         (&pkt.key.src, pkt.key.sport)
     } else {
         (&pkt.key.dst, pkt.key.dport)
     };
     let v4 = pkt.key.family == FAMILY_V4;
-    let Ok(check_ptr) = ptr_at::<[u8; 2]>(ctx, pkt.check_off) else {
+    let Ok(check_ptr) = ptr_at::<[u8; 2], _>(ctx, pkt.check_off) else {
         return false;
     };
-    let Ok(l4_ptr) = ptr_at::<L4Ports>(ctx, pkt.l4_off) else {
+    let Ok(l4_ptr) = ptr_at::<L4Ports, _>(ctx, pkt.l4_off) else {
         return false;
     };
     // SAFETY: bounds-checked by ptr_at.
@@ -555,7 +626,7 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, new: &[u8; 16], new_port: u16, src_si
     let udp_no_csum = pkt.key.proto == PROTO_UDP && v4 && check == [0, 0];
     let mut l4 = CsumDelta::new(check);
     if v4 {
-        let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.
@@ -571,7 +642,7 @@ fn rewrite(ctx: &XdpContext, pkt: &Packet, new: &[u8; 16], new_port: u16, src_si
             ip.dst = a;
         }
     } else {
-        let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        let Ok(ip) = ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.

@@ -1,12 +1,16 @@
-//! meshlb XDP data plane: entry points only. The work is split by role:
-//! `maps` (every map, one line each on key/value), `parse` (headers),
-//! `csum` (incremental checksums), `lb` (frontend match, conntrack,
-//! Maglev selection, translation), `fwd` (FIB lookup and redirect).
+//! meshlb data plane (XDP and TC): entry points only. The work is split by
+//! role: `maps` (every map, one line each on key/value), `parse`
+//! (headers), `frame` (the two hooks behind one trait), `csum`
+//! (incremental checksums), `lb` (frontend match, conntrack, Maglev
+//! selection, translation), `fwd` (XDP: FIB lookup and redirect), `tc`
+//! (TC: checksum helpers, redirect, neighbour handoff).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod csum;
+#[cfg(target_arch = "bpf")]
+mod frame;
 #[cfg(target_arch = "bpf")]
 mod fwd;
 #[cfg(target_arch = "bpf")]
@@ -15,10 +19,16 @@ mod lb;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod tc;
 
 #[cfg(target_arch = "bpf")]
 mod progs {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use aya_ebpf::{
+        bindings::xdp_action,
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
 
     /// The load balancer: translate service traffic, pass everything else.
     #[xdp]
@@ -26,6 +36,20 @@ mod progs {
         match crate::lb::process(&ctx) {
             Ok(action) | Err(action) => action,
         }
+    }
+
+    /// The load balancer for task-facing interfaces (TC ingress): local
+    /// senders' packets, whose checksums may be partial; hairpin flows.
+    #[classifier]
+    pub fn meshlb_tc(ctx: TcContext) -> i32 {
+        crate::tc::run(&ctx)
+    }
+
+    /// Beside XDP on an uplink (TC ingress): forwards what XDP translated
+    /// but could not transmit.
+    #[classifier]
+    pub fn meshlb_tc_handoff(ctx: TcContext) -> i32 {
+        crate::tc::handoff(&ctx)
     }
 
     /// Passes every packet. Attached to veth peers so that native-mode

@@ -77,6 +77,15 @@ pub static MLB_SVCAFF_V1: Array<u32> = Array::pinned(MAX_SERVICES, 0);
 #[map]
 pub static MLB_AFF_V1: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
+/// IfAddrKey (ifindex, family) -> address bytes: the source of hairpin flows
+/// entering that (task-facing) interface.
+#[map]
+pub static MLB_IFADDR_V1: HashMap<IfAddrKey, [u8; 16]> = HashMap::pinned(MAX_IFACES, 0);
+
+/// AddrKey -> 1: the VIPs (a VIP port nobody publishes is dropped).
+#[map]
+pub static MLB_VIP_V1: HashMap<AddrKey, u32> = HashMap::pinned(MAX_FRONTENDS, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = MLB_CNT_V2.get_ptr_mut(c as u32) {

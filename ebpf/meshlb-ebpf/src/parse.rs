@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use meshlb_common::{Counter, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::count;
+use crate::{frame::Frame, maps::count};
 
 pub const ETH_LEN: usize = 14;
 pub const IPV4_LEN: usize = 20;
@@ -78,11 +78,13 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Bytes on the wire (frame length), for counters.
     pub len: u64,
+    /// The interface the packet came in on.
+    pub ifindex: u32,
 }
 
 /// A bounds-checked pointer to a `T` at `off` bytes into the packet.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, ()> {
+pub fn ptr_at<T, C: Frame>(ctx: &C, off: usize) -> Result<*mut T, ()> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -94,7 +96,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, ()> {
 /// Parses a frame. `Err(XDP_PASS)` means: not ours, pass it untouched (the
 /// reason is counted).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
+pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     let pass = |c: Counter| {
         count(c);
         XDP_PASS
@@ -102,7 +104,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|_| pass(Counter::TruncatedEth))?;
     // SAFETY: bounds-checked by ptr_at.
     let ethertype = unsafe { (*eth).proto };
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = ctx.frame_len();
 
     let (family, proto, src, dst, l4_off) = if ethertype == ETH_P_IP {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| pass(Counter::MalformedIp))?;
@@ -191,6 +193,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
         },
         tcp_flags,
         len,
+        ifindex: ctx.ifindex(),
     })
 }
 
@@ -202,7 +205,7 @@ pub fn bare_forward(ctx: &XdpContext) -> u32 {
         Ok(p) if p.len > 0 => {}
         _ => return XDP_PASS,
     }
-    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Ok(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
         return XDP_PASS;
     };
     // SAFETY: bounds-checked by ptr_at.

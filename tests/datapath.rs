@@ -273,6 +273,11 @@ fn assert_checksums(frame: &[u8], what: &str) {
     let (src, dst, proto, l4) = if et == [0x08, 0x00] {
         let ip = &frame[14..34];
         assert_eq!(fold(sum16(ip)), 0, "{what}: IPv4 header checksum");
+        if ip[6] & 0x3f != 0 || ip[7] != 0 {
+            // A fragment: its L4 checksum covers the whole datagram (the
+            // fixtures' exact bytes check it).
+            return;
+        }
         let s = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
         let d = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
         (IpAddr::V4(s), IpAddr::V4(d), ip[9], &frame[34..])
@@ -287,12 +292,192 @@ fn assert_checksums(frame: &[u8], what: &str) {
             &frame[54..],
         )
     };
-    if proto == 17 && l4[6..8] == [0, 0] {
+    if proto != 6 && proto != 17 || proto == 17 && l4[6..8] == [0, 0] {
+        // ICMP and IPv6 fragments: compared byte for byte instead.
         return;
     }
     let mut all = pseudo(src, dst, proto, l4.len());
     all.extend(l4);
     assert_eq!(fold(sum16(&all)), 0, "{what}: L4 checksum");
+}
+
+// ---------------------------------------------------------------------
+// Fragments and ICMP errors (raw builders; checksums computed here)
+// ---------------------------------------------------------------------
+
+/// Recomputes the IPv4 header checksum of a frame in place.
+fn fix_ip4(mut b: Vec<u8>) -> Vec<u8> {
+    b[24] = 0;
+    b[25] = 0;
+    let c = fold(sum16(&b[14..34]));
+    b[24..26].copy_from_slice(&c.to_be_bytes());
+    b
+}
+
+/// Sets the IPv4 more-fragments flag (a first fragment).
+fn first_frag4(b: Vec<u8>) -> Vec<u8> {
+    fix_ip4(mangle(b, |b| b[20] = 0x20))
+}
+
+/// A later IPv4 fragment (offset 8 bytes) of datagram 0x1234 (the id
+/// `Frame` uses) carrying `data`.
+fn later_frag4(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: &str,
+    dst: &str,
+    ttl: u8,
+    data: &[u8],
+) -> Vec<u8> {
+    let (s, d): (Ipv4Addr, Ipv4Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut f = Vec::new();
+    f.extend(dmac);
+    f.extend(smac);
+    f.extend([0x08, 0x00, 0x45, 0]);
+    f.extend(((20 + data.len()) as u16).to_be_bytes());
+    f.extend([0x12, 0x34, 0x00, 0x01, ttl, 17, 0, 0]);
+    f.extend(s.octets());
+    f.extend(d.octets());
+    f.extend(data);
+    fix_ip4(f)
+}
+
+/// Inserts an IPv6 fragment header (offset in 8-byte units, M flag,
+/// id 0x1234) after the IPv6 header of a frame.
+fn with_frag6(b: Vec<u8>, offset: u16, more: bool) -> Vec<u8> {
+    let next = b[20];
+    let mut f = b[..54].to_vec();
+    f[20] = 44;
+    let plen = u16::from_be_bytes([f[18], f[19]]) + 8;
+    f[18..20].copy_from_slice(&plen.to_be_bytes());
+    f.push(next);
+    f.push(0);
+    f.extend((offset << 3 | more as u16).to_be_bytes());
+    f.extend(0x1234u32.to_be_bytes());
+    f.extend(&b[54..]);
+    f
+}
+
+/// A later IPv6 fragment (offset 8 bytes, last) of UDP datagram 0x1234.
+fn later_frag6(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: &str,
+    dst: &str,
+    hop: u8,
+    data: &[u8],
+) -> Vec<u8> {
+    let (s, d): (Ipv6Addr, Ipv6Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut f = Vec::new();
+    f.extend(dmac);
+    f.extend(smac);
+    f.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend(((8 + data.len()) as u16).to_be_bytes());
+    f.extend([44, hop]);
+    f.extend(s.octets());
+    f.extend(d.octets());
+    f.extend([17, 0, 0, 8]);
+    f.extend(0x1234u32.to_be_bytes());
+    f.extend(data);
+    f
+}
+
+/// The ICMP quote of a frame: its IP header and the first 8 L4 bytes.
+fn quote(frame: &[u8]) -> Vec<u8> {
+    let hdr = if [frame[12], frame[13]] == [0x08, 0x00] {
+        20
+    } else {
+        40
+    };
+    frame[14..14 + hdr + 8].to_vec()
+}
+
+/// `quote` of `translated`, keeping the quoted TTL and UDP checksum of
+/// `orig` (the load balancer translates addresses and ports only; receivers
+/// of ICMP errors do not check the quoted L4 checksum).
+fn quote_as(translated: &[u8], orig: &[u8]) -> Vec<u8> {
+    let mut q = quote(translated);
+    let o = quote(orig);
+    let l4 = q.len() - 8;
+    let v4 = l4 == 20;
+    if q[if v4 { 9 } else { 6 }] == 17 {
+        q[l4 + 6..l4 + 8].copy_from_slice(&o[l4 + 6..l4 + 8]);
+    }
+    if v4 {
+        q[8] = o[8];
+        q[10] = 0;
+        q[11] = 0;
+        let c = fold(sum16(&q[..20]));
+        q[10..12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        q[7] = o[7];
+    }
+    q
+}
+
+/// An ICMP (IPv4) error frame quoting `quoted`; `rest` is the word after
+/// the checksum (the next-hop MTU of "fragmentation needed").
+#[allow(clippy::too_many_arguments)]
+fn icmp4(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: &str,
+    dst: &str,
+    ttl: u8,
+    ty: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let (s, d): (Ipv4Addr, Ipv4Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend(rest.to_be_bytes());
+    icmp.extend(quoted);
+    let c = fold(sum16(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend(dmac);
+    f.extend(smac);
+    f.extend([0x08, 0x00, 0x45, 0]);
+    f.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    f.extend([0x56, 0x78, 0x00, 0x00, ttl, 1, 0, 0]);
+    f.extend(s.octets());
+    f.extend(d.octets());
+    f.extend(icmp);
+    fix_ip4(f)
+}
+
+/// An ICMPv6 error frame quoting `quoted`.
+#[allow(clippy::too_many_arguments)]
+fn icmp6(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: &str,
+    dst: &str,
+    hop: u8,
+    ty: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let (s, d): (Ipv6Addr, Ipv6Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend(rest.to_be_bytes());
+    icmp.extend(quoted);
+    let mut all = pseudo(IpAddr::V6(s), IpAddr::V6(d), 58, icmp.len());
+    all.extend(&icmp);
+    let c = fold(sum16(&all));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend(dmac);
+    f.extend(smac);
+    f.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend((icmp.len() as u16).to_be_bytes());
+    f.extend([58, hop]);
+    f.extend(s.octets());
+    f.extend(d.octets());
+    f.extend(icmp);
+    f
 }
 
 // ---------------------------------------------------------------------
@@ -394,10 +579,13 @@ fn case(name: &'static str, steps: Vec<Step>) -> Case {
 const FXA_IFINDEX: u32 = 3;
 
 /// A frame as XDP hands it up for the TC handoff program: the
-/// `XdpHandoff` metadata (magic, egress ifindex; host order) in front.
+/// `XdpHandoff` metadata (magic, egress ifindex, ingress ifindex; host
+/// order) in front.
 fn handoff(ifindex: u32, frame: Vec<u8>) -> Vec<u8> {
     let mut v = meshlb_common::HANDOFF_MAGIC.to_ne_bytes().to_vec();
     v.extend(ifindex.to_ne_bytes());
+    // BPF_PROG_TEST_RUN's frames arrive on the loopback device.
+    v.extend(1u32.to_ne_bytes());
     v.extend(frame);
     v
 }
@@ -838,15 +1026,101 @@ fn cases() -> Vec<Case> {
             }),
             Counter::MalformedIp,
         ),
-        untouched(
-            "IPv4 first fragment (MF) to the VIP: untouched",
-            mangle(udp4.bytes(), |b| b[20] = 0x20),
-            Counter::Fragment,
+        case(
+            "IPv4 fragmented UDP to the VIP: the first fragment picks, a later one follows it",
+            vec![
+                step(
+                    first_frag4(udp4.bytes()),
+                    Expect::Frame(XDP_REDIRECT, first_frag4(udp4_out.bytes())),
+                    NEW_IN,
+                ),
+                step(
+                    later_frag4(CLIENT_MAC, LB_MAC, c4, "10.96.0.10", 64, b"abcdefgh"),
+                    Expect::Frame(
+                        XDP_REDIRECT,
+                        later_frag4(FXA_MAC, BE1_MAC, c4, "10.201.1.2", 63, b"abcdefgh"),
+                    ),
+                    &[(Counter::FragTranslated, 1), (Counter::ForwardedIn, 1)],
+                ),
+            ],
+        ),
+        dropped(
+            "IPv4 later fragment to the VIP whose first was not seen: dropped",
+            later_frag4(CLIENT_MAC, LB_MAC, c4, "10.96.0.10", 64, b"abcdefgh"),
+            Counter::FragUnknown,
         ),
         untouched(
-            "IPv4 later fragment (offset) to the VIP: untouched",
-            mangle(udp4.bytes(), |b| b[21] = 0x10),
+            "IPv4 later fragment to another address: untouched",
+            later_frag4(CLIENT_MAC, LB_MAC, c4, "10.200.0.1", 64, b"abcdefgh"),
             Counter::Fragment,
+        ),
+        case(
+            "IPv6 fragmented UDP to the VIP: first fragment behind a fragment header, then a later one",
+            vec![
+                step(
+                    with_frag6(udp6.bytes(), 0, true),
+                    Expect::Frame(XDP_REDIRECT, with_frag6(udp6_out.bytes(), 0, true)),
+                    NEW_IN,
+                ),
+                step(
+                    later_frag6(CLIENT_MAC, LB_MAC, c6, "fd00:96::10", 64, b"abcdefgh"),
+                    Expect::Frame(
+                        XDP_REDIRECT,
+                        later_frag6(FXA_MAC, BE1_MAC, c6, "fd00:201:1::2", 63, b"abcdefgh"),
+                    ),
+                    &[(Counter::FragTranslated, 1)],
+                ),
+            ],
+        ),
+        case(
+            "ICMP fragmentation needed for a reply, sent to the VIP: to the backend, quoting its own packet",
+            vec![step(syn4.bytes(), fwd(&syn4_out), NEW_IN), {
+                // A router on the client's side could not forward the
+                // translated reply (VIP:80 -> client).
+                let sent = Frame::tcp("10.96.0.10", 80, c4, 40000, SYN | ACK).bytes();
+                let orig = reply4.bytes();
+                step(
+                    icmp4(CLIENT_MAC, LB_MAC, "10.200.0.254", "10.96.0.10", 64, 3, 4, 1400, &quote(&sent)),
+                    Expect::Frame(
+                        XDP_REDIRECT,
+                        icmp4(FXA_MAC, BE1_MAC, "10.200.0.254", "10.201.1.2", 63, 3, 4, 1400, &quote_as(&orig, &sent)),
+                    ),
+                    &[(Counter::IcmpTranslated, 1), (Counter::ForwardedOut, 1)],
+                )
+            }],
+        ),
+        case(
+            "ICMP port unreachable from a local backend: from the VIP, quoting the client's packet to the VIP",
+            vec![step(udp4.bytes(), fwd(&udp4_out), NEW_IN), {
+                let to_backend = udp4_out.bytes();
+                step(
+                    icmp4(BE1_MAC, FXA_MAC, "10.201.1.2", c4, 64, 3, 3, 0, &quote(&to_backend)),
+                    Expect::Frame(
+                        XDP_REDIRECT,
+                        icmp4(FXB_MAC, CLIENT_MAC, "10.96.0.10", c4, 63, 3, 3, 0, &quote_as(&udp4.bytes(), &to_backend)),
+                    ),
+                    &[(Counter::IcmpTranslated, 1), (Counter::ForwardedOut, 1)],
+                )
+            }],
+        ),
+        case(
+            "ICMPv6 packet too big for a SNATed flow, sent to the node: to the client, quoting its packet to the VIP",
+            vec![step(syn6_r.bytes(), fwd(&syn6_r_out), SNAT_IN), {
+                let sent = syn6_r_out.bytes();
+                step(
+                    icmp6(BE3_MAC, FXA_MAC, "fd00:201:1::fe", SNAT6, 64, 2, 0, 1280, &quote(&sent)),
+                    Expect::Frame(
+                        XDP_REDIRECT,
+                        icmp6(FXB_MAC, CLIENT_MAC, "fd00:201:1::fe", c6, 63, 2, 0, 1280, &quote_as(&syn6_r.bytes(), &sent)),
+                    ),
+                    &[(Counter::IcmpTranslated, 1), (Counter::ForwardedOut, 1)],
+                )
+            }],
+        ),
+        untouched(
+            "ICMP error about no translated flow: untouched",
+            icmp4(CLIENT_MAC, LB_MAC, "10.200.0.254", "10.200.0.1", 64, 3, 4, 1400, &quote(&Frame::tcp("10.200.0.1", 22, c4, 40000, ACK).bytes())),
+            Counter::NotService,
         ),
         untouched(
             "truncated TCP header to the VIP: untouched",
@@ -878,8 +1152,8 @@ fn cases() -> Vec<Case> {
             Counter::Ipv6ExtHeader,
         ),
         untouched(
-            "IPv6 fragment header to the VIP: untouched",
-            mangle(udp6.bytes(), |b| b[20] = 44),
+            "IPv6 routing header to the VIP: untouched",
+            mangle(udp6.bytes(), |b| b[20] = 43),
             Counter::Ipv6ExtHeader,
         ),
         untouched(

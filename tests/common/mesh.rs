@@ -547,9 +547,24 @@ impl Mesh {
         serde_json::from_str(&out.stdout).map_err(|e| format!("status --json: {e}"))
     }
 
-    /// Every daemon log of this test (tail), for failure messages.
+    /// Every daemon log of this test (tail) and each node's non-zero data
+    /// path counters, for failure messages.
     pub fn ctx(&self) -> String {
         let mut s = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Ok(st) = self.try_status(i) {
+                let c: Vec<String> = st["counters"]
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(_, v)| v.as_u64() != Some(0))
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                s += &format!("\n===== {} counters: {}", n.name, c.join(" "));
+            }
+        }
         for p in self.logs.lock().unwrap().iter() {
             let text = fs::read_to_string(p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();

@@ -68,9 +68,13 @@ pub mod maps {
     /// a packet to a VIP on a port it does not publish is dropped, not
     /// routed on.
     pub const VIPS: &str = "MLB_VIP_V1";
+    /// LRU hash, `FragKey` (the datagram as it arrived: addresses, id,
+    /// protocol) -> `FragEntry` (its addresses after translation): the
+    /// first fragment's choice, applied to the later ones.
+    pub const FRAGMENTS: &str = "MLB_FRAG_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -90,6 +94,7 @@ pub mod maps {
         AFFINITY,
         IFACE_ADDRS,
         VIPS,
+        FRAGMENTS,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -363,6 +368,30 @@ pub struct IfAddrKey {
     pub _pad: [u8; 3],
 }
 
+/// Key of `FRAGMENTS`: one fragmented datagram as it arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Identification (IPv4: 16 bits, in host order).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `FRAGMENTS`: the datagram's addresses after translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragEntry {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// Size of `FRAGMENTS`: datagrams in reassembly at once.
+pub const MAX_FRAGS: u32 = 8192;
+
 /// The metadata the XDP program puts in front of a translated frame it
 /// hands to the stack (no neighbour entry yet, or an egress device that
 /// takes no native redirect): the TC program on the same interface
@@ -372,10 +401,14 @@ pub struct IfAddrKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct XdpHandoff {
-    /// `HANDOFF_MAGIC`.
+    /// `HANDOFF_MAGIC`; zeroed by the TC program once used.
     pub magic: u32,
     /// Egress interface from the FIB lookup.
     pub ifindex: u32,
+    /// The interface XDP saw the frame on: skb metadata survives a veth
+    /// crossing, so a frame handed off on one host could otherwise be
+    /// taken for a handoff by the next one on the same kernel.
+    pub ingress: u32,
 }
 
 /// `XdpHandoff::magic`.
@@ -567,7 +600,8 @@ pub enum Counter {
     MalformedIp = 7,
     /// IPv4 options: passed untouched.
     IpOptions = 8,
-    /// IP fragment: passed untouched.
+    /// A non-first IP fragment was seen (translated with its datagram's
+    /// first fragment's choice, or passed when it is not ours).
     Fragment = 9,
     /// IPv6 extension header: passed untouched.
     Ipv6ExtHeader = 10,
@@ -607,10 +641,17 @@ pub enum Counter {
     /// A hairpin flow needs the interface's address but it has none
     /// (`IFACE_ADDRS`): dropped.
     HairpinNoAddr = 26,
+    /// A non-first fragment translated like its first fragment.
+    FragTranslated = 27,
+    /// A non-first fragment to a VIP whose first fragment was not seen:
+    /// dropped.
+    FragUnknown = 28,
+    /// An ICMP error quoting a translated flow, translated back.
+    IcmpTranslated = 29,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 27;
+pub const COUNTER_COUNT: u32 = 30;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -644,6 +685,9 @@ impl Counter {
         Counter::RedirectNeigh,
         Counter::Handoff,
         Counter::HairpinNoAddr,
+        Counter::FragTranslated,
+        Counter::FragUnknown,
+        Counter::IcmpTranslated,
     ];
 
     /// Stable name used in metrics and status output.
@@ -676,6 +720,9 @@ impl Counter {
             Counter::RedirectNeigh => "redirect_neigh",
             Counter::Handoff => "handoff",
             Counter::HairpinNoAddr => "hairpin_no_addr",
+            Counter::FragTranslated => "frag_translated",
+            Counter::FragUnknown => "frag_unknown",
+            Counter::IcmpTranslated => "icmp_translated",
         }
     }
 }
@@ -701,6 +748,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for IfAddrKey {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
 }
 
 #[cfg(test)]
@@ -727,7 +776,9 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 24);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<IfAddrKey>(), 8);
-        assert_eq!(size_of::<XdpHandoff>(), 8);
+        assert_eq!(size_of::<XdpHandoff>(), 12);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragEntry>(), 32);
     }
 
     fn linux_default() -> SnatAddr {

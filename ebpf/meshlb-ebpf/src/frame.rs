@@ -33,17 +33,24 @@ pub trait Frame {
     fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32>;
 }
 
+// The packet bounds are read with volatile loads: a subprogram that only
+// reads them through the context would otherwise get them as promoted
+// plain arguments (LLVM's argument promotion), and the verifier refuses
+// arithmetic on a packet-end value that was passed that way.
+
 impl Frame for XdpContext {
     const LOCAL_SENDERS: bool = false;
 
     #[inline(always)]
     fn data(&self) -> usize {
-        XdpContext::data(self)
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) as usize }
     }
 
     #[inline(always)]
@@ -72,12 +79,14 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn data(&self) -> usize {
-        TcContext::data(self)
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        TcContext::data_end(self)
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
     }
 
     #[inline(always)]

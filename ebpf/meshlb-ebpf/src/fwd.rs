@@ -22,7 +22,7 @@ use crate::{
     csum::CsumDelta,
     frame::Frame,
     maps::{count, MLB_IFACE_V1},
-    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN},
+    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, KIND_L4},
 };
 
 const AF_INET: u8 = 2;
@@ -36,14 +36,18 @@ const AF_INET6: u8 = 10;
 pub fn fib_params<C: Frame>(ctx: &C, pkt: &Packet) -> Option<bpf_fib_lookup> {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.l4_protocol = pkt.key.proto;
     p.ifindex = ctx.ifindex();
     // SAFETY: header pointers are bounds-checked by ptr_at; the union
     // fields written are the ones the kernel reads for this family.
     unsafe {
-        let ports = &*ptr_at::<L4Ports, _>(ctx, pkt.l4_off).ok()?;
-        p.sport = u16::from_ne_bytes(ports.sport);
-        p.dport = u16::from_ne_bytes(ports.dport);
+        // Ports only where the packet has them (not a later fragment, not
+        // an ICMP error).
+        if pkt.kind == KIND_L4 {
+            p.l4_protocol = pkt.key.proto;
+            let ports = &*ptr_at::<L4Ports, _>(ctx, pkt.l4_off).ok()?;
+            p.sport = u16::from_ne_bytes(ports.sport);
+            p.dport = u16::from_ne_bytes(ports.dport);
+        }
         if pkt.key.family == FAMILY_V4 {
             let ip = &*ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN).ok()?;
             if ip.ttl <= 1 {
@@ -152,6 +156,7 @@ fn handoff(ctx: &XdpContext, ifindex: u32) -> u32 {
         *(meta as *mut XdpHandoff) = XdpHandoff {
             magic: HANDOFF_MAGIC,
             ifindex,
+            ingress: ctx.ingress_ifindex() as u32,
         };
     }
     count(Counter::Handoff);

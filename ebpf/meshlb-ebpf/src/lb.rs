@@ -30,12 +30,12 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
 };
 use meshlb_common::{
-    hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowKey, FrontendKey,
-    FrontendValue, IfAddrKey, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING,
-    BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT,
-    CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
-    SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TCP_IDLE_NS,
-    SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
+    hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowKey, FragEntry,
+    FragKey, FrontendKey, FrontendValue, IfAddrKey, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN,
+    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND,
+    CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
+    SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -43,8 +43,8 @@ use crate::{
     frame::Frame,
     maps::*,
     parse::{
-        parse, ptr_at, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN,
+        parse, ptr_at, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, IPV4_LEN, IPV6_LEN, KIND_FRAG,
+        KIND_ICMP_ERR, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
 };
 
@@ -59,12 +59,25 @@ fn is_syn(pkt: &Packet) -> bool {
 #[inline(always)]
 pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
     let pkt = parse(ctx)?;
+    if pkt.kind == KIND_FRAG {
+        return frag_path(ctx, &pkt);
+    }
+    if pkt.kind == KIND_ICMP_ERR {
+        icmp_path(ctx, &pkt)?;
+        return ctx.forward(&pkt, Counter::ForwardedOut);
+    }
     let mut fe = FrontendValue::default();
     if lookup_frontend(&pkt, &mut fe) {
         client_path(ctx, &pkt, fe.service_id)?;
+        if pkt.frag_first != 0 {
+            record_frag_of(ctx, &pkt);
+        }
         return ctx.forward(&pkt, Counter::ForwardedIn);
     }
     if rnat_reply(ctx, &pkt)? || snat_reply(ctx, &pkt)? {
+        if pkt.frag_first != 0 {
+            record_frag_of(ctx, &pkt);
+        }
         return ctx.forward(&pkt, Counter::ForwardedOut);
     }
     if is_vip(&pkt) {
@@ -78,6 +91,336 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
     }
     count(Counter::NotService);
     Ok(XDP_PASS)
+}
+
+/// The key of a fragmented datagram as it arrived.
+#[inline(always)]
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        src: pkt.key.src,
+        dst: pkt.key.dst,
+        id: pkt.frag_id,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Records the translated addresses of a datagram's first fragment (read
+/// back from the rewritten IP header) for its later fragments. One
+/// subprogram per family, each given a header pointer checked for its
+/// size (the verifier does not relate `family` to a pointer's range).
+#[inline(never)]
+fn record_frag_of<C: Frame>(ctx: &C, pkt: &Packet) {
+    let mut e = FragEntry::default();
+    if pkt.key.family == FAMILY_V4 {
+        if let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) {
+            frag_addrs_v4(ip, &mut e);
+        }
+    } else if let Ok(ip) = ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN) {
+        frag_addrs_v6(ip, &mut e);
+    }
+    let _ = MLB_FRAG_V1.insert(&frag_key(pkt), &e, 0);
+}
+
+#[inline(never)]
+fn frag_addrs_v4(ip: *const Ipv4Hdr, e: &mut FragEntry) {
+    // SAFETY: bounds-checked by the caller (ptr_at).
+    let ip = unsafe { &*ip };
+    e.src[..4].copy_from_slice(&ip.src);
+    e.dst[..4].copy_from_slice(&ip.dst);
+}
+
+#[inline(never)]
+fn frag_addrs_v6(ip: *const Ipv6Hdr, e: &mut FragEntry) {
+    // SAFETY: bounds-checked by the caller (ptr_at).
+    let ip = unsafe { &*ip };
+    e.src = ip.src;
+    e.dst = ip.dst;
+}
+
+/// A later fragment: translated like its datagram's first fragment (the
+/// addresses; it has no ports). One of a datagram to a VIP whose first
+/// fragment was not seen is dropped (counted); others are not ours.
+#[inline(never)]
+fn frag_path<C: Frame>(ctx: &C, pkt: &Packet) -> Result<u32, u32> {
+    // SAFETY: LRU map value, copied out at once.
+    let Some(e) = (unsafe { MLB_FRAG_V1.get(&frag_key(pkt)) }).copied() else {
+        if is_vip(pkt) {
+            count(Counter::FragUnknown);
+            return Ok(XDP_DROP);
+        }
+        return Ok(XDP_PASS);
+    };
+    if e.dst != pkt.key.dst {
+        translate(ctx, pkt, &e.dst, 0, false)?;
+    }
+    if e.src != pkt.key.src {
+        translate(ctx, pkt, &e.src, 0, true)?;
+    }
+    count(Counter::FragTranslated);
+    ctx.forward(pkt, Counter::ForwardedIn)
+}
+
+/// What an ICMP error's translation writes: the quoted packet's addresses
+/// and ports and the outer addresses (unchanged fields keep their value).
+struct IcmpXlate {
+    inner_src: [u8; 16],
+    inner_dst: [u8; 16],
+    outer_src: [u8; 16],
+    outer_dst: [u8; 16],
+    inner_sport: u16,
+    inner_dport: u16,
+}
+
+/// An ICMP error quoting a packet of a translated flow, translated back so
+/// the endpoint that sent the quoted packet recognises its own flow (path
+/// MTU discovery across the mesh needs this). The quoted packet was one
+/// of: ours to a remote (or hairpin) backend, source-translated (SNAT
+/// entry); ours to a local backend (reverse-NAT entry); a reply we
+/// translated towards the client (conntrack entry). An error generated by
+/// the backend itself gets the frontend as its source. `Ok`: translated,
+/// to be forwarded; an error about no translated flow is not ours
+/// (`Err(XDP_PASS)`, untouched).
+#[inline(never)]
+fn icmp_path<C: Frame>(ctx: &C, pkt: &Packet) -> Result<(), u32> {
+    let rev = FlowKey {
+        src: pkt.key.dst,
+        dst: pkt.key.src,
+        sport: pkt.key.dport,
+        dport: pkt.key.sport,
+        ..pkt.key
+    };
+    let mut x = IcmpXlate {
+        inner_src: pkt.key.src,
+        inner_dst: pkt.key.dst,
+        outer_src: [0; 16],
+        outer_dst: [0; 16],
+        inner_sport: pkt.key.sport,
+        inner_dport: pkt.key.dport,
+    };
+    if !outer_addrs(ctx, pkt, &mut x) {
+        return Err(XDP_PASS);
+    }
+    // SAFETY (all three lookups): LRU map values, read at once (a racing
+    // update can only make the translation as stale as a lookup would).
+    if let Some(e) = unsafe { MLB_SNAT_V1.get(&rev) } {
+        if x.outer_src == pkt.key.dst {
+            x.outer_src = e.frontend_addr;
+        }
+        x.outer_dst = e.client_addr;
+        x.inner_src = e.client_addr;
+        x.inner_sport = e.client_port;
+        x.inner_dst = e.frontend_addr;
+        x.inner_dport = e.frontend_port;
+    } else if let Some(r) = unsafe { MLB_RNAT_V1.get(&rev) } {
+        if x.outer_src == pkt.key.dst {
+            x.outer_src = r.frontend_addr;
+        }
+        x.inner_dst = r.frontend_addr;
+        x.inner_dport = r.frontend_port;
+    } else if let Some(ct) = unsafe { MLB_CT_V1.get(&rev) } {
+        if ct.flags & CT_F_HAIRPIN != 0 {
+            // Its source address depends on the interface it entered by.
+            count(Counter::NotService);
+            return Err(XDP_PASS);
+        }
+        x.outer_dst = ct.backend_addr;
+        x.inner_src = ct.backend_addr;
+        x.inner_sport = ct.backend_port;
+        if ct.flags & CT_F_SNAT != 0 {
+            let Some(a) = snat_addr(pkt.key.family) else {
+                count(Counter::NotService);
+                return Err(XDP_PASS);
+            };
+            x.inner_dst = a.addr;
+            x.inner_dport = ct.snat_port;
+        }
+    } else {
+        count(Counter::NotService);
+        return Err(XDP_PASS);
+    }
+    if !icmp_rewrite(ctx, pkt, &x) {
+        return Err(XDP_PASS);
+    }
+    count(Counter::IcmpTranslated);
+    Ok(())
+}
+
+/// Reads the outer addresses into `x.outer_src`/`x.outer_dst`.
+#[inline(always)]
+fn outer_addrs<C: Frame>(ctx: &C, pkt: &Packet, x: &mut IcmpXlate) -> bool {
+    if pkt.key.family == FAMILY_V4 {
+        let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let ip = unsafe { &*ip };
+        x.outer_src[..4].copy_from_slice(&ip.src);
+        x.outer_dst[..4].copy_from_slice(&ip.dst);
+    } else {
+        let Ok(ip) = ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let ip = unsafe { &*ip };
+        x.outer_src = ip.src;
+        x.outer_dst = ip.dst;
+    }
+    true
+}
+
+/// Writes an ICMP error's translation with incremental checksum updates:
+/// the outer IPv4 header checksum, the quoted IPv4 header's checksum, and
+/// the ICMP checksum over everything quoted (ICMPv6: also the outer
+/// addresses of its pseudo-header). ICMP is never sent with a partial
+/// checksum, so the same arithmetic serves both hooks. The quoted L4
+/// checksum is left alone, as receivers of ICMP errors do not check it.
+#[inline(always)]
+fn icmp_rewrite<C: Frame>(ctx: &C, pkt: &Packet, x: &IcmpXlate) -> bool {
+    let Ok(icmp) = ptr_at::<[u8; 4], _>(ctx, pkt.l4_off) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let mut ic = CsumDelta::new(unsafe { [(*icmp)[2], (*icmp)[3]] });
+    // The header pointers are checked here and handed down: a subprogram
+    // given the context only for its two packet pointers gets them as
+    // plain values (LLVM promotes the argument), which the verifier
+    // refuses.
+    if pkt.key.family == FAMILY_V4 {
+        let (Ok(ip), Ok(iip)) = (
+            ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN),
+            ptr_at::<Ipv4Hdr, _>(ctx, pkt.l4_off + 8),
+        ) else {
+            return false;
+        };
+        icmp_addrs_v4(ip, iip, pkt, x, &mut ic);
+    } else {
+        let (Ok(ip), Ok(iip)) = (
+            ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN),
+            ptr_at::<Ipv6Hdr, _>(ctx, pkt.l4_off + 8),
+        ) else {
+            return false;
+        };
+        icmp_addrs_v6(ip, iip, pkt, x, &mut ic);
+    }
+    let ports_off = pkt.l4_off
+        + 8
+        + if pkt.key.family == FAMILY_V4 {
+            IPV4_LEN
+        } else {
+            IPV6_LEN
+        };
+    let Ok(ports) = ptr_at::<L4Ports, _>(ctx, ports_off) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let ports = unsafe { &mut *ports };
+    ic.word(u16::from_be(pkt.key.sport), u16::from_be(x.inner_sport));
+    ic.word(u16::from_be(pkt.key.dport), u16::from_be(x.inner_dport));
+    ports.sport = x.inner_sport.to_ne_bytes();
+    ports.dport = x.inner_dport.to_ne_bytes();
+    let Ok(icmp) = ptr_at::<[u8; 4], _>(ctx, pkt.l4_off) else {
+        return false;
+    };
+    let c = ic.finish();
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        (*icmp)[2] = c[0];
+        (*icmp)[3] = c[1];
+    }
+    true
+}
+
+/// `icmp_rewrite`'s addresses, IPv4: the outer header and its checksum,
+/// the quoted header and its checksum, and their share of the ICMP
+/// checksum (`ic`).
+#[inline(never)]
+fn icmp_addrs_v4(
+    ip: *mut Ipv4Hdr,
+    iip: *mut Ipv4Hdr,
+    pkt: &Packet,
+    x: &IcmpXlate,
+    ic: &mut CsumDelta,
+) {
+    // SAFETY: bounds-checked by the caller (ptr_at).
+    let (ip, iip) = unsafe { (&mut *ip, &mut *iip) };
+    let w = |a: &[u8], i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
+    let mut l3 = CsumDelta::new(ip.check);
+    l3.word(w(&ip.src, 0), w(&x.outer_src, 0));
+    l3.word(w(&ip.src, 2), w(&x.outer_src, 2));
+    l3.word(w(&ip.dst, 0), w(&x.outer_dst, 0));
+    l3.word(w(&ip.dst, 2), w(&x.outer_dst, 2));
+    ip.check = l3.finish();
+    ip.src = [
+        x.outer_src[0],
+        x.outer_src[1],
+        x.outer_src[2],
+        x.outer_src[3],
+    ];
+    ip.dst = [
+        x.outer_dst[0],
+        x.outer_dst[1],
+        x.outer_dst[2],
+        x.outer_dst[3],
+    ];
+    let old_check = iip.check;
+    let mut il3 = CsumDelta::new(old_check);
+    il3.bytes4(&pkt.key.src, &x.inner_src);
+    il3.bytes4(&pkt.key.dst, &x.inner_dst);
+    let new_check = il3.finish();
+    ic.bytes4(&pkt.key.src, &x.inner_src);
+    ic.bytes4(&pkt.key.dst, &x.inner_dst);
+    ic.word(u16::from_be_bytes(old_check), u16::from_be_bytes(new_check));
+    iip.check = new_check;
+    iip.src = [
+        x.inner_src[0],
+        x.inner_src[1],
+        x.inner_src[2],
+        x.inner_src[3],
+    ];
+    iip.dst = [
+        x.inner_dst[0],
+        x.inner_dst[1],
+        x.inner_dst[2],
+        x.inner_dst[3],
+    ];
+}
+
+/// `icmp_rewrite`'s addresses, IPv6: outer (they are in the ICMPv6
+/// pseudo-header) and quoted, with their share of the ICMP checksum.
+#[inline(never)]
+fn icmp_addrs_v6(
+    ip: *mut Ipv6Hdr,
+    iip: *mut Ipv6Hdr,
+    _pkt: &Packet,
+    x: &IcmpXlate,
+    ic: &mut CsumDelta,
+) {
+    // SAFETY: bounds-checked by the caller (ptr_at).
+    unsafe {
+        swap_addr16(&mut (*ip).src, &x.outer_src, ic);
+        swap_addr16(&mut (*ip).dst, &x.outer_dst, ic);
+        swap_addr16(&mut (*iip).src, &x.inner_src, ic);
+        swap_addr16(&mut (*iip).dst, &x.inner_dst, ic);
+    }
+}
+
+/// Replaces the 16-byte address at `at` (in the packet) with `new`,
+/// recording the change in `ic`. Word by word, in place: a subprogram with
+/// a small frame (copies of whole addresses would not fit the stack).
+#[inline(never)]
+fn swap_addr16(at: &mut [u8; 16], new: &[u8; 16], ic: &mut CsumDelta) {
+    let mut i = 0;
+    while i < 16 {
+        ic.word(
+            u16::from_be_bytes([at[i], at[i + 1]]),
+            u16::from_be_bytes([new[i], new[i + 1]]),
+        );
+        at[i] = new[i];
+        at[i + 1] = new[i + 1];
+        i += 2;
+    }
 }
 
 /// Whether the packet's destination is one of the VIPs (`MLB_VIP_V1`).
@@ -615,16 +958,18 @@ pub fn rewrite_xdp(
         (&pkt.key.dst, pkt.key.dport)
     };
     let v4 = pkt.key.family == FAMILY_V4;
-    let Ok(check_ptr) = ptr_at::<[u8; 2], _>(ctx, pkt.check_off) else {
-        return false;
-    };
-    let Ok(l4_ptr) = ptr_at::<L4Ports, _>(ctx, pkt.l4_off) else {
-        return false;
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    let check = unsafe { *check_ptr };
+    // No L4 header (a later fragment): the addresses alone.
+    let l4 = pkt.check_off != 0;
+    let mut check = [0u8; 2];
+    if l4 {
+        let Ok(check_ptr) = ptr_at::<[u8; 2], _>(ctx, pkt.check_off) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        check = unsafe { *check_ptr };
+    }
     let udp_no_csum = pkt.key.proto == PROTO_UDP && v4 && check == [0, 0];
-    let mut l4 = CsumDelta::new(check);
+    let mut l4c = CsumDelta::new(check);
     if v4 {
         let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
             return false;
@@ -634,7 +979,7 @@ pub fn rewrite_xdp(
         let mut l3 = CsumDelta::new(ip.check);
         l3.bytes4(old, new);
         ip.check = l3.finish();
-        l4.bytes4(old, new);
+        l4c.bytes4(old, new);
         let a = [new[0], new[1], new[2], new[3]];
         if src_side {
             ip.src = a;
@@ -647,14 +992,20 @@ pub fn rewrite_xdp(
         };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
-        l4.bytes16(old, new);
+        l4c.bytes16(old, new);
         if src_side {
             ip.src = *new;
         } else {
             ip.dst = *new;
         }
     }
-    l4.word(u16::from_be(old_port), u16::from_be(new_port));
+    if !l4 {
+        return true;
+    }
+    l4c.word(u16::from_be(old_port), u16::from_be(new_port));
+    let Ok(l4_ptr) = ptr_at::<L4Ports, _>(ctx, pkt.l4_off) else {
+        return false;
+    };
     // SAFETY: bounds-checked by ptr_at.
     let ports = unsafe { &mut *l4_ptr };
     if src_side {
@@ -663,11 +1014,14 @@ pub fn rewrite_xdp(
         ports.dport = new_port.to_ne_bytes();
     }
     if !udp_no_csum {
-        let mut c = l4.finish();
+        let mut c = l4c.finish();
         if pkt.key.proto == PROTO_UDP && c == [0, 0] {
             c = [0xff, 0xff];
         }
-        // SAFETY: as above.
+        let Ok(check_ptr) = ptr_at::<[u8; 2], _>(ctx, pkt.check_off) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
         unsafe { *check_ptr = c };
     }
     true

@@ -86,6 +86,10 @@ pub static MLB_IFADDR_V1: HashMap<IfAddrKey, [u8; 16]> = HashMap::pinned(MAX_IFA
 #[map]
 pub static MLB_VIP_V1: HashMap<AddrKey, u32> = HashMap::pinned(MAX_FRONTENDS, 0);
 
+/// FragKey (datagram as it arrived) -> FragEntry (its translated addresses).
+#[map]
+pub static MLB_FRAG_V1: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAGS, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = MLB_CNT_V2.get_ptr_mut(c as u32) {

@@ -1,7 +1,9 @@
-//! Header layouts and the parser. Only plain Ethernet + IPv4 (no options,
-//! not fragmented) or IPv6 (no extension headers) + TCP/UDP is parsed;
-//! everything else is passed to the stack untouched with a counter saying
-//! why. Headers are byte arrays so no access is ever unaligned.
+//! Header layouts and the parser. Plain Ethernet + IPv4 (no options) or
+//! IPv6 (no extension headers but a fragment header) + TCP/UDP is parsed,
+//! fragments included (a later fragment carries no ports: `KIND_FRAG`),
+//! and ICMP errors quoting such a packet (`KIND_ICMP_ERR`); everything
+//! else is passed to the stack untouched with a counter saying why.
+//! Headers are byte arrays so no access is ever unaligned.
 
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use meshlb_common::{Counter, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
@@ -18,6 +20,13 @@ const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
 const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
 const ETH_P_8021AD: [u8; 2] = [0x88, 0xa8];
+
+const IPPROTO_FRAGMENT: u8 = 44;
+/// The furthest header offset read (an ICMPv6 error's quoted ports behind
+/// an IPv6 fragment header is 110).
+const MAX_HDR_OFF: usize = 255;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -63,19 +72,38 @@ pub struct L4Ports {
     pub dport: [u8; 2],
 }
 
+/// `Packet::kind`: TCP or UDP with its ports (perhaps the first fragment
+/// of a datagram).
+pub const KIND_L4: u8 = 0;
+/// `Packet::kind`: a fragment other than the first: no L4 header; `key`
+/// has the addresses and protocol, ports 0.
+pub const KIND_FRAG: u8 = 1;
+/// `Packet::kind`: an ICMP/ICMPv6 error; `key` is the quoted packet's
+/// tuple as it was sent (inner source, inner destination).
+pub const KIND_ICMP_ERR: u8 = 2;
+
 /// A parsed packet: the facts the load balancer needs. Header offsets, not
 /// pointers: writers re-derive bounds-checked pointers with `ptr_at`, so
 /// the verifier sees the check on every path (it loses track of which
 /// family a spilled struct describes).
 pub struct Packet {
-    /// Offset of the L4 header (34 for IPv4, 54 for IPv6).
+    /// Offset of the L4 header (34 for IPv4, 54 for IPv6, 62 behind an
+    /// IPv6 fragment header; the ICMP header for `KIND_ICMP_ERR`; 0 for
+    /// `KIND_FRAG`).
     pub l4_off: usize,
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (0: none to update).
     pub check_off: usize,
     /// The flow in the packet's direction (addresses, ports, proto, family).
     pub key: FlowKey,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// `KIND_*`.
+    pub kind: u8,
+    /// The first fragment of a fragmented datagram (its choice is recorded
+    /// for the others).
+    pub frag_first: u8,
+    /// The fragment identification (IPv4: 16 bits), when fragmented.
+    pub frag_id: u32,
     /// Bytes on the wire (frame length), for counters.
     pub len: u64,
     /// The interface the packet came in on.
@@ -85,6 +113,12 @@ pub struct Packet {
 /// A bounds-checked pointer to a `T` at `off` bytes into the packet.
 #[inline(always)]
 pub fn ptr_at<T, C: Frame>(ctx: &C, off: usize) -> Result<*mut T, ()> {
+    // Offsets travel through memory (the parsed `Packet`): bound them so
+    // the verifier accepts the pointer arithmetic. No header we read lies
+    // further in.
+    if off > MAX_HDR_OFF {
+        return Err(());
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -94,8 +128,9 @@ pub fn ptr_at<T, C: Frame>(ctx: &C, off: usize) -> Result<*mut T, ()> {
 }
 
 /// Parses a frame. `Err(XDP_PASS)` means: not ours, pass it untouched (the
-/// reason is counted).
-#[inline(always)]
+/// reason is counted). A subprogram: its locals are gone before the
+/// load balancer's paths run (BPF allows 512 bytes of stack in all).
+#[inline(never)]
 pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     let pass = |c: Counter| {
         count(c);
@@ -105,8 +140,21 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     // SAFETY: bounds-checked by ptr_at.
     let ethertype = unsafe { (*eth).proto };
     let len = ctx.frame_len();
+    let mut pkt = Packet {
+        l4_off: 0,
+        check_off: 0,
+        key: FlowKey::default(),
+        tcp_flags: 0,
+        kind: KIND_L4,
+        frag_first: 0,
+        frag_id: 0,
+        len,
+        ifindex: ctx.ifindex(),
+    };
+    let mut more_frags = false;
+    let mut frag_off = 0u16;
 
-    let (family, proto, src, dst, l4_off) = if ethertype == ETH_P_IP {
+    if ethertype == ETH_P_IP {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| pass(Counter::MalformedIp))?;
         // SAFETY: bounds-checked by ptr_at.
         let ip_ref = unsafe { &*ip };
@@ -120,16 +168,14 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
         if tot_len < IPV4_LEN as u64 || tot_len + ETH_LEN as u64 > len {
             return Err(pass(Counter::MalformedIp));
         }
-        // More-fragments flag or a fragment offset: not the first (or
-        // only) piece of a datagram we could translate.
-        if ip_ref.frag[0] & 0x3f != 0 || ip_ref.frag[1] != 0 {
-            return Err(pass(Counter::Fragment));
-        }
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src[..4].copy_from_slice(&ip_ref.src);
-        dst[..4].copy_from_slice(&ip_ref.dst);
-        (FAMILY_V4, ip_ref.proto, src, dst, ETH_LEN + IPV4_LEN)
+        more_frags = ip_ref.frag[0] & 0x20 != 0;
+        frag_off = u16::from_be_bytes([ip_ref.frag[0] & 0x1f, ip_ref.frag[1]]);
+        pkt.frag_id = u16::from_be_bytes(ip_ref.id) as u32;
+        pkt.key.src[..4].copy_from_slice(&ip_ref.src);
+        pkt.key.dst[..4].copy_from_slice(&ip_ref.dst);
+        pkt.key.family = FAMILY_V4;
+        pkt.key.proto = ip_ref.proto;
+        pkt.l4_off = ETH_LEN + IPV4_LEN;
     } else if ethertype == ETH_P_IPV6 {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| pass(Counter::MalformedIp))?;
         // SAFETY: bounds-checked by ptr_at.
@@ -141,19 +187,45 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
         if payload + (ETH_LEN + IPV6_LEN) as u64 > len {
             return Err(pass(Counter::MalformedIp));
         }
-        (
-            FAMILY_V6,
-            ip_ref.nexthdr,
-            ip_ref.src,
-            ip_ref.dst,
-            ETH_LEN + IPV6_LEN,
-        )
+        pkt.key.src = ip_ref.src;
+        pkt.key.dst = ip_ref.dst;
+        pkt.key.family = FAMILY_V6;
+        pkt.key.proto = ip_ref.nexthdr;
+        pkt.l4_off = ETH_LEN + IPV6_LEN;
+        if ip_ref.nexthdr == IPPROTO_FRAGMENT {
+            let fh: *mut [u8; 8] =
+                ptr_at(ctx, pkt.l4_off).map_err(|_| pass(Counter::TruncatedL4))?;
+            // SAFETY: bounds-checked by ptr_at.
+            let fh = unsafe { &*fh };
+            pkt.key.proto = fh[0];
+            frag_off = u16::from_be_bytes([fh[2], fh[3]]) >> 3;
+            more_frags = fh[3] & 1 != 0;
+            pkt.frag_id = u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]);
+            pkt.l4_off += 8;
+        }
     } else if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         return Err(pass(Counter::Vlan));
     } else {
         return Err(pass(Counter::NotService));
-    };
+    }
 
+    if frag_off != 0 {
+        // A later piece of a fragmented datagram: what follows the IP
+        // header is payload, never ports.
+        if pkt.key.proto != PROTO_TCP && pkt.key.proto != PROTO_UDP {
+            return Err(pass(Counter::OtherProto));
+        }
+        count(Counter::Fragment);
+        pkt.kind = KIND_FRAG;
+        pkt.l4_off = 0;
+        return Ok(pkt);
+    }
+    if more_frags {
+        pkt.frag_first = 1;
+    }
+
+    let proto = pkt.key.proto;
+    let l4_off = pkt.l4_off;
     let (l4, check_off, tcp_flags) = match proto {
         PROTO_TCP => {
             let l4: *mut [u8; TCP_LEN] =
@@ -170,31 +242,84 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
                 ptr_at(ctx, l4_off).map_err(|_| pass(Counter::TruncatedL4))?;
             (l4 as *mut L4Ports, l4_off + 6, 0)
         }
+        PROTO_ICMP if pkt.key.family == FAMILY_V4 && pkt.frag_first == 0 => {
+            return parse_icmp_error(ctx, pkt, false);
+        }
+        PROTO_ICMPV6 if pkt.key.family == FAMILY_V6 && pkt.frag_first == 0 => {
+            return parse_icmp_error(ctx, pkt, true);
+        }
         // IPv6 extension headers: hop-by-hop, routing, fragment, ESP, AH,
         // destination options, mobility, HIP, shim6, experimental.
-        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254 if family == FAMILY_V6 => {
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254 if pkt.key.family == FAMILY_V6 => {
             return Err(pass(Counter::Ipv6ExtHeader));
         }
         _ => return Err(pass(Counter::OtherProto)),
     };
     // SAFETY: bounds-checked above.
     let ports = unsafe { &*l4 };
-    Ok(Packet {
-        l4_off,
-        check_off,
-        key: FlowKey {
-            src,
-            dst,
-            sport: u16::from_ne_bytes(ports.sport),
-            dport: u16::from_ne_bytes(ports.dport),
-            proto,
-            family,
-            _pad: [0; 2],
-        },
-        tcp_flags,
-        len,
-        ifindex: ctx.ifindex(),
-    })
+    pkt.check_off = check_off;
+    pkt.tcp_flags = tcp_flags;
+    pkt.key.sport = u16::from_ne_bytes(ports.sport);
+    pkt.key.dport = u16::from_ne_bytes(ports.dport);
+    Ok(pkt)
+}
+
+/// An ICMP (`v6 == false`) or ICMPv6 error quoting a TCP or UDP packet of
+/// the same family with a plain header: `key` becomes the quoted tuple.
+/// Anything else ICMP is not ours (passed untouched).
+#[inline(always)]
+fn parse_icmp_error<C: Frame>(ctx: &C, mut pkt: Packet, v6: bool) -> Result<Packet, u32> {
+    let not_ours = || {
+        count(Counter::OtherProto);
+        XDP_PASS
+    };
+    let icmp: *mut [u8; 8] = ptr_at(ctx, pkt.l4_off).map_err(|_| not_ours())?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ty = unsafe { (*icmp)[0] };
+    let error = if v6 {
+        // Destination unreachable, packet too big, time exceeded,
+        // parameter problem.
+        (1..=4).contains(&ty)
+    } else {
+        // Destination unreachable, time exceeded, parameter problem.
+        ty == 3 || ty == 11 || ty == 12
+    };
+    if !error {
+        return Err(not_ours());
+    }
+    let inner = pkt.l4_off + 8;
+    let (proto, ports_off) = if v6 {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, inner).map_err(|_| not_ours())?;
+        // SAFETY: bounds-checked by ptr_at.
+        let ip = unsafe { &*ip };
+        pkt.key.src = ip.src;
+        pkt.key.dst = ip.dst;
+        (ip.nexthdr, inner + IPV6_LEN)
+    } else {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, inner).map_err(|_| not_ours())?;
+        // SAFETY: bounds-checked by ptr_at.
+        let ip = unsafe { &*ip };
+        if ip.vihl != 0x45 {
+            return Err(not_ours());
+        }
+        pkt.key.src = [0; 16];
+        pkt.key.dst = [0; 16];
+        pkt.key.src[..4].copy_from_slice(&ip.src);
+        pkt.key.dst[..4].copy_from_slice(&ip.dst);
+        (ip.proto, inner + IPV4_LEN)
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(not_ours());
+    }
+    let ports: *mut L4Ports = ptr_at(ctx, ports_off).map_err(|_| not_ours())?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ports = unsafe { &*ports };
+    pkt.key.sport = u16::from_ne_bytes(ports.sport);
+    pkt.key.dport = u16::from_ne_bytes(ports.dport);
+    pkt.key.proto = proto;
+    pkt.kind = KIND_ICMP_ERR;
+    pkt.check_off = pkt.l4_off + 2;
+    Ok(pkt)
 }
 
 /// Parses like the load balancer, then bounces the frame back out with the

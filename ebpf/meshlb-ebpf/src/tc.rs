@@ -82,6 +82,8 @@ pub fn rewrite(
     } else {
         0
     };
+    // No L4 header (a later fragment): the addresses alone.
+    let l4 = pkt.check_off != 0;
     let words = if v4 { 1 } else { 4 };
     let mut i = 0;
     while i < 4 {
@@ -97,28 +99,31 @@ pub fn rewrite(
         {
             return false;
         }
-        if ctx
-            .l4_csum_replace(
-                pkt.check_off,
-                o as u64,
-                n as u64,
-                BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-            )
-            .is_err()
+        if l4
+            && ctx
+                .l4_csum_replace(
+                    pkt.check_off,
+                    o as u64,
+                    n as u64,
+                    BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+                )
+                .is_err()
         {
             return false;
         }
         i += 1;
     }
-    if ctx
-        .l4_csum_replace(pkt.check_off, old_port as u64, new_port as u64, mangled | 2)
-        .is_err()
-    {
-        return false;
-    }
-    let port_off = pkt.l4_off + if src_side { 0 } else { 2 };
-    if ctx.store(port_off, &new_port, 0).is_err() {
-        return false;
+    if l4 {
+        if ctx
+            .l4_csum_replace(pkt.check_off, old_port as u64, new_port as u64, mangled | 2)
+            .is_err()
+        {
+            return false;
+        }
+        let port_off = pkt.l4_off + if src_side { 0 } else { 2 };
+        if ctx.store(port_off, &new_port, 0).is_err() {
+            return false;
+        }
     }
     if v4 {
         let off = ETH_LEN + if src_side { 12 } else { 16 };
@@ -237,9 +242,13 @@ pub fn handoff(ctx: &TcContext) -> i32 {
     }
     // SAFETY: bounds-checked against data just above.
     let h = unsafe { *(meta as *const XdpHandoff) };
-    if h.magic != HANDOFF_MAGIC {
+    if h.magic != HANDOFF_MAGIC || h.ingress != crate::frame::Frame::ifindex(ctx) {
         return TC_ACT_UNSPEC;
     }
+    // Used up: metadata travels with the skb (across a veth, too), and
+    // must not be taken for a handoff anywhere else.
+    // SAFETY: bounds-checked as above.
+    unsafe { (*(meta as *mut XdpHandoff)).magic = 0 };
     let want = (ETH_LEN + IPV6_LEN + TCP_LEN) as u32;
     let len = ctx.len();
     let _ = ctx.pull_data(if len < want { len } else { want });

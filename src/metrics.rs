@@ -195,6 +195,21 @@ pub fn render(status: &inspect::Status) -> String {
     for (k, v) in &status.counters {
         let _ = writeln!(out, "meshlb_datapath_packets_total{{kind=\"{k}\"}} {v}");
     }
+    let drops: Vec<(&str, u64)> = meshlb_common::Counter::ALL
+        .iter()
+        .filter(|c| c.is_drop())
+        .filter_map(|c| status.counters.get(c.name()).map(|v| (c.name(), *v)))
+        .collect();
+    if !drops.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP meshlb_dropped_total Packets the data path dropped, by reason (a VIP port nobody publishes, no usable backend, no SNAT port, a later fragment whose first was not seen, ...)."
+        );
+        let _ = writeln!(out, "# TYPE meshlb_dropped_total counter");
+        for (reason, v) in drops {
+            let _ = writeln!(out, "meshlb_dropped_total{{reason=\"{reason}\"}} {v}");
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP meshlb_dataplane_info The forwarding engine in use."
@@ -294,6 +309,34 @@ mod tests {
             bytes_in: 100 * n,
             bytes_out: 100 * n,
         }
+    }
+
+    #[test]
+    fn drop_counters_become_dropped_total_by_reason() {
+        let mut counters = BTreeMap::new();
+        counters.insert("unknown_port", 3u64);
+        counters.insert("no_backend", 1);
+        counters.insert("forwarded_in", 9);
+        let status = Status {
+            node: "n".into(),
+            dataplane: "xdp-native",
+            services: vec![],
+            conntrack_entries: 0,
+            counters,
+        };
+        let text = render(&status);
+        let dropped: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("meshlb_dropped_total{"))
+            .collect();
+        assert_eq!(
+            dropped,
+            vec![
+                "meshlb_dropped_total{reason=\"no_backend\"} 1",
+                "meshlb_dropped_total{reason=\"unknown_port\"} 3",
+            ]
+        );
+        assert!(text.contains("# TYPE meshlb_dropped_total counter"));
     }
 
     #[test]

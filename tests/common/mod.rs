@@ -652,9 +652,16 @@ impl Topology {
                 ifname,
                 "nodad",
             ]);
-            must(&[
-                "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off",
-            ]);
+            // The client and the backends of this topology play hosts on
+            // a wire (a classic load balancer's servers, not local tasks:
+            // those are tests/common/mesh.rs and tests/real_traffic.rs),
+            // which delivers complete checksums. The LB namespace is the
+            // node: its devices keep the kernel's defaults.
+            if ns != ns_a {
+                must(&[
+                    "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off",
+                ]);
+            }
             must(&["ip", "-n", ns, "link", "set", ifname, "up"]);
         }
     }

@@ -59,9 +59,11 @@ pub fn demo(requests: Option<usize>, kernel_only: bool, meshlb: Option<PathBuf>)
         return kernel_only_check(&topo);
     };
 
+    // The client side is an uplink (XDP); the backends are local tasks at
+    // default offloads, served by the TC program (`--task-iface`).
     let mut args = Vec::new();
-    for i in &topo.lb_ifaces {
-        args.push("--iface".to_string());
+    for (n, i) in topo.lb_ifaces.iter().enumerate() {
+        args.push(if n == 0 { "--iface" } else { "--task-iface" }.to_string());
         args.push(i.clone());
     }
     args.extend(["--xdp-mode".to_string(), "generic".to_string()]);

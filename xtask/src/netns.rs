@@ -56,8 +56,8 @@ impl Netns {
         Ok(())
     }
 
-    /// Disable TX checksum offload: veth leaves partial checksums that a
-    /// native XDP redirect would forward broken.
+    /// Disable TX checksum offload: the end then checksums in software, as
+    /// a remote host's NIC on a wire delivers complete checksums.
     pub fn tx_off(&self, iface: &str) -> Result<()> {
         self.exec("ethtool")
             .args(["-K", iface, "tx", "off"])
@@ -158,7 +158,10 @@ pub struct Topology {
 impl Topology {
     /// Build `<prefix>client`, `<prefix>lb` and `<prefix>b1..=n`. Routes:
     /// client default via the LB, backends default via the LB, forwarding
-    /// on in the LB, TX checksum offload off on every veth end.
+    /// on in the LB. TX checksum offload is off only on the client's end
+    /// (it plays a remote host: a wire carries complete checksums); the
+    /// LB and the backends (local tasks, served by meshlb's TC program on
+    /// `lb-b*`) keep the kernel's defaults.
     pub fn create(prefix: &str, n_backends: usize) -> Result<Self> {
         println!("creating netns topology {prefix}{{client,lb,b1..b{n_backends}}}");
         let client = Netns::create(&format!("{prefix}client"))?;
@@ -170,6 +173,7 @@ impl Topology {
             client,
         };
         veth(&topo.lb, "lb-cl", &topo.client, "cl-lb")?;
+        topo.client.tx_off("cl-lb")?;
         addr(&topo.lb, "lb-cl", "10.200.0.1/24", "fd00:200::1/64")?;
         addr(&topo.client, "cl-lb", "10.200.0.2/24", "fd00:200::2/64")?;
         topo.client
@@ -210,15 +214,14 @@ impl Topology {
     }
 }
 
-/// A veth pair `a_if` (in `a`) <-> `b_if` (in `b`), TX checksum offload
-/// off on both ends (ENV.md), both up.
+/// A veth pair `a_if` (in `a`) <-> `b_if` (in `b`), both up, at the
+/// kernel's default offloads (callers switch TX checksum offload off where
+/// an end plays a remote host or a wire).
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     a.ip(&[
         "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
     ])
     .with_context(|| format!("creating veth {a_if} <-> {b_if}"))?;
-    a.tx_off(a_if)?;
-    b.tx_off(b_if)?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;
     Ok(())

@@ -690,6 +690,20 @@ impl Counter {
         Counter::IcmpTranslated,
     ];
 
+    /// Whether the data path dropped the packet this counts (the
+    /// `meshlb_dropped_total{reason}` series; the reason is `name`).
+    pub fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::NoBackend
+                | Counter::SnatExhausted
+                | Counter::SnatNoAddr
+                | Counter::UnknownPort
+                | Counter::HairpinNoAddr
+                | Counter::FragUnknown
+        )
+    }
+
     /// Stable name used in metrics and status output.
     pub fn name(self) -> &'static str {
         match self {

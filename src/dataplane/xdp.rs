@@ -119,10 +119,12 @@ fn tc_program<'a>(
             source: Box::new(e),
         })?;
     if prog.fd().is_err() {
+        let t = std::time::Instant::now();
         prog.load().map_err(|e| XdpError::Program {
             name,
             source: Box::new(e),
         })?;
+        log_verified(name, t);
     }
     Ok(prog)
 }
@@ -172,8 +174,45 @@ fn attach_tc(
         }
         Err(e) => {
             log::info!("iface {iface}: tcx attach failed ({e}); using a cls_bpf filter");
-            attach_tc_netlink(prog, iface, hook).map_err(attach_err)
+            attach_tc_netlink(prog, iface, hook).map_err(attach_err)?;
+            // A netlink filter has no pin: a marker directory (bpffs takes
+            // directories, not files) tells `cleanup` to delete it.
+            let marker = nl_marker(dir, iface, hook);
+            std::fs::create_dir_all(&marker)
+                .map_err(|e| link_err(format!("marker {}: {e}", marker.display())))
         }
+    }
+}
+
+/// The marker of a netlink filter of `hook` on `iface`.
+fn nl_marker(dir: &Path, iface: &str, hook: Hook) -> PathBuf {
+    let h = if hook == Hook::TcHandoff { "ho" } else { "lb" };
+    dir.join(format!("{NL_MARKER_PREFIX}{h}_{iface}"))
+}
+
+const NL_MARKER_PREFIX: &str = "tcnl_v1_";
+
+/// Deletes the netlink filter a marker directory names (`cleanup`).
+fn detach_nl_marker(name: &str) {
+    let Some(rest) = name.strip_prefix(NL_MARKER_PREFIX) else {
+        return;
+    };
+    let (handle, iface) = match rest.split_once('_') {
+        Some(("ho", i)) => (TC_NL_HANDLE_HANDOFF, i),
+        Some(("lb", i)) => (TC_NL_HANDLE_LB, i),
+        _ => return,
+    };
+    let link = SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Ingress,
+        TC_NL_PRIORITY,
+        TcHandle::from(handle),
+        None,
+    );
+    match link.map(aya::programs::Link::detach) {
+        Ok(Ok(())) => log::info!("iface {iface}: cls_bpf filter deleted"),
+        Ok(Err(e)) => log::warn!("iface {iface}: cls_bpf filter: {e}"),
+        Err(e) => log::warn!("iface {iface}: cls_bpf filter: {e}"),
     }
 }
 
@@ -257,12 +296,23 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Xd
             source: Box::new(e),
         })?;
     if prog.fd().is_err() {
+        let t = std::time::Instant::now();
         prog.load().map_err(|e| XdpError::Program {
             name,
             source: Box::new(e),
         })?;
+        log_verified(name, t);
     }
     Ok(prog)
+}
+
+/// Logs how long the kernel took to verify a program: seconds on a small
+/// board, and the reason a daemon is slow to start there.
+fn log_verified(name: &str, since: std::time::Instant) {
+    log::info!(
+        "program {name}: loaded and verified in {} ms",
+        since.elapsed().as_millis()
+    );
 }
 
 /// Attaches `prog` to `iface`, adopting the pinned link if there is one
@@ -364,8 +414,9 @@ impl XdpDataplane {
         let previous = maps.meta.get(&0, 0).ok().filter(|m| m.layout_version != 0);
         let mut uplinks: Vec<&String> = Vec::new();
         for iface in ifaces.iter().filter(|i| tasks.contains(*i)) {
-            let prog = tc_program(&mut ebpf, PROG_TC_LB)?;
-            match attach_tc(prog, dir, iface, Hook::TcLb) {
+            let attached = tc_program(&mut ebpf, PROG_TC_LB)
+                .and_then(|prog| attach_tc(prog, dir, iface, Hook::TcLb));
+            match attached {
                 Ok(()) => {
                     log::info!(
                         "iface {iface}: task interface: TC load balancer attached (ingress)"
@@ -390,8 +441,9 @@ impl XdpDataplane {
                 None => log::info!("iface {iface}: adopted the pinned XDP link"),
             }
             let mut keep = vec![Hook::Xdp];
-            let prog = tc_program(&mut ebpf, PROG_TC_HANDOFF)?;
-            match attach_tc(prog, dir, iface, Hook::TcHandoff) {
+            let attached = tc_program(&mut ebpf, PROG_TC_HANDOFF)
+                .and_then(|prog| attach_tc(prog, dir, iface, Hook::TcHandoff));
+            match attached {
                 Ok(()) => keep.push(Hook::TcHandoff),
                 Err(e) => log::warn!("iface {iface}: TC handoff program not attached ({e}): frames XDP cannot transmit go to the stack"),
             }
@@ -669,13 +721,22 @@ fn cleanup_contents(dir: &Path) -> Result<usize, XdpError> {
         .map_err(io)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
-    // Links before maps, so no interface runs a program whose maps vanish.
+    // Links (and netlink filters) before maps, so no interface runs a
+    // program whose maps vanish.
     entries.sort_by_key(|p| {
-        !p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| Hook::ALL.iter().any(|h| n.starts_with(&h.pin_prefix())))
+        !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.starts_with(NL_MARKER_PREFIX)
+                || Hook::ALL.iter().any(|h| n.starts_with(&h.pin_prefix()))
+        })
     });
     for p in entries {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(NL_MARKER_PREFIX) {
+            detach_nl_marker(name);
+            std::fs::remove_dir(&p).map_err(io)?;
+            removed += 1;
+            continue;
+        }
         if p.is_dir() {
             removed += cleanup(&p)?;
         } else {

@@ -37,6 +37,9 @@ i=${NODE#n}
 case $i in 1 | 2 | 3) ;; *) fail "node name $NODE is not n1..n3" ;; esac
 
 must modprobe -a veth bridge virtio_net
+# The TC program on the task bridge: clsact and cls_bpf (Debian's 6.1
+# kernel has no tcx links; meshlb falls back to a cls_bpf filter).
+[ "$MODE" = ipvs ] || must modprobe -a sch_ingress cls_bpf
 [ "$MODE" = ipvs ] && must modprobe -a ip_vs ip_vs_mh dummy
 
 # The NIC with MAC $1 (names depend on probe order).
@@ -57,8 +60,6 @@ must ip link set br0 up
 netns "t$i"
 must ip link add h0 type veth peer name eth0 netns "t$i"
 must ip link set h0 master br0
-must ethtool -K h0 tx off >/dev/null
-must in_ns "t$i" /sbin/ethtool -K eth0 tx off >/dev/null
 must ip link set h0 up
 must ip -n "t$i" addr add "10.22$i.0.2/24" dev eth0
 must ip -n "t$i" link set eth0 up

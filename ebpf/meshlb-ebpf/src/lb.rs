@@ -407,19 +407,34 @@ fn icmp_addrs_v6(
 }
 
 /// Replaces the 16-byte address at `at` (in the packet) with `new`,
-/// recording the change in `ic`. Word by word, in place: a subprogram with
-/// a small frame (copies of whole addresses would not fit the stack).
+/// recording the change in `ic`, a word per call of `swap_word`: unrolled
+/// in one frame, the loop spills registers into a stack frame the older
+/// verifiers' 512-byte budget (over the whole call chain) cannot spare.
 #[inline(never)]
 fn swap_addr16(at: &mut [u8; 16], new: &[u8; 16], ic: &mut CsumDelta) {
+    let (at, new) = (at.as_mut_ptr(), new.as_ptr());
     let mut i = 0;
     while i < 16 {
-        ic.word(
-            u16::from_be_bytes([at[i], at[i + 1]]),
-            u16::from_be_bytes([new[i], new[i + 1]]),
-        );
-        at[i] = new[i];
-        at[i + 1] = new[i + 1];
+        // SAFETY: i + 1 < 16: within both 16-byte arrays.
+        unsafe { swap_word(at.add(i), new.add(i), ic) };
         i += 2;
+    }
+}
+
+/// One 16-bit word of `swap_addr16`.
+///
+/// # Safety
+/// `at` and `new` point to two readable bytes each, `at` writable.
+#[inline(never)]
+unsafe fn swap_word(at: *mut u8, new: *const u8, ic: &mut CsumDelta) {
+    // SAFETY: per the contract.
+    unsafe {
+        ic.word(
+            u16::from_be_bytes([*at, *at.add(1)]),
+            u16::from_be_bytes([*new, *new.add(1)]),
+        );
+        *at = *new;
+        *at.add(1) = *new.add(1);
     }
 }
 

@@ -19,13 +19,13 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use meshlb_common::{Counter, XdpHandoff, FAMILY_V4, HANDOFF_MAGIC, PROTO_UDP};
+use meshlb_common::{Counter, XdpHandoff, FAMILY_V4, FAMILY_V6, HANDOFF_MAGIC, PROTO_UDP};
 
 use crate::{
     frame::Frame,
     fwd::fib_params,
     maps::count,
-    parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, IPV6_LEN, TCP_LEN},
+    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, IPV6_LEN, TCP_LEN},
 };
 
 /// `TC_ACT_UNSPEC`: not ours, let the next filter (or the stack) have it.
@@ -159,7 +159,7 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, done: Counter) -> Result<u32, u32>
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        if !decrement_ttl(ctx, pkt) {
+        if !decrement_ttl(ctx, pkt.key.family) {
             return Ok(XDP_PASS);
         }
         if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(6, &p.smac, 0).is_err() {
@@ -175,7 +175,7 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, done: Counter) -> Result<u32, u32>
         });
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        if !decrement_ttl(ctx, pkt) {
+        if !decrement_ttl(ctx, pkt.key.family) {
             return Ok(XDP_PASS);
         }
         count(done);
@@ -202,8 +202,8 @@ fn redirect_neigh(ifindex: u32) -> u32 {
 /// Decrements the TTL / hop limit of a packet this node forwards (the FIB
 /// lookup already refused those about to expire: `fib_params`).
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, pkt: &Packet) -> bool {
-    if pkt.key.family == FAMILY_V4 {
+fn decrement_ttl(ctx: &TcContext, family: u8) -> bool {
+    if family == FAMILY_V4 {
         let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
             return false;
         };
@@ -252,10 +252,17 @@ pub fn handoff(ctx: &TcContext) -> i32 {
     let want = (ETH_LEN + IPV6_LEN + TCP_LEN) as u32;
     let len = ctx.len();
     let _ = ctx.pull_data(if len < want { len } else { want });
-    let Ok(pkt) = crate::parse::parse(ctx) else {
+    // XDP parsed and translated it: only the family is needed here.
+    let Ok(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
         return TC_ACT_UNSPEC;
     };
-    if !decrement_ttl(ctx, &pkt) {
+    // SAFETY: bounds-checked by ptr_at.
+    let family = match unsafe { (*eth).proto } {
+        [0x08, 0x00] => FAMILY_V4,
+        [0x86, 0xdd] => FAMILY_V6,
+        _ => return TC_ACT_UNSPEC,
+    };
+    if !decrement_ttl(ctx, family) {
         return TC_ACT_UNSPEC;
     }
     match redirect_neigh(h.ifindex) {

@@ -1,7 +1,8 @@
 //! Docker auto-registration end to end: `meshlb run --etcd ... --docker=SOCK`
 //! in a topology's LB namespace, next to a real dockerd and a real etcd
 //! started inside that namespace (see `common::docker`, `common::etcd`).
-//! XDP runs on the client-facing veth and on docker0 (generic mode); the
+//! XDP runs on the client-facing veth (generic mode) and, docker0 being a
+//! bridge and hence a task interface, the TC program on docker0; the
 //! client reaches the containers through a service VIP defined in etcd.
 //!
 //! Covered: 3 labelled containers and 1 unlabelled → exactly 3 tasks within
@@ -14,12 +15,21 @@
 //! address + host port; dockerd restarted → resynced with no duplicates and
 //! no stale entries; `meshlb run` SIGKILLed → its tasks vanish when the
 //! lease expires, not before; `--docker` without etcd → usage error.
+//!
+//! Then containers at the kernel's default offloads (partial checksums)
+//! behind a router that checksums in software (the routed world below):
+//! a remote client's requests on the VIP and node port paths (TCP and
+//! UDP, v4 and v6) all answered with no checksum error anywhere, and a
+//! container's calls to its own services (hairpin to itself and to its
+//! neighbour) all answered.
 //! Needs root; never skips.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -73,7 +83,7 @@ impl World {
     }
 
     /// `meshlb run --node lb --etcd ... --docker=SOCK` on the client veth
-    /// and docker0, ready.
+    /// (XDP) and docker0 (a bridge: a task interface, TC), ready.
     fn daemon(&self) -> Proc {
         let mut args: Vec<String> = ["--node", "lb", "--xdp-mode", "generic", "--prefix", PREFIX]
             .iter()
@@ -85,7 +95,16 @@ impl World {
         let ifaces = self.ifaces();
         let irefs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
         let mut d = self.topo.start_daemon_args(&refs, &irefs);
-        self.topo.wait_ready_on(&mut d, &[], READY, &irefs);
+        // XDP on the uplink only; docker0 gets the TC program.
+        let uplink = [self.topo.lb_client_iface.as_str()];
+        self.topo.wait_ready_on(&mut d, &[], READY, &uplink);
+        wait_tc_attached(&mut d, "docker0", READY).unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
+        assert_eq!(
+            self.topo.xdp_mode(&self.topo.lb_ns, "docker0"),
+            None,
+            "XDP attached to docker0, a task bridge (TC's){}",
+            self.ctx()
+        );
         d
     }
 
@@ -135,14 +154,20 @@ impl World {
         (tasks, t0.elapsed())
     }
 
-    /// The lease `nodes/lb` is held under.
+    /// The lease `nodes/lb` is held under (waiting for the record: the
+    /// daemon may answer metrics before it has registered).
     fn node_lease(&self) -> i64 {
-        let nodes = self.c.get_prefix(&format!("{PREFIX}/nodes/"));
-        let (_, lease) = nodes
-            .get(&format!("{PREFIX}/nodes/lb"))
-            .unwrap_or_else(|| panic!("no nodes/lb in etcd: {nodes:?}{}", self.ctx()));
-        assert_ne!(*lease, 0, "nodes/lb has no lease");
-        *lease
+        let key = format!("{PREFIX}/nodes/lb");
+        let lease = wait_for(Duration::from_secs(10), "nodes/lb in etcd", || {
+            let nodes = self.c.get_prefix(&format!("{PREFIX}/nodes/"));
+            match nodes.get(&key) {
+                Some((_, lease)) => Ok(*lease),
+                None => Err(format!("nodes: {nodes:?}")),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
+        assert_ne!(lease, 0, "nodes/lb has no lease");
+        lease
     }
 
     /// Waits until status shows `service` with exactly these backend
@@ -188,6 +213,22 @@ impl World {
         );
         self.topo.assert_spread(what, &b, &names, 0.1);
     }
+}
+
+/// Waits until the daemon logs that `iface` got the TC program (a task
+/// interface); fails at once when the daemon exits.
+fn wait_tc_attached(d: &mut Proc, iface: &str, timeout: Duration) -> Result<(), String> {
+    let line = format!("iface {iface}: task interface: TC load balancer attached");
+    wait_for(timeout, &format!("the TC program on {iface}"), || {
+        if let Some(st) = d.exit_status() {
+            return Err(format!("daemon exited: {st}"));
+        }
+        if d.log_text().contains(&line) {
+            Ok(())
+        } else {
+            Err(format!("no {line:?} in the daemon's log"))
+        }
+    })
 }
 
 fn ids(v: &[&String]) -> BTreeSet<String> {
@@ -581,4 +622,1111 @@ fn docker_without_etcd_is_a_usage_error() {
         "{}",
         out.describe()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Containers at default offloads behind a software router
+//
+// ```text
+//  client ns             router ns                     node ns (dockerd, etcd, meshlb run --node lb)
+//  <s>c ------veth------ <s>rc          <s>rn ------veth------ <s>e  (uplink: XDP)
+//  10.240.1.2/24         10.240.1.1/24  10.240.2.1/24          10.240.2.2/24
+//  fd00:240:1::2/64      fd00:240:1::1  fd00:240:2::1          fd00:240:2::2/64
+//  (tx csum off)         (tx csum off)  (tx csum off)          docker0 (TC): 172.17.0.1/16,
+//                                                                fd00:172:17::1/64
+//                                                                `-- containers .2, .3 / ::2, ::3
+// ```
+//
+// (`<s>` is the test's short name, `<tag><pid>`.) The client plays a remote
+// host and the router a router that computes checksums in software: every
+// packet the client receives carries a complete checksum its stack checks.
+// The node's uplink, docker0, the containers' veths (both ends) keep the
+// kernel's defaults (TX checksum offload on): the containers' packets are
+// CHECKSUM_PARTIAL, which is what the TC program on docker0 must translate
+// right; the build asserts those offloads. dockerd runs with IPv6 on the
+// default bridge (`--ipv6 --fixed-cidr-v6`). The client routes everything
+// via the router, the router routes the VIP ranges and the container
+// subnets via the node, the node routes everything else via the router.
+
+const R_CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 2);
+const R_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, 2);
+const R_ROUTER_C4: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 1);
+const R_ROUTER_C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, 1);
+const R_ROUTER_N4: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 1);
+const R_ROUTER_N6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 2, 0, 0, 0, 0, 1);
+const R_NODE4: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 2);
+const R_NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 2, 0, 0, 0, 0, 2);
+/// docker0's subnets (dockerd's default v4 one; v6 given to dockerd).
+const DOCKER_NET4: &str = "172.17.0.0/16";
+const DOCKER_NET6: &str = "fd00:172:17::/64";
+/// Service `web`: tcp VIP:8080 and node port 8080 -> containers :8000.
+const WEB_VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 70);
+const WEB_TCP: u16 = 8080;
+/// Service `webu`: udp VIP:5300 and node port 5300 -> containers :5353.
+const WEBU_VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 71);
+const WEBU_UDP: u16 = 5300;
+/// Service `web6`: tcp 8086 -> :8000 and udp 5306 -> :5353 on its VIP and
+/// the node's v6 address.
+const WEB6_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x70);
+const WEB6_TCP: u16 = 8086;
+const WEB6_UDP: u16 = 5306;
+/// Long enough for two SYN retransmits (1 s, 3 s) on a loaded 2-CPU VM.
+const R_REQ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The namespaces and veths of the routed world; torn down on drop.
+struct RoutedNet {
+    /// `--xdp-mode` of the node's uplink: "native" (then the router's
+    /// node-facing veth runs `meshlb xdp-pass`: XDP transmit on a veth
+    /// delivers only into a peer with an XDP program) or "generic".
+    xdp_mode: &'static str,
+    /// `mlbt-<tag>-<pid%10000>`: namespaces, temp dir and bpffs dir.
+    prefix: String,
+    /// `<tag><pid%10000>`: every interface name starts with it.
+    short: String,
+    client_ns: String,
+    router_ns: String,
+    node_ns: String,
+    client_if: String,
+    router_c_if: String,
+    router_n_if: String,
+    uplink: String,
+    /// Temp dir: dockerd's state, the daemon's log.
+    dir: PathBuf,
+    /// `/sys/fs/bpf/<prefix>`: `lb` (daemon), `rt` (router's xdp-pass).
+    bpffs_root: PathBuf,
+}
+
+impl RoutedNet {
+    fn new(tag: &str, xdp_mode: &'static str) -> RoutedNet {
+        require_root();
+        assert!(
+            (1..=4).contains(&tag.len()) && tag.chars().all(|c| c.is_ascii_alphanumeric()),
+            "tag {tag:?} must be 1-4 ascii alphanumerics"
+        );
+        assert!(matches!(xdp_mode, "native" | "generic"), "{xdp_mode}");
+        ensure_bpffs();
+        let pid = std::process::id() % 10000;
+        let prefix = format!("mlbt-{tag}-{pid}");
+        let short = format!("{tag}{pid}");
+        let net = RoutedNet {
+            xdp_mode,
+            client_ns: format!("{prefix}-c"),
+            router_ns: format!("{prefix}-r"),
+            node_ns: format!("{prefix}-n"),
+            client_if: format!("{short}c"),
+            router_c_if: format!("{short}rc"),
+            router_n_if: format!("{short}rn"),
+            uplink: format!("{short}e"),
+            dir: std::env::temp_dir().join(&prefix),
+            bpffs_root: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            prefix,
+            short,
+        };
+        // From here on a panic drops `net`, which removes whatever exists.
+        net.remove_stale();
+        fs::create_dir_all(&net.dir).expect("create test temp dir");
+        fs::create_dir_all(&net.bpffs_root)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", net.bpffs_root.display()));
+        net.build();
+        if xdp_mode == "native" {
+            net.router_xdp_pass();
+        }
+        net
+    }
+
+    fn all_ns(&self) -> [&str; 3] {
+        [&self.client_ns, &self.router_ns, &self.node_ns]
+    }
+
+    fn remove_stale(&self) {
+        for ns in self.all_ns() {
+            if Path::new("/run/netns").join(ns).exists() {
+                let _ = run_cmd(&["ip", "netns", "del", ns], Duration::from_secs(30));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(&self.bpffs_root);
+    }
+
+    fn build(&self) {
+        let range = format!(
+            "net.ipv4.ip_local_port_range={} {}",
+            CLIENT_PORT_RANGE.0, CLIENT_PORT_RANGE.1
+        );
+        for ns in self.all_ns() {
+            must(&["ip", "netns", "add", ns]);
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            // No DAD (docker0 inherits `default`): addresses usable at once.
+            let mut sysctls = vec![
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ];
+            if ns != self.client_ns {
+                sysctls.extend(["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+            } else {
+                sysctls.extend([range.as_str(), "net.ipv4.tcp_tw_reuse=1"]);
+            }
+            let mut argv = vec!["ip", "netns", "exec", ns, "sysctl", "-qw"];
+            argv.extend(sysctls.iter().copied());
+            must(&argv);
+        }
+        let (c, r, n) = (
+            self.client_ns.as_str(),
+            self.router_ns.as_str(),
+            self.node_ns.as_str(),
+        );
+        // Client <-> router: a remote host on a wire, a software router.
+        must(&[
+            "ip",
+            "-n",
+            r,
+            "link",
+            "add",
+            &self.router_c_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.client_if,
+            "netns",
+            c,
+        ]);
+        addr(c, &self.client_if, R_CLIENT4.into(), R_CLIENT6.into());
+        addr(r, &self.router_c_if, R_ROUTER_C4.into(), R_ROUTER_C6.into());
+        tx_off(c, &self.client_if);
+        tx_off(r, &self.router_c_if);
+        must(&["ip", "-n", c, "link", "set", &self.client_if, "up"]);
+        must(&["ip", "-n", r, "link", "set", &self.router_c_if, "up"]);
+        // Router <-> node: only the router's end computes in software.
+        must(&[
+            "ip",
+            "-n",
+            r,
+            "link",
+            "add",
+            &self.router_n_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.uplink,
+            "netns",
+            n,
+        ]);
+        addr(r, &self.router_n_if, R_ROUTER_N4.into(), R_ROUTER_N6.into());
+        addr(n, &self.uplink, R_NODE4.into(), R_NODE6.into());
+        tx_off(r, &self.router_n_if);
+        must(&["ip", "-n", r, "link", "set", &self.router_n_if, "up"]);
+        must(&["ip", "-n", n, "link", "set", &self.uplink, "up"]);
+        // Routes (docker0 and its routes come with dockerd).
+        route(c, "default", R_ROUTER_C4.into());
+        route(c, "default", R_ROUTER_C6.into());
+        for net in ["10.96.0.0/16", DOCKER_NET4] {
+            route(r, net, R_NODE4.into());
+        }
+        for net in ["fd00:96::/64", DOCKER_NET6] {
+            route(r, net, R_NODE6.into());
+        }
+        route(n, "default", R_ROUTER_N4.into());
+        route(n, "default", R_ROUTER_N6.into());
+        for ns in self.all_ns() {
+            wait_for(Duration::from_secs(10), "IPv6 addresses to settle", || {
+                let out = must(&["ip", "-n", ns, "-6", "addr", "show", "tentative"]);
+                if out.trim().is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{ns}: {out}"))
+                }
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let root_links = must(&["ip", "-o", "link", "show"]);
+        for line in root_links.lines() {
+            let name = line.split(':').nth(1).unwrap_or("").trim();
+            assert!(
+                !name.starts_with(&self.short),
+                "topology leaked interface {name} into the root namespace"
+            );
+        }
+    }
+
+    fn router_xdp_pass(&self) {
+        let dir = self.bpffs_root.join("rt").display().to_string();
+        let out = meshlb_in(
+            &self.router_ns,
+            &["xdp-pass", "--iface", &self.router_n_if, "--bpffs", &dir],
+        );
+        assert!(
+            out.success(),
+            "xdp-pass on {}: {}",
+            self.router_n_if,
+            out.describe()
+        );
+        assert_eq!(
+            xdp_attach(&self.router_ns, &self.router_n_if),
+            Some(1),
+            "after xdp-pass, {} should have a native XDP program",
+            self.router_n_if
+        );
+    }
+
+    fn bpffs(&self) -> PathBuf {
+        self.bpffs_root.join("lb")
+    }
+
+    fn daemon_log(&self) -> PathBuf {
+        self.dir.join("meshlb-run.log")
+    }
+}
+
+impl Drop for RoutedNet {
+    fn drop(&mut self) {
+        for (ns, d) in [
+            (self.node_ns.clone(), self.bpffs()),
+            (self.router_ns.clone(), self.bpffs_root.join("rt")),
+        ] {
+            if d.is_dir() && Path::new("/run/netns").join(&ns).exists() {
+                let ds = d.display().to_string();
+                let out = meshlb_in(&ns, &["cleanup", "--bpffs", &ds]);
+                if !out.success() {
+                    eprintln!("teardown: {}", out.describe());
+                }
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&self.bpffs_root) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("teardown: rm -r {}: {e}", self.bpffs_root.display());
+            }
+        }
+        for ns in self.all_ns() {
+            if Path::new("/run/netns").join(ns).exists() {
+                let out = run_cmd(&["ip", "netns", "del", ns], Duration::from_secs(30));
+                if !out.success() {
+                    eprintln!("teardown: {}", out.describe());
+                }
+            }
+        }
+        if thread::panicking() {
+            eprintln!(
+                "test {} failed: logs kept in {}",
+                self.prefix,
+                self.dir.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The routed world: network, dockerd (IPv6 on) and etcd in the node
+/// namespace, and the daemon once started. Drop stops the daemon
+/// (SIGTERM), then the fields drop in order: dockerd (its containers with
+/// it), etcd, the network.
+struct Routed {
+    daemon: Option<Proc>,
+    docker: Dockerd,
+    etcd: EtcdServer,
+    c: EtcdClient,
+    net: RoutedNet,
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Routed {
+    fn new(tag: &str, xdp_mode: &'static str) -> Routed {
+        require_docker();
+        let net = RoutedNet::new(tag, xdp_mode);
+        let v6 = format!("--fixed-cidr-v6={DOCKER_NET6}");
+        let docker =
+            Dockerd::start_in_with(&net.node_ns, &net.dir.join("docker"), &["--ipv6", &v6]);
+        let etcd = EtcdServer::start_in(&net.node_ns, tag);
+        let c = etcd.client();
+        Routed {
+            daemon: None,
+            docker,
+            etcd,
+            c,
+            net,
+        }
+    }
+
+    fn service(&self, name: &str, v: Value) {
+        self.c
+            .put(&format!("{PREFIX}/services/{name}"), &v.to_string());
+    }
+
+    /// `meshlb run --node lb --etcd ... --docker=SOCK` on the uplink (XDP)
+    /// and docker0 (TC); waits until it is ready with `services`.
+    fn start_daemon(&mut self, services: &[&str]) {
+        let net = format!("--net=/run/netns/{}", self.net.node_ns);
+        let mut argv: Vec<String> = ["nsenter", &net, MESHLB, "run", "--node", "lb"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        argv.extend(["--xdp-mode".into(), self.net.xdp_mode.into()]);
+        argv.extend(["--prefix".into(), PREFIX.into()]);
+        argv.extend(self.c.meshlb_flags());
+        argv.push(format!("--docker={}", self.docker.socket.display()));
+        argv.extend(["--bpffs".into(), self.net.bpffs().display().to_string()]);
+        argv.extend(["--iface".into(), self.net.uplink.clone()]);
+        argv.extend(["--iface".into(), "docker0".into()]);
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        self.daemon = Some(Proc::spawn(
+            "meshlb run lb",
+            &argv,
+            &[("RUST_LOG", &rust_log), ("RUST_BACKTRACE", "1")],
+            self.net.daemon_log(),
+        ));
+        let want_dp = format!("xdp-{}", self.net.xdp_mode);
+        let want_mode = if self.net.xdp_mode == "native" { 1 } else { 2 };
+        let r = wait_for(READY, "the daemon to be ready", || {
+            let d = self.daemon.as_mut().expect("daemon");
+            if let Some(st) = d.exit_status() {
+                return Err(format!("daemon exited: {st}"));
+            }
+            in_netns(&self.net.node_ns, || {
+                http_get_path(
+                    "127.0.0.1:9742".parse().unwrap(),
+                    "/metrics",
+                    Duration::from_secs(2),
+                )
+            })
+            .map_err(|e| format!("metrics: {e}"))?;
+            let st = self.try_status()?;
+            for want in services {
+                let found = st["services"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|s| s["name"] == *want));
+                if !found {
+                    return Err(format!("service {want} not in status: {st}"));
+                }
+            }
+            if st["dataplane"] != want_dp.as_str() {
+                return Err(format!("dataplane {} in status", st["dataplane"]));
+            }
+            let m = xdp_attach(&self.net.node_ns, &self.net.uplink);
+            if m != Some(want_mode) {
+                return Err(format!("XDP mode of {}: {m:?}", self.net.uplink));
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            panic!("{e}{}", self.ctx());
+        }
+        let d = self.daemon.as_mut().expect("daemon");
+        wait_tc_attached(d, "docker0", READY).unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
+        assert_eq!(
+            xdp_attach(&self.net.node_ns, "docker0"),
+            None,
+            "XDP attached to docker0, a task bridge (TC's){}",
+            self.ctx()
+        );
+    }
+
+    fn assert_daemon_alive(&mut self) {
+        let st = self.daemon.as_mut().and_then(|d| d.exit_status());
+        if let Some(st) = st {
+            panic!("the daemon exited during the test: {st}{}", self.ctx());
+        }
+    }
+
+    fn try_status(&self) -> Result<Value, String> {
+        let dir = self.net.bpffs().display().to_string();
+        let out = meshlb_in(&self.net.node_ns, &["status", "--json", "--bpffs", &dir]);
+        if !out.success() {
+            return Err(out.describe());
+        }
+        serde_json::from_str(&out.stdout)
+            .map_err(|e| format!("status --json is not JSON ({e}): {}", out.stdout))
+    }
+
+    /// The node's data-path counters (`status --json` `counters`).
+    fn counters(&self) -> BTreeMap<String, u64> {
+        let st = self
+            .try_status()
+            .unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
+        let c = st["counters"]
+            .as_object()
+            .unwrap_or_else(|| panic!("status --json has no counters object: {st}"));
+        c.iter()
+            .map(|(k, v)| {
+                let n = v
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("counter {k} is not a number: {v}"));
+                (k.clone(), n)
+            })
+            .collect()
+    }
+
+    /// Failure context: the node's non-zero counters, the daemon's log
+    /// tail, dockerd's and etcd's.
+    fn ctx(&self) -> String {
+        let text = fs::read_to_string(self.net.daemon_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(80)..];
+        let counters = match self.try_status() {
+            Ok(st) => {
+                let nz: BTreeMap<&str, u64> = st["counters"]
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter_map(|(k, v)| v.as_u64().filter(|n| *n > 0).map(|n| (&**k, n)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!("{nz:?}")
+            }
+            Err(e) => format!("(no status: {e})"),
+        };
+        format!(
+            "\n===== node counters (non-zero) =====\n{counters}\n===== {} (last {} lines) =====\n{}{}{}",
+            self.net.daemon_log().display(),
+            tail.len(),
+            tail.join("\n"),
+            self.docker.log_tail(20),
+            self.etcd.log_tail(10)
+        )
+    }
+
+    /// Starts `names` with [`Dockerd::run_web_udp`] (`extra` flags each),
+    /// and waits until each answers HTTP and UDP on its v4 and v6 address,
+    /// straight from the node namespace.
+    fn containers(&self, names: &[&str], extra: &[&str]) -> Vec<Ctr> {
+        for n in names {
+            self.docker.run_web_udp(n, extra);
+        }
+        names
+            .iter()
+            .map(|n| {
+                let v4: Ipv4Addr = self.docker.ip(n).parse().unwrap_or_else(|e| {
+                    panic!(
+                        "{n}: IPv4 {:?}: {e}{}",
+                        self.docker.ip(n),
+                        self.docker.log_tail(20)
+                    )
+                });
+                let v6: Ipv6Addr = self.docker.ip6(n).parse().unwrap_or_else(|e| {
+                    panic!(
+                        "{n}: IPv6 {:?} (dockerd --ipv6): {e}{}",
+                        self.docker.ip6(n),
+                        self.docker.log_tail(20)
+                    )
+                });
+                let c = Ctr {
+                    name: n.to_string(),
+                    v4,
+                    v6,
+                    pid: self.docker.pid(n),
+                };
+                let logs = || self.docker.cli(&["logs", n]).describe();
+                wait_for(Duration::from_secs(30), &format!("{n} to answer"), || {
+                    in_netns(&self.net.node_ns, || {
+                        for ip in [IpAddr::from(c.v4), IpAddr::from(c.v6)] {
+                            let t = Duration::from_secs(2);
+                            let h = http_get(SocketAddr::new(ip, WEB_PORT), t)?;
+                            let u = udp_request(SocketAddr::new(ip, UDP_ECHO_PORT), b"up?", t)?;
+                            if h != *n || u != *n {
+                                return Err(format!("{ip}: http {h:?}, udp {u:?}"));
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+                c
+            })
+            .collect()
+    }
+
+    /// Waits until status shows `service` with exactly the backends
+    /// `addrs`, all up.
+    fn wait_backends(&self, service: &str, addrs: &[IpAddr]) {
+        let want: BTreeSet<(IpAddr, String)> =
+            addrs.iter().map(|a| (*a, "up".to_string())).collect();
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{service} backends {want:?}"),
+            || {
+                let st = self.try_status()?;
+                let got: BTreeSet<(IpAddr, String)> = st["services"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|s| s["name"] == service)
+                    .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|b| {
+                        let a = b["addr"].as_str()?.parse().ok()?;
+                        Some((a, b["state"].as_str().unwrap_or("?").to_string()))
+                    })
+                    .collect();
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("status has {got:?}"))
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
+    }
+
+    /// TX checksum offload: off on the client's and the router's veths
+    /// (software), on (kernel default) on the node's uplink, docker0, its
+    /// ports and the containers' eth0.
+    fn check_offloads(&self, ctrs: &[Ctr]) {
+        let ns_path = |ns: &str| format!("/run/netns/{ns}");
+        let mut want: Vec<(String, String, bool)> = vec![
+            (
+                ns_path(&self.net.client_ns),
+                self.net.client_if.clone(),
+                false,
+            ),
+            (
+                ns_path(&self.net.router_ns),
+                self.net.router_c_if.clone(),
+                false,
+            ),
+            (
+                ns_path(&self.net.router_ns),
+                self.net.router_n_if.clone(),
+                false,
+            ),
+            (ns_path(&self.net.node_ns), self.net.uplink.clone(), true),
+            (ns_path(&self.net.node_ns), "docker0".into(), true),
+        ];
+        let ports = must(&[
+            "ip",
+            "-n",
+            &self.net.node_ns,
+            "-j",
+            "link",
+            "show",
+            "master",
+            "docker0",
+        ]);
+        let ports: Value = serde_json::from_str(&ports)
+            .unwrap_or_else(|e| panic!("ip -j link output is not JSON ({e}): {ports}"));
+        let ports: Vec<String> = ports
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            ports.len(),
+            ctrs.len(),
+            "docker0 ports {ports:?} for containers {:?}",
+            ctrs.iter().map(|c| &c.name).collect::<Vec<_>>()
+        );
+        for p in ports {
+            want.push((ns_path(&self.net.node_ns), p, true));
+        }
+        for c in ctrs {
+            want.push((c.netns(), "eth0".into(), true));
+        }
+        for (ns, ifname, on) in want {
+            let got = tx_checksumming(&ns, &ifname);
+            assert_eq!(
+                got,
+                on,
+                "{ifname} in {ns}: tx-checksumming {}, expected {}",
+                if got { "on" } else { "off" },
+                if on { "on (kernel default)" } else { "off" }
+            );
+        }
+    }
+
+    /// `TcpInCsumErrors`, `UdpInCsumErrors` (/proc/net/snmp) and
+    /// `Udp6InCsumErrors` (/proc/net/snmp6) of the client, router and node
+    /// namespaces and of each container's.
+    fn csum_errors(&self, ctrs: &[Ctr]) -> BTreeMap<String, BTreeMap<&'static str, i64>> {
+        let mut v: Vec<(String, String)> = self
+            .net
+            .all_ns()
+            .iter()
+            .map(|ns| (ns.to_string(), format!("/run/netns/{ns}")))
+            .collect();
+        v.extend(
+            ctrs.iter()
+                .map(|c| (format!("container {}", c.name), c.netns())),
+        );
+        v.into_iter()
+            .map(|(label, path)| {
+                let s = snmp(&path);
+                let pick = ["Tcp.InCsumErrors", "Udp.InCsumErrors", "Udp6InCsumErrors"]
+                    .into_iter()
+                    .map(|k| {
+                        let n = *s
+                            .get(k)
+                            .unwrap_or_else(|| panic!("{label}: no {k} in /proc/net/snmp{{,6}}"));
+                        (k, n)
+                    })
+                    .collect();
+                (label, pick)
+            })
+            .collect()
+    }
+}
+
+/// A container of the routed world.
+struct Ctr {
+    name: String,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+    pid: i32,
+}
+
+impl Ctr {
+    /// Its network namespace, for nsenter.
+    fn netns(&self) -> String {
+        format!("/proc/{}/ns/net", self.pid)
+    }
+}
+
+/// `meshlb ARGS` in namespace `ns` (nsenter, so bpffs stays visible).
+fn meshlb_in(ns: &str, args: &[&str]) -> CmdOutput {
+    let net = format!("--net=/run/netns/{ns}");
+    let mut argv = vec!["nsenter", net.as_str(), MESHLB];
+    argv.extend_from_slice(args);
+    run_cmd_env(&argv, &[("RUST_BACKTRACE", "0")], Duration::from_secs(30))
+}
+
+fn addr(ns: &str, ifname: &str, v4: IpAddr, v6: IpAddr) {
+    must(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{v4}/24"),
+        "dev",
+        ifname,
+    ]);
+    must(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{v6}/64"),
+        "dev",
+        ifname,
+        "nodad",
+    ]);
+}
+
+fn route(ns: &str, to: &str, via: IpAddr) {
+    let fam = if via.is_ipv6() { "-6" } else { "-4" };
+    must(&[
+        "ip",
+        "-n",
+        ns,
+        fam,
+        "route",
+        "add",
+        to,
+        "via",
+        &via.to_string(),
+    ]);
+}
+
+/// A device that computes checksums in software: no TX checksum offload.
+fn tx_off(ns: &str, ifname: &str) {
+    must(&[
+        "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off",
+    ]);
+}
+
+/// Whether `ifname` in the network namespace at `netns` (a path) has TX
+/// checksum offload on (`ethtool -k`: `tx-checksumming: on`).
+fn tx_checksumming(netns: &str, ifname: &str) -> bool {
+    let net = format!("--net={netns}");
+    let out = must(&["nsenter", &net, "ethtool", "-k", ifname]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("tx-checksumming:"))
+        .unwrap_or_else(|| panic!("ethtool -k {ifname} in {netns}: no tx-checksumming\n{out}"));
+    line.split_whitespace().nth(1) == Some("on")
+}
+
+/// `ip -d -j link` XDP attach mode of `iface` in `ns` (1 native, 2 generic).
+fn xdp_attach(ns: &str, iface: &str) -> Option<u64> {
+    let out = must(&["ip", "-n", ns, "-d", "-j", "link", "show", "dev", iface]);
+    let v: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("ip -j link output is not JSON ({e}): {out}"));
+    v[0]["xdp"]["mode"].as_u64()
+}
+
+/// `/proc/net/snmp` as `Group.Field` (e.g. `Udp.InCsumErrors`) and
+/// `/proc/net/snmp6` under its own names (e.g. `Udp6InCsumErrors`), of the
+/// network namespace at `netns` (a path; /proc/net is per namespace).
+fn snmp(netns: &str) -> BTreeMap<String, i64> {
+    let net = format!("--net={netns}");
+    let mut m = BTreeMap::new();
+    let v4 = must(&["nsenter", &net, "cat", "/proc/net/snmp"]);
+    let lines: Vec<&str> = v4.lines().collect();
+    for pair in lines.chunks(2) {
+        let [head, vals] = pair else {
+            panic!("{netns}: odd /proc/net/snmp:\n{v4}");
+        };
+        let (g, names) = head
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{netns}: /proc/net/snmp line {head:?}"));
+        let (g2, nums) = vals
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{netns}: /proc/net/snmp line {vals:?}"));
+        assert_eq!(g, g2, "{netns}: /proc/net/snmp header/value mismatch");
+        for (k, v) in names.split_whitespace().zip(nums.split_whitespace()) {
+            let v: i64 = v
+                .parse()
+                .unwrap_or_else(|e| panic!("{netns}: {g}.{k} = {v:?}: {e}"));
+            m.insert(format!("{g}.{k}"), v);
+        }
+    }
+    let v6 = must(&["nsenter", &net, "cat", "/proc/net/snmp6"]);
+    for line in v6.lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(k), Some(v)) = (it.next(), it.next()) {
+            if let Ok(v) = v.parse() {
+                m.insert(k.to_string(), v);
+            }
+        }
+    }
+    m
+}
+
+/// `n` requests from namespace `ns` to `dst`: HTTP GETs (each its own
+/// connection) or UDP datagrams (each from a new socket). `udp_request`
+/// checks the reply comes from `dst` itself; a TCP handshake only
+/// completes when it does.
+fn burst_from(ns: &str, dst: SocketAddr, udp: bool, n: usize) -> Burst {
+    in_netns(ns, || {
+        let mut b = Burst::default();
+        for i in 0..n {
+            let r = if udp {
+                udp_request(dst, format!("ping {i}").as_bytes(), R_REQ_TIMEOUT)
+            } else {
+                http_get(dst, R_REQ_TIMEOUT)
+            };
+            match r {
+                Ok(body) => *b.counts.entry(body).or_default() += 1,
+                Err(e) => b.failures.push(format!("request {i}: {e}")),
+            }
+        }
+        b
+    })
+}
+
+/// Every one of the `n` outcomes of `b` succeeded, answered by one of
+/// `names`, each of which answered at least once; a description when not.
+fn check_all(what: &str, b: &Burst, n: usize, names: &[&str]) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if !b.failures.is_empty() {
+        problems.push(format!(
+            "{} of {n} failed (first: {:?})",
+            b.failures.len(),
+            &b.failures[..b.failures.len().min(3)]
+        ));
+    }
+    if b.total() != n {
+        problems.push(format!("{} outcomes for {n} requests", b.total()));
+    }
+    for t in names {
+        if b.counts.get(*t).copied().unwrap_or(0) == 0 {
+            problems.push(format!("{t} never answered"));
+        }
+    }
+    for k in b.counts.keys() {
+        if !names.contains(&k.as_str()) {
+            problems.push(format!("unexpected answer {k:?}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {}; answers {:?}",
+            problems.join("; "),
+            b.counts
+        ))
+    }
+}
+
+/// Counter deltas between two `counters()` reads, non-zero ones only.
+fn deltas(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, i64> {
+    after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                *v as i64 - before.get(k).copied().unwrap_or(0) as i64,
+            )
+        })
+        .filter(|(_, d)| *d != 0)
+        .collect()
+}
+
+/// The routed world with two containers `names` on docker0 running
+/// [`Dockerd::run_web_udp`], at default offloads (checked before and after
+/// the daemon starts), as backends of three services: `web` (v4 tcp) and
+/// `webu` (v4 udp) registered through `--docker` (registrator env), and
+/// `web6` (v6 tcp and udp) as manual etcd tasks at their v6 addresses
+/// (Docker registration takes a container's IPv4 address). Returns the
+/// world, ready, and the containers.
+fn web_world(tag: &str, names: &[&str]) -> (Routed, Vec<Ctr>) {
+    let mut w = Routed::new(tag, "native");
+    w.service(
+        "web",
+        json!({"vip": WEB_VIP4.to_string(), "publish": [{"proto": "tcp", "port": WEB_TCP, "target": WEB_PORT}]}),
+    );
+    w.service(
+        "webu",
+        json!({"vip": WEBU_VIP4.to_string(), "publish": [{"proto": "udp", "port": WEBU_UDP, "target": UDP_ECHO_PORT}]}),
+    );
+    w.service(
+        "web6",
+        json!({"vip": WEB6_VIP.to_string(), "publish": [
+            {"proto": "tcp", "port": WEB6_TCP, "target": WEB_PORT},
+            {"proto": "udp", "port": WEB6_UDP, "target": UDP_ECHO_PORT}]}),
+    );
+    let env_tcp = format!("SERVICE_{WEB_PORT}_NAME=web");
+    let env_udp = format!("SERVICE_{UDP_ECHO_PORT}_NAME=webu");
+    let ctrs = w.containers(names, &["-e", &env_tcp, "-e", &env_udp]);
+    w.check_offloads(&ctrs);
+    w.start_daemon(&["web", "webu", "web6"]);
+    for c in &ctrs {
+        let task = json!({"addr": c.v6.to_string(), "weight": 100, "node": "lb",
+                          "state": "running", "source": "manual"});
+        w.c.put(
+            &format!("{PREFIX}/tasks/web6/{}", c.name),
+            &task.to_string(),
+        );
+    }
+    let v4: Vec<IpAddr> = ctrs.iter().map(|c| c.v4.into()).collect();
+    let v6: Vec<IpAddr> = ctrs.iter().map(|c| c.v6.into()).collect();
+    w.wait_backends("web", &v4);
+    w.wait_backends("webu", &v4);
+    w.wait_backends("web6", &v6);
+    // Nothing turned an offload off meanwhile (dockerd, the daemon).
+    w.check_offloads(&ctrs);
+    (w, ctrs)
+}
+
+/// The eight service paths of [`web_world`]: (label, destination, udp).
+fn web_paths() -> [(&'static str, SocketAddr, bool); 8] {
+    let sa = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+    [
+        ("VIP v4 tcp", sa(WEB_VIP4.into(), WEB_TCP), false),
+        ("node port v4 tcp", sa(R_NODE4.into(), WEB_TCP), false),
+        ("VIP v4 udp", sa(WEBU_VIP4.into(), WEBU_UDP), true),
+        ("node port v4 udp", sa(R_NODE4.into(), WEBU_UDP), true),
+        ("VIP v6 tcp", sa(WEB6_VIP.into(), WEB6_TCP), false),
+        ("node port v6 tcp", sa(R_NODE6.into(), WEB6_TCP), false),
+        ("VIP v6 udp", sa(WEB6_VIP.into(), WEB6_UDP), true),
+        ("node port v6 udp", sa(R_NODE6.into(), WEB6_UDP), true),
+    ]
+}
+
+/// Checksum errors of every namespace of the world: a problem each
+/// non-zero one; returns the text for the report.
+fn check_csum(w: &Routed, ctrs: &[Ctr], problems: &mut Vec<String>) -> String {
+    let mut text = String::new();
+    for (ns, c) in &w.csum_errors(ctrs) {
+        text += &format!("\n  {ns}: {c:?}");
+        for (k, v) in c {
+            if *v != 0 {
+                problems.push(format!("{ns}: {k} = {v}"));
+            }
+        }
+    }
+    eprintln!("[{}] checksum errors:{text}", w.net.prefix);
+    text
+}
+
+/// Two real containers on docker0 in the node namespace, at default
+/// offloads ([`web_world`]). A remote client behind a router that
+/// checksums in software sends 300 requests on each of the eight paths
+/// (VIP and node port, TCP and UDP, v4 and v6): none fails, both
+/// containers answer on each, and no namespace (client, router, node,
+/// containers) counts a checksum error.
+#[test]
+fn containers_at_default_offloads_through_a_software_checksum_hop() {
+    const N: usize = 300;
+    const NAMES: [&str; 2] = ["k1", "k2"];
+    let (mut w, ctrs) = web_world("dkr", &NAMES);
+    let paths = web_paths();
+    let before = w.counters();
+    let mut report = String::new();
+    let mut problems = Vec::new();
+    for (label, dst, udp) in paths {
+        let started = Instant::now();
+        let b = burst_from(&w.net.client_ns, dst, udp, N);
+        let line = format!(
+            "{label} {dst}: {} ok, {} failed, answers {:?} in {:.1?}",
+            b.counts.values().sum::<usize>(),
+            b.failures.len(),
+            b.counts,
+            started.elapsed()
+        );
+        eprintln!("[{}] {line}", w.net.prefix);
+        report += &format!("\n  {line}");
+        if let Err(e) = check_all(label, &b, N, &NAMES) {
+            problems.push(e);
+        }
+    }
+    w.assert_daemon_alive();
+    let d = deltas(&before, &w.counters());
+    eprintln!("[{}] counters moved: {d:?}", w.net.prefix);
+    report += &format!("\n  node counters moved: {d:?}");
+    // Every HTTP request is a new TCP connection, hence a new flow (a UDP
+    // request may reuse an earlier tuple when its source port repeats).
+    let tcp_requests = (paths.iter().filter(|p| !p.2).count() * N) as i64;
+    let new_flows = d.get("new_flow").copied().unwrap_or(0);
+    if new_flows < tcp_requests {
+        problems.push(format!(
+            "new_flow moved by {new_flows}, expected >= {tcp_requests}"
+        ));
+    }
+    let csum_text = check_csum(&w, &ctrs, &mut problems);
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n  {}\nrequests:{report}\nchecksum errors:{csum_text}{}",
+        problems.len(),
+        problems.join("\n  "),
+        w.ctx()
+    );
+}
+
+/// `n` GETs of `http://dst/` from inside container `from` (`docker exec`,
+/// busybox wget, one connection each, killed after 5 s: this busybox's
+/// `wget -T` crashes): answers by body, and failures.
+fn wget_burst(w: &Routed, from: &str, dst: SocketAddr, n: usize) -> Burst {
+    let script = format!(
+        "i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
+         if b=$(/bin/busybox timeout -s KILL 5 /bin/busybox wget -q -O - http://{dst}/ 2>&1); \
+         then echo \"ok $b\"; else echo \"fail $i (exit $?) $b\"; fi; done"
+    );
+    let out = w.docker.cli_timeout(
+        &["exec", from, "/bin/busybox", "sh", "-c", &script],
+        Duration::from_secs(6 * n as u64 + 60),
+    );
+    assert!(
+        out.success(),
+        "docker exec {from}: {}{}",
+        out.describe(),
+        w.ctx()
+    );
+    let mut b = Burst::default();
+    for line in out.stdout.lines() {
+        if let Some(body) = line.strip_prefix("ok ") {
+            *b.counts.entry(body.trim().to_string()).or_default() += 1;
+        } else if let Some(f) = line.strip_prefix("fail ") {
+            b.failures.push(f.to_string());
+        } else if let Some(last) = b.failures.last_mut() {
+            // wget's message continued on another line.
+            last.push_str(&format!(" / {line}"));
+        } else {
+            b.failures.push(format!("unexpected output {line:?}"));
+        }
+    }
+    b
+}
+
+/// From inside container k1 on docker0, 100 calls on each of the eight
+/// paths of [`web_world`] (VIP and node port, the node's uplink address;
+/// TCP with busybox wget through `docker exec`, UDP from a socket in k1's
+/// network namespace, which busybox cannot do; v4 and v6). Both backends
+/// are containers on this node, so every call is hairpinned (source
+/// translated to docker0's address): every call succeeds, k1 itself
+/// (hairpin to itself) and k2 (its neighbour on docker0) each answer on
+/// every path, the node's `hairpin` counter moves by at least one per TCP
+/// call (each a new connection; a UDP call may reuse an earlier tuple when
+/// its source port repeats), and no namespace counts a checksum error.
+#[test]
+fn container_hairpin_to_vip_and_node_port() {
+    const N: usize = 100;
+    const NAMES: [&str; 2] = ["k1", "k2"];
+    let (mut w, ctrs) = web_world("dkh", &NAMES);
+    let from = &ctrs[0];
+    let paths = web_paths();
+    let before = w.counters();
+    let mut report = String::new();
+    let mut problems = Vec::new();
+    for (label, dst, udp) in paths {
+        let started = Instant::now();
+        let b = if udp {
+            in_netns_path(&from.netns(), || {
+                let mut b = Burst::default();
+                for i in 0..N {
+                    match udp_request(dst, format!("ping {i}").as_bytes(), R_REQ_TIMEOUT) {
+                        Ok(body) => *b.counts.entry(body).or_default() += 1,
+                        Err(e) => b.failures.push(format!("request {i}: {e}")),
+                    }
+                }
+                b
+            })
+        } else {
+            wget_burst(&w, &from.name, dst, N)
+        };
+        let line = format!(
+            "{} -> {label} {dst}: {} ok, {} failed, answers {:?} in {:.1?}",
+            from.name,
+            b.counts.values().sum::<usize>(),
+            b.failures.len(),
+            b.counts,
+            started.elapsed()
+        );
+        eprintln!("[{}] {line}", w.net.prefix);
+        report += &format!("\n  {line}");
+        if let Err(e) = check_all(label, &b, N, &NAMES) {
+            problems.push(e);
+        }
+    }
+    w.assert_daemon_alive();
+    let d = deltas(&before, &w.counters());
+    eprintln!("[{}] counters moved: {d:?}", w.net.prefix);
+    report += &format!("\n  node counters moved: {d:?}");
+    let hairpin = d.get("hairpin").copied().unwrap_or(0);
+    let want = (paths.iter().filter(|p| !p.2).count() * N) as i64;
+    if hairpin < want {
+        problems.push(format!(
+            "hairpin counter moved by {hairpin}, expected >= {want} (a new hairpin flow per TCP call)"
+        ));
+    }
+    let no_addr = d.get("hairpin_no_addr").copied().unwrap_or(0);
+    if no_addr != 0 {
+        problems.push(format!("hairpin_no_addr moved by {no_addr}"));
+    }
+    let csum_text = check_csum(&w, &ctrs, &mut problems);
+    assert!(
+        problems.is_empty(),
+        "hairpin: {} problem(s):\n  {}\nrequests:{report}\nchecksum errors:{csum_text}{}",
+        problems.len(),
+        problems.join("\n  "),
+        w.ctx()
+    );
+}
+
+/// Runs `f` on a thread inside the network namespace at path `netns`.
+fn in_netns_path<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|s| {
+        let h = s.spawn(|| {
+            let file = fs::File::open(netns).unwrap_or_else(|e| panic!("open {netns}: {e}"));
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns({netns}): {e}"));
+            f()
+        });
+        match h.join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
 }

@@ -107,26 +107,31 @@ fn tc_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, XdpError> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or_else(|| XdpError::Program {
-            name,
-            source: Box::new(aya::programs::ProgramError::NotLoaded),
-        })?
-        .try_into()
-        .map_err(|e| XdpError::Program {
-            name,
-            source: Box::new(e),
-        })?;
+    let prog: &mut SchedClassifier = typed_program(ebpf, name)?;
     if prog.fd().is_err() {
         let t = std::time::Instant::now();
-        prog.load().map_err(|e| XdpError::Program {
-            name,
-            source: Box::new(e),
-        })?;
+        prog.load().map_err(program_error(name))?;
         log_verified(name, t);
     }
     Ok(prog)
+}
+
+/// The program `name` of the object, as its kind `T`.
+fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, XdpError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| program_error(name)(aya::programs::ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+fn program_error(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> XdpError {
+    move |e| XdpError::Program {
+        name,
+        source: Box::new(e),
+    }
 }
 
 /// Attaches a TC program to `iface`'s ingress: adopts its pinned tcx link
@@ -284,23 +289,10 @@ fn load(dir: &Path) -> Result<Ebpf, XdpError> {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(|| XdpError::Program {
-            name,
-            source: Box::new(aya::programs::ProgramError::NotLoaded),
-        })?
-        .try_into()
-        .map_err(|e| XdpError::Program {
-            name,
-            source: Box::new(e),
-        })?;
+    let prog: &mut Xdp = typed_program(ebpf, name)?;
     if prog.fd().is_err() {
         let t = std::time::Instant::now();
-        prog.load().map_err(|e| XdpError::Program {
-            name,
-            source: Box::new(e),
-        })?;
+        prog.load().map_err(program_error(name))?;
         log_verified(name, t);
     }
     Ok(prog)

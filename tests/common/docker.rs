@@ -6,9 +6,14 @@
 //! /sys and dockerd then fails on cgroups), with its own data root, exec
 //! root, socket and pid file under the test's temp dir, vfs storage and no
 //! iptables. There is no registry: the one image, `mlbt-busybox:1`, is made
-//! with `docker import` from a tarball holding busybox-static. Containers
-//! run `busybox httpd` on :8000 answering their own name. The `docker` CLI
-//! (whatever is first in PATH) talks to it through `DOCKER_HOST`.
+//! with `docker import` from a tarball holding busybox-static, plus the
+//! host's perl (perl-base, with the libraries `ldd` names) for a UDP echo
+//! server, since busybox has no UDP server. Containers run `busybox httpd`
+//! on :8000 answering their own name ([`Dockerd::run_web`]), and may also
+//! run a UDP echo on :5353 answering the same ([`Dockerd::run_web_udp`]).
+//! [`Dockerd::start_in_with`] passes extra daemon flags (e.g. IPv6 on the
+//! default bridge). The `docker` CLI (whatever is first in PATH) talks to it
+//! through `DOCKER_HOST`.
 //!
 //! Dropping a [`Dockerd`] removes every container (SIGKILL) and stops
 //! dockerd by PID (SIGKILL after a grace period).
@@ -21,22 +26,45 @@ use super::{run_cmd, run_cmd_env, wait_for, CmdOutput, Proc};
 
 const DOCKERD: &str = "/usr/sbin/dockerd";
 const BUSYBOX: &str = "/bin/busybox";
+/// The UDP echo's interpreter (perl-base: Essential in Debian).
+const PERL: &str = "/usr/bin/perl";
 /// The image every test container runs.
 pub const IMAGE: &str = "mlbt-busybox:1";
 /// Where the containers' HTTP responder listens.
 pub const WEB_PORT: u16 = 8000;
+/// Where [`Dockerd::run_web_udp`]'s UDP echo listens (v4 and v6).
+pub const UDP_ECHO_PORT: u16 = 5353;
+/// The UDP echo, perl with builtins only (no module files in the image):
+/// one dual-stack socket on [::]:PORT (plain IPv4 when the container has no
+/// IPv6), each datagram answered with `NAME\n` to its sender.
+const UDP_ECHO_PL: &str = r#"my ($name, $port) = @ARGV;
+my $ok = socket(S, 10, 2, 17) && bind(S, pack("S n N x16 N", 10, $port, 0, 0));
+unless ($ok) {
+    close S;
+    socket(S, 2, 2, 17) or die "socket: $!";
+    bind(S, pack("S n x12", 2, $port)) or die "bind udp $port: $!";
+}
+$| = 1;
+print "udp echo $name on $port\n";
+while (defined(my $from = recv(S, my $buf, 2048, 0))) {
+    send(S, "$name\n", 0, $from) or warn "send: $!";
+}
+die "recv: $!";
+"#;
 const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 /// dockerd with vfs starts in a few seconds; on a loaded 2-core machine
 /// with parallel tests it may take longer.
 const STARTUP: Duration = Duration::from_secs(60);
 
-/// Fails loudly when dockerd, the docker CLI or busybox-static is missing.
+/// Fails loudly when dockerd, the docker CLI, busybox-static or perl is
+/// missing.
 pub fn require_docker() {
     for (tool, pkg) in [
         (DOCKERD, "docker.io"),
         ("/usr/bin/containerd", "containerd (docker.io)"),
         ("/usr/sbin/runc", "runc (docker.io)"),
         (BUSYBOX, "busybox-static"),
+        (PERL, "perl-base"),
     ] {
         assert!(
             Path::new(tool).is_file(),
@@ -59,6 +87,8 @@ pub struct Dockerd {
     pub host: String,
     /// The socket path, for `meshlb run --docker=...`.
     pub socket: PathBuf,
+    /// Extra dockerd flags, kept for restarts.
+    extra: Vec<String>,
     proc: Option<Proc>,
     starts: usize,
 }
@@ -67,6 +97,12 @@ impl Dockerd {
     /// Starts dockerd in `ns` with its state under `dir` (created), waits
     /// until it answers and imports [`IMAGE`].
     pub fn start_in(ns: &str, dir: &Path) -> Dockerd {
+        Self::start_in_with(ns, dir, &[])
+    }
+
+    /// [`Dockerd::start_in`] with extra dockerd flags (kept for
+    /// [`Dockerd::start_again`]), e.g. `--ipv6 --fixed-cidr-v6=...`.
+    pub fn start_in_with(ns: &str, dir: &Path, extra: &[&str]) -> Dockerd {
         require_docker();
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let socket = dir.join("docker.sock");
@@ -75,6 +111,7 @@ impl Dockerd {
             dir: dir.to_owned(),
             host: format!("unix://{}", socket.display()),
             socket,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             proc: None,
             starts: 0,
         };
@@ -85,7 +122,7 @@ impl Dockerd {
 
     fn spawn(&mut self) {
         let p = |s: &str| self.dir.join(s).display().to_string();
-        let argv: Vec<String> = vec![
+        let mut argv: Vec<String> = vec![
             "nsenter".into(),
             format!("--net=/run/netns/{}", self.ns),
             DOCKERD.into(),
@@ -99,6 +136,7 @@ impl Dockerd {
             // Containers must not outlive a stopped test for long.
             "--shutdown-timeout=5".into(),
         ];
+        argv.extend(self.extra.iter().cloned());
         let log = self.dir.join(format!("dockerd-{}.log", self.starts));
         self.starts += 1;
         self.proc = Some(Proc::spawn("dockerd", &argv, &[], log));
@@ -134,9 +172,15 @@ impl Dockerd {
 
     /// `docker ARGS` against this dockerd. Never panics.
     pub fn cli(&self, args: &[&str]) -> CmdOutput {
+        self.cli_timeout(args, CMD_TIMEOUT)
+    }
+
+    /// `docker ARGS` with a deadline of `timeout` (e.g. a long `exec`).
+    /// Never panics.
+    pub fn cli_timeout(&self, args: &[&str], timeout: Duration) -> CmdOutput {
         let mut argv = vec!["docker"];
         argv.extend_from_slice(args);
-        run_cmd_env(&argv, &[("DOCKER_HOST", &self.host)], CMD_TIMEOUT)
+        run_cmd_env(&argv, &[("DOCKER_HOST", &self.host)], timeout)
     }
 
     /// `docker ARGS` that must succeed; returns stdout, trimmed.
@@ -161,6 +205,28 @@ impl Dockerd {
         if !sh.exists() {
             std::os::unix::fs::symlink("busybox", &sh).expect("symlink bin/sh");
         }
+        // perl and the shared objects it loads, at the paths ldd names.
+        fs::copy(PERL, root.join("bin/perl")).expect("copy perl");
+        let ldd = run_cmd(&["ldd", PERL], CMD_TIMEOUT);
+        assert!(ldd.success(), "ldd {PERL}: {}", ldd.describe());
+        let libs: Vec<&str> = ldd
+            .stdout
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+            .collect();
+        assert!(
+            libs.iter().any(|l| l.contains("libc.so")),
+            "ldd {PERL} names no libc: {}",
+            ldd.describe()
+        );
+        for lib in libs {
+            let dst = root.join(lib.trim_start_matches('/'));
+            fs::create_dir_all(dst.parent().expect("a library path has a parent"))
+                .expect("mkdir image lib dir");
+            // fs::copy follows symlinks: the image gets the files themselves.
+            fs::copy(lib, &dst).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
+        }
+        fs::write(root.join("udp-echo.pl"), UDP_ECHO_PL).expect("write udp-echo.pl");
         let tar = self.dir.join("image.tar");
         let (r, t) = (root.display().to_string(), tar.display().to_string());
         let out = run_cmd(&["tar", "-C", &r, "-cf", &t, "."], CMD_TIMEOUT);
@@ -180,6 +246,44 @@ impl Dockerd {
         args.extend_from_slice(extra);
         args.extend([IMAGE, "/bin/busybox", "sh", "-c", &script]);
         self.cli_ok(&args)
+    }
+
+    /// [`Dockerd::run_web`] plus a UDP echo on :5353 (v4 and v6) answering
+    /// `NAME` to every datagram; `--expose 5353/udp` too. Returns the full id.
+    pub fn run_web_udp(&self, name: &str, extra: &[&str]) -> String {
+        let script = format!(
+            "echo {name} > /www/index.html; /bin/perl /udp-echo.pl {name} {UDP_ECHO_PORT} & \
+             exec /bin/busybox httpd -f -p {WEB_PORT} -h /www"
+        );
+        let udp = format!("{UDP_ECHO_PORT}/udp");
+        let mut args = vec![
+            "run", "-d", "--name", name, "--expose", "8000", "--expose", &udp,
+        ];
+        args.extend_from_slice(extra);
+        args.extend([IMAGE, "/bin/busybox", "sh", "-c", &script]);
+        self.cli_ok(&args)
+    }
+
+    /// A container's global IPv6 address on the default bridge (empty when
+    /// dockerd runs without IPv6).
+    pub fn ip6(&self, name: &str) -> String {
+        self.cli_ok(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+            name,
+        ])
+    }
+
+    /// The PID of a running container's first process (its network
+    /// namespace is `/proc/PID/ns/net`).
+    pub fn pid(&self, name: &str) -> i32 {
+        let out = self.cli_ok(&["inspect", "--format", "{{.State.Pid}}", name]);
+        let pid: i32 = out
+            .parse()
+            .unwrap_or_else(|e| panic!("docker inspect {name}: pid {out:?}: {e}"));
+        assert!(pid > 0, "container {name} is not running (pid {pid})");
+        pid
     }
 
     /// A container's IPv4 address on the default bridge.

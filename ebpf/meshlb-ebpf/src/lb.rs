@@ -60,7 +60,10 @@ fn is_syn(pkt: &Packet) -> bool {
 pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
     let pkt = parse(ctx)?;
     if pkt.kind == KIND_FRAG {
-        return frag_path(ctx, &pkt);
+        // Forwarded from here, not from within: the call chain stays
+        // short enough for older verifiers' stack accounting.
+        frag_path(ctx, &pkt)?;
+        return ctx.forward(&pkt, Counter::ForwardedIn);
     }
     if pkt.kind == KIND_ICMP_ERR {
         icmp_path(ctx, &pkt)?;
@@ -140,17 +143,18 @@ fn frag_addrs_v6(ip: *const Ipv6Hdr, e: &mut FragEntry) {
 }
 
 /// A later fragment: translated like its datagram's first fragment (the
-/// addresses; it has no ports). One of a datagram to a VIP whose first
-/// fragment was not seen is dropped (counted); others are not ours.
+/// addresses; it has no ports), to be forwarded. One of a datagram to a
+/// VIP whose first fragment was not seen is dropped (counted); others are
+/// not ours (`Err(XDP_PASS)`, untouched).
 #[inline(never)]
-fn frag_path<C: Frame>(ctx: &C, pkt: &Packet) -> Result<u32, u32> {
+fn frag_path<C: Frame>(ctx: &C, pkt: &Packet) -> Result<(), u32> {
     // SAFETY: LRU map value, copied out at once.
     let Some(e) = (unsafe { MLB_FRAG_V1.get(&frag_key(pkt)) }).copied() else {
         if is_vip(pkt) {
             count(Counter::FragUnknown);
-            return Ok(XDP_DROP);
+            return Err(XDP_DROP);
         }
-        return Ok(XDP_PASS);
+        return Err(XDP_PASS);
     };
     if e.dst != pkt.key.dst {
         translate(ctx, pkt, &e.dst, 0, false)?;
@@ -159,7 +163,7 @@ fn frag_path<C: Frame>(ctx: &C, pkt: &Packet) -> Result<u32, u32> {
         translate(ctx, pkt, &e.src, 0, true)?;
     }
     count(Counter::FragTranslated);
-    ctx.forward(pkt, Counter::ForwardedIn)
+    Ok(())
 }
 
 /// What an ICMP error's translation writes: the quoted packet's addresses

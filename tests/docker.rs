@@ -29,12 +29,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::docker::*;
 use common::etcd::*;
+use common::router::*;
 use common::*;
 use serde_json::{json, Value};
 
@@ -648,14 +649,11 @@ fn docker_without_etcd_is_a_usage_error() {
 // via the router, the router routes the VIP ranges and the container
 // subnets via the node, the node routes everything else via the router.
 
-const R_CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 2);
-const R_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, 2);
-const R_ROUTER_C4: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 1);
-const R_ROUTER_C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 1, 0, 0, 0, 0, 1);
-const R_ROUTER_N4: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 1);
-const R_ROUTER_N6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 2, 0, 0, 0, 0, 1);
-const R_NODE4: Ipv4Addr = Ipv4Addr::new(10, 240, 2, 2);
-const R_NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 2, 0, 0, 0, 0, 2);
+/// Client {10.240.1.2, fd00:240:1::2}, router {.1.1, ::1} and {10.240.2.1,
+/// fd00:240:2::1}, node {10.240.2.2, fd00:240:2::2}.
+const R_ADDRS: HopAddrs = HopAddrs::new(240, 0x240);
+const R_NODE4: Ipv4Addr = R_ADDRS.node4;
+const R_NODE6: Ipv6Addr = R_ADDRS.node6;
 /// docker0's subnets (dockerd's default v4 one; v6 given to dockerd).
 const DOCKER_NET4: &str = "172.17.0.0/16";
 const DOCKER_NET6: &str = "fd00:172:17::/64";
@@ -674,26 +672,23 @@ const WEB6_UDP: u16 = 5306;
 const R_REQ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The namespaces and veths of the routed world; torn down on drop.
+/// `prefix` is `mlbt-<tag>-<pid%10000>`, `short` `<tag><pid%10000>`; the
+/// temp dir holds dockerd's state and the daemon's log, the bpffs dir `lb`
+/// (daemon) and `rt` (router's xdp-pass).
 struct RoutedNet {
     /// `--xdp-mode` of the node's uplink: "native" (then the router's
     /// node-facing veth runs `meshlb xdp-pass`: XDP transmit on a veth
     /// delivers only into a peer with an XDP program) or "generic".
     xdp_mode: &'static str,
-    /// `mlbt-<tag>-<pid%10000>`: namespaces, temp dir and bpffs dir.
-    prefix: String,
-    /// `<tag><pid%10000>`: every interface name starts with it.
-    short: String,
-    client_ns: String,
-    router_ns: String,
-    node_ns: String,
-    client_if: String,
-    router_c_if: String,
-    router_n_if: String,
-    uplink: String,
-    /// Temp dir: dockerd's state, the daemon's log.
-    dir: PathBuf,
-    /// `/sys/fs/bpf/<prefix>`: `lb` (daemon), `rt` (router's xdp-pass).
-    bpffs_root: PathBuf,
+    hops: Hops,
+}
+
+impl std::ops::Deref for RoutedNet {
+    type Target = Hops;
+
+    fn deref(&self) -> &Hops {
+        &self.hops
+    }
 }
 
 impl RoutedNet {
@@ -710,23 +705,10 @@ impl RoutedNet {
         let short = format!("{tag}{pid}");
         let net = RoutedNet {
             xdp_mode,
-            client_ns: format!("{prefix}-c"),
-            router_ns: format!("{prefix}-r"),
-            node_ns: format!("{prefix}-n"),
-            client_if: format!("{short}c"),
-            router_c_if: format!("{short}rc"),
-            router_n_if: format!("{short}rn"),
-            uplink: format!("{short}e"),
-            dir: std::env::temp_dir().join(&prefix),
-            bpffs_root: PathBuf::from("/sys/fs/bpf").join(&prefix),
-            prefix,
-            short,
+            hops: Hops::new(prefix, short, "n", &R_ADDRS),
         };
         // From here on a panic drops `net`, which removes whatever exists.
-        net.remove_stale();
-        fs::create_dir_all(&net.dir).expect("create test temp dir");
-        fs::create_dir_all(&net.bpffs_root)
-            .unwrap_or_else(|e| panic!("mkdir {}: {e}", net.bpffs_root.display()));
+        net.prepare(&net.hop_ns());
         net.build();
         if xdp_mode == "native" {
             net.router_xdp_pass();
@@ -734,187 +716,25 @@ impl RoutedNet {
         net
     }
 
-    fn all_ns(&self) -> [&str; 3] {
-        [&self.client_ns, &self.router_ns, &self.node_ns]
-    }
-
-    fn remove_stale(&self) {
-        for ns in self.all_ns() {
-            if Path::new("/run/netns").join(ns).exists() {
-                let _ = run_cmd(&["ip", "netns", "del", ns], Duration::from_secs(30));
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-        let _ = fs::remove_dir_all(&self.bpffs_root);
-    }
-
     fn build(&self) {
-        let range = format!(
-            "net.ipv4.ip_local_port_range={} {}",
-            CLIENT_PORT_RANGE.0, CLIENT_PORT_RANGE.1
-        );
-        for ns in self.all_ns() {
-            must(&["ip", "netns", "add", ns]);
-            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        for ns in self.hop_ns() {
             // No DAD (docker0 inherits `default`): addresses usable at once.
-            let mut sysctls = vec![
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ];
-            if ns != self.client_ns {
-                sysctls.extend(["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
-            } else {
-                sysctls.extend([range.as_str(), "net.ipv4.tcp_tw_reuse=1"]);
-            }
-            let mut argv = vec!["ip", "netns", "exec", ns, "sysctl", "-qw"];
-            argv.extend(sysctls.iter().copied());
-            must(&argv);
+            add_netns(ns, ns != self.client_ns, ns == self.client_ns);
         }
-        let (c, r, n) = (
-            self.client_ns.as_str(),
-            self.router_ns.as_str(),
-            self.node_ns.as_str(),
-        );
-        // Client <-> router: a remote host on a wire, a software router.
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "link",
-            "add",
-            &self.router_c_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.client_if,
-            "netns",
-            c,
-        ]);
-        addr(c, &self.client_if, R_CLIENT4.into(), R_CLIENT6.into());
-        addr(r, &self.router_c_if, R_ROUTER_C4.into(), R_ROUTER_C6.into());
-        tx_off(c, &self.client_if);
-        tx_off(r, &self.router_c_if);
-        must(&["ip", "-n", c, "link", "set", &self.client_if, "up"]);
-        must(&["ip", "-n", r, "link", "set", &self.router_c_if, "up"]);
-        // Router <-> node: only the router's end computes in software.
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "link",
-            "add",
-            &self.router_n_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.uplink,
-            "netns",
-            n,
-        ]);
-        addr(r, &self.router_n_if, R_ROUTER_N4.into(), R_ROUTER_N6.into());
-        addr(n, &self.uplink, R_NODE4.into(), R_NODE6.into());
-        tx_off(r, &self.router_n_if);
-        must(&["ip", "-n", r, "link", "set", &self.router_n_if, "up"]);
-        must(&["ip", "-n", n, "link", "set", &self.uplink, "up"]);
+        self.link();
         // Routes (docker0 and its routes come with dockerd).
-        route(c, "default", R_ROUTER_C4.into());
-        route(c, "default", R_ROUTER_C6.into());
-        for net in ["10.96.0.0/16", DOCKER_NET4] {
-            route(r, net, R_NODE4.into());
-        }
-        for net in ["fd00:96::/64", DOCKER_NET6] {
-            route(r, net, R_NODE6.into());
-        }
-        route(n, "default", R_ROUTER_N4.into());
-        route(n, "default", R_ROUTER_N6.into());
-        for ns in self.all_ns() {
-            wait_for(Duration::from_secs(10), "IPv6 addresses to settle", || {
-                let out = must(&["ip", "-n", ns, "-6", "addr", "show", "tentative"]);
-                if out.trim().is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("{ns}: {out}"))
-                }
-            })
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-        let root_links = must(&["ip", "-o", "link", "show"]);
-        for line in root_links.lines() {
-            let name = line.split(':').nth(1).unwrap_or("").trim();
-            assert!(
-                !name.starts_with(&self.short),
-                "topology leaked interface {name} into the root namespace"
-            );
-        }
-    }
-
-    fn router_xdp_pass(&self) {
-        let dir = self.bpffs_root.join("rt").display().to_string();
-        let out = meshlb_in(
-            &self.router_ns,
-            &["xdp-pass", "--iface", &self.router_n_if, "--bpffs", &dir],
-        );
-        assert!(
-            out.success(),
-            "xdp-pass on {}: {}",
-            self.router_n_if,
-            out.describe()
-        );
-        assert_eq!(
-            xdp_attach(&self.router_ns, &self.router_n_if),
-            Some(1),
-            "after xdp-pass, {} should have a native XDP program",
-            self.router_n_if
-        );
+        self.routes(DOCKER_NET4, DOCKER_NET6);
+        settle_and_check_root(&self.hop_ns(), &self.short);
     }
 
     fn bpffs(&self) -> PathBuf {
         self.bpffs_root.join("lb")
     }
-
-    fn daemon_log(&self) -> PathBuf {
-        self.dir.join("meshlb-run.log")
-    }
 }
 
 impl Drop for RoutedNet {
     fn drop(&mut self) {
-        for (ns, d) in [
-            (self.node_ns.clone(), self.bpffs()),
-            (self.router_ns.clone(), self.bpffs_root.join("rt")),
-        ] {
-            if d.is_dir() && Path::new("/run/netns").join(&ns).exists() {
-                let ds = d.display().to_string();
-                let out = meshlb_in(&ns, &["cleanup", "--bpffs", &ds]);
-                if !out.success() {
-                    eprintln!("teardown: {}", out.describe());
-                }
-            }
-        }
-        if let Err(e) = fs::remove_dir_all(&self.bpffs_root) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("teardown: rm -r {}: {e}", self.bpffs_root.display());
-            }
-        }
-        for ns in self.all_ns() {
-            if Path::new("/run/netns").join(ns).exists() {
-                let out = run_cmd(&["ip", "netns", "del", ns], Duration::from_secs(30));
-                if !out.success() {
-                    eprintln!("teardown: {}", out.describe());
-                }
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "test {} failed: logs kept in {}",
-                self.prefix,
-                self.dir.display()
-            );
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        self.teardown(self.bpffs(), Duration::from_secs(30), &self.hop_ns());
     }
 }
 
@@ -990,31 +810,14 @@ impl Routed {
             if let Some(st) = d.exit_status() {
                 return Err(format!("daemon exited: {st}"));
             }
-            in_netns(&self.net.node_ns, || {
-                http_get_path(
-                    "127.0.0.1:9742".parse().unwrap(),
-                    "/metrics",
-                    Duration::from_secs(2),
-                )
-            })
-            .map_err(|e| format!("metrics: {e}"))?;
-            let st = self.try_status()?;
-            for want in services {
-                let found = st["services"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|s| s["name"] == *want));
-                if !found {
-                    return Err(format!("service {want} not in status: {st}"));
-                }
-            }
-            if st["dataplane"] != want_dp.as_str() {
-                return Err(format!("dataplane {} in status", st["dataplane"]));
-            }
-            let m = xdp_attach(&self.net.node_ns, &self.net.uplink);
-            if m != Some(want_mode) {
-                return Err(format!("XDP mode of {}: {m:?}", self.net.uplink));
-            }
-            Ok(())
+            probe_ready(
+                &self.net.node_ns,
+                || self.try_status(),
+                services,
+                &want_dp,
+                &self.net.uplink,
+                want_mode,
+            )
         });
         if let Err(e) = r {
             panic!("{e}{}", self.ctx());
@@ -1022,7 +825,7 @@ impl Routed {
         let d = self.daemon.as_mut().expect("daemon");
         wait_tc_attached(d, "docker0", READY).unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
         assert_eq!(
-            xdp_attach(&self.net.node_ns, "docker0"),
+            xdp_mode(&self.net.node_ns, "docker0"),
             None,
             "XDP attached to docker0, a task bridge (TC's){}",
             self.ctx()
@@ -1037,58 +840,24 @@ impl Routed {
     }
 
     fn try_status(&self) -> Result<Value, String> {
-        let dir = self.net.bpffs().display().to_string();
-        let out = meshlb_in(&self.net.node_ns, &["status", "--json", "--bpffs", &dir]);
-        if !out.success() {
-            return Err(out.describe());
-        }
-        serde_json::from_str(&out.stdout)
-            .map_err(|e| format!("status --json is not JSON ({e}): {}", out.stdout))
+        status(
+            &self.net.node_ns,
+            &self.net.bpffs(),
+            Duration::from_secs(30),
+        )
     }
 
     /// The node's data-path counters (`status --json` `counters`).
     fn counters(&self) -> BTreeMap<String, u64> {
-        let st = self
-            .try_status()
-            .unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
-        let c = st["counters"]
-            .as_object()
-            .unwrap_or_else(|| panic!("status --json has no counters object: {st}"));
-        c.iter()
-            .map(|(k, v)| {
-                let n = v
-                    .as_u64()
-                    .unwrap_or_else(|| panic!("counter {k} is not a number: {v}"));
-                (k.clone(), n)
-            })
-            .collect()
+        status_counters(self.try_status(), || self.ctx())
     }
 
     /// Failure context: the node's non-zero counters, the daemon's log
     /// tail, dockerd's and etcd's.
     fn ctx(&self) -> String {
-        let text = fs::read_to_string(self.net.daemon_log()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(80)..];
-        let counters = match self.try_status() {
-            Ok(st) => {
-                let nz: BTreeMap<&str, u64> = st["counters"]
-                    .as_object()
-                    .map(|o| {
-                        o.iter()
-                            .filter_map(|(k, v)| v.as_u64().filter(|n| *n > 0).map(|n| (&**k, n)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                format!("{nz:?}")
-            }
-            Err(e) => format!("(no status: {e})"),
-        };
         format!(
-            "\n===== node counters (non-zero) =====\n{counters}\n===== {} (last {} lines) =====\n{}{}{}",
-            self.net.daemon_log().display(),
-            tail.len(),
-            tail.join("\n"),
+            "{}{}{}",
+            daemon_ctx(&self.net.daemon_log(), self.try_status()),
             self.docker.log_tail(20),
             self.etcd.log_tail(10)
         )
@@ -1180,26 +949,8 @@ impl Routed {
     /// (software), on (kernel default) on the node's uplink, docker0, its
     /// ports and the containers' eth0.
     fn check_offloads(&self, ctrs: &[Ctr]) {
-        let ns_path = |ns: &str| format!("/run/netns/{ns}");
-        let mut want: Vec<(String, String, bool)> = vec![
-            (
-                ns_path(&self.net.client_ns),
-                self.net.client_if.clone(),
-                false,
-            ),
-            (
-                ns_path(&self.net.router_ns),
-                self.net.router_c_if.clone(),
-                false,
-            ),
-            (
-                ns_path(&self.net.router_ns),
-                self.net.router_n_if.clone(),
-                false,
-            ),
-            (ns_path(&self.net.node_ns), self.net.uplink.clone(), true),
-            (ns_path(&self.net.node_ns), "docker0".into(), true),
-        ];
+        let mut want = self.net.offloads();
+        want.push((netns_path(&self.net.node_ns), "docker0".into(), true));
         let ports = must(&[
             "ip",
             "-n",
@@ -1227,21 +978,12 @@ impl Routed {
             ctrs.iter().map(|c| &c.name).collect::<Vec<_>>()
         );
         for p in ports {
-            want.push((ns_path(&self.net.node_ns), p, true));
+            want.push((netns_path(&self.net.node_ns), p, true));
         }
         for c in ctrs {
             want.push((c.netns(), "eth0".into(), true));
         }
-        for (ns, ifname, on) in want {
-            let got = tx_checksumming(&ns, &ifname);
-            assert_eq!(
-                got,
-                on,
-                "{ifname} in {ns}: tx-checksumming {}, expected {}",
-                if got { "on" } else { "off" },
-                if on { "on (kernel default)" } else { "off" }
-            );
-        }
+        assert_tx_checksumming(&want);
     }
 
     /// `TcpInCsumErrors`, `UdpInCsumErrors` (/proc/net/snmp) and
@@ -1250,29 +992,15 @@ impl Routed {
     fn csum_errors(&self, ctrs: &[Ctr]) -> BTreeMap<String, BTreeMap<&'static str, i64>> {
         let mut v: Vec<(String, String)> = self
             .net
-            .all_ns()
+            .hop_ns()
             .iter()
-            .map(|ns| (ns.to_string(), format!("/run/netns/{ns}")))
+            .map(|ns| (ns.to_string(), netns_path(ns)))
             .collect();
         v.extend(
             ctrs.iter()
                 .map(|c| (format!("container {}", c.name), c.netns())),
         );
-        v.into_iter()
-            .map(|(label, path)| {
-                let s = snmp(&path);
-                let pick = ["Tcp.InCsumErrors", "Udp.InCsumErrors", "Udp6InCsumErrors"]
-                    .into_iter()
-                    .map(|k| {
-                        let n = *s
-                            .get(k)
-                            .unwrap_or_else(|| panic!("{label}: no {k} in /proc/net/snmp{{,6}}"));
-                        (k, n)
-                    })
-                    .collect();
-                (label, pick)
-            })
-            .collect()
+        csum_errors(v)
     }
 }
 
@@ -1288,175 +1016,6 @@ impl Ctr {
     /// Its network namespace, for nsenter.
     fn netns(&self) -> String {
         format!("/proc/{}/ns/net", self.pid)
-    }
-}
-
-/// `meshlb ARGS` in namespace `ns` (nsenter, so bpffs stays visible).
-fn meshlb_in(ns: &str, args: &[&str]) -> CmdOutput {
-    let net = format!("--net=/run/netns/{ns}");
-    let mut argv = vec!["nsenter", net.as_str(), MESHLB];
-    argv.extend_from_slice(args);
-    run_cmd_env(&argv, &[("RUST_BACKTRACE", "0")], Duration::from_secs(30))
-}
-
-fn addr(ns: &str, ifname: &str, v4: IpAddr, v6: IpAddr) {
-    must(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{v4}/24"),
-        "dev",
-        ifname,
-    ]);
-    must(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{v6}/64"),
-        "dev",
-        ifname,
-        "nodad",
-    ]);
-}
-
-fn route(ns: &str, to: &str, via: IpAddr) {
-    let fam = if via.is_ipv6() { "-6" } else { "-4" };
-    must(&[
-        "ip",
-        "-n",
-        ns,
-        fam,
-        "route",
-        "add",
-        to,
-        "via",
-        &via.to_string(),
-    ]);
-}
-
-/// A device that computes checksums in software: no TX checksum offload.
-fn tx_off(ns: &str, ifname: &str) {
-    must(&[
-        "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off",
-    ]);
-}
-
-/// Whether `ifname` in the network namespace at `netns` (a path) has TX
-/// checksum offload on (`ethtool -k`: `tx-checksumming: on`).
-fn tx_checksumming(netns: &str, ifname: &str) -> bool {
-    let net = format!("--net={netns}");
-    let out = must(&["nsenter", &net, "ethtool", "-k", ifname]);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("tx-checksumming:"))
-        .unwrap_or_else(|| panic!("ethtool -k {ifname} in {netns}: no tx-checksumming\n{out}"));
-    line.split_whitespace().nth(1) == Some("on")
-}
-
-/// `ip -d -j link` XDP attach mode of `iface` in `ns` (1 native, 2 generic).
-fn xdp_attach(ns: &str, iface: &str) -> Option<u64> {
-    let out = must(&["ip", "-n", ns, "-d", "-j", "link", "show", "dev", iface]);
-    let v: Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("ip -j link output is not JSON ({e}): {out}"));
-    v[0]["xdp"]["mode"].as_u64()
-}
-
-/// `/proc/net/snmp` as `Group.Field` (e.g. `Udp.InCsumErrors`) and
-/// `/proc/net/snmp6` under its own names (e.g. `Udp6InCsumErrors`), of the
-/// network namespace at `netns` (a path; /proc/net is per namespace).
-fn snmp(netns: &str) -> BTreeMap<String, i64> {
-    let net = format!("--net={netns}");
-    let mut m = BTreeMap::new();
-    let v4 = must(&["nsenter", &net, "cat", "/proc/net/snmp"]);
-    let lines: Vec<&str> = v4.lines().collect();
-    for pair in lines.chunks(2) {
-        let [head, vals] = pair else {
-            panic!("{netns}: odd /proc/net/snmp:\n{v4}");
-        };
-        let (g, names) = head
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{netns}: /proc/net/snmp line {head:?}"));
-        let (g2, nums) = vals
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{netns}: /proc/net/snmp line {vals:?}"));
-        assert_eq!(g, g2, "{netns}: /proc/net/snmp header/value mismatch");
-        for (k, v) in names.split_whitespace().zip(nums.split_whitespace()) {
-            let v: i64 = v
-                .parse()
-                .unwrap_or_else(|e| panic!("{netns}: {g}.{k} = {v:?}: {e}"));
-            m.insert(format!("{g}.{k}"), v);
-        }
-    }
-    let v6 = must(&["nsenter", &net, "cat", "/proc/net/snmp6"]);
-    for line in v6.lines() {
-        let mut it = line.split_whitespace();
-        if let (Some(k), Some(v)) = (it.next(), it.next()) {
-            if let Ok(v) = v.parse() {
-                m.insert(k.to_string(), v);
-            }
-        }
-    }
-    m
-}
-
-/// `n` requests from namespace `ns` to `dst`: HTTP GETs (each its own
-/// connection) or UDP datagrams (each from a new socket). `udp_request`
-/// checks the reply comes from `dst` itself; a TCP handshake only
-/// completes when it does.
-fn burst_from(ns: &str, dst: SocketAddr, udp: bool, n: usize) -> Burst {
-    in_netns(ns, || {
-        let mut b = Burst::default();
-        for i in 0..n {
-            let r = if udp {
-                udp_request(dst, format!("ping {i}").as_bytes(), R_REQ_TIMEOUT)
-            } else {
-                http_get(dst, R_REQ_TIMEOUT)
-            };
-            match r {
-                Ok(body) => *b.counts.entry(body).or_default() += 1,
-                Err(e) => b.failures.push(format!("request {i}: {e}")),
-            }
-        }
-        b
-    })
-}
-
-/// Every one of the `n` outcomes of `b` succeeded, answered by one of
-/// `names`, each of which answered at least once; a description when not.
-fn check_all(what: &str, b: &Burst, n: usize, names: &[&str]) -> Result<(), String> {
-    let mut problems = Vec::new();
-    if !b.failures.is_empty() {
-        problems.push(format!(
-            "{} of {n} failed (first: {:?})",
-            b.failures.len(),
-            &b.failures[..b.failures.len().min(3)]
-        ));
-    }
-    if b.total() != n {
-        problems.push(format!("{} outcomes for {n} requests", b.total()));
-    }
-    for t in names {
-        if b.counts.get(*t).copied().unwrap_or(0) == 0 {
-            problems.push(format!("{t} never answered"));
-        }
-    }
-    for k in b.counts.keys() {
-        if !names.contains(&k.as_str()) {
-            problems.push(format!("unexpected answer {k:?}"));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what}: {}; answers {:?}",
-            problems.join("; "),
-            b.counts
-        ))
     }
 }
 
@@ -1538,15 +1097,7 @@ fn web_paths() -> [(&'static str, SocketAddr, bool); 8] {
 /// Checksum errors of every namespace of the world: a problem each
 /// non-zero one; returns the text for the report.
 fn check_csum(w: &Routed, ctrs: &[Ctr], problems: &mut Vec<String>) -> String {
-    let mut text = String::new();
-    for (ns, c) in &w.csum_errors(ctrs) {
-        text += &format!("\n  {ns}: {c:?}");
-        for (k, v) in c {
-            if *v != 0 {
-                problems.push(format!("{ns}: {k} = {v}"));
-            }
-        }
-    }
+    let text = csum_report(&w.csum_errors(ctrs), problems);
     eprintln!("[{}] checksum errors:{text}", w.net.prefix);
     text
 }
@@ -1568,14 +1119,8 @@ fn containers_at_default_offloads_through_a_software_checksum_hop() {
     let mut problems = Vec::new();
     for (label, dst, udp) in paths {
         let started = Instant::now();
-        let b = burst_from(&w.net.client_ns, dst, udp, N);
-        let line = format!(
-            "{label} {dst}: {} ok, {} failed, answers {:?} in {:.1?}",
-            b.counts.values().sum::<usize>(),
-            b.failures.len(),
-            b.counts,
-            started.elapsed()
-        );
+        let b = burst_from(&w.net.client_ns, dst, udp, N, R_REQ_TIMEOUT);
+        let line = format!("{label} {dst}: {}", burst_summary(&b, started));
         eprintln!("[{}] {line}", w.net.prefix);
         report += &format!("\n  {line}");
         if let Err(e) = check_all(label, &b, N, &NAMES) {
@@ -1677,12 +1222,9 @@ fn container_hairpin_to_vip_and_node_port() {
             wget_burst(&w, &from.name, dst, N)
         };
         let line = format!(
-            "{} -> {label} {dst}: {} ok, {} failed, answers {:?} in {:.1?}",
+            "{} -> {label} {dst}: {}",
             from.name,
-            b.counts.values().sum::<usize>(),
-            b.failures.len(),
-            b.counts,
-            started.elapsed()
+            burst_summary(&b, started)
         );
         eprintln!("[{}] {line}", w.net.prefix);
         report += &format!("\n  {line}");

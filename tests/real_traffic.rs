@@ -52,29 +52,26 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::router::*;
 use common::{
-    ensure_bpffs, http_get, http_get_path, in_netns, must, require_root, run_cmd, run_cmd_env,
-    start_nginx_in, stop_servers, tcp_connect, udp_request, wait_for, Burst, CmdOutput, Proc,
-    UdpEcho, CLIENT_PORT_RANGE, MESHLB,
+    ensure_bpffs, in_netns, must, require_root, start_nginx_in, stop_servers, tcp_connect,
+    wait_for, Burst, Proc, UdpEcho, MESHLB,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
-const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 230, 1, 2);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x230, 1, 0, 0, 0, 0, 2);
-const ROUTER_C4: Ipv4Addr = Ipv4Addr::new(10, 230, 1, 1);
-const ROUTER_C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x230, 1, 0, 0, 0, 0, 1);
-const ROUTER_N4: Ipv4Addr = Ipv4Addr::new(10, 230, 2, 1);
-const ROUTER_N6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x230, 2, 0, 0, 0, 0, 1);
-const NODE4: Ipv4Addr = Ipv4Addr::new(10, 230, 2, 2);
-const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x230, 2, 0, 0, 0, 0, 2);
+/// Client {10.230.1.2, fd00:230:1::2}, router {.1.1, ::1} and {10.230.2.1,
+/// fd00:230:2::1}, node {10.230.2.2, fd00:230:2::2}.
+const ADDRS: HopAddrs = HopAddrs::new(230, 0x230);
+const NODE4: Ipv4Addr = ADDRS.node4;
+const NODE6: Ipv6Addr = ADDRS.node6;
 const BR4: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
 const BR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x231, 0, 0, 0, 0, 0, 1);
 
@@ -135,33 +132,27 @@ struct Task {
     v6: Ipv6Addr,
 }
 
-/// See the module documentation. Torn down on drop.
+/// See the module documentation. Torn down on drop. `prefix` is
+/// `mlbt-r<tag>-<pid%10000>`, `short` `r<tag><pid%10000>`; the temp dir
+/// holds the config, the logs and nginx's state, the bpffs dir `n1`
+/// (daemon) and `rt` (router's xdp-pass).
 struct RealNet {
     mode: Mode,
-    /// `mlbt-r<tag>-<pid%10000>`: namespaces, temp dir and bpffs dir.
-    prefix: String,
-    /// `r<tag><pid%10000>`: every interface name starts with it.
-    short: String,
-    client_ns: String,
-    router_ns: String,
-    node_ns: String,
-    client_if: String,
-    /// The router's veth facing the client.
-    router_c_if: String,
-    /// The router's veth facing the node (xdp-pass in native mode).
-    router_n_if: String,
-    /// The node's uplink (XDP).
-    uplink: String,
+    hops: Hops,
     /// The node's task bridge (TC).
     bridge: String,
     tasks: Vec<Task>,
-    /// Temp dir: config, logs, nginx state.
-    dir: PathBuf,
-    /// `/sys/fs/bpf/<prefix>`: `n1` (daemon), `rt` (router's xdp-pass).
-    bpffs_root: PathBuf,
     servers: Mutex<Vec<Proc>>,
     udp: Mutex<Vec<UdpEcho>>,
     daemon: Option<Proc>,
+}
+
+impl std::ops::Deref for RealNet {
+    type Target = Hops;
+
+    fn deref(&self) -> &Hops {
+        &self.hops
+    }
 }
 
 impl RealNet {
@@ -190,28 +181,15 @@ impl RealNet {
             .collect();
         let net = RealNet {
             mode,
-            client_ns: format!("{prefix}-c"),
-            router_ns: format!("{prefix}-r"),
-            node_ns: format!("{prefix}-n1"),
-            client_if: format!("{short}c"),
-            router_c_if: format!("{short}rc"),
-            router_n_if: format!("{short}rn"),
-            uplink: format!("{short}e"),
             bridge: format!("{short}br"),
+            hops: Hops::new(prefix, short, NODE, &ADDRS),
             tasks,
-            dir: std::env::temp_dir().join(&prefix),
-            bpffs_root: PathBuf::from("/sys/fs/bpf").join(&prefix),
-            prefix,
-            short,
             servers: Mutex::new(Vec::new()),
             udp: Mutex::new(Vec::new()),
             daemon: None,
         };
         // From here on a panic drops `net`, which removes whatever exists.
-        net.remove_stale();
-        fs::create_dir_all(&net.dir).expect("create test temp dir");
-        fs::create_dir_all(&net.bpffs_root)
-            .unwrap_or_else(|e| panic!("mkdir {}: {e}", net.bpffs_root.display()));
+        net.prepare(&net.all_ns());
         net.build();
         net.check_offloads();
         if mode == Mode::Native {
@@ -231,99 +209,20 @@ impl RealNet {
         v
     }
 
-    fn remove_stale(&self) {
-        for ns in self.all_ns() {
-            if Path::new("/run/netns").join(&ns).exists() {
-                let _ = run_cmd(&["ip", "netns", "del", &ns], Duration::from_secs(30));
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-        let _ = fs::remove_dir_all(&self.bpffs_root);
-    }
-
     fn build(&self) {
-        let range = format!(
-            "net.ipv4.ip_local_port_range={} {}",
-            CLIENT_PORT_RANGE.0, CLIENT_PORT_RANGE.1
-        );
         for ns in self.all_ns() {
-            must(&["ip", "netns", "add", &ns]);
-            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            // No DAD anywhere (link-local included): addresses usable at once.
-            let mut sysctls = vec![
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ];
-            if ns == self.router_ns || ns == self.node_ns {
-                sysctls.extend(["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
-            }
-            if ns == self.client_ns {
-                sysctls.extend([range.as_str(), "net.ipv4.tcp_tw_reuse=1"]);
-            }
-            let mut argv = vec!["ip", "netns", "exec", &ns, "sysctl", "-qw"];
-            argv.extend(sysctls.iter().copied());
-            must(&argv);
+            let forward = ns == self.router_ns || ns == self.node_ns;
+            add_netns(&ns, forward, ns == self.client_ns);
         }
-        let (c, r, n) = (
-            self.client_ns.as_str(),
-            self.router_ns.as_str(),
-            self.node_ns.as_str(),
-        );
-
-        // Client <-> router: a remote host on a wire, a software router.
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "link",
-            "add",
-            &self.router_c_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.client_if,
-            "netns",
-            c,
-        ]);
-        addr(c, &self.client_if, CLIENT4.into(), CLIENT6.into());
-        addr(r, &self.router_c_if, ROUTER_C4.into(), ROUTER_C6.into());
-        tx_off(c, &self.client_if);
-        tx_off(r, &self.router_c_if);
-        must(&["ip", "-n", c, "link", "set", &self.client_if, "up"]);
-        must(&["ip", "-n", r, "link", "set", &self.router_c_if, "up"]);
-
-        // Router <-> node: only the router's end computes in software.
-        must(&[
-            "ip",
-            "-n",
-            r,
-            "link",
-            "add",
-            &self.router_n_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.uplink,
-            "netns",
-            n,
-        ]);
-        addr(r, &self.router_n_if, ROUTER_N4.into(), ROUTER_N6.into());
-        addr(n, &self.uplink, NODE4.into(), NODE6.into());
-        tx_off(r, &self.router_n_if);
-        must(&["ip", "-n", r, "link", "set", &self.router_n_if, "up"]);
-        must(&["ip", "-n", n, "link", "set", &self.uplink, "up"]);
+        let n = self.node_ns.as_str();
+        self.link();
 
         // The node's task bridge and its tasks (default offloads).
         must(&["ip", "-n", n, "link", "add", &self.bridge, "type", "bridge"]);
         addr(n, &self.bridge, BR4.into(), BR6.into());
         must(&["ip", "-n", n, "link", "set", &self.bridge, "up"]);
         for t in &self.tasks {
-            must(&[
-                "ip", "-n", n, "link", "add", &t.port, "type", "veth", "peer", "name", &t.iface,
-                "netns", &t.ns,
-            ]);
+            veth(n, &t.port, &t.ns, &t.iface);
             must(&[
                 "ip",
                 "-n",
@@ -342,91 +241,20 @@ impl RealNet {
         }
 
         // Routes.
-        route(c, "default", ROUTER_C4.into());
-        route(c, "default", ROUTER_C6.into());
-        for net in ["10.96.0.0/16", "10.231.0.0/24"] {
-            route(r, net, NODE4.into());
-        }
-        for net in ["fd00:96::/64", "fd00:231::/64"] {
-            route(r, net, NODE6.into());
-        }
-        route(n, "default", ROUTER_N4.into());
-        route(n, "default", ROUTER_N6.into());
-
-        for ns in self.all_ns() {
-            wait_for(Duration::from_secs(10), "IPv6 addresses to settle", || {
-                let out = must(&["ip", "-n", &ns, "-6", "addr", "show", "tentative"]);
-                if out.trim().is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("{ns}: {out}"))
-                }
-            })
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-        let root_links = must(&["ip", "-o", "link", "show"]);
-        for line in root_links.lines() {
-            let name = line.split(':').nth(1).unwrap_or("").trim();
-            assert!(
-                !name.starts_with(&self.short),
-                "topology leaked interface {name} into the root namespace"
-            );
-        }
+        self.routes("10.231.0.0/24", "fd00:231::/64");
+        settle_and_check_root(&self.all_ns(), &self.short);
     }
 
     /// The point of this file: the software ends have TX checksum offload
     /// off, the node's and tasks' devices keep it on (kernel default).
     fn check_offloads(&self) {
-        let mut want: Vec<(&str, &str, bool)> = vec![
-            (&self.client_ns, &self.client_if, false),
-            (&self.router_ns, &self.router_c_if, false),
-            (&self.router_ns, &self.router_n_if, false),
-            (&self.node_ns, &self.uplink, true),
-            (&self.node_ns, &self.bridge, true),
-        ];
+        let mut want = self.offloads();
+        want.push((netns_path(&self.node_ns), self.bridge.clone(), true));
         for t in &self.tasks {
-            want.push((&self.node_ns, &t.port, true));
-            want.push((&t.ns, &t.iface, true));
+            want.push((netns_path(&self.node_ns), t.port.clone(), true));
+            want.push((netns_path(&t.ns), t.iface.clone(), true));
         }
-        for (ns, ifname, on) in want {
-            let out = must(&["ip", "netns", "exec", ns, "ethtool", "-k", ifname]);
-            let line = out
-                .lines()
-                .find(|l| l.starts_with("tx-checksumming:"))
-                .unwrap_or_else(|| {
-                    panic!("ethtool -k {ifname} in {ns}: no tx-checksumming\n{out}")
-                });
-            let is_on = line.split_whitespace().nth(1) == Some("on");
-            assert_eq!(
-                is_on,
-                on,
-                "{ifname} in {ns}: {line:?}, expected tx-checksumming {}",
-                if on { "on (kernel default)" } else { "off" }
-            );
-        }
-    }
-
-    /// Native XDP on the uplink transmits into the router's veth: that
-    /// needs an XDP program there.
-    fn router_xdp_pass(&self) {
-        let dir = self.bpffs_root.join("rt").display().to_string();
-        let out = self.meshlb(
-            &self.router_ns,
-            &["xdp-pass", "--iface", &self.router_n_if, "--bpffs", &dir],
-            Duration::from_secs(30),
-        );
-        assert!(
-            out.success(),
-            "xdp-pass on {}: {}",
-            self.router_n_if,
-            out.describe()
-        );
-        assert_eq!(
-            xdp_mode(&self.router_ns, &self.router_n_if),
-            Some(1),
-            "after xdp-pass, {} should have a native XDP program",
-            self.router_n_if
-        );
+        assert_tx_checksumming(&want);
     }
 
     fn start_servers(&self) {
@@ -452,18 +280,6 @@ impl RealNet {
 
     fn bpffs(&self) -> PathBuf {
         self.bpffs_root.join(NODE)
-    }
-
-    fn daemon_log(&self) -> PathBuf {
-        self.dir.join("meshlb-run.log")
-    }
-
-    /// Runs `meshlb ARGS` in namespace `ns` (nsenter, so bpffs stays visible).
-    fn meshlb(&self, ns: &str, args: &[&str], timeout: Duration) -> CmdOutput {
-        let net = format!("--net=/run/netns/{ns}");
-        let mut argv = vec!["nsenter", net.as_str(), MESHLB];
-        argv.extend_from_slice(args);
-        run_cmd_env(&argv, &[("RUST_BACKTRACE", "0")], timeout)
     }
 
     /// The static config: `web` (v4) and `web6` over t1 and t2, on n1.
@@ -546,30 +362,14 @@ publish = [{{ proto = "tcp", port = 8080, target = 8000 }}, {{ proto = "udp", po
                 panic!("daemon exited before it was ready: {st}{}", self.ctx());
             }
             let r = (|| -> Result<(), String> {
-                in_netns(&self.node_ns, || {
-                    http_get_path(
-                        "127.0.0.1:9742".parse().unwrap(),
-                        "/metrics",
-                        Duration::from_secs(2),
-                    )
-                })
-                .map_err(|e| format!("metrics: {e}"))?;
-                let st = self.try_status()?;
-                for want in SERVICES {
-                    let found = st["services"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|s| s["name"] == want));
-                    if !found {
-                        return Err(format!("service {want} not in status: {st}"));
-                    }
-                }
-                if st["dataplane"] != self.mode.dataplane() {
-                    return Err(format!("dataplane {} in status", st["dataplane"]));
-                }
-                let m = xdp_mode(&self.node_ns, &self.uplink);
-                if m != Some(self.mode.link_mode()) {
-                    return Err(format!("XDP mode of {}: {m:?}", self.uplink));
-                }
+                probe_ready(
+                    &self.node_ns,
+                    || self.try_status(),
+                    &SERVICES,
+                    self.mode.dataplane(),
+                    &self.uplink,
+                    self.mode.link_mode(),
+                )?;
                 if xdp_mode(&self.node_ns, &self.bridge).is_some() {
                     return Err(format!("{}: XDP attached to a task bridge", self.bridge));
                 }
@@ -596,105 +396,32 @@ publish = [{{ proto = "tcp", port = 8080, target = 8000 }}, {{ proto = "udp", po
     }
 
     fn try_status(&self) -> Result<Value, String> {
-        let dir = self.bpffs().display().to_string();
-        let out = self.meshlb(
-            &self.node_ns,
-            &["status", "--json", "--bpffs", &dir],
-            Duration::from_secs(15),
-        );
-        if !out.success() {
-            return Err(out.describe());
-        }
-        serde_json::from_str(&out.stdout)
-            .map_err(|e| format!("status --json is not JSON ({e}): {}", out.stdout))
+        status(&self.node_ns, &self.bpffs(), Duration::from_secs(15))
     }
 
     /// The node's data-path counters (`status --json` `counters`).
     fn counters(&self) -> BTreeMap<String, u64> {
-        let st = self
-            .try_status()
-            .unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
-        let c = st["counters"]
-            .as_object()
-            .unwrap_or_else(|| panic!("status --json has no counters object: {st}"));
-        c.iter()
-            .map(|(k, v)| {
-                let n = v
-                    .as_u64()
-                    .unwrap_or_else(|| panic!("counter {k} is not a number: {v}"));
-                (k.clone(), n)
-            })
-            .collect()
+        status_counters(self.try_status(), || self.ctx())
     }
 
     /// The daemon's log tail and the node's non-zero counters, for
     /// failure messages.
     fn ctx(&self) -> String {
-        let text = fs::read_to_string(self.daemon_log()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(80)..];
-        let counters = match self.try_status() {
-            Ok(st) => {
-                let nz: BTreeMap<&str, u64> = st["counters"]
-                    .as_object()
-                    .map(|o| {
-                        o.iter()
-                            .filter_map(|(k, v)| v.as_u64().filter(|n| *n > 0).map(|n| (&**k, n)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                format!("{nz:?}")
-            }
-            Err(e) => format!("(no status: {e})"),
-        };
-        format!(
-            "\n===== node counters (non-zero) =====\n{counters}\n===== {} (last {} lines) =====\n{}",
-            self.daemon_log().display(),
-            tail.len(),
-            tail.join("\n")
-        )
+        daemon_ctx(&self.daemon_log(), self.try_status())
     }
 
     /// `n` requests from namespace `ns` to `dst`: HTTP GETs (each its own
     /// connection) or UDP datagrams (each from a new socket).
     fn burst(&self, ns: &str, dst: SocketAddr, udp: bool, n: usize) -> Burst {
-        in_netns(ns, || {
-            let mut b = Burst::default();
-            for i in 0..n {
-                // udp_request checks the reply comes from `dst` itself; a
-                // TCP handshake only completes when it does.
-                let r = if udp {
-                    udp_request(dst, format!("ping {i}").as_bytes(), REQ_TIMEOUT)
-                } else {
-                    http_get(dst, REQ_TIMEOUT)
-                };
-                match r {
-                    Ok(body) => *b.counts.entry(body).or_default() += 1,
-                    Err(e) => b.failures.push(format!("request {i}: {e}")),
-                }
-            }
-            b
-        })
+        burst_from(ns, dst, udp, n, REQ_TIMEOUT)
     }
 
     /// Checksum error counters of every namespace of the topology.
-    fn csum_errors(&self) -> BTreeMap<String, BTreeMap<String, i64>> {
-        self.all_ns()
-            .into_iter()
-            .map(|ns| {
-                let s = snmp(&ns);
-                let pick = ["Tcp.InCsumErrors", "Udp.InCsumErrors", "Udp6InCsumErrors"]
-                    .iter()
-                    .map(|k| {
-                        let v = *s
-                            .get(*k)
-                            .unwrap_or_else(|| panic!("{ns}: no {k} in /proc/net/snmp{{,6}}"));
-                        (k.to_string(), v)
-                    })
-                    .collect();
-                (ns, pick)
-            })
-            .collect()
+    fn csum_errors(&self) -> BTreeMap<String, BTreeMap<&'static str, i64>> {
+        csum_errors(self.all_ns().into_iter().map(|ns| {
+            let path = netns_path(&ns);
+            (ns, path)
+        }))
     }
 }
 
@@ -704,169 +431,14 @@ impl Drop for RealNet {
         if let Some(mut d) = self.daemon.take() {
             d.stop(Duration::from_secs(5));
         }
-        // Detach and unpin: the daemon's dir in the node namespace, the
-        // xdp-pass dir in the router namespace.
-        for (ns, d) in [
-            (self.node_ns.clone(), self.bpffs()),
-            (self.router_ns.clone(), self.bpffs_root.join("rt")),
-        ] {
-            if d.is_dir() && Path::new("/run/netns").join(&ns).exists() {
-                let ds = d.display().to_string();
-                let out = self.meshlb(&ns, &["cleanup", "--bpffs", &ds], Duration::from_secs(20));
-                if !out.success() {
-                    eprintln!("teardown: {}", out.describe());
-                }
-            }
-        }
-        if let Err(e) = fs::remove_dir_all(&self.bpffs_root) {
-            if e.kind() != io::ErrorKind::NotFound {
-                eprintln!("teardown: rm -r {}: {e}", self.bpffs_root.display());
-            }
-        }
-        for ns in self.all_ns() {
-            if Path::new("/run/netns").join(&ns).exists() {
-                let out = run_cmd(&["ip", "netns", "del", &ns], Duration::from_secs(30));
-                if !out.success() {
-                    eprintln!("teardown: {}", out.describe());
-                }
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "test {} failed: logs kept in {}",
-                self.prefix,
-                self.dir.display()
-            );
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        self.teardown(self.bpffs(), Duration::from_secs(20), &self.all_ns());
     }
-}
-
-fn addr(ns: &str, ifname: &str, v4: IpAddr, v6: IpAddr) {
-    must(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{v4}/24"),
-        "dev",
-        ifname,
-    ]);
-    must(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{v6}/64"),
-        "dev",
-        ifname,
-        "nodad",
-    ]);
-}
-
-fn route(ns: &str, to: &str, via: IpAddr) {
-    let fam = if via.is_ipv6() { "-6" } else { "-4" };
-    must(&[
-        "ip",
-        "-n",
-        ns,
-        fam,
-        "route",
-        "add",
-        to,
-        "via",
-        &via.to_string(),
-    ]);
-}
-
-/// A device that computes checksums in software: no TX checksum offload.
-fn tx_off(ns: &str, ifname: &str) {
-    must(&[
-        "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off",
-    ]);
-}
-
-/// `ip -d -j link` XDP attach mode of `iface` in `ns` (1 native, 2 generic).
-fn xdp_mode(ns: &str, iface: &str) -> Option<u64> {
-    let out = must(&["ip", "-n", ns, "-d", "-j", "link", "show", "dev", iface]);
-    let v: Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("ip -j link output is not JSON ({e}): {out}"));
-    v[0]["xdp"]["mode"].as_u64()
-}
-
-/// `/proc/net/snmp` as `Group.Field` (e.g. `Udp.InCsumErrors`) and
-/// `/proc/net/snmp6` as its own names (e.g. `Udp6InCsumErrors`), of
-/// namespace `ns` (/proc/net is per network namespace).
-fn snmp(ns: &str) -> BTreeMap<String, i64> {
-    let mut m = BTreeMap::new();
-    let v4 = must(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]);
-    let lines: Vec<&str> = v4.lines().collect();
-    for pair in lines.chunks(2) {
-        let [head, vals] = pair else {
-            panic!("{ns}: odd /proc/net/snmp:\n{v4}");
-        };
-        let (g, names) = head
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{ns}: /proc/net/snmp line {head:?}"));
-        let (g2, nums) = vals
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{ns}: /proc/net/snmp line {vals:?}"));
-        assert_eq!(g, g2, "{ns}: /proc/net/snmp header/value mismatch");
-        for (k, v) in names.split_whitespace().zip(nums.split_whitespace()) {
-            let v: i64 = v
-                .parse()
-                .unwrap_or_else(|e| panic!("{ns}: {g}.{k} = {v:?}: {e}"));
-            m.insert(format!("{g}.{k}"), v);
-        }
-    }
-    let v6 = must(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp6"]);
-    for line in v6.lines() {
-        let mut it = line.split_whitespace();
-        if let (Some(k), Some(v)) = (it.next(), it.next()) {
-            if let Ok(v) = v.parse() {
-                m.insert(k.to_string(), v);
-            }
-        }
-    }
-    m
 }
 
 /// Every request of `b` (of `n`) succeeded and was answered by t1 or t2,
 /// each at least once; a description when not.
 fn check_both(what: &str, b: &Burst, n: usize) -> Result<(), String> {
-    let mut problems = Vec::new();
-    if !b.failures.is_empty() {
-        problems.push(format!(
-            "{} of {n} failed (first: {:?})",
-            b.failures.len(),
-            &b.failures[..b.failures.len().min(3)]
-        ));
-    }
-    if b.total() != n {
-        problems.push(format!("{} outcomes for {n} requests", b.total()));
-    }
-    for t in TASKS {
-        if b.counts.get(t).copied().unwrap_or(0) == 0 {
-            problems.push(format!("{t} never answered"));
-        }
-    }
-    for k in b.counts.keys() {
-        if !TASKS.contains(&k.as_str()) {
-            problems.push(format!("unexpected answer {k:?}"));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what}: {}; answers {:?}",
-            problems.join("; "),
-            b.counts
-        ))
-    }
+    check_all(what, b, n, &TASKS)
 }
 
 /// 300 requests on each of the eight paths (VIP and node port, TCP and
@@ -892,13 +464,7 @@ fn offloads_on_router_in_software(tag: &str, mode: Mode) {
     for (label, dst, udp) in paths {
         let started = Instant::now();
         let b = net.burst(&net.client_ns, dst, udp, REQUESTS);
-        let line = format!(
-            "{label} {dst}: {} ok, {} failed, answers {:?} in {:.1?}",
-            b.counts.values().sum::<usize>(),
-            b.failures.len(),
-            b.counts,
-            started.elapsed()
-        );
+        let line = format!("{label} {dst}: {}", burst_summary(&b, started));
         eprintln!("[{} {}] {line}", net.prefix, mode.arg());
         report += &format!("\n  {line}");
         if let Err(e) = check_both(label, &b, REQUESTS) {
@@ -933,16 +499,7 @@ fn offloads_on_router_in_software(tag: &str, mode: Mode) {
             problems.push(format!("{k} moved by {d}, expected >= {want}"));
         }
     }
-    let csum = net.csum_errors();
-    let mut csum_text = String::new();
-    for (ns, c) in &csum {
-        csum_text += &format!("\n  {ns}: {c:?}");
-        for (k, v) in c {
-            if *v != 0 {
-                problems.push(format!("{ns}: {k} = {v}"));
-            }
-        }
-    }
+    let csum_text = csum_report(&net.csum_errors(), &mut problems);
     eprintln!(
         "[{} {}] checksum errors:{csum_text}",
         net.prefix,
@@ -1051,7 +608,7 @@ fn unknown_vip_port_is_dropped_not_looped() {
     }
     // The router forwards nothing else in v4: wait until the warm-up's
     // last packets (FIN/ACK) are through.
-    let fwd = |ns: &str| snmp(ns)["Ip.ForwDatagrams"];
+    let fwd = |ns: &str| snmp(&netns_path(ns))["Ip.ForwDatagrams"];
     let mut last = fwd(&net.router_ns);
     wait_for(Duration::from_secs(10), "the router to go quiet", || {
         thread::sleep(Duration::from_millis(300));
@@ -1068,7 +625,7 @@ fn unknown_vip_port_is_dropped_not_looped() {
 
     let dst = SocketAddr::new(VIP4.into(), 9999);
     let router_before = fwd(&net.router_ns);
-    let node_before = snmp(&net.node_ns);
+    let node_before = snmp(&netns_path(&net.node_ns));
     let c_before = net.counters();
     // A connected socket: an ICMP error from anywhere would show as
     // ECONNREFUSED / EHOSTUNREACH instead of a timeout.
@@ -1098,7 +655,7 @@ fn unknown_vip_port_is_dropped_not_looped() {
     // Let a looping datagram do its rounds before counting.
     thread::sleep(Duration::from_millis(500));
     let router_after = fwd(&net.router_ns);
-    let node_after = snmp(&net.node_ns);
+    let node_after = snmp(&netns_path(&net.node_ns));
     let c_after = net.counters();
     let unknown = c_after.get("unknown_port").copied().unwrap_or(0) as i64
         - c_before.get("unknown_port").copied().unwrap_or(0) as i64;

@@ -31,6 +31,7 @@
 pub mod docker;
 pub mod etcd;
 pub mod mesh;
+pub mod router;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -588,31 +589,7 @@ impl Topology {
             ]);
         }
 
-        for ns in self.all_ns() {
-            wait_for(
-                Duration::from_secs(10),
-                "IPv6 addresses to leave tentative state",
-                || {
-                    let out = must(&["ip", "-n", &ns, "-6", "addr", "show", "tentative"]);
-                    if out.trim().is_empty() {
-                        Ok(())
-                    } else {
-                        Err(format!("{ns}: {out}"))
-                    }
-                },
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-
-        // Nothing of ours may leak into the root namespace.
-        let root_links = must(&["ip", "-o", "link", "show"]);
-        for line in root_links.lines() {
-            let name = line.split(':').nth(1).unwrap_or("").trim();
-            assert!(
-                !name.starts_with(&self.short),
-                "topology leaked interface {name} into the root namespace"
-            );
-        }
+        router::settle_and_check_root(&self.all_ns(), &self.short);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -626,41 +603,16 @@ impl Topology {
         (b4, b6): (Ipv4Addr, Ipv6Addr),
         plen: u8,
     ) {
-        must(&[
-            "ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns",
-            ns_b,
-        ]);
+        router::veth(ns_a, if_a, ns_b, if_b);
         for (ns, ifname, v4, v6) in [(ns_a, if_a, a4, a6), (ns_b, if_b, b4, b6)] {
-            must(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v4}/{plen}"),
-                "dev",
-                ifname,
-            ]);
-            must(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                ifname,
-                "nodad",
-            ]);
+            router::addr_plen(ns, ifname, v4.into(), plen, v6.into());
             // The client and the backends of this topology play hosts on
             // a wire (a classic load balancer's servers, not local tasks:
             // those are tests/common/mesh.rs and tests/real_traffic.rs),
             // which delivers complete checksums. The LB namespace is the
             // node: its devices keep the kernel's defaults.
             if ns != ns_a {
-                must(&[
-                    "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off",
-                ]);
+                router::tx_off(ns, ifname);
             }
             must(&["ip", "-n", ns, "link", "set", ifname, "up"]);
         }

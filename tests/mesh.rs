@@ -3,16 +3,23 @@
 //! runs (local tasks by DNAT, remote ones by DNAT + SNAT to the node),
 //! forwarding continues with a node's daemon dead, removed tasks get no new
 //! flows while established ones continue, every node picks the same task
-//! for the same flow. Connection-per-request load to a remote task is in
-//! `mesh_load.rs`, a binary of its own so that it runs alone.
+//! for the same flow, a task calling its own node's services reaches
+//! itself, its neighbour and remote tasks (hairpin), and with node-to-node
+//! links of a smaller MTU than the tasks' large transfers and fragmented
+//! datagrams still get through (path MTU discovery, fragments).
+//! Connection-per-request load to a remote task is in `mesh_load.rs`, a
+//! binary of its own so that it runs alone.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::mesh::{config, node_addr, start_cluster, Mesh, ALL, SERVICES, VIP4, VIP6};
+use common::mesh::{
+    config, config_with_files, http_download, node_addr, snmp, start_cluster, start_cluster_with,
+    Mesh, MeshOpts, ALL, FILE_PORT, SERVICES, VIP4, VIP6,
+};
 use common::{http_get, udp_request, KeepAlive, Proc};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -30,13 +37,22 @@ struct Burst {
 }
 
 fn burst(m: &Mesh, dst: SocketAddr, udp: bool, n: usize) -> Burst {
-    m.client(|| {
+    burst_in(&m.client_ns, dst, udp, n, 0)
+}
+
+/// `n` requests from namespace `ns` (the client's, or a task's), each on a
+/// new connection or from a new UDP socket; a UDP request's payload is
+/// padded to `udp_len` bytes.
+fn burst_in(ns: &str, dst: SocketAddr, udp: bool, n: usize, udp_len: usize) -> Burst {
+    common::in_netns(ns, || {
         let mut b = Burst::default();
         for i in 0..n {
             // udp_request checks the reply comes from `dst` itself; a TCP
             // handshake only completes when it does.
             let r = if udp {
-                udp_request(dst, format!("ping {i}").as_bytes(), REQ_TIMEOUT)
+                let mut p = format!("ping {i} ").into_bytes();
+                p.resize(p.len().max(udp_len), b'.');
+                udp_request(dst, &p, REQ_TIMEOUT)
             } else {
                 http_get(dst, REQ_TIMEOUT)
             };
@@ -377,4 +393,244 @@ fn etcd_driven_mesh_snats_tasks_of_other_nodes() {
             &["t1", "t2", "t4"],
         );
     }
+}
+
+/// Calls a task makes to its own node's services, per target.
+const HAIRPIN_CALLS: usize = 100;
+
+/// A task calls its node's services (the VIP and the node's own address),
+/// v4 and v6: the flows its node sends back to the task itself or to its
+/// neighbour on the same bridge are hairpinned (source-translated to the
+/// bridge address, counted as `hairpin`), the ones to the other nodes'
+/// tasks are source-translated to the node; every call succeeds, and each
+/// of the three cases happens for each target.
+#[test]
+fn hairpin_from_a_task_reaches_itself_its_neighbour_and_remote_tasks() {
+    let m = Mesh::new("h");
+    let _daemons = start_cluster(&m);
+    let t1 = m.task("t1").clone();
+    let n1 = m.nodes[0].clone();
+    // `config(m, &ALL)`: web and web6 both over every task.
+    let st = m.try_status(0).unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    for svc in ["web", "web6"] {
+        assert_eq!(backends_of(&st, svc), 4, "{svc} on n1: {st}");
+    }
+    let mut summary = Vec::new();
+    for v6 in [false, true] {
+        let vip: IpAddr = if v6 { VIP6 } else { VIP4 }.parse().unwrap();
+        let port = if v6 { 8080 } else { 80 };
+        let before = m.counters(0);
+        let mut local = 0;
+        for (label, dst) in [
+            ("VIP", SocketAddr::new(vip, port)),
+            ("n1 node port", node_addr(&n1, port, v6)),
+        ] {
+            let what = format!("t1 -> {label} {dst}");
+            let b = burst_in(&t1.ns, dst, false, HAIRPIN_CALLS, 0);
+            eprintln!("{what}: {:?}, {} failed", b.counts, b.failures.len());
+            assert!(
+                b.failures.is_empty(),
+                "{what}: {} of {HAIRPIN_CALLS} failed; first {:?}; answers {:?}{}",
+                b.failures.len(),
+                &b.failures[..b.failures.len().min(3)],
+                b.counts,
+                m.ctx()
+            );
+            let got = |t: &str| b.counts.get(t).copied().unwrap_or(0);
+            for k in b.counts.keys() {
+                assert!(
+                    ALL.contains(&k.as_str()),
+                    "{what}: unexpected answer {k:?}: {:?}{}",
+                    b.counts,
+                    m.ctx()
+                );
+            }
+            // t1 answering is the hairpin to itself, t2 the one to its
+            // neighbour on the same bridge, t3/t4 the mesh to another node.
+            for (case, n) in [
+                ("itself (t1)", got("t1")),
+                ("its neighbour (t2)", got("t2")),
+                ("a remote task (t3, t4)", got("t3") + got("t4")),
+            ] {
+                assert!(
+                    n > 0,
+                    "{what}: never answered by {case}: {:?}{}",
+                    b.counts,
+                    m.ctx()
+                );
+            }
+            local += got("t1") + got("t2");
+        }
+        let after = m.counters(0);
+        let delta = |k: &str| {
+            after.get(k).copied().unwrap_or(0) as i64 - before.get(k).copied().unwrap_or(0) as i64
+        };
+        let line = format!(
+            "{}: {local} calls answered by t1/t2; n1 hairpin +{}, hairpin_no_addr +{}, snat_new +{}",
+            if v6 { "v6" } else { "v4" },
+            delta("hairpin"),
+            delta("hairpin_no_addr"),
+            delta("snat_new")
+        );
+        eprintln!("{line}");
+        // Each call is a new connection: each answered by t1 or t2 was a
+        // new hairpin flow.
+        assert!(
+            delta("hairpin") >= local as i64,
+            "{line}: the hairpin counter moved by less than the local answers{}",
+            m.ctx()
+        );
+        summary.push(line);
+    }
+    eprintln!("hairpin from t1: {}", summary.join("; "));
+}
+
+/// Size of the file downloaded across the mesh.
+const FILE_SIZE: usize = 5 * 1024 * 1024;
+/// Deadline of one download.
+const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(60);
+/// Datagrams of `UDP_BIG` bytes per family to the VIP.
+const UDP_DATAGRAMS: usize = 20;
+/// Larger than the switch MTU (1400) twice over: the client sends each
+/// datagram in three fragments.
+const UDP_BIG: usize = 3000;
+
+/// Node-to-node links (the switch) at MTU 1400, tasks at 1500 (see
+/// `MeshOpts::switch_mtu`): a 5 MB download from t3 on n2 through n1's
+/// node address (v4 and v6) arrives complete, though t3 starts with
+/// 1500-byte segments that n2 cannot route onto the switch (asserted:
+/// n2 refused some and told t3); 3000-byte datagrams to the VIP, which the
+/// client fragments, are answered (the fragments translated by n1, to
+/// local and remote tasks).
+#[test]
+fn pmtu_across_the_mesh_with_1400_byte_node_links() {
+    let m = Mesh::with_opts(
+        "p",
+        MeshOpts {
+            switch_mtu: Some(1400),
+        },
+    );
+    let data = file_data();
+    m.serve_file("t3", FILE_PORT, "big", &data);
+    let _daemons = start_cluster_with(
+        &m,
+        &config_with_files(&m),
+        &["web", "web6", "solo", "bulk", "bulk6"],
+    );
+    let n1 = m.nodes[0].clone();
+    let n2 = m.nodes[1].clone();
+    let mut report = Vec::new();
+
+    for (v6, port) in [(false, 82), (true, 8082)] {
+        let dst = node_addr(&n1, port, v6);
+        let before = snmp(&n2.ns);
+        let t0 = Instant::now();
+        let r = m.client(|| http_download(dst, "/big", DOWNLOAD_DEADLINE));
+        let took = t0.elapsed();
+        let after = snmp(&n2.ns);
+        let body = r.unwrap_or_else(|e| {
+            panic!(
+                "download of {FILE_SIZE} bytes from t3 via {dst} failed after {took:?}: {e}{}",
+                m.ctx()
+            )
+        });
+        assert_eq!(
+            body.len(),
+            FILE_SIZE,
+            "download via {dst}: byte count{}",
+            m.ctx()
+        );
+        if let Some(at) = body.iter().zip(&data).position(|(a, b)| a != b) {
+            panic!("download via {dst}: content differs from byte {at} on");
+        }
+        let d = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+        // The 1400-byte hop was really crossed: t3 (MTU 1500, told MSS
+        // 1460/1440 by the client) sent full segments towards n1, which n2
+        // could not route onto its uplink and answered with ICMP.
+        let (refused, told) = if v6 {
+            (d("Ip6FragFails"), d("Icmp6OutPktTooBigs"))
+        } else {
+            (d("Ip.FragFails"), d("IcmpMsg.OutType3"))
+        };
+        let line = format!(
+            "download {FILE_SIZE} bytes t3 -> client via {dst}: {:.2} s; n2 refused {refused} too-big packets and sent {told} {}",
+            took.as_secs_f64(),
+            if v6 { "packet-too-big" } else { "destination-unreachable" }
+        );
+        eprintln!("{line}");
+        assert!(
+            refused > 0 && told > 0,
+            "{line}: the big segments never met the 1400-byte hop{}",
+            m.ctx()
+        );
+        report.push(line);
+    }
+
+    for dst in [format!("{VIP4}:53"), format!("[{VIP6}]:5300")] {
+        let dst: SocketAddr = dst.parse().unwrap();
+        let before = m.counters(0);
+        let b = burst_in(&m.client_ns, dst, true, UDP_DATAGRAMS, UDP_BIG);
+        let after = m.counters(0);
+        let what = format!("{UDP_DATAGRAMS} datagrams of {UDP_BIG} bytes to {dst}");
+        let ft = after.get("frag_translated").copied().unwrap_or(0)
+            - before.get("frag_translated").copied().unwrap_or(0);
+        let line = format!(
+            "{what}: answers {:?}, {} failed; n1 frag_translated +{ft}",
+            b.counts,
+            b.failures.len(),
+        );
+        eprintln!("{line}");
+        assert!(
+            b.failures.is_empty(),
+            "{line}; first failures {:?}{}",
+            &b.failures[..b.failures.len().min(3)],
+            m.ctx()
+        );
+        for k in b.counts.keys() {
+            assert!(
+                ALL.contains(&k.as_str()),
+                "{what}: unexpected answer {k:?}: {:?}{}",
+                b.counts,
+                m.ctx()
+            );
+        }
+        let got = |t: &str| b.counts.get(t).copied().unwrap_or(0);
+        assert!(
+            got("t1") + got("t2") > 0 && got("t3") + got("t4") > 0,
+            "{what}: not answered by both a task of n1 and a remote one: {:?}{}",
+            b.counts,
+            m.ctx()
+        );
+        // Every datagram came in three fragments; n1 translated the two
+        // later ones of each (nothing else gets them to a task).
+        assert!(
+            ft >= 2 * UDP_DATAGRAMS as u64,
+            "{line}: expected n1 frag_translated +{} at least{}",
+            2 * UDP_DATAGRAMS,
+            m.ctx()
+        );
+        report.push(line);
+    }
+
+    for (i, n) in m.nodes.iter().enumerate() {
+        let c = m.counters(i);
+        let line = format!(
+            "{} counters: frag_translated={} icmp_translated={} fragment={} frag_unknown={}",
+            n.name,
+            c.get("frag_translated").copied().unwrap_or(0),
+            c.get("icmp_translated").copied().unwrap_or(0),
+            c.get("fragment").copied().unwrap_or(0),
+            c.get("frag_unknown").copied().unwrap_or(0),
+        );
+        eprintln!("{line}");
+        report.push(line);
+    }
+    eprintln!("pmtu summary:\n  {}", report.join("\n  "));
+}
+
+/// The file of the path MTU tests.
+fn file_data() -> Vec<u8> {
+    (0..FILE_SIZE)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect()
 }

@@ -19,7 +19,9 @@
 //! The switch ports facing the nodes run `meshlb xdp-pass`, so the nodes'
 //! native XDP can transmit into them.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +34,8 @@ use serde_json::Value;
 
 use super::{
     ensure_bpffs, http_get_path, in_netns, must, require_root, run_cmd, run_cmd_env,
-    start_nginx_in, stop_servers, wait_for, CmdOutput, Proc, UdpEcho, CLIENT_PORT_RANGE, MESHLB,
+    start_nginx_in, stop_servers, tcp_connect, wait_for, CmdOutput, Proc, UdpEcho,
+    CLIENT_PORT_RANGE, MESHLB,
 };
 
 /// The services' VIPs.
@@ -93,11 +96,35 @@ pub struct Mesh {
 /// Which node each task sits on: t1, t2 on n1; t3 on n2; t4 on n3.
 const TASK_NODES: [usize; 4] = [0, 0, 1, 2];
 
+/// Shape of a mesh beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct MeshOpts {
+    /// MTU of the switch: every veth pair on it (node uplinks, the
+    /// client's link, and their switch ports), i.e. the node-to-node links.
+    /// The switch is one L2 segment, and a segment has one MTU: a bridge
+    /// silently drops a frame larger than its egress port's MTU (L2 sends
+    /// no ICMP), so a 1500-byte client port beside 1400-byte node ports
+    /// would be a black hole, not a path MTU. The task bridges and task
+    /// links keep 1500, so packets from tasks meet the smaller MTU where a
+    /// node routes them onto its uplink. The client then plays a remote
+    /// host on a 1500-byte LAN whose path into the cluster crosses this
+    /// smaller fabric: it sends at most `mtu`-byte packets but advertises
+    /// its LAN's MSS (routes with `advmss` 1460 / 1440), so a task answers
+    /// it with full 1500-byte segments, which must shrink at the first
+    /// node that routes them onto the fabric.
+    pub switch_mtu: Option<u32>,
+}
+
 impl Mesh {
     /// Builds the cluster network and starts nginx (:8000) and a UDP echo
     /// (:5353) in every task. `tag`: 1-3 alphanumerics, unique per test
     /// binary.
     pub fn new(tag: &str) -> Mesh {
+        Mesh::with_opts(tag, MeshOpts::default())
+    }
+
+    /// [`Mesh::new`] with `opts`.
+    pub fn with_opts(tag: &str, opts: MeshOpts) -> Mesh {
         require_root();
         assert!(
             (1..=3).contains(&tag.len()) && tag.chars().all(|c| c.is_ascii_alphanumeric()),
@@ -156,7 +183,7 @@ impl Mesh {
         m.remove_stale();
         fs::create_dir_all(&m.dir).expect("create test temp dir");
         fs::create_dir_all(&m.bpffs_root).expect("create test bpffs dir");
-        m.build();
+        m.build(&opts);
         m.start_servers();
         m
     }
@@ -178,7 +205,7 @@ impl Mesh {
         let _ = fs::remove_dir_all(&self.bpffs_root);
     }
 
-    fn build(&self) {
+    fn build(&self, opts: &MeshOpts) {
         let range = format!(
             "net.ipv4.ip_local_port_range={} {}",
             CLIENT_PORT_RANGE.0, CLIENT_PORT_RANGE.1
@@ -232,6 +259,11 @@ impl Mesh {
                 tx_off(ns, ifname);
             }
             tx_off(sw, port);
+            if let Some(mtu) = opts.switch_mtu {
+                let mtu = mtu.to_string();
+                must(&["ip", "-n", ns, "link", "set", ifname, "mtu", &mtu]);
+                must(&["ip", "-n", sw, "link", "set", port, "mtu", &mtu]);
+            }
             must(&["ip", "-n", sw, "link", "set", port, "up"]);
             must(&["ip", "-n", ns, "link", "set", ifname, "up"]);
         }
@@ -249,6 +281,9 @@ impl Mesh {
             "via",
             &n1v6,
         ]);
+        if opts.switch_mtu.is_some() {
+            self.client_lan_mss();
+        }
 
         // Each node's task bridge, and routes to the other nodes' tasks.
         for n in &self.nodes {
@@ -366,6 +401,143 @@ impl Mesh {
                 out.describe()
             );
         }
+    }
+
+    /// The client's routes into the cluster (the VIP ranges via n1 and the
+    /// switch subnet) advertise the MSS of a 1500-byte LAN: see
+    /// [`MeshOpts::switch_mtu`].
+    fn client_lan_mss(&self) {
+        let c = self.client_ns.as_str();
+        let dev = format!("{}c", self.short);
+        let (n1v4, n1v6) = (self.nodes[0].v4.to_string(), self.nodes[0].v6.to_string());
+        let src = self.client_v4.to_string();
+        let v4: [&[&str]; 2] = [
+            &["10.96.0.0/16", "via", &n1v4, "dev", &dev],
+            &[
+                "10.210.0.0/24",
+                "dev",
+                &dev,
+                "proto",
+                "kernel",
+                "scope",
+                "link",
+                "src",
+                &src,
+            ],
+        ];
+        for r in v4 {
+            let mut argv = vec!["ip", "-n", c, "route", "replace"];
+            argv.extend_from_slice(r);
+            argv.extend(["advmss", "1460"]);
+            must(&argv);
+        }
+        let v6: [&[&str]; 2] = [
+            &["fd00:96::/64", "via", &n1v6, "dev", &dev],
+            &[
+                "fd00:210::/64",
+                "dev",
+                &dev,
+                "proto",
+                "kernel",
+                "metric",
+                "256",
+            ],
+        ];
+        for r in v6 {
+            let mut argv = vec!["ip", "-n", c, "-6", "route", "replace"];
+            argv.extend_from_slice(r);
+            argv.extend(["advmss", "1440"]);
+            must(&argv);
+        }
+    }
+
+    /// Serves `data` as `/<name>` from a second nginx in task `task`, on
+    /// `port` (v4 and v6), from a document root of its own (the task's
+    /// main nginx answers every path with its name). `sendfile` on, as a
+    /// file server would: the task's stack sends full-sized (TSO) segments.
+    /// It also takes uploads: `PUT /up/<file>` (any size) stores the body
+    /// as `<root>/up/<file>`. Waits until the task itself downloads the
+    /// file intact; returns the document root.
+    pub fn serve_file(&self, task: &str, port: u16, name: &str, data: &[u8]) -> PathBuf {
+        let t = self.task(task).clone();
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let d = self.dir.join(format!("files-{}-{port}", t.name));
+        let root = d.join("root");
+        fs::create_dir_all(d.join("tmp")).expect("file server dir");
+        fs::create_dir_all(root.join("up")).expect("file server root");
+        fs::write(root.join(name), data).expect("write served file");
+        let dd = d.display();
+        let conf = format!(
+            r#"master_process off;
+daemon off;
+worker_processes 1;
+pid {dd}/nginx.pid;
+error_log {dd}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dd}/tmp/body;
+    proxy_temp_path {dd}/tmp/proxy;
+    fastcgi_temp_path {dd}/tmp/fastcgi;
+    uwsgi_temp_path {dd}/tmp/uwsgi;
+    scgi_temp_path {dd}/tmp/scgi;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    server {{
+        listen {port};
+        listen [::]:{port} ipv6only=on;
+        root {root};
+        location /up/ {{
+            dav_methods PUT;
+            client_max_body_size 0;
+        }}
+    }}
+}}
+"#,
+            root = root.display()
+        );
+        let conf_path = d.join("nginx.conf");
+        fs::write(&conf_path, conf).expect("write file server nginx.conf");
+        let argv: Vec<String> = [
+            "ip",
+            "netns",
+            "exec",
+            &t.ns,
+            "nginx",
+            "-p",
+            &d.display().to_string(),
+            "-e",
+            &d.join("error.log").display().to_string(),
+            "-c",
+            &conf_path.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.dir.join(format!("files-{}-{port}-{n}.log", t.name));
+        let mut p = Proc::spawn(&format!("file server {} :{port}", t.name), &argv, &[], log);
+        let path = format!("/{name}");
+        let r = wait_for(Duration::from_secs(10), "the file server to answer", || {
+            if let Some(st) = p.exit_status() {
+                return Err(format!("nginx exited: {st}"));
+            }
+            in_netns(&t.ns, || {
+                for a in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+                    let got = http_download(a.parse().unwrap(), &path, Duration::from_secs(5))?;
+                    if got != data {
+                        return Err(format!("{a}{path}: {} bytes, not the file", got.len()));
+                    }
+                }
+                Ok(())
+            })
+        });
+        if let Err(e) = r {
+            let elog = fs::read_to_string(d.join("error.log")).unwrap_or_default();
+            panic!("file server in {}: {e}\n{}\n{elog}", t.name, p.log_text());
+        }
+        self.servers.lock().unwrap().push(p);
+        root
     }
 
     fn start_servers(&self) {
@@ -533,6 +705,22 @@ impl Mesh {
         }
     }
 
+    /// Node `i`'s data path counters by name (`status --json`); panics
+    /// with the context when status fails.
+    pub fn counters(&self, i: usize) -> BTreeMap<String, u64> {
+        let st = self
+            .try_status(i)
+            .unwrap_or_else(|e| panic!("status of {}: {e}{}", self.nodes[i].name, self.ctx()));
+        st["counters"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn try_status(&self, i: usize) -> Result<Value, String> {
         let n = &self.nodes[i];
         let dir = self.bpffs(n).display().to_string();
@@ -609,6 +797,32 @@ publish = [{{ proto = "tcp", port = 81, target = 8000 }}]
     )
 }
 
+/// `config` plus the file services of the path MTU test, both with only
+/// t3 (on n2), to the file server `serve_file` runs on `FILE_PORT`:
+/// `bulk` (v4, port 82) and `bulk6` (v6, port 8082).
+pub fn config_with_files(m: &Mesh) -> String {
+    format!(
+        r#"{}
+[[service]]
+name = "bulk"
+publish = [{{ proto = "tcp", port = 82, target = {FILE_PORT} }}]
+
+{}
+[[service]]
+name = "bulk6"
+publish = [{{ proto = "tcp", port = 8082, target = {FILE_PORT} }}]
+
+{}
+"#,
+        config(m, &ALL),
+        m.backends_toml(&["t3"], false),
+        m.backends_toml(&["t3"], true),
+    )
+}
+
+/// Port of the file server of `Mesh::serve_file` in the path MTU test.
+pub const FILE_PORT: u16 = 8002;
+
 /// Every task.
 pub const ALL: [&str; 4] = ["t1", "t2", "t3", "t4"];
 /// The services of `config`.
@@ -617,12 +831,197 @@ pub const SERVICES: [&str; 3] = ["web", "web6", "solo"];
 /// Starts a daemon on every node with `config(m, &ALL)` and waits until
 /// each is ready.
 pub fn start_cluster(m: &Mesh) -> Vec<Proc> {
-    let cfg = m.write_file("meshlb.toml", &config(m, &ALL));
+    start_cluster_with(m, &config(m, &ALL), &SERVICES)
+}
+
+/// Starts a daemon on every node with `text` as config and waits until
+/// each lists `services`.
+pub fn start_cluster_with(m: &Mesh, text: &str, services: &[&str]) -> Vec<Proc> {
+    let cfg = m.write_file("meshlb.toml", text);
     let mut daemons: Vec<Proc> = (0..3).map(|i| m.start_daemon(i, &cfg)).collect();
     for (i, d) in daemons.iter_mut().enumerate() {
-        m.wait_ready(i, d, &SERVICES);
+        m.wait_ready(i, d, services);
     }
     daemons
+}
+
+/// `GET path` (HTTP/1.0) on its own connection, in the calling thread's
+/// namespace: the body of a 200 answer, which must be as long as its
+/// `Content-Length`, all within `timeout`.
+pub fn http_download(dst: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut s = tcp_connect(None, dst, timeout).map_err(|e| format!("connect {dst}: {e}"))?;
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {dst}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("send to {dst}: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "{dst}{path}: not complete within {timeout:?} ({} bytes so far)",
+                buf.len()
+            ));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(format!(
+                    "{dst}{path}: stalled: not complete within {timeout:?} ({} bytes so far)",
+                    buf.len()
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{dst}{path}: read: {e} ({} bytes so far)",
+                    buf.len()
+                ))
+            }
+        }
+    }
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("{dst}{path}: no header end in {} bytes", buf.len()))?;
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let status = head.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("{dst}{path}: status {status:?}"));
+    }
+    let body = buf.split_off(end + 4);
+    let len: Option<usize> = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    });
+    match len {
+        Some(n) if n == body.len() => Ok(body),
+        Some(n) => Err(format!(
+            "{dst}{path}: {} body bytes of Content-Length {n}",
+            body.len()
+        )),
+        None => Err(format!("{dst}{path}: no Content-Length in {head:?}")),
+    }
+}
+
+/// The IP, ICMP and IPv6 counters of namespace `ns` (`/proc/net/snmp` as
+/// "Group.Name", `/proc/net/snmp6` by its own names).
+pub fn snmp(ns: &str) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    let v4 = must(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]);
+    let lines: Vec<&str> = v4.lines().collect();
+    for pair in lines.chunks(2) {
+        let [head, vals] = pair else {
+            panic!("{ns}: odd /proc/net/snmp:\n{v4}");
+        };
+        let (g, names) = head
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{ns}: /proc/net/snmp line {head:?}"));
+        let (g2, nums) = vals
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{ns}: /proc/net/snmp line {vals:?}"));
+        assert_eq!(g, g2, "{ns}: /proc/net/snmp header/value mismatch");
+        for (k, v) in names.split_whitespace().zip(nums.split_whitespace()) {
+            let v: i64 = v
+                .parse()
+                .unwrap_or_else(|e| panic!("{ns}: {g}.{k} = {v:?}: {e}"));
+            m.insert(format!("{g}.{k}"), v);
+        }
+    }
+    let v6 = must(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp6"]);
+    for line in v6.lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(k), Some(v)) = (it.next(), it.next()) {
+            if let Ok(v) = v.parse() {
+                m.insert(k.to_string(), v);
+            }
+        }
+    }
+    m
+}
+
+/// A socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` report it as EAGAIN).
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// `PUT path` (HTTP/1.0) of `body` on its own connection, in the calling
+/// thread's namespace: the answer's status code, all within `timeout`.
+pub fn http_put(
+    dst: SocketAddr,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<u16, String> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let mut s = tcp_connect(None, dst, timeout).map_err(|e| format!("connect {dst}: {e}"))?;
+    let head = format!(
+        "PUT {path} HTTP/1.0\r\nHost: {dst}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())
+        .map_err(|e| format!("send to {dst}: {e}"))?;
+    // One write at a time, each with what is left of the deadline (a
+    // `write_all` would restart the timeout after every partial write).
+    let mut sent = 0;
+    while sent < body.len() {
+        if left().is_zero() {
+            return Err(format!(
+                "{dst}{path}: {sent} of {} bytes sent within {timeout:?}",
+                body.len()
+            ));
+        }
+        s.set_write_timeout(Some(left()))
+            .map_err(|e| e.to_string())?;
+        match s.write(&body[sent..]) {
+            Ok(0) => return Err(format!("{dst}{path}: connection closed after {sent} bytes")),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(format!(
+                    "{dst}{path}: stalled: {sent} of {} bytes sent within {timeout:?}",
+                    body.len()
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{dst}{path}: send: {e} ({sent} of {} bytes sent)",
+                    body.len()
+                ))
+            }
+        }
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if left().is_zero() {
+            return Err(format!(
+                "{dst}{path}: no complete answer within {timeout:?} (body sent)"
+            ));
+        }
+        s.set_read_timeout(Some(left()))
+            .map_err(|e| e.to_string())?;
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("{dst}{path}: read: {e} (body sent)")),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.lines().next().unwrap_or("");
+    status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{dst}{path}: malformed answer {text:?}"))
 }
 
 /// `ip -d -j link` XDP attach mode of `iface` in `ns` (1 native, 2 generic).

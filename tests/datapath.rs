@@ -1044,19 +1044,6 @@ fn cases() -> Vec<Case> {
                 ),
             ],
         ),
-        case(
-            "SNAT never takes a published node port: client port 8081 (node port of `empty`) skips 8081 and 8082 (`noneigh`)",
-            vec![{
-                let f = Frame::tcp(c4, 8081, "10.96.0.40", 81, SYN);
-                let out = f.translated(
-                    Some(("10.201.1.3", 8000)),
-                    Some((SNAT4, 8083)),
-                    FXA_MAC,
-                    BE3_MAC,
-                );
-                step(f.bytes(), fwd(&out), &[(Counter::SnatNew, 1)])
-            }],
-        ),
         dropped(
             "IPv4 later fragment to the VIP whose first was not seen: dropped",
             later_frag4(CLIENT_MAC, LB_MAC, c4, "10.96.0.10", 64, b"abcdefgh"),

@@ -876,21 +876,9 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
 }
 
 /// Takes the port in `key.dport` for `entry` if it is free, or if the flow
-/// holding it is gone (its conntrack entry then goes too). Never a
-/// published node port of the protocol: the backend's replies to it would
-/// match the node-port frontend before the SNAT entry, and be taken for a
-/// new client flow.
+/// holding it is gone (its conntrack entry then goes too).
 #[inline(never)]
 fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
-    let node_port = FrontendKey {
-        addr: [0; 16],
-        port: key.dport,
-        proto: key.proto,
-        family: key.family,
-    };
-    if MLB_FE_V1.get_ptr(&node_port).is_some() {
-        return false;
-    }
     if MLB_SNAT_V1.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
         count(Counter::SnatNew);
         return true;

@@ -677,6 +677,13 @@ fn cases() -> Vec<Case> {
         CLIENT_MAC,
     );
     let udp_r = Frame::udp(c4, 50000, "10.96.0.40", 54);
+    // Client port 8081 is usable as it is: SNAT keeps it.
+    let syn_np = Frame::tcp(c4, 8081, "10.96.0.40", 81, SYN);
+    let reply_np = Frame {
+        smac: BE3_MAC,
+        dmac: FXA_MAC,
+        ..Frame::tcp("10.201.1.3", 8000, SNAT4, 8081, SYN | ACK)
+    };
     let syn6_r = Frame::tcp(c6, 40000, "fd00:96::40", 82, SYN);
     let syn6_r_out = syn6_r.translated(
         Some(("fd00:201:1::3", 8000)),
@@ -1296,6 +1303,31 @@ fn cases() -> Vec<Case> {
             })),
         },
         case(
+            "ipv4 remote backend: a SNAT port equal to a published node port (8081, `empty`): the reply is the flow's, not a new client's",
+            vec![
+                step(
+                    syn_np.bytes(),
+                    fwd(&syn_np.translated(
+                        Some(("10.201.1.3", 8000)),
+                        Some((SNAT4, 8081)),
+                        FXA_MAC,
+                        BE3_MAC,
+                    )),
+                    SNAT_IN,
+                ),
+                step(
+                    reply_np.bytes(),
+                    fwd(&reply_np.translated(
+                        Some((c4, 8081)),
+                        Some(("10.96.0.40", 81)),
+                        FXB_MAC,
+                        CLIENT_MAC,
+                    )),
+                    &[(Counter::ForwardedOut, 1), (Counter::NewFlow, 0), (Counter::NoBackend, 0)],
+                ),
+            ],
+        ),
+        case(
             "ipv4 udp to a remote backend: DNAT + SNAT",
             vec![step(
                 udp_r.bytes(),
@@ -1562,7 +1594,8 @@ fn hex(b: &[u8]) -> String {
 
 fn run_case(ns: &Netns, c: &Case) -> Result<(), String> {
     let (ebpf, mut maps) = load(&ns.pins);
-    program(&["10.200.0.1", "fd00:200::1"], &mut maps);
+    // The SNAT addresses are node addresses too (node ports answer there).
+    program(&["10.200.0.1", "fd00:200::1", SNAT4, SNAT6], &mut maps);
     seed(&mut maps, &c.seed);
     let prog: &Xdp = ebpf
         .program(meshlb_common::PROG_XDP_LB)

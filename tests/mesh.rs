@@ -17,8 +17,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    config, config_with_files, http_download, node_addr, snmp, start_cluster, start_cluster_with,
-    Mesh, MeshOpts, ALL, FILE_PORT, SERVICES, VIP4, VIP6,
+    config, config_with_files, http_download, http_put, node_addr, snmp, start_cluster,
+    start_cluster_with, Mesh, MeshOpts, ALL, FILE_PORT, SERVICES, VIP4, VIP6,
 };
 use common::{http_get, udp_request, KeepAlive, Proc};
 use nix::sys::signal::Signal;
@@ -628,9 +628,208 @@ fn pmtu_across_the_mesh_with_1400_byte_node_links() {
     eprintln!("pmtu summary:\n  {}", report.join("\n  "));
 }
 
+/// Deadline of one transfer of `pmtu_from_tasks_...` (each takes well under
+/// a second when it works).
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(20);
+/// Datagrams of `pmtu_from_tasks_...` that may be lost while the path MTU
+/// is learnt (the first ones only).
+const UDP_LOST_MAX: usize = 2;
+
 /// The file of the path MTU tests.
 fn file_data() -> Vec<u8> {
     (0..FILE_SIZE)
         .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
         .collect()
+}
+
+/// The 1400-byte fabric of `pmtu_across_the_mesh_...`, where it is a
+/// node's own program that translates a task's full-sized (1500-byte)
+/// packets onto its uplink, v4 and v6:
+/// (a) a 5 MB download by the client through n2, the node t3 runs on (n2
+///     translates t3's answers back to its node address);
+/// (b) a 5 MB upload (PUT) from t1 through n1 to t3 (n1 translates t1's
+///     segments to t3 and to its own address);
+/// (c) 3000-byte datagrams from t1 to the VIP, which t1 sends in
+///     1500-byte fragments (n1 translates them; to t3 and t4 they must
+///     cross the fabric).
+/// The node refusing a packet too big for its uplink must make the task
+/// learn the path MTU, with an ICMP error the task recognises as its own
+/// flow's (meshlb builds it: `too_big`, asserted to move on the node that
+/// translated). The TCP transfers must arrive whole. A datagram is lost
+/// until its sender has learnt the path MTU (as over any IPv6 path; for
+/// IPv4 meshlb answers instead of fragmenting): at most the first
+/// `UDP_LOST_MAX` of each family may go unanswered, none after.
+#[test]
+fn pmtu_from_tasks_and_through_the_tasks_own_node_with_1400_byte_node_links() {
+    let m = Mesh::with_opts(
+        "q",
+        MeshOpts {
+            switch_mtu: Some(1400),
+        },
+    );
+    let data = file_data();
+    let root = m.serve_file("t3", FILE_PORT, "big", &data);
+    let _daemons = start_cluster_with(
+        &m,
+        &config_with_files(&m),
+        &["web", "web6", "solo", "bulk", "bulk6"],
+    );
+    let t1 = m.task("t1").clone();
+    let (n1, n2) = (m.nodes[0].clone(), m.nodes[1].clone());
+    let mut report = Vec::new();
+    let mut problems = Vec::new();
+    // What the translating node did with packets too big for its uplink:
+    // meshlb's answers (`too_big`), and what its stack refused and
+    // answered itself (nothing, once meshlb answers).
+    let refusals = |i: usize, before: &BTreeMap<String, i64>, tb: u64, v6: bool| {
+        let n = &m.nodes[i];
+        let after = snmp(&n.ns);
+        let d = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+        let too_big = m.counters(i).get("too_big").copied().unwrap_or(0) - tb;
+        let stack = if v6 {
+            format!(
+                "stack: {} refused, {} packet-too-big sent",
+                d("Ip6FragFails"),
+                d("Icmp6OutPktTooBigs")
+            )
+        } else {
+            format!(
+                "stack: {} refused, {} unreachable sent",
+                d("Ip.FragFails"),
+                d("IcmpMsg.OutType3")
+            )
+        };
+        (too_big, format!("meshlb too_big +{too_big}; {stack}"))
+    };
+    let too_big = |i: usize| m.counters(i).get("too_big").copied().unwrap_or(0);
+
+    // (a) Through the task's own node.
+    for (v6, port) in [(false, 82), (true, 8082)] {
+        let dst = node_addr(&n2, port, v6);
+        let (before, tb) = (snmp(&n2.ns), too_big(1));
+        let t0 = Instant::now();
+        let r = m.client(|| http_download(dst, "/big", TRANSFER_DEADLINE));
+        let took = t0.elapsed();
+        let what = format!("(a) client downloads {FILE_SIZE} bytes from t3 via n2 {dst}");
+        let outcome = match r {
+            Ok(body) if body == data => "complete".to_string(),
+            Ok(body) => {
+                problems.push(format!("{what}: {} bytes, not the file", body.len()));
+                "WRONG CONTENT".to_string()
+            }
+            Err(e) => {
+                problems.push(format!("{what}: {e}"));
+                format!("FAILED: {e}")
+            }
+        };
+        let (answered, r) = refusals(1, &before, tb, v6);
+        if answered == 0 {
+            problems.push(format!("{what}: n2 never answered a too-big packet ({r})"));
+        }
+        report.push(format!(
+            "{what}: {outcome} after {:.2} s; n2: {r}",
+            took.as_secs_f64()
+        ));
+    }
+
+    // (b) From a task on n1 to a task on n2.
+    for (v6, port) in [(false, 82), (true, 8082)] {
+        let dst = node_addr(&n1, port, v6);
+        let name = format!("t1-{}", if v6 { "v6" } else { "v4" });
+        let (before, tb) = (snmp(&n1.ns), too_big(0));
+        let t0 = Instant::now();
+        let r = common::in_netns(&t1.ns, || {
+            http_put(dst, &format!("/up/{name}"), &data, TRANSFER_DEADLINE)
+        });
+        let took = t0.elapsed();
+        let what = format!("(b) t1 uploads {FILE_SIZE} bytes to t3 via n1 {dst}");
+        let stored = std::fs::read(root.join("up").join(&name)).unwrap_or_default();
+        let outcome = match r {
+            Ok(201 | 204) if stored == data => "complete".to_string(),
+            Ok(code) => {
+                problems.push(format!(
+                    "{what}: status {code}, {} bytes stored",
+                    stored.len()
+                ));
+                format!("status {code}, {} bytes stored", stored.len())
+            }
+            Err(e) => {
+                problems.push(format!("{what}: {e}"));
+                format!("FAILED: {e}")
+            }
+        };
+        let (answered, r) = refusals(0, &before, tb, v6);
+        if answered == 0 {
+            problems.push(format!("{what}: n1 never answered a too-big packet ({r})"));
+        }
+        report.push(format!(
+            "{what}: {outcome} after {:.2} s; n1: {r}",
+            took.as_secs_f64()
+        ));
+    }
+
+    // (c) Fragmented datagrams from a task on n1.
+    for (v6, dst) in [
+        (false, format!("{VIP4}:53")),
+        (true, format!("[{VIP6}]:5300")),
+    ] {
+        let dst: SocketAddr = dst.parse().unwrap();
+        let (before, tb) = (snmp(&n1.ns), too_big(0));
+        let b = burst_in(&t1.ns, dst, true, UDP_DATAGRAMS, UDP_BIG);
+        let what = format!("(c) t1 sends {UDP_DATAGRAMS} datagrams of {UDP_BIG} bytes to {dst}");
+        let got = |t: &str| b.counts.get(t).copied().unwrap_or(0);
+        let late: Vec<_> = b
+            .failures
+            .iter()
+            .filter(|f| {
+                f.strip_prefix("request ")
+                    .and_then(|r| r.split(':').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_none_or(|i| i >= UDP_LOST_MAX)
+            })
+            .collect();
+        if !late.is_empty() {
+            problems.push(format!(
+                "{what}: {} unanswered after the first {UDP_LOST_MAX} (answers {:?}); first: {:?}",
+                late.len(),
+                b.counts,
+                &late[..late.len().min(2)]
+            ));
+        } else if got("t3") + got("t4") == 0 || got("t1") + got("t2") == 0 {
+            problems.push(format!(
+                "{what}: not answered by both a task of n1 and a remote one: {:?}",
+                b.counts
+            ));
+        }
+        let (_, r) = refusals(0, &before, tb, v6);
+        report.push(format!(
+            "{what}: answers {:?}, {} unanswered {:?}; n1: {r}",
+            b.counts,
+            b.failures.len(),
+            b.failures,
+        ));
+    }
+
+    for (i, n) in m.nodes.iter().enumerate() {
+        let c = m.counters(i);
+        let k = |name: &str| c.get(name).copied().unwrap_or(0);
+        report.push(format!(
+            "{} counters: too_big={} frag_translated={} icmp_translated={} fragment={} fib_pass={}",
+            n.name,
+            k("too_big"),
+            k("frag_translated"),
+            k("icmp_translated"),
+            k("fragment"),
+            k("fib_pass")
+        ));
+    }
+    eprintln!("pmtu from tasks:\n  {}", report.join("\n  "));
+    assert!(
+        problems.is_empty(),
+        "{} of 6 cases failed:\n  {}\nreport:\n  {}{}",
+        problems.len(),
+        problems.join("\n  "),
+        report.join("\n  "),
+        m.ctx()
+    );
 }

@@ -648,10 +648,14 @@ pub enum Counter {
     FragUnknown = 28,
     /// An ICMP error quoting a translated flow, translated back.
     IcmpTranslated = 29,
+    /// Translated, but too big for the egress link: answered in place with
+    /// an ICMP "fragmentation needed" / ICMPv6 "packet too big" that quotes
+    /// the packet as its sender sent it (the packet is not forwarded).
+    TooBig = 30,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 30;
+pub const COUNTER_COUNT: u32 = 31;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -688,6 +692,7 @@ impl Counter {
         Counter::FragTranslated,
         Counter::FragUnknown,
         Counter::IcmpTranslated,
+        Counter::TooBig,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -737,6 +742,7 @@ impl Counter {
             Counter::FragTranslated => "frag_translated",
             Counter::FragUnknown => "frag_unknown",
             Counter::IcmpTranslated => "icmp_translated",
+            Counter::TooBig => "too_big",
         }
     }
 }

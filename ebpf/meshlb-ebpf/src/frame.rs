@@ -7,7 +7,14 @@
 //!   checksum field holds only the pseudo-header seed), which only the skb
 //!   checksum helpers update correctly (`tc::rewrite`, `tc::forward`).
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_DROP, XDP_REDIRECT, XDP_TX},
+    },
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
+};
 use meshlb_common::Counter;
 
 use crate::parse::Packet;
@@ -31,6 +38,14 @@ pub trait Frame {
     fn rewrite(&self, pkt: &Packet, new: &[u8; 16], new_port: u16, src_side: bool) -> bool;
     /// Sends the translated packet on towards its (new) destination.
     fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32>;
+    /// Cuts the frame of `len` bytes (`Packet::len`) to its first `keep`
+    /// bytes, then opens `grow` bytes behind the Ethernet header (for an
+    /// ICMP error built in place: `toobig`). Packet pointers must be
+    /// re-derived afterwards.
+    fn reshape(&self, len: u64, keep: u32, grow: u32) -> bool;
+    /// Sends the (rewritten) frame back out the interface it came in on;
+    /// the verdict is XDP's.
+    fn bounce(&self) -> u32;
 }
 
 // The packet bounds are read with volatile loads: a subprogram that only
@@ -72,6 +87,22 @@ impl Frame for XdpContext {
     fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32> {
         crate::fwd::forward(self, pkt, done)
     }
+
+    #[inline(always)]
+    fn reshape(&self, len: u64, keep: u32, grow: u32) -> bool {
+        // (The length comes from the parser: arithmetic on the packet end
+        // here would be refused by the verifier.)
+        // SAFETY: plain helper calls on a valid context.
+        unsafe {
+            bpf_xdp_adjust_tail(self.ctx, keep as i32 - len as i32) == 0
+                && bpf_xdp_adjust_head(self.ctx, -(grow as i32)) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn bounce(&self) -> u32 {
+        XDP_TX
+    }
 }
 
 impl Frame for TcContext {
@@ -108,5 +139,25 @@ impl Frame for TcContext {
     #[inline(always)]
     fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32> {
         crate::tc::forward(self, pkt, done)
+    }
+
+    #[inline(always)]
+    fn reshape(&self, _len: u64, keep: u32, grow: u32) -> bool {
+        // SAFETY: plain helper call on a valid context.
+        let cut = unsafe { bpf_skb_change_tail(self.skb.skb, keep, 0) } == 0;
+        cut && self
+            .adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0)
+            .is_ok()
+    }
+
+    #[inline(always)]
+    fn bounce(&self) -> u32 {
+        // SAFETY: plain helper call.
+        let r = unsafe { bpf_redirect(Frame::ifindex(self), 0) };
+        if r == crate::tc::TC_ACT_REDIRECT as i64 {
+            XDP_REDIRECT
+        } else {
+            XDP_DROP
+        }
     }
 }

@@ -4,14 +4,15 @@
 //! takes no native redirect, the frame goes up with `XdpHandoff` metadata
 //! and the TC handoff program sends it through the neighbour subsystem
 //! (the stack itself would drop a packet whose source became this node's
-//! own address as a martian). No route or fragmentation needed: the stack
-//! answers. A TTL about to expire is never forwarded.
+//! own address as a martian). Too big for the egress: answered with an
+//! ICMP error built in place (`toobig`). No route: the stack answers. A
+//! TTL about to expire is never forwarded.
 
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup,
         xdp_action::{XDP_PASS, XDP_REDIRECT, XDP_TX},
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
@@ -23,6 +24,7 @@ use crate::{
     frame::Frame,
     maps::{count, MLB_IFACE_V1},
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, KIND_L4},
+    toobig,
 };
 
 const AF_INET: u8 = 2;
@@ -94,6 +96,11 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
             0,
         )
     };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the kernel filled mtu_result for this return code.
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
+        return Ok(toobig::reply(ctx, pkt, mtu));
+    }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         count(Counter::FibPass);
         return Ok(handoff(ctx, p.ifindex));

@@ -70,7 +70,16 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         return ctx.forward(&pkt, Counter::ForwardedOut);
     }
     let mut fe = FrontendValue::default();
-    if lookup_frontend(&pkt, &mut fe) {
+    let found = lookup_frontend(&pkt, &mut fe);
+    // A SNAT port may equal a published node port: the backend's reply
+    // to `node address:port` is then the flow's, not a new client's.
+    if found == FE_NODE_PORT && snat_reply(ctx, &pkt)? {
+        if pkt.frag_first != 0 {
+            record_frag_of(ctx, &pkt);
+        }
+        return ctx.forward(&pkt, Counter::ForwardedOut);
+    }
+    if found != FE_NONE {
         client_path(ctx, &pkt, fe.service_id)?;
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
@@ -570,10 +579,17 @@ fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     Ok(true)
 }
 
+/// `lookup_frontend`: no frontend.
+const FE_NONE: u8 = 0;
+/// `lookup_frontend`: a VIP (exact address) frontend.
+const FE_VIP: u8 = 1;
+/// `lookup_frontend`: a node port on one of this node's addresses.
+const FE_NODE_PORT: u8 = 2;
+
 /// Finds the frontend of a packet: exact (VIP) first, then node port when
-/// the destination is one of this node's addresses.
+/// the destination is one of this node's addresses. Returns `FE_*`.
 #[inline(never)]
-fn lookup_frontend(pkt: &Packet, out: &mut FrontendValue) -> bool {
+fn lookup_frontend(pkt: &Packet, out: &mut FrontendValue) -> u8 {
     let mut fk = FrontendKey {
         addr: pkt.key.dst,
         port: pkt.key.dport,
@@ -583,7 +599,7 @@ fn lookup_frontend(pkt: &Packet, out: &mut FrontendValue) -> bool {
     // SAFETY: hash map value, copied out at once.
     if let Some(v) = unsafe { MLB_FE_V1.get(&fk) } {
         *out = *v;
-        return true;
+        return FE_VIP;
     }
     let ak = AddrKey {
         addr: pkt.key.dst,
@@ -591,16 +607,16 @@ fn lookup_frontend(pkt: &Packet, out: &mut FrontendValue) -> bool {
         _pad: [0; 3],
     };
     if MLB_LOCAL_V1.get_ptr(&ak).is_none() {
-        return false;
+        return FE_NONE;
     }
     fk.addr = [0; 16];
     // SAFETY: as above.
     match unsafe { MLB_FE_V1.get(&fk) } {
         Some(v) => {
             *out = *v;
-            true
+            FE_NODE_PORT
         }
-        None => false,
+        None => FE_NONE,
     }
 }
 

@@ -3,7 +3,8 @@
 //! (headers), `frame` (the two hooks behind one trait), `csum`
 //! (incremental checksums), `lb` (frontend match, conntrack, Maglev
 //! selection, translation), `fwd` (XDP: FIB lookup and redirect), `tc`
-//! (TC: checksum helpers, redirect, neighbour handoff).
+//! (TC: checksum helpers, redirect, neighbour handoff), `toobig` (ICMP
+//! "fragmentation needed" / "packet too big" built in place).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -21,6 +22,8 @@ mod maps;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod tc;
+#[cfg(target_arch = "bpf")]
+mod toobig;
 
 #[cfg(target_arch = "bpf")]
 mod progs {

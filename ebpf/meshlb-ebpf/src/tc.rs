@@ -13,10 +13,13 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, xdp_action::XDP_PASS, xdp_action::XDP_REDIRECT, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_check_mtu_ret::{BPF_MTU_CHK_RET_FRAG_NEEDED, BPF_MTU_CHK_RET_SEGS_TOOBIG},
+        bpf_fib_lookup, xdp_action::XDP_PASS, xdp_action::XDP_REDIRECT,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use meshlb_common::{Counter, XdpHandoff, FAMILY_V4, FAMILY_V6, HANDOFF_MAGIC, PROTO_UDP};
@@ -26,6 +29,7 @@ use crate::{
     fwd::fib_params,
     maps::count,
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, IPV6_LEN, TCP_LEN},
+    toobig,
 };
 
 /// `TC_ACT_UNSPEC`: not ours, let the next filter (or the stack) have it.
@@ -138,16 +142,22 @@ pub fn rewrite(
 /// `Frame::forward` for TC: FIB lookup for the new destination, then a
 /// redirect to the egress device with the MACs rewritten, or, when the
 /// next hop's neighbour entry is not resolved yet, through the neighbour
-/// subsystem (`bpf_redirect_neigh`), which resolves it. The stack gets
-/// only what the FIB cannot route (and a TTL about to expire).
+/// subsystem (`bpf_redirect_neigh`), which resolves it. A packet too big
+/// for the egress is answered with an ICMP error (`toobig`). The stack
+/// gets only what the FIB cannot route (and a TTL about to expire).
 #[inline(never)]
 pub fn forward(ctx: &TcContext, pkt: &Packet, done: Counter) -> Result<u32, u32> {
     let Some(mut p) = fib_params(ctx, pkt) else {
         return Ok(XDP_PASS);
     };
-    // tot_len 0: the kernel checks the skb against the egress MTU itself,
-    // GSO-aware (a local sender's skb may be a 64 KiB TSO packet).
-    p.__bindgen_anon_1.tot_len = 0;
+    // A GSO skb (a local sender's TSO packet, up to 64 KiB) is checked
+    // per segment below, against the egress device; any other packet by
+    // the FIB, against the route's MTU.
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if gso {
+        p.__bindgen_anon_1.tot_len = 0;
+    }
     p.ifindex = Frame::ifindex(ctx);
     // SAFETY: ctx and p are valid for the helper's duration.
     let rc = unsafe {
@@ -158,6 +168,27 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, done: Counter) -> Result<u32, u32>
             0,
         )
     };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the kernel filled mtu_result for this return code.
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
+        return Ok(toobig::reply(ctx, pkt, mtu));
+    }
+    if gso && (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64) {
+        let mut mtu = 0u32;
+        // SAFETY: plain helper call; mtu is valid for its duration.
+        let r = unsafe {
+            bpf_check_mtu(
+                ctx.skb.skb as *mut _,
+                p.ifindex,
+                &mut mtu,
+                0,
+                BPF_MTU_CHK_SEGS as u64,
+            )
+        };
+        if r == BPF_MTU_CHK_RET_FRAG_NEEDED as i64 || r == BPF_MTU_CHK_RET_SEGS_TOOBIG as i64 {
+            return Ok(toobig::reply(ctx, pkt, mtu));
+        }
+    }
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if !decrement_ttl(ctx, pkt.key.family) {
             return Ok(XDP_PASS);

@@ -26,6 +26,7 @@ use meshlb_common::{
 const XDP_PASS: u32 = 2;
 const XDP_DROP: u32 = 1;
 const XDP_REDIRECT: u32 = 4;
+const XDP_TX: u32 = 3;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -478,6 +479,46 @@ fn icmp6(
     f.extend(d.octets());
     f.extend(icmp);
     f
+}
+
+/// The route MTU towards the remote backend in the fixture namespace.
+const NARROW_MTU: u32 = 1280;
+
+/// What meshlb answers a frame too big for its egress with: an ICMP
+/// "fragmentation needed" / ICMPv6 "packet too big" from `from` back to
+/// the sender (MACs swapped), quoting the frame as it was sent: its IP
+/// header and whole L4 header (20 bytes of TCP, 8 of UDP), the quoted L4
+/// checksum field set so that completing a partial checksum over the
+/// quoted L4 header changes nothing (`toobig` module docs).
+fn too_big_answer(frame: &[u8], from: &str, mtu: u32) -> Vec<u8> {
+    let v4 = [frame[12], frame[13]] == [0x08, 0x00];
+    let (hdr, proto) = if v4 { (20, frame[23]) } else { (40, frame[20]) };
+    let (l4, field) = if proto == 6 { (20, 16) } else { (8, 6) };
+    let mut q = frame[14..14 + hdr + l4].to_vec();
+    q[hdr + field] = 0;
+    q[hdr + field + 1] = 0;
+    let neutral = fold(sum16(&q[hdr..])).rotate_right(1);
+    q[hdr + field..hdr + field + 2].copy_from_slice(&neutral.to_be_bytes());
+    let to = if v4 {
+        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]).to_string()
+    } else {
+        let a: [u8; 16] = frame[22..38].try_into().unwrap();
+        Ipv6Addr::from(a).to_string()
+    };
+    let smac: [u8; 6] = frame[0..6].try_into().unwrap();
+    let dmac: [u8; 6] = frame[6..12].try_into().unwrap();
+    if v4 {
+        // IP identification 0 (icmp4 writes a fixed one).
+        fix_ip4(mangle(
+            icmp4(smac, dmac, from, &to, 64, 3, 4, mtu, &q),
+            |b| {
+                b[18] = 0;
+                b[19] = 0;
+            },
+        ))
+    } else {
+        icmp6(smac, dmac, from, &to, 64, 2, 0, mtu, &q)
+    }
 }
 
 // ---------------------------------------------------------------------
@@ -1328,6 +1369,70 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "ipv4 tcp too big for the path to the remote backend (route MTU 1280): answered with ICMP fragmentation needed quoting the packet as sent, sent back (XDP_TX)",
+            vec![{
+                let f = Frame {
+                    payload: vec![b'x'; 1400],
+                    ..Frame::tcp(c4, 40000, "10.96.0.40", 81, ACK)
+                };
+                let b = f.bytes();
+                step(
+                    b.clone(),
+                    Expect::Frame(XDP_TX, too_big_answer(&b, "10.96.0.40", NARROW_MTU)),
+                    &[(Counter::TooBig, 1), (Counter::ForwardedIn, 0)],
+                )
+            }],
+        ),
+        case(
+            "ipv4 udp too big for the path to the remote backend: ICMP fragmentation needed quoting the 8-byte UDP header",
+            vec![{
+                let f = Frame {
+                    payload: vec![b'x'; 1400],
+                    ..Frame::udp(c4, 50000, "10.96.0.40", 54)
+                };
+                let b = f.bytes();
+                step(
+                    b.clone(),
+                    Expect::Frame(XDP_TX, too_big_answer(&b, "10.96.0.40", NARROW_MTU)),
+                    &[(Counter::TooBig, 1), (Counter::ForwardedIn, 0)],
+                )
+            }],
+        ),
+        case(
+            "ipv6 tcp too big for the path to the remote backend: ICMPv6 packet too big quoting the packet as sent",
+            vec![{
+                let f = Frame {
+                    payload: vec![b'x'; 1400],
+                    ..Frame::tcp(c6, 40000, "fd00:96::40", 82, ACK)
+                };
+                let b = f.bytes();
+                step(
+                    b.clone(),
+                    Expect::Frame(XDP_TX, too_big_answer(&b, "fd00:96::40", NARROW_MTU)),
+                    &[(Counter::TooBig, 1), (Counter::ForwardedIn, 0)],
+                )
+            }],
+        ),
+        case(
+            "ipv4 tcp that fits the narrow path (1280 bytes): forwarded",
+            vec![{
+                let f = Frame {
+                    payload: vec![b'x'; 1280 - 40],
+                    ..Frame::tcp(c4, 40000, "10.96.0.40", 81, SYN)
+                };
+                step(
+                    f.bytes(),
+                    fwd(&f.translated(
+                        Some(("10.201.1.3", 8000)),
+                        Some((SNAT4, SNAT_PORT)),
+                        FXA_MAC,
+                        BE3_MAC,
+                    )),
+                    &[(Counter::TooBig, 0), (Counter::ForwardedIn, 1)],
+                )
+            }],
+        ),
+        case(
             "ipv4 udp to a remote backend: DNAT + SNAT",
             vec![step(
                 udp_r.bytes(),
@@ -1446,6 +1551,11 @@ impl Netns {
         ip("neigh replace fd00:201:1::2 lladdr 02:00:00:00:01:02 dev fxa nud permanent");
         ip("neigh replace fd00:201:1::3 lladdr 02:00:00:00:01:03 dev fxa nud permanent");
         ip("neigh replace 10.200.0.2 lladdr 02:00:00:00:00:02 dev fxb nud permanent");
+        // The path to the remote backend is narrower than the client's
+        // link: frames over 1280 bytes do not fit (`too_big` cases; a
+        // forwarding lookup honours a route MTU only when locked).
+        ip("route add 10.201.1.3/32 dev fxa mtu lock 1280");
+        ip("route add fd00:201:1::3/128 dev fxa mtu lock 1280");
         ip("neigh replace fd00:200::2 lladdr 02:00:00:00:00:02 dev fxb nud permanent");
         sh(&[
             "ip",
@@ -1604,7 +1714,7 @@ fn run_case(ns: &Netns, c: &Case) -> Result<(), String> {
         .unwrap();
     for (i, s) in c.steps.iter().enumerate() {
         let before = maps.counters();
-        let mut out = vec![0u8; 512];
+        let mut out = vec![0u8; 4096];
         let res = prog.test_run(TestRunOptions {
             data_in: Some(&s.input),
             data_out: Some(&mut out),
@@ -1723,7 +1833,7 @@ fn bare_forwarder_swaps_macs_and_transmits() {
         .unwrap();
     prog.load().expect("verifier accepts the bare forwarder");
     let f = Frame::tcp("10.200.0.2", 40000, "10.96.0.10", 80, SYN);
-    let mut out = vec![0u8; 512];
+    let mut out = vec![0u8; 4096];
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(&f.bytes()),

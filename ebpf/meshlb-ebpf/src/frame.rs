@@ -36,7 +36,8 @@ pub trait Frame {
     /// and port with `new`/`new_port`, checksums included. `false`:
     /// headers out of bounds.
     fn rewrite(&self, pkt: &Packet, new: &[u8; 16], new_port: u16, src_side: bool) -> bool;
-    /// Sends the translated packet on towards its (new) destination.
+    /// Sends the translated packet on towards its (new) destination, or
+    /// reports it too big for its egress (`toobig::TOO_BIG` | MTU).
     fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32>;
     /// Cuts the frame of `len` bytes (`Packet::len`) to its first `keep`
     /// bytes, then opens `grow` bytes behind the Ethernet header (for an

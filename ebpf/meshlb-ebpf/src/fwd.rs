@@ -99,7 +99,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: the kernel filled mtu_result for this return code.
         let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
-        return Ok(toobig::reply(ctx, pkt, mtu));
+        return Ok(toobig::TOO_BIG | mtu);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         count(Counter::FibPass);

@@ -42,6 +42,7 @@ use crate::{
     csum::CsumDelta,
     frame::Frame,
     maps::*,
+    toobig,
     parse::{
         parse, ptr_at, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, IPV4_LEN, IPV6_LEN, KIND_FRAG,
         KIND_ICMP_ERR, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -63,11 +64,11 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         // Forwarded from here, not from within: the call chain stays
         // short enough for older verifiers' stack accounting.
         frag_path(ctx, &pkt)?;
-        return ctx.forward(&pkt, Counter::ForwardedIn);
+        return send(ctx, &pkt, Counter::ForwardedIn);
     }
     if pkt.kind == KIND_ICMP_ERR {
         icmp_path(ctx, &pkt)?;
-        return ctx.forward(&pkt, Counter::ForwardedOut);
+        return send(ctx, &pkt, Counter::ForwardedOut);
     }
     let mut fe = FrontendValue::default();
     let found = lookup_frontend(&pkt, &mut fe);
@@ -77,20 +78,20 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return ctx.forward(&pkt, Counter::ForwardedOut);
+        return send(ctx, &pkt, Counter::ForwardedOut);
     }
     if found != FE_NONE {
         client_path(ctx, &pkt, fe.service_id)?;
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return ctx.forward(&pkt, Counter::ForwardedIn);
+        return send(ctx, &pkt, Counter::ForwardedIn);
     }
     if rnat_reply(ctx, &pkt)? || snat_reply(ctx, &pkt)? {
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return ctx.forward(&pkt, Counter::ForwardedOut);
+        return send(ctx, &pkt, Counter::ForwardedOut);
     }
     if is_vip(&pkt) {
         // A VIP is nobody's address: routed on, the packet would follow
@@ -103,6 +104,18 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
     }
     count(Counter::NotService);
     Ok(XDP_PASS)
+}
+
+/// `Frame::forward`, and the ICMP answer (`toobig`) when it reports the
+/// packet too big for its egress. Called from here, not from within
+/// `forward`, so that the two frames never stack up (older verifiers
+/// allow 512 bytes of stack along any chain of calls).
+#[inline(always)]
+fn send<C: Frame>(ctx: &C, pkt: &Packet, done: Counter) -> Result<u32, u32> {
+    match ctx.forward(pkt, done) {
+        Ok(v) if v & toobig::TOO_BIG != 0 => Ok(toobig::reply(ctx, pkt, v & !toobig::TOO_BIG)),
+        r => r,
+    }
 }
 
 /// The key of a fragmented datagram as it arrived.

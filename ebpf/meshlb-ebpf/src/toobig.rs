@@ -34,6 +34,11 @@ use crate::{
     parse::{ptr_at, EthHdr, Packet, ETH_LEN, KIND_FRAG, KIND_L4},
 };
 
+/// A `Frame::forward` result that is no verdict: the packet is too big
+/// for its egress, whose MTU is in the low bits (the caller answers it
+/// with `reply`).
+pub const TOO_BIG: u32 = 1 << 31;
+
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
@@ -93,9 +98,9 @@ fn build<C: Frame>(ctx: &C, pkt: &Packet, mtu: u32) -> Option<()> {
     untranslate(ctx, pkt, v4)?;
     // SAFETY (all raw accesses below): pointers come from ptr_at, which
     // bounds-checks them against the current packet end.
-    let (smac, dmac) = unsafe {
+    let (smac, dmac, proto) = unsafe {
         let eth = &*ptr_at::<EthHdr, _>(ctx, 0).ok()?;
-        (eth.src, eth.dst)
+        (eth.src, eth.dst, eth.proto)
     };
     let mut from = pkt.key.dst;
     let k = IfAddrKey {
@@ -115,6 +120,8 @@ fn build<C: Frame>(ctx: &C, pkt: &Packet, mtu: u32) -> Option<()> {
         let eth = &mut *ptr_at::<EthHdr, _>(ctx, 0).ok()?;
         eth.dst = smac;
         eth.src = dmac;
+        // (XDP's new head holds no Ethernet header yet.)
+        eth.proto = proto;
     }
     // Every offset below is a constant on its path: the verifier checks
     // each access against the bounds test of that very path.

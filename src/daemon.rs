@@ -325,6 +325,10 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    // Held until this function returns (the kernel drops it if we die).
+    let lock =
+        crate::pinlock::acquire(&settings.bpffs).map_err(|e| DaemonError::Usage(e.to_string()))?;
+    log::debug!("pin directory lock {}", lock.path().display());
     netlink::check_interfaces(&settings.ifaces)
         .await
         .map_err(|e| DaemonError::Usage(e.to_string()))?;

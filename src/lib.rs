@@ -20,6 +20,7 @@
 //! * [`nft`] — nf_tables over nfnetlink: masquerade for remote backends (IPVS mode).
 //! * [`nodenet`] — interface forwarding flags and the SNAT address (pure).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
+//! * [`pinlock`] — one daemon per pin directory (a `flock` naming the holder).
 //! * [`metrics`] — Prometheus text on `/metrics`.
 //! * [`admin`] — the `service`/`task` client commands (etcd).
 //! * [`cli`] — the command line (clap), parsed in `main`.
@@ -43,6 +44,7 @@ pub mod model;
 pub mod netlink;
 pub mod nft;
 pub mod nodenet;
+pub mod pinlock;
 pub mod pinned;
 pub mod reconcile;
 

@@ -228,3 +228,48 @@ fn restart_without_an_interface_detaches_it_and_keeps_the_rest() {
         .unwrap_or_else(|e| panic!("VIP after restart: {e}{}", topo.ctx()));
     assert_eq!(body.trim(), "b1", "{}", topo.ctx());
 }
+
+/// Two daemons on one pin directory would each delete the other's map
+/// entries as drift: the second exits 2 at once, naming the first's pid,
+/// and the first keeps serving.
+#[test]
+fn a_second_daemon_on_the_same_pin_directory_exits_2_naming_the_first() {
+    let topo = Topology::new("lck", TopoOpts { backends: 1 });
+    topo.start_nginx();
+    topo.warm_up(None);
+    topo.xdp_pass_peers();
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &config_toml(&[Svc {
+            name: "web",
+            vip: Some("10.96.0.10"),
+            proto: "tcp",
+            port: 80,
+            target: HTTP_PORT,
+            backends: vec![topo.backends[0].v4.into()],
+        }]),
+    );
+    let mut first = topo.start_daemon(&cfg, "native");
+    topo.wait_ready(&mut first, &["web"], READY);
+    let mut second = topo.start_daemon(&cfg, "native");
+    let status = second
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the second daemon still runs after 20 s{}", topo.ctx()));
+    let log = std::fs::read_to_string(&second.log).unwrap_or_default();
+    assert_eq!(status.code(), Some(2), "second daemon: {log}");
+    let want = format!("pid {}", first.pid());
+    assert!(
+        log.contains(&want) && log.lines().count() == 1,
+        "the second daemon must say in one line who holds the pin directory ({want}): {log:?}"
+    );
+    assert!(
+        first.wait_exit(Duration::from_millis(1)).is_none(),
+        "the first daemon died{}",
+        topo.ctx()
+    );
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let body = topo
+        .client(|| http_get(vip, Duration::from_secs(3)))
+        .unwrap_or_else(|e| panic!("VIP with the second daemon refused: {e}{}", topo.ctx()));
+    assert_eq!(body.trim(), "b1", "{}", topo.ctx());
+}

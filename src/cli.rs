@@ -138,6 +138,10 @@ pub struct EtcdArgs {
     /// File holding the etcd password.
     #[arg(long, value_name = "FILE", global = true)]
     pub etcd_password_file: Option<PathBuf>,
+    /// Allow --etcd-user over http:// endpoints (the password then
+    /// crosses the network in clear); refused without it.
+    #[arg(long, global = true)]
+    pub etcd_insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -212,6 +212,9 @@ pub struct EtcdConfig {
     /// A file rather than the password itself, so the config file can be
     /// world-readable.
     pub password_file: Option<PathBuf>,
+    /// Credentials may cross `http://` endpoints in clear (`insecure`,
+    /// `--etcd-insecure`); refused otherwise.
+    pub insecure: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -315,6 +318,8 @@ pub struct EtcdDef {
     pub key: Option<String>,
     pub username: Option<String>,
     pub password_file: Option<String>,
+    /// Allow credentials over `http://` endpoints.
+    pub insecure: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -788,6 +793,7 @@ fn validate_etcd(e: &EtcdDef) -> Result<EtcdConfig, FieldError> {
         key: path(&e.key),
         username: e.username.clone(),
         password_file: path(&e.password_file),
+        insecure: e.insecure.unwrap_or(false),
     })
 }
 

@@ -95,6 +95,14 @@ fn cases() -> Vec<(&'static str, String, &'static [&'static str])> {
             &["addr"],
         ),
         (
+            "etcd password over plain http",
+            format!(
+                "node = \"lb\"\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\nusername = \"u\"\npassword_file = \"/nonexistent\"\n{}",
+                BASE.replacen("node = \"lb\"\n", "", 1)
+            ),
+            &["etcd-insecure"],
+        ),
+        (
             "mixed address families",
             BASE.replace("10.96.0.10", "fd00:96::10"),
             &["addr", "vip", "famil"],

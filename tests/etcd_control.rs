@@ -1112,6 +1112,29 @@ fn username_and_password_auth() {
     let good_s = good.display().to_string();
     let bad_s = bad.display().to_string();
 
+    // This server speaks plain http: the password would cross the network
+    // in clear, which meshlb refuses unless told otherwise.
+    let refused = cli(
+        &c,
+        &[
+            "service",
+            "create",
+            "web",
+            "--publish",
+            "80:8000",
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            &good_s,
+        ],
+    );
+    assert!(
+        refused.code() == Some(2)
+            && refused.stderr_lines().len() == 1
+            && refused.stderr.contains("--etcd-insecure"),
+        "credentials over http:// without --etcd-insecure must be a one-line usage error: {}",
+        refused.describe()
+    );
     let created = cli(
         &c,
         &[
@@ -1124,6 +1147,7 @@ fn username_and_password_auth() {
             "root",
             "--etcd-password-file",
             &good_s,
+            "--etcd-insecure",
         ],
     );
     assert!(
@@ -1147,6 +1171,7 @@ fn username_and_password_auth() {
                 "root",
                 "--etcd-password-file",
                 bad_s.as_str(),
+                "--etcd-insecure",
             ],
         ),
     ] {

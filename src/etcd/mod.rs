@@ -76,6 +76,7 @@ impl EtcdOptions {
         o.key = args.etcd_key.clone().or(o.key);
         o.username = args.etcd_user.clone().or(o.username);
         o.password_file = args.etcd_password_file.clone().or(o.password_file);
+        o.insecure |= args.etcd_insecure;
         Some(o)
     }
 
@@ -91,6 +92,7 @@ impl EtcdOptions {
             o.key = args.etcd_key.clone();
             o.username = args.etcd_user.clone();
             o.password_file = args.etcd_password_file.clone();
+            o.insecure = args.etcd_insecure;
             o
         })
     }
@@ -104,6 +106,7 @@ impl EtcdOptions {
             key: None,
             username: None,
             password_file: None,
+            insecure: false,
         }
     }
 
@@ -139,6 +142,12 @@ impl EtcdOptions {
             return Err(EtcdError::Usage(
                 "--etcd: TLS options need https:// endpoints".into(),
             ));
+        }
+        let plain = self.endpoints.iter().find(|e| e.starts_with("http://"));
+        if let (Some(user), Some(url), false) = (&self.username, plain, self.insecure) {
+            return Err(EtcdError::Usage(format!(
+                "--etcd-user / etcd.username {user:?}: the password would cross {url} in clear; use https:// endpoints, or allow it with --etcd-insecure (insecure = true under [etcd])"
+            )));
         }
         if !self.prefix.starts_with('/') {
             return Err(EtcdError::Usage(format!(

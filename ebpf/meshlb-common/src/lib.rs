@@ -275,6 +275,12 @@ pub const CT_F_SNAT: u16 = 8;
 /// interface it came in on (`IFACE_ADDRS`), so the backend answers
 /// through this node and not straight to the client.
 pub const CT_F_HAIRPIN: u16 = 16;
+/// `CtEntry::flags`: a TCP flow whose client acknowledged the handshake
+/// (a packet with ACK and without SYN after the flow's SYN). Until then
+/// the flow is embryonic: its SNAT port goes back to the pool
+/// `SNAT_EMBRYONIC_NS` after it was taken, so a SYN flood cannot hold
+/// the port space.
+pub const CT_F_EST: u16 = 32;
 
 /// Conntrack entry for a client flow (client -> frontend).
 #[repr(C)]
@@ -510,6 +516,10 @@ pub const SNAT_TRIES: u32 = 8;
 /// after its last reply. Zero: the allocator walks the whole range before
 /// it comes back to a port, which is the quarantine.
 pub const SNAT_CLOSED_GRACE_NS: u64 = 0;
+/// An embryonic TCP flow's port (`CT_F_EST` not set) may be taken by
+/// another flow this long after it was taken (a backend's SYN-ACK does not
+/// refresh it): spoofed SYNs hold the port space for at most this long.
+pub const SNAT_EMBRYONIC_NS: u64 = 1_000_000_000;
 /// An idle TCP flow's port is reclaimed after this long without replies.
 pub const SNAT_TCP_IDLE_NS: u64 = 3_600_000_000_000;
 /// An idle UDP flow's port is reclaimed after this long without replies.
@@ -652,10 +662,18 @@ pub enum Counter {
     /// an ICMP "fragmentation needed" / ICMPv6 "packet too big" that quotes
     /// the packet as its sender sent it (the packet is not forwarded).
     TooBig = 30,
+    /// A TCP packet of no known flow that is not a SYN, to a local
+    /// backend: forwarded by Maglev (the same choice its flow had, unless
+    /// the backend set changed) without creating any state.
+    Stateless = 31,
+    /// A TCP packet of no known flow that is not a SYN and would need
+    /// translation state (a remote backend's SNAT, a hairpin): dropped,
+    /// never given state (ACK floods).
+    NoFlow = 32,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 31;
+pub const COUNTER_COUNT: u32 = 33;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -693,6 +711,8 @@ impl Counter {
         Counter::FragUnknown,
         Counter::IcmpTranslated,
         Counter::TooBig,
+        Counter::Stateless,
+        Counter::NoFlow,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -706,6 +726,7 @@ impl Counter {
                 | Counter::UnknownPort
                 | Counter::HairpinNoAddr
                 | Counter::FragUnknown
+                | Counter::NoFlow
         )
     }
 
@@ -743,6 +764,8 @@ impl Counter {
             Counter::FragUnknown => "frag_unknown",
             Counter::IcmpTranslated => "icmp_translated",
             Counter::TooBig => "too_big",
+            Counter::Stateless => "stateless",
+            Counter::NoFlow => "no_flow",
         }
     }
 }

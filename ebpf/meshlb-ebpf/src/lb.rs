@@ -33,9 +33,9 @@ use meshlb_common::{
     hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowKey, FragEntry,
     FragKey, FrontendKey, FrontendValue, IfAddrKey, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN,
     BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND,
-    CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
+    CT_F_EST, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
     PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
-    SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
+    SNAT_EMBRYONIC_NS, SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -484,7 +484,7 @@ fn is_vip(pkt: &Packet) -> bool {
 #[inline(never)]
 fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u32> {
     let mut ct = CtEntry::default();
-    if pick_backend(pkt, service_id, &mut ct)? {
+    if pick_backend(pkt, service_id, C::LOCAL_SENDERS, &mut ct)? {
         if C::LOCAL_SENDERS && ct.flags & CT_F_SNAT == 0 {
             // A local client and a local backend: without a source
             // translation the backend would answer the client directly
@@ -572,9 +572,11 @@ fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
         return Ok(false);
     };
     // SAFETY: LRU map value; a racing refresh of last_seen is harmless.
+    // A SYN-ACK leaves the port's age alone: an embryonic flow's port goes
+    // back to the pool counted from when it was taken (`try_port`).
     let e = unsafe {
         let now = bpf_ktime_get_ns();
-        if now.saturating_sub((*p).last_seen) > SNAT_TOUCH_NS {
+        if pkt.tcp_flags & TCP_SYN == 0 && now.saturating_sub((*p).last_seen) > SNAT_TOUCH_NS {
             (*p).last_seen = now;
         }
         *p
@@ -667,9 +669,24 @@ fn closing_flags(tcp_flags: u8, from_client: bool) -> u16 {
 /// not a SYN reusing a closed tuple), else Maglev. `Ok(true)`: a new flow,
 /// which the caller records (`record_flow`) once it has its SNAT port.
 /// `Err(XDP_DROP)`: no usable backend (counted).
+///
+/// Only packets that open flows create state: a TCP packet of no known
+/// flow that is not a SYN goes to its Maglev backend untracked when that
+/// backend is local and the sender is not (`Ok(false)`), and is dropped
+/// otherwise (it would need SNAT state: `no_flow`). A flood of ACKs with
+/// random sources then leaves no trace in the tables.
 #[inline(never)]
-fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool, u32> {
-    let flags = closing_flags(pkt.tcp_flags, true);
+fn pick_backend(
+    pkt: &Packet,
+    service_id: u32,
+    local_sender: bool,
+    out: &mut CtEntry,
+) -> Result<bool, u32> {
+    let mut flags = closing_flags(pkt.tcp_flags, true);
+    let tcp = pkt.key.proto == PROTO_TCP;
+    if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+        flags |= CT_F_EST;
+    }
     if let Some(ct) = MLB_CT_V1.get_ptr_mut(&pkt.key) {
         // SAFETY: LRU map value; a concurrent update of `flags` only loses
         // a flag bit, which the next FIN/RST sets again.
@@ -686,6 +703,7 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
         let old = *ct;
         forget_flow(pkt, &old);
     }
+    let stateless = tcp && !is_syn(pkt);
 
     // No usable backend: drop. Passed on, a packet to a VIP would follow
     // the default route.
@@ -696,7 +714,11 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
             return Err(XDP_DROP);
         }
     }
-    let backend_id = select_backend(pkt, service_id);
+    let backend_id = if stateless {
+        maglev_backend(pkt, service_id)
+    } else {
+        select_backend(pkt, service_id)
+    };
     if backend_id == NO_BACKEND {
         count(Counter::NoBackend);
         return Err(XDP_DROP);
@@ -708,20 +730,25 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
             return Err(XDP_DROP);
         }
     };
+    let snat = be.flags & BE_F_SNAT != 0;
+    if stateless && (snat || local_sender) {
+        count(Counter::NoFlow);
+        return Err(XDP_DROP);
+    }
     *out = CtEntry {
         backend_addr: be.addr,
         backend_port: be.port,
-        flags: flags
-            | if be.flags & BE_F_SNAT != 0 {
-                CT_F_SNAT
-            } else {
-                0
-            },
+        flags: (flags & !CT_F_EST) | if snat { CT_F_SNAT } else { 0 },
         backend_id,
         service_id,
         snat_port: 0,
         _pad: 0,
     };
+    if stateless {
+        count(Counter::Stateless);
+        account(service_id, backend_id, pkt.len, false, false);
+        return Ok(false);
+    }
     Ok(true)
 }
 
@@ -905,7 +932,9 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
 }
 
 /// Takes the port in `key.dport` for `entry` if it is free, or if the flow
-/// holding it is gone (its conntrack entry then goes too).
+/// holding it is gone, closed, idle past its limit, or embryonic (a TCP
+/// flow whose handshake its client never completed) past
+/// `SNAT_EMBRYONIC_NS` (its conntrack entry then goes too).
 #[inline(never)]
 fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
     if MLB_SNAT_V1.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
@@ -934,6 +963,8 @@ fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
             let closed = ct.flags & CT_F_RST != 0 || ct.flags & CT_F_CLOSED == CT_F_CLOSED;
             let limit = if closed {
                 SNAT_CLOSED_GRACE_NS
+            } else if key.proto == PROTO_TCP && ct.flags & CT_F_EST == 0 {
+                SNAT_EMBRYONIC_NS
             } else if key.proto == PROTO_TCP {
                 SNAT_TCP_IDLE_NS
             } else {

@@ -2,7 +2,9 @@
 //! IPv6 (no extension headers but a fragment header) + TCP/UDP is parsed,
 //! fragments included (a later fragment carries no ports: `KIND_FRAG`),
 //! and ICMP errors quoting such a packet (`KIND_ICMP_ERR`); everything
-//! else is passed to the stack untouched with a counter saying why.
+//! else is passed to the stack untouched with a counter saying why. Every
+//! header read lies inside the IP datagram (its total / payload length),
+//! not merely inside the frame.
 //! Headers are byte arrays so no access is ever unaligned.
 
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
@@ -153,6 +155,10 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     };
     let mut more_frags = false;
     let mut frag_off = 0u16;
+    // Where the IP datagram ends: every header read must lie before it
+    // (bytes past it are Ethernet padding or garbage that no checksum
+    // covers, never a header to translate).
+    let ip_end: u64;
 
     if ethertype == ETH_P_IP {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| pass(Counter::MalformedIp))?;
@@ -168,6 +174,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
         if tot_len < IPV4_LEN as u64 || tot_len + ETH_LEN as u64 > len {
             return Err(pass(Counter::MalformedIp));
         }
+        ip_end = ETH_LEN as u64 + tot_len;
         more_frags = ip_ref.frag[0] & 0x20 != 0;
         frag_off = u16::from_be_bytes([ip_ref.frag[0] & 0x1f, ip_ref.frag[1]]);
         pkt.frag_id = u16::from_be_bytes(ip_ref.id) as u32;
@@ -187,12 +194,16 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
         if payload + (ETH_LEN + IPV6_LEN) as u64 > len {
             return Err(pass(Counter::MalformedIp));
         }
+        ip_end = (ETH_LEN + IPV6_LEN) as u64 + payload;
         pkt.key.src = ip_ref.src;
         pkt.key.dst = ip_ref.dst;
         pkt.key.family = FAMILY_V6;
         pkt.key.proto = ip_ref.nexthdr;
         pkt.l4_off = ETH_LEN + IPV6_LEN;
         if ip_ref.nexthdr == IPPROTO_FRAGMENT {
+            if pkt.l4_off as u64 + 8 > ip_end {
+                return Err(pass(Counter::TruncatedL4));
+            }
             let fh: *mut [u8; 8] =
                 ptr_at(ctx, pkt.l4_off).map_err(|_| pass(Counter::TruncatedL4))?;
             // SAFETY: bounds-checked by ptr_at.
@@ -226,6 +237,15 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
 
     let proto = pkt.key.proto;
     let l4_off = pkt.l4_off;
+    let room = ip_end.saturating_sub(l4_off as u64);
+    let need = if proto == PROTO_TCP {
+        TCP_LEN as u64
+    } else {
+        UDP_LEN as u64
+    };
+    if (proto == PROTO_TCP || proto == PROTO_UDP) && room < need {
+        return Err(pass(Counter::TruncatedL4));
+    }
     let (l4, check_off, tcp_flags) = match proto {
         PROTO_TCP => {
             let l4: *mut [u8; TCP_LEN] =
@@ -243,10 +263,10 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
             (l4 as *mut L4Ports, l4_off + 6, 0)
         }
         PROTO_ICMP if pkt.key.family == FAMILY_V4 && pkt.frag_first == 0 => {
-            return parse_icmp_error(ctx, pkt, false);
+            return parse_icmp_error(ctx, pkt, false, ip_end);
         }
         PROTO_ICMPV6 if pkt.key.family == FAMILY_V6 && pkt.frag_first == 0 => {
-            return parse_icmp_error(ctx, pkt, true);
+            return parse_icmp_error(ctx, pkt, true, ip_end);
         }
         // IPv6 extension headers: hop-by-hop, routing, fragment, ESP, AH,
         // destination options, mobility, HIP, shim6, experimental.
@@ -266,9 +286,15 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
 
 /// An ICMP (`v6 == false`) or ICMPv6 error quoting a TCP or UDP packet of
 /// the same family with a plain header: `key` becomes the quoted tuple.
+/// The quoted header and ports must lie inside the datagram (`ip_end`).
 /// Anything else ICMP is not ours (passed untouched).
 #[inline(always)]
-fn parse_icmp_error<C: Frame>(ctx: &C, mut pkt: Packet, v6: bool) -> Result<Packet, u32> {
+fn parse_icmp_error<C: Frame>(
+    ctx: &C,
+    mut pkt: Packet,
+    v6: bool,
+    ip_end: u64,
+) -> Result<Packet, u32> {
     let not_ours = || {
         count(Counter::OtherProto);
         XDP_PASS
@@ -309,6 +335,9 @@ fn parse_icmp_error<C: Frame>(ctx: &C, mut pkt: Packet, v6: bool) -> Result<Pack
         (ip.proto, inner + IPV4_LEN)
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(not_ours());
+    }
+    if ports_off as u64 + 4 > ip_end {
         return Err(not_ours());
     }
     let ports: *mut L4Ports = ptr_at(ctx, ports_off).map_err(|_| not_ours())?;

@@ -21,7 +21,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use meshlb::pinned::{addr_bytes, Maps};
 use meshlb_common::{
     Counter, CtEntry, FlowKey, RnatEntry, SnatEntry, CT_F_EST, CT_F_FIN_CLIENT, CT_F_SNAT,
-    IF_F_NO_XMIT, PROTO_TCP,
+    IF_F_NO_XMIT, PROTO_TCP, PROTO_UDP,
 };
 
 use fixture::{
@@ -368,6 +368,45 @@ fn cases() -> Vec<Case> {
             name: "SYN on a closing tuple selects afresh (conntrack said another backend)",
             seed: Seed::Ct(flow4, "10.201.1.3", 8000, CT_F_FIN_CLIENT),
             steps: vec![step(syn4.bytes(), fwd(&syn4_out), NEW_IN)],
+            after: None,
+        },
+        Case {
+            name: "UDP flow whose backend is no longer in its slot (removed, or down): moved to a live backend on its next datagram",
+            seed: Seed::Ct(
+                FlowKeySpec {
+                    src: c4,
+                    sport: 50000,
+                    dst: "10.96.0.10",
+                    dport: 53,
+                    proto: PROTO_UDP,
+                },
+                "10.201.1.3",
+                5353,
+                0,
+            ),
+            steps: vec![step(
+                udp4.bytes(),
+                fwd(&udp4_out),
+                &[(Counter::Rebalanced, 1), (Counter::NewFlow, 1), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "a flow whose reverse-NAT half was evicted (conntrack half left): its next packet re-creates it, and the backend's reply is translated again",
+            seed: Seed::Ct(flow4, "10.201.1.2", 8000, CT_F_EST),
+            steps: vec![
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    &[(Counter::Healed, 1), (Counter::NewFlow, 0), (Counter::ForwardedIn, 1)],
+                ),
+                step(reply4.bytes(), fwd(&reply4_out), OUT),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    &[(Counter::Healed, 0), (Counter::ForwardedIn, 1)],
+                ),
+            ],
             after: None,
         },
         Case {

@@ -859,3 +859,130 @@ fn drain_keeps_established_flows_until_the_timeout() {
     );
     assert!(daemon.is_running(), "daemon died{}", topo.ctx());
 }
+
+/// A UDP sender with one fixed source port (syslog, statsd, a DNS
+/// forwarder) keeps one flow for as long as it sends. When its backend's
+/// health checks fail, the flow must move to a live backend on its next
+/// datagram (within 2 s of meshlb marking the backend down), not stay
+/// pinned to a backend it no longer balances to (counter `rebalanced`).
+#[test]
+fn udp_flow_with_a_fixed_port_moves_off_a_health_downed_backend() {
+    let topo = Topology::new("hc5", TopoOpts { backends: 3 });
+    topo.start_nginx();
+    topo.start_udp_echo(HTTP_PORT);
+    topo.warm_up(None);
+    // TCP checks on the target port (nginx); the service itself is UDP on
+    // the same port number (the echo servers).
+    let cfg = topo.write_file(
+        "meshlb.toml",
+        &format!(
+            "node = \"lb\"\n\n[[service]]\nname = \"dns\"\nvip = \"10.96.0.10\"\n\
+             publish = [{{ proto = \"udp\", port = 53, target = {HTTP_PORT} }}]\n\
+             health = {{ kind = \"tcp\", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }}\n{}",
+            topo.backends
+                .iter()
+                .map(|b| format!("\n[[service.backend]]\naddr = \"{}\"\n", b.v4))
+                .collect::<String>()
+        ),
+    );
+    let mut daemon = topo.start_daemon(&cfg, "generic");
+    topo.wait_ready(&mut daemon, &["dns"], READY);
+    let dst: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<(
+        Instant,
+        Result<String, String>,
+    )>::new()));
+    let sender = {
+        let (stop, samples, ns) = (stop.clone(), samples.clone(), topo.client_ns.clone());
+        thread::spawn(move || {
+            in_netns(&ns, || {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:40053").expect("bind 40053");
+                sock.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut buf = [0u8; 512];
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let at = Instant::now();
+                    let r = sock
+                        .send_to(b"ping", dst)
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| sock.recv_from(&mut buf).map_err(|e| e.to_string()))
+                        .map(|(n, _)| String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                    samples.lock().unwrap().push((at, r));
+                    thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+    };
+    let first = wait_for(Duration::from_secs(10), "a first answer", || {
+        samples
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(_, r)| r.clone().ok())
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+    let pinned = topo.backend(&first).clone();
+    wait_state(&topo, pinned.v4.into(), Some("up"), Duration::from_secs(10));
+    thread::sleep(Duration::from_secs(1));
+    let rebalanced = || {
+        topo.try_status()
+            .ok()
+            .and_then(|st| st["counters"]["rebalanced"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = rebalanced();
+    // Probes come from the LB's address on the backend's link; the flow's
+    // datagrams do not.
+    let rule = [
+        "INPUT",
+        "-s",
+        &pinned.lb_v4.to_string(),
+        "-p",
+        "tcp",
+        "--dport",
+        &HTTP_PORT.to_string(),
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]
+    .map(str::to_owned);
+    let mut argv = vec!["ip", "netns", "exec", &pinned.ns, "iptables", "-I"];
+    argv.extend(rule.iter().map(String::as_str));
+    must(&argv);
+    let down = wait_state(
+        &topo,
+        pinned.v4.into(),
+        Some("down"),
+        Duration::from_secs(15),
+    );
+    thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender thread");
+    let moved = rebalanced() - before;
+    let samples = samples.lock().unwrap().clone();
+    let moved_by = down + Duration::from_secs(2);
+    let late: Vec<_> = samples
+        .iter()
+        .filter(|(at, _)| *at >= moved_by)
+        .map(|(_, r)| r.clone())
+        .collect();
+    let before_down = samples.iter().filter(|(at, _)| *at < down).count();
+    eprintln!(
+        "hc5: flow pinned to {first}; {} datagrams before it was marked down, after down+2s: {late:?}",
+        before_down
+    );
+    assert!(
+        late.len() >= 10 && late.iter().all(|r| matches!(r, Ok(b) if *b != first)),
+        "datagrams from 2 s after {first} was marked down must be answered by another backend: {late:?}{}",
+        topo.ctx()
+    );
+    assert!(
+        moved >= 1,
+        "counter rebalanced moved by {moved}{}",
+        topo.ctx()
+    );
+}

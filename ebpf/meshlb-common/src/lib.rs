@@ -670,10 +670,16 @@ pub enum Counter {
     /// translation state (a remote backend's SNAT, a hairpin): dropped,
     /// never given state (ACK floods).
     NoFlow = 32,
+    /// A UDP flow whose backend went down or away moved to a live backend
+    /// on its next packet.
+    Rebalanced = 33,
+    /// A known flow's missing reply half (evicted from its LRU table while
+    /// the conntrack half survived) was re-created by its next packet.
+    Healed = 34,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 33;
+pub const COUNTER_COUNT: u32 = 35;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -713,6 +719,8 @@ impl Counter {
         Counter::TooBig,
         Counter::Stateless,
         Counter::NoFlow,
+        Counter::Rebalanced,
+        Counter::Healed,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -766,6 +774,8 @@ impl Counter {
             Counter::TooBig => "too_big",
             Counter::Stateless => "stateless",
             Counter::NoFlow => "no_flow",
+            Counter::Rebalanced => "rebalanced",
+            Counter::Healed => "healed",
         }
     }
 }

@@ -484,7 +484,13 @@ fn is_vip(pkt: &Packet) -> bool {
 #[inline(never)]
 fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u32> {
     let mut ct = CtEntry::default();
-    if pick_backend(pkt, service_id, C::LOCAL_SENDERS, &mut ct)? {
+    let new = pick_backend(pkt, service_id, &mut ct)?;
+    if ct.flags & CT_F_UNTRACKED != 0 && (ct.flags & CT_F_SNAT != 0 || C::LOCAL_SENDERS) {
+        // Untracked, it would need SNAT or hairpin state it may not make.
+        count(Counter::NoFlow);
+        return Err(XDP_DROP);
+    }
+    if new {
         if C::LOCAL_SENDERS && ct.flags & CT_F_SNAT == 0 {
             // A local client and a local backend: without a source
             // translation the backend would answer the client directly
@@ -500,6 +506,9 @@ fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u
     let mut src = [0u8; 16];
     if ct.flags & CT_F_SNAT != 0 && !snat_source(pkt, ct.flags, &mut src) {
         return Err(XDP_DROP);
+    }
+    if !new && ct.flags & CT_F_UNTRACKED == 0 {
+        heal_reply(pkt, &ct, &src);
     }
     translate(ctx, pkt, &ct.backend_addr, ct.backend_port, false)?;
     if ct.flags & CT_F_SNAT != 0 {
@@ -594,6 +603,10 @@ fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     Ok(true)
 }
 
+/// `CtEntry::flags` of a packet forwarded without state (`pick_backend`);
+/// never stored.
+const CT_F_UNTRACKED: u16 = 0x8000;
+
 /// `lookup_frontend`: no frontend.
 const FE_NONE: u8 = 0;
 /// `lookup_frontend`: a VIP (exact address) frontend.
@@ -671,17 +684,13 @@ fn closing_flags(tcp_flags: u8, from_client: bool) -> u16 {
 /// `Err(XDP_DROP)`: no usable backend (counted).
 ///
 /// Only packets that open flows create state: a TCP packet of no known
-/// flow that is not a SYN goes to its Maglev backend untracked when that
-/// backend is local and the sender is not (`Ok(false)`), and is dropped
-/// otherwise (it would need SNAT state: `no_flow`). A flood of ACKs with
-/// random sources then leaves no trace in the tables.
+/// flow that is not a SYN gets its Maglev backend untracked
+/// (`Ok(false)`, `CT_F_UNTRACKED`); the caller forwards it when that
+/// backend is local and the sender is not, and drops it otherwise (it
+/// would need SNAT state: `no_flow`). A flood of ACKs with random sources
+/// then leaves no trace in the tables.
 #[inline(never)]
-fn pick_backend(
-    pkt: &Packet,
-    service_id: u32,
-    local_sender: bool,
-    out: &mut CtEntry,
-) -> Result<bool, u32> {
+fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool, u32> {
     let mut flags = closing_flags(pkt.tcp_flags, true);
     let tcp = pkt.key.proto == PROTO_TCP;
     if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
@@ -691,7 +700,8 @@ fn pick_backend(
         // SAFETY: LRU map value; a concurrent update of `flags` only loses
         // a flag bit, which the next FIN/RST sets again.
         let ct = unsafe { &mut *ct };
-        if !(is_syn(pkt) && ct.flags & CT_F_CLOSING != 0) {
+        let moved = !tcp && !serves(ct);
+        if !moved && !(is_syn(pkt) && ct.flags & CT_F_CLOSING != 0) {
             if flags & !ct.flags != 0 {
                 ct.flags |= flags;
             }
@@ -699,9 +709,13 @@ fn pick_backend(
             account(out.service_id, out.backend_id, pkt.len, false, false);
             return Ok(false);
         }
-        // The tuple's previous flow is over: forget its replies.
+        // The tuple's previous flow is over (or, UDP, its backend went
+        // down or away: the flow moves): forget its replies.
         let old = *ct;
         forget_flow(pkt, &old);
+        if moved {
+            count(Counter::Rebalanced);
+        }
     }
     let stateless = tcp && !is_syn(pkt);
 
@@ -730,26 +744,41 @@ fn pick_backend(
             return Err(XDP_DROP);
         }
     };
-    let snat = be.flags & BE_F_SNAT != 0;
-    if stateless && (snat || local_sender) {
-        count(Counter::NoFlow);
-        return Err(XDP_DROP);
-    }
     *out = CtEntry {
         backend_addr: be.addr,
         backend_port: be.port,
-        flags: (flags & !CT_F_EST) | if snat { CT_F_SNAT } else { 0 },
+        flags: (flags & !CT_F_EST)
+            | if be.flags & BE_F_SNAT != 0 {
+                CT_F_SNAT
+            } else {
+                0
+            },
         backend_id,
         service_id,
         snat_port: 0,
         _pad: 0,
     };
     if stateless {
-        count(Counter::Stateless);
-        account(service_id, backend_id, pkt.len, false, false);
+        // The caller drops it if it needs SNAT or a hairpin (`no_flow`).
+        out.flags |= CT_F_UNTRACKED;
+        if out.flags & CT_F_SNAT == 0 {
+            count(Counter::Stateless);
+            account(service_id, backend_id, pkt.len, false, false);
+        }
         return Ok(false);
     }
     Ok(true)
+}
+
+/// Whether a flow's backend still serves it: the slot holds the same
+/// address and port, present and not down (a draining backend keeps its
+/// flows).
+#[inline(always)]
+fn serves(ct: &CtEntry) -> bool {
+    matches!(MLB_BE_V1.get(ct.backend_id), Some(b) if b.flags & BE_F_PRESENT != 0
+        && b.flags & BE_F_DOWN == 0
+        && b.port == ct.backend_port
+        && b.addr == ct.backend_addr)
 }
 
 /// The backend of a new flow: with session affinity (a non-zero timeout in
@@ -818,22 +847,8 @@ fn takes_new_flows(id: u32, service_id: u32, family: u8) -> bool {
 fn record_flow(pkt: &Packet, ct: &CtEntry) {
     let mut ok = MLB_CT_V1.insert(&pkt.key, ct, 0).is_ok();
     if ct.flags & CT_F_SNAT == 0 {
-        let reply_key = FlowKey {
-            src: ct.backend_addr,
-            dst: pkt.key.src,
-            sport: ct.backend_port,
-            dport: pkt.key.sport,
-            ..pkt.key
-        };
-        let rnat = RnatEntry {
-            frontend_addr: pkt.key.dst,
-            frontend_port: pkt.key.dport,
-            flags: 0,
-            backend_id: ct.backend_id,
-            service_id: ct.service_id,
-            _pad: 0,
-        };
-        ok &= MLB_RNAT_V1.insert(&reply_key, &rnat, 0).is_ok();
+        let (key, rnat) = rnat_of(pkt, ct);
+        ok &= MLB_RNAT_V1.insert(&key, &rnat, 0).is_ok();
     }
     // On failure forward anyway: Maglev gives the same answer next time.
     count(if ok {
@@ -842,6 +857,71 @@ fn record_flow(pkt: &Packet, ct: &CtEntry) {
         Counter::CtFull
     });
     account(ct.service_id, ct.backend_id, pkt.len, false, true);
+}
+
+/// The reverse-NAT entry of a flow that is not source-translated, and its
+/// key (the reply tuple).
+#[inline(always)]
+fn rnat_of(pkt: &Packet, ct: &CtEntry) -> (FlowKey, RnatEntry) {
+    let key = FlowKey {
+        src: ct.backend_addr,
+        dst: pkt.key.src,
+        sport: ct.backend_port,
+        dport: pkt.key.sport,
+        ..pkt.key
+    };
+    let rnat = RnatEntry {
+        frontend_addr: pkt.key.dst,
+        frontend_port: pkt.key.dport,
+        flags: 0,
+        backend_id: ct.backend_id,
+        service_id: ct.service_id,
+        _pad: 0,
+    };
+    (key, rnat)
+}
+
+/// A known flow's reply half, re-created when an LRU eviction took it and
+/// its conntrack half survived (a flood churns both tables): the
+/// reverse-NAT entry of a local flow, or the SNAT entry of a translated
+/// one — the latter only while its port is still free (a port whose
+/// owner is gone may belong to another flow by now, which is never
+/// overwritten). `snat_src`: the flow's SNAT source address.
+#[inline(never)]
+fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
+    if ct.flags & CT_F_SNAT == 0 {
+        let (key, rnat) = rnat_of(pkt, ct);
+        if MLB_RNAT_V1.get_ptr(&key).is_none()
+            && MLB_RNAT_V1.insert(&key, &rnat, BPF_NOEXIST as u64).is_ok()
+        {
+            count(Counter::Healed);
+        }
+        return;
+    }
+    let key = FlowKey {
+        src: ct.backend_addr,
+        dst: *snat_src,
+        sport: ct.backend_port,
+        dport: ct.snat_port,
+        ..pkt.key
+    };
+    if MLB_SNAT_V1.get_ptr(&key).is_some() {
+        return;
+    }
+    let entry = SnatEntry {
+        client_addr: pkt.key.src,
+        frontend_addr: pkt.key.dst,
+        client_port: pkt.key.sport,
+        frontend_port: pkt.key.dport,
+        _pad: 0,
+        backend_id: ct.backend_id,
+        service_id: ct.service_id,
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        last_seen: unsafe { bpf_ktime_get_ns() },
+    };
+    if MLB_SNAT_V1.insert(&key, &entry, BPF_NOEXIST as u64).is_ok() {
+        count(Counter::Healed);
+    }
 }
 
 /// Removes the reply-side state of a finished flow (`old`, the conntrack

@@ -871,13 +871,14 @@ fn udp_flow_with_a_fixed_port_moves_off_a_health_downed_backend() {
     topo.start_nginx();
     topo.start_udp_echo(HTTP_PORT);
     topo.warm_up(None);
-    // TCP checks on the target port (nginx); the service itself is UDP on
-    // the same port number (the echo servers).
+    // TCP checks on the target port (nginx); a UDP port on the same
+    // backend port follows them (UDP is not probed). The flow is UDP (the
+    // echo servers on the same port number).
     let cfg = topo.write_file(
         "meshlb.toml",
         &format!(
-            "node = \"lb\"\n\n[[service]]\nname = \"dns\"\nvip = \"10.96.0.10\"\n\
-             publish = [{{ proto = \"udp\", port = 53, target = {HTTP_PORT} }}]\n\
+            "node = \"lb\"\n\n[[service]]\nname = \"web\"\nvip = \"10.96.0.10\"\n\
+             publish = [{{ proto = \"tcp\", port = 80, target = {HTTP_PORT} }}, {{ proto = \"udp\", port = 53, target = {HTTP_PORT} }}]\n\
              health = {{ kind = \"tcp\", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }}\n{}",
             topo.backends
                 .iter()
@@ -886,7 +887,7 @@ fn udp_flow_with_a_fixed_port_moves_off_a_health_downed_backend() {
         ),
     );
     let mut daemon = topo.start_daemon(&cfg, "generic");
-    topo.wait_ready(&mut daemon, &["dns"], READY);
+    topo.wait_ready(&mut daemon, &["web"], READY);
     let dst: SocketAddr = "10.96.0.10:53".parse().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let samples = Arc::new(std::sync::Mutex::new(Vec::<(

@@ -70,6 +70,32 @@ fn wait_state(topo: &Topology, ip: IpAddr, want: Option<&str>, timeout: Duration
     .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()))
 }
 
+/// Inserts (`op` = "-I") or deletes ("-D") a rule in backend `b` that
+/// rejects the LB's health probes (they come from the LB's address on
+/// b's link; clients' packets do not), so b goes down while it serves.
+fn reject_probes(b: &Backend, op: &str) {
+    let (src, port) = (b.lb_v4.to_string(), HTTP_PORT.to_string());
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &b.ns,
+        "iptables",
+        op,
+        "INPUT",
+        "-s",
+        &src,
+        "-p",
+        "tcp",
+        "--dport",
+        &port,
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]);
+}
+
 /// `/metrics` of the daemon in the LB namespace.
 fn scrape(topo: &Topology) -> String {
     let addr: SocketAddr = "127.0.0.1:9742".parse().unwrap();
@@ -288,26 +314,7 @@ fn health_down_keeps_established_flows() {
         })
         .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
 
-    // Probes come from the LB's address on b2's link; clients do not.
-    let rule = [
-        "INPUT",
-        "-s",
-        &b2.lb_v4.to_string(),
-        "-p",
-        "tcp",
-        "--dport",
-        &HTTP_PORT.to_string(),
-        "-j",
-        "REJECT",
-        "--reject-with",
-        "tcp-reset",
-    ]
-    .map(str::to_owned);
-    let iptables = |op: &str| {
-        let mut argv = vec!["ip", "netns", "exec", &b2.ns, "iptables", op];
-        argv.extend(rule.iter().map(String::as_str));
-        must(&argv);
-    };
+    let iptables = |op: &str| reject_probes(&b2, op);
     iptables("-I");
     wait_state(&topo, b2.v4.into(), Some("down"), Duration::from_secs(15));
     for i in 0..5 {
@@ -937,23 +944,7 @@ fn udp_flow_with_a_fixed_port_moves_off_a_health_downed_backend() {
     let before = rebalanced();
     // Probes come from the LB's address on the backend's link; the flow's
     // datagrams do not.
-    let rule = [
-        "INPUT",
-        "-s",
-        &pinned.lb_v4.to_string(),
-        "-p",
-        "tcp",
-        "--dport",
-        &HTTP_PORT.to_string(),
-        "-j",
-        "REJECT",
-        "--reject-with",
-        "tcp-reset",
-    ]
-    .map(str::to_owned);
-    let mut argv = vec!["ip", "netns", "exec", &pinned.ns, "iptables", "-I"];
-    argv.extend(rule.iter().map(String::as_str));
-    must(&argv);
+    reject_probes(&pinned, "-I");
     let down = wait_state(
         &topo,
         pinned.v4.into(),

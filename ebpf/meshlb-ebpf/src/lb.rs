@@ -908,7 +908,18 @@ fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
     if MLB_SNAT_V1.get_ptr(&key).is_some() {
         return;
     }
-    let entry = SnatEntry {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let entry = snat_entry_of(pkt, ct, unsafe { bpf_ktime_get_ns() });
+    if MLB_SNAT_V1.insert(&key, &entry, BPF_NOEXIST as u64).is_ok() {
+        count(Counter::Healed);
+    }
+}
+
+/// The SNAT entry of a translated flow `ct` (where its replies go back
+/// to), taken or last seen at `now`.
+#[inline(always)]
+fn snat_entry_of(pkt: &Packet, ct: &CtEntry, now: u64) -> SnatEntry {
+    SnatEntry {
         client_addr: pkt.key.src,
         frontend_addr: pkt.key.dst,
         client_port: pkt.key.sport,
@@ -916,11 +927,7 @@ fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
         _pad: 0,
         backend_id: ct.backend_id,
         service_id: ct.service_id,
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        last_seen: unsafe { bpf_ktime_get_ns() },
-    };
-    if MLB_SNAT_V1.insert(&key, &entry, BPF_NOEXIST as u64).is_ok() {
-        count(Counter::Healed);
+        last_seen: now,
     }
 }
 
@@ -990,16 +997,7 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
         dport: 0,
         ..pkt.key
     };
-    let entry = SnatEntry {
-        client_addr: pkt.key.src,
-        frontend_addr: pkt.key.dst,
-        client_port: pkt.key.sport,
-        frontend_port: pkt.key.dport,
-        _pad: 0,
-        backend_id: ct.backend_id,
-        service_id: ct.service_id,
-        last_seen: now,
-    };
+    let entry = snat_entry_of(pkt, ct, now);
     let client = u16::from_be(pkt.key.sport);
     for i in 0..SNAT_TRIES {
         key.dport = a.candidate(client, i).to_be();

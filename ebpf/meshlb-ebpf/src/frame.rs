@@ -146,9 +146,7 @@ impl Frame for TcContext {
     fn reshape(&self, _len: u64, keep: u32, grow: u32) -> bool {
         // SAFETY: plain helper call on a valid context.
         let cut = unsafe { bpf_skb_change_tail(self.skb.skb, keep, 0) } == 0;
-        cut && self
-            .adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0)
-            .is_ok()
+        cut && self.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0).is_ok()
     }
 
     #[inline(always)]

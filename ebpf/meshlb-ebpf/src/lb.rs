@@ -32,21 +32,21 @@ use aya_ebpf::{
 use meshlb_common::{
     hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowKey, FragEntry,
     FragKey, FrontendKey, FrontendValue, IfAddrKey, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN,
-    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_FIN_BACKEND,
-    CT_F_EST, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
-    SNAT_EMBRYONIC_NS, SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
+    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND,
+    CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_EMBRYONIC_NS, SNAT_F_PRESENT, SNAT_IDX_V4,
+    SNAT_IDX_V6, SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
 };
 
 use crate::{
     csum::CsumDelta,
     frame::Frame,
     maps::*,
-    toobig,
     parse::{
         parse, ptr_at, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, IPV4_LEN, IPV6_LEN, KIND_FRAG,
         KIND_ICMP_ERR, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
+    toobig,
 };
 
 #[inline(always)]

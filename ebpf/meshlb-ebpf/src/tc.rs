@@ -15,7 +15,9 @@ use aya_ebpf::{
     bindings::{
         bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
         bpf_check_mtu_ret::{BPF_MTU_CHK_RET_FRAG_NEEDED, BPF_MTU_CHK_RET_SEGS_TOOBIG},
-        bpf_fib_lookup, xdp_action::XDP_PASS, xdp_action::XDP_REDIRECT,
+        bpf_fib_lookup,
+        xdp_action::XDP_PASS,
+        xdp_action::XDP_REDIRECT,
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
     },

@@ -59,6 +59,10 @@ pub struct Status {
     pub dataplane: &'static str,
     pub services: Vec<ServiceStatus>,
     pub conntrack_entries: u64,
+    /// SNAT entries: ports held by translated flows (all addresses).
+    pub snat_ports_in_use: u64,
+    /// Capacity of each flow table (conntrack, reverse NAT, SNAT).
+    pub flow_table_size: u64,
     pub counters: BTreeMap<&'static str, u64>,
 }
 
@@ -173,6 +177,8 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
         },
         services: by_name.into_values().collect(),
         conntrack_entries: maps.conntrack.keys().count() as u64,
+        snat_ports_in_use: maps.snat.keys().count() as u64,
+        flow_table_size: meshlb_common::MAX_FLOWS as u64,
         counters,
     })
 }
@@ -184,6 +190,17 @@ pub fn status_table(s: &Status) -> String {
         "node {}  dataplane {}  conntrack entries {}\n",
         s.node, s.dataplane, s.conntrack_entries
     );
+    if s.flow_table_size > 0 {
+        let _ = writeln!(
+            out,
+            "flow table {}/{} ({:.1}% full)  SNAT ports in use {}  snat_exhausted {}",
+            s.conntrack_entries,
+            s.flow_table_size,
+            100.0 * s.conntrack_entries as f64 / s.flow_table_size as f64,
+            s.snat_ports_in_use,
+            s.counters.get("snat_exhausted").copied().unwrap_or(0)
+        );
+    }
     for svc in &s.services {
         let _ = writeln!(
             out,

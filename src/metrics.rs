@@ -210,6 +210,9 @@ pub fn render(status: &inspect::Status) -> String {
             let _ = writeln!(out, "meshlb_dropped_total{{reason=\"{reason}\"}} {v}");
         }
     }
+    if status.flow_table_size > 0 {
+        flow_metrics(status, &mut out);
+    }
     let _ = writeln!(
         out,
         "# HELP meshlb_dataplane_info The forwarding engine in use."
@@ -221,6 +224,65 @@ pub fn render(status: &inspect::Status) -> String {
         esc(status.dataplane)
     );
     out
+}
+
+/// The flow table's series (XDP): its fill, the SNAT ports held, and the
+/// flow events the data path counts. `created`: new flows; `rebalanced`:
+/// UDP flows moved off a backend that went down or away; `healed`: flows
+/// whose evicted reply half was re-created; `untracked`: TCP packets of no
+/// known flow forwarded without state. Expiry is not implemented yet, and
+/// LRU evictions are not observable from the maps.
+fn flow_metrics(status: &inspect::Status, out: &mut String) {
+    let counter = |name: &str| status.counters.get(name).copied().unwrap_or(0);
+    let gauges = [
+        (
+            "meshlb_flows",
+            "Flows in the conntrack table.",
+            status.conntrack_entries,
+        ),
+        (
+            "meshlb_flow_table_size",
+            "Capacity of each flow table.",
+            status.flow_table_size,
+        ),
+        (
+            "meshlb_snat_ports_in_use",
+            "SNAT ports held by translated flows.",
+            status.snat_ports_in_use,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP meshlb_snat_exhausted_total New flows dropped for want of a free SNAT port."
+    );
+    let _ = writeln!(out, "# TYPE meshlb_snat_exhausted_total counter");
+    let _ = writeln!(
+        out,
+        "meshlb_snat_exhausted_total {}",
+        counter("snat_exhausted")
+    );
+    let _ = writeln!(
+        out,
+        "# HELP meshlb_flow_events_total Flow table events (created, rebalanced, healed, untracked)."
+    );
+    let _ = writeln!(out, "# TYPE meshlb_flow_events_total counter");
+    for (event, c) in [
+        ("created", "new_flow"),
+        ("rebalanced", "rebalanced"),
+        ("healed", "healed"),
+        ("untracked", "stateless"),
+    ] {
+        let _ = writeln!(
+            out,
+            "meshlb_flow_events_total{{event=\"{event}\"}} {}",
+            counter(c)
+        );
+    }
 }
 
 /// Where the per-service and per-backend numbers come from.
@@ -322,6 +384,8 @@ mod tests {
             dataplane: "xdp-native",
             services: vec![],
             conntrack_entries: 0,
+            snat_ports_in_use: 0,
+            flow_table_size: 0,
             counters,
         };
         let text = render(&status);
@@ -337,6 +401,54 @@ mod tests {
             ]
         );
         assert!(text.contains("# TYPE meshlb_dropped_total counter"));
+    }
+
+    #[test]
+    fn flow_table_series_from_the_counters_and_the_table_fill() {
+        let mut counters = BTreeMap::new();
+        for (k, v) in [
+            ("new_flow", 5u64),
+            ("rebalanced", 2),
+            ("healed", 1),
+            ("stateless", 4),
+            ("snat_exhausted", 3),
+        ] {
+            counters.insert(k, v);
+        }
+        let status = Status {
+            node: "n".into(),
+            dataplane: "xdp-native",
+            services: vec![],
+            conntrack_entries: 7,
+            snat_ports_in_use: 6,
+            flow_table_size: 262_144,
+            counters,
+        };
+        let text = render(&status);
+        for want in [
+            "meshlb_flows 7",
+            "meshlb_flow_table_size 262144",
+            "meshlb_snat_ports_in_use 6",
+            "meshlb_snat_exhausted_total 3",
+            "meshlb_flow_events_total{event=\"created\"} 5",
+            "meshlb_flow_events_total{event=\"rebalanced\"} 2",
+            "meshlb_flow_events_total{event=\"healed\"} 1",
+            "meshlb_flow_events_total{event=\"untracked\"} 4",
+            "# TYPE meshlb_flows gauge",
+            "# TYPE meshlb_flow_events_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in:\n{text}"
+            );
+        }
+        // IPVS has no flow table of meshlb's: no such series.
+        let ipvs = Status {
+            flow_table_size: 0,
+            dataplane: "ipvs",
+            ..status
+        };
+        assert!(!render(&ipvs).contains("meshlb_flows"));
     }
 
     #[test]
@@ -360,6 +472,8 @@ mod tests {
                 connections: 0,
             }],
             conntrack_entries: 0,
+            snat_ports_in_use: 0,
+            flow_table_size: 0,
             counters: BTreeMap::new(),
         };
         let text = render(&status);

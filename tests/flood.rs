@@ -453,6 +453,32 @@ fn flood_at_a_node_does_not_take_the_mesh_down() {
             "n1 does not show snat_exhausted among its counters: {last:?}"
         ));
     }
+    // The flood is visible where an operator looks: n1's /metrics.
+    let metrics = common::in_netns(&m.nodes[0].ns, || {
+        common::http_get_path(
+            "127.0.0.1:9742".parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(3),
+        )
+    })
+    .unwrap_or_default();
+    let series = |name: &str| -> Option<u64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    match (
+        series("meshlb_snat_exhausted_total "),
+        series("meshlb_flows "),
+        series("meshlb_flow_events_total{event=\"created\"} "),
+    ) {
+        (Some(exhausted), Some(_), Some(created)) if exhausted > 0 && created > 0 => {
+            eprintln!("n1 /metrics: meshlb_snat_exhausted_total {exhausted}, meshlb_flow_events_total{{event=\"created\"}} {created}");
+        }
+        other => failed.push(format!(
+            "n1's /metrics does not show the flood (snat_exhausted_total, flows, created): {other:?}"
+        )),
+    }
     assert!(
         failed.is_empty(),
         "the mesh did not survive the flood at n1:\n  {}{}",

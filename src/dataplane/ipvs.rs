@@ -741,6 +741,8 @@ fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &Table) -> St
         dataplane: DataplaneKind::Ipvs.as_str(),
         services: by_name.into_values().collect(),
         conntrack_entries: 0,
+        snat_ports_in_use: 0,
+        flow_table_size: 0,
         counters: BTreeMap::new(),
     }
 }

@@ -268,20 +268,20 @@ fn flow_metrics(status: &inspect::Status, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "# HELP meshlb_flow_events_total Flow table events (created, rebalanced, healed, untracked)."
+        "# HELP meshlb_flow_events_total Flow table events (created, expired, evicted, rebalanced, healed, untracked)."
     );
     let _ = writeln!(out, "# TYPE meshlb_flow_events_total counter");
-    for (event, c) in [
-        ("created", "new_flow"),
-        ("rebalanced", "rebalanced"),
-        ("healed", "healed"),
-        ("untracked", "stateless"),
+    for (event, cs) in [
+        ("created", &["new_flow"][..]),
+        // Found expired by a packet, or swept by the daemon.
+        ("expired", &["expired", "swept"][..]),
+        ("evicted", &["evicted"][..]),
+        ("rebalanced", &["rebalanced"][..]),
+        ("healed", &["healed"][..]),
+        ("untracked", &["stateless"][..]),
     ] {
-        let _ = writeln!(
-            out,
-            "meshlb_flow_events_total{{event=\"{event}\"}} {}",
-            counter(c)
-        );
+        let n: u64 = cs.iter().map(|c| counter(c)).sum();
+        let _ = writeln!(out, "meshlb_flow_events_total{{event=\"{event}\"}} {n}");
     }
 }
 
@@ -412,6 +412,9 @@ mod tests {
             ("healed", 1),
             ("stateless", 4),
             ("snat_exhausted", 3),
+            ("expired", 2),
+            ("swept", 5),
+            ("evicted", 9),
         ] {
             counters.insert(k, v);
         }
@@ -434,6 +437,8 @@ mod tests {
             "meshlb_flow_events_total{event=\"rebalanced\"} 2",
             "meshlb_flow_events_total{event=\"healed\"} 1",
             "meshlb_flow_events_total{event=\"untracked\"} 4",
+            "meshlb_flow_events_total{event=\"expired\"} 7",
+            "meshlb_flow_events_total{event=\"evicted\"} 9",
             "# TYPE meshlb_flows gauge",
             "# TYPE meshlb_flow_events_total counter",
         ] {

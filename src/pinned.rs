@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use meshlb_common::{
-    maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, FrontendKey,
+    maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FrontendKey,
     FrontendValue, IfAddrKey, NodeMeta, RnatEntry, ServiceInfo, ServiceName, SnatAddr, SnatEntry,
     Stats,
 };
@@ -57,6 +57,8 @@ pub struct Maps {
     pub iface_addrs: HashMap<MapData, IfAddrKey, [u8; 16]>,
     /// VIP -> how many frontends use it.
     pub vips: HashMap<MapData, AddrKey, u32>,
+    /// 0 -> the flow timeouts.
+    pub flow_config: Array<MapData, FlowConfig>,
 }
 
 impl Maps {
@@ -108,6 +110,7 @@ impl Maps {
             affinity: typed!(maps::AFFINITY),
             iface_addrs: typed!(maps::IFACE_ADDRS),
             vips: typed!(maps::VIPS),
+            flow_config: typed!(maps::FLOW_CONFIG),
         })
     }
 

@@ -392,7 +392,7 @@ fn cases() -> Vec<Case> {
                     dport: 53,
                     proto: PROTO_UDP,
                 },
-                "10.201.1.3",
+                "10.201.1.99",
                 5353,
                 0,
             ),
@@ -1221,6 +1221,55 @@ fn cases() -> Vec<Case> {
                 step(reply4.bytes(), fwd(&reply4_out), OUT),
             ],
         ),
+        // A removed backend's TCP flows are reset.
+        Case {
+            name: "ipv4 tcp flow whose backend was removed: its next packet is answered with a reset from the VIP (sent back), its state goes, and the packet after it is forwarded by Maglev",
+            seed: Seed::Ct(flow4, "10.201.1.99", 8000, CT_F_EST),
+            steps: vec![
+                step(
+                    ack4.bytes(),
+                    Expect::Frame(XDP_TX, reset_for(&ack4)),
+                    &[(Counter::Reset, 1), (Counter::ForwardedIn, 0), (Counter::NewFlow, 0)],
+                ),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    &[(Counter::Reset, 0), (Counter::Stateless, 1), (Counter::ForwardedIn, 1)],
+                ),
+            ],
+            after: None,
+        },
+        Case {
+            name: "ipv6 tcp flow whose backend was removed: a SYN retransmit on it gets RST|ACK acknowledging the SYN",
+            seed: Seed::Ct(
+                FlowKeySpec {
+                    src: c6,
+                    sport: 40000,
+                    dst: "fd00:96::10",
+                    dport: 8080,
+                    proto: PROTO_TCP,
+                },
+                "fd00:201:1::99",
+                8000,
+                0,
+            ),
+            steps: vec![step(
+                syn6.bytes(),
+                Expect::Frame(XDP_TX, reset_for(&syn6)),
+                &[(Counter::Reset, 1), (Counter::ForwardedIn, 0)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "a tcp flow whose backend is still listed (down or draining keeps its flows) is not reset",
+            seed: Seed::Ct(flow4, "10.201.1.2", 8000, CT_F_EST),
+            steps: vec![step(
+                ack4.bytes(),
+                fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                &[(Counter::Reset, 0), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
         // Timeouts: an expired flow is absent.
         Case {
             name: "an established tcp flow idle past tcp_timeout (1 h) is absent: a SYN on its tuple selects afresh",
@@ -1429,6 +1478,56 @@ fn cases() -> Vec<Case> {
 // Running it
 // ---------------------------------------------------------------------
 
+/// The TCP reset the load balancer answers client packet `f` with when its
+/// flow's backend was removed (RFC 9293: an ACK's number as sequence, else
+/// RST|ACK acknowledging the segment), built independently of the BPF code.
+fn reset_for(f: &Frame) -> Vec<u8> {
+    let L4::Tcp { flags } = f.l4 else {
+        panic!("reset_for: not tcp")
+    };
+    // `Frame::l4_bytes`: seq 1000, ack 2000 when ACK is set.
+    let (seq, ack, rflags) = if flags & ACK != 0 {
+        (2000u32, 0u32, RST)
+    } else {
+        let len =
+            f.payload.len() as u32 + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
+        (0, 1000 + len, RST | ACK)
+    };
+    let mut tcp = Vec::new();
+    tcp.extend(f.dport.to_be_bytes());
+    tcp.extend(f.sport.to_be_bytes());
+    tcp.extend(seq.to_be_bytes());
+    tcp.extend(ack.to_be_bytes());
+    tcp.extend([0x50, rflags, 0, 0, 0, 0, 0, 0]);
+    let mut all = fixture::pseudo(f.dst, f.src, 6, 20);
+    all.extend(&tcp);
+    let c = fold(sum16(&all));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut b = Vec::new();
+    b.extend(f.smac);
+    b.extend(f.dmac);
+    match (f.dst, f.src) {
+        (std::net::IpAddr::V4(from), std::net::IpAddr::V4(to)) => {
+            b.extend([0x08, 0x00]);
+            let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            ip.extend(from.octets());
+            ip.extend(to.octets());
+            let c = fold(sum16(&ip));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            b.extend(ip);
+        }
+        (std::net::IpAddr::V6(from), std::net::IpAddr::V6(to)) => {
+            b.extend([0x86, 0xdd]);
+            b.extend([0x60, 0, 0, 0, 0, 20, 6, 64]);
+            b.extend(from.octets());
+            b.extend(to.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    b.extend(tcp);
+    b
+}
+
 /// CLOCK_MONOTONIC in ns: `bpf_ktime_get_ns` (and, coarse, the clock of
 /// `CtEntry::last_seen`).
 fn mono_ns() -> u64 {
@@ -1444,11 +1543,19 @@ fn seed(maps: &mut Maps, s: &Seed) {
         }
         Seed::CtAged(flow, backend, port, flags, age_s) => {
             let (addr, _) = addr_bytes(backend.parse().unwrap());
+            // The slot that holds this backend (none: a removed one).
+            let backend_id = (0..meshlb_common::MAX_BACKENDS)
+                .find(|i| {
+                    maps.backends
+                        .get(i, 0)
+                        .is_ok_and(|b| b.addr == addr && b.port == port.to_be())
+                })
+                .unwrap_or(meshlb_common::MAX_BACKENDS - 1);
             let e = CtEntry {
                 backend_addr: addr,
                 backend_port: port.to_be(),
                 flags: *flags,
-                backend_id: 0,
+                backend_id,
                 service_id: 0,
                 snat_port: 0,
                 _pad: 0,

@@ -820,10 +820,17 @@ pub enum Counter {
     /// Flows removed by the daemon's sweep once idle past their timeout
     /// (written by userspace only, on CPU 0's slot).
     Swept = 38,
+    /// A TCP packet of a flow whose backend was removed from its service
+    /// (not down, not draining): answered with a reset (XDP), the flow's
+    /// state deleted.
+    Reset = 39,
+    /// The same, where no reset could be sent (the TC hook, or a packet
+    /// that cannot be answered): dropped, the flow's state deleted.
+    ResetDropped = 40,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 39;
+pub const COUNTER_COUNT: u32 = 41;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -869,6 +876,8 @@ impl Counter {
         Counter::Evicted,
         Counter::RstIgnored,
         Counter::Swept,
+        Counter::Reset,
+        Counter::ResetDropped,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -928,6 +937,8 @@ impl Counter {
             Counter::Evicted => "evicted",
             Counter::RstIgnored => "rst_ignored",
             Counter::Swept => "swept",
+            Counter::Reset => "reset",
+            Counter::ResetDropped => "reset_dropped",
         }
     }
 }

@@ -55,7 +55,7 @@ use crate::{
         parse, ptr_at, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, IPV4_LEN, IPV6_LEN, KIND_FRAG,
         KIND_ICMP_ERR, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
-    toobig,
+    reset, toobig,
 };
 
 #[inline(always)]
@@ -506,7 +506,11 @@ fn is_vip(pkt: &Packet) -> bool {
 #[inline(never)]
 fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u32> {
     let mut ct = CtEntry::default();
-    let new = pick_backend(pkt, service_id, &mut ct)?;
+    let new = match pick_backend(pkt, service_id, &mut ct) {
+        Ok(new) => new,
+        Err(reset::RESET) => return Err(reset::reply(ctx, pkt)),
+        Err(v) => return Err(v),
+    };
     if ct.flags & CT_F_UNTRACKED != 0 && (ct.flags & CT_F_SNAT != 0 || C::LOCAL_SENDERS) {
         // Untracked, it would need SNAT or hairpin state it may not make.
         count(Counter::NoFlow);
@@ -745,7 +749,14 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
         // SAFETY: LRU map value; a concurrent update of `flags` only loses
         // a flag bit, which the next FIN/RST sets again.
         let ct = unsafe { &mut *ct };
-        let live = ct_live(ct, pkt);
+        let state = ct_live(ct, pkt);
+        if state == CT_RESET {
+            // Its backend was removed: the client learns at once.
+            forget_flow(pkt, ct);
+            let _ = MLB_CT_V2.remove(&pkt.key);
+            return Err(reset::RESET);
+        }
+        let live = state == CT_LIVE;
         let moved = live && !tcp && !serves(ct);
         if live && !moved && !(is_syn(pkt) && ct.flags & CT_F_CLOSING != 0) {
             if flags & !ct.flags != 0 {
@@ -815,17 +826,26 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
     Ok(true)
 }
 
-/// Whether a known flow is still live at this packet, refreshing its
-/// last-seen time (at most once a second) if so; `false` (counted): idle
-/// past its timeout, to be treated as absent. A RST from the client's
-/// side followed by more of the client's traffic was forged (or lost):
-/// the flow is live, not closing (counted).
+/// `ct_live`: the flow goes on.
+const CT_LIVE: u8 = 0;
+/// `ct_live`: idle past its timeout, to be treated as absent.
+const CT_EXPIRED: u8 = 1;
+/// `ct_live`: a TCP flow whose backend was removed, to be reset.
+const CT_RESET: u8 = 2;
+
+/// The state of a known flow at this packet (`CT_*`), refreshing its
+/// last-seen time (at most once a tick) when it goes on. A RST from the
+/// client's side followed by more of the client's traffic was forged (or
+/// lost): the flow is live, not closing (counted).
 #[inline(never)]
-fn ct_live(ct: &mut CtEntry, pkt: &Packet) -> bool {
+fn ct_live(ct: &mut CtEntry, pkt: &Packet) -> u8 {
     let now = clock_now();
     if ct.expired(now, pkt.key.proto, &flow_cfg()) {
         count(Counter::Expired);
-        return false;
+        return CT_EXPIRED;
+    }
+    if pkt.key.proto == PROTO_TCP && pkt.tcp_flags & TCP_RST == 0 && !still_listed(ct) {
+        return CT_RESET;
     }
     if ct.last_seen != now {
         ct.last_seen = now;
@@ -834,7 +854,16 @@ fn ct_live(ct: &mut CtEntry, pkt: &Packet) -> bool {
         ct.flags &= !(CT_F_RST | CT_F_RST_CLIENT);
         count(Counter::RstIgnored);
     }
-    true
+    CT_LIVE
+}
+
+/// Whether a flow's backend is still in its slot (maybe down or
+/// draining): a TCP flow whose backend was removed is reset.
+#[inline(always)]
+fn still_listed(ct: &CtEntry) -> bool {
+    matches!(MLB_BE_V1.get(ct.backend_id), Some(b) if b.flags & BE_F_PRESENT != 0
+        && b.port == ct.backend_port
+        && b.addr == ct.backend_addr)
 }
 
 /// Whether a flow's backend still serves it: the slot holds the same

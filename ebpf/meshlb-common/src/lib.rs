@@ -892,6 +892,7 @@ impl Counter {
                 | Counter::HairpinNoAddr
                 | Counter::FragUnknown
                 | Counter::NoFlow
+                | Counter::ResetDropped
         )
     }
 

@@ -215,6 +215,8 @@ pub struct ConntrackConfig {
     /// A SNAT port whose flow closed or vanished waits this long before
     /// another client's flow may take it.
     pub snat_quarantine: u32,
+    /// New flows per second over which `status` reports a flood.
+    pub flood_threshold: u32,
 }
 
 impl Default for ConntrackConfig {
@@ -225,6 +227,7 @@ impl Default for ConntrackConfig {
             tcp_closing_timeout: meshlb_common::DEFAULT_TCP_CLOSING_TIMEOUT_S,
             udp_timeout: meshlb_common::DEFAULT_UDP_TIMEOUT_S,
             snat_quarantine: meshlb_common::DEFAULT_SNAT_QUARANTINE_S,
+            flood_threshold: meshlb_common::DEFAULT_FLOOD_THRESHOLD,
         }
     }
 }
@@ -237,6 +240,8 @@ impl ConntrackConfig {
             tcp_closing_timeout_s: self.tcp_closing_timeout,
             udp_timeout_s: self.udp_timeout,
             snat_quarantine_s: self.snat_quarantine,
+            flood_threshold: self.flood_threshold,
+            _pad: 0,
         }
     }
 }
@@ -384,6 +389,7 @@ pub struct ConntrackDef {
     pub tcp_closing_timeout: Option<String>,
     pub udp_timeout: Option<String>,
     pub snat_quarantine: Option<String>,
+    pub flood_threshold: Option<i64>,
 }
 
 /// Smallest and largest `conntrack.max_flows`.
@@ -405,6 +411,16 @@ impl ConntrackDef {
                 ))
             }
         };
+        let flood_threshold = match self.flood_threshold {
+            None => d.flood_threshold,
+            Some(n) if (1..=100_000_000).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(FieldError::new(
+                    "conntrack.flood_threshold",
+                    format!("must be 1 to 100000000 new flows per second, got {n}"),
+                ))
+            }
+        };
         let dur = |key: &str, v: &Option<String>, default: u32| match v {
             None => Ok(default),
             Some(s) => duration_secs(s).map_err(|e| FieldError::new(format!("conntrack.{key}"), e)),
@@ -419,6 +435,7 @@ impl ConntrackDef {
             )?,
             udp_timeout: dur("udp_timeout", &self.udp_timeout, d.udp_timeout)?,
             snat_quarantine: dur("snat_quarantine", &self.snat_quarantine, d.snat_quarantine)?,
+            flood_threshold,
         })
     }
 }
@@ -1819,6 +1836,7 @@ weight = 300
                 tcp_closing_timeout: 10,
                 udp_timeout: 3,
                 snat_quarantine: 60,
+                flood_threshold: 20_000,
             }
         );
         assert_eq!(parse("").unwrap().conntrack, ConntrackConfig::default());

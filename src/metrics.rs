@@ -230,8 +230,9 @@ pub fn render(status: &inspect::Status) -> String {
 /// flow events the data path counts. `created`: new flows; `rebalanced`:
 /// UDP flows moved off a backend that went down or away; `healed`: flows
 /// whose evicted reply half was re-created; `untracked`: TCP packets of no
-/// known flow forwarded without state. Expiry is not implemented yet, and
-/// LRU evictions are not observable from the maps.
+/// known flow forwarded without state; `expired`: idle past the timeout
+/// (found by a packet, or swept); `evicted`: a SNAT port found whose flow's
+/// conntrack entry was gone. The new-flow rate and the flood state too.
 fn flow_metrics(status: &inspect::Status, out: &mut String) {
     let counter = |name: &str| status.counters.get(name).copied().unwrap_or(0);
     let gauges = [
@@ -244,6 +245,21 @@ fn flow_metrics(status: &inspect::Status, out: &mut String) {
             "meshlb_flow_table_size",
             "Capacity of each flow table.",
             status.flow_table_size,
+        ),
+        (
+            "meshlb_embryonic_flows",
+            "Flows not established yet (kept apart from established ones).",
+            status.embryonic_flows,
+        ),
+        (
+            "meshlb_new_flows_per_second",
+            "New flows in the last full second.",
+            status.new_flows_per_second,
+        ),
+        (
+            "meshlb_flood",
+            "1 while the new-flow rate is over [conntrack] flood_threshold.",
+            u64::from(status.flood),
         ),
         (
             "meshlb_snat_ports_in_use",
@@ -384,6 +400,10 @@ mod tests {
             dataplane: "xdp-native",
             services: vec![],
             conntrack_entries: 0,
+            embryonic_flows: 0,
+            new_flows_per_second: 0,
+            flood_threshold: 0,
+            flood: false,
             snat_ports_in_use: 0,
             flow_table_size: 0,
             counters,
@@ -423,6 +443,10 @@ mod tests {
             dataplane: "xdp-native",
             services: vec![],
             conntrack_entries: 7,
+            embryonic_flows: 0,
+            new_flows_per_second: 0,
+            flood_threshold: 0,
+            flood: false,
             snat_ports_in_use: 6,
             flow_table_size: 262_144,
             counters,
@@ -477,6 +501,10 @@ mod tests {
                 connections: 0,
             }],
             conntrack_entries: 0,
+            embryonic_flows: 0,
+            new_flows_per_second: 0,
+            flood_threshold: 0,
+            flood: false,
             snat_ports_in_use: 0,
             flow_table_size: 0,
             counters: BTreeMap::new(),

@@ -14,12 +14,12 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use meshlb_common::{
-    flow_clock, maps, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey, FrontendKey,
+    flow_clock, maps, ticks, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey, FrontendKey,
     FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
     BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
-    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE, SNAT_EMBRYONIC_NS,
-    SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_PRESENT,
+    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP, RING_SIZE,
+    SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SVC_F_PRESENT,
 };
 
 use super::fake::FakeDataplane;
@@ -30,7 +30,7 @@ use crate::model::{
     Proto, ServiceKey,
 };
 use crate::nodenet::NodeNet;
-use crate::pinned::{addr_bytes, addr_from, Maps, PinnedError};
+use crate::pinned::{addr_bytes, addr_from, monotonic_ns, Maps, PinnedError};
 use crate::reconcile::{Op, Plan};
 
 pub use crate::config::XdpMode as AttachMode;
@@ -294,14 +294,6 @@ fn load(dir: &Path, max_flows: u32) -> Result<Ebpf, XdpError> {
     loader
         .load(crate::EBPF_OBJECT)
         .map_err(|e| XdpError::Load(Box::new(e)))
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the data path's `bpf_ktime_get_ns`
-/// (and, coarse, `bpf_ktime_get_coarse_ns`).
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 /// Copies the flows of a conntrack map of the V1 layout (an earlier
@@ -590,6 +582,17 @@ impl XdpDataplane {
         for k in &ct {
             let _ = self.maps.conntrack.remove(k);
         }
+        let embryonic: Vec<_> = self
+            .maps
+            .conntrack_embryonic
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .collect();
+        for (k, v) in &embryonic {
+            let _ = self.maps.conntrack_embryonic.remove(k);
+            let _ = self.maps.reverse_nat_embryonic.remove(&reply_key(k, v));
+        }
         let rnat: Vec<_> = self
             .maps
             .reverse_nat
@@ -664,14 +667,31 @@ impl XdpDataplane {
             }
             out.flows += 1;
             if v.flags & CT_F_SNAT == 0 {
-                let reply = FlowKey {
-                    src: v.backend_addr,
-                    dst: k.src,
-                    sport: v.backend_port,
-                    dport: k.sport,
-                    ..*k
+                let _ = self.maps.reverse_nat.remove(&reply_key(k, v));
+            }
+        }
+        // Embryonic flows never established, past their closing or UDP
+        // timeout (the data path ignores them already).
+        let stale: Vec<(FlowKey, CtEntry)> = self
+            .maps
+            .conntrack_embryonic
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let limit = if k.proto == PROTO_TCP {
+                    cfg.tcp_closing()
+                } else {
+                    cfg.udp()
                 };
-                let _ = self.maps.reverse_nat.remove(&reply);
+                now.wrapping_sub(v.last_seen) > ticks(limit)
+            })
+            .collect();
+        for (k, v) in &stale {
+            if self.maps.conntrack_embryonic.remove(k).is_ok() {
+                out.flows += 1;
+            }
+            if v.flags & CT_F_SNAT == 0 {
+                let _ = self.maps.reverse_nat_embryonic.remove(&reply_key(k, v));
             }
         }
         let orphans: Vec<FlowKey> = self
@@ -711,6 +731,17 @@ impl XdpDataplane {
             add_counter(&mut self.maps, Counter::Swept, out.flows as u64);
         }
         out
+    }
+}
+
+/// The reply tuple (reverse-NAT key) of client flow `k` to `ct`'s backend.
+fn reply_key(k: &FlowKey, ct: &CtEntry) -> FlowKey {
+    FlowKey {
+        src: ct.backend_addr,
+        dst: k.src,
+        sport: ct.backend_port,
+        dport: k.sport,
+        ..*k
     }
 }
 

@@ -76,9 +76,19 @@ pub mod maps {
     /// array, index 0 -> `FlowConfig`: flow timeouts and the SNAT port
     /// quarantine (all zero: the defaults).
     pub const FLOW_CONFIG: &str = "MLB_FLOWCFG_V1";
+    /// LRU hash, client flow `FlowKey` -> `CtEntry`: flows not yet
+    /// established (a SYN, a first datagram). A flood of flow openers
+    /// churns only this table and `REVERSE_NAT_EMBRYONIC`; a flow moves to
+    /// `CONNTRACK` (and `REVERSE_NAT`) when it is established.
+    pub const CONNTRACK_EMBRYONIC: &str = "MLB_CTSYN_V1";
+    /// LRU hash, reply `FlowKey` -> `RnatEntry` of embryonic local flows.
+    pub const REVERSE_NAT_EMBRYONIC: &str = "MLB_RNATSYN_V1";
+    /// per-CPU array, index 0 -> `RateWindow`: new flows in the current
+    /// second (the flood state's input).
+    pub const NEW_FLOW_RATE: &str = "MLB_RATE_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 24] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -100,6 +110,9 @@ pub mod maps {
         VIPS,
         FRAGMENTS,
         FLOW_CONFIG,
+        CONNTRACK_EMBRYONIC,
+        REVERSE_NAT_EMBRYONIC,
+        NEW_FLOW_RATE,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -148,6 +161,8 @@ pub const MAX_LOCAL_ADDRS: u32 = 256;
 pub const MAX_IFACES: u32 = 1024;
 /// Connection-tracking capacity (LRU: the oldest flows go first).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of the embryonic tables (flows not yet established).
+pub const MAX_EMBRYONIC: u32 = 65_536;
 /// Client addresses remembered for session affinity, over all services
 /// (LRU: the least recently used go first).
 pub const MAX_AFFINITY: u32 = 65_536;
@@ -371,6 +386,30 @@ pub struct FlowConfig {
     /// client's flow until it has been quiet this long (the peer's
     /// TIME_WAIT).
     pub snat_quarantine_s: u32,
+    /// New flows per second over which the node is flooded (0: the
+    /// default): reported, the embryonic tables absorb the flood.
+    pub flood_threshold: u32,
+    pub _pad: u32,
+}
+
+/// Default `FlowConfig::flood_threshold` (new flows per second).
+pub const DEFAULT_FLOOD_THRESHOLD: u32 = 20_000;
+
+/// One CPU's count of new flows in one second (`NEW_FLOW_RATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateWindow {
+    /// The second (`ns >> 30`, about a second) counted.
+    pub window: u32,
+    pub count: u32,
+}
+
+impl RateWindow {
+    /// The window of a monotonic time in ns.
+    #[inline(always)]
+    pub const fn window_of(ns: u64) -> u32 {
+        (ns >> 30) as u32
+    }
 }
 
 /// Default `FlowConfig::tcp_timeout_s` (1 h).
@@ -406,6 +445,10 @@ impl FlowConfig {
     #[inline(always)]
     pub fn snat_quarantine(&self) -> u32 {
         Self::or(self.snat_quarantine_s, DEFAULT_SNAT_QUARANTINE_S)
+    }
+    #[inline(always)]
+    pub fn flood(&self) -> u32 {
+        Self::or(self.flood_threshold, DEFAULT_FLOOD_THRESHOLD)
     }
 }
 
@@ -827,10 +870,18 @@ pub enum Counter {
     /// The same, where no reset could be sent (the TC hook, or a packet
     /// that cannot be answered): dropped, the flow's state deleted.
     ResetDropped = 40,
+    /// A flow was established (TCP: the client's handshake ACK; UDP: its
+    /// second datagram) and moved from the embryonic tables to the main
+    /// ones, where floods of flow openers cannot evict it.
+    Promoted = 41,
+    /// An embryonic flow's SNAT port went to another flow before it was
+    /// established (its handshake took longer than `SNAT_EMBRYONIC_NS`):
+    /// dropped; the client retries.
+    PortLost = 42,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 41;
+pub const COUNTER_COUNT: u32 = 43;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -878,6 +929,8 @@ impl Counter {
         Counter::Swept,
         Counter::Reset,
         Counter::ResetDropped,
+        Counter::Promoted,
+        Counter::PortLost,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -893,6 +946,7 @@ impl Counter {
                 | Counter::FragUnknown
                 | Counter::NoFlow
                 | Counter::ResetDropped
+                | Counter::PortLost
         )
     }
 
@@ -940,6 +994,8 @@ impl Counter {
             Counter::Swept => "swept",
             Counter::Reset => "reset",
             Counter::ResetDropped => "reset_dropped",
+            Counter::Promoted => "promoted",
+            Counter::PortLost => "port_lost",
         }
     }
 }
@@ -958,6 +1014,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FlowConfig {}
+    unsafe impl aya::Pod for RateWindow {}
     unsafe impl aya::Pod for RnatEntry {}
     unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for NodeMeta {}
@@ -986,7 +1043,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<CtEntry>(), 36);
-        assert_eq!(size_of::<FlowConfig>(), 16);
+        assert_eq!(size_of::<FlowConfig>(), 24);
+        assert_eq!(size_of::<RateWindow>(), 8);
         assert_eq!(size_of::<RnatEntry>(), 32);
         assert_eq!(size_of::<Stats>(), 40);
         assert_eq!(size_of::<NodeMeta>(), 80);

@@ -39,12 +39,13 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use meshlb_common::{
-    flow_clock, hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowConfig,
-    FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey, RnatEntry, SnatAddr,
-    SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSING, CT_F_EST,
-    CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST, CT_F_RST_CLIENT, CT_F_SNAT,
-    FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE, SNAT_EMBRYONIC_NS, SNAT_E_EST,
-    SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS, SNAT_TRIES, SVC_F_PRESENT,
+    flow_clock, hash::flow_slot, ticks, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry,
+    FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey, RateWindow,
+    RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT,
+    CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
+    CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
+    SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS,
+    SNAT_TRIES, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -261,13 +262,13 @@ fn icmp_path<C: Frame>(ctx: &C, pkt: &Packet) -> Result<(), u32> {
         x.inner_sport = e.client_port;
         x.inner_dst = e.frontend_addr;
         x.inner_dport = e.frontend_port;
-    } else if let Some(r) = unsafe { MLB_RNAT_V1.get(&rev) } {
+    } else if let Some(r) = unsafe { MLB_RNAT_V1.get(&rev).or_else(|| MLB_RNATSYN_V1.get(&rev)) } {
         if x.outer_src == pkt.key.dst {
             x.outer_src = r.frontend_addr;
         }
         x.inner_dst = r.frontend_addr;
         x.inner_dport = r.frontend_port;
-    } else if let Some(ct) = unsafe { MLB_CT_V2.get(&rev) } {
+    } else if let Some(ct) = unsafe { MLB_CT_V2.get(&rev).or_else(|| MLB_CTSYN_V1.get(&rev)) } {
         if ct.flags & CT_F_HAIRPIN != 0 {
             // Its source address depends on the interface it entered by.
             count(Counter::NotService);
@@ -533,8 +534,8 @@ fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u
     if ct.flags & CT_F_SNAT != 0 && !snat_source(pkt, ct.flags, &mut src) {
         return Err(XDP_DROP);
     }
-    if !new && ct.flags & CT_F_UNTRACKED == 0 {
-        heal_reply(pkt, &ct, &src);
+    if !new && ct.flags & (CT_F_UNTRACKED | CT_F_EMBRYONIC) == 0 && !heal_reply(pkt, &ct, &src) {
+        return Err(XDP_DROP);
     }
     translate(ctx, pkt, &ct.backend_addr, ct.backend_port, false)?;
     if ct.flags & CT_F_SNAT != 0 {
@@ -582,8 +583,19 @@ fn snat_source(pkt: &Packet, ct_flags: u16, out: &mut [u8; 16]) -> bool {
 /// frontend. `Ok(false)`: not one.
 #[inline(never)]
 fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
-    // SAFETY: LRU map value, copied out at once.
-    let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) }).copied() else {
+    // SAFETY: LRU map values, copied out at once. An embryonic flow's
+    // replies: UDP, or a SYN-ACK, RST or FIN (its data follows the
+    // handshake ACK, which moved it to the main tables).
+    let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) })
+        .or_else(|| {
+            if pkt.key.proto == PROTO_UDP || pkt.tcp_flags & (TCP_SYN | TCP_RST | TCP_FIN) != 0 {
+                unsafe { MLB_RNATSYN_V1.get(&pkt.key) }
+            } else {
+                None
+            }
+        })
+        .copied()
+    else {
         return Ok(false);
     };
     let client = FlowKey {
@@ -632,6 +644,9 @@ fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
 /// `CtEntry::flags` of a packet forwarded without state (`pick_backend`);
 /// never stored.
 const CT_F_UNTRACKED: u16 = 0x8000;
+/// `CtEntry::flags` of a packet of an embryonic flow that stays embryonic
+/// (`embryonic`); never stored.
+const CT_F_EMBRYONIC: u16 = 0x4000;
 
 /// `lookup_frontend`: no frontend.
 const FE_NONE: u8 = 0;
@@ -770,8 +785,19 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
         // down or away: the flow moves): forget its replies.
         // In place, not copied (this frame is on the deepest call chain).
         forget_flow(pkt, ct);
+        let _ = MLB_CT_V2.remove(&pkt.key);
         if moved {
             count(Counter::Rebalanced);
+        }
+    } else {
+        let e = embryonic(pkt, flags, out);
+        if e != EMB_NONE {
+            if e == EMB_PROMOTE {
+                // From here, not from `embryonic`: the deepest chain.
+                promote(pkt, out);
+            }
+            account(out.service_id, out.backend_id, pkt.len, false, false);
+            return Ok(false);
         }
     }
     let stateless = tcp && !is_syn(pkt);
@@ -824,6 +850,60 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
         return Ok(false);
     }
     Ok(true)
+}
+
+/// `embryonic`: no embryonic flow.
+const EMB_NONE: u8 = 0;
+/// `embryonic`: one, which stays embryonic.
+const EMB_HIT: u8 = 1;
+/// `embryonic`: one this packet establishes: to be promoted.
+const EMB_PROMOTE: u8 = 2;
+
+/// A packet of an embryonic flow (`MLB_CTSYN_V1`, younger than its
+/// closing or UDP timeout): its entry in `out`, and `EMB_*`. One that
+/// establishes it (`flags` has `CT_F_EST`: TCP's handshake ACK, UDP's
+/// second datagram) is to be moved to the main tables (`promote`); another
+/// (a SYN retransmit) leaves it embryonic (`CT_F_EMBRYONIC` in `out`: no
+/// reply half is healed into the main tables for it).
+#[inline(never)]
+fn embryonic(pkt: &Packet, flags: u16, out: &mut CtEntry) -> u8 {
+    let Some(e) = MLB_CTSYN_V1.get_ptr(&pkt.key) else {
+        return EMB_NONE;
+    };
+    // SAFETY: LRU map value, copied out at once.
+    *out = unsafe { *e };
+    let Some(cfg) = MLB_FLOWCFG_V1.get(0) else {
+        return EMB_NONE;
+    };
+    let now = clock_now();
+    let limit = if pkt.key.proto == PROTO_TCP {
+        cfg.tcp_closing()
+    } else {
+        cfg.udp()
+    };
+    if now.wrapping_sub(out.last_seen) > ticks(limit) {
+        return EMB_NONE;
+    }
+    if flags & CT_F_EST == 0 {
+        out.flags |= CT_F_EMBRYONIC;
+        return EMB_HIT;
+    }
+    out.flags |= flags;
+    out.last_seen = now;
+    EMB_PROMOTE
+}
+
+/// Moves an established flow from the embryonic tables to the main ones.
+#[inline(never)]
+fn promote(pkt: &Packet, ct: &CtEntry) {
+    let _ = MLB_CT_V2.insert(&pkt.key, ct, 0);
+    if ct.flags & CT_F_SNAT == 0 {
+        let (key, rnat) = rnat_of(pkt, ct);
+        let _ = MLB_RNAT_V1.insert(&key, &rnat, 0);
+        let _ = MLB_RNATSYN_V1.remove(&key);
+    }
+    let _ = MLB_CTSYN_V1.remove(&pkt.key);
+    count(Counter::Promoted);
 }
 
 /// `ct_live`: the flow goes on.
@@ -936,15 +1016,27 @@ fn takes_new_flows(id: u32, service_id: u32, family: u8) -> bool {
         && b.family == family)
 }
 
-/// Records a new flow: its conntrack entry, and for a flow that is not
-/// source-translated the reverse-NAT entry of its replies (a translated
-/// one's is its SNAT entry, written when the port was taken).
+/// Records a new flow in the embryonic tables (`embryonic` moves it to
+/// the main ones once established): its conntrack entry, and for a flow
+/// that is not source-translated the reverse-NAT entry of its replies (a
+/// translated one's is its SNAT entry, written when the port was taken).
 #[inline(never)]
 fn record_flow(pkt: &Packet, ct: &CtEntry) {
-    let mut ok = MLB_CT_V2.insert(&pkt.key, ct, 0).is_ok();
+    let mut ok = MLB_CTSYN_V1.insert(&pkt.key, ct, 0).is_ok();
     if ct.flags & CT_F_SNAT == 0 {
         let (key, rnat) = rnat_of(pkt, ct);
-        ok &= MLB_RNAT_V1.insert(&key, &rnat, 0).is_ok();
+        ok &= MLB_RNATSYN_V1.insert(&key, &rnat, 0).is_ok();
+    }
+    if let Some(w) = MLB_RATE_V1.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        let w = unsafe { &mut *w };
+        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+        let now = RateWindow::window_of(unsafe { bpf_ktime_get_coarse_ns() });
+        if w.window != now {
+            w.window = now;
+            w.count = 0;
+        }
+        w.count += 1;
     }
     // On failure forward anyway: Maglev gives the same answer next time.
     count(if ok {
@@ -984,7 +1076,7 @@ fn rnat_of(pkt: &Packet, ct: &CtEntry) -> (FlowKey, RnatEntry) {
 /// owner is gone may belong to another flow by now, which is never
 /// overwritten). `snat_src`: the flow's SNAT source address.
 #[inline(never)]
-fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
+fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) -> bool {
     if ct.flags & CT_F_SNAT == 0 {
         let (key, rnat) = rnat_of(pkt, ct);
         if MLB_RNAT_V1.get_ptr(&key).is_none()
@@ -992,7 +1084,7 @@ fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
         {
             count(Counter::Healed);
         }
-        return;
+        return true;
     }
     let key = FlowKey {
         src: ct.backend_addr,
@@ -1003,18 +1095,25 @@ fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
     };
     if let Some(e) = MLB_SNAT_V1.get_ptr_mut(&key) {
         // SAFETY: LRU map value; flags only ever gain this bit.
-        unsafe {
-            if ct.flags & CT_F_EST != 0 && (*e).flags & SNAT_E_EST == 0 {
-                (*e).flags |= SNAT_E_EST;
-            }
+        let e = unsafe { &mut *e };
+        if e.client_port != pkt.key.sport || !eq16(&e.client_addr, &pkt.key.src) {
+            // The port went to another flow (this one's entry was lost):
+            // never send on it.
+            count(Counter::PortLost);
+            return false;
         }
-        return;
+        if ct.flags & CT_F_EST != 0 && e.flags & SNAT_E_EST == 0 {
+            e.flags |= SNAT_E_EST;
+        }
+        return true;
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let entry = snat_entry_of(pkt, ct, unsafe { bpf_ktime_get_ns() });
     if MLB_SNAT_V1.insert(&key, &entry, BPF_NOEXIST as u64).is_ok() {
         count(Counter::Healed);
+        return true;
     }
+    false
 }
 
 /// The SNAT entry of a translated flow `ct` (where its replies go back
@@ -1170,6 +1269,8 @@ fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
         if owner.is_some() {
             let _ = MLB_CT_V2.remove(&client);
         }
+        // An embryonic owner that gets established later finds its port
+        // taken (`heal_reply`: `port_lost`) and never sends on it.
     }
     if MLB_SNAT_V1.insert(key, entry, BPF_ANY as u64).is_err() {
         return false;

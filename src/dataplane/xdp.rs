@@ -14,8 +14,8 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use meshlb_common::{
-    flow_clock, maps, ticks, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey, FrontendKey,
-    FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
+    flow_clock, idle_past, maps, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey,
+    FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
     BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
     PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP, RING_SIZE,
     SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX,
@@ -683,7 +683,7 @@ impl XdpDataplane {
                 } else {
                     cfg.udp()
                 };
-                now.wrapping_sub(v.last_seen) > ticks(limit)
+                idle_past(now, v.last_seen, limit)
             })
             .collect();
         for (k, v) in &stale {

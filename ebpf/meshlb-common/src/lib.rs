@@ -356,7 +356,7 @@ impl CtEntry {
     /// of ticks (it wraps after 73 years).
     #[inline(always)]
     pub fn expired(&self, now: u32, proto: u8, cfg: &FlowConfig) -> bool {
-        now.wrapping_sub(self.last_seen) > ticks(self.timeout(proto, cfg))
+        idle_past(now, self.last_seen, self.timeout(proto, cfg))
     }
 
     /// The idle timeout (seconds) of this flow.
@@ -462,6 +462,15 @@ pub const FLOW_TICK_NS: u64 = 1 << 29;
 #[inline(always)]
 pub const fn flow_clock(ns: u64) -> u32 {
     (ns >> 29) as u32
+}
+
+/// Whether a flow last seen at tick `last` is idle past `secs` seconds at
+/// tick `now`. The difference is signed: a `last` ahead of `now` (written
+/// by another CPU, or a packet, after `now` was read) is fresh, never
+/// "idle for 136 years".
+#[inline(always)]
+pub const fn idle_past(now: u32, last: u32, secs: u32) -> bool {
+    (now.wrapping_sub(last) as i32) > ticks(secs) as i32
 }
 
 /// Whole ticks in `secs` seconds (rounded down: a flow is never expired
@@ -1131,6 +1140,13 @@ mod tests {
         assert!(!e.expired(16, PROTO_TCP, &cfg));
         assert!(e.expired(17, PROTO_TCP, &cfg));
         assert_eq!(flow_clock(3 * FLOW_TICK_NS + 1), 3);
+        // Seen "after now" (another CPU refreshed it meanwhile): fresh.
+        let e = CtEntry {
+            last_seen: 100,
+            ..Default::default()
+        };
+        assert!(!e.expired(99, PROTO_UDP, &cfg));
+        assert!(!idle_past(u32::MAX, 2, 3));
 
         let v2 = CtEntry {
             backend_addr: [7; 16],

@@ -39,7 +39,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use meshlb_common::{
-    flow_clock, hash::flow_slot, ticks, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry,
+    flow_clock, hash::flow_slot, idle_past, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry,
     FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey, RateWindow,
     RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT,
     CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
@@ -881,7 +881,7 @@ fn embryonic(pkt: &Packet, flags: u16, out: &mut CtEntry) -> u8 {
     } else {
         cfg.udp()
     };
-    if now.wrapping_sub(out.last_seen) > ticks(limit) {
+    if idle_past(now, out.last_seen, limit) {
         return EMB_NONE;
     }
     if flags & CT_F_EST == 0 {

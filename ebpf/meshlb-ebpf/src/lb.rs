@@ -534,7 +534,9 @@ fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u
     if ct.flags & CT_F_SNAT != 0 && !snat_source(pkt, ct.flags, &mut src) {
         return Err(XDP_DROP);
     }
-    if !new && ct.flags & (CT_F_UNTRACKED | CT_F_EMBRYONIC) == 0 && !heal_reply(pkt, &ct, &src) {
+    // Only an established flow's reply half is healed: an embryonic one's
+    // lives in the embryonic tables (never healed into the main ones).
+    if !new && ct.flags & (CT_F_UNTRACKED | CT_F_EST) == CT_F_EST && !heal_reply(pkt, &ct, &src) {
         return Err(XDP_DROP);
     }
     translate(ctx, pkt, &ct.backend_addr, ct.backend_port, false)?;
@@ -644,9 +646,6 @@ fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
 /// `CtEntry::flags` of a packet forwarded without state (`pick_backend`);
 /// never stored.
 const CT_F_UNTRACKED: u16 = 0x8000;
-/// `CtEntry::flags` of a packet of an embryonic flow that stays embryonic
-/// (`embryonic`); never stored.
-const CT_F_EMBRYONIC: u16 = 0x4000;
 
 /// `lookup_frontend`: no frontend.
 const FE_NONE: u8 = 0;
@@ -760,6 +759,7 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
     if !tcp || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
         flags |= CT_F_EST;
     }
+    let mut hit = false;
     if let Some(ct) = MLB_CT_V2.get_ptr_mut(&pkt.key) {
         // SAFETY: LRU map value; a concurrent update of `flags` only loses
         // a flag bit, which the next FIN/RST sets again.
@@ -778,27 +778,30 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
                 ct.flags |= flags;
             }
             *out = *ct;
-            account(out.service_id, out.backend_id, pkt.len, false, false);
-            return Ok(false);
-        }
-        // The tuple's previous flow is over (or, UDP, its backend went
-        // down or away: the flow moves): forget its replies.
-        // In place, not copied (this frame is on the deepest call chain).
-        forget_flow(pkt, ct);
-        let _ = MLB_CT_V2.remove(&pkt.key);
-        if moved {
-            count(Counter::Rebalanced);
+            hit = true;
+        } else {
+            // The tuple's previous flow is over (or, UDP, its backend went
+            // down or away: the flow moves): forget its replies.
+            // In place, not copied (this frame is on the deepest call chain).
+            forget_flow(pkt, ct);
+            let _ = MLB_CT_V2.remove(&pkt.key);
+            if moved {
+                count(Counter::Rebalanced);
+            }
         }
     } else {
         let e = embryonic(pkt, flags, out);
-        if e != EMB_NONE {
-            if e == EMB_PROMOTE {
-                // From here, not from `embryonic`: the deepest chain.
-                promote(pkt, out);
-            }
-            account(out.service_id, out.backend_id, pkt.len, false, false);
-            return Ok(false);
+        if e == EMB_PROMOTE {
+            // From here, not from `embryonic`: the deepest chain.
+            promote(pkt, out);
         }
+        hit = e != EMB_NONE;
+    }
+    // One exit for every known flow: the verifier walks what follows
+    // (in the caller) once, not once per way of finding the flow.
+    if hit {
+        account(out.service_id, out.backend_id, pkt.len, false, false);
+        return Ok(false);
     }
     let stateless = tcp && !is_syn(pkt);
 
@@ -863,29 +866,30 @@ const EMB_PROMOTE: u8 = 2;
 /// closing or UDP timeout): its entry in `out`, and `EMB_*`. One that
 /// establishes it (`flags` has `CT_F_EST`: TCP's handshake ACK, UDP's
 /// second datagram) is to be moved to the main tables (`promote`); another
-/// (a SYN retransmit) leaves it embryonic (`CT_F_EMBRYONIC` in `out`: no
-/// reply half is healed into the main tables for it).
+/// (a SYN retransmit) leaves it embryonic (not established: no reply half
+/// is healed into the main tables for it).
 #[inline(never)]
 fn embryonic(pkt: &Packet, flags: u16, out: &mut CtEntry) -> u8 {
     let Some(e) = MLB_CTSYN_V1.get_ptr(&pkt.key) else {
         return EMB_NONE;
     };
-    // SAFETY: LRU map value, copied out at once.
-    *out = unsafe { *e };
     let Some(cfg) = MLB_FLOWCFG_V1.get(0) else {
         return EMB_NONE;
     };
-    let now = clock_now();
     let limit = if pkt.key.proto == PROTO_TCP {
         cfg.tcp_closing()
     } else {
         cfg.udp()
     };
-    if idle_past(now, out.last_seen, limit) {
+    let now = clock_now();
+    // SAFETY: LRU map value; read, then copied out only when it is used
+    // (every miss leaves `out` as it was: one state for the verifier).
+    if idle_past(now, unsafe { (*e).last_seen }, limit) {
         return EMB_NONE;
     }
+    // SAFETY: as above.
+    *out = unsafe { *e };
     if flags & CT_F_EST == 0 {
-        out.flags |= CT_F_EMBRYONIC;
         return EMB_HIT;
     }
     out.flags |= flags;

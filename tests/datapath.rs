@@ -922,7 +922,7 @@ fn cases() -> Vec<Case> {
                 syn_r.bytes(),
                 fwd(&syn_r.translated(
                     Some(("10.201.1.3", 8000)),
-                    Some((SNAT4, SNAT_PORT + 1)),
+                    Some((SNAT4, next_port(c4, 40000))),
                     FXA_MAC,
                     BE3_MAC,
                 )),
@@ -944,7 +944,7 @@ fn cases() -> Vec<Case> {
                 syn_r.bytes(),
                 fwd(&syn_r.translated(
                     Some(("10.201.1.3", 8000)),
-                    Some((SNAT4, SNAT_PORT + 1)),
+                    Some((SNAT4, next_port(c4, 40000))),
                     FXA_MAC,
                     BE3_MAC,
                 )),
@@ -1074,7 +1074,7 @@ fn cases() -> Vec<Case> {
             },
             steps: vec![step(
                 syn_r.bytes(),
-                fwd(&syn_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, SNAT_PORT + 1)), FXA_MAC, BE3_MAC)),
+                fwd(&syn_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, next_port(c4, 40000))), FXA_MAC, BE3_MAC)),
                 &[(Counter::SnatNew, 1), (Counter::SnatReclaimed, 0)],
             )],
             after: None,
@@ -1108,7 +1108,7 @@ fn cases() -> Vec<Case> {
             },
             steps: vec![step(
                 syn_r.bytes(),
-                fwd(&syn_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, SNAT_PORT + 1)), FXA_MAC, BE3_MAC)),
+                fwd(&syn_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, next_port(c4, 40000))), FXA_MAC, BE3_MAC)),
                 &[(Counter::SnatNew, 1), (Counter::SnatReclaimed, 0), (Counter::Evicted, 1)],
             )],
             after: None,
@@ -1176,7 +1176,7 @@ fn cases() -> Vec<Case> {
                 ),
                 step(
                     syn_r_other.bytes(),
-                    fwd(&syn_r_other.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, SNAT_PORT + 1)), FXA_MAC, BE3_MAC)),
+                    fwd(&syn_r_other.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, next_port("10.200.0.9", 40000))), FXA_MAC, BE3_MAC)),
                     &[(Counter::SnatNew, 1), (Counter::SnatReclaimed, 0)],
                 ),
                 step(
@@ -1547,6 +1547,21 @@ fn cases() -> Vec<Case> {
 // ---------------------------------------------------------------------
 // Running it
 // ---------------------------------------------------------------------
+
+/// The SNAT port a flow from `client`:`port` gets when the port its own
+/// source port maps to (`SNAT_PORT` for 40000) is taken: the first of
+/// the walk from its salted start.
+fn next_port(client: &str, port: u16) -> u16 {
+    let (addr, _) = addr_bytes(client.parse().unwrap());
+    let a = meshlb_common::SnatAddr {
+        port_min: meshlb_common::SNAT_PORT_MIN,
+        port_max: meshlb_common::SNAT_PORT_MAX,
+        hole_min: EPHEMERAL.0,
+        hole_max: EPHEMERAL.1,
+        ..Default::default()
+    };
+    a.candidate(meshlb_common::salted(port, &addr), 0)
+}
 
 /// The TCP reset the load balancer answers client packet `f` with when its
 /// flow's backend was removed (RFC 9293: an ACK's number as sequence, else

@@ -662,7 +662,10 @@ impl SnatAddr {
     /// themselves modulo the count); later tries walk on by one. So a
     /// client tuple maps to the same port every time it comes back, and a
     /// backend sees the client's own port reuse pattern, which its
-    /// TIME_WAIT handling (timestamps are per tuple) accepts.
+    /// TIME_WAIT handling (timestamps are per tuple) accepts. When that
+    /// port is taken, the allocator walks on from `salted` instead:
+    /// clients that share source ports then take different ports, rather
+    /// than all queueing for the next ones.
     #[inline(always)]
     pub fn candidate(&self, client: u16, try_no: u32) -> u16 {
         let n = self.usable();
@@ -693,6 +696,16 @@ impl SnatAddr {
         let p = min + idx;
         (if hole > 0 && p >= hmin { p + hole } else { p }) as u16
     }
+}
+
+/// A client's source port mixed with a hash of its address: where the SNAT
+/// allocator walks on when the client's own port is taken (clients that
+/// share source ports then spread over the range).
+#[inline(always)]
+pub fn salted(client: u16, addr: &[u8; 16]) -> u16 {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let h = (w(0) ^ w(4) ^ w(8) ^ w(12)).wrapping_mul(0x9e37_79b1);
+    client ^ (h >> 16) as u16
 }
 
 /// Default SNAT ports: all non-privileged ones (minus the node's
@@ -1099,6 +1112,17 @@ mod tests {
         assert_eq!(a.candidate(32767, 1), 61000);
         assert_eq!(a.candidate(65535, 1), 1024);
         assert_eq!(a.candidate(80, 0), 80 + 1024);
+        // Clients that share a source port walk on from different ports.
+        let c1 = [10, 210, 0, 101, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let c2 = [10, 210, 0, 102, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let (p1, p2) = (
+            a.candidate(salted(40000, &c1), 0),
+            a.candidate(salted(40000, &c2), 0),
+        );
+        assert_ne!(p1, p2);
+        for p in [p1, p2] {
+            assert!(p >= 1024 && !(32768..=60999).contains(&p), "{p}");
+        }
     }
 
     #[test]

@@ -39,9 +39,9 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use meshlb_common::{
-    flow_clock, hash::flow_slot, idle_past, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry,
-    FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey, RateWindow,
-    RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT,
+    flow_clock, hash::flow_slot, idle_past, salted, AddrKey, AffinityEntry, AffinityKey, Counter,
+    CtEntry, FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey,
+    RateWindow, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT,
     CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
     CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
     SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS,
@@ -1193,10 +1193,17 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let entry = snat_entry_of(pkt, ct, now);
-    let client = u16::from_be(pkt.key.sport);
-    for i in 0..SNAT_TRIES {
-        key.dport = a.candidate(client, i).to_be();
-        if try_port(&key, &entry, now) {
+    // The client's own port first; taken, walk on from a start salted
+    // with the client's address. One value live across the calls: this
+    // frame is on the deepest call chain.
+    key.dport = a.candidate(u16::from_be(pkt.key.sport), 0).to_be();
+    if try_port(&key, &entry) {
+        return Ok(key.dport);
+    }
+    let start = salted(u16::from_be(pkt.key.sport), &pkt.key.src);
+    for i in 0..SNAT_TRIES - 1 {
+        key.dport = a.candidate(start, i).to_be();
+        if try_port(&key, &entry) {
             return Ok(key.dport);
         }
     }
@@ -1215,7 +1222,9 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
 /// The old entry, the owner's and the timeouts are read in place, not
 /// copied: this is the deepest frame of the deepest call chain.
 #[inline(never)]
-fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
+fn try_port(key: &FlowKey, entry: &SnatEntry) -> bool {
+    // The new entry's time is now (one less value kept live by the caller).
+    let now = entry.last_seen;
     if MLB_SNAT_V1.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
         count(Counter::SnatNew);
         return true;

@@ -1030,6 +1030,11 @@ fn record_flow(pkt: &Packet, ct: &CtEntry) {
     if ct.flags & CT_F_SNAT == 0 {
         let (key, rnat) = rnat_of(pkt, ct);
         ok &= MLB_RNATSYN_V1.insert(&key, &rnat, 0).is_ok();
+        // A main entry for the same reply tuple is an earlier flow's (the
+        // client reused its port, e.g. towards another frontend of the
+        // same backend): looked up first, it would translate this flow's
+        // replies to that frontend.
+        let _ = MLB_RNAT_V1.remove(&key);
     }
     if let Some(w) = MLB_RATE_V1.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.

@@ -929,6 +929,11 @@ fn ct_live(ct: &mut CtEntry, pkt: &Packet) -> u8 {
         return CT_EXPIRED;
     }
     if pkt.key.proto == PROTO_TCP && pkt.tcp_flags & TCP_RST == 0 && !still_listed(ct) {
+        // A SYN opens a new flow on the tuple (its client reused the
+        // port): it is balanced afresh, never reset.
+        if pkt.tcp_flags & TCP_SYN != 0 {
+            return CT_EXPIRED;
+        }
         return CT_RESET;
     }
     if ct.last_seen != now {

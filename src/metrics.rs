@@ -61,8 +61,12 @@ impl Registry {
 
     fn render(&self, out: &mut String) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(out, "# HELP meshlb_sync_latency_seconds From an etcd event observed to the kernel state applied.");
-        let _ = writeln!(out, "# TYPE meshlb_sync_latency_seconds histogram");
+        family(
+            out,
+            "meshlb_sync_latency_seconds",
+            "histogram",
+            "From an etcd event observed to the kernel state applied.",
+        );
         for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -77,11 +81,12 @@ impl Registry {
         );
         let _ = writeln!(out, "meshlb_sync_latency_seconds_sum {}", g.sum);
         let _ = writeln!(out, "meshlb_sync_latency_seconds_count {}", g.count);
-        let _ = writeln!(
+        family(
             out,
-            "# HELP meshlb_config_errors_total Config items rejected, by kind."
+            "meshlb_config_errors_total",
+            "counter",
+            "Config items rejected, by kind.",
         );
-        let _ = writeln!(out, "# TYPE meshlb_config_errors_total counter");
         for (k, v) in &g.config_errors {
             let _ = writeln!(out, "meshlb_config_errors_total{{kind=\"{}\"}} {v}", esc(k));
         }
@@ -100,6 +105,12 @@ struct BackendSeries {
     connections: u64,
     /// Up in at least one of its slots.
     up: bool,
+}
+
+/// Starts a metric family: its `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// Escapes a label value (text format: backslash, quote, newline).
@@ -146,8 +157,7 @@ pub fn render(status: &inspect::Status) -> String {
         ),
     ];
     for (name, help, kind, fin, fout) in directed {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+        family(&mut out, name, kind, help);
         for ((svc, be), b) in &series {
             for (dir, v) in [("in", fin(b)), ("out", fout(b))] {
                 let _ = writeln!(
@@ -172,14 +182,17 @@ pub fn render(status: &inspect::Status) -> String {
         ),
     ];
     for (name, help, kind, f) in plain {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+        family(&mut out, name, kind, help);
         for ((svc, be), b) in &series {
             let _ = writeln!(out, "{name}{{service=\"{svc}\",backend=\"{be}\"}} {}", f(b));
         }
     }
-    let _ = writeln!(out, "# HELP meshlb_backends Backends per service.");
-    let _ = writeln!(out, "# TYPE meshlb_backends gauge");
+    family(
+        &mut out,
+        "meshlb_backends",
+        "gauge",
+        "Backends per service.",
+    );
     let mut per_service: BTreeMap<String, usize> = BTreeMap::new();
     for (svc, _) in series.keys() {
         *per_service.entry(svc.clone()).or_default() += 1;
@@ -190,8 +203,12 @@ pub fn render(status: &inspect::Status) -> String {
     for (svc, n) in &per_service {
         let _ = writeln!(out, "meshlb_backends{{service=\"{svc}\"}} {n}");
     }
-    let _ = writeln!(out, "# HELP meshlb_datapath_packets_total Data-path events by kind (passes, translations, malformed input).");
-    let _ = writeln!(out, "# TYPE meshlb_datapath_packets_total counter");
+    family(
+        &mut out,
+        "meshlb_datapath_packets_total",
+        "counter",
+        "Data-path events by kind (passes, translations, malformed input).",
+    );
     for (k, v) in &status.counters {
         let _ = writeln!(out, "meshlb_datapath_packets_total{{kind=\"{k}\"}} {v}");
     }
@@ -201,11 +218,7 @@ pub fn render(status: &inspect::Status) -> String {
         .filter_map(|c| status.counters.get(c.name()).map(|v| (c.name(), *v)))
         .collect();
     if !drops.is_empty() {
-        let _ = writeln!(
-            out,
-            "# HELP meshlb_dropped_total Packets the data path dropped, by reason (a VIP port nobody publishes, no usable backend, no SNAT port, a later fragment whose first was not seen, ...)."
-        );
-        let _ = writeln!(out, "# TYPE meshlb_dropped_total counter");
+        family(&mut out, "meshlb_dropped_total", "counter", "Packets the data path dropped, by reason (a VIP port nobody publishes, no usable backend, no SNAT port, a later fragment whose first was not seen, ...).");
         for (reason, v) in drops {
             let _ = writeln!(out, "meshlb_dropped_total{{reason=\"{reason}\"}} {v}");
         }
@@ -213,11 +226,12 @@ pub fn render(status: &inspect::Status) -> String {
     if status.flow_table_size > 0 {
         flow_metrics(status, &mut out);
     }
-    let _ = writeln!(
-        out,
-        "# HELP meshlb_dataplane_info The forwarding engine in use."
+    family(
+        &mut out,
+        "meshlb_dataplane_info",
+        "gauge",
+        "The forwarding engine in use.",
     );
-    let _ = writeln!(out, "# TYPE meshlb_dataplane_info gauge");
     let _ = writeln!(
         out,
         "meshlb_dataplane_info{{kind=\"{}\"}} 1",
@@ -252,25 +266,26 @@ fn flow_metrics(status: &inspect::Status, out: &mut String) {
         ),
     ];
     for (name, help, v) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
+        family(out, name, "gauge", help);
         let _ = writeln!(out, "{name} {v}");
     }
-    let _ = writeln!(
+    family(
         out,
-        "# HELP meshlb_snat_exhausted_total New flows dropped for want of a free SNAT port."
+        "meshlb_snat_exhausted_total",
+        "counter",
+        "New flows dropped for want of a free SNAT port.",
     );
-    let _ = writeln!(out, "# TYPE meshlb_snat_exhausted_total counter");
     let _ = writeln!(
         out,
         "meshlb_snat_exhausted_total {}",
         counter("snat_exhausted")
     );
-    let _ = writeln!(
+    family(
         out,
-        "# HELP meshlb_flow_events_total Flow table events (created, rebalanced, healed, untracked)."
+        "meshlb_flow_events_total",
+        "counter",
+        "Flow table events (created, rebalanced, healed, untracked).",
     );
-    let _ = writeln!(out, "# TYPE meshlb_flow_events_total counter");
     for (event, c) in [
         ("created", "new_flow"),
         ("rebalanced", "rebalanced"),

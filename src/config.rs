@@ -198,7 +198,52 @@ pub struct Config {
     /// `None`: do not register this node's containers.
     pub docker: Option<DockerConfig>,
     pub metrics: MetricsConfig,
+    /// `[conntrack]`: the XDP data plane's flow table.
+    pub conntrack: ConntrackConfig,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[conntrack]`: flow-table size and timeouts (seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackConfig {
+    /// Entries of each flow table (conntrack, reverse NAT, SNAT); takes
+    /// effect when the tables are created (a fresh `--bpffs`).
+    pub max_flows: u32,
+    pub tcp_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub udp_timeout: u32,
+    /// A SNAT port whose flow closed or vanished waits this long before
+    /// another client's flow may take it.
+    pub snat_quarantine: u32,
+    /// New flows per second over which `status` reports a flood.
+    pub flood_threshold: u32,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        ConntrackConfig {
+            max_flows: meshlb_common::MAX_FLOWS,
+            tcp_timeout: meshlb_common::DEFAULT_TCP_TIMEOUT_S,
+            tcp_closing_timeout: meshlb_common::DEFAULT_TCP_CLOSING_TIMEOUT_S,
+            udp_timeout: meshlb_common::DEFAULT_UDP_TIMEOUT_S,
+            snat_quarantine: meshlb_common::DEFAULT_SNAT_QUARANTINE_S,
+            flood_threshold: meshlb_common::DEFAULT_FLOOD_THRESHOLD,
+        }
+    }
+}
+
+impl ConntrackConfig {
+    /// The data path's view (`MLB_FLOWCFG_V1`).
+    pub fn flow_config(&self) -> meshlb_common::FlowConfig {
+        meshlb_common::FlowConfig {
+            tcp_timeout_s: self.tcp_timeout,
+            tcp_closing_timeout_s: self.tcp_closing_timeout,
+            udp_timeout_s: self.udp_timeout,
+            snat_quarantine_s: self.snat_quarantine,
+            flood_threshold: self.flood_threshold,
+            _pad: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -304,6 +349,7 @@ pub struct ConfigDef {
     pub etcd: Option<EtcdDef>,
     pub docker: Option<DockerDef>,
     pub metrics: Option<MetricsDef>,
+    pub conntrack: Option<ConntrackDef>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDef>,
 }
@@ -332,6 +378,93 @@ pub struct DockerDef {
 #[serde(deny_unknown_fields)]
 pub struct MetricsDef {
     pub listen: Option<String>,
+}
+
+/// `[conntrack]` as written: durations as `"90s"`, `"2m"`, `"1h"`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackDef {
+    pub max_flows: Option<i64>,
+    pub tcp_timeout: Option<String>,
+    pub tcp_closing_timeout: Option<String>,
+    pub udp_timeout: Option<String>,
+    pub snat_quarantine: Option<String>,
+    pub flood_threshold: Option<i64>,
+}
+
+/// Smallest and largest `conntrack.max_flows`.
+const MAX_FLOWS_RANGE: (i64, i64) = (1024, 16 << 20);
+
+impl ConntrackDef {
+    fn validate(&self) -> Result<ConntrackConfig, FieldError> {
+        let d = ConntrackConfig::default();
+        let max_flows = match self.max_flows {
+            None => d.max_flows,
+            Some(n) if (MAX_FLOWS_RANGE.0..=MAX_FLOWS_RANGE.1).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(FieldError::new(
+                    "conntrack.max_flows",
+                    format!(
+                        "must be {} to {}, got {n}",
+                        MAX_FLOWS_RANGE.0, MAX_FLOWS_RANGE.1
+                    ),
+                ))
+            }
+        };
+        let flood_threshold = match self.flood_threshold {
+            None => d.flood_threshold,
+            Some(n) if (1..=100_000_000).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(FieldError::new(
+                    "conntrack.flood_threshold",
+                    format!("must be 1 to 100000000 new flows per second, got {n}"),
+                ))
+            }
+        };
+        let dur = |key: &str, v: &Option<String>, default: u32| match v {
+            None => Ok(default),
+            Some(s) => duration_secs(s).map_err(|e| FieldError::new(format!("conntrack.{key}"), e)),
+        };
+        Ok(ConntrackConfig {
+            max_flows,
+            tcp_timeout: dur("tcp_timeout", &self.tcp_timeout, d.tcp_timeout)?,
+            tcp_closing_timeout: dur(
+                "tcp_closing_timeout",
+                &self.tcp_closing_timeout,
+                d.tcp_closing_timeout,
+            )?,
+            udp_timeout: dur("udp_timeout", &self.udp_timeout, d.udp_timeout)?,
+            snat_quarantine: dur("snat_quarantine", &self.snat_quarantine, d.snat_quarantine)?,
+            flood_threshold,
+        })
+    }
+}
+
+/// A duration of whole seconds, 1 s to 7 days: a number with a unit
+/// (`s`, `m`, `h`, `d`), e.g. `"90s"`, `"2m"`, `"1h"`.
+pub fn duration_secs(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: expected a number with a unit s, m, h or d (e.g. \"90s\", \"2m\")"
+            ))
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected digits before the unit"))?;
+    let secs = n.saturating_mul(mult);
+    if !(1..=7 * 86_400).contains(&secs) {
+        return Err(format!("duration {s:?} out of range: 1s to 7d"));
+    }
+    Ok(secs as u32)
 }
 
 /// A service as written: a `[[service]]` table, or (without `backend`)
@@ -757,6 +890,12 @@ impl ConfigDef {
                 socket: PathBuf::from(d.socket.as_deref().unwrap_or(DEFAULT_DOCKER_SOCKET)),
             }),
             metrics: MetricsConfig { listen },
+            conntrack: self
+                .conntrack
+                .as_ref()
+                .map(ConntrackDef::validate)
+                .transpose()?
+                .unwrap_or_default(),
             services,
         })
     }
@@ -1650,6 +1789,24 @@ weight = 300
                 "interfaces[1]: invalid interface name",
                 Some(1),
             ),
+            (
+                "conntrack timeout without unit",
+                "[conntrack]\nudp_timeout = \"30\"\n".into(),
+                "conntrack.udp_timeout: invalid duration \"30\"",
+                Some(2),
+            ),
+            (
+                "conntrack timeout zero",
+                "[conntrack]\ntcp_closing_timeout = \"0s\"\n".into(),
+                "conntrack.tcp_closing_timeout: duration \"0s\" out of range",
+                Some(2),
+            ),
+            (
+                "conntrack max_flows too small",
+                "[conntrack]\nmax_flows = 10\n".into(),
+                "conntrack.max_flows: must be 1024 to",
+                Some(2),
+            ),
         ];
         for (what, text, want, line) in cases {
             let e = parse(&text).expect_err(what).to_string();
@@ -1663,6 +1820,40 @@ weight = 300
                 );
             }
             assert!(!e.ends_with('.'), "{what}: trailing period: {e}");
+        }
+    }
+
+    #[test]
+    fn conntrack_section_sets_timeouts_and_defaults_the_rest() {
+        let c =
+            parse("[conntrack]\nudp_timeout = \"3s\"\ntcp_timeout = \"2h\"\nmax_flows = 4096\n")
+                .unwrap();
+        assert_eq!(
+            c.conntrack,
+            ConntrackConfig {
+                max_flows: 4096,
+                tcp_timeout: 7200,
+                tcp_closing_timeout: 10,
+                udp_timeout: 3,
+                snat_quarantine: 60,
+                flood_threshold: 20_000,
+            }
+        );
+        assert_eq!(parse("").unwrap().conntrack, ConntrackConfig::default());
+        assert_eq!(duration_secs("90s"), Ok(90));
+        assert_eq!(duration_secs("2m"), Ok(120));
+        assert_eq!(duration_secs("1d"), Ok(86_400));
+        for bad in [
+            "",
+            "s",
+            "5",
+            "-5s",
+            "1.5m",
+            "8d",
+            "5 s",
+            "99999999999999999999s",
+        ] {
+            assert!(duration_secs(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -359,6 +359,7 @@ pub async fn run(
         &tasks,
         settings.xdp_mode,
         &settings.node,
+        &cfg.conntrack,
     ) {
         Ok(dp) => {
             log::info!(
@@ -492,6 +493,8 @@ async fn run_engine<E: Engine>(
     let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
     let mut tick = tokio::time::interval(ADDR_REFRESH);
+    let mut sweep = tokio::time::interval(sweep_period(&cfg.conntrack));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -532,12 +535,21 @@ async fn run_engine<E: Engine>(
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
                     Ok(new) => {
                         cfg = new;
+                        apply_flow_config(&mut engine, &cfg.conntrack);
+                        sweep = tokio::time::interval(sweep_period(&cfg.conntrack));
+                        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
                             Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
                             Err(e) => log::error!("SIGHUP: {e}"),
                         }
                     }
                     Err(e) => log::error!("SIGHUP: keeping the running config: {e}"),
+                }
+            }
+            _ = sweep.tick() => {
+                let s = engine.sweep_flows();
+                if s.flows > 0 || s.snat_ports > 0 {
+                    log::debug!("flow sweep: {} expired flows, {} SNAT ports freed", s.flows, s.snat_ports);
                 }
             }
             _ = tick.tick() => {
@@ -565,6 +577,30 @@ async fn run_engine<E: Engine>(
         ),
     }
     Ok(())
+}
+
+/// How often expired flows are swept: a sixth of the shortest timeout,
+/// 0.25 to 30 s (the data path already treats them as absent; the sweep
+/// frees their table slots and SNAT ports, and makes the tables show the
+/// truth within a fraction of a timeout).
+fn sweep_period(c: &config::ConntrackConfig) -> Duration {
+    let shortest = c.udp_timeout.min(c.tcp_closing_timeout).min(c.tcp_timeout);
+    Duration::from_millis((u64::from(shortest) * 1000 / 6).clamp(250, 30_000))
+}
+
+/// Writes the flow timeouts to the data plane, logging a change.
+fn apply_flow_config<E: Engine>(engine: &mut E, c: &config::ConntrackConfig) {
+    match engine.set_flow_config(c) {
+        Ok(true) => log::info!(
+            "conntrack: tcp_timeout {}s, tcp_closing_timeout {}s, udp_timeout {}s, snat_quarantine {}s",
+            c.tcp_timeout,
+            c.tcp_closing_timeout,
+            c.udp_timeout,
+            c.snat_quarantine
+        ),
+        Ok(false) => {}
+        Err(e) => log::error!("conntrack timeouts: {e}"),
+    }
 }
 
 /// This node's addresses and network facts, read over rtnetlink.

@@ -63,6 +63,15 @@ pub struct Status {
     pub snat_ports_in_use: u64,
     /// Capacity of each flow table (conntrack, reverse NAT, SNAT).
     pub flow_table_size: u64,
+    /// Flows not established yet (their own tables: a flood of flow
+    /// openers churns only those).
+    pub embryonic_flows: u64,
+    /// New flows in the last full second (all CPUs).
+    pub new_flows_per_second: u64,
+    /// `[conntrack] flood_threshold`.
+    pub flood_threshold: u64,
+    /// The new-flow rate is over the threshold.
+    pub flood: bool,
     pub counters: BTreeMap<&'static str, u64>,
 }
 
@@ -168,6 +177,13 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
         .zip(maps.counters())
         .map(|(c, v)| (c.name(), v))
         .collect();
+    let new_flows_per_second = new_flow_rate(maps);
+    let flood_threshold = u64::from(
+        maps.flow_config
+            .get(&0, 0)
+            .map(|c| c.flood())
+            .unwrap_or(meshlb_common::DEFAULT_FLOOD_THRESHOLD),
+    );
     Ok(Status {
         node: node.to_owned(),
         dataplane: if meta.layout_version == 0 {
@@ -179,8 +195,29 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
         conntrack_entries: maps.conntrack.keys().count() as u64,
         snat_ports_in_use: maps.snat.keys().count() as u64,
         flow_table_size: meshlb_common::MAX_FLOWS as u64,
+        embryonic_flows: maps.conntrack_embryonic.keys().count() as u64,
+        new_flows_per_second,
+        flood_threshold,
+        flood: new_flows_per_second > flood_threshold,
         counters,
     })
+}
+
+/// New flows per second: the per-CPU counts of the last full second (or
+/// of the current one, if already higher).
+fn new_flow_rate(maps: &Maps) -> u64 {
+    let now = meshlb_common::RateWindow::window_of(crate::pinned::monotonic_ns());
+    let Ok(per_cpu) = maps.new_flow_rate.get(&0, 0) else {
+        return 0;
+    };
+    let in_window = |w: u32| -> u64 {
+        per_cpu
+            .iter()
+            .filter(|r| r.window == w)
+            .map(|r| u64::from(r.count))
+            .sum()
+    };
+    in_window(now.wrapping_sub(1)).max(in_window(now))
 }
 
 /// Human-readable table of a status.
@@ -193,12 +230,24 @@ pub fn status_table(s: &Status) -> String {
     if s.flow_table_size > 0 {
         let _ = writeln!(
             out,
-            "flow table {}/{} ({:.1}% full)  SNAT ports in use {}  snat_exhausted {}",
+            "flow table {}/{} ({:.1}% full)  embryonic {}  SNAT ports in use {}  snat_exhausted {}",
             s.conntrack_entries,
             s.flow_table_size,
             100.0 * s.conntrack_entries as f64 / s.flow_table_size as f64,
+            s.embryonic_flows,
             s.snat_ports_in_use,
             s.counters.get("snat_exhausted").copied().unwrap_or(0)
+        );
+        let _ = writeln!(
+            out,
+            "new flows/s {} (flood threshold {}): {}",
+            s.new_flows_per_second,
+            s.flood_threshold,
+            if s.flood {
+                "FLOOD (embryonic flows are kept apart; established ones are not evicted)"
+            } else {
+                "no flood"
+            }
         );
     }
     for svc in &s.services {

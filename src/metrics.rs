@@ -244,8 +244,9 @@ pub fn render(status: &inspect::Status) -> String {
 /// flow events the data path counts. `created`: new flows; `rebalanced`:
 /// UDP flows moved off a backend that went down or away; `healed`: flows
 /// whose evicted reply half was re-created; `untracked`: TCP packets of no
-/// known flow forwarded without state. Expiry is not implemented yet, and
-/// LRU evictions are not observable from the maps.
+/// known flow forwarded without state; `expired`: idle past the timeout
+/// (found by a packet, or swept); `evicted`: a SNAT port found whose flow's
+/// conntrack entry was gone. The new-flow rate and the flood state too.
 fn flow_metrics(status: &inspect::Status, out: &mut String) {
     let counter = |name: &str| status.counters.get(name).copied().unwrap_or(0);
     let gauges = [
@@ -258,6 +259,21 @@ fn flow_metrics(status: &inspect::Status, out: &mut String) {
             "meshlb_flow_table_size",
             "Capacity of each flow table.",
             status.flow_table_size,
+        ),
+        (
+            "meshlb_embryonic_flows",
+            "Flows not established yet (kept apart from established ones).",
+            status.embryonic_flows,
+        ),
+        (
+            "meshlb_new_flows_per_second",
+            "New flows in the last full second.",
+            status.new_flows_per_second,
+        ),
+        (
+            "meshlb_flood",
+            "1 while the new-flow rate is over [conntrack] flood_threshold.",
+            u64::from(status.flood),
         ),
         (
             "meshlb_snat_ports_in_use",
@@ -284,19 +300,19 @@ fn flow_metrics(status: &inspect::Status, out: &mut String) {
         out,
         "meshlb_flow_events_total",
         "counter",
-        "Flow table events (created, rebalanced, healed, untracked).",
+        "Flow table events (created, expired, evicted, rebalanced, healed, untracked).",
     );
-    for (event, c) in [
-        ("created", "new_flow"),
-        ("rebalanced", "rebalanced"),
-        ("healed", "healed"),
-        ("untracked", "stateless"),
+    for (event, cs) in [
+        ("created", &["new_flow"][..]),
+        // Found expired by a packet, or swept by the daemon.
+        ("expired", &["expired", "swept"][..]),
+        ("evicted", &["evicted"][..]),
+        ("rebalanced", &["rebalanced"][..]),
+        ("healed", &["healed"][..]),
+        ("untracked", &["stateless"][..]),
     ] {
-        let _ = writeln!(
-            out,
-            "meshlb_flow_events_total{{event=\"{event}\"}} {}",
-            counter(c)
-        );
+        let n: u64 = cs.iter().map(|c| counter(c)).sum();
+        let _ = writeln!(out, "meshlb_flow_events_total{{event=\"{event}\"}} {n}");
     }
 }
 
@@ -399,6 +415,10 @@ mod tests {
             dataplane: "xdp-native",
             services: vec![],
             conntrack_entries: 0,
+            embryonic_flows: 0,
+            new_flows_per_second: 0,
+            flood_threshold: 0,
+            flood: false,
             snat_ports_in_use: 0,
             flow_table_size: 0,
             counters,
@@ -427,6 +447,9 @@ mod tests {
             ("healed", 1),
             ("stateless", 4),
             ("snat_exhausted", 3),
+            ("expired", 2),
+            ("swept", 5),
+            ("evicted", 9),
         ] {
             counters.insert(k, v);
         }
@@ -435,6 +458,10 @@ mod tests {
             dataplane: "xdp-native",
             services: vec![],
             conntrack_entries: 7,
+            embryonic_flows: 0,
+            new_flows_per_second: 0,
+            flood_threshold: 0,
+            flood: false,
             snat_ports_in_use: 6,
             flow_table_size: 262_144,
             counters,
@@ -449,6 +476,8 @@ mod tests {
             "meshlb_flow_events_total{event=\"rebalanced\"} 2",
             "meshlb_flow_events_total{event=\"healed\"} 1",
             "meshlb_flow_events_total{event=\"untracked\"} 4",
+            "meshlb_flow_events_total{event=\"expired\"} 7",
+            "meshlb_flow_events_total{event=\"evicted\"} 9",
             "# TYPE meshlb_flows gauge",
             "# TYPE meshlb_flow_events_total counter",
         ] {
@@ -487,6 +516,10 @@ mod tests {
                 connections: 0,
             }],
             conntrack_entries: 0,
+            embryonic_flows: 0,
+            new_flows_per_second: 0,
+            flood_threshold: 0,
+            flood: false,
             snat_ports_in_use: 0,
             flow_table_size: 0,
             counters: BTreeMap::new(),

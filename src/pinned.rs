@@ -7,10 +7,18 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use meshlb_common::{
-    maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, FrontendKey,
-    FrontendValue, IfAddrKey, NodeMeta, RnatEntry, ServiceInfo, ServiceName, SnatAddr, SnatEntry,
-    Stats,
+    maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FrontendKey,
+    FrontendValue, IfAddrKey, NodeMeta, RateWindow, RnatEntry, ServiceInfo, ServiceName, SnatAddr,
+    SnatEntry, Stats,
 };
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the data path's `bpf_ktime_get_ns`
+/// (and, coarse, `bpf_ktime_get_coarse_ns`).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
 
 /// Errors opening or using the pinned maps.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,14 @@ pub struct Maps {
     pub iface_addrs: HashMap<MapData, IfAddrKey, [u8; 16]>,
     /// VIP -> how many frontends use it.
     pub vips: HashMap<MapData, AddrKey, u32>,
+    /// 0 -> the flow timeouts.
+    pub flow_config: Array<MapData, FlowConfig>,
+    /// Flows not yet established (`conntrack` once they are).
+    pub conntrack_embryonic: HashMap<MapData, FlowKey, CtEntry>,
+    /// Reply entries of embryonic local flows.
+    pub reverse_nat_embryonic: HashMap<MapData, FlowKey, RnatEntry>,
+    /// New flows in the current second, per CPU.
+    pub new_flow_rate: PerCpuArray<MapData, RateWindow>,
 }
 
 impl Maps {
@@ -108,6 +124,10 @@ impl Maps {
             affinity: typed!(maps::AFFINITY),
             iface_addrs: typed!(maps::IFACE_ADDRS),
             vips: typed!(maps::VIPS),
+            flow_config: typed!(maps::FLOW_CONFIG),
+            conntrack_embryonic: typed!(maps::CONNTRACK_EMBRYONIC),
+            reverse_nat_embryonic: typed!(maps::REVERSE_NAT_EMBRYONIC),
+            new_flow_rate: typed!(maps::NEW_FLOW_RATE),
         })
     }
 

@@ -20,14 +20,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use meshlb::pinned::{addr_bytes, Maps};
 use meshlb_common::{
-    Counter, CtEntry, FlowKey, RnatEntry, SnatEntry, CT_F_EST, CT_F_FIN_CLIENT, CT_F_SNAT,
-    IF_F_NO_XMIT, PROTO_TCP, PROTO_UDP,
+    flow_clock, ticks, Counter, CtEntry, FlowKey, RnatEntry, SnatEntry, CT_F_EST, CT_F_FIN_CLIENT,
+    CT_F_RST, CT_F_SNAT, IF_F_NO_XMIT, PROTO_TCP, PROTO_UDP, SNAT_E_EST,
 };
 
 use fixture::{
     assert_checksums, first_frag4, fix_ip4, fold, hex, icmp4, icmp6, later_frag4, later_frag6,
     load, mangle, program, quote, quote_as, sum16, with_frag6, Frame, Netns, ACK, BE1_MAC, BE3_MAC,
-    CLIENT_MAC, EPHEMERAL, FIN, FXA_MAC, FXB_MAC, L4, LB_MAC, SNAT4, SNAT6, SYN, XDP_DROP,
+    CLIENT_MAC, EPHEMERAL, FIN, FXA_MAC, FXB_MAC, L4, LB_MAC, RST, SNAT4, SNAT6, SYN, XDP_DROP,
     XDP_PASS, XDP_REDIRECT, XDP_TX,
 };
 
@@ -85,6 +85,9 @@ enum Expect {
     Refused,
     /// XDP_DROP.
     Dropped,
+    /// This verdict, with valid checksums (the bytes depend on a choice
+    /// the case does not pin down, e.g. Maglev's for a new client).
+    Verdict(u32),
 }
 
 /// Extra map state a case needs before its first step.
@@ -92,17 +95,21 @@ enum Seed {
     None,
     /// A conntrack entry for (client flow) pointing at a backend, with flags.
     Ct(FlowKeySpec, &'static str, u16, u16),
+    /// The same, last seen that many seconds ago.
+    CtAged(FlowKeySpec, &'static str, u16, u16, u32),
     /// A reply entry for (backend -> client) naming a frontend.
     Rnat(FlowKeySpec, &'static str, u16),
     /// SNAT port `port` to backend 10.201.1.3:8000 held by client flow
-    /// `flow`, taken `age_ms` ago; `live`: that flow is in conntrack (else
-    /// it is gone), with `CT_F_SNAT` and `ct_flags`.
+    /// `flow`, last seen `age_ms` ago; `live`: that flow is in conntrack
+    /// (else it is gone), with `CT_F_SNAT` and `ct_flags`; `snat_est`: the
+    /// SNAT entry saw the flow established (`SNAT_E_EST`).
     SnatHeld {
         flow: FlowKeySpec,
         port: u16,
         live: bool,
         ct_flags: u16,
         age_ms: u64,
+        snat_est: bool,
     },
     /// The interface is flagged as unable to take native redirects.
     NoXmit(&'static str),
@@ -270,6 +277,14 @@ fn cases() -> Vec<Case> {
         CLIENT_MAC,
     );
     let udp_r = Frame::udp(c4, 50000, "10.96.0.40", 54);
+    let rst_r = Frame::tcp(c4, 40000, "10.96.0.40", 81, RST | ACK);
+    let data_back_r = Frame {
+        smac: BE3_MAC,
+        dmac: FXA_MAC,
+        ..Frame::tcp("10.201.1.3", 8000, SNAT4, SNAT_PORT, ACK)
+    };
+    // Another client, the same source port.
+    let syn_r_other = Frame::tcp("10.200.0.9", 40000, "10.96.0.40", 81, SYN);
     // Client port 8081 is usable as it is: SNAT keeps it.
     let syn_np = Frame::tcp(c4, 8081, "10.96.0.40", 81, SYN);
     let reply_np = Frame {
@@ -380,7 +395,7 @@ fn cases() -> Vec<Case> {
                     dport: 53,
                     proto: PROTO_UDP,
                 },
-                "10.201.1.3",
+                "10.201.1.99",
                 5353,
                 0,
             ),
@@ -423,6 +438,11 @@ fn cases() -> Vec<Case> {
             "FIN from the backend marks the flow closing; a new SYN re-selects",
             vec![
                 step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    &[(Counter::Promoted, 1), (Counter::ForwardedIn, 1)],
+                ),
                 {
                     let fin = Frame {
                         l4: L4::Tcp { flags: FIN | ACK },
@@ -896,12 +916,13 @@ fn cases() -> Vec<Case> {
                 live: true,
                 ct_flags: CT_F_EST,
                 age_ms: 5_000,
+                snat_est: false,
             },
             steps: vec![step(
                 syn_r.bytes(),
                 fwd(&syn_r.translated(
                     Some(("10.201.1.3", 8000)),
-                    Some((SNAT4, SNAT_PORT + 1)),
+                    Some((SNAT4, next_port(c4, 40000))),
                     FXA_MAC,
                     BE3_MAC,
                 )),
@@ -917,12 +938,13 @@ fn cases() -> Vec<Case> {
                 live: true,
                 ct_flags: 0,
                 age_ms: 200,
+                snat_est: false,
             },
             steps: vec![step(
                 syn_r.bytes(),
                 fwd(&syn_r.translated(
                     Some(("10.201.1.3", 8000)),
-                    Some((SNAT4, SNAT_PORT + 1)),
+                    Some((SNAT4, next_port(c4, 40000))),
                     FXA_MAC,
                     BE3_MAC,
                 )),
@@ -938,6 +960,7 @@ fn cases() -> Vec<Case> {
                 live: true,
                 ct_flags: 0,
                 age_ms: 2_000,
+                snat_est: false,
             },
             steps: vec![step(
                 syn_r.bytes(),
@@ -1008,13 +1031,14 @@ fn cases() -> Vec<Case> {
             }
         }),
         Case {
-            name: "ipv4 remote backend: a port whose flow left conntrack is reclaimed, and the old reply entry is replaced",
+            name: "ipv4 remote backend: a port whose embryonic flow left conntrack is reclaimed after the embryonic limit, and the old reply entry is replaced",
             seed: Seed::SnatHeld {
                 flow: other_flow,
                 port: SNAT_PORT,
                 live: false,
                 ct_flags: 0,
-                age_ms: 0,
+                age_ms: 2_000,
+                snat_est: false,
             },
             steps: vec![step(
                 syn_r.bytes(),
@@ -1023,8 +1047,9 @@ fn cases() -> Vec<Case> {
             )],
             after: Some(Box::new(|maps: &Maps| {
                 let n = maps.snat.keys().count();
+                // The new flow is embryonic (a SYN so far).
                 let ct = maps
-                    .conntrack
+                    .conntrack_embryonic
                     .iter()
                     .filter_map(Result::ok)
                     .filter(|(_, v)| v.flags & CT_F_SNAT != 0)
@@ -1035,6 +1060,338 @@ fn cases() -> Vec<Case> {
                     Err(format!("snat entries {n}, snat conntrack entries {ct}; want 1 and 1"))
                 }
             })),
+        },
+        // Ports are owned: quarantine, eviction, re-opening.
+        Case {
+            name: "ipv4 remote backend: a port whose established flow closed (RST) 5 s ago is quarantined: the new client gets the next one",
+            seed: Seed::SnatHeld {
+                flow: other_flow,
+                port: SNAT_PORT,
+                live: true,
+                ct_flags: CT_F_EST | CT_F_RST,
+                age_ms: 5_000,
+                snat_est: true,
+            },
+            steps: vec![step(
+                syn_r.bytes(),
+                fwd(&syn_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, next_port(c4, 40000))), FXA_MAC, BE3_MAC)),
+                &[(Counter::SnatNew, 1), (Counter::SnatReclaimed, 0)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "ipv4 remote backend: a port whose established flow closed 61 s ago (past the 60 s quarantine) goes to the new flow",
+            seed: Seed::SnatHeld {
+                flow: other_flow,
+                port: SNAT_PORT,
+                live: true,
+                ct_flags: CT_F_EST | CT_F_RST,
+                age_ms: 61_000,
+                snat_est: true,
+            },
+            steps: vec![step(
+                syn_r.bytes(),
+                fwd(&syn_r_out),
+                &[(Counter::SnatNew, 0), (Counter::SnatReclaimed, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "ipv4 remote backend: a port whose established flow's conntrack entry vanished (evicted) 5 s ago is not handed to another client within the quarantine",
+            seed: Seed::SnatHeld {
+                flow: other_flow,
+                port: SNAT_PORT,
+                live: false,
+                ct_flags: 0,
+                age_ms: 5_000,
+                snat_est: true,
+            },
+            steps: vec![step(
+                syn_r.bytes(),
+                fwd(&syn_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, next_port(c4, 40000))), FXA_MAC, BE3_MAC)),
+                &[(Counter::SnatNew, 1), (Counter::SnatReclaimed, 0), (Counter::Evicted, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "ipv4 remote backend: a port whose established flow vanished 61 s ago goes to the new flow",
+            seed: Seed::SnatHeld {
+                flow: other_flow,
+                port: SNAT_PORT,
+                live: false,
+                ct_flags: 0,
+                age_ms: 61_000,
+                snat_est: true,
+            },
+            steps: vec![step(
+                syn_r.bytes(),
+                fwd(&syn_r_out),
+                &[(Counter::SnatNew, 0), (Counter::SnatReclaimed, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "ipv4 remote backend: the same client tuple re-opening (its old flow gone) takes its own port again at once",
+            seed: Seed::SnatHeld {
+                flow: FlowKeySpec {
+                    src: c4,
+                    sport: 40000,
+                    dst: "10.96.0.40",
+                    dport: 81,
+                    proto: PROTO_TCP,
+                },
+                port: SNAT_PORT,
+                live: false,
+                ct_flags: 0,
+                age_ms: 0,
+                snat_est: true,
+            },
+            steps: vec![step(
+                syn_r.bytes(),
+                fwd(&syn_r_out),
+                &[(Counter::SnatNew, 0), (Counter::SnatReclaimed, 1), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
+        // Forged packets never take a live flow's state away.
+        case(
+            "a forged RST from the client's side on a live remote flow: the reply translation and the SNAT port stay, another client with the same source port gets another port, and the flow's next packet makes it live again",
+            vec![
+                step(syn_r.bytes(), fwd(&syn_r_out), SNAT_IN),
+                step(reply_r.bytes(), fwd(&reply_r_out), OUT),
+                step(
+                    ack_r.bytes(),
+                    fwd(&ack_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, SNAT_PORT)), FXA_MAC, BE3_MAC)),
+                    HIT_IN,
+                ),
+                step(
+                    rst_r.bytes(),
+                    fwd(&rst_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, SNAT_PORT)), FXA_MAC, BE3_MAC)),
+                    HIT_IN,
+                ),
+                step(
+                    data_back_r.bytes(),
+                    fwd(&data_back_r.translated(Some((c4, 40000)), Some(("10.96.0.40", 81)), FXB_MAC, CLIENT_MAC)),
+                    OUT,
+                ),
+                step(
+                    syn_r_other.bytes(),
+                    fwd(&syn_r_other.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, next_port("10.200.0.9", 40000))), FXA_MAC, BE3_MAC)),
+                    &[(Counter::SnatNew, 1), (Counter::SnatReclaimed, 0)],
+                ),
+                step(
+                    ack_r.bytes(),
+                    fwd(&ack_r.translated(Some(("10.201.1.3", 8000)), Some((SNAT4, SNAT_PORT)), FXA_MAC, BE3_MAC)),
+                    &[(Counter::RstIgnored, 1), (Counter::NewFlow, 0), (Counter::ForwardedIn, 1)],
+                ),
+            ],
+        )
+        .after(|maps: &Maps| {
+            let rst = maps
+                .conntrack
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.flags & CT_F_RST != 0)
+                .count();
+            let snat = maps.snat.keys().count();
+            if rst == 0 && snat == 2 {
+                Ok(())
+            } else {
+                Err(format!("{rst} conntrack entries marked RST (want 0), {snat} SNAT entries (want 2)"))
+            }
+        }),
+        case(
+            "a forged SYN with a live local flow's tuple sent straight to the backend: the flow's reply translation stays",
+            vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    HIT_IN,
+                ),
+                step(
+                    Frame::tcp(c4, 40000, "10.201.1.2", 8000, SYN).bytes(),
+                    Expect::Untouched,
+                    NOT_SVC,
+                ),
+                step(reply4.bytes(), fwd(&reply4_out), OUT),
+            ],
+        ),
+        case(
+            "a forged SYN with a live flow's tuple to the VIP is part of that flow: same backend, no new flow",
+            vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    HIT_IN,
+                ),
+                step(syn4.bytes(), fwd(&syn4_out), HIT_IN),
+                step(reply4.bytes(), fwd(&reply4_out), OUT),
+            ],
+        ),
+        // Embryonic flows live apart: floods of openers never evict
+        // established flows.
+        case(
+            "a SYN makes state only in the embryonic tables (its SYN-ACK is translated from there); the handshake ACK moves the flow to the main ones",
+            vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(reply4.bytes(), fwd(&reply4_out), OUT),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    &[(Counter::Promoted, 1), (Counter::NewFlow, 0), (Counter::ForwardedIn, 1)],
+                ),
+            ],
+        )
+        .after(|maps: &Maps| {
+            let n = |m: &aya::maps::HashMap<aya::maps::MapData, FlowKey, CtEntry>| m.keys().count();
+            let got = (
+                n(&maps.conntrack),
+                n(&maps.conntrack_embryonic),
+                maps.reverse_nat.keys().count(),
+                maps.reverse_nat_embryonic.keys().count(),
+            );
+            if got == (1, 0, 1, 0) {
+                Ok(())
+            } else {
+                Err(format!("(conntrack, embryonic, reverse NAT, embryonic reverse NAT) = {got:?}; want (1, 0, 1, 0)"))
+            }
+        }),
+        case(
+            "SYNs of three new flows and a lone UDP datagram leave the main tables untouched; a second datagram establishes the UDP flow",
+            vec![
+                step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                step(
+                    Frame::tcp("10.200.0.3", 40000, "10.96.0.10", 80, SYN).bytes(),
+                    Expect::Verdict(XDP_REDIRECT),
+                    NEW_IN,
+                ),
+                step(
+                    Frame::tcp("10.200.0.4", 40000, "10.96.0.10", 80, SYN).bytes(),
+                    Expect::Verdict(XDP_REDIRECT),
+                    NEW_IN,
+                ),
+                step(udp4.bytes(), fwd(&udp4_out), NEW_IN),
+                step(
+                    udp4.bytes(),
+                    fwd(&udp4_out),
+                    &[(Counter::Promoted, 1), (Counter::NewFlow, 0), (Counter::ForwardedIn, 1)],
+                ),
+            ],
+        )
+        .after(|maps: &Maps| {
+            let got = (
+                maps.conntrack.keys().count(),
+                maps.conntrack_embryonic.keys().count(),
+            );
+            if got == (1, 3) {
+                Ok(())
+            } else {
+                Err(format!("(conntrack, embryonic) = {got:?}; want (1, 3): the UDP flow established, the SYNs embryonic"))
+            }
+        }),
+        // A removed backend's TCP flows are reset.
+        Case {
+            name: "ipv4 tcp flow whose backend was removed: its next packet is answered with a reset from the VIP (sent back), its state goes, and the packet after it is forwarded by Maglev",
+            seed: Seed::Ct(flow4, "10.201.1.99", 8000, CT_F_EST),
+            steps: vec![
+                step(
+                    ack4.bytes(),
+                    Expect::Frame(XDP_TX, reset_for(&ack4)),
+                    &[(Counter::Reset, 1), (Counter::ForwardedIn, 0), (Counter::NewFlow, 0)],
+                ),
+                step(
+                    ack4.bytes(),
+                    fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                    &[(Counter::Reset, 0), (Counter::Stateless, 1), (Counter::ForwardedIn, 1)],
+                ),
+            ],
+            after: None,
+        },
+        Case {
+            name: "ipv6: a SYN on the tuple of a flow whose backend was removed opens a new flow (a reused client port is never reset)",
+            seed: Seed::Ct(
+                FlowKeySpec {
+                    src: c6,
+                    sport: 40000,
+                    dst: "fd00:96::10",
+                    dport: 8080,
+                    proto: PROTO_TCP,
+                },
+                "fd00:201:1::99",
+                8000,
+                0,
+            ),
+            steps: vec![step(
+                syn6.bytes(),
+                fwd(&syn6_out),
+                &[(Counter::Reset, 0), (Counter::NewFlow, 1), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "a tcp flow whose backend is still listed (down or draining keeps its flows) is not reset",
+            seed: Seed::Ct(flow4, "10.201.1.2", 8000, CT_F_EST),
+            steps: vec![step(
+                ack4.bytes(),
+                fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                &[(Counter::Reset, 0), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
+        // Timeouts: an expired flow is absent.
+        Case {
+            name: "an established tcp flow idle past tcp_timeout (1 h) is absent: a SYN on its tuple selects afresh",
+            seed: Seed::CtAged(flow4, "10.201.1.3", 8000, CT_F_EST, 3_700),
+            steps: vec![step(
+                syn4.bytes(),
+                fwd(&syn4_out),
+                &[(Counter::Expired, 1), (Counter::NewFlow, 1), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "an established tcp flow idle for 59 min is live: a SYN on its tuple keeps its backend",
+            seed: Seed::CtAged(flow4, "10.201.1.3", 8000, CT_F_EST, 3_540),
+            steps: vec![step(
+                syn4.bytes(),
+                fwd(&syn4.translated(Some(("10.201.1.3", 8000)), None, FXA_MAC, BE3_MAC)),
+                &[(Counter::Expired, 0), (Counter::NewFlow, 0), (Counter::ForwardedIn, 1)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "a closing tcp flow idle past tcp_closing_timeout (10 s) is absent: its late ACK is forwarded by Maglev without state",
+            seed: Seed::CtAged(flow4, "10.201.1.3", 8000, CT_F_EST | CT_F_FIN_CLIENT, 12),
+            steps: vec![step(
+                ack4.bytes(),
+                fwd(&ack4.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                &[(Counter::Expired, 1), (Counter::Stateless, 1), (Counter::NewFlow, 0)],
+            )],
+            after: None,
+        },
+        Case {
+            name: "a udp flow idle past udp_timeout (2 min) is absent: its next datagram is a new flow",
+            seed: Seed::CtAged(
+                FlowKeySpec {
+                    src: c4,
+                    sport: 50000,
+                    dst: "10.96.0.10",
+                    dport: 53,
+                    proto: PROTO_UDP,
+                },
+                "10.201.1.3",
+                5353,
+                CT_F_EST,
+                125,
+            ),
+            steps: vec![step(
+                udp4.bytes(),
+                fwd(&udp4_out),
+                &[(Counter::Expired, 1), (Counter::NewFlow, 1), (Counter::Rebalanced, 0)],
+            )],
+            after: None,
         },
         case(
             "ipv4 remote backend: a SNAT port equal to a published node port (8081, `empty`): the reply is the flow's, not a new client's",
@@ -1191,19 +1548,103 @@ fn cases() -> Vec<Case> {
 // Running it
 // ---------------------------------------------------------------------
 
+/// The SNAT port a flow from `client`:`port` gets when the port its own
+/// source port maps to (`SNAT_PORT` for 40000) is taken: the first of
+/// the walk from its salted start.
+fn next_port(client: &str, port: u16) -> u16 {
+    let (addr, _) = addr_bytes(client.parse().unwrap());
+    let a = meshlb_common::SnatAddr {
+        port_min: meshlb_common::SNAT_PORT_MIN,
+        port_max: meshlb_common::SNAT_PORT_MAX,
+        hole_min: EPHEMERAL.0,
+        hole_max: EPHEMERAL.1,
+        ..Default::default()
+    };
+    a.candidate(meshlb_common::salted(port, &addr), 0)
+}
+
+/// The TCP reset the load balancer answers client packet `f` with when its
+/// flow's backend was removed (RFC 9293: an ACK's number as sequence, else
+/// RST|ACK acknowledging the segment), built independently of the BPF code.
+fn reset_for(f: &Frame) -> Vec<u8> {
+    let L4::Tcp { flags } = f.l4 else {
+        panic!("reset_for: not tcp")
+    };
+    // `Frame::l4_bytes`: seq 1000, ack 2000 when ACK is set.
+    let (seq, ack, rflags) = if flags & ACK != 0 {
+        (2000u32, 0u32, RST)
+    } else {
+        let len =
+            f.payload.len() as u32 + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
+        (0, 1000 + len, RST | ACK)
+    };
+    let mut tcp = Vec::new();
+    tcp.extend(f.dport.to_be_bytes());
+    tcp.extend(f.sport.to_be_bytes());
+    tcp.extend(seq.to_be_bytes());
+    tcp.extend(ack.to_be_bytes());
+    tcp.extend([0x50, rflags, 0, 0, 0, 0, 0, 0]);
+    let mut all = fixture::pseudo(f.dst, f.src, 6, 20);
+    all.extend(&tcp);
+    let c = fold(sum16(&all));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut b = Vec::new();
+    b.extend(f.smac);
+    b.extend(f.dmac);
+    match (f.dst, f.src) {
+        (std::net::IpAddr::V4(from), std::net::IpAddr::V4(to)) => {
+            b.extend([0x08, 0x00]);
+            let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            ip.extend(from.octets());
+            ip.extend(to.octets());
+            let c = fold(sum16(&ip));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            b.extend(ip);
+        }
+        (std::net::IpAddr::V6(from), std::net::IpAddr::V6(to)) => {
+            b.extend([0x86, 0xdd]);
+            b.extend([0x60, 0, 0, 0, 0, 20, 6, 64]);
+            b.extend(from.octets());
+            b.extend(to.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    b.extend(tcp);
+    b
+}
+
+/// CLOCK_MONOTONIC in ns: `bpf_ktime_get_ns` (and, coarse, the clock of
+/// `CtEntry::last_seen`).
+fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 fn seed(maps: &mut Maps, s: &Seed) {
     match s {
         Seed::None => {}
         Seed::Ct(flow, backend, port, flags) => {
+            seed(maps, &Seed::CtAged(*flow, backend, *port, *flags, 0));
+        }
+        Seed::CtAged(flow, backend, port, flags, age_s) => {
             let (addr, _) = addr_bytes(backend.parse().unwrap());
+            // The slot that holds this backend (none: a removed one).
+            let backend_id = (0..meshlb_common::MAX_BACKENDS)
+                .find(|i| {
+                    maps.backends
+                        .get(i, 0)
+                        .is_ok_and(|b| b.addr == addr && b.port == port.to_be())
+                })
+                .unwrap_or(meshlb_common::MAX_BACKENDS - 1);
             let e = CtEntry {
                 backend_addr: addr,
                 backend_port: port.to_be(),
                 flags: *flags,
-                backend_id: 0,
+                backend_id,
                 service_id: 0,
                 snat_port: 0,
                 _pad: 0,
+                last_seen: flow_clock(mono_ns()).wrapping_sub(ticks(*age_s)),
             };
             maps.conntrack.insert(flow.key(), e, 0).unwrap();
         }
@@ -1213,6 +1654,7 @@ fn seed(maps: &mut Maps, s: &Seed) {
             live,
             ct_flags,
             age_ms,
+            snat_est,
         } => {
             let k = flow.key();
             let (backend, _) = addr_bytes("10.201.1.3".parse().unwrap());
@@ -1229,11 +1671,8 @@ fn seed(maps: &mut Maps, s: &Seed) {
                 frontend_addr: k.dst,
                 client_port: k.sport,
                 frontend_port: k.dport,
-                // bpf_ktime_get_ns is CLOCK_MONOTONIC.
-                last_seen: {
-                    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-                    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64 - age_ms * 1_000_000
-                },
+                last_seen: mono_ns().saturating_sub(age_ms * 1_000_000),
+                flags: if *snat_est { SNAT_E_EST } else { 0 },
                 ..Default::default()
             };
             maps.snat.insert(reply, e, 0).unwrap();
@@ -1243,6 +1682,7 @@ fn seed(maps: &mut Maps, s: &Seed) {
                     backend_port: 8000u16.to_be(),
                     flags: CT_F_SNAT | ct_flags,
                     snat_port: port.to_be(),
+                    last_seen: flow_clock(mono_ns()),
                     ..Default::default()
                 };
                 maps.conntrack.insert(k, ct, 0).unwrap();
@@ -1307,6 +1747,15 @@ fn run_case(ns: &Netns, c: &Case) -> Result<(), String> {
                         hex(got)
                     ));
                 }
+            }
+            (Expect::Verdict(v), Ok(r)) => {
+                if r.return_value != *v {
+                    return Err(format!("{at}: verdict {} want {v}", r.return_value));
+                }
+                assert_checksums(
+                    &out[..r.data_size_out as usize],
+                    &format!("{}: {at}", c.name),
+                );
             }
             (Expect::Frame(v, want), Ok(r)) => {
                 let got = &out[..r.data_size_out as usize];

@@ -229,7 +229,10 @@ fn generic_xdp_balances_vip_nodeport_and_udp() {
 }
 
 #[test]
-fn sighup_removes_backend_but_established_flows_continue() {
+/// A backend removed from the config (no drain): its established TCP
+/// flows are reset at their next packet, so their clients learn at once
+/// (SPEC "Flow state"), and every other flow keeps its backend.
+fn sighup_removes_backend_resets_its_flows_and_keeps_the_others() {
     let topo = prepared("hup", true);
     let cfg = topo.write_file("meshlb.toml", &lb_config(&topo, false, &[]));
     let mut daemon = topo.start_daemon(&cfg, "native");
@@ -290,10 +293,28 @@ fn sighup_removes_backend_but_established_flows_continue() {
         0.2,
     );
 
+    let resets_of = || {
+        topo.try_status()
+            .map(|st| st["counters"]["reset"].as_u64().unwrap_or(0))
+            .unwrap_or_else(|e| panic!("status: {e}{}", topo.ctx()))
+    };
+    let resets_before = resets_of();
     for (ka, before) in conns.iter_mut() {
-        let now = ka
-            .get()
-            .unwrap_or_else(|e| panic!("established flow to {before} broke: {e}{}", topo.ctx()));
+        let t = std::time::Instant::now();
+        let now = ka.get();
+        if before == "b2" {
+            // Answered by a reset, well before the request timeout.
+            assert!(
+                now.is_err() && t.elapsed() < REQ_TIMEOUT / 2,
+                "established flow {} to removed b2: {now:?} after {:?}, want a reset at once{}",
+                ka.local,
+                t.elapsed(),
+                topo.ctx()
+            );
+            continue;
+        }
+        let now =
+            now.unwrap_or_else(|e| panic!("established flow to {before} broke: {e}{}", topo.ctx()));
         assert_eq!(
             &now,
             before,
@@ -302,6 +323,12 @@ fn sighup_removes_backend_but_established_flows_continue() {
             topo.ctx()
         );
     }
+    let resets = resets_of() - resets_before;
+    assert!(
+        resets >= on_b2 as u64,
+        "reset counter moved by {resets}, want at least {on_b2} (the flows to b2){}",
+        topo.ctx()
+    );
 }
 
 #[test]

@@ -104,9 +104,77 @@ fn worst(
     (charge(*frame) + best.0, chain)
 }
 
+/// The name of the function whose instructions start at `at` in a linked
+/// program (" name", demangled roughly), or "".
+fn name_at(named: &[(String, Vec<bpf_insn>)], insns: &[bpf_insn], at: usize) -> String {
+    let same = |a: &bpf_insn, b: &bpf_insn| {
+        a.code == b.code
+            && a.dst_reg() == b.dst_reg()
+            && a.src_reg() == b.src_reg()
+            && a.off == b.off
+            && (a.imm == b.imm || a.code == BPF_CALL)
+    };
+    named
+        .iter()
+        .find(|(_, f)| {
+            !f.is_empty()
+                && insns.len() >= at + f.len()
+                && f.iter().zip(&insns[at..]).all(|(a, b)| same(a, b))
+        })
+        .map(|(n, _)| format!(" {}", short_name(n)))
+        .unwrap_or_default()
+}
+
+/// `_RNvNtCs.._11meshlb_ebpf2lb8try_port` -> `lb::try_port` (the last two
+/// path segments of a v0-mangled name; anything else as it is).
+fn short_name(mangled: &str) -> String {
+    let mut parts = Vec::new();
+    let b = mangled.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_digit() {
+            let mut j = i;
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+            let n: usize = mangled[i..j].parse().unwrap_or(0);
+            if n > 0 && j + n <= b.len() {
+                parts.push(&mangled[j..j + n]);
+                i = j + n;
+                continue;
+            }
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    let ours: Vec<&str> = parts
+        .iter()
+        .copied()
+        .filter(|p| p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    match ours.iter().position(|p| *p == "meshlb_ebpf") {
+        Some(k) if k + 1 < ours.len() => ours[k + 1..]
+            .iter()
+            .take(2)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("::"),
+        _ => mangled.to_string(),
+    }
+}
+
 #[test]
 fn every_call_chain_fits_older_verifiers_stack_budget() {
     let mut obj = Object::parse(meshlb::EBPF_OBJECT).expect("the embedded eBPF object parses");
+    // The functions as compiled, to name the subprograms of the linked
+    // programs (found by their instructions; call offsets change in
+    // linking, so calls compare by opcode alone).
+    let named: Vec<(String, Vec<bpf_insn>)> = obj
+        .functions
+        .values()
+        .map(|f| (f.name.clone(), f.instructions.clone()))
+        .collect();
     let text: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
     obj.relocate_calls(&text).expect("calls link");
     let mut report = Vec::new();
@@ -131,7 +199,7 @@ fn every_call_chain_fits_older_verifiers_stack_budget() {
         let (total, chain) = worst(0, &subs, &mut Vec::new());
         let frames: Vec<String> = chain
             .iter()
-            .map(|s| format!("@{s}:{}", subs[s].0))
+            .map(|s| format!("@{s}:{}{}", subs[s].0, name_at(&named, insns, *s)))
             .collect();
         let line = format!(
             "{name}: {} subprograms, worst chain {total} bytes ({})",

@@ -111,4 +111,28 @@ pub trait Engine {
 
     /// Where `/metrics` reads per-service and per-backend numbers from.
     fn metrics_source(&self) -> Result<crate::metrics::Source, DataplaneError>;
+
+    /// The flow timeouts of `[conntrack]`; returns whether anything was
+    /// written. An engine without a flow table of meshlb's keeps none.
+    fn set_flow_config(
+        &mut self,
+        _c: &crate::config::ConntrackConfig,
+    ) -> Result<bool, DataplaneError> {
+        Ok(false)
+    }
+
+    /// Removes flow state idle past its timeout (see
+    /// `XdpDataplane::sweep`).
+    fn sweep_flows(&mut self) -> Swept {
+        Swept::default()
+    }
+}
+
+/// What one flow-table sweep removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Conntrack entries idle past their timeout.
+    pub flows: usize,
+    /// SNAT ports whose flow was gone, freed after the quarantine.
+    pub snat_ports: usize,
 }

@@ -8,25 +8,29 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use aya::maps::MapData;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use meshlb_common::{
-    maps, AddrKey, Backend, FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo,
-    ServiceName, SnatAddr, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, LAYOUT_VERSION,
-    MAX_BACKENDS, MAX_SERVICES, PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, RING_SIZE,
-    SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_PRESENT,
+    flow_clock, idle_past, maps, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey,
+    FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
+    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
+    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP, RING_SIZE,
+    SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SVC_F_PRESENT,
 };
 
 use super::fake::FakeDataplane;
-use super::{BackendOf, Dataplane, DataplaneError, DataplaneKind, Engine, ServiceConfigs};
+use super::{BackendOf, Dataplane, DataplaneError, DataplaneKind, Engine, ServiceConfigs, Swept};
+use crate::config::ConntrackConfig;
 use crate::model::{
     BackendKey, BackendState, DesiredState, Frontend, Observed, ObservedBackend, ObservedService,
     Proto, ServiceKey,
 };
 use crate::nodenet::NodeNet;
-use crate::pinned::{addr_bytes, addr_from, Maps, PinnedError};
+use crate::pinned::{addr_bytes, addr_from, monotonic_ns, Maps, PinnedError};
 use crate::reconcile::{Op, Plan};
 
 pub use crate::config::XdpMode as AttachMode;
@@ -280,12 +284,62 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), XdpError> {
 }
 
 /// Loads the object with maps pinned (created or adopted) under `dir`.
-fn load(dir: &Path) -> Result<Ebpf, XdpError> {
+fn load(dir: &Path, max_flows: u32) -> Result<Ebpf, XdpError> {
     ensure_bpffs_dir(dir)?;
-    EbpfLoader::new()
-        .default_map_pin_directory(dir)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(dir);
+    for name in [maps::CONNTRACK, maps::REVERSE_NAT, maps::SNAT] {
+        loader.map_max_entries(name, max_flows);
+    }
+    loader
         .load(crate::EBPF_OBJECT)
         .map_err(|e| XdpError::Load(Box::new(e)))
+}
+
+/// Copies the flows of a conntrack map of the V1 layout (an earlier
+/// meshlb's, pinned under `dir`) into the current one, as seen now, so an
+/// upgrade keeps established connections; the V1 pin is removed after
+/// (`remove_superseded`). Returns how many were copied.
+fn migrate_conntrack_v1(
+    dir: &Path,
+    ct: &mut aya::maps::HashMap<MapData, FlowKey, CtEntry>,
+) -> usize {
+    let path = dir.join(maps::CONNTRACK_V1);
+    if !path.exists() {
+        return 0;
+    }
+    // V1 was an LRU hash of 32-byte values.
+    let old = MapData::from_pin(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|d| {
+            aya::maps::HashMap::<MapData, FlowKey, [u8; 32]>::try_from(aya::maps::Map::LruHashMap(
+                d,
+            ))
+            .map_err(|e| e.to_string())
+        });
+    let old = match old {
+        Ok(m) => m,
+        Err(e) => {
+            log::warn!(
+                "map {}: not migrated ({e}); its flows start afresh",
+                maps::CONNTRACK_V1
+            );
+            return 0;
+        }
+    };
+    let now = flow_clock(monotonic_ns());
+    let mut n = 0;
+    for (k, v) in old.iter().filter_map(Result::ok) {
+        if ct.insert(k, CtEntry::from_v1(&v, now), 0).is_ok() {
+            n += 1;
+        }
+    }
+    log::info!(
+        "map {}: {n} flows copied into {}",
+        maps::CONNTRACK_V1,
+        maps::CONNTRACK
+    );
+    n
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
@@ -373,6 +427,8 @@ fn attach_pinned(
 pub struct XdpDataplane {
     maps: Maps,
     kind: DataplaneKind,
+    /// The flow timeouts last written.
+    flow_config: FlowConfig,
     /// What the maps hold, kept in memory after the first full read so a
     /// sync costs O(change), not a read of every map slot. Dropped (and
     /// re-read) whenever an apply fails part-way.
@@ -399,10 +455,29 @@ impl XdpDataplane {
         tasks: &BTreeSet<String>,
         mode: AttachMode,
         node: &str,
+        conntrack: &ConntrackConfig,
     ) -> Result<Self, XdpError> {
-        let mut ebpf = load(dir)?;
-        remove_superseded(dir);
+        let mut ebpf = load(dir, conntrack.max_flows)?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
+        migrate_conntrack_v1(dir, &mut maps.conntrack);
+        remove_superseded(dir);
+        let size = MapData::from_pin(dir.join(maps::CONNTRACK))
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries())
+            .unwrap_or(0);
+        if size != 0 && size != conntrack.max_flows {
+            log::warn!(
+                "conntrack.max_flows = {}: the pinned flow tables under {} hold {size}; the new size applies once they are recreated (remove the pins while no meshlb runs)",
+                conntrack.max_flows,
+                dir.display()
+            );
+        }
+        maps.flow_config
+            .set(0, conntrack.flow_config(), 0)
+            .map_err(|source| PinnedError::Map {
+                name: maps::FLOW_CONFIG,
+                source,
+            })?;
         let previous = maps.meta.get(&0, 0).ok().filter(|m| m.layout_version != 0);
         let mut uplinks: Vec<&String> = Vec::new();
         for iface in ifaces.iter().filter(|i| tasks.contains(*i)) {
@@ -470,6 +545,7 @@ impl XdpDataplane {
         Ok(XdpDataplane {
             maps,
             kind,
+            flow_config: conntrack.flow_config(),
             mirror: None,
             node_net: None,
             dir: dir.to_owned(),
@@ -506,6 +582,17 @@ impl XdpDataplane {
         for k in &ct {
             let _ = self.maps.conntrack.remove(k);
         }
+        let embryonic: Vec<_> = self
+            .maps
+            .conntrack_embryonic
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| owned(v.service_id, v.backend_id))
+            .collect();
+        for (k, v) in &embryonic {
+            let _ = self.maps.conntrack_embryonic.remove(k);
+            let _ = self.maps.reverse_nat_embryonic.remove(&reply_key(k, v));
+        }
         let rnat: Vec<_> = self
             .maps
             .reverse_nat
@@ -534,6 +621,143 @@ impl XdpDataplane {
     /// The maps, for status and metrics while the daemon runs.
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// Writes the flow timeouts when they changed; returns whether they did.
+    pub fn set_flow_config(&mut self, c: &ConntrackConfig) -> Result<bool, DataplaneError> {
+        let want = c.flow_config();
+        if want == self.flow_config {
+            return Ok(false);
+        }
+        self.maps
+            .flow_config
+            .set(0, want, 0)
+            .map_err(map_error(maps::FLOW_CONFIG))?;
+        self.flow_config = want;
+        Ok(true)
+    }
+
+    /// Removes what the data path would treat as absent anyway: conntrack
+    /// entries idle past their timeout (with a local flow's reverse-NAT
+    /// entry), and SNAT entries whose flow is gone once quiet past the
+    /// quarantine (`SNAT_EMBRYONIC_NS` for a flow never established). A
+    /// translated flow's SNAT entry outlives its conntrack entry by the
+    /// quarantine: the port stays its own while the backend may still be
+    /// in TIME_WAIT. Counted in `swept`.
+    pub fn sweep(&mut self) -> Swept {
+        let cfg = self.flow_config;
+        let now_ns = monotonic_ns();
+        let now = flow_clock(now_ns);
+        let mut out = Swept::default();
+        let expired: Vec<(FlowKey, CtEntry)> = self
+            .maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| v.expired(now, k.proto, &cfg))
+            .collect();
+        for (k, v) in &expired {
+            // Refreshed by a packet since it was read: live.
+            match self.maps.conntrack.get(k, 0) {
+                Ok(cur) if cur.expired(now, k.proto, &cfg) => {}
+                _ => continue,
+            }
+            if self.maps.conntrack.remove(k).is_err() {
+                continue;
+            }
+            out.flows += 1;
+            if v.flags & CT_F_SNAT == 0 {
+                let _ = self.maps.reverse_nat.remove(&reply_key(k, v));
+            }
+        }
+        // Embryonic flows never established, past their closing or UDP
+        // timeout (the data path ignores them already).
+        let stale: Vec<(FlowKey, CtEntry)> = self
+            .maps
+            .conntrack_embryonic
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let limit = if k.proto == PROTO_TCP {
+                    cfg.tcp_closing()
+                } else {
+                    cfg.udp()
+                };
+                idle_past(now, v.last_seen, limit)
+            })
+            .collect();
+        for (k, v) in &stale {
+            if self.maps.conntrack_embryonic.remove(k).is_ok() {
+                out.flows += 1;
+            }
+            if v.flags & CT_F_SNAT == 0 {
+                let _ = self.maps.reverse_nat_embryonic.remove(&reply_key(k, v));
+            }
+        }
+        let orphans: Vec<FlowKey> = self
+            .maps
+            .snat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| {
+                let client = FlowKey {
+                    src: e.client_addr,
+                    dst: e.frontend_addr,
+                    sport: e.client_port,
+                    dport: e.frontend_port,
+                    ..*k
+                };
+                let owned = self.maps.conntrack.get(&client, 0).is_ok_and(|ct| {
+                    ct.flags & CT_F_SNAT != 0
+                        && ct.snat_port == k.dport
+                        && ct.backend_port == k.sport
+                        && ct.backend_addr == k.src
+                });
+                let limit = if e.flags & SNAT_E_EST != 0 {
+                    u64::from(cfg.snat_quarantine()) * 1_000_000_000
+                } else {
+                    SNAT_EMBRYONIC_NS
+                };
+                !owned && now_ns.saturating_sub(e.last_seen) > limit
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &orphans {
+            if self.maps.snat.remove(k).is_ok() {
+                out.snat_ports += 1;
+            }
+        }
+        if out.flows > 0 {
+            add_counter(&mut self.maps, Counter::Swept, out.flows as u64);
+        }
+        out
+    }
+}
+
+/// The reply tuple (reverse-NAT key) of client flow `k` to `ct`'s backend.
+fn reply_key(k: &FlowKey, ct: &CtEntry) -> FlowKey {
+    FlowKey {
+        src: ct.backend_addr,
+        dst: k.src,
+        sport: ct.backend_port,
+        dport: k.sport,
+        ..*k
+    }
+}
+
+/// Adds `n` to a counter only userspace writes (CPU 0's slot: no BPF
+/// program races this read-modify-write).
+fn add_counter(maps: &mut Maps, c: Counter, n: u64) {
+    let idx = c as u32;
+    let Ok(values) = maps.counters.get(&idx, 0) else {
+        return;
+    };
+    let mut v: Vec<u64> = values.iter().copied().collect();
+    if let Some(first) = v.first_mut() {
+        *first += n;
+    }
+    if let Ok(values) = aya::maps::PerCpuValues::try_from(v) {
+        let _ = maps.counters.set(idx, values, 0);
     }
 }
 
@@ -678,7 +902,7 @@ fn kind_to_meta(k: DataplaneKind) -> u32 {
 /// Attaches the pass-everything program to `ifaces` in native mode and pins
 /// the links under `dir` (for veth peers of native-mode interfaces).
 pub fn attach_pass(dir: &Path, ifaces: &[String]) -> Result<(), XdpError> {
-    let mut ebpf = load(&dir.join("maps"))?;
+    let mut ebpf = load(&dir.join("maps"), meshlb_common::MAX_FLOWS)?;
     let prog = program(&mut ebpf, PROG_XDP_PASS)?;
     for iface in ifaces {
         attach_pinned(prog, dir, iface, AttachMode::Native)?;
@@ -1194,5 +1418,13 @@ impl Engine for XdpDataplane {
         Maps::from_pins(&self.dir)
             .map(|m| crate::metrics::Source::Pinned(std::sync::Arc::new(m)))
             .map_err(|e| DataplaneError::Other(e.to_string()))
+    }
+
+    fn set_flow_config(&mut self, c: &ConntrackConfig) -> Result<bool, DataplaneError> {
+        XdpDataplane::set_flow_config(self, c)
+    }
+
+    fn sweep_flows(&mut self) -> Swept {
+        self.sweep()
     }
 }

@@ -92,6 +92,7 @@ pub enum L4 {
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
 
 /// A well-formed frame, described by its fields; `bytes()` builds it with
 /// correct checksums.

@@ -34,8 +34,9 @@ pub mod maps {
     pub const MAGLEV: &str = "MLB_MAGLEV_V1";
     /// array, backend id -> `Backend`.
     pub const BACKENDS: &str = "MLB_BE_V1";
-    /// LRU hash, client flow `FlowKey` -> `CtEntry`.
-    pub const CONNTRACK: &str = "MLB_CT_V1";
+    /// LRU hash, client flow `FlowKey` -> `CtEntry`. V2: `last_seen`
+    /// (V1 entries are migrated at load, see `CtEntry::from_v1`).
+    pub const CONNTRACK: &str = "MLB_CT_V2";
     /// LRU hash, reply flow `FlowKey` (backend -> client) -> `RnatEntry`.
     pub const REVERSE_NAT: &str = "MLB_RNAT_V1";
     /// per-CPU array, backend id -> `Stats`.
@@ -72,9 +73,22 @@ pub mod maps {
     /// protocol) -> `FragEntry` (its addresses after translation): the
     /// first fragment's choice, applied to the later ones.
     pub const FRAGMENTS: &str = "MLB_FRAG_V1";
+    /// array, index 0 -> `FlowConfig`: flow timeouts and the SNAT port
+    /// quarantine (all zero: the defaults).
+    pub const FLOW_CONFIG: &str = "MLB_FLOWCFG_V1";
+    /// LRU hash, client flow `FlowKey` -> `CtEntry`: flows not yet
+    /// established (a SYN, a first datagram). A flood of flow openers
+    /// churns only this table and `REVERSE_NAT_EMBRYONIC`; a flow moves to
+    /// `CONNTRACK` (and `REVERSE_NAT`) when it is established.
+    pub const CONNTRACK_EMBRYONIC: &str = "MLB_CTSYN_V1";
+    /// LRU hash, reply `FlowKey` -> `RnatEntry` of embryonic local flows.
+    pub const REVERSE_NAT_EMBRYONIC: &str = "MLB_RNATSYN_V1";
+    /// per-CPU array, index 0 -> `RateWindow`: new flows in the current
+    /// second (the flood state's input).
+    pub const NEW_FLOW_RATE: &str = "MLB_RATE_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 24] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -95,14 +109,22 @@ pub mod maps {
         IFACE_ADDRS,
         VIPS,
         FRAGMENTS,
+        FLOW_CONFIG,
+        CONNTRACK_EMBRYONIC,
+        REVERSE_NAT_EMBRYONIC,
+        NEW_FLOW_RATE,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
     /// replacement starts empty; what they held is not state, see each).
-    pub const SUPERSEDED: [&str; 1] = [
+    pub const SUPERSEDED: [&str; 2] = [
         // V1 counters: totals only, the V2 map starts at zero.
         "MLB_CNT_V1",
+        // V1 conntrack: its entries are copied into V2 first.
+        CONNTRACK_V1,
     ];
+    /// The conntrack map before `CtEntry::last_seen` (32-byte entries).
+    pub const CONNTRACK_V1: &str = "MLB_CT_V1";
 }
 
 /// Name of the XDP load-balancer program in the object.
@@ -139,6 +161,8 @@ pub const MAX_LOCAL_ADDRS: u32 = 256;
 pub const MAX_IFACES: u32 = 1024;
 /// Connection-tracking capacity (LRU: the oldest flows go first).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of the embryonic tables (flows not yet established).
+pub const MAX_EMBRYONIC: u32 = 65_536;
 /// Client addresses remembered for session affinity, over all services
 /// (LRU: the least recently used go first).
 pub const MAX_AFFINITY: u32 = 65_536;
@@ -265,8 +289,9 @@ pub const CT_F_FIN_BACKEND: u16 = 2;
 pub const CT_F_RST: u16 = 4;
 /// Closing or closed: a new SYN on this tuple selects a backend afresh.
 pub const CT_F_CLOSING: u16 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST;
-/// Gone for good (RST, or FIN both ways): its SNAT port may be reused
-/// after `SNAT_CLOSED_GRACE_NS`.
+/// Gone for good (RST, or FIN both ways): its SNAT port may be given to
+/// another flow once it has been quiet for the quarantine
+/// (`FlowConfig::snat_quarantine_s`).
 pub const CT_F_CLOSED: u16 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND;
 /// `CtEntry::flags`: the flow is source-translated (`CtEntry::snat_port`).
 pub const CT_F_SNAT: u16 = 8;
@@ -279,8 +304,11 @@ pub const CT_F_HAIRPIN: u16 = 16;
 /// (a packet with ACK and without SYN after the flow's SYN). Until then
 /// the flow is embryonic: its SNAT port goes back to the pool
 /// `SNAT_EMBRYONIC_NS` after it was taken, so a SYN flood cannot hold
-/// the port space.
+/// the port space. A UDP flow is established by its second packet.
 pub const CT_F_EST: u16 = 32;
+/// `CtEntry::flags`: the `CT_F_RST` came from the client's side, so more
+/// traffic from the client proves it forged (or lost): it is then cleared.
+pub const CT_F_RST_CLIENT: u16 = 64;
 
 /// Conntrack entry for a client flow (client -> frontend).
 #[repr(C)]
@@ -296,6 +324,161 @@ pub struct CtEntry {
     /// byte order); the address is `SNAT_ADDRS` of the family.
     pub snat_port: u16,
     pub _pad: u16,
+    /// `flow_clock()` of the flow's last packet (refreshed at most once a
+    /// tick, about twice a second, by either direction): the flow has
+    /// expired once it is older than its timeout (`FlowConfig`), and is
+    /// then treated as absent.
+    pub last_seen: u32,
+}
+
+impl CtEntry {
+    /// A V1 entry (the layout without `last_seen`, 32 bytes), seen `now`.
+    pub fn from_v1(b: &[u8; 32], now: u32) -> CtEntry {
+        let mut backend_addr = [0; 16];
+        backend_addr.copy_from_slice(&b[..16]);
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        CtEntry {
+            backend_addr,
+            backend_port: u16_at(16),
+            flags: u16_at(18),
+            backend_id: u32_at(20),
+            service_id: u32_at(24),
+            snat_port: u16_at(28),
+            _pad: 0,
+            last_seen: now,
+        }
+    }
+
+    /// Whether the flow has been idle past its timeout at `now`
+    /// (`flow_clock`): `tcp_closing` once a FIN or RST was seen, else
+    /// `tcp` or `udp` by protocol. Wrapping arithmetic: the clock is a u32
+    /// of ticks (it wraps after 73 years).
+    #[inline(always)]
+    pub fn expired(&self, now: u32, proto: u8, cfg: &FlowConfig) -> bool {
+        idle_past(now, self.last_seen, self.timeout(proto, cfg))
+    }
+
+    /// The idle timeout (seconds) of this flow.
+    #[inline(always)]
+    pub fn timeout(&self, proto: u8, cfg: &FlowConfig) -> u32 {
+        if proto != PROTO_TCP {
+            cfg.udp()
+        } else if self.flags & CT_F_CLOSING != 0 {
+            cfg.tcp_closing()
+        } else {
+            cfg.tcp()
+        }
+    }
+}
+
+/// Flow timeouts (seconds; 0: the default), `FLOW_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowConfig {
+    /// An established TCP flow, idle.
+    pub tcp_timeout_s: u32,
+    /// A TCP flow after a FIN or RST, idle.
+    pub tcp_closing_timeout_s: u32,
+    /// A UDP flow, idle.
+    pub udp_timeout_s: u32,
+    /// A SNAT port whose flow closed or vanished is not given to another
+    /// client's flow until it has been quiet this long (the peer's
+    /// TIME_WAIT).
+    pub snat_quarantine_s: u32,
+    /// New flows per second over which the node is flooded (0: the
+    /// default): reported, the embryonic tables absorb the flood.
+    pub flood_threshold: u32,
+    pub _pad: u32,
+}
+
+/// Default `FlowConfig::flood_threshold` (new flows per second).
+pub const DEFAULT_FLOOD_THRESHOLD: u32 = 20_000;
+
+/// One CPU's count of new flows in one second (`NEW_FLOW_RATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateWindow {
+    /// The second (`ns >> 30`, about a second) counted.
+    pub window: u32,
+    pub count: u32,
+}
+
+impl RateWindow {
+    /// The window of a monotonic time in ns.
+    #[inline(always)]
+    pub const fn window_of(ns: u64) -> u32 {
+        (ns >> 30) as u32
+    }
+}
+
+/// Default `FlowConfig::tcp_timeout_s` (1 h).
+pub const DEFAULT_TCP_TIMEOUT_S: u32 = 3600;
+/// Default `FlowConfig::tcp_closing_timeout_s`.
+pub const DEFAULT_TCP_CLOSING_TIMEOUT_S: u32 = 10;
+/// Default `FlowConfig::udp_timeout_s` (2 min).
+pub const DEFAULT_UDP_TIMEOUT_S: u32 = 120;
+/// Default `FlowConfig::snat_quarantine_s`: longer than Linux's TIME_WAIT.
+pub const DEFAULT_SNAT_QUARANTINE_S: u32 = 60;
+
+impl FlowConfig {
+    #[inline(always)]
+    fn or(v: u32, default: u32) -> u32 {
+        if v == 0 {
+            default
+        } else {
+            v
+        }
+    }
+    #[inline(always)]
+    pub fn tcp(&self) -> u32 {
+        Self::or(self.tcp_timeout_s, DEFAULT_TCP_TIMEOUT_S)
+    }
+    #[inline(always)]
+    pub fn tcp_closing(&self) -> u32 {
+        Self::or(self.tcp_closing_timeout_s, DEFAULT_TCP_CLOSING_TIMEOUT_S)
+    }
+    #[inline(always)]
+    pub fn udp(&self) -> u32 {
+        Self::or(self.udp_timeout_s, DEFAULT_UDP_TIMEOUT_S)
+    }
+    #[inline(always)]
+    pub fn snat_quarantine(&self) -> u32 {
+        Self::or(self.snat_quarantine_s, DEFAULT_SNAT_QUARANTINE_S)
+    }
+    #[inline(always)]
+    pub fn flood(&self) -> u32 {
+        Self::or(self.flood_threshold, DEFAULT_FLOOD_THRESHOLD)
+    }
+}
+
+/// `CtEntry::last_seen`'s unit: 2^29 ns (0.54 s). Coarse enough that a
+/// flow's entry is written about twice a second at most, fine enough that
+/// a flow expires within 0.54 s after its timeout.
+pub const FLOW_TICK_NS: u64 = 1 << 29;
+
+/// Ticks (`FLOW_TICK_NS`) of a monotonic clock (`CLOCK_MONOTONIC`, coarse
+/// in BPF: `bpf_ktime_get_coarse_ns`), truncated to 32 bits.
+#[inline(always)]
+pub const fn flow_clock(ns: u64) -> u32 {
+    (ns >> 29) as u32
+}
+
+/// Whether a flow last seen at tick `last` is idle past `secs` seconds at
+/// tick `now`. The difference is signed: a `last` ahead of `now` (written
+/// by another CPU, or a packet, after `now` was read) is fresh, never
+/// "idle for 136 years".
+#[inline(always)]
+pub const fn idle_past(now: u32, last: u32, secs: u32) -> bool {
+    (now.wrapping_sub(last) as i32) > ticks(secs) as i32
+}
+
+/// Whole ticks in `secs` seconds (rounded down: a flow is never expired
+/// early by more than a tick's rounding of its timeout, and never late by
+/// more than a tick).
+#[inline(always)]
+pub const fn ticks(secs: u32) -> u32 {
+    ((secs as u64 * 1_000_000_000) >> 29) as u32
 }
 
 /// Reverse translation for replies (backend -> client): the frontend the
@@ -323,13 +506,19 @@ pub struct SnatEntry {
     pub client_port: u16,
     /// Network byte order.
     pub frontend_port: u16,
-    pub _pad: u32,
+    /// `SNAT_E_*`.
+    pub flags: u32,
     pub backend_id: u32,
     pub service_id: u32,
     /// `bpf_ktime_get_ns` of the last reply (at most a second stale), or
     /// of the flow's start: an idle flow's port can be reclaimed.
     pub last_seen: u64,
 }
+
+/// `SnatEntry::flags`: the backend answered past the handshake (a TCP
+/// reply without SYN or RST): the flow was real, and its port is
+/// quarantined after it ends, where an embryonic flow's goes back at once.
+pub const SNAT_E_EST: u32 = 1;
 
 /// Key of `AFFINITY`: one client address of one service.
 #[repr(C)]
@@ -473,7 +662,10 @@ impl SnatAddr {
     /// themselves modulo the count); later tries walk on by one. So a
     /// client tuple maps to the same port every time it comes back, and a
     /// backend sees the client's own port reuse pattern, which its
-    /// TIME_WAIT handling (timestamps are per tuple) accepts.
+    /// TIME_WAIT handling (timestamps are per tuple) accepts. When that
+    /// port is taken, the allocator walks on from `salted` instead:
+    /// clients that share source ports then take different ports, rather
+    /// than all queueing for the next ones.
     #[inline(always)]
     pub fn candidate(&self, client: u16, try_no: u32) -> u16 {
         let n = self.usable();
@@ -506,24 +698,28 @@ impl SnatAddr {
     }
 }
 
+/// A client's source port mixed with a hash of its address: where the SNAT
+/// allocator walks on when the client's own port is taken (clients that
+/// share source ports then spread over the range).
+#[inline(always)]
+pub fn salted(client: u16, addr: &[u8; 16]) -> u16 {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let h = (w(0) ^ w(4) ^ w(8) ^ w(12)).wrapping_mul(0x9e37_79b1);
+    client ^ (h >> 16) as u16
+}
+
 /// Default SNAT ports: all non-privileged ones (minus the node's
 /// ephemeral range, found at run time).
 pub const SNAT_PORT_MIN: u16 = 1024;
 pub const SNAT_PORT_MAX: u16 = 65535;
 /// Ports tried per new flow before it is dropped as exhausted.
 pub const SNAT_TRIES: u32 = 8;
-/// A closed flow's (RST, or FIN both ways) port may be reused this long
-/// after its last reply. Zero: the allocator walks the whole range before
-/// it comes back to a port, which is the quarantine.
-pub const SNAT_CLOSED_GRACE_NS: u64 = 0;
-/// An embryonic TCP flow's port (`CT_F_EST` not set) may be taken by
-/// another flow this long after it was taken (a backend's SYN-ACK does not
-/// refresh it): spoofed SYNs hold the port space for at most this long.
+/// An embryonic TCP flow's port (neither `CT_F_EST` on its conntrack
+/// entry nor `SNAT_E_EST` on its SNAT entry) may be taken by another flow
+/// this long after it was taken (a backend's SYN-ACK does not refresh
+/// it): spoofed SYNs hold the port space for at most this long. The
+/// other limits are `FlowConfig`'s (idle timeouts, quarantine).
 pub const SNAT_EMBRYONIC_NS: u64 = 1_000_000_000;
-/// An idle TCP flow's port is reclaimed after this long without replies.
-pub const SNAT_TCP_IDLE_NS: u64 = 3_600_000_000_000;
-/// An idle UDP flow's port is reclaimed after this long without replies.
-pub const SNAT_UDP_IDLE_NS: u64 = 120_000_000_000;
 /// `SnatEntry::last_seen` is refreshed when older than this.
 pub const SNAT_TOUCH_NS: u64 = 1_000_000_000;
 
@@ -676,10 +872,38 @@ pub enum Counter {
     /// A known flow's missing reply half (evicted from its LRU table while
     /// the conntrack half survived) was re-created by its next packet.
     Healed = 34,
+    /// A packet found its flow idle past its timeout (`FlowConfig`): the
+    /// entry was treated as absent and replaced.
+    Expired = 35,
+    /// A SNAT port was found held by a flow whose conntrack entry is gone
+    /// (evicted by the LRU, or swept): it goes back to the pool only after
+    /// the quarantine (embryonic flows: `SNAT_EMBRYONIC_NS`).
+    Evicted = 36,
+    /// A RST on a known flow followed by more traffic of that flow (a
+    /// forged or lost RST): the flow is live again, not closing.
+    RstIgnored = 37,
+    /// Flows removed by the daemon's sweep once idle past their timeout
+    /// (written by userspace only, on CPU 0's slot).
+    Swept = 38,
+    /// A TCP packet of a flow whose backend was removed from its service
+    /// (not down, not draining): answered with a reset (XDP), the flow's
+    /// state deleted.
+    Reset = 39,
+    /// The same, where no reset could be sent (the TC hook, or a packet
+    /// that cannot be answered): dropped, the flow's state deleted.
+    ResetDropped = 40,
+    /// A flow was established (TCP: the client's handshake ACK; UDP: its
+    /// second datagram) and moved from the embryonic tables to the main
+    /// ones, where floods of flow openers cannot evict it.
+    Promoted = 41,
+    /// An embryonic flow's SNAT port went to another flow before it was
+    /// established (its handshake took longer than `SNAT_EMBRYONIC_NS`):
+    /// dropped; the client retries.
+    PortLost = 42,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 35;
+pub const COUNTER_COUNT: u32 = 43;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -721,6 +945,14 @@ impl Counter {
         Counter::NoFlow,
         Counter::Rebalanced,
         Counter::Healed,
+        Counter::Expired,
+        Counter::Evicted,
+        Counter::RstIgnored,
+        Counter::Swept,
+        Counter::Reset,
+        Counter::ResetDropped,
+        Counter::Promoted,
+        Counter::PortLost,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -735,6 +967,8 @@ impl Counter {
                 | Counter::HairpinNoAddr
                 | Counter::FragUnknown
                 | Counter::NoFlow
+                | Counter::ResetDropped
+                | Counter::PortLost
         )
     }
 
@@ -776,6 +1010,14 @@ impl Counter {
             Counter::NoFlow => "no_flow",
             Counter::Rebalanced => "rebalanced",
             Counter::Healed => "healed",
+            Counter::Expired => "expired",
+            Counter::Evicted => "evicted",
+            Counter::RstIgnored => "rst_ignored",
+            Counter::Swept => "swept",
+            Counter::Reset => "reset",
+            Counter::ResetDropped => "reset_dropped",
+            Counter::Promoted => "promoted",
+            Counter::PortLost => "port_lost",
         }
     }
 }
@@ -793,6 +1035,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FlowConfig {}
+    unsafe impl aya::Pod for RateWindow {}
     unsafe impl aya::Pod for RnatEntry {}
     unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for NodeMeta {}
@@ -820,7 +1064,9 @@ mod tests {
         assert_eq!(size_of::<ServiceName>(), 64);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<CtEntry>(), 32);
+        assert_eq!(size_of::<CtEntry>(), 36);
+        assert_eq!(size_of::<FlowConfig>(), 24);
+        assert_eq!(size_of::<RateWindow>(), 8);
         assert_eq!(size_of::<RnatEntry>(), 32);
         assert_eq!(size_of::<Stats>(), 40);
         assert_eq!(size_of::<NodeMeta>(), 80);
@@ -866,6 +1112,17 @@ mod tests {
         assert_eq!(a.candidate(32767, 1), 61000);
         assert_eq!(a.candidate(65535, 1), 1024);
         assert_eq!(a.candidate(80, 0), 80 + 1024);
+        // Clients that share a source port walk on from different ports.
+        let c1 = [10, 210, 0, 101, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let c2 = [10, 210, 0, 102, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let (p1, p2) = (
+            a.candidate(salted(40000, &c1), 0),
+            a.candidate(salted(40000, &c2), 0),
+        );
+        assert_ne!(p1, p2);
+        for p in [p1, p2] {
+            assert!(p >= 1024 && !(32768..=60999).contains(&p), "{p}");
+        }
     }
 
     #[test]
@@ -883,6 +1140,53 @@ mod tests {
         assert_eq!(a.candidate(5, 0), 61005);
         assert_eq!(SnatAddr::default().usable(), 0);
         assert_eq!(SnatAddr::default().candidate(5, 0), 0);
+    }
+
+    #[test]
+    fn flows_expire_by_protocol_and_state_and_v1_entries_migrate() {
+        let cfg = FlowConfig {
+            udp_timeout_s: 3,
+            ..Default::default()
+        };
+        assert_eq!((cfg.tcp(), cfg.tcp_closing(), cfg.udp()), (3600, 10, 3));
+        assert_eq!(cfg.snat_quarantine(), 60);
+        // 3 s and 10 s in 2^29 ns ticks.
+        assert_eq!((ticks(3), ticks(10)), (5, 18));
+        let mut e = CtEntry {
+            last_seen: u32::MAX - 1,
+            ..Default::default()
+        };
+        // Across the clock's wrap: 2 ticks to 0, then on.
+        assert!(!e.expired(3, PROTO_UDP, &cfg));
+        assert!(!e.expired(4, PROTO_TCP, &cfg));
+        assert!(e.expired(4, PROTO_UDP, &cfg));
+        e.flags = CT_F_FIN_CLIENT;
+        assert!(!e.expired(16, PROTO_TCP, &cfg));
+        assert!(e.expired(17, PROTO_TCP, &cfg));
+        assert_eq!(flow_clock(3 * FLOW_TICK_NS + 1), 3);
+        // Seen "after now" (another CPU refreshed it meanwhile): fresh.
+        let e = CtEntry {
+            last_seen: 100,
+            ..Default::default()
+        };
+        assert!(!e.expired(99, PROTO_UDP, &cfg));
+        assert!(!idle_past(u32::MAX, 2, 3));
+
+        let v2 = CtEntry {
+            backend_addr: [7; 16],
+            backend_port: 0x1234,
+            flags: CT_F_SNAT | CT_F_EST,
+            backend_id: 9,
+            service_id: 11,
+            snat_port: 0x4321,
+            _pad: 0,
+            last_seen: 77,
+        };
+        let mut v1 = [0u8; 32];
+        // SAFETY: CtEntry is repr(C), its first 32 bytes are the V1 layout.
+        let bytes = unsafe { core::slice::from_raw_parts(&v2 as *const CtEntry as *const u8, 32) };
+        v1.copy_from_slice(bytes);
+        assert_eq!(CtEntry::from_v1(&v1, 77), v2);
     }
 
     #[test]

@@ -40,8 +40,8 @@ pub trait Frame {
     /// reports it too big for its egress (`toobig::TOO_BIG` | MTU).
     fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32>;
     /// Cuts the frame of `len` bytes (`Packet::len`) to its first `keep`
-    /// bytes, then opens `grow` bytes behind the Ethernet header (for an
-    /// ICMP error built in place: `toobig`). Packet pointers must be
+    /// bytes, then opens `grow` bytes (maybe none) behind the Ethernet
+    /// header (for an answer built in place: `toobig`, `reset`). Packet pointers must be
     /// re-derived afterwards.
     fn reshape(&self, len: u64, keep: u32, grow: u32) -> bool;
     /// Sends the (rewritten) frame back out the interface it came in on;
@@ -96,7 +96,7 @@ impl Frame for XdpContext {
         // SAFETY: plain helper calls on a valid context.
         unsafe {
             bpf_xdp_adjust_tail(self.ctx, keep as i32 - len as i32) == 0
-                && bpf_xdp_adjust_head(self.ctx, -(grow as i32)) == 0
+                && (grow == 0 || bpf_xdp_adjust_head(self.ctx, -(grow as i32)) == 0)
         }
     }
 
@@ -146,7 +146,7 @@ impl Frame for TcContext {
     fn reshape(&self, _len: u64, keep: u32, grow: u32) -> bool {
         // SAFETY: plain helper call on a valid context.
         let cut = unsafe { bpf_skb_change_tail(self.skb.skb, keep, 0) } == 0;
-        cut && self.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0).is_ok()
+        cut && (grow == 0 || self.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0).is_ok())
     }
 
     #[inline(always)]

@@ -6,17 +6,26 @@
 //! * a packet that matches no frontend and no reply entry leaves exactly
 //!   as it came (XDP_PASS, no byte changed);
 //! * an established flow keeps its backend whatever the backend set does;
-//!   only a SYN on a closing/closed tuple selects afresh;
+//!   only a SYN on a closing/closed tuple, or any packet after the flow's
+//!   idle timeout (`FlowConfig`, on a coarse clock of 0.54 s ticks, so a
+//!   flow's entry is written at most twice a second), selects afresh;
 //! * a direct (non-service) TCP SYN from a client to a backend removes a
-//!   stale reply entry for the same tuple, so a client that reaches a
-//!   backend both directly and via the load balancer never has its direct
-//!   replies rewritten;
+//!   stale reply entry for the same tuple (one whose flow is closing or
+//!   gone, never a live flow's), so a client that reaches a backend both
+//!   directly and via the load balancer never has its direct replies
+//!   rewritten;
 //! * a flow to a backend on another node (`BE_F_SNAT`) is also translated
 //!   to this node's address and a port it owns: the port is owned by the
 //!   `MLB_SNAT` entry keyed by the reply tuple, taken with an atomic
-//!   insert-if-absent, so two flows never share one; it is taken over only
-//!   when its flow is gone (closed, idle past its timeout, or no longer in
-//!   conntrack), and the old flow's conntrack entry goes with it.
+//!   insert-if-absent, so two flows never share one. Another client's flow
+//!   takes it over only when its flow is idle past its timeout, or closed
+//!   or gone (evicted, expired) and quiet for the quarantine (the peer's
+//!   TIME_WAIT); an embryonic flow's port (no handshake ACK, or one UDP
+//!   datagram) goes back after `SNAT_EMBRYONIC_NS`. The same client tuple
+//!   re-opening keeps its port;
+//! * no packet deletes a live flow's translations: a RST only marks the
+//!   flow closing (and a client RST followed by more client traffic is
+//!   ignored), a SYN on a live tuple is part of that flow.
 //!
 //! Stack: BPF allows 512 bytes over the whole call chain, so the decision
 //! functions are separate subprograms that return to `process`, and only
@@ -27,15 +36,16 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS},
         BPF_ANY, BPF_NOEXIST,
     },
-    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns},
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use meshlb_common::{
-    hash::flow_slot, AddrKey, AffinityEntry, AffinityKey, Counter, CtEntry, FlowKey, FragEntry,
-    FragKey, FrontendKey, FrontendValue, IfAddrKey, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN,
-    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSED, CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND,
-    CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP, RING_SIZE, SNAT_CLOSED_GRACE_NS, SNAT_EMBRYONIC_NS, SNAT_F_PRESENT, SNAT_IDX_V4,
-    SNAT_IDX_V6, SNAT_TCP_IDLE_NS, SNAT_TOUCH_NS, SNAT_TRIES, SNAT_UDP_IDLE_NS, SVC_F_PRESENT,
+    flow_clock, hash::flow_slot, idle_past, salted, AddrKey, AffinityEntry, AffinityKey, Counter,
+    CtEntry, FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey,
+    RateWindow, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT,
+    CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
+    CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
+    SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS,
+    SNAT_TRIES, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -46,12 +56,25 @@ use crate::{
         parse, ptr_at, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, IPV4_LEN, IPV6_LEN, KIND_FRAG,
         KIND_ICMP_ERR, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
-    toobig,
+    reset, toobig,
 };
 
 #[inline(always)]
 fn is_syn(pkt: &Packet) -> bool {
     pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// `CtEntry::last_seen`'s clock: ticks of the coarse monotonic clock.
+#[inline(always)]
+fn clock_now() -> u32 {
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    flow_clock(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// The flow timeouts (`MLB_FLOWCFG_V1`; zero fields: defaults).
+#[inline(always)]
+fn flow_cfg() -> FlowConfig {
+    MLB_FLOWCFG_V1.get(0).copied().unwrap_or_default()
 }
 
 /// The decision spine, the same for both hooks (`Frame`: XDP on uplinks,
@@ -239,13 +262,13 @@ fn icmp_path<C: Frame>(ctx: &C, pkt: &Packet) -> Result<(), u32> {
         x.inner_sport = e.client_port;
         x.inner_dst = e.frontend_addr;
         x.inner_dport = e.frontend_port;
-    } else if let Some(r) = unsafe { MLB_RNAT_V1.get(&rev) } {
+    } else if let Some(r) = unsafe { MLB_RNAT_V1.get(&rev).or_else(|| MLB_RNATSYN_V1.get(&rev)) } {
         if x.outer_src == pkt.key.dst {
             x.outer_src = r.frontend_addr;
         }
         x.inner_dst = r.frontend_addr;
         x.inner_dport = r.frontend_port;
-    } else if let Some(ct) = unsafe { MLB_CT_V1.get(&rev) } {
+    } else if let Some(ct) = unsafe { MLB_CT_V2.get(&rev).or_else(|| MLB_CTSYN_V1.get(&rev)) } {
         if ct.flags & CT_F_HAIRPIN != 0 {
             // Its source address depends on the interface it entered by.
             count(Counter::NotService);
@@ -484,7 +507,11 @@ fn is_vip(pkt: &Packet) -> bool {
 #[inline(never)]
 fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u32> {
     let mut ct = CtEntry::default();
-    let new = pick_backend(pkt, service_id, &mut ct)?;
+    let new = match pick_backend(pkt, service_id, &mut ct) {
+        Ok(new) => new,
+        Err(reset::RESET) => return Err(reset::reply(ctx, pkt)),
+        Err(v) => return Err(v),
+    };
     if ct.flags & CT_F_UNTRACKED != 0 && (ct.flags & CT_F_SNAT != 0 || C::LOCAL_SENDERS) {
         // Untracked, it would need SNAT or hairpin state it may not make.
         count(Counter::NoFlow);
@@ -507,8 +534,10 @@ fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u
     if ct.flags & CT_F_SNAT != 0 && !snat_source(pkt, ct.flags, &mut src) {
         return Err(XDP_DROP);
     }
-    if !new && ct.flags & CT_F_UNTRACKED == 0 {
-        heal_reply(pkt, &ct, &src);
+    // Only an established flow's reply half is healed: an embryonic one's
+    // lives in the embryonic tables (never healed into the main ones).
+    if !new && ct.flags & (CT_F_UNTRACKED | CT_F_EST) == CT_F_EST && !heal_reply(pkt, &ct, &src) {
+        return Err(XDP_DROP);
     }
     translate(ctx, pkt, &ct.backend_addr, ct.backend_port, false)?;
     if ct.flags & CT_F_SNAT != 0 {
@@ -556,8 +585,19 @@ fn snat_source(pkt: &Packet, ct_flags: u16, out: &mut [u8; 16]) -> bool {
 /// frontend. `Ok(false)`: not one.
 #[inline(never)]
 fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
-    // SAFETY: LRU map value, copied out at once.
-    let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) }).copied() else {
+    // SAFETY: LRU map values, copied out at once. An embryonic flow's
+    // replies: UDP, or a SYN-ACK, RST or FIN (its data follows the
+    // handshake ACK, which moved it to the main tables).
+    let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) })
+        .or_else(|| {
+            if pkt.key.proto == PROTO_UDP || pkt.tcp_flags & (TCP_SYN | TCP_RST | TCP_FIN) != 0 {
+                unsafe { MLB_RNATSYN_V1.get(&pkt.key) }
+            } else {
+                None
+            }
+        })
+        .copied()
+    else {
         return Ok(false);
     };
     let client = FlowKey {
@@ -649,7 +689,9 @@ fn lookup_frontend(pkt: &Packet, out: &mut FrontendValue) -> u8 {
 }
 
 /// A direct TCP SYN (client -> backend, not via a frontend): drop any
-/// reply entry left for the same tuple by an earlier load-balanced flow.
+/// reply entry left for the same tuple by an earlier load-balanced flow
+/// that is closing or gone. A live flow's stays: a SYN forged with its
+/// tuple must not take its replies away.
 #[inline(never)]
 fn forget_reply(pkt: &Packet) {
     let reply = FlowKey {
@@ -659,6 +701,21 @@ fn forget_reply(pkt: &Packet) {
         dport: pkt.key.sport,
         ..pkt.key
     };
+    // SAFETY: LRU map value, copied out at once.
+    let Some(r) = (unsafe { MLB_RNAT_V1.get(&reply) }).copied() else {
+        return;
+    };
+    let client = FlowKey {
+        dst: r.frontend_addr,
+        dport: r.frontend_port,
+        ..pkt.key
+    };
+    // SAFETY: as above.
+    if let Some(ct) = unsafe { MLB_CT_V2.get(&client) } {
+        if ct.flags & CT_F_CLOSING == 0 && !ct.expired(clock_now(), PROTO_TCP, &flow_cfg()) {
+            return;
+        }
+    }
     let _ = MLB_RNAT_V1.remove(&reply);
 }
 
@@ -666,7 +723,11 @@ fn forget_reply(pkt: &Packet) {
 fn closing_flags(tcp_flags: u8, from_client: bool) -> u16 {
     let mut f = 0;
     if tcp_flags & TCP_RST != 0 {
-        f |= CT_F_RST;
+        f |= if from_client {
+            CT_F_RST | CT_F_RST_CLIENT
+        } else {
+            CT_F_RST
+        };
     }
     if tcp_flags & TCP_FIN != 0 {
         f |= if from_client {
@@ -693,29 +754,54 @@ fn closing_flags(tcp_flags: u8, from_client: bool) -> u16 {
 fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool, u32> {
     let mut flags = closing_flags(pkt.tcp_flags, true);
     let tcp = pkt.key.proto == PROTO_TCP;
-    if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+    // Established: TCP by the handshake's ACK, UDP by a second datagram
+    // (a new flow's entry never has it).
+    if !tcp || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
         flags |= CT_F_EST;
     }
-    if let Some(ct) = MLB_CT_V1.get_ptr_mut(&pkt.key) {
+    let mut hit = false;
+    if let Some(ct) = MLB_CT_V2.get_ptr_mut(&pkt.key) {
         // SAFETY: LRU map value; a concurrent update of `flags` only loses
         // a flag bit, which the next FIN/RST sets again.
         let ct = unsafe { &mut *ct };
-        let moved = !tcp && !serves(ct);
-        if !moved && !(is_syn(pkt) && ct.flags & CT_F_CLOSING != 0) {
+        let state = ct_live(ct, pkt);
+        if state == CT_RESET {
+            // Its backend was removed: the client learns at once.
+            forget_flow(pkt, ct);
+            let _ = MLB_CT_V2.remove(&pkt.key);
+            return Err(reset::RESET);
+        }
+        let live = state == CT_LIVE;
+        let moved = live && !tcp && !serves(ct);
+        if live && !moved && !(is_syn(pkt) && ct.flags & CT_F_CLOSING != 0) {
             if flags & !ct.flags != 0 {
                 ct.flags |= flags;
             }
             *out = *ct;
-            account(out.service_id, out.backend_id, pkt.len, false, false);
-            return Ok(false);
+            hit = true;
+        } else {
+            // The tuple's previous flow is over (or, UDP, its backend went
+            // down or away: the flow moves): forget its replies.
+            // In place, not copied (this frame is on the deepest call chain).
+            forget_flow(pkt, ct);
+            let _ = MLB_CT_V2.remove(&pkt.key);
+            if moved {
+                count(Counter::Rebalanced);
+            }
         }
-        // The tuple's previous flow is over (or, UDP, its backend went
-        // down or away: the flow moves): forget its replies.
-        let old = *ct;
-        forget_flow(pkt, &old);
-        if moved {
-            count(Counter::Rebalanced);
+    } else {
+        let e = embryonic(pkt, flags, out);
+        if e == EMB_PROMOTE {
+            // From here, not from `embryonic`: the deepest chain.
+            promote(pkt, out);
         }
+        hit = e != EMB_NONE;
+    }
+    // One exit for every known flow: the verifier walks what follows
+    // (in the caller) once, not once per way of finding the flow.
+    if hit {
+        account(out.service_id, out.backend_id, pkt.len, false, false);
+        return Ok(false);
     }
     let stateless = tcp && !is_syn(pkt);
 
@@ -744,20 +830,19 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
             return Err(XDP_DROP);
         }
     };
-    *out = CtEntry {
-        backend_addr: be.addr,
-        backend_port: be.port,
-        flags: (flags & !CT_F_EST)
-            | if be.flags & BE_F_SNAT != 0 {
-                CT_F_SNAT
-            } else {
-                0
-            },
-        backend_id,
-        service_id,
-        snat_port: 0,
-        _pad: 0,
-    };
+    // Field by field (`out` starts zeroed): a struct literal would be
+    // built in this frame first, on the deepest call chain.
+    out.backend_addr = be.addr;
+    out.backend_port = be.port;
+    out.flags = (flags & !CT_F_EST)
+        | if be.flags & BE_F_SNAT != 0 {
+            CT_F_SNAT
+        } else {
+            0
+        };
+    out.backend_id = backend_id;
+    out.service_id = service_id;
+    out.last_seen = clock_now();
     if stateless {
         // The caller drops it if it needs SNAT or a hairpin (`no_flow`).
         out.flags |= CT_F_UNTRACKED;
@@ -768,6 +853,106 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
         return Ok(false);
     }
     Ok(true)
+}
+
+/// `embryonic`: no embryonic flow.
+const EMB_NONE: u8 = 0;
+/// `embryonic`: one, which stays embryonic.
+const EMB_HIT: u8 = 1;
+/// `embryonic`: one this packet establishes: to be promoted.
+const EMB_PROMOTE: u8 = 2;
+
+/// A packet of an embryonic flow (`MLB_CTSYN_V1`, younger than its
+/// closing or UDP timeout): its entry in `out`, and `EMB_*`. One that
+/// establishes it (`flags` has `CT_F_EST`: TCP's handshake ACK, UDP's
+/// second datagram) is to be moved to the main tables (`promote`); another
+/// (a SYN retransmit) leaves it embryonic (not established: no reply half
+/// is healed into the main tables for it).
+#[inline(never)]
+fn embryonic(pkt: &Packet, flags: u16, out: &mut CtEntry) -> u8 {
+    let Some(e) = MLB_CTSYN_V1.get_ptr(&pkt.key) else {
+        return EMB_NONE;
+    };
+    let Some(cfg) = MLB_FLOWCFG_V1.get(0) else {
+        return EMB_NONE;
+    };
+    let limit = if pkt.key.proto == PROTO_TCP {
+        cfg.tcp_closing()
+    } else {
+        cfg.udp()
+    };
+    let now = clock_now();
+    // SAFETY: LRU map value; read, then copied out only when it is used
+    // (every miss leaves `out` as it was: one state for the verifier).
+    if idle_past(now, unsafe { (*e).last_seen }, limit) {
+        return EMB_NONE;
+    }
+    // SAFETY: as above.
+    *out = unsafe { *e };
+    if flags & CT_F_EST == 0 {
+        return EMB_HIT;
+    }
+    out.flags |= flags;
+    out.last_seen = now;
+    EMB_PROMOTE
+}
+
+/// Moves an established flow from the embryonic tables to the main ones.
+#[inline(never)]
+fn promote(pkt: &Packet, ct: &CtEntry) {
+    let _ = MLB_CT_V2.insert(&pkt.key, ct, 0);
+    if ct.flags & CT_F_SNAT == 0 {
+        let (key, rnat) = rnat_of(pkt, ct);
+        let _ = MLB_RNAT_V1.insert(&key, &rnat, 0);
+        let _ = MLB_RNATSYN_V1.remove(&key);
+    }
+    let _ = MLB_CTSYN_V1.remove(&pkt.key);
+    count(Counter::Promoted);
+}
+
+/// `ct_live`: the flow goes on.
+const CT_LIVE: u8 = 0;
+/// `ct_live`: idle past its timeout, to be treated as absent.
+const CT_EXPIRED: u8 = 1;
+/// `ct_live`: a TCP flow whose backend was removed, to be reset.
+const CT_RESET: u8 = 2;
+
+/// The state of a known flow at this packet (`CT_*`), refreshing its
+/// last-seen time (at most once a tick) when it goes on. A RST from the
+/// client's side followed by more of the client's traffic was forged (or
+/// lost): the flow is live, not closing (counted).
+#[inline(never)]
+fn ct_live(ct: &mut CtEntry, pkt: &Packet) -> u8 {
+    let now = clock_now();
+    if ct.expired(now, pkt.key.proto, &flow_cfg()) {
+        count(Counter::Expired);
+        return CT_EXPIRED;
+    }
+    if pkt.key.proto == PROTO_TCP && pkt.tcp_flags & TCP_RST == 0 && !still_listed(ct) {
+        // A SYN opens a new flow on the tuple (its client reused the
+        // port): it is balanced afresh, never reset.
+        if pkt.tcp_flags & TCP_SYN != 0 {
+            return CT_EXPIRED;
+        }
+        return CT_RESET;
+    }
+    if ct.last_seen != now {
+        ct.last_seen = now;
+    }
+    if ct.flags & CT_F_RST_CLIENT != 0 && pkt.tcp_flags & (TCP_RST | TCP_SYN) == 0 {
+        ct.flags &= !(CT_F_RST | CT_F_RST_CLIENT);
+        count(Counter::RstIgnored);
+    }
+    CT_LIVE
+}
+
+/// Whether a flow's backend is still in its slot (maybe down or
+/// draining): a TCP flow whose backend was removed is reset.
+#[inline(always)]
+fn still_listed(ct: &CtEntry) -> bool {
+    matches!(MLB_BE_V1.get(ct.backend_id), Some(b) if b.flags & BE_F_PRESENT != 0
+        && b.port == ct.backend_port
+        && b.addr == ct.backend_addr)
 }
 
 /// Whether a flow's backend still serves it: the slot holds the same
@@ -840,15 +1025,32 @@ fn takes_new_flows(id: u32, service_id: u32, family: u8) -> bool {
         && b.family == family)
 }
 
-/// Records a new flow: its conntrack entry, and for a flow that is not
-/// source-translated the reverse-NAT entry of its replies (a translated
-/// one's is its SNAT entry, written when the port was taken).
+/// Records a new flow in the embryonic tables (`embryonic` moves it to
+/// the main ones once established): its conntrack entry, and for a flow
+/// that is not source-translated the reverse-NAT entry of its replies (a
+/// translated one's is its SNAT entry, written when the port was taken).
 #[inline(never)]
 fn record_flow(pkt: &Packet, ct: &CtEntry) {
-    let mut ok = MLB_CT_V1.insert(&pkt.key, ct, 0).is_ok();
+    let mut ok = MLB_CTSYN_V1.insert(&pkt.key, ct, 0).is_ok();
     if ct.flags & CT_F_SNAT == 0 {
         let (key, rnat) = rnat_of(pkt, ct);
-        ok &= MLB_RNAT_V1.insert(&key, &rnat, 0).is_ok();
+        ok &= MLB_RNATSYN_V1.insert(&key, &rnat, 0).is_ok();
+        // A main entry for the same reply tuple is an earlier flow's (the
+        // client reused its port, e.g. towards another frontend of the
+        // same backend): looked up first, it would translate this flow's
+        // replies to that frontend.
+        let _ = MLB_RNAT_V1.remove(&key);
+    }
+    if let Some(w) = MLB_RATE_V1.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        let w = unsafe { &mut *w };
+        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+        let now = RateWindow::window_of(unsafe { bpf_ktime_get_coarse_ns() });
+        if w.window != now {
+            w.window = now;
+            w.count = 0;
+        }
+        w.count += 1;
     }
     // On failure forward anyway: Maglev gives the same answer next time.
     count(if ok {
@@ -888,7 +1090,7 @@ fn rnat_of(pkt: &Packet, ct: &CtEntry) -> (FlowKey, RnatEntry) {
 /// owner is gone may belong to another flow by now, which is never
 /// overwritten). `snat_src`: the flow's SNAT source address.
 #[inline(never)]
-fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
+fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) -> bool {
     if ct.flags & CT_F_SNAT == 0 {
         let (key, rnat) = rnat_of(pkt, ct);
         if MLB_RNAT_V1.get_ptr(&key).is_none()
@@ -896,7 +1098,7 @@ fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
         {
             count(Counter::Healed);
         }
-        return;
+        return true;
     }
     let key = FlowKey {
         src: ct.backend_addr,
@@ -905,14 +1107,27 @@ fn heal_reply(pkt: &Packet, ct: &CtEntry, snat_src: &[u8; 16]) {
         dport: ct.snat_port,
         ..pkt.key
     };
-    if MLB_SNAT_V1.get_ptr(&key).is_some() {
-        return;
+    if let Some(e) = MLB_SNAT_V1.get_ptr_mut(&key) {
+        // SAFETY: LRU map value; flags only ever gain this bit.
+        let e = unsafe { &mut *e };
+        if e.client_port != pkt.key.sport || !eq16(&e.client_addr, &pkt.key.src) {
+            // The port went to another flow (this one's entry was lost):
+            // never send on it.
+            count(Counter::PortLost);
+            return false;
+        }
+        if ct.flags & CT_F_EST != 0 && e.flags & SNAT_E_EST == 0 {
+            e.flags |= SNAT_E_EST;
+        }
+        return true;
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let entry = snat_entry_of(pkt, ct, unsafe { bpf_ktime_get_ns() });
     if MLB_SNAT_V1.insert(&key, &entry, BPF_NOEXIST as u64).is_ok() {
         count(Counter::Healed);
+        return true;
     }
+    false
 }
 
 /// The SNAT entry of a translated flow `ct` (where its replies go back
@@ -924,7 +1139,7 @@ fn snat_entry_of(pkt: &Packet, ct: &CtEntry, now: u64) -> SnatEntry {
         frontend_addr: pkt.key.dst,
         client_port: pkt.key.sport,
         frontend_port: pkt.key.dport,
-        _pad: 0,
+        flags: 0,
         backend_id: ct.backend_id,
         service_id: ct.service_id,
         last_seen: now,
@@ -932,22 +1147,12 @@ fn snat_entry_of(pkt: &Packet, ct: &CtEntry, now: u64) -> SnatEntry {
 }
 
 /// Removes the reply-side state of a finished flow (`old`, the conntrack
-/// entry of the tuple `pkt` reuses): its reverse-NAT entry, or its SNAT
-/// entry, which frees its port.
+/// entry of the tuple `pkt` reuses): its reverse-NAT entry. A translated
+/// flow's SNAT entry stays: its port is quarantined (`try_port`; the same
+/// client tuple may take it again at once).
 #[inline(never)]
 fn forget_flow(pkt: &Packet, old: &CtEntry) {
     if old.flags & CT_F_SNAT != 0 {
-        let mut src = [0u8; 16];
-        if snat_source(pkt, old.flags, &mut src) {
-            let key = FlowKey {
-                src: old.backend_addr,
-                dst: src,
-                sport: old.backend_port,
-                dport: old.snat_port,
-                ..pkt.key
-            };
-            let _ = MLB_SNAT_V1.remove(&key);
-        }
         return;
     }
     let key = FlowKey {
@@ -984,24 +1189,31 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
         count(Counter::SnatNoAddr);
         return Err(XDP_DROP);
     };
-    let mut src = [0u8; 16];
-    if !snat_source(pkt, ct.flags, &mut src) {
-        return Err(XDP_DROP);
-    }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     let mut key = FlowKey {
         src: ct.backend_addr,
-        dst: src,
+        dst: [0; 16],
         sport: ct.backend_port,
         dport: 0,
         ..pkt.key
     };
+    // Straight into the key: this frame is on the deepest call chain.
+    if !snat_source(pkt, ct.flags, &mut key.dst) {
+        return Err(XDP_DROP);
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let entry = snat_entry_of(pkt, ct, now);
-    let client = u16::from_be(pkt.key.sport);
-    for i in 0..SNAT_TRIES {
-        key.dport = a.candidate(client, i).to_be();
-        if try_port(&key, &entry, now) {
+    // The client's own port first; taken, walk on from a start salted
+    // with the client's address. One value live across the calls: this
+    // frame is on the deepest call chain.
+    key.dport = a.candidate(u16::from_be(pkt.key.sport), 0).to_be();
+    if try_port(&key, &entry) {
+        return Ok(key.dport);
+    }
+    let start = salted(u16::from_be(pkt.key.sport), &pkt.key.src);
+    for i in 0..SNAT_TRIES - 1 {
+        key.dport = a.candidate(start, i).to_be();
+        if try_port(&key, &entry) {
             return Ok(key.dport);
         }
     }
@@ -1009,20 +1221,30 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
     Err(XDP_DROP)
 }
 
-/// Takes the port in `key.dport` for `entry` if it is free, or if the flow
-/// holding it is gone, closed, idle past its limit, or embryonic (a TCP
-/// flow whose handshake its client never completed) past
-/// `SNAT_EMBRYONIC_NS` (its conntrack entry then goes too).
+/// Takes the port in `key.dport` for `entry` if it is free, if it was
+/// this very client tuple's (re-opened), or if the flow holding it may
+/// lose it (its conntrack entry then goes too). An embryonic flow
+/// (neither side saw it established) lets go `SNAT_EMBRYONIC_NS` after it
+/// was taken; a live one after its idle timeout; a closed one, or one
+/// whose conntrack entry is gone (evicted, expired: counted), after the
+/// quarantine.
+///
+/// The old entry, the owner's and the timeouts are read in place, not
+/// copied: this is the deepest frame of the deepest call chain.
 #[inline(never)]
-fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
+fn try_port(key: &FlowKey, entry: &SnatEntry) -> bool {
+    // The new entry's time is now (one less value kept live by the caller).
+    let now = entry.last_seen;
     if MLB_SNAT_V1.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
         count(Counter::SnatNew);
         return true;
     }
-    // SAFETY: LRU map value, copied out at once.
-    let Some(old) = (unsafe { MLB_SNAT_V1.get(key) }).copied() else {
+    let Some(old) = MLB_SNAT_V1.get_ptr(key) else {
         return false;
     };
+    // SAFETY: LRU map value, read in place (a racing update can only make
+    // the decision as stale as a copy would).
+    let old = unsafe { &*old };
     let client = FlowKey {
         src: old.client_addr,
         dst: old.frontend_addr,
@@ -1030,32 +1252,48 @@ fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
         dport: old.frontend_port,
         ..*key
     };
-    let idle = now.saturating_sub(old.last_seen);
-    // SAFETY: as above.
-    let owner = unsafe { MLB_CT_V1.get(&client) }
-        .copied()
-        .filter(|ct| ct.flags & CT_F_SNAT != 0 && ct.snat_port == key.dport);
-    let reclaim = match owner {
-        None => true,
-        Some(ct) => {
-            let closed = ct.flags & CT_F_RST != 0 || ct.flags & CT_F_CLOSED == CT_F_CLOSED;
-            let limit = if closed {
-                SNAT_CLOSED_GRACE_NS
-            } else if key.proto == PROTO_TCP && ct.flags & CT_F_EST == 0 {
-                SNAT_EMBRYONIC_NS
-            } else if key.proto == PROTO_TCP {
-                SNAT_TCP_IDLE_NS
-            } else {
-                SNAT_UDP_IDLE_NS
+    if !eq16(&client.src, &entry.client_addr)
+        || client.sport != entry.client_port
+        || !eq16(&client.dst, &entry.frontend_addr)
+        || client.dport != entry.frontend_port
+    {
+        let idle = now.saturating_sub(old.last_seen);
+        let snat_est = old.flags & SNAT_E_EST != 0;
+        // SAFETY: as above.
+        let owner = MLB_CT_V2
+            .get_ptr(&client)
+            .map(|p| unsafe { &*p })
+            .filter(|ct| {
+                ct.flags & CT_F_SNAT != 0
+                    && ct.snat_port == key.dport
+                    && ct.backend_port == key.sport
+                    && eq16(&ct.backend_addr, &key.src)
+            });
+        let est = snat_est || owner.is_some_and(|ct| ct.flags & CT_F_EST != 0);
+        let limit = if !est {
+            SNAT_EMBRYONIC_NS
+        } else {
+            let Some(cfg) = MLB_FLOWCFG_V1.get(0) else {
+                return false;
             };
-            idle > limit
+            let secs = match owner {
+                None => {
+                    count(Counter::Evicted);
+                    cfg.snat_quarantine()
+                }
+                Some(ct) if ct.flags & CT_F_CLOSING != 0 => cfg.snat_quarantine(),
+                Some(ct) => ct.timeout(key.proto, cfg),
+            };
+            u64::from(secs) * 1_000_000_000
+        };
+        if idle <= limit {
+            return false;
         }
-    };
-    if !reclaim {
-        return false;
-    }
-    if owner.is_some() {
-        let _ = MLB_CT_V1.remove(&client);
+        if owner.is_some() {
+            let _ = MLB_CT_V2.remove(&client);
+        }
+        // An embryonic owner that gets established later finds its port
+        // taken (`heal_reply`: `port_lost`) and never sends on it.
     }
     if MLB_SNAT_V1.insert(key, entry, BPF_ANY as u64).is_err() {
         return false;
@@ -1064,15 +1302,40 @@ fn try_port(key: &FlowKey, entry: &SnatEntry, now: u64) -> bool {
     true
 }
 
-/// Bookkeeping of a reply: counters, and FIN/RST from the backend marks
-/// the client flow (`client`) closing.
+/// Address equality without a `bcmp` call (a subprogram of its own, one
+/// more frame on the deepest call chain).
+#[inline(always)]
+fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let w = |x: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([
+            x[i],
+            x[i + 1],
+            x[i + 2],
+            x[i + 3],
+            x[i + 4],
+            x[i + 5],
+            x[i + 6],
+            x[i + 7],
+        ])
+    };
+    w(a, 0) == w(b, 0) && w(a, 8) == w(b, 8)
+}
+
+/// Bookkeeping of a reply: counters, the client flow's (`client`)
+/// last-seen time (a reply keeps its flow alive too), and FIN/RST from
+/// the backend marks it closing.
 #[inline(never)]
 fn reply_seen(pkt: &Packet, client: &FlowKey, service_id: u32, backend_id: u32) {
     let flags = closing_flags(pkt.tcp_flags, false);
-    if flags != 0 {
-        if let Some(ct) = MLB_CT_V1.get_ptr_mut(client) {
-            // SAFETY: as in pick_backend.
-            unsafe { (*ct).flags |= flags };
+    if let Some(ct) = MLB_CT_V2.get_ptr_mut(client) {
+        // SAFETY: as in pick_backend.
+        let ct = unsafe { &mut *ct };
+        if flags & !ct.flags != 0 {
+            ct.flags |= flags;
+        }
+        let now = clock_now();
+        if ct.last_seen != now {
+            ct.last_seen = now;
         }
     }
     account(service_id, backend_id, pkt.len, true, false);

@@ -35,7 +35,7 @@ pub static MLB_BE_V1: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
 /// client flow (client -> frontend) -> CtEntry.
 #[map]
-pub static MLB_CT_V1: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+pub static MLB_CT_V2: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
 
 /// reply flow (backend -> client) -> RnatEntry.
 #[map]
@@ -122,3 +122,19 @@ pub fn account(service_id: u32, backend_id: u32, bytes: u64, reply: bool, new_fl
         }
     }
 }
+
+/// 0 -> FlowConfig: flow timeouts, SNAT quarantine (zero: defaults).
+#[map]
+pub static MLB_FLOWCFG_V1: Array<FlowConfig> = Array::pinned(1, 0);
+
+/// Embryonic client flows (not yet established) -> CtEntry.
+#[map]
+pub static MLB_CTSYN_V1: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_EMBRYONIC, 0);
+
+/// Reply flows of embryonic local flows -> RnatEntry.
+#[map]
+pub static MLB_RNATSYN_V1: LruHashMap<FlowKey, RnatEntry> = LruHashMap::pinned(MAX_EMBRYONIC, 0);
+
+/// 0 -> RateWindow, per CPU: new flows in the current second.
+#[map]
+pub static MLB_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::pinned(1, 0);

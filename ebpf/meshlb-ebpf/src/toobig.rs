@@ -277,7 +277,7 @@ fn partial_neutral<const L4: usize, const FIELD: usize, const N: usize, C: Frame
 /// The one's-complement sum of `N` packet bytes at `off` added to `seed`
 /// (`bpf_csum_diff`; `N` a multiple of 4).
 #[inline(always)]
-fn sum_at<const N: usize, C: Frame>(ctx: &C, off: usize, seed: u32) -> Option<u64> {
+pub(crate) fn sum_at<const N: usize, C: Frame>(ctx: &C, off: usize, seed: u32) -> Option<u64> {
     let p = ptr_at::<[u8; N], _>(ctx, off).ok()?;
     // SAFETY: p is bounds-checked for N bytes.
     let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, seed) };
@@ -289,7 +289,7 @@ fn sum_at<const N: usize, C: Frame>(ctx: &C, off: usize, seed: u32) -> Option<u6
 
 /// Folds a one's-complement sum of native-order words to 16 bits.
 #[inline(always)]
-fn fold16(s: u64) -> u32 {
+pub(crate) fn fold16(s: u64) -> u32 {
     let mut s = (s & 0xffff) + ((s >> 16) & 0xffff) + (s >> 32);
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
@@ -306,7 +306,7 @@ fn fold_raw(s: u64) -> [u8; 2] {
 
 /// The checksum to store for a sum: its complement.
 #[inline(always)]
-fn fold(s: u64) -> [u8; 2] {
+pub(crate) fn fold(s: u64) -> [u8; 2] {
     let b = fold_raw(s);
     [!b[0], !b[1]]
 }

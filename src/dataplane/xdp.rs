@@ -667,7 +667,18 @@ impl XdpDataplane {
             }
             out.flows += 1;
             if v.flags & CT_F_SNAT == 0 {
-                let _ = self.maps.reverse_nat.remove(&reply_key(k, v));
+                // Only if the entry is still this flow's: a later flow from
+                // the same client port, through another frontend of the
+                // same backend, owns that reply tuple by now.
+                let reply = reply_key(k, v);
+                let ours = self
+                    .maps
+                    .reverse_nat
+                    .get(&reply, 0)
+                    .is_ok_and(|r| r.frontend_addr == k.dst && r.frontend_port == k.dport);
+                if ours {
+                    let _ = self.maps.reverse_nat.remove(&reply);
+                }
             }
         }
         // Embryonic flows never established, past their closing or UDP

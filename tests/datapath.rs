@@ -1258,6 +1258,44 @@ fn cases() -> Vec<Case> {
                 Err(format!("(conntrack, embryonic, reverse NAT, embryonic reverse NAT) = {got:?}; want (1, 0, 1, 0)"))
             }
         }),
+        // A client reuses its port towards another frontend of the same
+        // backend (which still holds the old connection in TIME_WAIT).
+        case(
+            "a client port reused towards another frontend of the same backend: the new flow's replies (the backend's bare TIME_WAIT ACK, then its SYN-ACK) come back from the new frontend",
+            {
+                let np = Frame::tcp(c4, 40000, "10.200.0.1", 80, SYN);
+                let np_ack = Frame::tcp(c4, 40000, "10.200.0.1", 80, ACK);
+                let tw_ack = Frame {
+                    smac: BE1_MAC,
+                    dmac: FXA_MAC,
+                    ..Frame::tcp("10.201.1.2", 8000, c4, 40000, ACK)
+                };
+                vec![
+                    step(
+                        np.bytes(),
+                        fwd(&np.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                        NEW_IN,
+                    ),
+                    step(
+                        reply4.bytes(),
+                        fwd(&reply4.translated(None, Some(("10.200.0.1", 80)), FXB_MAC, CLIENT_MAC)),
+                        OUT,
+                    ),
+                    step(
+                        np_ack.bytes(),
+                        fwd(&np_ack.translated(Some(("10.201.1.2", 8000)), None, FXA_MAC, BE1_MAC)),
+                        &[(Counter::Promoted, 1), (Counter::ForwardedIn, 1)],
+                    ),
+                    step(syn4.bytes(), fwd(&syn4_out), NEW_IN),
+                    step(
+                        tw_ack.bytes(),
+                        fwd(&tw_ack.translated(None, Some(("10.96.0.10", 80)), FXB_MAC, CLIENT_MAC)),
+                        OUT,
+                    ),
+                    step(reply4.bytes(), fwd(&reply4_out), OUT),
+                ]
+            },
+        ),
         case(
             "SYNs of three new flows and a lone UDP datagram leave the main tables untouched; a second datagram establishes the UDP flow",
             vec![

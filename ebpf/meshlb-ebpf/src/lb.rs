@@ -586,16 +586,14 @@ fn snat_source(pkt: &Packet, ct_flags: u16, out: &mut [u8; 16]) -> bool {
 #[inline(never)]
 fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     // SAFETY: LRU map values, copied out at once. An embryonic flow's
-    // replies: UDP, or a SYN-ACK, RST or FIN (its data follows the
-    // handshake ACK, which moved it to the main tables).
+    // replies are any kind of segment: its SYN-ACK, and a bare ACK or RST
+    // from a backend that still holds the client's previous connection on
+    // the same tuple in TIME_WAIT (the client reused its port towards
+    // another frontend): translated, the client's RST ends that
+    // TIME_WAIT; untranslated, it never reaches the backend and the
+    // connect times out.
     let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) })
-        .or_else(|| {
-            if pkt.key.proto == PROTO_UDP || pkt.tcp_flags & (TCP_SYN | TCP_RST | TCP_FIN) != 0 {
-                unsafe { MLB_RNATSYN_V1.get(&pkt.key) }
-            } else {
-                None
-            }
-        })
+        .or_else(|| unsafe { MLB_RNATSYN_V1.get(&pkt.key) })
         .copied()
     else {
         return Ok(false);

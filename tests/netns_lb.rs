@@ -402,3 +402,74 @@ fn explain_names_the_backend_the_data_plane_uses() {
     );
     assert!(daemon.is_running(), "daemon died{}", topo.ctx());
 }
+
+#[test]
+/// A client reuses its source port towards another frontend of the same
+/// backend (node port, then VIP) while that backend still holds the first
+/// connection in TIME_WAIT: the backend may answer the new SYN with the
+/// old connection's ACK, which must come back from the VIP (the client's
+/// RST then ends the TIME_WAIT and its SYN retransmit connects). Sent out
+/// untranslated, the connect timed out.
+fn a_client_port_reused_across_frontends_of_one_backend_connects() {
+    let topo = prepared("reu", true);
+    let cfg = topo.write_file("meshlb.toml", &lb_config(&topo, false, &["b2", "b3"]));
+    let mut daemon = topo.start_daemon(&cfg, "native");
+    topo.wait_ready(&mut daemon, &["web", "echo"], READY);
+    // As in a real cluster, the client cannot reach the backends' network
+    // itself: only what comes back from a frontend reaches it.
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &topo.client_ns,
+            "route",
+            "replace",
+            "blackhole",
+            "10.201.0.0/16",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("ip route: {e}"));
+    assert!(out.status.success(), "ip route: {out:?}");
+    // Outside the client's ephemeral range: no other connection uses them.
+    let srcs: Vec<SocketAddr> = (0..16)
+        .map(|i| SocketAddr::new(CLIENT_V4.into(), 45000 + i))
+        .collect();
+    let round = |dst: &str| -> Vec<String> {
+        topo.client(|| {
+            srcs.iter()
+                .filter_map(|src| {
+                    http_get_from(Some(*src), sa(dst), REQ_TIMEOUT)
+                        .err()
+                        .map(|e| format!("{src} -> {dst}: {e}"))
+                })
+                .collect()
+        })
+    };
+    let failed = round(NODE_PORT);
+    assert!(
+        failed.is_empty(),
+        "via the node port: {failed:?}{}",
+        topo.ctx()
+    );
+    // The situation under test: b1 holds those connections in TIME_WAIT.
+    let b1 = topo.backend("b1");
+    let tw = in_netns(&b1.ns, || {
+        std::process::Command::new("ss")
+            .args(["-Htan", "state", "time-wait"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| panic!("ss: {e}"))
+    });
+    let waiting = srcs
+        .iter()
+        .filter(|s| tw.contains(&format!("{}:{}", CLIENT_V4, s.port())))
+        .count();
+    assert_eq!(waiting, srcs.len(), "b1's TIME_WAIT sockets: {tw}");
+    let failed = round(WEB_VIP);
+    assert!(
+        failed.is_empty(),
+        "{} of {} connects from a reused port failed: {failed:?}{}",
+        failed.len(),
+        srcs.len(),
+        topo.ctx()
+    );
+}

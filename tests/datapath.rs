@@ -1588,7 +1588,7 @@ fn cases() -> Vec<Case> {
 
 /// The SNAT port a flow from `client`:`port` gets when the port its own
 /// source port maps to (`SNAT_PORT` for 40000) is taken: the first of
-/// the walk from its salted start.
+/// its walk (`SnatAddr::walk`).
 fn next_port(client: &str, port: u16) -> u16 {
     let (addr, _) = addr_bytes(client.parse().unwrap());
     let a = meshlb_common::SnatAddr {
@@ -1598,7 +1598,7 @@ fn next_port(client: &str, port: u16) -> u16 {
         hole_max: EPHEMERAL.1,
         ..Default::default()
     };
-    a.candidate(meshlb_common::salted(port, &addr), 0)
+    a.walk(meshlb_common::walk_seed(port, &addr), 0)
 }
 
 /// The TCP reset the load balancer answers client packet `f` with when its

@@ -663,7 +663,7 @@ impl SnatAddr {
     /// client tuple maps to the same port every time it comes back, and a
     /// backend sees the client's own port reuse pattern, which its
     /// TIME_WAIT handling (timestamps are per tuple) accepts. When that
-    /// port is taken, the allocator walks on from `salted` instead:
+    /// port is taken, the allocator goes on with `walk` instead:
     /// clients that share source ports then take different ports, rather
     /// than all queueing for the next ones.
     #[inline(always)]
@@ -696,16 +696,57 @@ impl SnatAddr {
         let p = min + idx;
         (if hole > 0 && p >= hmin { p + hole } else { p }) as u16
     }
+
+    /// The `i`th port of the walk seeded with `seed` (`walk_seed`), where
+    /// the allocator goes when the client's own port (`candidate`) is
+    /// taken: each step an independent, uniform pick among the usable
+    /// ports, so the ports in use never form runs that a walk must cross
+    /// (a linear walk from a salted start clustered: a few hundred held
+    /// ports in a row exhausted every walk that started among them).
+    /// Deterministic: a client tuple that comes back finds its own port
+    /// again at the same step.
+    #[inline(always)]
+    pub fn walk(&self, seed: u32, i: u32) -> u16 {
+        let n = self.usable();
+        if n == 0 {
+            return 0;
+        }
+        let hole = self.hole_len();
+        // checked_rem: no panic path in BPF.
+        let idx = fmix32(seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
+            .checked_rem(n)
+            .unwrap_or(0);
+        let p = self.port_min as u32 + idx;
+        (if hole > 0 && p >= self.hole_min as u32 {
+            p + hole
+        } else {
+            p
+        }) as u16
+    }
 }
 
-/// A client's source port mixed with a hash of its address: where the SNAT
-/// allocator walks on when the client's own port is taken (clients that
-/// share source ports then spread over the range).
+/// The seed of a client tuple's SNAT walk (`SnatAddr::walk`): a hash of
+/// its address and source port. Clients that share source ports, and
+/// neighbouring ports of one client, walk through unrelated ports.
 #[inline(always)]
-pub fn salted(client: u16, addr: &[u8; 16]) -> u16 {
+pub fn walk_seed(client: u16, addr: &[u8; 16]) -> u32 {
     let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-    let h = (w(0) ^ w(4) ^ w(8) ^ w(12)).wrapping_mul(0x9e37_79b1);
-    client ^ (h >> 16) as u16
+    fmix32(
+        w(0) ^ w(4).rotate_left(8)
+            ^ w(8).rotate_left(16)
+            ^ w(12).rotate_left(24)
+            ^ (client as u32).wrapping_mul(0x9e37_79b1),
+    )
+}
+
+/// MurmurHash3's finalizer: every input bit affects every output bit.
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// Default SNAT ports: all non-privileged ones (minus the node's
@@ -1116,13 +1157,60 @@ mod tests {
         let c1 = [10, 210, 0, 101, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let c2 = [10, 210, 0, 102, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let (p1, p2) = (
-            a.candidate(salted(40000, &c1), 0),
-            a.candidate(salted(40000, &c2), 0),
+            a.walk(walk_seed(40000, &c1), 0),
+            a.walk(walk_seed(40000, &c2), 0),
         );
         assert_ne!(p1, p2);
-        for p in [p1, p2] {
-            assert!(p >= 1024 && !(32768..=60999).contains(&p), "{p}");
+    }
+
+    /// The walk stays in the usable ports and spreads evenly: 8 clients
+    /// that share 1,000 source ports, their walks' ports counted per
+    /// 1/16th of the range, each within 25 % of the mean; and with a fifth
+    /// of the range held (8,000 ports, as by those clients' flows), a walk
+    /// of 7 steps fails about 0.2^7 of the time, not in runs.
+    #[test]
+    fn snat_walk_is_uniform_and_never_clusters() {
+        let a = linux_default();
+        let n = a.usable();
+        let slot = |p: u16| {
+            let p = p as u32;
+            let off = if p > 60999 {
+                p - 1024 - (60999 - 32768 + 1)
+            } else {
+                p - 1024
+            };
+            (off * 16 / n) as usize
+        };
+        let mut buckets = [0u32; 16];
+        let mut held = [false; 65536];
+        let mut total = 0u32;
+        let mut failed = 0u32;
+        for c in 0..8u8 {
+            let addr = [10, 210, 0, 100 + c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            for port in 10000u16..11000 {
+                let seed = walk_seed(port, &addr);
+                let mut got = false;
+                for i in 0..7 {
+                    let p = a.walk(seed, i);
+                    assert!(p >= 1024 && !(32768..=60999).contains(&p), "{p}");
+                    buckets[slot(p)] += 1;
+                    total += 1;
+                    if !got && !held[p as usize] {
+                        held[p as usize] = true;
+                        got = true;
+                    }
+                }
+                failed += u32::from(!got);
+            }
         }
+        let mean = total / 16;
+        for (i, b) in buckets.iter().enumerate() {
+            assert!(
+                b * 4 > mean * 3 && b * 4 < mean * 5,
+                "slot {i}: {b} of mean {mean}: {buckets:?}"
+            );
+        }
+        assert_eq!(failed, 0, "walks that found no free port among 8,000 held");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use meshlb_common::{
-    flow_clock, hash::flow_slot, idle_past, salted, AddrKey, AffinityEntry, AffinityKey, Counter,
+    flow_clock, hash::flow_slot, idle_past, walk_seed, AddrKey, AffinityEntry, AffinityKey, Counter,
     CtEntry, FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey,
     RateWindow, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT,
     CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
@@ -1178,8 +1178,9 @@ fn snat_addr(family: u8) -> Option<&'static SnatAddr> {
 
 /// Takes a SNAT port for a new flow `ct` to a remote backend: the
 /// client's own port when it is usable, else its one-to-one fold into the
-/// usable ports (`SnatAddr::candidate`), then the next ones; each with an
-/// atomic insert-if-absent of the reply tuple.
+/// usable ports (`SnatAddr::candidate`), then `SNAT_TRIES - 1` steps of
+/// the client tuple's walk (`SnatAddr::walk`); each with an atomic
+/// insert-if-absent of the reply tuple.
 #[inline(never)]
 fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
     // The port range is the node's (hairpin flows share it).
@@ -1201,16 +1202,16 @@ fn snat_alloc(pkt: &Packet, ct: &CtEntry) -> Result<u16, u32> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let entry = snat_entry_of(pkt, ct, now);
-    // The client's own port first; taken, walk on from a start salted
-    // with the client's address. One value live across the calls: this
-    // frame is on the deepest call chain.
+    // The client's own port first; taken, the walk seeded by the client's
+    // address and port. One value live across the calls: this frame is on
+    // the deepest call chain.
     key.dport = a.candidate(u16::from_be(pkt.key.sport), 0).to_be();
     if try_port(&key, &entry) {
         return Ok(key.dport);
     }
-    let start = salted(u16::from_be(pkt.key.sport), &pkt.key.src);
+    let seed = walk_seed(u16::from_be(pkt.key.sport), &pkt.key.src);
     for i in 0..SNAT_TRIES - 1 {
-        key.dport = a.candidate(start, i).to_be();
+        key.dport = a.walk(seed, i).to_be();
         if try_port(&key, &entry) {
             return Ok(key.dport);
         }

@@ -70,8 +70,7 @@ pub struct BpffsArg {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Config file (TOML). Without it (and without --etcd) the embedded
-    /// default (a demo service) is used.
+    /// Config file (TOML). `run` needs it or --etcd (or both).
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Node name (default: from the config, else the hostname).

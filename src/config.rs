@@ -20,9 +20,9 @@ use crate::model::{
     BackendKey, BackendSpec, BackendState, DesiredState, Frontend, Proto, ServiceKey, ServiceSpec,
 };
 
-/// The embedded default configuration (a demo service), used when `meshlb
-/// run` is given no `--config`.
-pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+/// The demo's configuration (`cargo xtask demo` passes it with `--config`;
+/// here so that the unit tests hold it valid).
+pub const DEMO_CONFIG: &str = include_str!("demo.toml");
 
 /// Default directory of pinned maps and links.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/meshlb";
@@ -324,9 +324,12 @@ pub struct BackendConfig {
     pub port: Option<u16>,
     /// 0 drains.
     pub weight: u32,
-    /// The node the backend runs on; `None`: this node (or reachable
-    /// without source translation). A backend of another node gets SNAT.
+    /// The node the backend runs on. A backend of another node gets SNAT.
     pub node: Option<String>,
+    /// Without `node`: reached through a gateway (or not at all), so
+    /// another node's, as the daemon found in the routing table
+    /// (`daemon::localise`); `false`: on a link of this node.
+    pub routed: bool,
 }
 
 // ---------------------------------------------------------------------
@@ -719,6 +722,7 @@ impl ServiceDef {
                 port: port_,
                 weight,
                 node: b.node.clone(),
+                routed: false,
             };
             for p in &publish {
                 let key = cfg.key(p);
@@ -995,7 +999,7 @@ impl ServiceConfig {
                                 BackendSpec {
                                     weight: b.weight,
                                     state: state(b),
-                                    remote: b.node.as_deref().is_some_and(|n| n != node),
+                                    remote: b.node.as_deref().map_or(b.routed, |n| n != node),
                                 },
                             )
                         })
@@ -1577,8 +1581,8 @@ weight = 300
     }
 
     #[test]
-    fn embedded_default_is_valid() {
-        let c = parse(DEFAULT_CONFIG).unwrap();
+    fn demo_config_is_valid() {
+        let c = parse(DEMO_CONFIG).unwrap();
         assert_eq!(c.node, None);
         assert!(c.interfaces.is_empty());
         let whoami = &c.services[0];

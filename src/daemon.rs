@@ -77,19 +77,28 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// The config file; without one, the embedded demo default — unless etcd
-/// is the source, then an empty config (etcd alone says what to forward).
+/// The config file; without one, an empty config when etcd is the source
+/// (etcd alone says what to forward). With neither, a usage error: a node
+/// never programs services nobody asked for.
 fn load_config(path: Option<&PathBuf>, with_etcd: bool) -> Result<Config, DaemonError> {
     let usage = |e: config::ConfigError| DaemonError::Usage(e.to_string());
     match path {
         Some(p) => config::load(p).map_err(usage),
         None if with_etcd => config::parse("").map_err(usage),
-        None => config::parse(config::DEFAULT_CONFIG).map_err(usage),
+        None => Err(DaemonError::Usage(
+            "run: needs --config FILE or --etcd URL (or [etcd] in a config): nothing says what to forward"
+                .into(),
+        )),
     }
 }
 
 /// Validates flags and config into settings, before anything is touched.
 pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
+    if args.config.is_none() && args.etcd.etcd.is_none() && args.docker.is_some() {
+        return Err(DaemonError::Usage(
+            "--docker: needs --etcd (or [etcd] in the config): containers are registered as tasks in etcd".into(),
+        ));
+    }
     let cfg = load_config(args.config.as_ref(), args.etcd.etcd.is_some())?;
     let etcd = EtcdOptions::from_args(&args.etcd, cfg.etcd.as_ref());
     if let Some(o) = &etcd {
@@ -107,9 +116,6 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         return Err(DaemonError::Usage(
             "--docker: needs --etcd (or [etcd] in the config): containers are registered as tasks in etcd".into(),
         ));
-    }
-    if args.config.is_none() && etcd.is_none() {
-        log::warn!("no --config: using the embedded default config (demo service \"whoami\")");
     }
     let dataplane = match args.dataplane {
         Some(DataplaneArg::Auto) => DataplaneChoice::Auto,
@@ -404,6 +410,7 @@ async fn run_engine<E: Engine>(
     }
     let (mut locals, net) = read_node_net(&settings.ifaces).await.map_err(|e| rt(&e))?;
     apply_node_net(&mut engine, &net);
+    localise(&mut cfg, &locals).await;
     let registry = Arc::new(Registry::default());
     let (mut etcd_rx, mut cluster, _etcd_tasks) = match &settings.etcd {
         Some(o) => {
@@ -535,6 +542,7 @@ async fn run_engine<E: Engine>(
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
                     Ok(new) => {
                         cfg = new;
+                        localise(&mut cfg, &locals).await;
                         apply_flow_config(&mut engine, &cfg.conntrack);
                         sweep = tokio::time::interval(sweep_period(&cfg.conntrack));
                         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -614,6 +622,49 @@ async fn read_node_net(
         .ok()
         .and_then(|t| nodenet::parse_port_range(&t));
     Ok((locals, NodeNet::new(ifaces, &links, &addrs, ephemeral)))
+}
+
+/// Static backends without `node`: local when this node reaches them
+/// without a gateway (on one of its links, or its own address), another
+/// node's (source-translated) otherwise; one line per such backend says
+/// which and why. Without the routing table, they stay local.
+async fn localise(cfg: &mut Config, locals: &BTreeSet<IpAddr>) {
+    if cfg
+        .services
+        .iter()
+        .all(|s| s.backends.iter().all(|b| b.node.is_some()))
+    {
+        return;
+    }
+    let routes = match netlink::routes().await {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("{e}: backends without `node` are taken as local");
+            return;
+        }
+    };
+    let locals: Vec<IpAddr> = locals.iter().copied().collect();
+    for s in &mut cfg.services {
+        for b in s.backends.iter_mut().filter(|b| b.node.is_none()) {
+            let r = nodenet::reach(b.addr, &routes, &locals);
+            b.routed = !matches!(r, nodenet::Reach::Own | nodenet::Reach::Direct);
+            let why = match r {
+                nodenet::Reach::Own => "one of this node's addresses: local".to_owned(),
+                nodenet::Reach::Direct => "on a link of this node: local".to_owned(),
+                nodenet::Reach::Gateway(g) => {
+                    format!("reached via gateway {g}: another node's, source-translated")
+                }
+                nodenet::Reach::NoRoute => {
+                    "no route to it: taken as another node's, source-translated".to_owned()
+                }
+            };
+            log::info!(
+                "service {}: backend {} (no node given): {why}",
+                s.name,
+                b.addr
+            );
+        }
+    }
 }
 
 /// Writes the node facts to the data plane, logging what changed.

@@ -1,7 +1,8 @@
-//! Interfaces and this node's own addresses, read over rtnetlink. Node-port
-//! frontends answer on every address found here; `nodenet` turns the
-//! interface facts into forwarding flags and the SNAT address. Every
-//! request has a timeout.
+//! Interfaces, this node's own addresses and its routes, read over
+//! rtnetlink. Node-port frontends answer on every address found here;
+//! `nodenet` turns the interface facts into forwarding flags and the SNAT
+//! address, and the routes into backend locality. Every request has a
+//! timeout.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -10,8 +11,11 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkXdp, XdpAttached};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+};
 
-use crate::nodenet::LinkFacts;
+use crate::nodenet::{LinkFacts, RouteFact};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -115,6 +119,68 @@ pub async fn links() -> Result<Vec<LinkFacts>, NetlinkError> {
             f
         })
         .collect())
+}
+
+/// The unicast routes of the main table, IPv4 and IPv6 (local, broadcast
+/// and other tables' routes left out).
+pub async fn routes() -> Result<Vec<RouteFact>, NetlinkError> {
+    let handle = connect()?;
+    let mut out = Vec::new();
+    for msg in [
+        rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let v4 = msg.header.address_family == netlink_packet_route::AddressFamily::Inet;
+        let msgs: Vec<RouteMessage> =
+            tokio::time::timeout(TIMEOUT, handle.route().get(msg).execute().try_collect())
+                .await
+                .map_err(|_| NetlinkError::Timeout("route dump"))?
+                .map_err(|source| NetlinkError::Request {
+                    what: "route dump",
+                    source,
+                })?;
+        for m in msgs {
+            if m.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let mut table = u32::from(m.header.table);
+            let mut f = RouteFact {
+                dst: if v4 {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                },
+                prefix_len: m.header.destination_prefix_length,
+                gateway: None,
+                oif: None,
+            };
+            for a in m.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => {
+                        if let Some(ip) = route_ip(d) {
+                            f.dst = ip;
+                        }
+                    }
+                    RouteAttribute::Gateway(g) => f.gateway = route_ip(g),
+                    RouteAttribute::Oif(i) => f.oif = Some(i),
+                    RouteAttribute::Table(t) => table = t,
+                    _ => {}
+                }
+            }
+            if table == u32::from(RouteHeader::RT_TABLE_MAIN) {
+                out.push(f);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn route_ip(a: RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(v4.into()),
+        RouteAddress::Inet6(v6) => Some(v6.into()),
+        _ => None,
+    }
 }
 
 fn is_link_local_v6(a: &IpAddr) -> bool {

@@ -1,6 +1,7 @@
 //! This node's network facts the data plane needs besides services, as
 //! pure functions of what rtnetlink reports: per-interface forwarding
-//! flags (`MLB_IFACE`) and the SNAT address per family (`MLB_SNATADR`).
+//! flags (`MLB_IFACE`), the SNAT address per family (`MLB_SNATADR`), and
+//! how a backend address is reached (locality of static backends).
 //!
 //! **Invariant:** no IO here; `netlink` reads the facts, `dataplane::xdp`
 //! writes the result.
@@ -88,6 +89,74 @@ pub fn iface_addrs(
         }
     }
     out
+}
+
+/// One route of the main table as rtnetlink reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteFact {
+    /// Destination network (its address and prefix length).
+    pub dst: IpAddr,
+    pub prefix_len: u8,
+    /// Next hop; `None`: the destination is on the link itself.
+    pub gateway: Option<IpAddr>,
+    /// Output interface index.
+    pub oif: Option<u32>,
+}
+
+/// How this node reaches a backend address, by its routing table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// One of this node's own addresses.
+    Own,
+    /// On a link of this node (no gateway): a local task.
+    Direct,
+    /// Through this gateway: another node's task.
+    Gateway(IpAddr),
+    /// No route at all.
+    NoRoute,
+}
+
+/// How `addr` is reached: the longest matching route of `routes` (the main
+/// table) decides; `locals` are this node's own addresses. A route with
+/// several next hops (no single gateway) counts as a gateway route only
+/// when it names one.
+pub fn reach(addr: IpAddr, routes: &[RouteFact], locals: &[IpAddr]) -> Reach {
+    if locals.contains(&addr) {
+        return Reach::Own;
+    }
+    routes
+        .iter()
+        .filter(|r| in_prefix(addr, r.dst, r.prefix_len))
+        .max_by_key(|r| r.prefix_len)
+        .map_or(Reach::NoRoute, |r| match r.gateway {
+            Some(g) => Reach::Gateway(g),
+            None => Reach::Direct,
+        })
+}
+
+/// Whether `addr` lies in `net/len` (same family only).
+fn in_prefix(addr: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (addr, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// The interface of the default route of a family (`v4`: IPv4), the
+/// lowest index when there are several: the uplink.
+pub fn default_route_oif(routes: &[RouteFact], v4: bool) -> Option<u32> {
+    routes
+        .iter()
+        .filter(|r| r.prefix_len == 0 && r.dst.is_ipv4() == v4)
+        .filter_map(|r| r.oif)
+        .min()
 }
 
 /// Parses `/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999").
@@ -243,6 +312,48 @@ mod tests {
         for bad in ["", "1", "2 1", "1 2 3", "a b", "1 70000"] {
             assert_eq!(parse_port_range(bad), None, "{bad:?}");
         }
+    }
+
+    fn route(dst: &str, len: u8, gw: Option<&str>, oif: u32) -> RouteFact {
+        RouteFact {
+            dst: dst.parse().unwrap(),
+            prefix_len: len,
+            gateway: gw.map(|g| g.parse().unwrap()),
+            oif: Some(oif),
+        }
+    }
+
+    #[test]
+    fn backends_are_reached_directly_by_gateway_or_not_at_all() {
+        let routes = [
+            route("0.0.0.0", 0, Some("10.0.0.254"), 2),
+            route("10.0.0.0", 24, None, 2),
+            route("10.220.0.0", 24, None, 5),
+            route("10.221.0.0", 24, Some("10.0.0.2"), 2),
+            route("10.221.0.128", 25, None, 6),
+            route("fd00:220::", 64, None, 5),
+            route("fd00:221::", 64, Some("fd00:210::2"), 2),
+        ];
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let locals = [ip("10.0.0.1"), ip("10.220.0.1")];
+        let cases = [
+            ("10.220.0.5", Reach::Direct),
+            ("10.221.0.5", Reach::Gateway(ip("10.0.0.2"))),
+            // The longest prefix wins.
+            ("10.221.0.200", Reach::Direct),
+            ("10.0.0.7", Reach::Direct),
+            ("10.220.0.1", Reach::Own),
+            ("192.0.2.1", Reach::Gateway(ip("10.0.0.254"))),
+            ("fd00:220::9", Reach::Direct),
+            ("fd00:221::9", Reach::Gateway(ip("fd00:210::2"))),
+            // No IPv6 default route.
+            ("2001:db8::1", Reach::NoRoute),
+        ];
+        for (a, want) in cases {
+            assert_eq!(reach(ip(a), &routes, &locals), want, "{a}");
+        }
+        assert_eq!(default_route_oif(&routes, true), Some(2));
+        assert_eq!(default_route_oif(&routes, false), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A malformed config makes `meshlb run` exit with status 2 and one stderr
 //! line naming the bad field, before anything is attached or pinned; a
 //! malformed `explain` address is a one-line usage error too. A valid
-//! config in the same setup is the control. Needs root; see `common`.
+//! config in the same setup is the control. `run` with neither a config
+//! nor etcd is a usage error too. Needs root; see `common`.
 
 mod common;
 
@@ -220,6 +221,40 @@ fn malformed_config_exits_2_with_one_line_and_attaches_nothing() {
         "cleanup left XDP on {iface}"
     );
     assert!(pins(&topo.lb_bpffs()).is_empty(), "cleanup left pins");
+}
+
+#[test]
+/// `meshlb run` with neither `--config` nor `--etcd`: one line saying so,
+/// exit 2, nothing attached or pinned (it never programs a demo service
+/// on its own).
+fn run_without_config_or_etcd_exits_2_and_attaches_nothing() {
+    let topo = Topology::new("cfn", TopoOpts { backends: 0 });
+    let iface = topo.lb_client_iface.clone();
+    let dir = topo.bpffs("none");
+    let d = dir.display().to_string();
+    let out = topo.meshlb(
+        &topo.lb_ns,
+        &[
+            "run",
+            "--iface",
+            &iface,
+            "--xdp-mode",
+            "generic",
+            "--bpffs",
+            &d,
+        ],
+        Duration::from_secs(15),
+    );
+    if let Err(e) = one_line_naming(&out, &["--config"]) {
+        panic!("{e}: {}", out.describe());
+    }
+    assert!(
+        out.stderr.contains("--etcd"),
+        "the line names --etcd too: {}",
+        out.describe()
+    );
+    assert_eq!(topo.xdp_mode(&topo.lb_ns, &iface), None, "XDP attached");
+    assert!(pins(&dir).is_empty(), "pinned: {:?}", pins(&dir));
 }
 
 #[test]

@@ -398,15 +398,49 @@ fn registrator_env_bad_labels_health_and_published_ports() {
     let e2 = w.docker.run_web("e2", &["-e", "SERVICE_8000_NAME=api"]);
     w.docker
         .run_web("e3", &["-e", "SERVICE_NAME=api", "-e", "SERVICE_IGNORE=1"]);
-    let bad: [(&str, &str, &str); 3] = [
-        ("bad1", "meshlb.port", "meshlb.port=http"),
-        ("bad2", "meshlb.port", "meshlb.port=9000"),
-        ("bad3", "meshlb.weight", "meshlb.weight=heavy"),
+    // (container, the label it is rejected for, its run flags). A
+    // registrator port must be exposed (as registrator requires); a port
+    // named by `meshlb.port` need not (n1 below).
+    let bad: [(&str, &str, &[&str]); 3] = [
+        (
+            "bad1",
+            "meshlb.port",
+            &[
+                "--label",
+                "meshlb.service=api",
+                "--label",
+                "meshlb.port=http",
+            ],
+        ),
+        (
+            "bad2",
+            "SERVICE_9000_NAME",
+            &["-e", "SERVICE_9000_NAME=api"],
+        ),
+        (
+            "bad3",
+            "meshlb.weight",
+            &[
+                "--label",
+                "meshlb.service=api",
+                "--label",
+                "meshlb.weight=heavy",
+            ],
+        ),
     ];
-    for (name, _, l) in bad {
-        w.docker
-            .run_web(name, &["--label", "meshlb.service=api", "--label", l]);
+    for (name, _, flags) in bad {
+        w.docker.run_web(name, flags);
     }
+    // Labelled with its port, exposing nothing (no EXPOSE, no --expose).
+    let n1 = w.docker.run_web_unexposed(
+        "n1",
+        &[
+            "--label",
+            "meshlb.service=api",
+            "--label",
+            "meshlb.port=8000",
+        ],
+    );
     let l1 = w.docker.run_web(
         "l1",
         &[
@@ -430,12 +464,13 @@ fn registrator_env_bad_labels_health_and_published_ports() {
         ],
     );
     let t0 = Instant::now();
-    let (tasks, _) = w.wait_task_ids("api", &ids(&[&e1, &e2, &l1]), Duration::from_secs(10));
+    let (tasks, _) = w.wait_task_ids("api", &ids(&[&e1, &e2, &l1, &n1]), Duration::from_secs(10));
     let took = t0.elapsed();
     assert!(took <= FAST, "registration took {took:?}{}", w.ctx());
     check_record(&w, "e1", &tasks[&e1].0, &w.docker.ip("e1"), 8000, 100);
     check_record(&w, "e2", &tasks[&e2].0, &w.docker.ip("e2"), 8000, 100);
     check_record(&w, "l1", &tasks[&l1].0, &w.docker.ip("l1"), 8000, 50);
+    check_record(&w, "n1", &tasks[&n1].0, &w.docker.ip("n1"), 8000, 100);
 
     // Each bad container: one warning naming it and its label, even after
     // another event (pause/unpause) made the daemon look at it again.
@@ -459,16 +494,16 @@ fn registrator_env_bad_labels_health_and_published_ports() {
         assert!(lines[0].contains("WARN"), "{lines:?}");
     }
 
-    let want: BTreeSet<(String, String)> = ["e1", "e2", "l1"]
+    let want: BTreeSet<(String, String)> = ["e1", "e2", "l1", "n1"]
         .iter()
         .map(|n| (w.docker.ip(n), "up".to_string()))
         .collect();
     w.wait_backends("api", &want, Duration::from_secs(5));
     w.spread(
-        "60 GETs over env and label containers",
+        "80 GETs over env and label containers",
         vip,
-        60,
-        &["e1", "e2", "l1"],
+        80,
+        &["e1", "e2", "l1", "n1"],
     );
 
     // HEALTHCHECK: registered only while healthy.
@@ -478,10 +513,14 @@ fn registrator_env_bad_labels_health_and_published_ports() {
     );
     w.docker
         .cli_ok(&["exec", "h1", "/bin/busybox", "touch", "/tmp/ok"]);
-    w.wait_task_ids("api", &ids(&[&e1, &e2, &l1, &h1]), Duration::from_secs(5));
+    w.wait_task_ids(
+        "api",
+        &ids(&[&e1, &e2, &l1, &n1, &h1]),
+        Duration::from_secs(5),
+    );
     w.docker
         .cli_ok(&["exec", "h1", "/bin/busybox", "rm", "/tmp/ok"]);
-    w.wait_task_ids("api", &ids(&[&e1, &e2, &l1]), Duration::from_secs(5));
+    w.wait_task_ids("api", &ids(&[&e1, &e2, &l1, &n1]), Duration::from_secs(5));
 
     // A published port: this node's address and the host port.
     let p1 = w

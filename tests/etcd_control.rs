@@ -1044,8 +1044,7 @@ fn malformed_records_are_skipped_once_each() {
     thread::sleep(Duration::from_secs(1));
 
     // Only the good service is programmed: none of the invalid ones, and
-    // nothing etcd does not define (no --config: the embedded demo config
-    // is only for running with neither --config nor --etcd).
+    // nothing etcd does not define (no --config).
     let st = topo.status();
     let names: Vec<&str> = st["services"]
         .as_array()

@@ -131,6 +131,49 @@ fn every_node_reaches_every_task_tcp_and_udp_v4_and_v6() {
     assert!(snat > 0, "n1 status shows no SNAT flows: {st}");
 }
 
+/// The static config of the mesh without any `node =`: each node infers
+/// from its routing table which tasks are its own (on its task bridge)
+/// and which are other nodes' (routed via them: source-translated), and
+/// says so in its log. Every node then answers for every task, v4 and
+/// v6, and n1 translated its remote flows.
+#[test]
+fn static_backends_without_node_are_placed_by_route() {
+    let m = Mesh::new("l");
+    let text: String = config(&m, &ALL)
+        .lines()
+        .filter(|l| !l.starts_with("node = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!text.contains("node ="), "{text}");
+    let _daemons = start_cluster_with(&m, &text, &SERVICES);
+    for n in &m.nodes {
+        for (port, v6) in [(80, false), (8080, true)] {
+            let dst = node_addr(n, port, v6);
+            let what = format!("node {} {dst} (no node = in the config)", n.name);
+            let b = burst(&m, dst, false, 100);
+            assert_spread(&m, &what, &b, &ALL);
+        }
+    }
+    let st = m.try_status(0).unwrap();
+    assert!(
+        st["counters"]["snat_new"].as_u64().unwrap_or(0) > 0,
+        "n1 translated no flow to another node's task: {st}"
+    );
+    // n1's log names each inference: t1 and t2 are on n1's bridge, t3 and
+    // t4 routed via the other nodes.
+    let log = m.log_text(0);
+    for t in ALL {
+        let task = m.task(t);
+        let own = task.node == 0;
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("backend {} (no node given)", task.v4)))
+            .unwrap_or_else(|| panic!("n1 did not log how it placed {t}:\n{log}"));
+        let want = if own { "local" } else { "via gateway" };
+        assert!(line.contains(want), "{t} (on node {}): {line}", task.node);
+    }
+}
+
 #[test]
 fn forwarding_survives_a_dead_daemon_and_removed_tasks_drain() {
     let m = Mesh::new("b");

@@ -17,7 +17,8 @@ use crate::etcd::layout::{TaskDef, TaskRecord, TaskSource, TaskState};
 
 /// `meshlb.service=<name>`: opts the container in.
 pub const LABEL_SERVICE: &str = "meshlb.service";
-/// `meshlb.port=<container port>` (optional when exactly one port is exposed).
+/// `meshlb.port=<container port>`: any port, exposed or not (optional when
+/// exactly one port is exposed).
 pub const LABEL_PORT: &str = "meshlb.port";
 /// `meshlb.weight=<0..=10000>` (optional, default 100).
 pub const LABEL_WEIGHT: &str = "meshlb.weight";
@@ -173,19 +174,10 @@ pub fn registrations(
     if let Some(service) = c.labels.get(LABEL_SERVICE) {
         check_name(LABEL_SERVICE, service)?;
         let port = match c.labels.get(LABEL_PORT) {
+            // The label names the port: no EXPOSE needed (as Traefik's
+            // labels); registrator's SERVICE_<port>_NAME keeps needing it.
             Some(p) => {
-                let p =
-                    config::port(LABEL_PORT, number(LABEL_PORT, p)?).map_err(field(LABEL_PORT))?;
-                if !c.exposed.contains(&p) {
-                    return Err(err(
-                        LABEL_PORT,
-                        format!(
-                            "port {p} is not exposed by the container ({})",
-                            exposed_list()
-                        ),
-                    ));
-                }
-                p
+                config::port(LABEL_PORT, number(LABEL_PORT, p)?).map_err(field(LABEL_PORT))?
             }
             None if c.exposed.len() == 1 => *c.exposed.iter().next().unwrap_or(&0),
             None => {
@@ -396,6 +388,22 @@ mod tests {
                 vec![("web", "", "172.17.0.2", 9000, 100)],
             ),
             (
+                "an explicit port needs no EXPOSE (Traefik's convention)",
+                labels(
+                    container(&[8000]),
+                    &[("meshlb.service", "web"), ("meshlb.port", "9000")],
+                ),
+                vec![("web", "", "172.17.0.2", 9000, 100)],
+            ),
+            (
+                "an explicit port of a container that exposes none",
+                labels(
+                    container(&[]),
+                    &[("meshlb.service", "web"), ("meshlb.port", "8000")],
+                ),
+                vec![("web", "", "172.17.0.2", 8000, 100)],
+            ),
+            (
                 "port defaults to the only exposed one",
                 labels(container(&[8000]), &[("meshlb.service", "web")]),
                 vec![("web", "", "172.17.0.2", 8000, 100)],
@@ -602,24 +610,6 @@ mod tests {
                 ),
                 "meshlb.port",
                 "must be 1..=65535, got 70000",
-            ),
-            (
-                "unexposed port",
-                labels(
-                    container(&[8000]),
-                    &[("meshlb.service", "web"), ("meshlb.port", "9000")],
-                ),
-                "meshlb.port",
-                "port 9000 is not exposed by the container (it exposes 8000)",
-            ),
-            (
-                "no exposed port at all",
-                labels(
-                    container(&[]),
-                    &[("meshlb.service", "web"), ("meshlb.port", "8000")],
-                ),
-                "meshlb.port",
-                "it exposes none",
             ),
             (
                 "port ambiguous",

@@ -609,6 +609,7 @@ impl ClusterState {
                 port: t.port,
                 weight: t.weight,
                 node: t.node.clone(),
+                routed: false,
             };
             if let Some(p) = svc
                 .publish

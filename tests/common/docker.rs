@@ -239,10 +239,18 @@ impl Dockerd {
     /// httpd is PID 1 and ignores SIGTERM, so `docker stop -t N` leaves the
     /// container stopping for N seconds.
     pub fn run_web(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["--expose", "8000"];
+        args.extend_from_slice(extra);
+        self.run_web_unexposed(name, &args)
+    }
+
+    /// [`Dockerd::run_web`] without `--expose` (the image has no `EXPOSE`):
+    /// the container exposes nothing.
+    pub fn run_web_unexposed(&self, name: &str, extra: &[&str]) -> String {
         let script = format!(
             "echo {name} > /www/index.html; exec /bin/busybox httpd -f -p {WEB_PORT} -h /www"
         );
-        let mut args = vec!["run", "-d", "--name", name, "--expose", "8000"];
+        let mut args = vec!["run", "-d", "--name", name];
         args.extend_from_slice(extra);
         args.extend([IMAGE, "/bin/busybox", "sh", "-c", &script]);
         self.cli_ok(&args)

@@ -735,6 +735,22 @@ http {{
         serde_json::from_str(&out.stdout).map_err(|e| format!("status --json: {e}"))
     }
 
+    /// The text of every daemon log of node `i` so far (all its runs).
+    pub fn log_text(&self, i: usize) -> String {
+        let prefix = format!("meshlb-{}-", self.nodes[i].name);
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+            })
+            .map(|p| fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
     /// Every daemon log of this test (tail) and each node's non-zero data
     /// path counters, for failure messages.
     pub fn ctx(&self) -> String {

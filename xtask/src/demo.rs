@@ -19,6 +19,8 @@ const BACKENDS: usize = 3;
 /// The embedded default service: whoami, 10.96.0.10 tcp 80 -> 8000.
 const VIP_URL: &str = "http://10.96.0.10:80/";
 const REQUESTS: usize = 30;
+/// The demo's service (`meshlb run` needs a config or etcd).
+const DEMO_CONFIG: &str = include_str!("../../src/demo.toml");
 
 pub fn demo(requests: Option<usize>, kernel_only: bool, meshlb: Option<PathBuf>) -> Result<()> {
     setup::require_root("demo")?;
@@ -61,7 +63,9 @@ pub fn demo(requests: Option<usize>, kernel_only: bool, meshlb: Option<PathBuf>)
 
     // The client side is an uplink (XDP); the backends are local tasks at
     // default offloads, served by the TC program (`--task-iface`).
-    let mut args = Vec::new();
+    let cfg = tmp.path().join("meshlb.toml");
+    std::fs::write(&cfg, DEMO_CONFIG)?;
+    let mut args = vec!["--config".to_string(), cfg.display().to_string()];
     for (n, i) in topo.lb_ifaces.iter().enumerate() {
         args.push(if n == 0 { "--iface" } else { "--task-iface" }.to_string());
         args.push(i.clone());

@@ -76,6 +76,11 @@ pub struct RunArgs {
     /// Node name (default: from the config, else the hostname).
     #[arg(long)]
     pub node: Option<String>,
+    /// This node's address for SNAT and its etcd record (default: the
+    /// primary address of the default-route interface). Must be one of
+    /// this node's addresses.
+    #[arg(long, value_name = "IP")]
+    pub advertise_addr: Option<String>,
     /// Interface that receives service traffic (repeatable).
     #[arg(long = "iface", value_name = "IF")]
     pub ifaces: Vec<String>,

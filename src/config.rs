@@ -184,6 +184,9 @@ str_enum!(HealthKind, "health check kind", Tcp => "tcp", Http => "http");
 pub struct Config {
     /// `None`: the CLI flag or the hostname decides.
     pub node: Option<String>,
+    /// This node's address for SNAT and `nodes/<node>` (`None`: the
+    /// default-route interface's, see `nodenet::node_address`).
+    pub advertise_addr: Option<IpAddr>,
     /// Interfaces that receive service traffic (empty: from the CLI).
     pub interfaces: Vec<String>,
     /// Interfaces where local tasks live (TC instead of XDP; bridges in
@@ -342,6 +345,8 @@ pub struct BackendConfig {
 #[serde(deny_unknown_fields)]
 pub struct ConfigDef {
     pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_addr: Option<String>,
     #[serde(default)]
     pub interfaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -841,6 +846,11 @@ impl ConfigDef {
             }
         }
 
+        let advertise_addr = self
+            .advertise_addr
+            .as_deref()
+            .map(|a| advertise_addr(a).map_err(|m| FieldError::new("advertise_addr", m)))
+            .transpose()?;
         let etcd = self.etcd.as_ref().map(validate_etcd).transpose()?;
         let listen = self
             .metrics
@@ -884,6 +894,7 @@ impl ConfigDef {
 
         Ok(Config {
             node: self.node.clone(),
+            advertise_addr,
             interfaces: self.interfaces.clone(),
             task_interfaces: self.task_interfaces.clone(),
             dataplane: self.dataplane.unwrap_or_default(),
@@ -903,6 +914,35 @@ impl ConfigDef {
             services,
         })
     }
+}
+
+/// An advertised node address: a unicast address other nodes can route to
+/// (not unspecified, loopback, multicast, broadcast or link-local).
+pub fn advertise_addr(text: &str) -> Result<IpAddr, String> {
+    let a: IpAddr = text
+        .parse()
+        .map_err(|_| format!("invalid IP address {text:?}"))?;
+    let bad = match a {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_link_local()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if bad {
+        return Err(format!(
+            "{a} is not an address other nodes can reach (unspecified, loopback, multicast, broadcast or link-local)"
+        ));
+    }
+    Ok(a)
 }
 
 fn validate_etcd(e: &EtcdDef) -> Result<EtcdConfig, FieldError> {

@@ -53,6 +53,8 @@ pub enum DaemonError {
 pub struct Settings {
     pub config_path: Option<PathBuf>,
     pub node: String,
+    /// `--advertise-addr` (or the config's `advertise_addr`).
+    pub advertise_addr: Option<IpAddr>,
     /// Every interface attached: uplinks (XDP) and task interfaces (TC).
     pub ifaces: Vec<String>,
     /// Named task interfaces (`--task-iface`); bridges among `ifaces` are
@@ -174,6 +176,13 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         .clone()
         .or_else(|| cfg.node.clone())
         .unwrap_or_else(hostname);
+    let advertise_addr = match &args.advertise_addr {
+        Some(a) => Some(
+            config::advertise_addr(a)
+                .map_err(|m| DaemonError::Usage(format!("--advertise-addr: {m}")))?,
+        ),
+        None => cfg.advertise_addr,
+    };
     let drain_timeout = match args.drain_timeout {
         Some(t) if t < 0 => {
             return Err(DaemonError::Usage(format!(
@@ -187,6 +196,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         Settings {
             config_path: args.config.clone(),
             node,
+            advertise_addr,
             ifaces,
             task_ifaces,
             xdp_mode,
@@ -338,6 +348,16 @@ pub async fn run(
     netlink::check_interfaces(&settings.ifaces)
         .await
         .map_err(|e| DaemonError::Usage(e.to_string()))?;
+    if let Some(a) = settings.advertise_addr {
+        let locals = netlink::local_addrs()
+            .await
+            .map_err(|e| DaemonError::Runtime(e.to_string()))?;
+        if !locals.contains(&a) {
+            return Err(DaemonError::Usage(format!(
+                "--advertise-addr: {a} is not an address of this node"
+            )));
+        }
+    }
     let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
     let metrics_listener = metrics::bind(settings.metrics)
         .await
@@ -408,19 +428,25 @@ async fn run_engine<E: Engine>(
             }
         }
     }
-    let (mut locals, net) = read_node_net(&settings.ifaces).await.map_err(|e| rt(&e))?;
+    let (mut locals, net) = read_node_net(&settings).await.map_err(|e| rt(&e))?;
     apply_node_net(&mut engine, &net);
     localise(&mut cfg, &locals).await;
     let registry = Arc::new(Registry::default());
     let (mut etcd_rx, mut cluster, _etcd_tasks) = match &settings.etcd {
         Some(o) => {
             let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+            match net.node_addr {
+                Some(a) => log::info!(
+                    "node address (nodes/{}, published container ports): {a}",
+                    settings.node
+                ),
+                None => log::warn!(
+                    "node {}: no address for other nodes to reach it",
+                    settings.node
+                ),
+            }
             let record = NodeRecord {
-                addr: locals
-                    .iter()
-                    .find(|a| a.is_ipv4())
-                    .or(locals.first())
-                    .copied(),
+                addr: net.node_addr,
                 dataplane: kind.as_str().to_owned(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             };
@@ -561,7 +587,7 @@ async fn run_engine<E: Engine>(
                 }
             }
             _ = tick.tick() => {
-                match read_node_net(&settings.ifaces).await {
+                match read_node_net(&settings).await {
                     Ok((now, net)) => {
                         apply_node_net(&mut engine, &net);
                         if now != locals {
@@ -613,15 +639,26 @@ fn apply_flow_config<E: Engine>(engine: &mut E, c: &config::ConntrackConfig) {
 
 /// This node's addresses and network facts, read over rtnetlink.
 async fn read_node_net(
-    ifaces: &[String],
+    settings: &Settings,
 ) -> Result<(BTreeSet<IpAddr>, NodeNet), netlink::NetlinkError> {
     let addrs = netlink::addresses().await?;
     let links = netlink::links().await?;
+    let routes = netlink::routes().await?;
     let locals = addrs.iter().map(|(_, a)| *a).collect();
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|t| nodenet::parse_port_range(&t));
-    Ok((locals, NodeNet::new(ifaces, &links, &addrs, ephemeral)))
+    Ok((
+        locals,
+        NodeNet::new(
+            &settings.ifaces,
+            &links,
+            &addrs,
+            &routes,
+            ephemeral,
+            settings.advertise_addr,
+        ),
+    ))
 }
 
 /// Static backends without `node`: local when this node reaches them

@@ -26,23 +26,61 @@ pub struct NodeNet {
     /// for every listed interface: the source of hairpin flows entering
     /// it (`MLB_IFADDR`).
     pub iface_addrs: BTreeMap<u32, (Option<IpAddr>, Option<IpAddr>)>,
+    /// This node's address for other nodes (`nodes/<node>`, published
+    /// ports of its containers): `node_address`.
+    pub node_addr: Option<IpAddr>,
 }
 
 impl NodeNet {
-    /// The facts of `links`/`addrs` for a daemon attached to `ifaces`.
+    /// The facts of `links`/`addrs`/`routes` for a daemon attached to
+    /// `ifaces`; `advertise`: `--advertise-addr`, the SNAT address of its
+    /// family and the node address.
     pub fn new(
         ifaces: &[String],
         links: &[LinkFacts],
         addrs: &[(u32, IpAddr)],
+        routes: &[RouteFact],
         ephemeral: Option<(u16, u16)>,
+        advertise: Option<IpAddr>,
     ) -> NodeNet {
+        let mut snat = snat_addrs(ifaces, links, addrs);
+        match advertise {
+            Some(a @ IpAddr::V4(_)) => snat.0 = Some(a),
+            Some(a @ IpAddr::V6(_)) => snat.1 = Some(a),
+            None => {}
+        }
         NodeNet {
             iface_flags: iface_flags(links),
-            snat: snat_addrs(ifaces, links, addrs),
+            snat,
             ephemeral,
             iface_addrs: iface_addrs(ifaces, links, addrs),
+            node_addr: node_address(advertise, routes, addrs, snat),
         }
     }
+}
+
+/// This node's address for other nodes: the advertised one; else the
+/// first (primary) address of the IPv4 default route's interface, then
+/// the IPv6 one's; else the SNAT address (first listed interface), IPv4
+/// first. Never the lowest address of the node (often a Docker bridge's
+/// 172.17.0.1, which other nodes cannot reach).
+pub fn node_address(
+    advertise: Option<IpAddr>,
+    routes: &[RouteFact],
+    addrs: &[(u32, IpAddr)],
+    snat: (Option<IpAddr>, Option<IpAddr>),
+) -> Option<IpAddr> {
+    if advertise.is_some() {
+        return advertise;
+    }
+    for v4 in [true, false] {
+        if let Some(oif) = default_route_oif(routes, v4) {
+            if let Some((_, a)) = addrs.iter().find(|(i, a)| *i == oif && a.is_ipv4() == v4) {
+                return Some(*a);
+            }
+        }
+    }
+    snat.0.or(snat.1)
 }
 
 /// The interfaces of `ifaces` served by the TC program: those named as
@@ -354,6 +392,39 @@ mod tests {
         }
         assert_eq!(default_route_oif(&routes, true), Some(2));
         assert_eq!(default_route_oif(&routes, false), None);
+    }
+
+    #[test]
+    fn node_address_is_advertised_else_the_default_route_interfaces() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // docker0 (index 3) has the numerically lowest address.
+        let addrs = [
+            (3, ip("172.17.0.1")),
+            (2, ip("192.168.1.10")),
+            (2, ip("192.168.1.11")),
+            (2, ip("fd00:1::10")),
+        ];
+        let routes = [
+            route("0.0.0.0", 0, Some("192.168.1.1"), 2),
+            route("172.17.0.0", 16, None, 3),
+        ];
+        let snat = (Some(ip("172.17.0.1")), None);
+        assert_eq!(
+            node_address(None, &routes, &addrs, snat),
+            Some(ip("192.168.1.10"))
+        );
+        assert_eq!(
+            node_address(Some(ip("192.168.1.11")), &routes, &addrs, snat),
+            Some(ip("192.168.1.11"))
+        );
+        // No default route: the SNAT address.
+        assert_eq!(node_address(None, &routes[1..], &addrs, snat), snat.0);
+        // An IPv6-only default route.
+        let v6 = [route("::", 0, Some("fd00:1::1"), 2)];
+        assert_eq!(
+            node_address(None, &v6, &addrs, (None, None)),
+            Some(ip("fd00:1::10"))
+        );
     }
 
     #[test]

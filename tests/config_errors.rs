@@ -104,6 +104,16 @@ fn cases() -> Vec<(&'static str, String, &'static [&'static str])> {
             &["etcd-insecure"],
         ),
         (
+            "loopback advertise_addr",
+            format!("advertise_addr = \"127.0.0.1\"\n{BASE}"),
+            &["advertise_addr"],
+        ),
+        (
+            "advertise_addr not an address of this node",
+            format!("advertise_addr = \"192.0.2.77\"\n{BASE}"),
+            &["advertise-addr", "192.0.2.77"],
+        ),
+        (
             "mixed address families",
             BASE.replace("10.96.0.10", "fd00:96::10"),
             &["addr", "vip", "famil"],

@@ -1226,3 +1226,48 @@ fn first_list_pages_through_many_records() {
     topo.wait_ready(&mut daemon, &refs, READY);
     wait_programmed(&topo, &want, &[], Duration::from_secs(10));
 }
+
+/// The node's record carries the address other nodes reach it at: the
+/// primary address of the default-route interface, not the numerically
+/// lowest address of the node (here the client side's 10.200.0.1); or
+/// `--advertise-addr` when given.
+#[test]
+fn node_record_address_is_the_default_route_interfaces_or_the_advertised() {
+    require_root();
+    let topo = prepared("en");
+    let etcd = EtcdServer::start_in(&topo.lb_ns, "en");
+    let c = etcd.client();
+    let b2 = topo.backend("b2");
+    must(&[
+        "ip",
+        "-n",
+        &topo.lb_ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &b2.v4.to_string(),
+    ]);
+    let recorded = |want: String| {
+        wait_for(Duration::from_secs(15), "nodes/lb addr", || {
+            let nodes = c.get_prefix(&format!("{PREFIX}/nodes/"));
+            let (v, _) = nodes
+                .get(&format!("{PREFIX}/nodes/lb"))
+                .ok_or_else(|| format!("no nodes/lb: {nodes:?}"))?;
+            let rec: Value = serde_json::from_str(v).map_err(|e| format!("{e}: {v}"))?;
+            if rec["addr"] == want.as_str() {
+                Ok(())
+            } else {
+                Err(format!("nodes/lb is {rec}, want addr {want}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+    };
+    let mut d = start_etcd_daemon(&topo, &c, &[]);
+    recorded(b2.lb_v4.to_string());
+    d.stop(Duration::from_secs(10));
+
+    let adv = topo.backend("b3").lb_v4.to_string();
+    let _d = start_etcd_daemon(&topo, &c, &["--advertise-addr", &adv]);
+    recorded(adv);
+}

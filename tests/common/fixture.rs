@@ -625,6 +625,7 @@ pub fn program(desired_locals: &[&str], maps: &mut Maps) {
         snat: (Some(SNAT4.parse().unwrap()), Some(SNAT6.parse().unwrap())),
         ephemeral: Some(EPHEMERAL),
         iface_addrs: Default::default(),
+        node_addr: None,
     };
     apply_node_net(maps, &net).unwrap();
 }

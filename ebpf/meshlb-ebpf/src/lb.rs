@@ -39,10 +39,10 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use meshlb_common::{
-    flow_clock, hash::flow_slot, idle_past, walk_seed, AddrKey, AffinityEntry, AffinityKey, Counter,
-    CtEntry, FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue, IfAddrKey,
-    RateWindow, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT,
-    CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
+    flow_clock, hash::flow_slot, idle_past, walk_seed, AddrKey, AffinityEntry, AffinityKey,
+    Counter, CtEntry, FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue,
+    IfAddrKey, RateWindow, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
+    BE_F_SNAT, CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
     CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
     SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS,
     SNAT_TRIES, SVC_F_PRESENT,

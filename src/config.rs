@@ -573,18 +573,35 @@ fn positive(path: &str, v: i64) -> Result<u32, FieldError> {
     }
 }
 
-/// A unicast IP address.
+/// A VIP, backend or task address: unicast and routable between nodes
+/// (SPEC "Node setup without surprises"). One rule for the config file,
+/// etcd records and the CLI: not unspecified, loopback, multicast,
+/// broadcast or link-local (169.254.0.0/16 holds cloud metadata services
+/// such as 169.254.169.254; fe80::/10).
 pub fn ip(path: &str, s: &str) -> Result<IpAddr, FieldError> {
     let a: IpAddr = s
         .parse()
         .map_err(|_| FieldError::new(path, format!("invalid IP address {s:?}")))?;
-    if a.is_unspecified() || a.is_multicast() {
-        return Err(FieldError::new(
+    let kind = match a {
+        _ if a.is_unspecified() => Some("unspecified"),
+        _ if a.is_loopback() => Some("loopback"),
+        _ if a.is_multicast() => Some("multicast"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("link-local"),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().and_then(|v4| {
+            (v4.is_loopback() || v4.is_link_local() || v4.is_unspecified())
+                .then_some("an IPv4-mapped loopback, link-local or unspecified")
+        }),
+        IpAddr::V4(_) => None,
+    };
+    match kind {
+        Some(k) => Err(FieldError::new(
             path,
-            format!("must be a unicast address, got {s:?}"),
-        ));
+            format!("{s} is {k}: must be a unicast address other nodes can route to"),
+        )),
+        None => Ok(a),
     }
-    Ok(a)
 }
 
 /// A backend weight, 0..=`MAX_WEIGHT`.
@@ -913,6 +930,55 @@ impl ConfigDef {
                 .unwrap_or_default(),
             services,
         })
+    }
+}
+
+impl Config {
+    /// The settings that differ between `self` (running) and `new` and
+    /// that only take effect at the next start (SIGHUP applies services,
+    /// `[conntrack]` timeouts and the flood threshold live), by their
+    /// config key.
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut differs = |key, d: bool| {
+            if d {
+                v.push(key);
+            }
+        };
+        differs("node", self.node != new.node);
+        differs("advertise_addr", self.advertise_addr != new.advertise_addr);
+        differs("interfaces", self.interfaces != new.interfaces);
+        differs(
+            "task_interfaces",
+            self.task_interfaces != new.task_interfaces,
+        );
+        differs("dataplane", self.dataplane != new.dataplane);
+        differs("xdp_mode", self.xdp_mode != new.xdp_mode);
+        differs("bpffs", self.bpffs != new.bpffs);
+        differs("etcd", self.etcd != new.etcd);
+        differs("docker", self.docker != new.docker);
+        differs("metrics.listen", self.metrics != new.metrics);
+        differs(
+            "conntrack.max_flows",
+            self.conntrack.max_flows != new.conntrack.max_flows,
+        );
+        v
+    }
+
+    /// Takes `running`'s values of the settings `restart_needed` names,
+    /// so that the config in use says what actually runs.
+    pub fn keep_restart_settings(&mut self, running: &Config) {
+        self.node.clone_from(&running.node);
+        self.advertise_addr = running.advertise_addr;
+        self.interfaces.clone_from(&running.interfaces);
+        self.task_interfaces.clone_from(&running.task_interfaces);
+        self.dataplane = running.dataplane;
+        self.xdp_mode = running.xdp_mode;
+        self.bpffs.clone_from(&running.bpffs);
+        self.etcd.clone_from(&running.etcd);
+        self.docker.clone_from(&running.docker);
+        self.metrics = running.metrics.clone();
+        self.conntrack.max_flows = running.conntrack.max_flows;
     }
 }
 
@@ -1621,6 +1687,34 @@ weight = 300
     }
 
     #[test]
+    fn reload_names_the_settings_that_need_a_restart() {
+        let old =
+            parse("interfaces = [\"eth0\"]\n[metrics]\nlisten = \"127.0.0.1:9742\"\n").unwrap();
+        let same_services = parse(&format!(
+            "interfaces = [\"eth0\"]\n[metrics]\nlisten = \"127.0.0.1:9742\"\n[conntrack]\nudp_timeout = \"5s\"\n{}",
+            svc("")
+        ))
+        .unwrap();
+        assert!(old.restart_needed(&same_services).is_empty());
+        let changed = parse(
+            "node = \"n9\"\ninterfaces = [\"eth1\"]\n[metrics]\nlisten = \"127.0.0.1:9743\"\n[conntrack]\nmax_flows = 1024\n",
+        )
+        .unwrap();
+        assert_eq!(
+            old.restart_needed(&changed),
+            [
+                "node",
+                "interfaces",
+                "metrics.listen",
+                "conntrack.max_flows"
+            ]
+        );
+        let mut kept = changed.clone();
+        kept.keep_restart_settings(&old);
+        assert!(old.restart_needed(&kept).is_empty());
+    }
+
+    #[test]
     fn demo_config_is_valid() {
         let c = parse(DEMO_CONFIG).unwrap();
         assert_eq!(c.node, None);
@@ -1694,6 +1788,36 @@ weight = 300
                 svc("vip = \"10.0.0.300\""),
                 "service[0].vip: invalid IP address \"10.0.0.300\"",
                 Some(4),
+            ),
+            (
+                "loopback vip",
+                svc("vip = \"127.0.0.5\""),
+                "service[0].vip: 127.0.0.5 is loopback",
+                Some(4),
+            ),
+            (
+                "broadcast vip",
+                svc("vip = \"255.255.255.255\""),
+                "service[0].vip: 255.255.255.255 is broadcast",
+                Some(4),
+            ),
+            (
+                "cloud metadata backend",
+                svc("[[service.backend]]\naddr = \"169.254.169.254\""),
+                "service[0].backend[0].addr: 169.254.169.254 is link-local",
+                Some(5),
+            ),
+            (
+                "IPv6 link-local backend",
+                svc("[[service.backend]]\naddr = \"fe80::1\""),
+                "service[0].backend[0].addr: fe80::1 is link-local",
+                Some(5),
+            ),
+            (
+                "IPv4-mapped loopback backend",
+                svc("[[service.backend]]\naddr = \"::ffff:127.0.0.1\""),
+                "service[0].backend[0].addr: ::ffff:127.0.0.1 is an IPv4-mapped",
+                Some(5),
             ),
             (
                 "bad backend address",

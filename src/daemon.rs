@@ -348,16 +348,19 @@ pub async fn run(
     netlink::check_interfaces(&settings.ifaces)
         .await
         .map_err(|e| DaemonError::Usage(e.to_string()))?;
+    let locals = netlink::local_addrs()
+        .await
+        .map_err(|e| DaemonError::Runtime(e.to_string()))?;
     if let Some(a) = settings.advertise_addr {
-        let locals = netlink::local_addrs()
-            .await
-            .map_err(|e| DaemonError::Runtime(e.to_string()))?;
         if !locals.contains(&a) {
             return Err(DaemonError::Usage(format!(
                 "--advertise-addr: {a} is not an address of this node"
             )));
         }
     }
+    check_vips(&cfg, &locals)
+        .await
+        .map_err(DaemonError::Usage)?;
     let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
     let metrics_listener = metrics::bind(settings.metrics)
         .await
@@ -566,7 +569,13 @@ async fn run_engine<E: Engine>(
             }
             _ = hup.recv() => {
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
-                    Ok(new) => {
+                    Ok(mut new) => match check_vips(&new, &locals).await {
+                        Err(e) => log::error!("SIGHUP: keeping the running config: {e}"),
+                        Ok(()) => {
+                        for key in cfg.restart_needed(&new) {
+                            log::warn!("SIGHUP: {key} changed in the config: takes effect at the next start (running with the old value)");
+                        }
+                        new.keep_restart_settings(&cfg);
                         cfg = new;
                         localise(&mut cfg, &locals).await;
                         apply_flow_config(&mut engine, &cfg.conntrack);
@@ -576,7 +585,8 @@ async fn run_engine<E: Engine>(
                             Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
                             Err(e) => log::error!("SIGHUP: {e}"),
                         }
-                    }
+                        }
+                    },
                     Err(e) => log::error!("SIGHUP: keeping the running config: {e}"),
                 }
             }
@@ -659,6 +669,35 @@ async fn read_node_net(
             settings.advertise_addr,
         ),
     ))
+}
+
+/// A static service's VIP that is one of this node's addresses or one of
+/// its gateways: it would take that address's traffic. One line naming the
+/// field (`service[i].vip`). Without the routing table, only this node's
+/// addresses are checked.
+async fn check_vips(cfg: &Config, locals: &BTreeSet<IpAddr>) -> Result<(), String> {
+    let gateways: BTreeSet<IpAddr> = match netlink::routes().await {
+        Ok(r) => r.into_iter().filter_map(|r| r.gateway).collect(),
+        Err(e) => {
+            log::warn!("{e}: VIPs are not checked against this node's gateways");
+            BTreeSet::new()
+        }
+    };
+    for (i, s) in cfg.services.iter().enumerate() {
+        let Some(v) = s.vip else { continue };
+        let what = if locals.contains(&v) {
+            "an address of this node"
+        } else if gateways.contains(&v) {
+            "a gateway of this node"
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "service[{i}].vip: {v} is {what} (service {:?} would take its traffic)",
+            s.name
+        ));
+    }
+    Ok(())
 }
 
 /// Static backends without `node`: local when this node reaches them
@@ -802,12 +841,12 @@ name = "web"
 publish = [{ proto = "tcp", port = 80, target = 1 }]
 health = { kind = "tcp", interval_ms = 60000, timeout_ms = 100 }
 [[service.backend]]
-addr = "127.0.0.1"
+addr = "192.0.2.1"
 [[service.backend]]
-addr = "127.0.0.2"
+addr = "192.0.2.2"
 weight = 0
 [[service.backend]]
-addr = "127.0.0.3"
+addr = "192.0.2.3"
 "#,
         )
         .expect("config");
@@ -821,7 +860,7 @@ addr = "127.0.0.3"
             port: 1,
         };
         let mut engine = Recorder {
-            held: [(skey.clone(), bk([127, 0, 0, 1]))].into(),
+            held: [(skey.clone(), bk([192, 0, 2, 1]))].into(),
             ..Default::default()
         };
         let (checker, _rx) = Checker::new(4);
@@ -844,10 +883,10 @@ addr = "127.0.0.3"
         assert_eq!(n, 1);
         let (desired, expired) = &engine.synced[0];
         let backends = &desired.services[&skey].backends;
-        assert_eq!(backends[&bk([127, 0, 0, 1])].state, BackendState::Down);
-        assert_eq!(backends[&bk([127, 0, 0, 3])].state, BackendState::Up);
-        assert!(!backends.contains_key(&bk([127, 0, 0, 2])), "drained out");
-        assert_eq!(expired, &vec![(skey.clone(), bk([127, 0, 0, 2]))]);
+        assert_eq!(backends[&bk([192, 0, 2, 1])].state, BackendState::Down);
+        assert_eq!(backends[&bk([192, 0, 2, 3])].state, BackendState::Up);
+        assert!(!backends.contains_key(&bk([192, 0, 2, 2])), "drained out");
+        assert_eq!(expired, &vec![(skey.clone(), bk([192, 0, 2, 2]))]);
         // Waiting for etcd's first list: nothing reaches the engine.
         let n = sync(
             &mut engine,

@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use common::*;
 
+/// The client's address: the LB's gateway to 10.250.0.0/16 in the case
+/// that needs one.
+const GATEWAY: &str = "10.200.0.2";
+
 const BASE: &str = r#"node = "lb"
 
 [[service]]
@@ -104,6 +108,26 @@ fn cases() -> Vec<(&'static str, String, &'static [&'static str])> {
             &["etcd-insecure"],
         ),
         (
+            "loopback vip",
+            BASE.replace("10.96.0.10", "127.0.0.10"),
+            &["vip", "loopback"],
+        ),
+        (
+            "cloud metadata backend",
+            BASE.replace("10.201.1.2", "169.254.169.254"),
+            &["addr", "link-local"],
+        ),
+        (
+            "vip = this node's address",
+            BASE.replace("10.96.0.10", &LB_V4.to_string()),
+            &["service[0].vip"],
+        ),
+        (
+            "vip = this node's gateway",
+            BASE.replace("10.96.0.10", GATEWAY),
+            &["service[0].vip"],
+        ),
+        (
             "loopback advertise_addr",
             format!("advertise_addr = \"127.0.0.1\"\n{BASE}"),
             &["advertise_addr"],
@@ -160,6 +184,17 @@ fn one_line_naming(out: &CmdOutput, wants: &[&str]) -> Result<(), String> {
 fn malformed_config_exits_2_with_one_line_and_attaches_nothing() {
     let topo = Topology::new("cfg", TopoOpts { backends: 0 });
     let iface = topo.lb_client_iface.clone();
+    // A gateway for the "vip = this node's gateway" case.
+    must(&[
+        "ip",
+        "-n",
+        &topo.lb_ns,
+        "route",
+        "add",
+        "10.250.0.0/16",
+        "via",
+        GATEWAY,
+    ]);
     let mut failures = Vec::new();
     for (i, (case, text, wants)) in cases().into_iter().enumerate() {
         let cfg = topo.write_file(&format!("bad{i}.toml"), &text);

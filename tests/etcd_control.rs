@@ -1013,7 +1013,22 @@ fn malformed_records_are_skipped_once_each() {
             svc_key(&long_name),
             json!({"name": long_name, "vip": "10.96.0.43", "publish": publish(83)}).to_string(),
         ),
+        // The address policy (SPEC "Node setup without surprises").
+        (
+            svc_key("loopvip"),
+            json!({"name": "loopvip", "vip": "127.0.0.9", "publish": publish(84)}).to_string(),
+        ),
+        (
+            task_key("good", "metadata"),
+            json!({"addr": "169.254.169.254", "port": 80}).to_string(),
+        ),
     ];
+    // A VIP equal to this node's own address: valid as a record, refused
+    // by the node (it would take that address's traffic on port 85).
+    c.put(
+        &svc_key("hijack"),
+        &json!({"name": "hijack", "vip": LB_V4.to_string(), "publish": publish(85)}).to_string(),
+    );
     for (k, v) in &bad {
         c.put(k, v);
     }
@@ -1057,6 +1072,12 @@ fn malformed_records_are_skipped_once_each() {
         topo.ctx()
     );
     let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"hijack\"") && l.contains("an address of this node")),
+        "no line refusing service hijack (its vip is the node's address){}",
+        topo.ctx()
+    );
     let mut keys: Vec<String> = bad.iter().map(|(k, _)| k.clone()).collect();
     keys.push(task_key("good", "huge"));
     let mut problems = Vec::new();

@@ -261,8 +261,15 @@ fn sighup_removes_backend_resets_its_flows_and_keeps_the_others() {
         topo.ctx()
     );
 
-    // Reload without b2.
-    topo.write_file("meshlb.toml", &lb_config(&topo, false, &["b2"]));
+    // Reload without b2 (and with a table size, which only a restart
+    // applies: the reload says so).
+    topo.write_file(
+        "meshlb.toml",
+        &format!(
+            "{}\n[conntrack]\nmax_flows = 131072\n",
+            lb_config(&topo, false, &["b2"])
+        ),
+    );
     daemon.signal(Signal::SIGHUP);
     let b2 = topo.backend("b2").v4.to_string();
     wait_for(Duration::from_secs(15), "b2 to leave service web", || {
@@ -284,6 +291,20 @@ fn sighup_removes_backend_resets_its_flows_and_keeps_the_others() {
     })
     .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
     assert!(daemon.is_running(), "daemon died on SIGHUP{}", topo.ctx());
+    wait_for(
+        Duration::from_secs(5),
+        "the reload to name max_flows",
+        || {
+            let log = daemon.log_text();
+            log.lines()
+                .find(|l| {
+                    l.contains("SIGHUP: conntrack.max_flows changed") && l.contains("next start")
+                })
+                .map(|_| ())
+                .ok_or_else(|| "no line naming conntrack.max_flows".to_string())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
 
     let b = topo.http_burst(sa(WEB_VIP), 100, REQ_TIMEOUT);
     topo.assert_spread(

@@ -563,6 +563,12 @@ impl ClusterState {
                 ));
                 continue;
             }
+            if let Some(v) = svc.vip.filter(|v| desired.local_addrs.contains(v)) {
+                warn_once(format!(
+                    "etcd service {name:?} skipped: its vip {v} is an address of this node (it would take that address's traffic)"
+                ));
+                continue;
+            }
             let (svc, states) = self.with_tasks(svc);
             for (key, spec) in svc.specs(node, |b| states[&(b.addr, b.port)]) {
                 if let Some(fe) = spec.frontends.iter().find(|fe| taken.contains_key(fe)) {
@@ -999,6 +1005,12 @@ mod tests {
             &mut s,
             service_key(P, "clash"),
             r#"{"publish": [{"port": 7000}]}"#,
+        );
+        // Its VIP is this node's address: skipped.
+        put(
+            &mut s,
+            service_key(P, "hijack"),
+            r#"{"vip": "192.168.1.10", "publish": [{"port": 9100}]}"#,
         );
         assert_eq!(s.task_count(), 5);
 

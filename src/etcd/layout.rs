@@ -1102,10 +1102,11 @@ mod tests {
         assert_eq!(d.services, want);
 
         // Without static services, etcd's "static" (port 81) and "clash"
-        // (port 7000) are programmed too.
+        // (port 7000) are programmed too; and "hijack" on a node without
+        // its VIP among its addresses.
         let d = s.desired(&[], BTreeSet::new(), "n1");
         let names: BTreeSet<&str> = d.services.keys().map(|k| k.name.as_str()).collect();
-        assert_eq!(names, ["clash", "static", "web"].into());
+        assert_eq!(names, ["clash", "hijack", "static", "web"].into());
         // Static services alone: exactly what the config builds.
         assert_eq!(
             ClusterState::default().desired(std::slice::from_ref(&stat), locals.clone(), "n1"),

@@ -345,9 +345,11 @@ pub async fn run(
     let lock =
         crate::pinlock::acquire(&settings.bpffs).map_err(|e| DaemonError::Usage(e.to_string()))?;
     log::debug!("pin directory lock {}", lock.path().display());
-    netlink::check_interfaces(&settings.ifaces)
-        .await
-        .map_err(|e| DaemonError::Usage(e.to_string()))?;
+    tokio::pin!(shutdown);
+    if !wait_for_interfaces(&settings.ifaces, &mut shutdown).await? {
+        log::info!("stopped while waiting for interfaces: nothing was attached");
+        return Ok(());
+    }
     let locals = netlink::local_addrs()
         .await
         .map_err(|e| DaemonError::Runtime(e.to_string()))?;
@@ -669,6 +671,47 @@ async fn read_node_net(
             settings.advertise_addr,
         ),
     ))
+}
+
+/// How often a missing listed interface is looked for.
+const IFACE_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits until every listed interface exists: one that does not yet (a
+/// bridge dockerd creates after the daemon started at boot) is waited for
+/// and logged once, not an error. `Ok(false)`: stopped (`shutdown`,
+/// SIGTERM, SIGINT) while waiting.
+async fn wait_for_interfaces<F: std::future::Future<Output = ()>>(
+    ifaces: &[String],
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Result<bool, DaemonError> {
+    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
+    let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
+    let mut waited = false;
+    let mut logged: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let missing = netlink::missing_interfaces(ifaces)
+            .await
+            .map_err(|e| rt(&e))?;
+        if missing.is_empty() {
+            if waited {
+                log::info!("every listed interface exists now: starting");
+            }
+            return Ok(true);
+        }
+        for m in missing {
+            if logged.insert(m.clone()) {
+                log::warn!("iface {m}: does not exist yet; waiting for it (nothing is attached until every listed interface exists)");
+            }
+        }
+        waited = true;
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(false),
+            _ = term.recv() => return Ok(false),
+            _ = int.recv() => return Ok(false),
+            _ = tokio::time::sleep(IFACE_WAIT) => {}
+        }
+    }
 }
 
 /// A static service's VIP that is one of this node's addresses or one of

@@ -187,27 +187,14 @@ fn is_link_local_v6(a: &IpAddr) -> bool {
     matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 
-/// Checks that every interface exists, before anything is attached.
-pub async fn check_interfaces(names: &[String]) -> Result<(), NetlinkError> {
-    let handle = connect()?;
-    for name in names {
-        let res = tokio::time::timeout(
-            TIMEOUT,
-            handle
-                .link()
-                .get()
-                .match_name(name.clone())
-                .execute()
-                .try_next(),
-        )
-        .await
-        .map_err(|_| NetlinkError::Timeout("link get"))?;
-        match res {
-            Ok(Some(_)) => {}
-            _ => return Err(NetlinkError::NoSuchInterface(name.clone())),
-        }
-    }
-    Ok(())
+/// The interfaces of `names` that do not exist (yet), in order.
+pub async fn missing_interfaces(names: &[String]) -> Result<Vec<String>, NetlinkError> {
+    let links = links().await?;
+    Ok(names
+        .iter()
+        .filter(|n| !links.iter().any(|l| &l.name == *n))
+        .cloned()
+        .collect())
 }
 
 /// The index of the link `name` (`None`: no such link).

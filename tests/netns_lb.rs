@@ -494,3 +494,54 @@ fn a_client_port_reused_across_frontends_of_one_backend_connects() {
         topo.ctx()
     );
 }
+
+#[test]
+/// A listed interface that does not exist yet (a bridge dockerd creates
+/// after the daemon started at boot) is waited for and logged, not an
+/// error: nothing is attached meanwhile, and once it appears the daemon
+/// starts and forwards, without a restart.
+fn a_listed_interface_that_appears_later_is_waited_for() {
+    let topo = prepared("late", false);
+    let cfg = topo.write_file("meshlb.toml", &lb_config(&topo, false, &[]));
+    let late = format!("mlbl{}", std::process::id() % 100_000);
+    let mut ifaces = topo.lb_ifaces();
+    ifaces.push(late.clone());
+    let refs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
+    let mut daemon = topo.start_daemon_on(&cfg, "generic", &refs);
+    wait_for(Duration::from_secs(10), "the wait to be logged", || {
+        let log = daemon.log_text();
+        if log.contains(&format!("iface {late}: does not exist yet")) {
+            Ok(())
+        } else {
+            Err(format!("no line about {late}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        daemon.is_running(),
+        "daemon exited while waiting{}",
+        topo.ctx()
+    );
+    let iface = &topo.lb_client_iface;
+    assert_eq!(
+        topo.xdp_mode(&topo.lb_ns, iface),
+        None,
+        "{iface} attached before every listed interface existed"
+    );
+    let out = std::process::Command::new("ip")
+        .args(["-n", &topo.lb_ns, "link", "add", &late, "type", "bridge"])
+        .output()
+        .unwrap_or_else(|e| panic!("ip link add: {e}"));
+    assert!(out.status.success(), "ip link add {late}: {out:?}");
+    let appeared = std::time::Instant::now();
+    topo.wait_ready(&mut daemon, &["web", "echo"], READY);
+    eprintln!("ready {:?} after {late} appeared", appeared.elapsed());
+    let b = topo.http_burst(sa(WEB_VIP), 30, REQ_TIMEOUT);
+    topo.assert_spread(
+        "VIP after the late interface appeared",
+        &b,
+        &topo.backend_names(),
+        0.1,
+    );
+}

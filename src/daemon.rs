@@ -360,9 +360,7 @@ pub async fn run(
             )));
         }
     }
-    check_vips(&cfg, &locals)
-        .await
-        .map_err(DaemonError::Usage)?;
+    check_vips(&cfg).await.map_err(DaemonError::Usage)?;
     let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
     let metrics_listener = metrics::bind(settings.metrics)
         .await
@@ -571,7 +569,7 @@ async fn run_engine<E: Engine>(
             }
             _ = hup.recv() => {
                 match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
-                    Ok(mut new) => match check_vips(&new, &locals).await {
+                    Ok(mut new) => match check_vips(&new).await {
                         Err(e) => log::error!("SIGHUP: keeping the running config: {e}"),
                         Ok(()) => {
                         for key in cfg.restart_needed(&new) {
@@ -714,11 +712,26 @@ async fn wait_for_interfaces<F: std::future::Future<Output = ()>>(
     }
 }
 
-/// A static service's VIP that is one of this node's addresses or one of
-/// its gateways: it would take that address's traffic. One line naming the
-/// field (`service[i].vip`). Without the routing table, only this node's
-/// addresses are checked.
-async fn check_vips(cfg: &Config, locals: &BTreeSet<IpAddr>) -> Result<(), String> {
+/// A static service's VIP that is one of this node's addresses (those on
+/// the IPVS engine's own VIP device excepted: meshlb put the VIPs there) or
+/// one of its gateways: it would take that address's traffic. One line
+/// naming the field (`service[i].vip`). Without the routing table, only
+/// this node's addresses are checked.
+async fn check_vips(cfg: &Config) -> Result<(), String> {
+    let locals: BTreeSet<IpAddr> = match (netlink::addresses().await, netlink::links().await) {
+        (Ok(addrs), Ok(links)) => {
+            let vip_dev = links.iter().find(|l| l.name == VIP_DEVICE).map(|l| l.index);
+            addrs
+                .into_iter()
+                .filter(|(i, _)| Some(*i) != vip_dev)
+                .map(|(_, a)| a)
+                .collect()
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            log::warn!("{e}: VIPs are not checked against this node's addresses");
+            BTreeSet::new()
+        }
+    };
     let gateways: BTreeSet<IpAddr> = match netlink::routes().await {
         Ok(r) => r.into_iter().filter_map(|r| r.gateway).collect(),
         Err(e) => {

@@ -563,12 +563,6 @@ impl ClusterState {
                 ));
                 continue;
             }
-            if let Some(v) = svc.vip.filter(|v| desired.local_addrs.contains(v)) {
-                warn_once(format!(
-                    "etcd service {name:?} skipped: its vip {v} is an address of this node (it would take that address's traffic)"
-                ));
-                continue;
-            }
             let (svc, states) = self.with_tasks(svc);
             for (key, spec) in svc.specs(node, |b| states[&(b.addr, b.port)]) {
                 if let Some(fe) = spec.frontends.iter().find(|fe| taken.contains_key(fe)) {
@@ -1006,12 +1000,6 @@ mod tests {
             service_key(P, "clash"),
             r#"{"publish": [{"port": 7000}]}"#,
         );
-        // Its VIP is this node's address: skipped.
-        put(
-            &mut s,
-            service_key(P, "hijack"),
-            r#"{"vip": "192.168.1.10", "publish": [{"port": 9100}]}"#,
-        );
         assert_eq!(s.task_count(), 5);
 
         let stat = ServiceDef {
@@ -1102,11 +1090,10 @@ mod tests {
         assert_eq!(d.services, want);
 
         // Without static services, etcd's "static" (port 81) and "clash"
-        // (port 7000) are programmed too; and "hijack" on a node without
-        // its VIP among its addresses.
+        // (port 7000) are programmed too.
         let d = s.desired(&[], BTreeSet::new(), "n1");
         let names: BTreeSet<&str> = d.services.keys().map(|k| k.name.as_str()).collect();
-        assert_eq!(names, ["clash", "hijack", "static", "web"].into());
+        assert_eq!(names, ["clash", "static", "web"].into());
         // Static services alone: exactly what the config builds.
         assert_eq!(
             ClusterState::default().desired(std::slice::from_ref(&stat), locals.clone(), "n1"),

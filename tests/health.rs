@@ -232,9 +232,21 @@ fn health_check_takes_a_killed_backend_out_and_brings_it_back() {
         out_after,
         up.saturating_duration_since(answering),
     );
+    let late: Vec<String> = samples
+        .iter()
+        .filter(|s| s.at.saturating_duration_since(killed) > bound)
+        .filter_map(|s| {
+            s.answer.as_ref().err().map(|e| {
+                format!(
+                    "{:?} after the kill: {e}",
+                    s.at.saturating_duration_since(killed)
+                )
+            })
+        })
+        .collect();
     assert!(
         out_after <= bound,
-        "a request failed {out_after:?} after the kill (bound {bound:?}){}",
+        "a request failed {out_after:?} after the kill (bound {bound:?}): {late:?}{}",
         topo.ctx()
     );
     assert!(

@@ -24,8 +24,10 @@ fn word(b: &[u8; 16], i: usize) -> u32 {
     u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
+/// MurmurHash3's finalizer: every input bit affects every output bit
+/// (also the SNAT walk's mixer, `SnatAddr::walk`).
 #[inline(always)]
-fn finish(mut h: u32) -> u32 {
+pub(crate) fn finish(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -713,7 +713,7 @@ impl SnatAddr {
         }
         let hole = self.hole_len();
         // checked_rem: no panic path in BPF.
-        let idx = fmix32(seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
+        let idx = hash::finish(seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
             .checked_rem(n)
             .unwrap_or(0);
         let p = self.port_min as u32 + idx;
@@ -731,22 +731,12 @@ impl SnatAddr {
 #[inline(always)]
 pub fn walk_seed(client: u16, addr: &[u8; 16]) -> u32 {
     let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-    fmix32(
+    hash::finish(
         w(0) ^ w(4).rotate_left(8)
             ^ w(8).rotate_left(16)
             ^ w(12).rotate_left(24)
             ^ (client as u32).wrapping_mul(0x9e37_79b1),
     )
-}
-
-/// MurmurHash3's finalizer: every input bit affects every output bit.
-#[inline(always)]
-fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// Default SNAT ports: all non-privileged ones (minus the node's

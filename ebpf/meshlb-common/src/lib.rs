@@ -692,9 +692,20 @@ impl SnatAddr {
             c
         };
         // checked_rem: no panic path in BPF (n == 0 gives index 0).
-        let idx = base.wrapping_add(try_no).checked_rem(n).unwrap_or(0);
-        let p = min + idx;
-        (if hole > 0 && p >= hmin { p + hole } else { p }) as u16
+        self.port_at(base.wrapping_add(try_no).checked_rem(n).unwrap_or(0))
+    }
+
+    /// The usable port at `idx` (0-based, below `usable()`): counted from
+    /// `port_min`, skipping the hole.
+    #[inline(always)]
+    fn port_at(&self, idx: u32) -> u16 {
+        let p = self.port_min as u32 + idx;
+        let hole = self.hole_len();
+        (if hole > 0 && p >= self.hole_min as u32 {
+            p + hole
+        } else {
+            p
+        }) as u16
     }
 
     /// The `i`th port of the walk seeded with `seed` (`walk_seed`), where
@@ -711,17 +722,12 @@ impl SnatAddr {
         if n == 0 {
             return 0;
         }
-        let hole = self.hole_len();
         // checked_rem: no panic path in BPF.
-        let idx = hash::finish(seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
-            .checked_rem(n)
-            .unwrap_or(0);
-        let p = self.port_min as u32 + idx;
-        (if hole > 0 && p >= self.hole_min as u32 {
-            p + hole
-        } else {
-            p
-        }) as u16
+        self.port_at(
+            hash::finish(seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
+                .checked_rem(n)
+                .unwrap_or(0),
+        )
     }
 }
 

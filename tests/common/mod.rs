@@ -1565,3 +1565,48 @@ impl Topology {
         )
     }
 }
+
+/// Adds the counters of a `/proc/net/snmp`-style text (`file` of namespace
+/// `ns`: per group, a line of names and a line of values, each starting
+/// with `Group:`) to `m`, named `{group}{sep}{name}` ("Ip.ForwDatagrams"
+/// with `sep` ".", "TcpExtPAWSEstab" as `nstat` names them with "").
+pub fn add_paired_counters(
+    m: &mut BTreeMap<String, i64>,
+    ns: &str,
+    file: &str,
+    text: &str,
+    sep: &str,
+) {
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [head, vals] = pair else {
+            panic!("{ns}: odd {file}:\n{text}");
+        };
+        let (g, names) = head
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{ns}: {file} line {head:?}"));
+        let (g2, nums) = vals
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{ns}: {file} line {vals:?}"));
+        assert_eq!(g, g2, "{ns}: {file} header/value mismatch");
+        for (k, v) in names.split_whitespace().zip(nums.split_whitespace()) {
+            let v: i64 = v
+                .parse()
+                .unwrap_or_else(|e| panic!("{ns}: {g}{sep}{k} = {v:?}: {e}"));
+            m.insert(format!("{g}{sep}{k}"), v);
+        }
+    }
+}
+
+/// Adds the counters of a `/proc/net/snmp6`-style text (a name and a value
+/// per line) to `m`.
+pub fn add_line_counters(m: &mut BTreeMap<String, i64>, text: &str) {
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(k), Some(v)) = (it.next(), it.next()) {
+            if let Ok(v) = v.parse() {
+                m.insert(k.to_string(), v);
+            }
+        }
+    }
+}

@@ -456,34 +456,9 @@ pub fn snmp(netns: &str) -> BTreeMap<String, i64> {
     let net = format!("--net={netns}");
     let mut m = BTreeMap::new();
     let v4 = must(&["nsenter", &net, "cat", "/proc/net/snmp"]);
-    let lines: Vec<&str> = v4.lines().collect();
-    for pair in lines.chunks(2) {
-        let [head, vals] = pair else {
-            panic!("{netns}: odd /proc/net/snmp:\n{v4}");
-        };
-        let (g, names) = head
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{netns}: /proc/net/snmp line {head:?}"));
-        let (g2, nums) = vals
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{netns}: /proc/net/snmp line {vals:?}"));
-        assert_eq!(g, g2, "{netns}: /proc/net/snmp header/value mismatch");
-        for (k, v) in names.split_whitespace().zip(nums.split_whitespace()) {
-            let v: i64 = v
-                .parse()
-                .unwrap_or_else(|e| panic!("{netns}: {g}.{k} = {v:?}: {e}"));
-            m.insert(format!("{g}.{k}"), v);
-        }
-    }
+    super::add_paired_counters(&mut m, netns, "/proc/net/snmp", &v4, ".");
     let v6 = must(&["nsenter", &net, "cat", "/proc/net/snmp6"]);
-    for line in v6.lines() {
-        let mut it = line.split_whitespace();
-        if let (Some(k), Some(v)) = (it.next(), it.next()) {
-            if let Ok(v) = v.parse() {
-                m.insert(k.to_string(), v);
-            }
-        }
-    }
+    super::add_line_counters(&mut m, &v6);
     m
 }
 

@@ -18,8 +18,9 @@
 //! TIME_WAIT at the task to a *different* client, about half of those SYNs
 //! are rejected (PAWS), each stalling its connection a second. The test
 //! proves that does not happen: five rounds back to back with no error,
-//! every round at least 0.9x the first round's rate, and no PAWS rejection
-//! at t3 (`TcpExtPAWSEstab`, `PAWSActive`, `PAWSTimewait`, `PAWSOldAck`;
+//! no connect that waited for a SYN retransmit (each round's rate against
+//! the first is reported, not asserted: timing belongs in benchmarks), and
+//! no PAWS rejection at t3 (`TcpExtPAWSEstab`, `PAWSActive`, `PAWSTimewait`, `PAWSOldAck`;
 //! `TcpExtTW*` are reported). Receive packet steering on the veths between
 //! client and task keeps each flow's packets in order (see `steer_flows`),
 //! so those counters count what SNAT does, not what veth reordering does.
@@ -35,7 +36,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::mesh::{start_cluster_with, Mesh, Task, VIP4};
-use common::{enter_netns, must, tcp_connect, wait_for, HTTP_PORT};
+use common::{add_paired_counters, enter_netns, must, tcp_connect, wait_for, HTTP_PORT};
 
 /// Client addresses: the mesh's own 10.210.0.100 and .101-.107.
 const CLIENTS: u8 = 8;
@@ -56,7 +57,6 @@ const PORTS: u16 = 1000;
 const REQ_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connect this slow waited for a SYN retransmit.
 const SLOW_CONNECT: Duration = Duration::from_millis(900);
-const MIN_RATIO: f64 = 0.9;
 /// A client gives up on a round after this many failed requests (each may
 /// take `REQ_TIMEOUT`), so a broken data path fails the test in bounded
 /// time, with the evidence.
@@ -127,26 +127,8 @@ impl Round {
 /// `nstat` names them ("TcpExtPAWSEstab"), from `/proc/net/netstat`.
 fn netstat(ns: &str) -> BTreeMap<String, i64> {
     let text = must(&["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"]);
-    let lines: Vec<&str> = text.lines().collect();
     let mut m = BTreeMap::new();
-    for pair in lines.chunks(2) {
-        let [head, vals] = pair else {
-            panic!("{ns}: odd /proc/net/netstat:\n{text}");
-        };
-        let (g, names) = head
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{ns}: /proc/net/netstat line {head:?}"));
-        let (g2, nums) = vals
-            .split_once(':')
-            .unwrap_or_else(|| panic!("{ns}: /proc/net/netstat line {vals:?}"));
-        assert_eq!(g, g2, "{ns}: /proc/net/netstat header/value mismatch");
-        for (k, v) in names.split_whitespace().zip(nums.split_whitespace()) {
-            let v: i64 = v
-                .parse()
-                .unwrap_or_else(|e| panic!("{ns}: {g}{k} = {v:?}: {e}"));
-            m.insert(format!("{g}{k}"), v);
-        }
-    }
+    add_paired_counters(&mut m, ns, "/proc/net/netstat", &text, "");
     m
 }
 
@@ -546,9 +528,16 @@ publish = [{{ proto = "tcp", port = 80, target = {HTTP_PORT} }}]
                 ));
             }
         }
-        if rd.rate() < MIN_RATIO * first {
+        // A collapse shows as stalled connects: each SYN a task rejects
+        // (PAWS) costs its connection a retransmit, a second. The rounds'
+        // rates are reported (`summary`), not asserted: on a 2-core
+        // machine they vary by 10 % from round to round with no stall at
+        // all (DEVELOPERS.md standard 5; measured rates belong in
+        // `cargo xtask bench`).
+        if rd.slow() != 0 {
             problems.push(format!(
-                "round {r}: {:.0} req/s < {MIN_RATIO} x round 1's {first:.0} req/s",
+                "round {r}: {} connects waited for a SYN retransmit ({:.0} req/s, round 1 {first:.0})",
+                rd.slow(),
                 rd.rate()
             ));
         }

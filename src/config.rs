@@ -936,7 +936,8 @@ impl ConfigDef {
 impl Config {
     /// The settings that differ between `self` (running) and `new` and
     /// that only take effect at the next start (SIGHUP applies services,
-    /// `[conntrack]` timeouts and the flood threshold live), by their
+    /// `[conntrack]` timeouts, the flood threshold and the interface lists
+    /// live), by their
     /// config key.
     pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
         let mut v = Vec::new();
@@ -947,11 +948,6 @@ impl Config {
         };
         differs("node", self.node != new.node);
         differs("advertise_addr", self.advertise_addr != new.advertise_addr);
-        differs("interfaces", self.interfaces != new.interfaces);
-        differs(
-            "task_interfaces",
-            self.task_interfaces != new.task_interfaces,
-        );
         differs("dataplane", self.dataplane != new.dataplane);
         differs("xdp_mode", self.xdp_mode != new.xdp_mode);
         differs("bpffs", self.bpffs != new.bpffs);
@@ -970,8 +966,6 @@ impl Config {
     pub fn keep_restart_settings(&mut self, running: &Config) {
         self.node.clone_from(&running.node);
         self.advertise_addr = running.advertise_addr;
-        self.interfaces.clone_from(&running.interfaces);
-        self.task_interfaces.clone_from(&running.task_interfaces);
         self.dataplane = running.dataplane;
         self.xdp_mode = running.xdp_mode;
         self.bpffs.clone_from(&running.bpffs);
@@ -1702,16 +1696,13 @@ weight = 300
         .unwrap();
         assert_eq!(
             old.restart_needed(&changed),
-            [
-                "node",
-                "interfaces",
-                "metrics.listen",
-                "conntrack.max_flows"
-            ]
+            ["node", "metrics.listen", "conntrack.max_flows"]
         );
         let mut kept = changed.clone();
         kept.keep_restart_settings(&old);
         assert!(old.restart_needed(&kept).is_empty());
+        // Interfaces change live: the reloaded list is kept.
+        assert_eq!(kept.interfaces, ["eth1"]);
     }
 
     #[test]

@@ -33,11 +33,13 @@ use crate::etcd::EtcdOptions;
 use crate::health::{self, Checker};
 use crate::metrics::Registry;
 use crate::model::DesiredState;
-use crate::nodenet::NodeNet;
+use crate::nodenet::{Attach, NodeNet, Role};
 use crate::{metrics, netlink, nodenet};
 
-/// How often this node's addresses are re-read (node ports follow them).
-const ADDR_REFRESH: Duration = Duration::from_secs(2);
+/// How often this node's links, addresses and routes are re-read: node
+/// ports follow the addresses, attached interfaces the links (a bridge
+/// created later is attached within this period).
+const NET_REFRESH: Duration = Duration::from_secs(1);
 
 /// Why the daemon stopped with an error. `Usage` maps to exit status 2.
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +57,15 @@ pub struct Settings {
     pub node: String,
     /// `--advertise-addr` (or the config's `advertise_addr`).
     pub advertise_addr: Option<IpAddr>,
-    /// Every interface attached: uplinks (XDP) and task interfaces (TC).
+    /// The listed interfaces (`--iface`, else the config's `interfaces`),
+    /// named task interfaces included; more are attached automatically
+    /// (`nodenet::wanted_ifaces`).
     pub ifaces: Vec<String>,
-    /// Named task interfaces (`--task-iface`); bridges among `ifaces` are
-    /// added when the daemon opens the data plane.
+    /// Named task interfaces (`--task-iface`, else `task_interfaces`).
     pub task_ifaces: Vec<String>,
+    /// The interface lists came from the command line: a reloaded config
+    /// does not change them.
+    pub ifaces_from_cli: bool,
     pub xdp_mode: XdpMode,
     pub bpffs: PathBuf,
     pub metrics: Option<SocketAddr>,
@@ -131,26 +137,12 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         Some(XdpModeArg::Generic) => XdpMode::Generic,
         None => cfg.xdp_mode,
     };
-    let mut ifaces = if args.ifaces.is_empty() {
-        cfg.interfaces.clone()
+    let ifaces_from_cli = !args.ifaces.is_empty() || !args.task_ifaces.is_empty();
+    let (ifaces, task_ifaces) = if ifaces_from_cli {
+        listed(&args.ifaces, &args.task_ifaces)
     } else {
-        args.ifaces.clone()
+        listed(&cfg.interfaces, &cfg.task_interfaces)
     };
-    let task_ifaces = if args.task_ifaces.is_empty() {
-        cfg.task_interfaces.clone()
-    } else {
-        args.task_ifaces.clone()
-    };
-    for t in &task_ifaces {
-        if !ifaces.contains(t) {
-            ifaces.push(t.clone());
-        }
-    }
-    if ifaces.is_empty() {
-        return Err(DaemonError::Usage(
-            "interfaces: none given (use --iface IF or interfaces = [...] in the config)".into(),
-        ));
-    }
     for i in &ifaces {
         if i.is_empty() || i.len() > 15 || i.contains('/') {
             return Err(DaemonError::Usage(format!(
@@ -199,6 +191,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             advertise_addr,
             ifaces,
             task_ifaces,
+            ifaces_from_cli,
             xdp_mode,
             bpffs,
             metrics,
@@ -209,6 +202,18 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         },
         cfg,
     ))
+}
+
+/// The listed interfaces (`ifaces`, then the named task interfaces not
+/// among them) and the named task interfaces.
+fn listed(ifaces: &[String], tasks: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut all = ifaces.to_vec();
+    for t in tasks {
+        if !all.contains(t) {
+            all.push(t.clone());
+        }
+    }
+    (all, tasks.to_vec())
 }
 
 /// What the node should forward: static services, plus etcd's when an
@@ -244,13 +249,16 @@ fn service_configs<'a>(
     out
 }
 
-/// What the daemon keeps beside the data plane to decide backend states:
-/// health checks and drain timers.
+/// What the daemon keeps beside the data plane between syncs: health
+/// checks and drain timers (they decide backend states), and the local
+/// backends of the last desired state (their interfaces are attached).
 struct Liveness {
     checker: Checker,
     drains: DrainTimers,
     /// `--drain-timeout`: for services without their own.
     drain_default: Option<Duration>,
+    /// Local backend address -> a service of theirs.
+    local_backends: BTreeMap<IpAddr, String>,
 }
 
 /// Resolves at `t`; never without one.
@@ -306,10 +314,25 @@ async fn sync<E: Engine>(
         &held_down,
     ));
     health::mark_down(&mut desired, &live.checker.down());
+    live.local_backends = local_backends(&desired);
     engine
         .sync(&desired, &services, &expired)
         .await
         .map_err(|e| rt("apply", e))
+}
+
+/// The local backends of `desired` (address -> the first service naming
+/// it): their interfaces are task interfaces.
+fn local_backends(desired: &DesiredState) -> BTreeMap<IpAddr, String> {
+    let mut out = BTreeMap::new();
+    for (key, spec) in &desired.services {
+        for (bk, b) in &spec.backends {
+            if !b.remote {
+                out.entry(bk.addr).or_insert_with(|| key.name.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Where services come from now.
@@ -380,12 +403,17 @@ pub async fn run(
         let engine = ipvs().await?;
         return run_engine(engine, settings, cfg, shutdown, metrics_listener).await;
     }
-    let links = netlink::links().await.map_err(|e| rt(&e))?;
-    let tasks = crate::nodenet::task_ifaces(&settings.ifaces, &settings.task_ifaces, &links);
+    // The local backends' interfaces follow at the first sync.
+    let facts = Facts::read().await.map_err(|e| rt(&e))?;
+    let attach = wanted(&settings, &BTreeMap::new(), &facts);
+    if !attach.iter().any(|a| a.role == Role::Uplink) {
+        log::warn!(
+            "no uplink: no interface listed and no default route; one is attached when it appears"
+        );
+    }
     match XdpDataplane::open(
         &settings.bpffs,
-        &settings.ifaces,
-        &tasks,
+        &attach,
         settings.xdp_mode,
         &settings.node,
         &cfg.conntrack,
@@ -395,10 +423,13 @@ pub async fn run(
                 "node {}: data plane {} on {} (pinned under {})",
                 settings.node,
                 Engine::kind(&dp).as_str(),
-                settings.ifaces.join(","),
+                names(&attach).join(","),
                 settings.bpffs.display()
             );
-            allow_local_source(&settings.ifaces);
+            for a in &attach {
+                log::info!("iface {}: {} ({})", a.name, a.role.as_str(), a.why);
+            }
+            allow_local_source(&names(&attach));
             run_engine(dp, settings, cfg, shutdown, metrics_listener).await
         }
         Err(e) if settings.dataplane == DataplaneChoice::Auto => {
@@ -407,6 +438,88 @@ pub async fn run(
             run_engine(engine, settings, cfg, shutdown, metrics_listener).await
         }
         Err(e) => Err(rt(&e)),
+    }
+}
+
+/// The names of `attach`, in order.
+fn names(attach: &[Attach]) -> Vec<String> {
+    attach.iter().map(|a| a.name.clone()).collect()
+}
+
+/// The interfaces this node's data plane should be attached to now.
+fn wanted(
+    settings: &Settings,
+    local_backends: &BTreeMap<IpAddr, String>,
+    f: &Facts,
+) -> Vec<Attach> {
+    let inputs = nodenet::IfaceInputs {
+        listed: &settings.ifaces,
+        named_tasks: &settings.task_ifaces,
+        docker: settings.docker.is_some(),
+        local_backends,
+        never: &[VIP_DEVICE],
+    };
+    nodenet::wanted_ifaces(&inputs, &f.links, &f.routes)
+}
+
+/// One daemon's state in its loop: the engine and what it is told.
+struct Node<E: Engine> {
+    engine: E,
+    settings: Settings,
+    cfg: Config,
+    cluster: Cluster,
+    /// This node's addresses.
+    locals: BTreeSet<IpAddr>,
+    live: Liveness,
+    /// The interfaces wanted at the last look, in order.
+    attach: Vec<Attach>,
+}
+
+impl<E: Engine> Node<E> {
+    /// `sync`, then the interfaces of local backends that changed with it.
+    async fn sync(&mut self) -> Result<usize, DaemonError> {
+        let before = self.live.local_backends.clone();
+        let n = sync(
+            &mut self.engine,
+            &self.cfg,
+            &self.cluster,
+            &self.locals,
+            &self.settings.node,
+            &mut self.live,
+        )
+        .await?;
+        if self.live.local_backends != before {
+            if let Err(e) = self.follow_net(false).await {
+                log::warn!("{e}");
+            }
+        }
+        Ok(n)
+    }
+
+    /// Re-reads this node's network and follows it: attaches the wanted
+    /// interfaces (detaching the others once the desired state is known),
+    /// rewrites the node facts, re-decides the locality of static
+    /// backends without `node`, and syncs when addresses or locality
+    /// changed (`resync`: sync anyway).
+    async fn follow_net(&mut self, resync: bool) -> Result<(), netlink::NetlinkError> {
+        let f = Facts::read().await?;
+        let attach = wanted(&self.settings, &self.live.local_backends, &f);
+        let prune = !matches!(self.cluster, Cluster::Waiting);
+        if self.engine.set_interfaces(&attach, prune) || attach != self.attach {
+            allow_local_source(&names(&attach));
+            self.attach = attach;
+        }
+        let (locals, net) = f.node_net(&self.settings, &names(&self.attach));
+        apply_node_net(&mut self.engine, &net);
+        let moved = localise(&mut self.cfg, &locals, &f.routes, false);
+        if resync || moved || locals != self.locals {
+            self.locals = locals;
+            match Box::pin(self.sync()).await {
+                Ok(n) => log::info!("node network changed: {n} changes applied"),
+                Err(e) => log::error!("{e}"),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -431,11 +544,13 @@ async fn run_engine<E: Engine>(
             }
         }
     }
-    let (mut locals, net) = read_node_net(&settings).await.map_err(|e| rt(&e))?;
+    let facts = Facts::read().await.map_err(|e| rt(&e))?;
+    let attach = wanted(&settings, &BTreeMap::new(), &facts);
+    let (locals, net) = facts.node_net(&settings, &names(&attach));
     apply_node_net(&mut engine, &net);
-    localise(&mut cfg, &locals).await;
+    localise(&mut cfg, &locals, &facts.routes, true);
     let registry = Arc::new(Registry::default());
-    let (mut etcd_rx, mut cluster, _etcd_tasks) = match &settings.etcd {
+    let (mut etcd_rx, cluster, _etcd_tasks) = match &settings.etcd {
         Some(o) => {
             let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
             match net.node_addr {
@@ -490,27 +605,34 @@ async fn run_engine<E: Engine>(
         None => (None, Cluster::Static, Vec::new()),
     };
     let (checker, mut health_rx) = Checker::new(health::MAX_CONCURRENT_PROBES);
-    let mut live = Liveness {
+    let live = Liveness {
         checker,
         drains: DrainTimers::default(),
         drain_default: settings.drain_timeout,
+        local_backends: BTreeMap::new(),
     };
-    let n = sync(
-        &mut engine,
-        &cfg,
-        &cluster,
-        &locals,
-        &settings.node,
-        &mut live,
-    )
-    .await?;
-    if matches!(cluster, Cluster::Static) {
-        log::info!("applied {n} changes; {} services", cfg.services.len());
+    let mut node = Node {
+        engine,
+        settings,
+        cfg,
+        cluster,
+        locals,
+        live,
+        attach,
+    };
+    let n = node.sync().await?;
+    // Static services are known: the interfaces of their local backends
+    // are attached, and pins no longer wanted are detached.
+    if let Err(e) = node.follow_net(false).await {
+        log::warn!("{e}");
+    }
+    if matches!(node.cluster, Cluster::Static) {
+        log::info!("applied {n} changes; {} services", node.cfg.services.len());
     }
 
     let _metrics_task = match metrics_listener {
         Some(l) => {
-            let source = engine.metrics_source().map_err(|e| rt(&e))?;
+            let source = node.engine.metrics_source().map_err(|e| rt(&e))?;
             log::info!(
                 "metrics on http://{}/metrics",
                 l.local_addr().map_err(|e| rt(&e))?
@@ -518,7 +640,7 @@ async fn run_engine<E: Engine>(
             Some(AbortOnDrop(tokio::spawn(metrics::serve(
                 l,
                 source,
-                settings.node.clone(),
+                node.settings.node.clone(),
                 registry.clone(),
             ))))
         }
@@ -528,8 +650,9 @@ async fn run_engine<E: Engine>(
     let mut hup = signal(SignalKind::hangup()).map_err(|e| rt(&e))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
-    let mut tick = tokio::time::interval(ADDR_REFRESH);
-    let mut sweep = tokio::time::interval(sweep_period(&cfg.conntrack));
+    let mut tick = tokio::time::interval(NET_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(sweep_period(&node.cfg.conntrack));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
@@ -541,8 +664,8 @@ async fn run_engine<E: Engine>(
                 let Some(snap) = snap else { continue };
                 let observed = snap.observed_at;
                 let rev = snap.revision;
-                cluster = Cluster::Etcd(snap);
-                match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
+                node.cluster = Cluster::Etcd(snap);
+                match node.sync().await {
                     Ok(n) => {
                         if let Some(t) = observed {
                             registry.observe_sync(t.elapsed().as_secs_f64());
@@ -553,7 +676,7 @@ async fn run_engine<E: Engine>(
                 }
             }
             Ok(()) = health_rx.changed() => {
-                match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
+                match node.sync().await {
                     Ok(n) => {
                         if n > 0 {
                             log::info!("health changed: {n} changes applied");
@@ -562,53 +685,26 @@ async fn run_engine<E: Engine>(
                     Err(e) => log::error!("health changed: {e}"),
                 }
             }
-            _ = until(live.drains.next_deadline()) => {
-                if let Err(e) = sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
+            _ = until(node.live.drains.next_deadline()) => {
+                if let Err(e) = node.sync().await {
                     log::error!("drain timeout: {e}");
                 }
             }
             _ = hup.recv() => {
-                match load_config(settings.config_path.as_ref(), settings.etcd.is_some()) {
-                    Ok(mut new) => match check_vips(&new).await {
-                        Err(e) => log::error!("SIGHUP: keeping the running config: {e}"),
-                        Ok(()) => {
-                        for key in cfg.restart_needed(&new) {
-                            log::warn!("SIGHUP: {key} changed in the config: takes effect at the next start (running with the old value)");
-                        }
-                        new.keep_restart_settings(&cfg);
-                        cfg = new;
-                        localise(&mut cfg, &locals).await;
-                        apply_flow_config(&mut engine, &cfg.conntrack);
-                        sweep = tokio::time::interval(sweep_period(&cfg.conntrack));
-                        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
-                            Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
-                            Err(e) => log::error!("SIGHUP: {e}"),
-                        }
-                        }
-                    },
-                    Err(e) => log::error!("SIGHUP: keeping the running config: {e}"),
+                if reload(&mut node).await {
+                    sweep = tokio::time::interval(sweep_period(&node.cfg.conntrack));
+                    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 }
             }
             _ = sweep.tick() => {
-                let s = engine.sweep_flows();
+                let s = node.engine.sweep_flows();
                 if s.flows > 0 || s.snat_ports > 0 {
                     log::debug!("flow sweep: {} expired flows, {} SNAT ports freed", s.flows, s.snat_ports);
                 }
             }
             _ = tick.tick() => {
-                match read_node_net(&settings).await {
-                    Ok((now, net)) => {
-                        apply_node_net(&mut engine, &net);
-                        if now != locals {
-                            locals = now;
-                            match sync(&mut engine, &cfg, &cluster, &locals, &settings.node, &mut live).await {
-                                Ok(n) => log::info!("node addresses changed: {n} changes applied"),
-                                Err(e) => log::error!("{e}"),
-                            }
-                        }
-                    }
-                    Err(e) => log::warn!("{e}"),
+                if let Err(e) = node.follow_net(false).await {
+                    log::warn!("{e}");
                 }
             }
         }
@@ -617,10 +713,69 @@ async fn run_engine<E: Engine>(
         DataplaneKind::Ipvs => log::info!("stopping; IPVS keeps forwarding"),
         _ => log::info!(
             "stopping; forwarding continues from the pinned state under {}",
-            settings.bpffs.display()
+            node.settings.bpffs.display()
         ),
     }
     Ok(())
+}
+
+/// SIGHUP: reloads the config file and applies what can change live
+/// (services, `[conntrack]` timeouts, the interface lists unless given on
+/// the command line); logs by name each changed setting that needs a
+/// restart. A config that does not load or check leaves the running one.
+/// Returns whether the new config was taken.
+async fn reload<E: Engine>(node: &mut Node<E>) -> bool {
+    let mut new = match load_config(
+        node.settings.config_path.as_ref(),
+        node.settings.etcd.is_some(),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("SIGHUP: keeping the running config: {e}");
+            return false;
+        }
+    };
+    if let Err(e) = check_vips(&new).await {
+        log::error!("SIGHUP: keeping the running config: {e}");
+        return false;
+    }
+    for key in node.cfg.restart_needed(&new) {
+        log::warn!("SIGHUP: {key} changed in the config: takes effect at the next start (running with the old value)");
+    }
+    new.keep_restart_settings(&node.cfg);
+    if node.settings.ifaces_from_cli {
+        if new.interfaces != node.cfg.interfaces || new.task_interfaces != node.cfg.task_interfaces
+        {
+            log::warn!("SIGHUP: interfaces changed in the config, but --iface/--task-iface on the command line win");
+        }
+    } else {
+        let (ifaces, tasks) = listed(&new.interfaces, &new.task_interfaces);
+        if ifaces != node.settings.ifaces || tasks != node.settings.task_ifaces {
+            log::info!(
+                "SIGHUP: listed interfaces now {:?} (task interfaces {:?})",
+                ifaces,
+                tasks
+            );
+        }
+        node.settings.ifaces = ifaces;
+        node.settings.task_ifaces = tasks;
+    }
+    node.cfg = new;
+    apply_flow_config(&mut node.engine, &node.cfg.conntrack);
+    match Facts::read().await {
+        Ok(f) => {
+            localise(&mut node.cfg, &node.locals, &f.routes, true);
+        }
+        Err(e) => log::warn!("{e}: backends without `node` are taken as local"),
+    }
+    match node.sync().await {
+        Ok(n) => log::info!("SIGHUP: config reloaded, {n} changes applied"),
+        Err(e) => log::error!("SIGHUP: {e}"),
+    }
+    if let Err(e) = node.follow_net(false).await {
+        log::warn!("{e}");
+    }
+    true
 }
 
 /// How often expired flows are swept: a sixth of the shortest timeout,
@@ -647,28 +802,40 @@ fn apply_flow_config<E: Engine>(engine: &mut E, c: &config::ConntrackConfig) {
     }
 }
 
-/// This node's addresses and network facts, read over rtnetlink.
-async fn read_node_net(
-    settings: &Settings,
-) -> Result<(BTreeSet<IpAddr>, NodeNet), netlink::NetlinkError> {
-    let addrs = netlink::addresses().await?;
-    let links = netlink::links().await?;
-    let routes = netlink::routes().await?;
-    let locals = addrs.iter().map(|(_, a)| *a).collect();
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|t| nodenet::parse_port_range(&t));
-    Ok((
-        locals,
-        NodeNet::new(
-            &settings.ifaces,
-            &links,
-            &addrs,
-            &routes,
+/// This node's links, addresses and routes (main table), read together
+/// over rtnetlink.
+struct Facts {
+    links: Vec<nodenet::LinkFacts>,
+    addrs: Vec<(u32, IpAddr)>,
+    routes: Vec<nodenet::RouteFact>,
+}
+
+impl Facts {
+    async fn read() -> Result<Facts, netlink::NetlinkError> {
+        Ok(Facts {
+            links: netlink::links().await?,
+            addrs: netlink::addresses().await?,
+            routes: netlink::routes().await?,
+        })
+    }
+
+    /// This node's addresses and what the data plane is told about its
+    /// network, with the data plane on `ifaces` (in order).
+    fn node_net(&self, settings: &Settings, ifaces: &[String]) -> (BTreeSet<IpAddr>, NodeNet) {
+        let locals = self.addrs.iter().map(|(_, a)| *a).collect();
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| nodenet::parse_port_range(&t));
+        let net = NodeNet::new(
+            ifaces,
+            &self.links,
+            &self.addrs,
+            &self.routes,
             ephemeral,
             settings.advertise_addr,
-        ),
-    ))
+        );
+        (locals, net)
+    }
 }
 
 /// How often a missing listed interface is looked for.
@@ -758,28 +925,26 @@ async fn check_vips(cfg: &Config) -> Result<(), String> {
 
 /// Static backends without `node`: local when this node reaches them
 /// without a gateway (on one of its links, or its own address), another
-/// node's (source-translated) otherwise; one line per such backend says
-/// which and why. Without the routing table, they stay local.
-async fn localise(cfg: &mut Config, locals: &BTreeSet<IpAddr>) {
-    if cfg
-        .services
-        .iter()
-        .all(|s| s.backends.iter().all(|b| b.node.is_some()))
-    {
-        return;
-    }
-    let routes = match netlink::routes().await {
-        Ok(r) => r,
-        Err(e) => {
-            log::warn!("{e}: backends without `node` are taken as local");
-            return;
-        }
-    };
+/// node's (source-translated) otherwise. One line per backend says which
+/// and why: for every such backend with `announce`, else for those whose
+/// locality changed (a route came or went). Returns whether any changed.
+fn localise(
+    cfg: &mut Config,
+    locals: &BTreeSet<IpAddr>,
+    routes: &[nodenet::RouteFact],
+    announce: bool,
+) -> bool {
     let locals: Vec<IpAddr> = locals.iter().copied().collect();
+    let mut changed = false;
     for s in &mut cfg.services {
         for b in s.backends.iter_mut().filter(|b| b.node.is_none()) {
-            let r = nodenet::reach(b.addr, &routes, &locals);
-            b.routed = !matches!(r, nodenet::Reach::Own | nodenet::Reach::Direct);
+            let r = nodenet::reach(b.addr, routes, &locals);
+            let routed = !matches!(r, nodenet::Reach::Own | nodenet::Reach::Direct);
+            if routed == b.routed && !announce {
+                continue;
+            }
+            changed |= routed != b.routed;
+            b.routed = routed;
             let why = match r {
                 nodenet::Reach::Own => "one of this node's addresses: local".to_owned(),
                 nodenet::Reach::Direct => "on a link of this node: local".to_owned(),
@@ -797,6 +962,7 @@ async fn localise(cfg: &mut Config, locals: &BTreeSet<IpAddr>) {
             );
         }
     }
+    changed
 }
 
 /// Writes the node facts to the data plane, logging what changed.
@@ -924,6 +1090,7 @@ addr = "192.0.2.3"
             checker,
             drains: DrainTimers::default(),
             drain_default: Some(Duration::ZERO),
+            local_backends: BTreeMap::new(),
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();
         let n = sync(

@@ -9,10 +9,11 @@ use meshlb_common::{
     hash::flow_slot, AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING,
     BE_F_PRESENT, CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, RING_SIZE, SVC_F_PRESENT,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dataplane::xdp::kind_from_meta;
 use crate::model::{Frontend, Proto};
+use crate::nodenet::Role;
 use crate::pinned::{addr_bytes, addr_from, Maps};
 
 /// Errors of `status`/`explain`.
@@ -53,10 +54,38 @@ pub struct ServiceStatus {
     pub connections: u64,
 }
 
+/// One interface the data plane is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IfaceStatus {
+    pub name: String,
+    /// `uplink` (XDP) or `task` (TC: local tasks sit behind it).
+    pub role: Role,
+    /// `xdp-native`, `xdp-generic` or `tc`.
+    pub mode: String,
+    /// Why it is attached: "listed", "IPv4 default route", "local backend
+    /// 10.0.1.2 of service web", "Docker bridge".
+    pub why: String,
+}
+
+/// The interfaces the daemon of `pins` attached, as it last wrote them
+/// beside its pin lock (empty when it never did, or in IPVS mode).
+pub fn interfaces(pins: &std::path::Path) -> Vec<IfaceStatus> {
+    let path = crate::pinlock::runtime_file(pins, crate::dataplane::xdp::IFACES_EXT);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            log::warn!("{}: {e}", path.display());
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub node: String,
     pub dataplane: &'static str,
+    /// The attached interfaces, their role and why (XDP engine).
+    pub interfaces: Vec<IfaceStatus>,
     pub services: Vec<ServiceStatus>,
     pub conntrack_entries: u64,
     /// SNAT entries: ports held by translated flows (all addresses).
@@ -185,6 +214,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
             .unwrap_or(meshlb_common::DEFAULT_FLOOD_THRESHOLD),
     );
     Ok(Status {
+        interfaces: Vec::new(),
         node: node.to_owned(),
         dataplane: if meta.layout_version == 0 {
             "none"
@@ -227,6 +257,16 @@ pub fn status_table(s: &Status) -> String {
         "node {}  dataplane {}  conntrack entries {}\n",
         s.node, s.dataplane, s.conntrack_entries
     );
+    for i in &s.interfaces {
+        let _ = writeln!(
+            out,
+            "iface {}  {} ({})  {}",
+            i.name,
+            i.role.as_str(),
+            i.mode,
+            i.why
+        );
+    }
     if s.flow_table_size > 0 {
         let _ = writeln!(
             out,

@@ -62,7 +62,12 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => {
             let status = match pinned::Maps::from_pins(&args.bpffs.bpffs) {
-                Ok(maps) => inspect::status(&maps, args.node.as_deref()).map_err(|e| e.to_string()),
+                Ok(maps) => inspect::status(&maps, args.node.as_deref())
+                    .map(|mut s| {
+                        s.interfaces = inspect::interfaces(&args.bpffs.bpffs);
+                        s
+                    })
+                    .map_err(|e| e.to_string()),
                 // No XDP pins: the node may run IPVS.
                 Err(e) => match ipvs_status(args.node.as_deref()) {
                     Ok(Some(s)) => Ok(s),

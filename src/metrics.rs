@@ -411,6 +411,7 @@ mod tests {
         counters.insert("no_backend", 1);
         counters.insert("forwarded_in", 9);
         let status = Status {
+            interfaces: Vec::new(),
             node: "n".into(),
             dataplane: "xdp-native",
             services: vec![],
@@ -454,6 +455,7 @@ mod tests {
             counters.insert(k, v);
         }
         let status = Status {
+            interfaces: Vec::new(),
             node: "n".into(),
             dataplane: "xdp-native",
             services: vec![],
@@ -498,6 +500,7 @@ mod tests {
     #[test]
     fn one_series_per_label_set_with_escaped_values() {
         let status = Status {
+            interfaces: Vec::new(),
             node: "n".into(),
             dataplane: "xdp-generic",
             services: vec![ServiceStatus {

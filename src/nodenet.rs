@@ -1,13 +1,17 @@
 //! This node's network facts the data plane needs besides services, as
 //! pure functions of what rtnetlink reports: per-interface forwarding
-//! flags (`MLB_IFACE`), the SNAT address per family (`MLB_SNATADR`), and
-//! how a backend address is reached (locality of static backends).
+//! flags (`MLB_IFACE`), the SNAT address per family (`MLB_SNATADR`), how
+//! a backend address is reached (locality of static backends), and which
+//! interfaces the data plane is attached to, in which role and why
+//! (`wanted_ifaces`).
 //!
 //! **Invariant:** no IO here; `netlink` reads the facts, `dataplane::xdp`
 //! writes the result.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
 
 use meshlb_common::{IF_F_GENERIC, IF_F_NO_XMIT};
 
@@ -83,24 +87,150 @@ pub fn node_address(
     snat.0.or(snat.1)
 }
 
-/// The interfaces of `ifaces` served by the TC program: those named as
-/// task interfaces, and every bridge (local tasks sit behind bridges; a
-/// bridge never receives frames straight from a wire).
-pub fn task_ifaces(
-    ifaces: &[String],
-    named: &[String],
+/// The role of an attached interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Service traffic arrives from the network: XDP (and the TC handoff).
+    Uplink,
+    /// Local tasks sit behind it: the TC load balancer (local senders'
+    /// partial checksums, hairpin).
+    Task,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Uplink => "uplink",
+            Role::Task => "task",
+        }
+    }
+}
+
+/// One interface the data plane should be attached to, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attach {
+    pub name: String,
+    pub role: Role,
+    /// Said by `meshlb status` and the log ("listed", "default route", ...).
+    pub why: String,
+}
+
+/// What decides the interfaces: `listed` (`--iface` or `interfaces`, in
+/// order), `named_tasks` (`--task-iface`), whether Docker's bridges are
+/// taken (`--docker`), the local backends (address -> a service of
+/// theirs) and interfaces never attached (the IPVS VIP device).
+#[derive(Clone, Copy, Debug)]
+pub struct IfaceInputs<'a> {
+    pub listed: &'a [String],
+    pub named_tasks: &'a [String],
+    pub docker: bool,
+    pub local_backends: &'a BTreeMap<IpAddr, String>,
+    pub never: &'a [&'a str],
+}
+
+/// The interfaces to attach, uplinks first (the first one with an address
+/// of a family gives the SNAT address), each once:
+/// 1. every listed interface that exists (a bridge or named task
+///    interface is a task interface: local tasks sit behind bridges, a
+///    bridge never receives frames straight from a wire);
+/// 2. without a listed uplink, the interfaces of the default routes;
+/// 3. the interface each local backend is reached through (its longest
+///    matching route, without a gateway);
+/// 4. with Docker, Docker's bridges (`docker0`, `br-<12 hex>`).
+///
+/// Loopback and `never` are never attached.
+pub fn wanted_ifaces(
+    inp: &IfaceInputs<'_>,
     links: &[LinkFacts],
-) -> std::collections::BTreeSet<String> {
-    ifaces
-        .iter()
-        .filter(|i| {
-            named.contains(i)
-                || links
-                    .iter()
-                    .any(|l| &l.name == *i && l.kind.as_deref() == Some("bridge"))
+    routes: &[RouteFact],
+) -> Vec<Attach> {
+    let mut out: Vec<Attach> = Vec::new();
+    let add = |out: &mut Vec<Attach>, l: &LinkFacts, role: Role, why: String| {
+        let taken = l.loopback || inp.never.contains(&l.name.as_str());
+        if !taken && !out.iter().any(|a| a.name == l.name) {
+            out.push(Attach {
+                name: l.name.clone(),
+                role,
+                why,
+            });
+        }
+    };
+    let is_bridge = |l: &LinkFacts| l.kind.as_deref() == Some("bridge");
+    for name in inp.listed {
+        let Some(l) = links.iter().find(|l| &l.name == name) else {
+            continue;
+        };
+        if inp.named_tasks.contains(name) {
+            add(&mut out, l, Role::Task, "listed as a task interface".into());
+        } else if is_bridge(l) {
+            add(
+                &mut out,
+                l,
+                Role::Task,
+                "listed (a bridge: a task interface)".into(),
+            );
+        } else {
+            add(&mut out, l, Role::Uplink, "listed".into());
+        }
+    }
+    if !out.iter().any(|a| a.role == Role::Uplink) {
+        for v4 in [true, false] {
+            let oifs: BTreeSet<u32> = routes
+                .iter()
+                .filter(|r| r.prefix_len == 0 && r.dst.is_ipv4() == v4)
+                .filter_map(|r| r.oif)
+                .collect();
+            let family = if v4 { "IPv4" } else { "IPv6" };
+            for l in links.iter().filter(|l| oifs.contains(&l.index)) {
+                add(&mut out, l, Role::Uplink, format!("{family} default route"));
+            }
+        }
+    }
+    for (addr, service) in inp.local_backends {
+        let Some(l) = link_of(*addr, routes).and_then(|i| links.iter().find(|l| l.index == i))
+        else {
+            continue;
+        };
+        add(
+            &mut out,
+            l,
+            Role::Task,
+            format!("local backend {addr} of service {service}"),
+        );
+    }
+    if inp.docker {
+        for l in links
+            .iter()
+            .filter(|l| is_bridge(l) && is_docker_bridge(&l.name))
+        {
+            add(&mut out, l, Role::Task, "Docker bridge".into());
+        }
+    }
+    out
+}
+
+/// Docker's names for its bridges: `docker0`, and `br-` with the first 12
+/// hex digits of the network id for user-defined networks.
+fn is_docker_bridge(name: &str) -> bool {
+    name == "docker0"
+        || name.strip_prefix("br-").is_some_and(|id| {
+            id.len() == 12
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         })
-        .cloned()
-        .collect()
+}
+
+/// The interface `addr` is on: the output interface of its longest
+/// matching route when that route has no gateway.
+pub fn link_of(addr: IpAddr, routes: &[RouteFact]) -> Option<u32> {
+    routes
+        .iter()
+        .filter(|r| in_prefix(addr, r.dst, r.prefix_len))
+        .max_by_key(|r| r.prefix_len)
+        .filter(|r| r.gateway.is_none())
+        .and_then(|r| r.oif)
 }
 
 /// The first IPv4 and first global IPv6 address of each listed interface.
@@ -312,19 +442,132 @@ mod tests {
     }
 
     #[test]
-    fn bridges_and_named_interfaces_are_task_interfaces() {
+    fn listed_default_route_local_backend_and_docker_interfaces_are_attached() {
+        let mut lo = link(1, "lo", None);
+        lo.loopback = true;
         let links = [
+            lo,
             link(2, "eth0", None),
             link(3, "br0", Some("bridge")),
             link(4, "veth9", Some("veth")),
             link(5, "docker0", Some("bridge")),
+            link(6, "br-0123456789ab", Some("bridge")),
+            link(7, "br-lan", Some("bridge")),
+            link(8, "meshlb0", Some("dummy")),
+            link(9, "eth1", None),
         ];
+        let routes = [
+            route("0.0.0.0", 0, Some("10.0.0.254"), 2),
+            route("::", 0, Some("fd00::1"), 9),
+            route("10.0.0.0", 24, None, 2),
+            route("10.9.0.0", 24, None, 3),
+            route("10.8.0.2", 32, None, 4),
+            route("10.7.0.0", 24, Some("10.0.0.7"), 2),
+            route("127.0.0.0", 8, None, 1),
+        ];
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let t = task_ifaces(&v(&["eth0", "br0", "veth9"]), &v(&["veth9"]), &links);
-        assert_eq!(t.into_iter().collect::<Vec<_>>(), v(&["br0", "veth9"]));
-        // Only listed interfaces: docker0 is a bridge but not attached.
-        let t = task_ifaces(&v(&["eth0"]), &[], &links);
-        assert!(t.is_empty());
+        let backends: BTreeMap<IpAddr, String> = [
+            (ip("10.9.0.5"), "web".to_string()),
+            (ip("10.8.0.2"), "api".to_string()),
+            // Behind a gateway, on loopback, on the uplink: no new interface.
+            (ip("10.7.0.5"), "far".to_string()),
+            (ip("127.0.0.2"), "lo".to_string()),
+            (ip("10.0.0.9"), "lan".to_string()),
+        ]
+        .into();
+        let none = BTreeMap::new();
+        let got = |inp: &IfaceInputs<'_>| {
+            wanted_ifaces(inp, &links, &routes)
+                .into_iter()
+                .map(|a| (a.name, a.role))
+                .collect::<Vec<_>>()
+        };
+        let never = ["meshlb0"];
+        let listed = v(&["eth0", "br0", "veth9"]);
+        let tasks = v(&["veth9"]);
+        let inp = IfaceInputs {
+            listed: &listed,
+            named_tasks: &tasks,
+            docker: false,
+            local_backends: &none,
+            never: &never,
+        };
+        let owned = |x: &[(&str, Role)]| {
+            x.iter()
+                .map(|(n, r)| (n.to_string(), *r))
+                .collect::<Vec<_>>()
+        };
+        // Listed, with an uplink: no defaults.
+        assert_eq!(
+            got(&inp),
+            owned(&[
+                ("eth0", Role::Uplink),
+                ("br0", Role::Task),
+                ("veth9", Role::Task)
+            ])
+        );
+        // Nothing listed: both default routes' interfaces, then the local
+        // backends' interfaces, then Docker's bridges (not br-lan, nor
+        // meshlb0).
+        let inp = IfaceInputs {
+            listed: &[],
+            named_tasks: &[],
+            docker: true,
+            local_backends: &backends,
+            never: &never,
+        };
+        assert_eq!(
+            got(&inp),
+            owned(&[
+                ("eth0", Role::Uplink),
+                ("eth1", Role::Uplink),
+                ("veth9", Role::Task),
+                ("br0", Role::Task),
+                ("docker0", Role::Task),
+                ("br-0123456789ab", Role::Task),
+            ])
+        );
+        let whys: Vec<String> = wanted_ifaces(&inp, &links, &routes)
+            .into_iter()
+            .map(|a| a.why)
+            .collect();
+        assert_eq!(whys[0], "IPv4 default route");
+        assert_eq!(whys[2], "local backend 10.8.0.2 of service api");
+        // Only a bridge listed (no uplink): the default routes' too; a
+        // listed interface that does not exist is left out.
+        let listed = v(&["br0", "nope0"]);
+        let inp = IfaceInputs {
+            listed: &listed,
+            named_tasks: &[],
+            docker: false,
+            local_backends: &none,
+            never: &never,
+        };
+        assert_eq!(
+            got(&inp),
+            owned(&[
+                ("br0", Role::Task),
+                ("eth0", Role::Uplink),
+                ("eth1", Role::Uplink)
+            ])
+        );
+    }
+
+    #[test]
+    fn docker_bridge_names() {
+        for ok in ["docker0", "br-0123456789ab", "br-abcdefabcdef"] {
+            assert!(is_docker_bridge(ok), "{ok}");
+        }
+        for bad in [
+            "docker1",
+            "br-lan",
+            "br-0123456789AB",
+            "br-0123456789abc",
+            "br0",
+        ] {
+            assert!(!is_docker_bridge(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -49,12 +49,34 @@ pub enum LockError {
 /// The lock file of a pin directory: its path with every `/` as `_`
 /// (`/sys/fs/bpf/meshlb` -> `_sys_fs_bpf_meshlb.lock`).
 pub fn lock_path(pins: &Path) -> PathBuf {
+    runtime_file(pins, "lock")
+}
+
+/// A regular file the daemon of `pins` keeps beside its lock (bpffs holds
+/// no regular files): `<name>.<ext>`, e.g. the attached interfaces for
+/// `meshlb status` (`ifaces.json`).
+pub fn runtime_file(pins: &Path, ext: &str) -> PathBuf {
     let name: String = pins
         .to_string_lossy()
         .chars()
         .map(|c| if c == '/' { '_' } else { c })
         .collect();
-    Path::new(LOCK_DIR).join(format!("{name}.lock"))
+    Path::new(LOCK_DIR).join(format!("{name}.{ext}"))
+}
+
+/// Replaces `path` with `bytes` atomically: a reader sees the old file or
+/// the new one, never a part (written beside it, synced, renamed over).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Takes the lock of `pins` without waiting, and writes this process's

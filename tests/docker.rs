@@ -79,12 +79,15 @@ impl World {
             .put(&format!("{PREFIX}/services/{name}"), &v.to_string());
     }
 
+    /// Only the uplink is named, as in the README: docker0 (and the
+    /// bridges of containers' networks) the daemon attaches itself.
     fn ifaces(&self) -> Vec<String> {
-        vec![self.topo.lb_client_iface.clone(), "docker0".into()]
+        vec![self.topo.lb_client_iface.clone()]
     }
 
-    /// `meshlb run --node lb --etcd ... --docker=SOCK` on the client veth
-    /// (XDP) and docker0 (a bridge: a task interface, TC), ready.
+    /// `meshlb run --node lb --etcd ... --docker=SOCK --iface <client
+    /// veth>` (XDP there), ready, with docker0 attached automatically (a
+    /// Docker bridge: a task interface, TC) and listed so by `status`.
     fn daemon(&self) -> Proc {
         let mut args: Vec<String> = ["--node", "lb", "--xdp-mode", "generic", "--prefix", PREFIX]
             .iter()
@@ -100,6 +103,16 @@ impl World {
         let uplink = [self.topo.lb_client_iface.as_str()];
         self.topo.wait_ready_on(&mut d, &[], READY, &uplink);
         wait_tc_attached(&mut d, "docker0", READY).unwrap_or_else(|e| panic!("{e}{}", self.ctx()));
+        let st = self.topo.status();
+        let docker0 = st["interfaces"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == "docker0"))
+            .unwrap_or_else(|| panic!("status does not list docker0: {st}{}", self.ctx()));
+        assert_eq!(
+            (&docker0["role"], &docker0["mode"]),
+            (&json!("task"), &json!("tc")),
+            "docker0 in status: {docker0}"
+        );
         assert_eq!(
             self.topo.xdp_mode(&self.topo.lb_ns, "docker0"),
             None,

@@ -121,6 +121,13 @@ pub trait Engine {
         Ok(false)
     }
 
+    /// Attaches the interfaces of `want`, and with `prune` detaches the
+    /// others; returns whether anything changed. An engine that attaches
+    /// to no interface (IPVS) ignores it.
+    fn set_interfaces(&mut self, _want: &[crate::nodenet::Attach], _prune: bool) -> bool {
+        false
+    }
+
     /// Removes flow state idle past its timeout (see
     /// `XdpDataplane::sweep`).
     fn sweep_flows(&mut self) -> Swept {

@@ -3,7 +3,7 @@
 //! flushes conntrack, and the program is swapped atomically on the pinned
 //! link), and executes reconciler plans as map updates.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,11 +25,12 @@ use meshlb_common::{
 use super::fake::FakeDataplane;
 use super::{BackendOf, Dataplane, DataplaneError, DataplaneKind, Engine, ServiceConfigs, Swept};
 use crate::config::ConntrackConfig;
+use crate::inspect::IfaceStatus;
 use crate::model::{
     BackendKey, BackendState, DesiredState, Frontend, Observed, ObservedBackend, ObservedService,
     Proto, ServiceKey,
 };
-use crate::nodenet::NodeNet;
+use crate::nodenet::{Attach, NodeNet, Role};
 use crate::pinned::{addr_bytes, addr_from, monotonic_ns, Maps, PinnedError};
 use crate::reconcile::{Op, Plan};
 
@@ -438,21 +439,28 @@ pub struct XdpDataplane {
     node_net: Option<NodeNet>,
     /// The pin directory (`/metrics` opens its own handles there).
     dir: PathBuf,
-    // Keeps the program loaded while the daemon runs; the pinned links keep
-    // it attached when the daemon is gone.
-    _ebpf: Ebpf,
+    /// How uplinks get XDP (`--xdp-mode`).
+    mode: AttachMode,
+    /// The interfaces attached, by name.
+    attached: BTreeMap<String, IfaceStatus>,
+    /// Interfaces whose attach failed, with the error last logged (logged
+    /// again only when it changes; retried at every `set_interfaces`).
+    failed: BTreeMap<String, String>,
+    // Keeps the programs loaded while the daemon runs (and attaches the
+    // interfaces that appear later); the pinned links keep them attached
+    // when the daemon is gone.
+    ebpf: Ebpf,
 }
 
 impl XdpDataplane {
     /// Loads (or adopts) the data plane under `dir` and attaches it to
-    /// every interface in `ifaces`: the TC load balancer on the task
-    /// interfaces `tasks` (local senders: partial checksums, hairpin), XDP
-    /// and the TC handoff program on the others (uplinks). A task
-    /// interface where TC cannot be attached gets XDP, with a warning.
+    /// the interfaces of `attach` (see [`attach_iface`]). An uplink where
+    /// XDP cannot be attached is an error (the daemon may fall back to
+    /// IPVS). Pins of interfaces not in `attach` are kept (adopted): the
+    /// first `set_interfaces` with `prune` removes those no longer wanted.
     pub fn open(
         dir: &Path,
-        ifaces: &[String],
-        tasks: &BTreeSet<String>,
+        attach: &[Attach],
         mode: AttachMode,
         node: &str,
         conntrack: &ConntrackConfig,
@@ -479,44 +487,16 @@ impl XdpDataplane {
                 source,
             })?;
         let previous = maps.meta.get(&0, 0).ok().filter(|m| m.layout_version != 0);
-        let mut uplinks: Vec<&String> = Vec::new();
-        for iface in ifaces.iter().filter(|i| tasks.contains(*i)) {
-            let attached = tc_program(&mut ebpf, PROG_TC_LB)
-                .and_then(|prog| attach_tc(prog, dir, iface, Hook::TcLb));
-            match attached {
-                Ok(()) => {
-                    log::info!(
-                        "iface {iface}: task interface: TC load balancer attached (ingress)"
-                    );
-                    unpin_other_hooks(dir, iface, &[Hook::TcLb]);
-                }
-                Err(e) => {
-                    log::warn!("iface {iface}: task interface, but TC attach failed ({e}): XDP instead (partial checksums of local senders are not handled there)");
-                    uplinks.push(iface);
-                }
-            }
-        }
-        uplinks.extend(ifaces.iter().filter(|i| !tasks.contains(*i)));
+        // Verified now (up to seconds on a small board), so a task
+        // interface that appears later is attached at once.
+        tc_program(&mut ebpf, PROG_TC_LB)?;
         let mut kind = None;
-        for iface in &uplinks {
-            let prog = program(&mut ebpf, PROG_XDP_LB)?;
-            match attach_pinned(prog, dir, iface, mode)? {
-                Some(k) => {
-                    log::info!("iface {iface}: attached ({})", k.as_str());
-                    kind = kind.or(Some(k));
-                }
-                None => log::info!("iface {iface}: adopted the pinned XDP link"),
-            }
-            let mut keep = vec![Hook::Xdp];
-            let attached = tc_program(&mut ebpf, PROG_TC_HANDOFF)
-                .and_then(|prog| attach_tc(prog, dir, iface, Hook::TcHandoff));
-            match attached {
-                Ok(()) => keep.push(Hook::TcHandoff),
-                Err(e) => log::warn!("iface {iface}: TC handoff program not attached ({e}): frames XDP cannot transmit go to the stack"),
-            }
-            unpin_other_hooks(dir, iface, &keep);
+        let mut attached = BTreeMap::new();
+        for a in attach {
+            let (st, fresh) = attach_iface(&mut ebpf, dir, a, mode)?;
+            kind = kind.or(fresh);
+            attached.insert(a.name.clone(), st);
         }
-        detach_unlisted(dir, ifaces);
         rebuild_vips(&mut maps).map_err(|e| XdpError::Link {
             iface: String::new(),
             path: dir.join(maps::VIPS),
@@ -542,15 +522,108 @@ impl XdpDataplane {
                 name: maps::META,
                 source,
             })?;
-        Ok(XdpDataplane {
+        let mut dp = XdpDataplane {
             maps,
             kind,
             flow_config: conntrack.flow_config(),
             mirror: None,
             node_net: None,
             dir: dir.to_owned(),
-            _ebpf: ebpf,
-        })
+            mode,
+            attached,
+            failed: BTreeMap::new(),
+            ebpf,
+        };
+        for st in dp.attached.values_mut() {
+            if st.mode.is_empty() {
+                st.mode = kind.as_str().to_owned();
+            }
+        }
+        dp.save_interfaces();
+        Ok(dp)
+    }
+
+    /// Attaches the interfaces of `want` not attached yet (or attached in
+    /// another role); with `prune`, detaches every other interface,
+    /// adopted pins included (without it, nothing is detached: the daemon
+    /// does not know the whole picture yet). Returns whether anything
+    /// changed. A failed attach is logged (once per distinct error) and
+    /// tried again at the next call; the others go on.
+    pub fn set_interfaces(&mut self, want: &[Attach], prune: bool) -> bool {
+        let mut changed = false;
+        for a in want {
+            if let Some(st) = self.attached.get_mut(&a.name) {
+                if st.role == a.role {
+                    if st.why != a.why {
+                        st.why.clone_from(&a.why);
+                        changed = true;
+                    }
+                    continue;
+                }
+            }
+            match attach_iface(&mut self.ebpf, &self.dir, a, self.mode) {
+                Ok((mut st, fresh)) => {
+                    if st.mode.is_empty() {
+                        st.mode = fresh.unwrap_or(self.kind).as_str().to_owned();
+                    }
+                    log::info!(
+                        "iface {}: attached as {} ({}): {}",
+                        a.name,
+                        st.role.as_str(),
+                        st.mode,
+                        a.why
+                    );
+                    self.failed.remove(&a.name);
+                    self.attached.insert(a.name.clone(), st);
+                    changed = true;
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if self.failed.get(&a.name) != Some(&e) {
+                        log::error!(
+                            "iface {}: not attached ({}): {e}; tried again while it is wanted",
+                            a.name,
+                            a.why
+                        );
+                        self.failed.insert(a.name.clone(), e);
+                    }
+                }
+            }
+        }
+        if prune {
+            let wanted: BTreeSet<&str> = want.iter().map(|a| a.name.as_str()).collect();
+            let mut gone: BTreeSet<String> = pinned_ifaces(&self.dir);
+            gone.extend(self.attached.keys().cloned());
+            gone.retain(|i| !wanted.contains(i.as_str()));
+            for iface in gone {
+                detach_iface(&self.dir, &iface);
+                self.attached.remove(&iface);
+                changed = true;
+            }
+            self.failed.retain(|i, _| wanted.contains(i.as_str()));
+        }
+        if changed {
+            self.save_interfaces();
+        }
+        changed
+    }
+
+    /// The interfaces attached now.
+    pub fn interfaces(&self) -> Vec<IfaceStatus> {
+        self.attached.values().cloned().collect()
+    }
+
+    /// Writes the attached interfaces for `meshlb status` (another
+    /// process), replacing the file atomically.
+    fn save_interfaces(&self) {
+        let path = crate::pinlock::runtime_file(&self.dir, IFACES_EXT);
+        let text = serde_json::to_string_pretty(&self.interfaces()).unwrap_or_default();
+        if let Err(e) = crate::pinlock::write_atomic(&path, text.as_bytes()) {
+            log::warn!(
+                "{}: {e} (`meshlb status` will not list the interfaces)",
+                path.display()
+            );
+        }
     }
 
     /// Writes this node's interface flags and SNAT addresses when they
@@ -862,28 +935,101 @@ fn remove_superseded(dir: &Path) {
     }
 }
 
-/// Interfaces attached by an earlier daemon but no longer listed: removing
-/// the link pins detaches the programs from them.
-fn detach_unlisted(dir: &Path, ifaces: &[String]) {
+/// The interfaces that have a pin (link or netlink filter marker) under
+/// `dir`.
+fn pinned_ifaces(dir: &Path) -> BTreeSet<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return BTreeSet::new();
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(iface) = Hook::ALL
-            .iter()
-            .find_map(|h| name.strip_prefix(&h.pin_prefix()))
-        else {
-            continue;
-        };
-        if ifaces.iter().any(|i| i == iface) {
-            continue;
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            Hook::ALL
+                .iter()
+                .find_map(|h| name.strip_prefix(&h.pin_prefix()))
+                .or_else(|| {
+                    name.strip_prefix(NL_MARKER_PREFIX)
+                        .and_then(|r| r.split_once('_'))
+                        .map(|(_, i)| i)
+                })
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Detaches every meshlb program from `iface`: removing a link pin
+/// detaches its link; a netlink filter is deleted and its marker removed.
+fn detach_iface(dir: &Path, iface: &str) {
+    for h in Hook::ALL {
+        let p = h.pin(dir, iface);
+        if p.exists() {
+            if let Err(e) = std::fs::remove_file(&p) {
+                log::warn!("iface {iface}: unpinning {} failed: {e}", p.display());
+            }
         }
-        match std::fs::remove_file(e.path()) {
-            Ok(()) => log::info!("iface {iface}: no longer listed: detached"),
-            Err(err) => log::warn!("iface {iface}: no longer listed, but unpinning failed: {err}"),
+        let marker = nl_marker(dir, iface, h);
+        if marker.exists() {
+            if let Some(name) = marker.file_name() {
+                detach_nl_marker(&name.to_string_lossy());
+            }
+            if let Err(e) = std::fs::remove_dir(&marker) {
+                log::warn!("iface {iface}: removing {} failed: {e}", marker.display());
+            }
         }
     }
+    log::info!("iface {iface}: no longer wanted: detached");
+}
+
+/// The file beside the pin lock listing the attached interfaces.
+pub const IFACES_EXT: &str = "ifaces.json";
+
+/// Attaches the data plane to one interface in its role: the TC load
+/// balancer on a task interface (a task interface where TC cannot be
+/// attached gets XDP, with a warning), XDP and the TC handoff program on
+/// an uplink. Returns its status (`mode` left empty for an adopted XDP
+/// link) and the XDP mode of a fresh XDP attach.
+fn attach_iface(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    a: &Attach,
+    mode: AttachMode,
+) -> Result<(IfaceStatus, Option<DataplaneKind>), XdpError> {
+    let iface = a.name.as_str();
+    let status = |role: Role, mode: &str| IfaceStatus {
+        name: a.name.clone(),
+        role,
+        mode: mode.to_owned(),
+        why: a.why.clone(),
+    };
+    if a.role == Role::Task {
+        let attached =
+            tc_program(ebpf, PROG_TC_LB).and_then(|prog| attach_tc(prog, dir, iface, Hook::TcLb));
+        match attached {
+            Ok(()) => {
+                log::info!("iface {iface}: task interface: TC load balancer attached (ingress)");
+                unpin_other_hooks(dir, iface, &[Hook::TcLb]);
+                return Ok((status(Role::Task, "tc"), None));
+            }
+            Err(e) => log::warn!("iface {iface}: task interface, but TC attach failed ({e}): XDP instead (partial checksums of local senders are not handled there)"),
+        }
+    }
+    let prog = program(ebpf, PROG_XDP_LB)?;
+    let fresh = attach_pinned(prog, dir, iface, mode)?;
+    match fresh {
+        Some(k) => log::info!("iface {iface}: attached ({})", k.as_str()),
+        None => log::info!("iface {iface}: adopted the pinned XDP link"),
+    }
+    let mut keep = vec![Hook::Xdp];
+    let attached = tc_program(ebpf, PROG_TC_HANDOFF)
+        .and_then(|prog| attach_tc(prog, dir, iface, Hook::TcHandoff));
+    match attached {
+        Ok(()) => keep.push(Hook::TcHandoff),
+        Err(e) => log::warn!("iface {iface}: TC handoff program not attached ({e}): frames XDP cannot transmit go to the stack"),
+    }
+    unpin_other_hooks(dir, iface, &keep);
+    let mode = fresh.map_or("", |k| k.as_str());
+    Ok((status(Role::Uplink, mode), fresh))
 }
 
 fn now() -> u64 {
@@ -926,6 +1072,7 @@ pub fn attach_pass(dir: &Path, ifaces: &[String]) -> Result<(), XdpError> {
 /// maps. Returns how many pins were removed.
 pub fn cleanup(dir: &Path) -> Result<usize, XdpError> {
     let n = cleanup_contents(dir)?;
+    let _ = std::fs::remove_file(crate::pinlock::runtime_file(dir, IFACES_EXT));
     if dir.exists() {
         std::fs::remove_dir(dir).map_err(|source| XdpError::Bpffs {
             dir: dir.to_owned(),
@@ -1437,5 +1584,9 @@ impl Engine for XdpDataplane {
 
     fn sweep_flows(&mut self) -> Swept {
         self.sweep()
+    }
+
+    fn set_interfaces(&mut self, want: &[Attach], prune: bool) -> bool {
+        XdpDataplane::set_interfaces(self, want, prune)
     }
 }

@@ -627,6 +627,13 @@ http {{
     /// uplink and its task bridge.
     pub fn start_daemon_args(&self, i: usize, args: &[&str]) -> Proc {
         let n = &self.nodes[i];
+        self.start_daemon_ifaces(i, args, &[&n.eth, &n.br])
+    }
+
+    /// Starts `meshlb run ARGS --node <name>` on node `i` with `--iface`
+    /// for each of `ifaces` only (none: the daemon picks them itself).
+    pub fn start_daemon_ifaces(&self, i: usize, args: &[&str], ifaces: &[&str]) -> Proc {
+        let n = &self.nodes[i];
         let log = self.dir.join(format!(
             "meshlb-{}-{}.log",
             n.name,
@@ -637,9 +644,10 @@ http {{
         let net = format!("--net=/run/netns/{}", n.ns);
         let mut argv: Vec<&str> = vec!["nsenter", &net, MESHLB, "run"];
         argv.extend_from_slice(args);
-        argv.extend([
-            "--node", &n.name, "--bpffs", &bpffs, "--iface", &n.eth, "--iface", &n.br,
-        ]);
+        argv.extend(["--node", &n.name, "--bpffs", &bpffs]);
+        for i in ifaces {
+            argv.extend(["--iface", i]);
+        }
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         Proc::spawn(

@@ -4,21 +4,28 @@
 //! weight 0 for a backend that takes no new flows), and the ordered
 //! changes that turn the kernel's table into it. A sync is a diff, never a
 //! flush: unchanged services and destinations, and so their connections,
-//! are not touched; only services this node created are ever deleted.
+//! are not touched. Only services this node created (its owned set) are
+//! ever changed or deleted: a virtual service another tool (ipvsadm,
+//! keepalived, kube-proxy) holds at an address, port and protocol meshlb
+//! wants is a conflict — that one frontend is skipped, the foreign
+//! service and its destinations are left exactly as they are, and it
+//! never enters the owned set ([`conflicts`], [`diff`], [`owned_after`]).
 //!
 //! [`IpvsEngine`] is the IO half and the daemon's [`Engine`] in IPVS mode:
 //! it dumps the kernel's table, applies the diff, and remembers (in a
-//! state file) which services it created, so a restarted daemon adopts
-//! them — connections and all — and can still delete the ones no longer
-//! wanted; it keeps the VIPs on a dummy device and the remote backends in
-//! meshlb's nf_tables masquerade set (`crate::nft`), and serves
-//! `/metrics` from the kernel's IPVS counters ([`IpvsView`]). The host
-//! kernel of this project's CI has no IPVS: the engine is exercised in
-//! the vm/ guests.
+//! state file, replaced atomically) which services it created, so a
+//! restarted daemon adopts them — connections and all — and can still
+//! delete the ones no longer wanted; it logs a conflict once when it
+//! appears and once when it goes; it keeps the VIPs on a dummy device and
+//! the remote backends in meshlb's nf_tables masquerade set
+//! (`crate::nft`), and serves `/metrics` from the kernel's IPVS counters
+//! ([`IpvsView`]). The host kernel of this project's CI has no IPVS: the
+//! engine is exercised in the vm/ guests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
-use std::path::PathBuf;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{BackendOf, DataplaneError, DataplaneKind, Engine, ServiceConfigs};
@@ -145,12 +152,17 @@ pub fn remotes(desired: &DesiredState) -> BTreeSet<Remote> {
 }
 
 /// Backends of `desired` that should take new flows but that `have` (the
-/// kernel's table) holds at weight 0: taken out by an earlier daemon's
-/// health checks.
-pub fn held_down(desired: &DesiredState, have: &Table) -> BTreeSet<BackendOf> {
+/// kernel's table) holds at weight 0 in a service meshlb created
+/// (`owned`): taken out by an earlier daemon's health checks. Another
+/// tool's weights say nothing about meshlb's backends.
+pub fn held_down(
+    desired: &DesiredState,
+    have: &Table,
+    owned: &BTreeSet<ServiceId>,
+) -> BTreeSet<BackendOf> {
     let mut out = BTreeSet::new();
     for (id, key, spec) in services(desired) {
-        let Some((_, dests)) = have.get(&id) else {
+        let Some((_, dests)) = have.get(&id).filter(|_| owned.contains(&id)) else {
             continue;
         };
         for (bk, bs) in &spec.backends {
@@ -198,17 +210,44 @@ pub enum Change {
     DelService(ServiceId),
 }
 
+/// Whether `id` is another tool's virtual service: in the kernel's table
+/// (`have`) but not created by meshlb (`owned`).
+fn is_foreign(id: &ServiceId, have: &Table, owned: &BTreeSet<ServiceId>) -> bool {
+    have.contains_key(id) && !owned.contains(id)
+}
+
+/// The virtual services of `desired` that another tool already holds
+/// (see [`is_foreign`]), each with the meshlb service it would implement:
+/// those frontends are skipped rather than adopted.
+pub fn conflicts(
+    desired: &DesiredState,
+    have: &Table,
+    owned: &BTreeSet<ServiceId>,
+) -> BTreeMap<ServiceId, String> {
+    let mut out = BTreeMap::new();
+    for (id, key, _) in services(desired) {
+        if is_foreign(&id, have, owned) {
+            out.entry(id).or_insert_with(|| key.name.clone());
+        }
+    }
+    out
+}
+
 /// The changes turning `have` (the kernel's table) into `want`, in a safe
 /// order: services, then destinations added or updated, then destinations
-/// deleted, then services deleted. A service of `have` not in `want` is
-/// deleted only if it is in `owned` (created by meshlb): other tools'
-/// services are never touched.
+/// deleted, then services deleted. Only services in `owned` (created by
+/// meshlb) or not in `have` at all are touched: another tool's service is
+/// neither changed, given destinations, stripped of them nor deleted, even
+/// where `want` names it.
 pub fn diff(want: &Table, have: &Table, owned: &BTreeSet<ServiceId>) -> Vec<Change> {
     let mut svc = Vec::new();
     let mut add = Vec::new();
     let mut del = Vec::new();
     let mut gone = Vec::new();
     for (id, (ws, wd)) in want {
+        if is_foreign(id, have, owned) {
+            continue;
+        }
         let hd = match have.get(id) {
             None => {
                 svc.push(Change::AddService(ws.clone()));
@@ -246,6 +285,59 @@ pub fn diff(want: &Table, have: &Table, owned: &BTreeSet<ServiceId>) -> Vec<Chan
         }
     }
     svc.into_iter().chain(add).chain(del).chain(gone).collect()
+}
+
+/// The owned set once `diff(want, have, owned)` is applied: the wanted
+/// services, less any another tool holds (it never becomes meshlb's).
+pub fn owned_after(want: &Table, have: &Table, owned: &BTreeSet<ServiceId>) -> BTreeSet<ServiceId> {
+    want.keys()
+        .filter(|id| !is_foreign(id, have, owned))
+        .copied()
+        .collect()
+}
+
+/// The services `meshlb cleanup` deletes: those a state file names
+/// (`owned`) that still exist (`live`). Nothing else, so never another
+/// tool's.
+fn to_delete(owned: &BTreeSet<ServiceId>, live: &BTreeSet<ServiceId>) -> Vec<ServiceId> {
+    owned.intersection(live).copied().collect()
+}
+
+/// `addr:port/proto` of a virtual service, for log lines.
+fn endpoint(id: &ServiceId) -> String {
+    let proto =
+        crate::model::Proto::from_number(id.proto).map_or(id.proto.to_string(), |p| p.to_string());
+    format!("{}/{proto}", SocketAddr::new(id.addr, id.port))
+}
+
+/// Replaces `path` by `text` atomically (a temporary file in the same
+/// directory, synced, then renamed over it): a reader — the next daemon,
+/// `meshlb status`, `meshlb cleanup` — sees the old file or the new one,
+/// never a torn one, even after a crash mid-write.
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = tmp_path(path);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    // The rename is durable once the directory is.
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// `<path>.tmp`: where [`write_atomic`] writes before the rename.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
 }
 
 /// Where the IPVS engine remembers which services it created
@@ -300,16 +392,17 @@ pub async fn cleanup(
     let mut cleaned = Cleaned::default();
     for f in files {
         let text = std::fs::read_to_string(&f).map_err(|e| other(&f.display().to_string(), &e))?;
-        for id in parse_owned(&text) {
-            if live.contains(&id) {
-                ipvs.del_service(&id)
-                    .await
-                    .map_err(|e| other("ipvs delete service", &e))?;
-                cleaned.services += 1;
-            }
+        for id in to_delete(&parse_owned(&text), &live) {
+            ipvs.del_service(&id)
+                .await
+                .map_err(|e| other(&format!("ipvs delete service {}", endpoint(&id)), &e))?;
+            cleaned.services += 1;
         }
         std::fs::remove_file(&f).map_err(|e| other(&f.display().to_string(), &e))?;
-        let _ = std::fs::remove_file(f.with_extension("view"));
+        let view = f.with_extension("view");
+        for leftover in [tmp_path(&f), tmp_path(&view), view] {
+            let _ = std::fs::remove_file(leftover);
+        }
     }
     cleaned.snat_table = Masquerade::new()
         .remove()
@@ -324,9 +417,13 @@ pub async fn cleanup(
 /// The IPVS engine of `meshlb run --dataplane ipvs`.
 pub struct IpvsEngine {
     ipvs: Ipvs,
-    /// Services this node created (persisted in `state_file`).
+    /// Services this node created (persisted in `state_file`): the only
+    /// ones it ever changes or deletes.
     owned: BTreeSet<ServiceId>,
     state_file: PathBuf,
+    /// Wanted services another tool holds (with the meshlb service each
+    /// would implement), as of the last sync: logged when they change.
+    conflicts: BTreeMap<ServiceId, String>,
     /// The dummy device holding the VIPs.
     vip_device: String,
     /// SNAT of flows to remote backends (nf_tables).
@@ -339,17 +436,27 @@ pub struct IpvsEngine {
 }
 
 impl IpvsEngine {
-    /// Connects to IPVS and reads which services an earlier daemon created.
+    /// Connects to IPVS and reads which services an earlier daemon created
+    /// (none without a state file). An unreadable state file is an error:
+    /// guessing would either adopt another tool's services or abandon
+    /// meshlb's own.
     pub async fn open(state_file: PathBuf, vip_device: &str) -> Result<IpvsEngine, IpvsError> {
         let ipvs = Ipvs::open().await?;
-        let owned = std::fs::read_to_string(&state_file)
-            .ok()
-            .map(|t| parse_owned(&t))
-            .unwrap_or_default();
+        let owned = match std::fs::read_to_string(&state_file) {
+            Ok(t) => parse_owned(&t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(source) => {
+                return Err(IpvsError::StateFile {
+                    path: state_file.display().to_string(),
+                    source,
+                })
+            }
+        };
         Ok(IpvsEngine {
             ipvs,
             owned,
             state_file,
+            conflicts: BTreeMap::new(),
             vip_device: vip_device.to_owned(),
             masq: Masquerade::new(),
             view: IpvsView::default(),
@@ -357,8 +464,10 @@ impl IpvsEngine {
         })
     }
 
-    /// Makes the kernel's table (`have`) into `want`; returns the number
-    /// of changes.
+    /// Makes the kernel's table (`have`) into `want`, another tool's
+    /// services aside; returns the number of changes. A service is
+    /// recorded as owned (and saved) as soon as it is created, so a crash
+    /// mid-sync never forgets one.
     async fn apply_table(&mut self, want: &Table, have: &Table) -> Result<usize, IpvsError> {
         let changes = diff(want, have, &self.owned);
         for c in &changes {
@@ -375,18 +484,42 @@ impl IpvsEngine {
                 self.save();
             }
         }
-        self.owned = want.keys().copied().collect();
+        self.owned = owned_after(want, have, &self.owned);
         self.save();
         Ok(changes.len())
     }
 
+    /// Writes the owned set to the state file, atomically.
     fn save(&self) {
         if let Some(d) = self.state_file.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        if let Err(e) = std::fs::write(&self.state_file, format_owned(&self.owned)) {
+        if let Err(e) = write_atomic(&self.state_file, &format_owned(&self.owned)) {
             log::warn!("ipvs state {}: {e}", self.state_file.display());
         }
+    }
+
+    /// Logs the conflicts with other tools' services that appeared (one
+    /// warning each) and went away since the last sync, then remembers
+    /// `now`: a standing conflict is not repeated at every sync.
+    fn note_conflicts(&mut self, now: BTreeMap<ServiceId, String>) {
+        for (id, name) in &now {
+            if !self.conflicts.contains_key(id) {
+                log::warn!(
+                    "service {name}: IPVS virtual service {} belongs to another tool (not created by meshlb): frontend skipped, left untouched",
+                    endpoint(id)
+                );
+            }
+        }
+        for (id, name) in &self.conflicts {
+            if !now.contains_key(id) {
+                log::info!(
+                    "service {name}: IPVS virtual service {} no longer conflicts with another tool's",
+                    endpoint(id)
+                );
+            }
+        }
+        self.conflicts = now;
     }
 }
 
@@ -434,7 +567,7 @@ impl Engine for IpvsEngine {
         desired: &DesiredState,
     ) -> Result<BTreeSet<BackendOf>, DataplaneError> {
         let have = dump(&mut self.ipvs).await?;
-        let down = held_down(desired, &have);
+        let down = held_down(desired, &have, &self.owned);
         self.last_dump = Some(have);
         Ok(down)
     }
@@ -454,15 +587,22 @@ impl Engine for IpvsEngine {
         // other local addresses only.
         let mut d = desired.clone();
         d.local_addrs.retain(|a| !vips.contains(a));
-        let want = table(&d, &options(services));
+        let mut want = table(&d, &options(services));
         crate::netlink::ensure_vip_device(&self.vip_device, &vips).await?;
         let have = match self.last_dump.take() {
             Some(t) => t,
             None => dump(&mut self.ipvs).await?,
         };
+        // Another tool's services are skipped here, so that neither the
+        // diff, the owned set nor the view (`/metrics`, `meshlb status`)
+        // takes them for meshlb's.
+        let clash = conflicts(&d, &have, &self.owned);
+        want.retain(|id, _| !clash.contains_key(id));
+        self.note_conflicts(clash);
         let n = self.apply_table(&want, &have).await?;
         for (skey, bk) in expired {
             let conns: u32 = services_of(&have, &d, skey)
+                .filter(|(s, _)| self.owned.contains(&s.id))
                 .filter_map(|(_, dests)| dests.get(&(bk.addr, bk.port)))
                 .map(|dest| dest.active_conns + dest.inactive_conns)
                 .sum();
@@ -580,10 +720,9 @@ impl IpvsView {
 impl IpvsView {
     /// Writes the names and states for `meshlb status` (another process):
     /// `<node>.view` beside the state file, replaced atomically.
-    fn save(&self, path: &std::path::Path) {
+    fn save(&self, path: &Path) {
         let text = format_view(&self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        let tmp = path.with_extension("view.tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        if let Err(e) = write_atomic(path, &text) {
             log::warn!("ipvs view {}: {e}", path.display());
         }
     }
@@ -921,8 +1060,10 @@ mod tests {
             &desired(&[("10.0.1.2", 100, BackendState::Up)]),
             &BTreeMap::new(),
         );
-        // Nothing to do when the kernel already holds the table (adoption).
-        assert!(diff(&before, &before, &BTreeSet::new()).is_empty());
+        let owned: BTreeSet<ServiceId> = before.keys().copied().collect();
+        // Nothing to do when the kernel already holds the table meshlb
+        // created (adoption by a restarted daemon).
+        assert!(diff(&before, &before, &owned).is_empty());
         let mut have = before.clone();
         let foreign = sid("172.16.0.1");
         have.insert(
@@ -930,7 +1071,6 @@ mod tests {
             (service(foreign, &IpvsOptions::default()), Dests::new()),
         );
         let want = table(&desired(&[("10.0.1.3", 50, BackendState::Up)]), &opts);
-        let owned: BTreeSet<ServiceId> = before.keys().copied().collect();
         let changes = diff(&want, &have, &owned);
         let kinds: Vec<&str> = changes
             .iter()
@@ -1011,11 +1151,19 @@ mod tests {
                 d.weight = 0;
             }
         }
+        let owned: BTreeSet<ServiceId> = have.keys().copied().collect();
         // 10.0.1.4 is at weight 0 because it is drained, not held down.
-        assert_eq!(held_down(&want, &have), [(skey(), bkey("10.0.1.3"))].into());
+        assert_eq!(
+            held_down(&want, &have, &owned),
+            [(skey(), bkey("10.0.1.3"))].into()
+        );
         assert!(
-            held_down(&want, &Table::new()).is_empty(),
+            held_down(&want, &Table::new(), &owned).is_empty(),
             "nothing in the kernel"
+        );
+        assert!(
+            held_down(&want, &have, &BTreeSet::new()).is_empty(),
+            "another tool's weights are not meshlb's health"
         );
     }
 
@@ -1068,5 +1216,123 @@ mod tests {
             line("meshlb_dataplane_info").as_deref(),
             Some("meshlb_dataplane_info{kind=\"ipvs\"} 1")
         );
+    }
+
+    /// The service a change is about.
+    fn touched(c: &Change) -> ServiceId {
+        match c {
+            Change::AddService(s) | Change::SetService(s) => s.id,
+            Change::AddDest(id, _)
+            | Change::SetDest(id, _)
+            | Change::DelDest(id, _)
+            | Change::DelService(id) => *id,
+        }
+    }
+
+    /// Another tool's service (rr, one destination of its own) on web's
+    /// VIP, there before meshlb's first sync.
+    fn with_foreign(mut have: Table, id: ServiceId) -> Table {
+        let opts = IpvsOptions {
+            sched: "rr".into(),
+            persistence: None,
+        };
+        let d = Dest {
+            addr: ip("10.0.9.9"),
+            port: 9000,
+            weight: 7,
+            fwd: IP_VS_CONN_F_MASQ,
+            active_conns: 0,
+            inactive_conns: 0,
+            stats: Stats::default(),
+        };
+        have.insert(id, (service(id, &opts), [((d.addr, d.port), d)].into()));
+        have
+    }
+
+    #[test]
+    fn a_foreign_service_at_a_wanted_id_is_never_touched_owned_or_cleaned() {
+        let d = desired(&[("10.0.1.2", 100, BackendState::Up)]);
+        let want = table(&d, &BTreeMap::new());
+        let vip = sid("10.96.0.10");
+        let kernel = with_foreign(Table::new(), vip);
+
+        // First sync: the other frontends are created, the VIP's is not.
+        let owned = BTreeSet::new();
+        assert_eq!(conflicts(&d, &kernel, &owned), [(vip, "web".into())].into());
+        let changes = diff(&want, &kernel, &owned);
+        assert!(changes.iter().all(|c| touched(c) != vip), "{changes:?}");
+        let added: BTreeSet<ServiceId> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::AddService(s) => Some(s.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(added, [sid("192.168.1.5"), sid("fd00::5")].into());
+        let owned = owned_after(&want, &kernel, &owned);
+        assert_eq!(owned, added, "the foreign service never becomes meshlb's");
+
+        // Later syncs (the kernel now holds both) change nothing, even
+        // with new backends, and the owned set stays without it.
+        let mut kernel = with_foreign(want.clone(), vip);
+        let more = table(
+            &desired(&[
+                ("10.0.1.2", 100, BackendState::Up),
+                ("10.0.1.3", 100, BackendState::Up),
+            ]),
+            &BTreeMap::new(),
+        );
+        let changes = diff(&more, &kernel, &owned);
+        assert!(!changes.is_empty());
+        assert!(changes.iter().all(|c| touched(c) != vip), "{changes:?}");
+        assert_eq!(owned_after(&more, &kernel, &owned), owned);
+
+        // meshlb's service gone: only its own are deleted.
+        let gone = diff(&Table::new(), &kernel, &owned);
+        assert_eq!(gone.iter().map(touched).collect::<BTreeSet<_>>(), owned);
+
+        // `meshlb cleanup` names only what the state file lists.
+        let live: BTreeSet<ServiceId> = kernel.keys().copied().collect();
+        let state = parse_owned(&format_owned(&owned));
+        assert_eq!(
+            to_delete(&state, &live),
+            owned.iter().copied().collect::<Vec<_>>()
+        );
+
+        // The other tool removes its service: meshlb takes the VIP.
+        kernel.remove(&vip);
+        assert!(conflicts(&d, &kernel, &owned).is_empty());
+        assert_eq!(diff(&want, &kernel, &owned).first().map(touched), Some(vip));
+        assert!(owned_after(&want, &kernel, &owned).contains(&vip));
+    }
+
+    #[test]
+    fn endpoints_name_address_port_and_protocol() {
+        assert_eq!(endpoint(&sid("10.96.0.10")), "10.96.0.10:80/tcp");
+        let udp6 = ServiceId {
+            addr: ip("fd00::10"),
+            port: 53,
+            proto: 17,
+        };
+        assert_eq!(endpoint(&udp6), "[fd00::10]:53/udp");
+    }
+
+    #[test]
+    fn state_files_are_replaced_whole_and_leave_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("meshlb-ipvs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("n1.ipvs");
+        write_atomic(&path, "6 10.96.0.10 80\n").unwrap();
+        write_atomic(&path, "17 10.96.0.15 53\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "17 10.96.0.15 53\n"
+        );
+        assert!(!tmp_path(&path).exists());
+        assert!(
+            write_atomic(&dir.join("no/such/dir/n1.ipvs"), "x").is_err(),
+            "an unwritable state file is an error, not a panic"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

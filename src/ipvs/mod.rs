@@ -25,4 +25,11 @@ pub enum IpvsError {
     NoAnswer,
     #[error(transparent)]
     Wire(#[from] wire::WireError),
+    /// The file naming the services this node created could not be read:
+    /// without it every service would look like another tool's.
+    #[error("IPVS state file {path}: {source}")]
+    StateFile {
+        path: String,
+        source: std::io::Error,
+    },
 }

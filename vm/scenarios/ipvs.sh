@@ -17,6 +17,13 @@
 # IPVS counters; a removed backend gets no new connections; the daemon
 # killed and restarted while a client loops requests: 0 failures, and the
 # kernel's IPVS connection entries survive (adopted, not flushed).
+# Another tool's service: before meshlb starts, ipvsadm creates
+# 10.96.0.16:87 (rr, one destination at weight 7), exactly the VIP
+# frontend of meshlb's service clash (mh). meshlb must skip that frontend
+# (its node-address frontends and every other service are programmed),
+# leave the service as it was, say so in one log line (not once per
+# sync), not name it in `meshlb status`, and `meshlb cleanup` must leave
+# it while removing all of meshlb's own.
 
 BPFFS=/sys/fs/bpf/meshlb
 must modprobe -a ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_vs_mh dummy veth
@@ -61,7 +68,7 @@ config() { # config BACKENDS_OF_WEB...
             echo "weight = $w"
         done
     done
-    for s in "hc 14 tcp 84 8001" "dns 15 udp 53 53"; do
+    for s in "hc 14 tcp 84 8001" "dns 15 udp 53 53" "clash 16 tcp 87 8000"; do
         set -- $s
         echo "[[service]]"
         echo "name = \"$1\""
@@ -95,11 +102,29 @@ count() { # count NAME TALLY
 }
 
 get client http://10.96.0.10/ && fail "the VIP answered before meshlb ran"
+# foreign: the other tool's service as ipvsadm lists it (scheduler and
+# flags; each destination's address, forwarding and weight), on one line.
+foreign() {
+    ipvsadm -Ln -t 10.96.0.16:87 2>/dev/null |
+        awk '$1 == "TCP" { $1 = $1; printf "%s; ", $0 } $1 == "->" && $2 ~ /^[0-9]/ { printf "%s %s %s; ", $2, $3, $4 }'
+}
+must ipvsadm -A -t 10.96.0.16:87 -s rr
+must ipvsadm -a -t 10.96.0.16:87 -r 10.201.1.2:8000 -m -w 7
+FOREIGN=$(foreign)
+[ "$FOREIGN" = "TCP 10.96.0.16:87 rr; 10.201.1.2:8000 Masq 7; " ] || fail "ipvsadm made an unexpected service: [$FOREIGN]"
 t0=$(cut -d' ' -f1 /proc/uptime)
 meshlb_start ipvs --config /tmp/meshlb.toml --node vm --dataplane ipvs --iface lbc --bpffs "$BPFFS" --metrics 127.0.0.1:9742
 wait_until 120 "IPVS services programmed" bb sh -c '/sbin/ipvsadm -Ln | grep -q "10.96.0.13:83 sh"'
 t1=$(cut -d' ' -f1 /proc/uptime)
 ipvsadm -Ln
+# clash's node-address frontend is meshlb's (mh, its 3 backends); its VIP
+# frontend stays the other tool's, which still forwards to its one
+# destination.
+wait_until 30 "clash's node-address frontend with its 3 backends" bb sh -c '[ "$(/sbin/ipvsadm -Ln -t 10.200.0.1:87 | grep -c Masq)" = 3 ]'
+ipvsadm -Ln -t 10.200.0.1:87 | grep -q "10.200.0.1:87 mh" || fail "clash's node-address frontend is not mh: $(ipvsadm -Ln -t 10.200.0.1:87 | tr '\n' ' ')"
+[ "$(foreign)" = "$FOREIGN" ] || fail "meshlb changed the other tool's service: [$FOREIGN] -> [$(foreign)]"
+clash=$(gets 6 10.96.0.16:87)
+[ "$(count b1 "$clash")" = 6 ] || fail "the other tool's service (only b1) answered: $clash"
 metrics() { bb timeout 5 /bin/busybox wget -q -O - http://127.0.0.1:9742/metrics; }
 
 web=$(gets 300 10.96.0.10)
@@ -213,6 +238,7 @@ case $flat in *'"dataplane":"ipvs"'*) ;; *) fail "status: dataplane is not ipvs:
 case $flat in *'"name":"hc"'*'"addr":"10.201.2.2","port":8001,"weight":0,"state":"down"'*) ;;
 *) fail "status: hc's b2 is not down at weight 0: $flat" ;; esac
 case $flat in *'"name":"web"'*'"scheduler":"maglev"'*) ;; *) fail "status: no web (maglev): $flat" ;; esac
+case $flat in *'"vip":"10.96.0.16"'*) fail "status: names the other tool's service 10.96.0.16:87 as meshlb's: $flat" ;; esac
 /bin/busybox nsenter --net=/run/netns/b2 /bin/busybox httpd -f -p 8001 -h /tmp/www/b2 &
 wait_until 10 "hc b2 back at weight 100" bb sh -c '/sbin/ipvsadm -Ln -t 10.96.0.14:84 | grep -Eq "10.201.2.2:8001 +Masq +100 "'
 detect=$(awk -v a="$tk" -v b="$td" 'BEGIN { printf "%.1f", b - a }')
@@ -251,6 +277,13 @@ done
 [ $((rm_moved * 4)) -le $((rm_kept + rm_moved)) ] ||
     fail "mh: $rm_moved of $((rm_kept + rm_moved)) tuples not on b3 moved when b3 was removed: [$mhw1] then [$mhw2]"
 
+# After a dozen syncs (health, drain, removal): the other tool's service
+# as it was, and one conflict line.
+[ "$(foreign)" = "$FOREIGN" ] || fail "meshlb changed the other tool's service: [$FOREIGN] -> [$(foreign)]"
+conflict="service clash: IPVS virtual service 10.96.0.16:87/tcp belongs to another tool"
+nconflict=$(grep -c "$conflict" "$LOGDIR/meshlb-ipvs.log")
+[ "$nconflict" = 1 ] || fail "the conflict with the other tool's service logged $nconflict times, not once: $(grep -i 'another tool' "$LOGDIR/meshlb-ipvs.log" | tr '\n' ' ')"
+
 # Restart under load: a client loop, the daemon SIGKILLed and restarted.
 conns=$(ipvsadm -Lnc | grep -c 10.96.0)
 [ "$conns" -gt 0 ] || fail "no IPVS connection entries to watch"
@@ -270,12 +303,15 @@ grep -q "applied 0 changes" "$LOGDIR/meshlb-ipvs2.log" ||
     fail "the restarted daemon changed IPVS instead of adopting it: $(grep -i ipvs "$LOGDIR/meshlb-ipvs2.log" | tr '\n' ' ')"
 kill "$MESHLB_PID"
 wait "$MESHLB_PID" 2>/dev/null
-# `meshlb cleanup` takes meshlb's IPVS services and VIP device away.
+grep -q "$conflict" "$LOGDIR/meshlb-ipvs2.log" || fail "the restarted daemon did not log the conflict with the other tool's service"
+# `meshlb cleanup` takes meshlb's IPVS services and VIP device away, and
+# leaves the other tool's service.
 out=$("$MESHLB" cleanup --bpffs "$BPFFS" 2>&1) || fail "meshlb cleanup: $out"
-left=$(ipvsadm -Ln | grep -c '^[TU][CD]P')
-[ "$left" = 0 ] || fail "meshlb cleanup left $left IPVS services: $(ipvsadm -Ln | tr '\n' ' ')"
+left=$(ipvsadm -Ln | grep '^[TU][CD]P' | grep -vc '10.96.0.16:87 ')
+[ "$left" = 0 ] || fail "meshlb cleanup left $left of its IPVS services: $(ipvsadm -Ln | tr '\n' ' ')"
+[ "$(foreign)" = "$FOREIGN" ] || fail "meshlb cleanup changed the other tool's service: [$FOREIGN] -> [$(foreign)]"
 ip link show meshlb0 >/dev/null 2>&1 && fail "meshlb cleanup left the device meshlb0"
 get client http://10.96.0.10/ >/dev/null && fail "the VIP still answers after meshlb cleanup"
 cleaned=$(echo "$out" | grep -o 'removed [0-9]* IPVS services')
 ready=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics and status ok (web b1 conns $webconns); sh b1 drained out ${drained}s after weight 0; without b3 ${after% } (mh tuples: $rm_b3 moved off b3, $rm_kept others kept, $rm_moved others moved); restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted; cleanup: $cleaned"
+pass "ready=${ready}s web(mh) ${web% }; rr ${rr% }; wrr ${wrr% }; sh ${sh% }; web6 ${web6% }; dns(udp) datagrams ${udp% }; mh: 16 tuples twice the same, b2 down: $mh_kept kept, $mh_moved moved off b2; health: before ${hc% }, b2 down in ${detect}s, then 60/60 ok ${hc_down% }; metrics and status ok (web b1 conns $webconns); sh b1 drained out ${drained}s after weight 0; without b3 ${after% } (mh tuples: $rm_b3 moved off b3, $rm_kept others kept, $rm_moved others moved); restart: 150 requests 0 failed, conn entries $conns -> $kept, adopted; other tool's 10.96.0.16:87 rr kept by sync and cleanup (${clash% }), conflict logged $nconflict time; cleanup: $cleaned"

@@ -287,6 +287,9 @@ pub struct ServiceConfig {
     pub health: Option<Health>,
     /// Seconds a drained backend keeps its established flows.
     pub drain_timeout: Option<u64>,
+    /// Publish a port that a process on the node already listens on
+    /// (the service takes the port's traffic from it); refused otherwise.
+    pub allow_port_conflict: bool,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -492,6 +495,8 @@ pub struct ServiceDef {
     pub health: Option<HealthDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_port_conflict: bool,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendDef>,
 }
@@ -769,6 +774,7 @@ impl ServiceDef {
             affinity,
             health,
             drain_timeout,
+            allow_port_conflict: self.allow_port_conflict,
             backends,
         })
     }

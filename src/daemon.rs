@@ -30,11 +30,12 @@ use crate::drain::DrainTimers;
 use crate::etcd::layout::NodeRecord;
 use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
+use crate::guard::{self, NodeGuard, PortKey};
 use crate::health::{self, Checker};
 use crate::metrics::Registry;
 use crate::model::DesiredState;
 use crate::nodenet::{Attach, NodeNet, Role};
-use crate::{metrics, netlink, nodenet};
+use crate::{listeners, metrics, netlink, nodenet};
 
 /// How often this node's links, addresses and routes are re-read: node
 /// ports follow the addresses, attached interfaces the links (a bridge
@@ -259,6 +260,16 @@ struct Liveness {
     drain_default: Option<Duration>,
     /// Local backend address -> a service of theirs.
     local_backends: BTreeMap<IpAddr, String>,
+    /// This node's facts that etcd services are checked against
+    /// (`guard`), refreshed with the node's network.
+    guard: NodeGuard,
+    /// The published ports programmed by the last sync: not checked
+    /// against listeners again (meshlb's data plane holds them now).
+    programmed_ports: BTreeSet<PortKey>,
+    /// etcd services refused on this node, with why (logged and counted
+    /// once, when refused).
+    refused: BTreeMap<String, String>,
+    registry: Arc<Registry>,
 }
 
 /// Resolves at `t`; never without one.
@@ -276,7 +287,8 @@ async fn until(t: Option<std::time::Instant>) {
 /// backends of the desired state first, and those it reports down are
 /// programmed `Down` (no new flows; established flows are kept).
 /// Backends draining longer than their drain timeout are left out, and
-/// the engine ends the flows still on them.
+/// the engine ends the flows still on them; so are etcd services this node
+/// refuses (`refuse_etcd`).
 async fn sync<E: Engine>(
     engine: &mut E,
     cfg: &Config,
@@ -290,6 +302,10 @@ async fn sync<E: Engine>(
         Cluster::Waiting => return Ok(0),
         Cluster::Etcd(snap) => desired(cfg, Some(snap), locals, node),
     };
+    if let Cluster::Etcd(snap) = cluster {
+        refuse_etcd(&mut desired, cfg, snap, live);
+    }
+    live.programmed_ports = desired.services.keys().map(|k| (k.proto, k.port)).collect();
     let services = service_configs(cfg, cluster);
     // Before anything can fail, so a passed deadline is never left armed.
     let expired = live.drains.apply(
@@ -319,6 +335,49 @@ async fn sync<E: Engine>(
         .sync(&desired, &services, &expired)
         .await
         .map_err(|e| rt("apply", e))
+}
+
+/// Leaves out of `desired` the etcd services this node refuses
+/// (`guard::refusal`: a VIP on a node address or gateway, a published port
+/// something here listens on); each is logged and counted when refused,
+/// and logged again when it no longer is. The others are served.
+fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: &mut Liveness) {
+    let statics: BTreeSet<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    let etcd: Vec<&ServiceConfig> = snap
+        .state
+        .services()
+        .values()
+        .filter(|s| !statics.contains(s.name.as_str()))
+        .collect();
+    let unchecked = |s: &&ServiceConfig| {
+        !s.allow_port_conflict
+            && s.publish
+                .iter()
+                .any(|p| !live.programmed_ports.contains(&(p.proto, p.port)))
+    };
+    if etcd.iter().any(unchecked) {
+        live.guard.listeners = listeners::read();
+    }
+    let mut refused = BTreeMap::new();
+    for s in etcd {
+        if let Some(why) = guard::refusal(s, &live.guard, &live.programmed_ports, listeners::owner)
+        {
+            refused.insert(s.name.clone(), why);
+        }
+    }
+    desired
+        .services
+        .retain(|k, _| !refused.contains_key(&k.name));
+    for (name, why) in &refused {
+        if live.refused.get(name) != Some(why) {
+            log::warn!("etcd services/{name}: {why}: not programmed on this node");
+            live.registry.config_error("node_policy");
+        }
+    }
+    for name in live.refused.keys().filter(|n| !refused.contains_key(*n)) {
+        log::info!("etcd services/{name}: no longer refused on this node");
+    }
+    live.refused = refused;
 }
 
 /// The local backends of `desired` (address -> the first service naming
@@ -383,7 +442,7 @@ pub async fn run(
             )));
         }
     }
-    check_vips(&cfg).await.map_err(DaemonError::Usage)?;
+    check_static(&cfg, None).await.map_err(DaemonError::Usage)?;
     let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
     let metrics_listener = metrics::bind(settings.metrics)
         .await
@@ -503,6 +562,11 @@ impl<E: Engine> Node<E> {
     /// changed (`resync`: sync anyway).
     async fn follow_net(&mut self, resync: bool) -> Result<(), netlink::NetlinkError> {
         let f = Facts::read().await?;
+        let g = node_guard(&f);
+        let recheck = (self.live.guard.own != g.own || self.live.guard.gateways != g.gateways)
+            && !self.live.refused.is_empty();
+        self.live.guard.own = g.own;
+        self.live.guard.gateways = g.gateways;
         let attach = wanted(&self.settings, &self.live.local_backends, &f);
         let prune = !matches!(self.cluster, Cluster::Waiting);
         if self.engine.set_interfaces(&attach, prune) || attach != self.attach {
@@ -512,7 +576,7 @@ impl<E: Engine> Node<E> {
         let (locals, net) = f.node_net(&self.settings, &names(&self.attach));
         apply_node_net(&mut self.engine, &net);
         let moved = localise(&mut self.cfg, &locals, &f.routes, false);
-        if resync || moved || locals != self.locals {
+        if resync || moved || recheck || locals != self.locals {
             self.locals = locals;
             match Box::pin(self.sync()).await {
                 Ok(n) => log::info!("node network changed: {n} changes applied"),
@@ -610,6 +674,10 @@ async fn run_engine<E: Engine>(
         drains: DrainTimers::default(),
         drain_default: settings.drain_timeout,
         local_backends: BTreeMap::new(),
+        guard: node_guard(&facts),
+        programmed_ports: BTreeSet::new(),
+        refused: BTreeMap::new(),
+        registry: registry.clone(),
     };
     let mut node = Node {
         engine,
@@ -735,7 +803,7 @@ async fn reload<E: Engine>(node: &mut Node<E>) -> bool {
             return false;
         }
     };
-    if let Err(e) = check_vips(&new).await {
+    if let Err(e) = check_static(&new, Some(&node.cfg)).await {
         log::error!("SIGHUP: keeping the running config: {e}");
         return false;
     }
@@ -879,46 +947,51 @@ async fn wait_for_interfaces<F: std::future::Future<Output = ()>>(
     }
 }
 
-/// A static service's VIP that is one of this node's addresses (those on
-/// the IPVS engine's own VIP device excepted: meshlb put the VIPs there) or
-/// one of its gateways: it would take that address's traffic. One line
-/// naming the field (`service[i].vip`). Without the routing table, only
-/// this node's addresses are checked.
-async fn check_vips(cfg: &Config) -> Result<(), String> {
-    let locals: BTreeSet<IpAddr> = match (netlink::addresses().await, netlink::links().await) {
-        (Ok(addrs), Ok(links)) => {
-            let vip_dev = links.iter().find(|l| l.name == VIP_DEVICE).map(|l| l.index);
-            addrs
-                .into_iter()
-                .filter(|(i, _)| Some(*i) != vip_dev)
-                .map(|(_, a)| a)
-                .collect()
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            log::warn!("{e}: VIPs are not checked against this node's addresses");
-            BTreeSet::new()
-        }
-    };
-    let gateways: BTreeSet<IpAddr> = match netlink::routes().await {
-        Ok(r) => r.into_iter().filter_map(|r| r.gateway).collect(),
+/// This node's addresses (those on the IPVS engine's own VIP device
+/// excepted: meshlb put the VIPs there) and gateways, for `guard`.
+fn node_guard(f: &Facts) -> NodeGuard {
+    let vip_dev = f
+        .links
+        .iter()
+        .find(|l| l.name == VIP_DEVICE)
+        .map(|l| l.index);
+    NodeGuard {
+        own: f
+            .addrs
+            .iter()
+            .filter(|(i, _)| Some(*i) != vip_dev)
+            .map(|(_, a)| *a)
+            .collect(),
+        gateways: f.routes.iter().filter_map(|r| r.gateway).collect(),
+        listeners: Vec::new(),
+    }
+}
+
+/// The static services against this node (`guard::refusal`): the first
+/// refused one as one line naming the field (`service[i].vip`,
+/// `service[i].publish[j].port`). Published ports of `running` (the
+/// config in use, on SIGHUP) are not checked against listeners again.
+async fn check_static(cfg: &Config, running: Option<&Config>) -> Result<(), String> {
+    let mut g = match Facts::read().await {
+        Ok(f) => node_guard(&f),
         Err(e) => {
-            log::warn!("{e}: VIPs are not checked against this node's gateways");
-            BTreeSet::new()
+            log::warn!("{e}: VIPs are not checked against this node's addresses");
+            NodeGuard::default()
         }
     };
+    g.listeners = listeners::read();
+    let checked: BTreeSet<PortKey> = running
+        .map(|r| {
+            r.services
+                .iter()
+                .flat_map(|s| s.publish.iter().map(|p| (p.proto, p.port)))
+                .collect()
+        })
+        .unwrap_or_default();
     for (i, s) in cfg.services.iter().enumerate() {
-        let Some(v) = s.vip else { continue };
-        let what = if locals.contains(&v) {
-            "an address of this node"
-        } else if gateways.contains(&v) {
-            "a gateway of this node"
-        } else {
-            continue;
-        };
-        return Err(format!(
-            "service[{i}].vip: {v} is {what} (service {:?} would take its traffic)",
-            s.name
-        ));
+        if let Some(why) = guard::refusal(s, &g, &checked, listeners::owner) {
+            return Err(format!("service[{i}].{why}"));
+        }
     }
     Ok(())
 }
@@ -1091,6 +1164,10 @@ addr = "192.0.2.3"
             drains: DrainTimers::default(),
             drain_default: Some(Duration::ZERO),
             local_backends: BTreeMap::new(),
+            guard: NodeGuard::default(),
+            programmed_ports: BTreeSet::new(),
+            refused: BTreeMap::new(),
+            registry: Arc::new(Registry::default()),
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();
         let n = sync(

@@ -18,7 +18,11 @@
 //! * [`drain`] — drain timeouts: draining backends leave after `drain_timeout`.
 //! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
 //! * [`nft`] — nf_tables over nfnetlink: masquerade for remote backends (IPVS mode).
-//! * [`nodenet`] — interface forwarding flags and the SNAT address (pure).
+//! * [`nodenet`] — interface forwarding flags, the SNAT address and which
+//!   interfaces to attach, and why (pure).
+//! * [`guard`] — this node's checks of a service: VIP on a node address or
+//!   gateway, a published port something here listens on (pure).
+//! * [`listeners`] — the sockets listening on this node (`/proc/net`).
 //! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
 //! * [`pinlock`] — one daemon per pin directory (a `flock` naming the holder).
 //! * [`metrics`] — Prometheus text on `/metrics`.
@@ -34,9 +38,11 @@ pub mod dataplane;
 pub mod docker;
 pub mod drain;
 pub mod etcd;
+pub mod guard;
 pub mod health;
 pub mod inspect;
 pub mod ipvs;
+pub mod listeners;
 pub mod maglev;
 pub mod manual;
 pub mod metrics;

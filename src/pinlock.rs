@@ -64,19 +64,34 @@ pub fn runtime_file(pins: &Path, ext: &str) -> PathBuf {
     Path::new(LOCK_DIR).join(format!("{name}.{ext}"))
 }
 
-/// Replaces `path` with `bytes` atomically: a reader sees the old file or
-/// the new one, never a part (written beside it, synced, renamed over).
+/// Replaces `path` by `bytes` atomically (a temporary file in the same
+/// directory, synced, then renamed over it): a reader — the next daemon,
+/// `meshlb status`, `meshlb cleanup` — sees the old file or the new one,
+/// never a torn one, even after a crash mid-write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    let tmp = tmp_path(path);
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    written?;
+    // The rename is durable once the directory is.
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// `<path>.tmp`: where [`write_atomic`] writes before the rename.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
 }
 
 /// Takes the lock of `pins` without waiting, and writes this process's

@@ -23,7 +23,6 @@
 //! engine is exercised in the vm/ guests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -310,36 +309,6 @@ fn endpoint(id: &ServiceId) -> String {
     format!("{}/{proto}", SocketAddr::new(id.addr, id.port))
 }
 
-/// Replaces `path` by `text` atomically (a temporary file in the same
-/// directory, synced, then renamed over it): a reader — the next daemon,
-/// `meshlb status`, `meshlb cleanup` — sees the old file or the new one,
-/// never a torn one, even after a crash mid-write.
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = tmp_path(path);
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    // The rename is durable once the directory is.
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
-/// `<path>.tmp`: where [`write_atomic`] writes before the rename.
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
 /// Where the IPVS engine remembers which services it created
 /// (`<node>.ipvs`; kept across daemon restarts, the unit's
 /// `RuntimeDirectory`).
@@ -400,7 +369,11 @@ pub async fn cleanup(
         }
         std::fs::remove_file(&f).map_err(|e| other(&f.display().to_string(), &e))?;
         let view = f.with_extension("view");
-        for leftover in [tmp_path(&f), tmp_path(&view), view] {
+        for leftover in [
+            crate::pinlock::tmp_path(&f),
+            crate::pinlock::tmp_path(&view),
+            view,
+        ] {
             let _ = std::fs::remove_file(leftover);
         }
     }
@@ -494,7 +467,9 @@ impl IpvsEngine {
         if let Some(d) = self.state_file.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        if let Err(e) = write_atomic(&self.state_file, &format_owned(&self.owned)) {
+        if let Err(e) =
+            crate::pinlock::write_atomic(&self.state_file, format_owned(&self.owned).as_bytes())
+        {
             log::warn!("ipvs state {}: {e}", self.state_file.display());
         }
     }
@@ -722,7 +697,7 @@ impl IpvsView {
     /// `<node>.view` beside the state file, replaced atomically.
     fn save(&self, path: &Path) {
         let text = format_view(&self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Err(e) = write_atomic(path, &text) {
+        if let Err(e) = crate::pinlock::write_atomic(path, text.as_bytes()) {
             log::warn!("ipvs view {}: {e}", path.display());
         }
     }
@@ -1322,15 +1297,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("meshlb-ipvs-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("n1.ipvs");
-        write_atomic(&path, "6 10.96.0.10 80\n").unwrap();
-        write_atomic(&path, "17 10.96.0.15 53\n").unwrap();
+        crate::pinlock::write_atomic(&path, b"6 10.96.0.10 80\n").unwrap();
+        crate::pinlock::write_atomic(&path, b"17 10.96.0.15 53\n").unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             "17 10.96.0.15 53\n"
         );
-        assert!(!tmp_path(&path).exists());
+        assert!(!crate::pinlock::tmp_path(&path).exists());
         assert!(
-            write_atomic(&dir.join("no/such/dir/n1.ipvs"), "x").is_err(),
+            crate::pinlock::write_atomic(&dir.join("no/such/dir/n1.ipvs"), b"x").is_err(),
             "an unwritable state file is an error, not a panic"
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -9,7 +9,10 @@
 #   client ns 10.200.0.2 -- lbc 10.200.0.1 [meshlb from the .deb, XDP] lbbN 10.201.N.1 -- bN ns 10.201.N.2 :8000
 #
 # The guest has no systemd: the unit is read, not run (systemd-analyze
-# verify checks it on the host, `cargo xtask package --check`).
+# verify checks it on the host, `cargo xtask package --check`). ExecStart
+# runs inside the part of the unit's sandbox that busybox can build (see
+# /tmp/unit-sandbox below): a read-only file system but for the unit's
+# ReadWritePaths and RuntimeDirectory, and its UMask.
 
 BPFFS=/sys/fs/bpf/meshlb
 UNIT=/lib/systemd/system/meshlb.service
@@ -59,9 +62,51 @@ EOF
 lb_service >>"$CONF"
 get client http://10.96.0.10/ && fail "the VIP answered before meshlb ran"
 
-# unit_start LOGNAME: ExecStart, in the background (DAEMON_PID).
+# -- the unit's sandbox ----------------------------------------------------
+# systemd-analyze is not in the guest tree: the score is printed where it is
+# (the host: `systemd-analyze security --offline=true` on the unit).
+if command -v systemd-analyze >/dev/null 2>&1; then
+    log "exposure: $(systemd-analyze security --offline=true "$UNIT" 2>&1 | tail -n 1)"
+else
+    log "exposure: no systemd-analyze in the guest (the unit's header comment records the score)"
+fi
+grep -qx 'ProtectSystem=strict' "$UNIT" || fail "the unit has no ProtectSystem=strict"
+SBX_UMASK=$(sed -n 's/^UMask=//p' "$UNIT")
+[ -n "$SBX_UMASK" ] || fail "the unit sets no UMask="
+# /tmp/unit-sandbox CMD...: CMD (same pid, exec all the way) in its own
+# mount, UTS and IPC namespaces with every mount read-only
+# (ProtectSystem=strict, ReadOnlyPaths=/sys) but /dev, /proc, a private
+# /tmp (PrivateTmp), the ReadWritePaths and /run/<RuntimeDirectory>;
+# no_new_privs; the unit's UMask. Not built here (no tools in the guest):
+# the seccomp filter, the capability bounding set, PrivateDevices and the
+# Protect*/Restrict* kernel settings.
+SBX_RW="$(sed -n 's/^ReadWritePaths=//p' "$UNIT" | tr '\n' ' ')/run/$(sed -n 's/^RuntimeDirectory=//p' "$UNIT")"
+cat >/tmp/unit-sandbox <<EOF
+export SBX_RW="$SBX_RW" SBX_UMASK="$SBX_UMASK"
+exec /bin/busybox unshare -m -u -i --propagation slave /bin/busybox sh -c '
+    bb() { /bin/busybox "\$@"; }
+    for d in \$SBX_RW; do
+        bb mkdir -p "\$d" && bb mount --bind "\$d" "\$d" || { echo "sandbox: cannot bind \$d" >&2; exit 1; }
+    done
+    bb mount -t tmpfs -o mode=1777 tmpfs /tmp || exit 1
+    for m in \$(bb cut -d" " -f2 /proc/mounts | bb sort -u); do
+        case " \$SBX_RW /tmp " in *" \$m "*) continue ;; esac
+        case \$m in /dev | /dev/* | /proc | /proc/*) continue ;; esac
+        bb mount -o remount,bind,ro "\$m" || { echo "sandbox: cannot make \$m read-only" >&2; exit 1; }
+    done
+    umask "\$SBX_UMASK"
+    exec /bin/busybox setpriv --nnp "\$@"' unit-sandbox "\$@"
+EOF
+sandboxed() { /bin/busybox sh /tmp/unit-sandbox "$@"; }
+# The sandbox is real: /etc is read-only in it, the bpffs is not.
+sandboxed /bin/busybox touch /etc/meshlb/sandbox-probe 2>/dev/null && fail "the sandbox let /etc/meshlb be written"
+must sandboxed /bin/busybox sh -c 'mkdir /sys/fs/bpf/sandbox-probe && rmdir /sys/fs/bpf/sandbox-probe'
+log "sandbox: read-only but $SBX_RW, umask $SBX_UMASK"
+
+# unit_start LOGNAME: ExecStart in the sandbox, in the background
+# (DAEMON_PID: the daemon itself, the sandbox execs it).
 unit_start() {
-    RUST_LOG=info $EXEC >"$LOGDIR/meshlb-$1.log" 2>&1 &
+    RUST_LOG=info /bin/busybox sh /tmp/unit-sandbox $EXEC >"$LOGDIR/meshlb-$1.log" 2>&1 &
     DAEMON_PID=$!
     bb tail -f "$LOGDIR/meshlb-$1.log" 2>/dev/null | while read -r l; do echo "[meshlb $1] $l"; done &
     end=$(($(cut -d. -f1 /proc/uptime) + 120))
@@ -91,6 +136,12 @@ while [ $i -lt 20 ]; do
 done
 seen=$(tally $answers)
 case $seen in *b1=*b2=*) ;; *) fail "only one backend answered: $seen" ;; esac
+# UMask: what the daemon created is root's alone.
+for f in /run/meshlb/pins/*.lock; do
+    [ -e "$f" ] || fail "the daemon left no pin lock in /run/meshlb/pins"
+    mode=$(bb stat -c %a "$f")
+    [ "$mode" = 600 ] || fail "$f has mode $mode under UMask=$SBX_UMASK"
+done
 
 # -- upgrade under load ----------------------------------------------------
 # A client loops requests (one line per request: ok or FAIL) until told to
@@ -138,4 +189,4 @@ get client http://10.96.0.10/ >/dev/null && fail "the VIP still answers after me
 must dpkg --purge meshlb
 [ -e /usr/bin/meshlb ] && fail "purge left /usr/bin/meshlb"
 [ -e "$CONF" ] && fail "purge left $CONF"
-pass "installed ${v1##* }, forwarded 20/20 (${seen% }), upgraded to ${v2##* } under load: $total requests, 0 failed (${during% }), conffile kept, links adopted; purged"
+pass "installed ${v1##* }, sandboxed (read-only but $SBX_RW, umask $SBX_UMASK), forwarded 20/20 (${seen% }), upgraded to ${v2##* } under load: $total requests, 0 failed (${during% }), conffile kept, links adopted; purged"

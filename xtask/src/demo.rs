@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: three nginx backends behind a meshlb VIP in network
 //! namespaces (`mlbd-*`); curl the VIP, show who answered, then tear down.
+//! It installs only what it uses ([`setup::demo`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,8 @@ const DEMO_CONFIG: &str = include_str!("../../src/demo.toml");
 
 pub fn demo(requests: Option<usize>, kernel_only: bool, meshlb: Option<PathBuf>) -> Result<()> {
     setup::require_root("demo")?;
-    setup::setup()?;
+    // Only what the demo uses; `cargo xtask setup` installs the rest.
+    setup::demo()?;
     let bin = match (kernel_only, meshlb) {
         (true, _) => None,
         (false, Some(b)) => Some(b),

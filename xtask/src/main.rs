@@ -42,8 +42,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Check and install prerequisites (apt packages, rustup component and
-    /// targets, bpf-linker, bpffs); idempotent.
+    /// Check and install every prerequisite (apt packages, rustup component
+    /// and targets, bpf-linker, bpffs, QEMU, package tools); idempotent,
+    /// never changes an installed package.
     Setup,
     /// Build the XDP object (target/bpfel-unknown-none/release/meshlb-ebpf).
     BuildEbpf,
@@ -56,7 +57,8 @@ enum Task {
     },
     /// What CI runs: setup, eBPF build, fmt, clippy, all tests (as root).
     Test,
-    /// Three nginx backends behind a meshlb VIP in network namespaces.
+    /// Three nginx backends behind a meshlb VIP in network namespaces
+    /// (installs only what the demo needs).
     Demo {
         /// Number of requests to send to the VIP.
         #[arg(long)]

@@ -269,6 +269,8 @@ struct Liveness {
     /// etcd services refused on this node, with why (logged and counted
     /// once, when refused).
     refused: BTreeMap<String, String>,
+    /// Socket inode -> the process holding it, as found (`listeners::owner`).
+    owners: BTreeMap<u64, String>,
     registry: Arc<Registry>,
 }
 
@@ -359,12 +361,21 @@ fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: 
         live.guard.listeners = listeners::read();
     }
     let mut refused = BTreeMap::new();
+    // One /proc walk per socket, not per sync.
+    let owners = &mut live.owners;
+    let mut owner = |inode| {
+        owners
+            .entry(inode)
+            .or_insert_with(|| listeners::owner(inode))
+            .clone()
+    };
     for s in etcd {
-        if let Some(why) = guard::refusal(s, &live.guard, &live.programmed_ports, listeners::owner)
-        {
+        if let Some(why) = guard::refusal(s, &live.guard, &live.programmed_ports, &mut owner) {
             refused.insert(s.name.clone(), why);
         }
     }
+    let held: BTreeSet<u64> = live.guard.listeners.iter().map(|l| l.inode).collect();
+    live.owners.retain(|i, _| held.contains(i));
     desired
         .services
         .retain(|k, _| !refused.contains_key(&k.name));
@@ -677,6 +688,7 @@ async fn run_engine<E: Engine>(
         guard: node_guard(&facts),
         programmed_ports: BTreeSet::new(),
         refused: BTreeMap::new(),
+        owners: BTreeMap::new(),
         registry: registry.clone(),
     };
     let mut node = Node {
@@ -1167,6 +1179,7 @@ addr = "192.0.2.3"
             guard: NodeGuard::default(),
             programmed_ports: BTreeSet::new(),
             refused: BTreeMap::new(),
+            owners: BTreeMap::new(),
             registry: Arc::new(Registry::default()),
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();

@@ -39,7 +39,7 @@ pub fn refusal(
     s: &ServiceConfig,
     g: &NodeGuard,
     checked: &BTreeSet<PortKey>,
-    owner: impl Fn(u64) -> String,
+    mut owner: impl FnMut(u64) -> String,
 ) -> Option<String> {
     if let Some(v) = s.vip {
         let what = if g.own.contains(&v) {

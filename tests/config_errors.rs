@@ -15,6 +15,10 @@ use common::*;
 /// that needs one.
 const GATEWAY: &str = "10.200.0.2";
 
+/// A port the test itself listens on in the LB namespace (on every
+/// address), as sshd would on 22.
+const SSHD_PORT: u16 = 2222;
+
 const BASE: &str = r#"node = "lb"
 
 [[service]]
@@ -128,6 +132,11 @@ fn cases() -> Vec<(&'static str, String, &'static [&'static str])> {
             &["service[0].vip"],
         ),
         (
+            "publish of a port an sshd-like listener holds",
+            BASE.replace("port = 80", &format!("port = {SSHD_PORT}")),
+            &["service[0].publish[0].port: 2222/tcp is already listened on by pid"],
+        ),
+        (
             "loopback advertise_addr",
             format!("advertise_addr = \"127.0.0.1\"\n{BASE}"),
             &["advertise_addr"],
@@ -195,6 +204,9 @@ fn malformed_config_exits_2_with_one_line_and_attaches_nothing() {
         "via",
         GATEWAY,
     ]);
+    let _sshd = in_netns(&topo.lb_ns, || {
+        std::net::TcpListener::bind(("0.0.0.0", SSHD_PORT)).expect("listen")
+    });
     let mut failures = Vec::new();
     for (i, (case, text, wants)) in cases().into_iter().enumerate() {
         let cfg = topo.write_file(&format!("bad{i}.toml"), &text);

@@ -37,6 +37,12 @@ const WEB_VIP_IP: &str = "10.96.0.50";
 const WEB_PORT: u16 = 8080;
 const WEB_VIP: &str = "10.96.0.50:8080";
 
+/// The client's address: the LB's gateway to 10.250.0.0/16 where a test
+/// needs one.
+const GATEWAY: &str = "10.200.0.2";
+/// A port the test itself listens on in the LB namespace, as sshd would.
+const SSHD_PORT: u16 = 2222;
+
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
@@ -978,6 +984,21 @@ fn malformed_records_are_skipped_once_each() {
     let topo = prepared("eg");
     let etcd = EtcdServer::start_in(&topo.lb_ns, "eg");
     let c = etcd.client();
+    // A gateway of the node, and listeners on every address (as sshd).
+    must(&[
+        "ip",
+        "-n",
+        &topo.lb_ns,
+        "route",
+        "add",
+        "10.250.0.0/16",
+        "via",
+        GATEWAY,
+    ]);
+    let _listeners = in_netns(&topo.lb_ns, || {
+        [SSHD_PORT, SSHD_PORT + 1]
+            .map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).expect("listen"))
+    });
     let mut d = start_etcd_daemon(&topo, &c, &[]);
     topo.wait_ready(&mut d, &[], READY);
     let before = metric_sum(&daemon_metrics(&topo), "meshlb_config_errors_total");
@@ -1022,6 +1043,22 @@ fn malformed_records_are_skipped_once_each() {
             task_key("good", "metadata"),
             json!({"addr": "169.254.169.254", "port": 80}).to_string(),
         ),
+        // This node's own checks: its address, its gateway, a port a
+        // process here listens on.
+        (
+            svc_key("nodevip"),
+            json!({"name": "nodevip", "vip": LB_V4.to_string(), "publish": publish(85)})
+                .to_string(),
+        ),
+        (
+            svc_key("gwvip"),
+            json!({"name": "gwvip", "vip": GATEWAY, "publish": publish(86)}).to_string(),
+        ),
+        (
+            svc_key("sshlike"),
+            json!({"name": "sshlike", "vip": "10.96.0.44", "publish": publish(SSHD_PORT.into())})
+                .to_string(),
+        ),
     ];
 
     for (k, v) in &bad {
@@ -1037,7 +1074,20 @@ fn malformed_records_are_skipped_once_each() {
         &task_json(&b1, HTTP_PORT, 100, "running"),
     );
 
+    // The control of the listener check: the service says the port may
+    // be taken.
+    c.put(
+        &svc_key("allowed"),
+        &json!({"name": "allowed", "vip": "10.96.0.45", "publish": publish((SSHD_PORT + 1).into()), "allow_port_conflict": true})
+            .to_string(),
+    );
+    c.put(
+        &task_key("allowed", "ok"),
+        &task_json(&b1, HTTP_PORT, 100, "running"),
+    );
+
     wait_backend_addrs(&topo, "good", &[&b1], Duration::from_secs(5));
+    wait_backend_addrs(&topo, "allowed", &[&b1], Duration::from_secs(5));
     let burst = topo.http_burst(sa("10.96.0.30:8080"), 50, REQ_TIMEOUT);
     topo.assert_spread(
         "good service beside bad records",
@@ -1062,7 +1112,7 @@ fn malformed_records_are_skipped_once_each() {
         .unwrap_or_default();
     assert_eq!(
         names,
-        ["good"],
+        ["allowed", "good"],
         "services programmed beside the bad records: {st}{}",
         topo.ctx()
     );

@@ -203,8 +203,14 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[conntrack]`: the XDP data plane's flow table.
     pub conntrack: ConntrackConfig,
+    /// Seconds between full comparisons of the kernel's tables with the
+    /// desired state (`reconcile_interval`): drift is repaired.
+    pub reconcile_interval: u32,
     pub services: Vec<ServiceConfig>,
 }
+
+/// Default `reconcile_interval`: 5 minutes.
+pub const DEFAULT_RECONCILE_INTERVAL: u32 = 300;
 
 /// `[conntrack]`: flow-table size and timeouts (seconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -361,6 +367,8 @@ pub struct ConfigDef {
     pub docker: Option<DockerDef>,
     pub metrics: Option<MetricsDef>,
     pub conntrack: Option<ConntrackDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconcile_interval: Option<String>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDef>,
 }
@@ -934,6 +942,12 @@ impl ConfigDef {
                 .map(ConntrackDef::validate)
                 .transpose()?
                 .unwrap_or_default(),
+            reconcile_interval: self
+                .reconcile_interval
+                .as_deref()
+                .map(|d| duration_secs(d).map_err(|e| FieldError::new("reconcile_interval", e)))
+                .transpose()?
+                .unwrap_or(DEFAULT_RECONCILE_INTERVAL),
             services,
         })
     }

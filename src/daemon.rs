@@ -33,7 +33,7 @@ use crate::etcd::EtcdOptions;
 use crate::guard::{self, NodeGuard, PortKey};
 use crate::health::{self, Checker};
 use crate::metrics::Registry;
-use crate::model::DesiredState;
+use crate::model::{DesiredState, ServiceKey};
 use crate::nodenet::{Attach, NodeNet, Role};
 use crate::{listeners, metrics, netlink, nodenet};
 
@@ -543,13 +543,26 @@ struct Node<E: Engine> {
     live: Liveness,
     /// The interfaces wanted at the last look, in order.
     attach: Vec<Attach>,
+    /// Services the engine could not fit in its tables, and why (logged
+    /// and counted once, when rejected).
+    rejected: BTreeMap<ServiceKey, String>,
+    /// When a failed sync is tried again, and the wait after the next
+    /// failure (doubling up to `RETRY_MAX`; reset by a sync that works).
+    retry_at: Option<std::time::Instant>,
+    backoff: Duration,
 }
+
+/// The first and the longest wait before a failed sync is tried again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl<E: Engine> Node<E> {
     /// `sync`, then the interfaces of local backends that changed with it.
+    /// A failure is tried again after a backoff (`retry_at`); services
+    /// that do not fit the engine's tables are logged and counted.
     async fn sync(&mut self) -> Result<usize, DaemonError> {
         let before = self.live.local_backends.clone();
-        let n = sync(
+        let res = sync(
             &mut self.engine,
             &self.cfg,
             &self.cluster,
@@ -557,13 +570,58 @@ impl<E: Engine> Node<E> {
             &self.settings.node,
             &mut self.live,
         )
-        .await?;
+        .await;
+        match &res {
+            Ok(_) => {
+                self.retry_at = None;
+                self.backoff = RETRY_MIN;
+            }
+            Err(e) => {
+                log::warn!("sync failed ({e}): tried again in {:?}", self.backoff);
+                self.retry_at = Some(std::time::Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+            }
+        }
+        self.report_rejected();
         if self.live.local_backends != before {
             if let Err(e) = self.follow_net(false).await {
                 log::warn!("{e}");
             }
         }
-        Ok(n)
+        res
+    }
+
+    /// Logs (and counts) each service newly rejected by the engine's
+    /// table limits, and each that fits again.
+    fn report_rejected(&mut self) {
+        let now = self.engine.rejected();
+        for (key, why) in &now {
+            if self.rejected.get(key) != Some(why) {
+                log::warn!("service {key}: {why}: not programmed; every other service is");
+                self.live.registry.config_error("table_limit");
+            }
+        }
+        for key in self.rejected.keys().filter(|k| !now.contains_key(*k)) {
+            log::info!("service {key}: fits the tables now");
+        }
+        self.rejected = now;
+    }
+
+    /// The periodic reconcile: the engine forgets what it remembers of
+    /// the kernel, and the sync repairs whatever differs (an entry deleted
+    /// or changed behind the daemon's back).
+    async fn reconcile(&mut self) {
+        if matches!(self.cluster, Cluster::Waiting) {
+            return;
+        }
+        self.engine.reread();
+        match self.sync().await {
+            Ok(0) => log::debug!("reconcile: the kernel holds the desired state"),
+            Ok(n) => log::warn!(
+                "reconcile: the kernel differed from the desired state: {n} changes applied"
+            ),
+            Err(e) => log::error!("reconcile: {e}"),
+        }
     }
 
     /// Re-reads this node's network and follows it: attaches the wanted
@@ -699,6 +757,9 @@ async fn run_engine<E: Engine>(
         locals,
         live,
         attach,
+        rejected: BTreeMap::new(),
+        retry_at: None,
+        backoff: RETRY_MIN,
     };
     let n = node.sync().await?;
     // Static services are known: the interfaces of their local backends
@@ -734,6 +795,7 @@ async fn run_engine<E: Engine>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(sweep_period(&node.cfg.conntrack));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconcile = reconcile_timer(node.cfg.reconcile_interval);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -771,11 +833,22 @@ async fn run_engine<E: Engine>(
                 }
             }
             _ = hup.recv() => {
+                let period = node.cfg.reconcile_interval;
                 if reload(&mut node).await {
                     sweep = tokio::time::interval(sweep_period(&node.cfg.conntrack));
                     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    if node.cfg.reconcile_interval != period {
+                        reconcile = reconcile_timer(node.cfg.reconcile_interval);
+                    }
                 }
             }
+            _ = until(node.retry_at) => {
+                match node.sync().await {
+                    Ok(n) => log::info!("retried sync: {n} changes applied"),
+                    Err(e) => log::error!("retried sync: {e}"),
+                }
+            }
+            _ = reconcile.tick() => node.reconcile().await,
             _ = sweep.tick() => {
                 let s = node.engine.sweep_flows();
                 if s.flows > 0 || s.snat_ports > 0 {
@@ -856,6 +929,15 @@ async fn reload<E: Engine>(node: &mut Node<E>) -> bool {
         log::warn!("{e}");
     }
     true
+}
+
+/// The periodic reconcile's timer: every `secs`, the first one period
+/// from now.
+fn reconcile_timer(secs: u32) -> tokio::time::Interval {
+    let period = Duration::from_secs(u64::from(secs.max(1)));
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
 }
 
 /// How often expired flows are swept: a sixth of the shortest timeout,

@@ -2,6 +2,7 @@
 //! of data-plane operations. **No IO**: it is tested without a kernel, and
 //! every data plane (XDP, IPVS, fake) executes the same plans.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -107,6 +108,68 @@ impl Default for Limits {
             local_addrs: meshlb_common::MAX_LOCAL_ADDRS,
         }
     }
+}
+
+/// The services of `desired` that fit tables of `limits`, and why each
+/// other one does not: services the data plane holds already keep their
+/// place (and ids), then new ones are taken in key order while there is
+/// room for the service, its backends and its frontends. One service too
+/// many is refused alone; every other one keeps being programmed. Borrows
+/// `desired` when everything fits.
+pub fn admit<'a>(
+    desired: &'a DesiredState,
+    observed: &Observed,
+    limits: Limits,
+) -> (Cow<'a, DesiredState>, BTreeMap<ServiceKey, String>) {
+    let backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
+    let frontends: BTreeSet<&Frontend> = desired
+        .services
+        .values()
+        .flat_map(|s| s.frontends.iter())
+        .collect();
+    if desired.services.len() <= limits.services as usize
+        && backends <= limits.backends as usize
+        && frontends.len() <= limits.frontends as usize
+    {
+        return (Cow::Borrowed(desired), BTreeMap::new());
+    }
+    let mut out = DesiredState {
+        services: BTreeMap::new(),
+        local_addrs: desired.local_addrs.clone(),
+    };
+    let mut rejected = BTreeMap::new();
+    let (held, new): (Vec<_>, Vec<_>) = desired
+        .services
+        .iter()
+        .partition(|(k, _)| observed.services.contains_key(*k));
+    let mut n_backends = 0usize;
+    let mut fes: BTreeSet<Frontend> = BTreeSet::new();
+    for (key, spec) in held.into_iter().chain(new) {
+        let new_fes = spec.frontends.iter().filter(|f| !fes.contains(f)).count();
+        let full = if out.services.len() >= limits.services as usize {
+            Some(format!("{} services", limits.services))
+        } else if n_backends + spec.backends.len() > limits.backends as usize {
+            Some(format!("{} backends", limits.backends))
+        } else if fes.len() + new_fes > limits.frontends as usize {
+            Some(format!("{} frontends", limits.frontends))
+        } else {
+            None
+        };
+        match full {
+            Some(what) => {
+                rejected.insert(
+                    key.clone(),
+                    format!("does not fit the data plane's tables ({what} at most)"),
+                );
+            }
+            None => {
+                n_backends += spec.backends.len();
+                fes.extend(spec.frontends.iter().copied());
+                out.services.insert(key.clone(), spec.clone());
+            }
+        }
+    }
+    (Cow::Owned(out), rejected)
 }
 
 /// Compute the plan that turns `observed` into `desired`, for the pinned
@@ -754,6 +817,56 @@ mod tests {
         sync(&mut dp, &more);
         assert_eq!(backend_ids(&dp, &skey("c", 82))[&bkey(7)], 2);
         assert_programmed(&dp, &more);
+    }
+
+    #[test]
+    fn a_service_too_many_is_refused_alone_and_held_ones_keep_their_place() {
+        let lim = |services, backends, frontends| Limits {
+            services,
+            backends,
+            frontends,
+            local_addrs: 10,
+        };
+        let mut dp = FakeDataplane::with_limits(lim(2, 10, 10));
+        let held = desired(vec![
+            (skey("b", 81), spec(81, &[(2, 100)])),
+            (skey("c", 82), spec(82, &[(3, 100)])),
+        ]);
+        sync(&mut dp, &held);
+        // "a" sorts first, but "b" and "c" are programmed: "a" waits.
+        let mut more = held.clone();
+        more.services.insert(skey("a", 80), spec(80, &[(1, 100)]));
+        let (admitted, rejected) = admit(&more, &dp.observe().unwrap(), lim(2, 10, 10));
+        assert_eq!(admitted.as_ref(), &held);
+        assert_eq!(
+            rejected.into_iter().collect::<Vec<_>>(),
+            [(
+                skey("a", 80),
+                "does not fit the data plane's tables (2 services at most)".to_string()
+            )]
+        );
+        // Later changes of the others still apply.
+        let mut changed = more.clone();
+        changed
+            .services
+            .get_mut(&skey("c", 82))
+            .unwrap()
+            .backends
+            .insert(bkey(4), up(100));
+        let observed = dp.observe().unwrap();
+        let (admitted, rejected) = admit(&changed, &observed, lim(2, 10, 10));
+        assert_eq!(rejected.len(), 1);
+        let p = plan_with_limits(&admitted, &observed, lim(2, 10, 10)).expect("plan");
+        dp.apply(&p).unwrap();
+        assert_eq!(backend_ids(&dp, &skey("c", 82)).len(), 2);
+        // Too many backends or frontends: the service that brings them.
+        let (_, rejected) = admit(&changed, &Observed::default(), lim(10, 3, 10));
+        assert_eq!(rejected.keys().collect::<Vec<_>>(), [&skey("c", 82)]);
+        let (_, rejected) = admit(&changed, &Observed::default(), lim(10, 10, 2));
+        assert_eq!(rejected.keys().collect::<Vec<_>>(), [&skey("c", 82)]);
+        // Everything fits: borrowed, nothing refused.
+        let (admitted, rejected) = admit(&held, &Observed::default(), lim(2, 10, 10));
+        assert!(matches!(admitted, Cow::Borrowed(_)) && rejected.is_empty());
     }
 
     #[test]

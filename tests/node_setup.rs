@@ -334,3 +334,202 @@ fn sighup_with_a_changed_interface_list_attaches_and_detaches_without_restart() 
     check_all("VIP after SIGHUP removed the uplink", &b, 100, &ALL)
         .unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
 }
+
+#[test]
+fn an_entry_deleted_behind_the_daemons_back_is_repaired_by_the_periodic_reconcile() {
+    let m = Mesh::new("r");
+    let cfg = m.write_file(
+        "meshlb.toml",
+        &format!("reconcile_interval = \"2s\"\n{}", config(&m, &ALL)),
+    );
+    let mut d = m.start_daemon(0, &cfg);
+    m.wait_ready(0, &mut d, &SERVICES);
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let b = burst_from(&m.client_ns, vip, false, 20, REQ_TIMEOUT);
+    check_all("VIP before the deletion", &b, 20, &ALL).unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+
+    // Delete the VIP's frontend entry behind the daemon's back.
+    let dir = m.bpffs(&m.nodes[0]);
+    let vip_keys = |maps: &meshlb::pinned::Maps| -> Vec<meshlb_common::FrontendKey> {
+        maps.frontends
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.family == meshlb_common::FAMILY_V4 && k.addr[..4] == [10, 96, 0, 10])
+            .filter(|k| u16::from_be(k.port) == 80)
+            .collect()
+    };
+    let mut maps = meshlb::pinned::Maps::from_pins(&dir).unwrap_or_else(|e| panic!("pins: {e}"));
+    let keys = vip_keys(&maps);
+    assert_eq!(keys.len(), 1, "the VIP's frontend entry: {keys:?}");
+    maps.frontends
+        .remove(&keys[0])
+        .unwrap_or_else(|e| panic!("delete: {e}"));
+    let deleted = Instant::now();
+    assert!(vip_keys(&maps).is_empty(), "the entry is still there");
+    wait_for(Duration::from_secs(5), "the entry repaired", || {
+        if vip_keys(&maps).len() == 1 {
+            Ok(())
+        } else {
+            Err("still missing".to_string())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    let took = deleted.elapsed();
+    eprintln!("repaired {took:?} after the deletion (reconcile_interval 2s)");
+    // One period, plus the time a loaded machine takes to get to it.
+    assert!(
+        took <= Duration::from_millis(4500),
+        "repaired only after {took:?}{}",
+        m.ctx()
+    );
+    let b = burst_from(&m.client_ns, vip, false, 20, REQ_TIMEOUT);
+    check_all("VIP after the repair", &b, 20, &ALL).unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    let log = m.log_text(0);
+    assert!(
+        log.contains("reconcile: the kernel differed from the desired state"),
+        "the repair was not logged:\n{log}"
+    );
+}
+
+/// The XDP data plane's service table holds this many.
+const MAX_SERVICES: usize = meshlb_common::MAX_SERVICES as usize;
+
+/// `n` services `s00000`.., each publishing its own TCP port (20000 + i)
+/// with one backend, t1 (and t2 too for those in `two`).
+fn many_services(m: &Mesh, n: usize, two: &[usize]) -> String {
+    let t1 = m.task("t1").v4;
+    let t2 = m.task("t2").v4;
+    let mut s = String::with_capacity(n * 160);
+    for i in 0..n {
+        s += &format!(
+            "[[service]]\nname = \"s{i:05}\"\npublish = [{{ proto = \"tcp\", port = {}, target = 8000 }}]\n[[service.backend]]\naddr = \"{t1}\"\nnode = \"n1\"\n",
+            20000 + i
+        );
+        if two.contains(&i) {
+            s += &format!("[[service.backend]]\naddr = \"{t2}\"\nnode = \"n1\"\n");
+        }
+    }
+    s
+}
+
+#[test]
+fn a_service_over_the_table_limit_is_rejected_alone_and_the_others_keep_applying() {
+    let m = Mesh::new("x");
+    let n = MAX_SERVICES + 1;
+    let cfg = m.write_file("meshlb.toml", &many_services(&m, n, &[]));
+    let mut d = m.start_daemon(0, &cfg);
+    let last = format!("s{:05}", n - 1);
+    let first = "s00000";
+    let t0 = Instant::now();
+    let names = |st: &Value| -> std::collections::BTreeSet<String> {
+        st["services"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    // The first sync of 10,240 services takes a while.
+    wait_for(
+        Duration::from_secs(240),
+        "10240 services programmed",
+        || {
+            if let Some(st) = d.exit_status() {
+                return Err(format!("daemon exited: {st}"));
+            }
+            let st = m.try_status(0)?;
+            let got = names(&st);
+            // The rejection is logged when the sync is done.
+            let logged = d
+                .log_text()
+                .contains("does not fit the data plane's tables");
+            if got.len() == MAX_SERVICES && logged {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} services, rejection logged: {logged}",
+                    got.len()
+                ))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    eprintln!("{} services programmed in {:?}", MAX_SERVICES, t0.elapsed());
+    let st = m.try_status(0).unwrap_or_else(|e| panic!("{e}"));
+    let got = names(&st);
+    assert!(!got.contains(&last), "{last} programmed beyond the limit");
+    assert!(got.contains(first));
+    let log = m.log_text(0);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("does not fit the data plane's tables"))
+        .collect();
+    assert_eq!(lines.len(), 1, "want one line for {last}: {lines:?}");
+    assert!(lines[0].contains(&last), "{}", lines[0]);
+    // Its port is not taken; the others forward.
+    let ok = |port: u16| {
+        let dst = SocketAddr::new(m.nodes[0].v4.into(), port);
+        m.client(|| http_get(dst, Duration::from_secs(2)))
+    };
+    assert_eq!(ok(20000).as_deref(), Ok("t1"), "s00000");
+    assert_eq!(
+        ok(20000 + MAX_SERVICES as u16 - 1).as_deref(),
+        Ok("t1"),
+        "the 10240th"
+    );
+    assert!(ok(20000 + MAX_SERVICES as u16).is_err(), "{last} answered");
+
+    // A later change to another service still applies (SIGHUP: s00007
+    // gets t2 too); the rejected one stays out.
+    m.write_file("meshlb.toml", &many_services(&m, n, &[7]));
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(120), "s00007 with two backends", || {
+        let st = m.try_status(0)?;
+        let s7 = st["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == "s00007"))
+            .cloned()
+            .ok_or("no s00007")?;
+        match s7["backends"].as_array().map(Vec::len) {
+            Some(2) => Ok(()),
+            other => Err(format!("s00007 backends: {other:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    let b = burst_from(
+        &m.client_ns,
+        SocketAddr::new(m.nodes[0].v4.into(), 20007),
+        false,
+        40,
+        REQ_TIMEOUT,
+    );
+    check_all("s00007 after the change", &b, 40, &["t1", "t2"])
+        .unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    let log = m.log_text(0);
+    let n_lines = log
+        .lines()
+        .filter(|l| l.contains("does not fit the data plane's tables"))
+        .count();
+    assert_eq!(n_lines, 1, "the rejection was logged again");
+    let metrics = in_netns(&m.nodes[0].ns, || {
+        http_get_path(
+            "127.0.0.1:9742".parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(5),
+        )
+    })
+    .unwrap_or_else(|e| panic!("metrics: {e}"));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "meshlb_config_errors_total{kind=\"table_limit\"} 1"),
+        "no table_limit error counted:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("config_errors"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(d.is_running(), "daemon exited{}", m.ctx());
+}

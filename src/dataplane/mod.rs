@@ -121,6 +121,17 @@ pub trait Engine {
         Ok(false)
     }
 
+    /// The services of the last sync that do not fit the engine's tables,
+    /// with why (every other service was programmed).
+    fn rejected(&self) -> BTreeMap<ServiceKey, String> {
+        BTreeMap::new()
+    }
+
+    /// Forgets what the engine remembers of the kernel's tables, so the
+    /// next sync compares with what the kernel holds (the periodic
+    /// reconcile: drift is repaired).
+    fn reread(&mut self) {}
+
     /// Attaches the interfaces of `want`, and with `prune` detaches the
     /// others; returns whether anything changed. An engine that attaches
     /// to no interface (IPVS) ignores it.

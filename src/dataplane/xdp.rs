@@ -441,6 +441,8 @@ pub struct XdpDataplane {
     dir: PathBuf,
     /// How uplinks get XDP (`--xdp-mode`).
     mode: AttachMode,
+    /// Services of the last sync that do not fit the tables, and why.
+    rejected: BTreeMap<ServiceKey, String>,
     /// The interfaces attached, by name.
     attached: BTreeMap<String, IfaceStatus>,
     /// Interfaces whose attach failed, with the error last logged (logged
@@ -530,6 +532,7 @@ impl XdpDataplane {
             node_net: None,
             dir: dir.to_owned(),
             mode,
+            rejected: BTreeMap::new(),
             attached,
             failed: BTreeMap::new(),
             ebpf,
@@ -1546,7 +1549,10 @@ impl Engine for XdpDataplane {
         expired: &[BackendOf],
     ) -> Result<usize, DataplaneError> {
         let observed = self.observe()?;
-        let plan = crate::reconcile::plan(desired, &observed)
+        let (desired, rejected) =
+            crate::reconcile::admit(desired, &observed, crate::reconcile::Limits::default());
+        self.rejected = rejected;
+        let plan = crate::reconcile::plan(&desired, &observed)
             .map_err(|e| DataplaneError::Other(format!("reconcile: {e}")))?;
         let n = plan.ops.len();
         if n > 0 {
@@ -1588,5 +1594,13 @@ impl Engine for XdpDataplane {
 
     fn set_interfaces(&mut self, want: &[Attach], prune: bool) -> bool {
         XdpDataplane::set_interfaces(self, want, prune)
+    }
+
+    fn rejected(&self) -> BTreeMap<ServiceKey, String> {
+        self.rejected.clone()
+    }
+
+    fn reread(&mut self) {
+        self.mirror = None;
     }
 }

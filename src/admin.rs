@@ -203,6 +203,7 @@ pub fn task_from_flags(a: &TaskAddArgs) -> Result<(String, TaskRecord), AdminErr
         node: a.node.clone(),
         state: None,
         source: Some(TaskSource::Manual),
+        local: false,
     };
     let task = def.validate().map_err(|e| {
         let flag = match e.path.as_str() {

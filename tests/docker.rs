@@ -249,9 +249,19 @@ fn ids(v: &[&String]) -> BTreeSet<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-/// Checks one docker task record.
+/// Checks one docker task record. A container registered by its own
+/// address (no published port) is local: only this node reaches it.
 fn check_record(w: &World, what: &str, rec: &Value, addr: &str, port: u64, weight: u64) {
+    let key = format!("{PREFIX}/nodes/lb");
+    let nodes = w.c.get_prefix(&key);
+    let node: Value = serde_json::from_str(&nodes[&key].0).unwrap();
+    let local = node["addr"].as_str() != Some(addr);
     assert_eq!(rec["addr"], addr, "{what}: {rec}{}", w.ctx());
+    assert_eq!(
+        rec["local"].as_bool().unwrap_or(false),
+        local,
+        "{what}: local: {rec}"
+    );
     assert_eq!(rec["port"], port, "{what}: {rec}");
     assert_eq!(rec["weight"], weight, "{what}: {rec}");
     assert_eq!(rec["node"], "lb", "{what}: {rec}");
@@ -285,10 +295,19 @@ fn labelled_containers_register_drain_and_go() {
         "3 labelled containers took {took:?} (> {FAST:?}) to be registered{}",
         w.ctx()
     );
+    let log = d.log_text();
     for (id, name) in [(&w1, "w1"), (&w2, "w2"), (&w3, "w3")] {
         let (rec, l) = &tasks[id];
         check_record(&w, name, rec, &w.docker.ip(name), 8000, 100);
         assert_eq!(*l, lease, "{name}'s task is not under the node lease");
+        // Served by this node only (docker0 is every node's 172.17/16):
+        // said once per container.
+        let warned = log
+            .lines()
+            .filter(|l| l.contains(&format!("container {name} (")))
+            .filter(|l| l.contains("only reachable from this node"))
+            .count();
+        assert_eq!(warned, 1, "{name}: local-only warnings in the log:\n{log}");
     }
     // Exactly 3: the unlabelled container is nowhere under tasks/.
     let all = w.c.get_prefix(&format!("{PREFIX}/tasks/"));

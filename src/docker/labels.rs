@@ -22,6 +22,11 @@ pub const LABEL_SERVICE: &str = "meshlb.service";
 pub const LABEL_PORT: &str = "meshlb.port";
 /// `meshlb.weight=<0..=10000>` (optional, default 100).
 pub const LABEL_WEIGHT: &str = "meshlb.weight";
+/// `meshlb.routable=true`: other nodes route to the container's own
+/// address (a macvlan network, or routes the operator set up); without
+/// it, a container registered by its own address (no published port, no
+/// host network) is served by this node only (`TaskRecord::local`).
+pub const LABEL_ROUTABLE: &str = "meshlb.routable";
 
 /// A container's health as Docker reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -271,16 +276,26 @@ pub fn registrations(
         .map(IpAddr::V4)
         .or(c.ipv6.map(IpAddr::V6))
         .or(if c.host_network { node_addr } else { None });
+    let routable = match c.labels.get(LABEL_ROUTABLE).map(|v| v.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => return Err(err(LABEL_ROUTABLE, format!("{v:?}: must be true or false"))),
+    };
     let several = wanted.len() > 1;
     let mut out = Vec::with_capacity(wanted.len());
     for (service, cport, weight) in wanted {
-        let (addr, port) = match (c.published.get(&cport), node_addr) {
-            (Some(&host_port), Some(a)) if !c.host_network => (a, host_port),
+        // Other nodes reach a published port at this node's address, and
+        // a host-networked container there too; the container's own
+        // address (a Docker bridge: the same 172.17.0.0/16 on every node)
+        // only from this node, unless labelled routable.
+        let (addr, port, local) = match (c.published.get(&cport), node_addr) {
+            (Some(&host_port), Some(a)) if !c.host_network => (a, host_port, false),
             _ => (
                 container_addr.ok_or_else(|| LabelError::NoAddress {
                     container: c.display(),
                 })?,
                 cport,
+                !c.host_network && !routable,
             ),
         };
         let def = TaskDef {
@@ -290,6 +305,7 @@ pub fn registrations(
             node: Some(node.to_owned()),
             state: Some(TaskState::Running),
             source: Some(TaskSource::Docker),
+            local,
         };
         let record = def.validate().map_err(|e| err(&e.path, e.message))?;
         let id = if several {
@@ -347,6 +363,37 @@ mod tests {
 
     fn run(c: &ContainerInfo) -> Result<Vec<Registration>, LabelError> {
         registrations(c, "n1", Some(NODE_ADDR.parse().unwrap()))
+    }
+
+    #[test]
+    fn a_bridge_address_is_local_to_this_node_unless_published_or_routable() {
+        let web = labels(container(&[8000]), &[(LABEL_SERVICE, "web")]);
+        let local = |c: &ContainerInfo| {
+            run(c).map(|r| r.iter().map(|r| r.record.local).collect::<Vec<_>>())
+        };
+        assert_eq!(local(&web), Ok(vec![true]));
+        let published = ContainerInfo {
+            published: [(8000, 18000)].into(),
+            ..web.clone()
+        };
+        assert_eq!(local(&published), Ok(vec![false]));
+        let host = ContainerInfo {
+            host_network: true,
+            ipv4: None,
+            ..web.clone()
+        };
+        assert_eq!(local(&host), Ok(vec![false]));
+        let routable = labels(
+            container(&[8000]),
+            &[(LABEL_SERVICE, "web"), (LABEL_ROUTABLE, "true")],
+        );
+        assert_eq!(local(&routable), Ok(vec![false]));
+        let bad = labels(
+            container(&[8000]),
+            &[(LABEL_SERVICE, "web"), (LABEL_ROUTABLE, "yes")],
+        );
+        let e = run(&bad).expect_err("bad label").to_string();
+        assert!(e.contains(LABEL_ROUTABLE), "{e}");
     }
 
     #[test]

@@ -66,11 +66,18 @@ pub enum DockerError {
     Timeout { socket: String, what: &'static str },
 }
 
+/// The key of `Watcher::warned` for a container reported as reachable
+/// from this node only.
+fn local_key(id: &str) -> String {
+    format!("local:{id}")
+}
+
 /// The watcher's memory between events.
 struct Watcher {
     opts: DockerOptions,
     docker: Docker,
-    /// Containers whose bad labels were already reported (one line each).
+    /// Containers whose bad labels (key: the id) or node-local address
+    /// (key: `local_key`) were already reported (one line each).
     warned: BTreeSet<String>,
     /// Containers being stopped: their tasks stay draining until they die.
     stopping: BTreeSet<String>,
@@ -272,7 +279,22 @@ impl Watcher {
     /// container and register nothing.
     fn registrations(&mut self, c: &ContainerInfo) -> Vec<Registration> {
         match labels::registrations(c, &self.opts.node, self.opts.node_addr) {
-            Ok(r) => r,
+            Ok(r) => {
+                let local: Vec<String> = r
+                    .iter()
+                    .filter(|r| r.record.local)
+                    .map(|r| format!("{}:{}", r.record.addr, r.record.port.unwrap_or(0)))
+                    .collect();
+                if !local.is_empty() && self.warned.insert(local_key(&c.id)) {
+                    log::warn!(
+                        "docker: container {}: {} only reachable from this node (a Docker bridge network): served by this node only; publish the port (-p) to serve through every node, or label {}=true if other nodes route to it",
+                        c.display(),
+                        local.join(", "),
+                        labels::LABEL_ROUTABLE
+                    );
+                }
+                r
+            }
             Err(e) => {
                 if self.warned.insert(c.id.clone()) {
                     log::warn!("docker: {e}; container skipped");
@@ -324,6 +346,7 @@ impl Watcher {
                 }
                 if verb == "destroy" {
                     self.warned.remove(&id);
+                    self.warned.remove(&local_key(&id));
                 }
                 reg.set_container(&id, Vec::new()).await;
             }

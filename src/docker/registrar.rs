@@ -345,6 +345,7 @@ mod tests {
             node: Some("n1".into()),
             state,
             source: TaskSource::Docker,
+            local: false,
         }
     }
 

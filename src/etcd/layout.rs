@@ -264,6 +264,11 @@ pub struct TaskRecord {
     pub node: Option<String>,
     pub state: TaskState,
     pub source: TaskSource,
+    /// Reachable only from its own node (a container on a Docker bridge
+    /// network without a published port: every node has its own
+    /// 172.17.0.0/16): other nodes do not balance to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 /// A task value as written. Numbers are `i64` so out-of-range values get
@@ -282,6 +287,8 @@ pub struct TaskDef {
     pub state: Option<TaskState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<TaskSource>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 impl TaskDef {
@@ -307,6 +314,7 @@ impl TaskDef {
             node: self.node.clone(),
             state: self.state.unwrap_or_default(),
             source: self.source.unwrap_or_default(),
+            local: self.local,
         })
     }
 }
@@ -328,6 +336,7 @@ impl TaskRecord {
             node: self.node.clone(),
             state: Some(self.state),
             source: Some(self.source),
+            local: self.local,
         }
     }
 }
@@ -563,7 +572,7 @@ impl ClusterState {
                 ));
                 continue;
             }
-            let (svc, states) = self.with_tasks(svc);
+            let (svc, states) = self.with_tasks(svc, node);
             for (key, spec) in svc.specs(node, |b| states[&(b.addr, b.port)]) {
                 if let Some(fe) = spec.frontends.iter().find(|fe| taken.contains_key(fe)) {
                     warn_once(format!(
@@ -581,10 +590,13 @@ impl ClusterState {
         desired
     }
 
-    /// `svc` with its tasks as backends, and each backend's state.
+    /// `svc` with its tasks as backends, and each backend's state; on node
+    /// `node`, other nodes' local-only tasks (`TaskRecord::local`) are left
+    /// out: only their own node reaches them.
     fn with_tasks(
         &self,
         svc: &ServiceConfig,
+        node: &str,
     ) -> (ServiceConfig, BTreeMap<(IpAddr, Option<u16>), BackendState>) {
         let mut svc = svc.clone();
         let mut states = BTreeMap::new();
@@ -603,6 +615,11 @@ impl ClusterState {
                 }
                 Some(_) => {}
                 None => family = Some((t.addr.is_ipv4(), format!("task {id:?}"))),
+            }
+            if t.local && t.node.as_deref() != Some(node) {
+                // Another node's container on its own bridge: only that
+                // node reaches it.
+                continue;
             }
             let b = BackendConfig {
                 addr: t.addr,
@@ -938,6 +955,7 @@ mod tests {
                 node: None,
                 state: TaskState::Running,
                 source: TaskSource::Manual,
+                local: false,
             }
         );
         let json = serde_json::to_string(&t).unwrap();
@@ -1088,6 +1106,24 @@ mod tests {
         ]
         .into();
         assert_eq!(d.services, want);
+
+        // A local-only task (a container on node n2's own bridge) is a
+        // backend on n2 only.
+        put(
+            &mut s,
+            task_key(P, "web", "e"),
+            r#"{"addr": "172.17.0.2", "node": "n2", "local": true}"#,
+        );
+        let backs = |node: &str| -> Vec<IpAddr> {
+            s.desired(&[], BTreeSet::new(), node).services[&skey("web", Proto::Tcp, 80)]
+                .backends
+                .keys()
+                .map(|b| b.addr)
+                .collect()
+        };
+        assert!(!backs("n1").contains(&v4("172.17.0.2")));
+        assert!(backs("n2").contains(&v4("172.17.0.2")));
+        s.apply_delete(P, task_key(P, "web", "e").as_bytes());
 
         // Without static services, etcd's "static" (port 81) and "clash"
         // (port 7000) are programmed too.

@@ -323,7 +323,7 @@ fn labelled_containers_register_drain_and_go() {
         &up(&["w1", "w2", "w3"], "up"),
         Duration::from_secs(5),
     );
-    w.spread("60 GETs over 3 containers", vip, 60, &["w1", "w2", "w3"]);
+    w.spread("300 GETs over 3 containers", vip, 300, &["w1", "w2", "w3"]);
 
     // Established connections on w1, found with `explain`.
     let w1_ip = ip("w1");

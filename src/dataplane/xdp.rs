@@ -445,9 +445,10 @@ pub struct XdpDataplane {
     rejected: BTreeMap<ServiceKey, String>,
     /// The interfaces attached, by name.
     attached: BTreeMap<String, IfaceStatus>,
-    /// Interfaces whose attach failed, with the error last logged (logged
-    /// again only when it changes; retried at every `set_interfaces`).
-    failed: BTreeMap<String, String>,
+    /// Interfaces whose attach failed: the error last logged (logged
+    /// again only when it changes) and when it was tried (tried again
+    /// after `ATTACH_RETRY`, not at every look).
+    failed: BTreeMap<String, (String, std::time::Instant)>,
     // Keeps the programs loaded while the daemon runs (and attaches the
     // interfaces that appear later); the pinned links keep them attached
     // when the daemon is gone.
@@ -551,7 +552,7 @@ impl XdpDataplane {
     /// adopted pins included (without it, nothing is detached: the daemon
     /// does not know the whole picture yet). Returns whether anything
     /// changed. A failed attach is logged (once per distinct error) and
-    /// tried again at the next call; the others go on.
+    /// tried again after `ATTACH_RETRY`; the others go on.
     pub fn set_interfaces(&mut self, want: &[Attach], prune: bool) -> bool {
         let mut changed = false;
         for a in want {
@@ -563,6 +564,13 @@ impl XdpDataplane {
                     }
                     continue;
                 }
+            }
+            if self
+                .failed
+                .get(&a.name)
+                .is_some_and(|(_, at)| at.elapsed() < ATTACH_RETRY)
+            {
+                continue;
             }
             match attach_iface(&mut self.ebpf, &self.dir, a, self.mode) {
                 Ok((mut st, fresh)) => {
@@ -582,14 +590,16 @@ impl XdpDataplane {
                 }
                 Err(e) => {
                     let e = e.to_string();
-                    if self.failed.get(&a.name) != Some(&e) {
+                    if self.failed.get(&a.name).map(|(last, _)| last) != Some(&e) {
                         log::error!(
-                            "iface {}: not attached ({}): {e}; tried again while it is wanted",
+                            "iface {}: not attached ({}): {e}; tried again every {}s while it is wanted",
                             a.name,
-                            a.why
+                            a.why,
+                            ATTACH_RETRY.as_secs()
                         );
-                        self.failed.insert(a.name.clone(), e);
                     }
+                    self.failed
+                        .insert(a.name.clone(), (e, std::time::Instant::now()));
                 }
             }
         }
@@ -983,6 +993,9 @@ fn detach_iface(dir: &Path, iface: &str) {
     }
     log::info!("iface {iface}: no longer wanted: detached");
 }
+
+/// How long an interface whose attach failed waits before the next try.
+const ATTACH_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The file beside the pin lock listing the attached interfaces.
 pub const IFACES_EXT: &str = "ifaces.json";

@@ -1331,3 +1331,87 @@ fn node_record_address_is_the_default_route_interfaces_or_the_advertised() {
     let _d = start_etcd_daemon(&topo, &c, &["--advertise-addr", &adv]);
     recorded(adv);
 }
+
+/// Large values under the prefix (etcd takes up to 1.5 MiB each) do not
+/// stop the list or the watch: seven 1.4 MiB values among 2,000 normal
+/// records (more than one gRPC message holds in one list page), then
+/// three more while the daemon watches. Each is skipped with one line
+/// naming its key; the services beside them are programmed and changes
+/// keep coming.
+#[test]
+fn large_values_do_not_stop_list_or_watch() {
+    require_root();
+    let topo = prepared("el");
+    let etcd = EtcdServer::start_in(&topo.lb_ns, "el");
+    let c = etcd.client();
+    let b1 = topo.backend("b1").v4.to_string();
+    let b2 = topo.backend("b2").v4.to_string();
+    // 2,000 normal records: tasks of a service nobody defines (kept,
+    // ignored), put in one client session.
+    c.with_client(|rt, client| {
+        rt.block_on(async {
+            for i in 0..2000u32 {
+                let v = task_json(
+                    &format!("10.202.{}.{}", i / 250, i % 250 + 1),
+                    8000,
+                    100,
+                    "running",
+                );
+                client
+                    .put(task_key("bulk", &format!("t{i:04}")), v, None)
+                    .await
+                    .unwrap_or_else(|e| panic!("put: {e}"));
+            }
+        })
+    });
+    let big = topo.write_file("big.json", &"x".repeat(1400 * 1024));
+    // Among the bulk tasks by key order, so they share list pages.
+    let bigs: Vec<String> = (0..7)
+        .map(|i| task_key("bulk", &format!("t{:04}x", 100 + i * 10)))
+        .collect();
+    for k in &bigs {
+        c.put_file(k, &big);
+    }
+    c.put(
+        &svc_key("good"),
+        &service_json("good", "10.96.0.31", WEB_PORT),
+    );
+    c.put(
+        &task_key("good", "ok"),
+        &task_json(&b1, HTTP_PORT, 100, "running"),
+    );
+
+    let mut d = start_etcd_daemon(&topo, &c, &[]);
+    topo.wait_ready(&mut d, &["good"], READY);
+    wait_backend_addrs(&topo, "good", &[&b1], Duration::from_secs(10));
+
+    // While watching: three more, then a normal change.
+    let more: Vec<String> = (0..3).map(|i| task_key("bulk", &format!("w{i}"))).collect();
+    for k in &more {
+        c.put_file(k, &big);
+    }
+    c.put(
+        &task_key("good", "ok2"),
+        &task_json(&b2, HTTP_PORT, 100, "running"),
+    );
+    wait_backend_addrs(&topo, "good", &[&b1, &b2], Duration::from_secs(10));
+    let burst = topo.http_burst(sa(&format!("10.96.0.31:{WEB_PORT}")), 40, REQ_TIMEOUT);
+    topo.assert_spread(
+        "good beside large values",
+        &burst,
+        &["b1".to_string(), "b2".to_string()],
+        0.1,
+    );
+    let log = d.log_text();
+    for k in bigs.iter().chain(&more) {
+        let rel = k.strip_prefix(&format!("{PREFIX}/")).unwrap();
+        let n = log.lines().filter(|l| names_key(l, rel)).count();
+        assert_eq!(n, 1, "{rel}: {n} log lines, want 1{}", topo.ctx());
+    }
+    assert!(
+        log.contains("etcd: listed 1 services, 2001 tasks"),
+        "the list is not 1 service and 2,001 tasks{}",
+        topo.ctx()
+    );
+    assert!(d.is_running(), "daemon died{}", topo.ctx());
+}

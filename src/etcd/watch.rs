@@ -52,12 +52,77 @@ enum WatchEnd {
     Broken(String),
 }
 
-/// Records per list page: a page stays far below gRPC's 4 MiB message
-/// limit (records are at most `MAX_VALUE_BYTES`, typically ~200 bytes).
+/// Records per list page at most. A page must also stay below gRPC's
+/// message limit (`MAX_MESSAGE`): records we accept are at most
+/// `MAX_VALUE_BYTES`, but the prefix may hold larger ones (etcd takes
+/// values up to 1.5 MiB by default), so a page that does not fit is asked
+/// again at half the size (`list_page`).
 const LIST_PAGE: i64 = 500;
+
+/// The largest gRPC message the daemon decodes from etcd (list pages and
+/// watch responses; the server fragments larger watch responses).
+const MAX_MESSAGE: usize = 8 * 1024 * 1024;
+
+/// Whether `e` says a response was larger than the client decodes.
+fn too_large(e: &etcd_client::Error) -> bool {
+    match e {
+        // OutOfRange (tonic: "decoded message length too large") or
+        // ResourceExhausted.
+        etcd_client::Error::GRpcStatus(s) => matches!(s.code() as i32, 8 | 11),
+        _ => false,
+    }
+}
+
+/// One list page from `key`: at most `limit` records (fewer when they do
+/// not fit one message: halved until they do). Returns the response, and
+/// `Err(Some(key))` when the single record at `key`'s position is too
+/// large on its own (the caller skips it).
+async fn list_page(
+    client: &mut Client,
+    key: &[u8],
+    end: &str,
+    revision: i64,
+    limit: &mut i64,
+) -> Result<etcd_client::GetResponse, Result<Vec<u8>, String>> {
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.to_owned())
+            .with_limit(*limit);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let got = tokio::time::timeout(REQUEST_TIMEOUT, kv.get(key.to_vec(), Some(opts)))
+            .await
+            .map_err(|_| Err("list: timed out".to_owned()))?;
+        match got {
+            Ok(r) => return Ok(r),
+            Err(e) if too_large(&e) && *limit > 1 => *limit = (*limit / 2).max(1),
+            Err(e) if too_large(&e) => {
+                // One record alone is too large: name it by its key.
+                let opts = GetOptions::new()
+                    .with_range(end.to_owned())
+                    .with_limit(1)
+                    .with_keys_only()
+                    .with_revision(revision);
+                let r = tokio::time::timeout(REQUEST_TIMEOUT, kv.get(key.to_vec(), Some(opts)))
+                    .await
+                    .map_err(|_| Err("list: timed out".to_owned()))?
+                    .map_err(|e| Err(format!("list: {}", error_chain(&e))))?;
+                return match r.kvs().first() {
+                    Some(k) => Err(Ok(k.key().to_vec())),
+                    None => Err(Err(format!("list: {}", error_chain(&e)))),
+                };
+            }
+            Err(e) => return Err(Err(format!("list: {}", error_chain(&e)))),
+        }
+    }
+}
 
 /// Lists the prefix page by page, every page at the revision of the first,
 /// so the result is one consistent snapshot; returns it and its revision.
+/// Pages are bounded by count and by size; a record too large for one
+/// message is skipped with one line naming its key (and counted).
 async fn list(
     client: &mut Client,
     prefix: &str,
@@ -69,26 +134,33 @@ async fn list(
     let mut key = start.into_bytes();
     let mut revision = 0i64;
     let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut limit = LIST_PAGE;
     loop {
-        let mut opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(LIST_PAGE);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key.clone(), Some(opts)))
-            .await
-            .map_err(|_| "list: timed out".to_owned())?
-            .map_err(|e| format!("list: {}", error_chain(&e)))?;
+        let resp = match list_page(client, &key, &end, revision, &mut limit).await {
+            Ok(r) => r,
+            Err(Ok(big)) => {
+                log::warn!(
+                    "etcd key {}: record larger than {MAX_MESSAGE} bytes: skipped",
+                    String::from_utf8_lossy(&big)
+                );
+                metrics.config_error("too_large");
+                key = big;
+                key.push(0);
+                continue;
+            }
+            Err(Err(e)) => return Err(e),
+        };
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
         }
         for kv in resp.kvs() {
             kvs.push((kv.key().to_vec(), kv.value().to_vec()));
         }
-        match kvs.last() {
-            Some((last, _)) if resp.more() => {
-                key = last.clone();
+        // Back towards full pages after a halving.
+        limit = (limit * 2).min(LIST_PAGE);
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                key = last.key().to_vec();
                 key.push(0);
             }
             _ => break,
@@ -112,12 +184,16 @@ async fn follow(
     tx: &watch::Sender<Arc<Snapshot>>,
     metrics: &Registry,
 ) -> WatchEnd {
+    // Fragmented: a response over the server's limit comes in parts, each
+    // under `MAX_MESSAGE`.
     let opts = WatchOptions::new()
         .with_prefix()
+        .with_fragment()
         .with_start_revision(*revision + 1);
+    let mut watcher = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
     let mut stream = match tokio::time::timeout(
         REQUEST_TIMEOUT,
-        client.watch(format!("{prefix}/"), Some(opts)),
+        watcher.watch(format!("{prefix}/"), Some(opts)),
     )
     .await
     {
@@ -156,8 +232,12 @@ async fn follow(
             }
         }
         if let Some(h) = resp.header() {
-            // A response's header revision covers every event up to it.
-            if resp.events().is_empty() {
+            // A progress notification (no events) says every event up to
+            // its header revision was sent. The created response does
+            // not: its header is the store's revision, and the backlog
+            // from our start revision still follows; resuming from it
+            // after a break would skip that backlog.
+            if resp.events().is_empty() && !resp.created() {
                 *revision = (*revision).max(h.revision());
             }
         }

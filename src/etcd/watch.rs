@@ -220,25 +220,22 @@ async fn follow(
             return WatchEnd::Broken(format!("watch canceled: {}", resp.cancel_reason()));
         }
         let mut changed = false;
+        *revision = resume_after(
+            *revision,
+            resp.created(),
+            resp.events()
+                .iter()
+                .filter_map(|ev| ev.kv().map(|kv| kv.mod_revision())),
+            resp.header().map(|h| h.revision()),
+        );
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
-            *revision = (*revision).max(kv.mod_revision());
             match ev.event_type() {
                 EventType::Put => match state.apply_put(prefix, kv.key(), kv.value()) {
                     Ok(c) => changed |= c,
                     Err(e) => report(&[e], metrics),
                 },
                 EventType::Delete => changed |= state.apply_delete(prefix, kv.key()),
-            }
-        }
-        if let Some(h) = resp.header() {
-            // A progress notification (no events) says every event up to
-            // its header revision was sent. The created response does
-            // not: its header is the store's revision, and the backlog
-            // from our start revision still follows; resuming from it
-            // after a break would skip that backlog.
-            if resp.events().is_empty() && !resp.created() {
-                *revision = (*revision).max(h.revision());
             }
         }
         if changed {
@@ -248,6 +245,30 @@ async fn follow(
                 observed_at: Some(observed),
             }));
         }
+    }
+}
+
+/// The revision a watch resumes after, once a response is applied: the
+/// newest event's. A progress notification (no events) says every event
+/// up to its header revision was sent; the created response does not:
+/// its header is the store's revision, and the backlog from the start
+/// revision still follows, so resuming from it after a break would skip
+/// that backlog.
+fn resume_after(
+    current: i64,
+    created: bool,
+    event_revisions: impl Iterator<Item = i64>,
+    header: Option<i64>,
+) -> i64 {
+    let mut r = current;
+    let mut events = false;
+    for e in event_revisions {
+        r = r.max(e);
+        events = true;
+    }
+    match header {
+        Some(h) if !events && !created => r.max(h),
+        _ => r,
     }
 }
 
@@ -399,5 +420,28 @@ async fn hold_lease(
             Ok(Err(e)) => return Err(format!("keep-alive: {}", error_chain(&e))),
             Err(_) => return Err("keep-alive: timed out".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resume_revision_follows_events_and_progress_never_the_created_header() {
+        let none = std::iter::empty;
+        // Created at store revision 90 while we asked from 51: the backlog
+        // 51..=90 is still to come.
+        assert_eq!(resume_after(50, true, none(), Some(90)), 50);
+        // The backlog's events.
+        assert_eq!(
+            resume_after(50, false, [51, 52, 60].into_iter(), Some(90)),
+            60
+        );
+        // A progress notification: everything up to 90 was sent.
+        assert_eq!(resume_after(60, false, none(), Some(90)), 90);
+        // Never backwards.
+        assert_eq!(resume_after(95, false, [93].into_iter(), Some(96)), 95);
+        assert_eq!(resume_after(95, false, none(), None), 95);
     }
 }

@@ -271,6 +271,8 @@ struct Liveness {
     refused: BTreeMap<String, String>,
     /// Socket inode -> the process holding it, as found (`listeners::owner`).
     owners: BTreeMap<u64, String>,
+    /// When `guard.listeners` was read.
+    listeners_at: Option<std::time::Instant>,
     registry: Arc<Registry>,
 }
 
@@ -339,6 +341,9 @@ async fn sync<E: Engine>(
         .map_err(|e| rt("apply", e))
 }
 
+/// How long a read of this node's listeners serves etcd syncs.
+const LISTENERS_FRESH: Duration = Duration::from_secs(1);
+
 /// Leaves out of `desired` the etcd services this node refuses
 /// (`guard::refusal`: a VIP on a node address or gateway, a published port
 /// something here listens on); each is logged and counted when refused,
@@ -357,8 +362,14 @@ fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: 
                 .iter()
                 .any(|p| !live.programmed_ports.contains(&(p.proto, p.port)))
     };
-    if etcd.iter().any(unchecked) {
+    // Read at most once per LISTENERS_FRESH: a burst of etcd events with
+    // a refused service among them reads /proc/net once.
+    let stale = live
+        .listeners_at
+        .is_none_or(|t| t.elapsed() >= LISTENERS_FRESH);
+    if stale && etcd.iter().any(unchecked) {
         live.guard.listeners = listeners::read();
+        live.listeners_at = Some(std::time::Instant::now());
     }
     let mut refused = BTreeMap::new();
     // One /proc walk per socket, not per sync.
@@ -747,6 +758,7 @@ async fn run_engine<E: Engine>(
         programmed_ports: BTreeSet::new(),
         refused: BTreeMap::new(),
         owners: BTreeMap::new(),
+        listeners_at: None,
         registry: registry.clone(),
     };
     let mut node = Node {
@@ -1262,6 +1274,7 @@ addr = "192.0.2.3"
             programmed_ports: BTreeSet::new(),
             refused: BTreeMap::new(),
             owners: BTreeMap::new(),
+            listeners_at: None,
             registry: Arc::new(Registry::default()),
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();

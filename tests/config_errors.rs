@@ -11,10 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// The client's address: the LB's gateway to 10.250.0.0/16 in the case
-/// that needs one.
-const GATEWAY: &str = "10.200.0.2";
-
 /// A port the test itself listens on in the LB namespace (on every
 /// address), as sshd would on 22.
 const SSHD_PORT: u16 = 2222;
@@ -128,7 +124,7 @@ fn cases() -> Vec<(&'static str, String, &'static [&'static str])> {
         ),
         (
             "vip = this node's gateway",
-            BASE.replace("10.96.0.10", GATEWAY),
+            BASE.replace("10.96.0.10", &CLIENT_V4.to_string()),
             &["service[0].vip"],
         ),
         (
@@ -193,20 +189,10 @@ fn one_line_naming(out: &CmdOutput, wants: &[&str]) -> Result<(), String> {
 fn malformed_config_exits_2_with_one_line_and_attaches_nothing() {
     let topo = Topology::new("cfg", TopoOpts { backends: 0 });
     let iface = topo.lb_client_iface.clone();
-    // A gateway for the "vip = this node's gateway" case.
-    must(&[
-        "ip",
-        "-n",
-        &topo.lb_ns,
-        "route",
-        "add",
-        "10.250.0.0/16",
-        "via",
-        GATEWAY,
-    ]);
-    let _sshd = in_netns(&topo.lb_ns, || {
-        std::net::TcpListener::bind(("0.0.0.0", SSHD_PORT)).expect("listen")
-    });
+    // The client is a gateway of the node ("vip = this node's gateway"),
+    // and the test listens as sshd would.
+    topo.client_as_gateway("10.250.0.0/16");
+    let _sshd = topo.listen_in_lb(SSHD_PORT);
     let mut failures = Vec::new();
     for (i, (case, text, wants)) in cases().into_iter().enumerate() {
         let cfg = topo.write_file(&format!("bad{i}.toml"), &text);

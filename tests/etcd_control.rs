@@ -37,9 +37,6 @@ const WEB_VIP_IP: &str = "10.96.0.50";
 const WEB_PORT: u16 = 8080;
 const WEB_VIP: &str = "10.96.0.50:8080";
 
-/// The client's address: the LB's gateway to 10.250.0.0/16 where a test
-/// needs one.
-const GATEWAY: &str = "10.200.0.2";
 /// A port the test itself listens on in the LB namespace, as sshd would.
 const SSHD_PORT: u16 = 2222;
 
@@ -266,6 +263,37 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// `services/good` (VIP `vip`, port `WEB_PORT`) with one running task on
+/// `addr`.
+fn put_good(c: &EtcdClient, vip: &str, addr: &str) {
+    c.put(&svc_key("good"), &service_json("good", vip, WEB_PORT));
+    c.put(
+        &task_key("good", "ok"),
+        &task_json(addr, HTTP_PORT, 100, "running"),
+    );
+}
+
+/// Each of `keys` (full etcd keys) named by exactly one line of `log`;
+/// one problem per key that is not.
+fn once_each(log: &str, keys: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for k in keys {
+        let rel = k.strip_prefix(&format!("{PREFIX}/")).unwrap_or(k);
+        let lines: Vec<&str> = log.lines().filter(|l| names_key(l, rel)).collect();
+        if lines.len() != 1 {
+            problems.push(format!(
+                "{rel}: {} log lines (want exactly 1): {:?}",
+                lines.len(),
+                lines
+                    .iter()
+                    .map(|l| &l[..l.len().min(300)])
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+    problems
 }
 
 /// The id `meshlb task add` printed (first word of its last line).
@@ -985,20 +1013,8 @@ fn malformed_records_are_skipped_once_each() {
     let etcd = EtcdServer::start_in(&topo.lb_ns, "eg");
     let c = etcd.client();
     // A gateway of the node, and listeners on every address (as sshd).
-    must(&[
-        "ip",
-        "-n",
-        &topo.lb_ns,
-        "route",
-        "add",
-        "10.250.0.0/16",
-        "via",
-        GATEWAY,
-    ]);
-    let _listeners = in_netns(&topo.lb_ns, || {
-        [SSHD_PORT, SSHD_PORT + 1]
-            .map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).expect("listen"))
-    });
+    let gateway = topo.client_as_gateway("10.250.0.0/16");
+    let _listeners = [SSHD_PORT, SSHD_PORT + 1].map(|p| topo.listen_in_lb(p));
     let mut d = start_etcd_daemon(&topo, &c, &[]);
     topo.wait_ready(&mut d, &[], READY);
     let before = metric_sum(&daemon_metrics(&topo), "meshlb_config_errors_total");
@@ -1052,7 +1068,7 @@ fn malformed_records_are_skipped_once_each() {
         ),
         (
             svc_key("gwvip"),
-            json!({"name": "gwvip", "vip": GATEWAY, "publish": publish(86)}).to_string(),
+            json!({"name": "gwvip", "vip": gateway, "publish": publish(86)}).to_string(),
         ),
         (
             svc_key("sshlike"),
@@ -1065,14 +1081,7 @@ fn malformed_records_are_skipped_once_each() {
         c.put(k, v);
     }
     c.put_file(&task_key("good", "huge"), &huge_file);
-    c.put(
-        &svc_key("good"),
-        &service_json("good", "10.96.0.30", WEB_PORT),
-    );
-    c.put(
-        &task_key("good", "ok"),
-        &task_json(&b1, HTTP_PORT, 100, "running"),
-    );
+    put_good(&c, "10.96.0.30", &b1);
 
     // The control of the listener check: the service says the port may
     // be taken.
@@ -1119,21 +1128,7 @@ fn malformed_records_are_skipped_once_each() {
     let log = d.log_text();
     let mut keys: Vec<String> = bad.iter().map(|(k, _)| k.clone()).collect();
     keys.push(task_key("good", "huge"));
-    let mut problems = Vec::new();
-    for k in &keys {
-        let rel = k.strip_prefix(&format!("{PREFIX}/")).unwrap();
-        let lines: Vec<&str> = log.lines().filter(|l| names_key(l, rel)).collect();
-        if lines.len() != 1 {
-            problems.push(format!(
-                "{rel}: {} log lines (want exactly 1): {:?}",
-                lines.len(),
-                lines
-                    .iter()
-                    .map(|l| &l[..l.len().min(300)])
-                    .collect::<Vec<_>>()
-            ));
-        }
-    }
+    let problems = once_each(&log, &keys);
     let metrics = daemon_metrics(&topo);
     let errors = metric_sum(&metrics, "meshlb_config_errors_total") - before;
     let samples: Vec<&str> = metrics
@@ -1372,14 +1367,7 @@ fn large_values_do_not_stop_list_or_watch() {
     for k in &bigs {
         c.put_file(k, &big);
     }
-    c.put(
-        &svc_key("good"),
-        &service_json("good", "10.96.0.31", WEB_PORT),
-    );
-    c.put(
-        &task_key("good", "ok"),
-        &task_json(&b1, HTTP_PORT, 100, "running"),
-    );
+    put_good(&c, "10.96.0.31", &b1);
 
     let mut d = start_etcd_daemon(&topo, &c, &[]);
     topo.wait_ready(&mut d, &["good"], READY);
@@ -1403,11 +1391,9 @@ fn large_values_do_not_stop_list_or_watch() {
         0.1,
     );
     let log = d.log_text();
-    for k in bigs.iter().chain(&more) {
-        let rel = k.strip_prefix(&format!("{PREFIX}/")).unwrap();
-        let n = log.lines().filter(|l| names_key(l, rel)).count();
-        assert_eq!(n, 1, "{rel}: {n} log lines, want 1{}", topo.ctx());
-    }
+    let keys: Vec<String> = bigs.iter().chain(&more).cloned().collect();
+    let problems = once_each(&log, &keys);
+    assert!(problems.is_empty(), "{}{}", problems.join("\n"), topo.ctx());
     assert!(
         log.contains("etcd: listed 1 services, 2001 tasks"),
         "the list is not 1 service and 2,001 tasks{}",

@@ -812,6 +812,24 @@ impl Topology {
         })
     }
 
+    /// Makes the client a gateway of the LB namespace (a route to `net`
+    /// via it, e.g. for what a node refuses as its gateway's address);
+    /// returns the gateway's address.
+    pub fn client_as_gateway(&self, net: &str) -> String {
+        let via = CLIENT_V4.to_string();
+        must(&["ip", "-n", &self.lb_ns, "route", "add", net, "via", &via]);
+        via
+    }
+
+    /// A TCP listener on every address of the LB namespace, held by this
+    /// test process, as sshd on 22 would be.
+    pub fn listen_in_lb(&self, port: u16) -> std::net::TcpListener {
+        in_netns(&self.lb_ns, || {
+            std::net::TcpListener::bind(("0.0.0.0", port))
+                .unwrap_or_else(|e| panic!("listen on {port}: {e}"))
+        })
+    }
+
     /// Attaches a pass-all XDP program (`meshlb xdp-pass`, native mode) to
     /// the client's and every backend's veth end: native XDP redirect on veth
     /// only delivers into a peer that has an XDP program.

@@ -151,16 +151,34 @@ pub fn table(backends: &[(BackendKey, u32)], size: u32) -> Vec<Option<usize>> {
     slots
 }
 
-/// Stable hash of the backend set a table is built from: the keys and
-/// weights of the backends with a weight above 0, in any input order.
-/// The data plane stores it next to the ring, so a reconcile can tell
-/// whether the ring it finds was built for the backends it wants.
-pub fn ring_hash(backends: &[(BackendKey, u32)]) -> u64 {
+/// The ring size (a `meshlb_common::RING_SIZES` class) for a service with
+/// `backends` configured backends: the smallest with at least 100 slots
+/// per backend (the Maglev paper's `M >= 100 N`), else the largest.
+///
+/// It counts the configured backends, not the healthy ones: every node
+/// sees the same set in etcd, so every node picks the same size (a flow
+/// that moves between nodes keeps its backend), and a backend failing
+/// its health check never resizes, and so reshuffles, the whole ring.
+pub fn ring_size(backends: usize) -> u32 {
+    let classes = meshlb_common::RING_SIZES;
+    classes
+        .iter()
+        .copied()
+        .find(|&m| m as usize >= backends.saturating_mul(100))
+        .unwrap_or(classes[classes.len() - 1])
+}
+
+/// Stable hash of the backend set a table of `size` slots is built from:
+/// the size, and the keys and weights of the backends with a weight above
+/// 0, in any input order. The data plane stores it next to the ring, so a
+/// reconcile can tell whether the ring it finds was built for the
+/// backends it wants.
+pub fn ring_hash(backends: &[(BackendKey, u32)], size: u32) -> u64 {
     let mut active: Vec<(BackendKey, u32)> =
         backends.iter().copied().filter(|(_, w)| *w > 0).collect();
     active.sort();
     let mut h = fnv1a(FNV_OFFSET, &[SEED_RING, ALGORITHM_VERSION]);
-    h = fnv1a(h, &meshlb_common::RING_SIZE.to_be_bytes());
+    h = fnv1a(h, &size.to_be_bytes());
     for (key, weight) in &active {
         h = fnv1a(h, &encode(key));
         h = fnv1a(h, &weight.to_be_bytes());
@@ -171,7 +189,8 @@ pub fn ring_hash(backends: &[(BackendKey, u32)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshlb_common::RING_SIZE;
+    use meshlb_common::RING_SIZES;
+    const RING_SIZE: u32 = RING_SIZES[0];
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn be(i: u8) -> BackendKey {
@@ -196,7 +215,7 @@ mod tests {
         // independent Python implementation of the same definition, at
         // ring size 4099; re-pinned here for 1021.)
         assert_eq!(backend_hash(SEED_OFFSET, &be(2)), 0xf9b8_46fb_9c98_26cc);
-        assert_eq!(ring_hash(&[(be(2), 100)]), 0xb1a2_22f5_acab_8b3d);
+        assert_eq!(ring_hash(&[(be(2), 100)], RING_SIZE), 0xb1a2_22f5_acab_8b3d);
         let t = table(&[(be(1), 1), (be(2), 1), (be(3), 1)], RING_SIZE);
         assert_eq!(
             t[..6],
@@ -289,23 +308,45 @@ mod tests {
         let ka: Vec<_> = a.iter().map(|s| s.map(|i| input[i].0)).collect();
         let kb: Vec<_> = b.iter().map(|s| s.map(|i| rev[i].0)).collect();
         assert_eq!(ka, kb);
-        assert_eq!(ring_hash(&input), ring_hash(&rev));
+        assert_eq!(ring_hash(&input, RING_SIZE), ring_hash(&rev, RING_SIZE));
     }
 
     #[test]
     fn ring_hash_tracks_the_active_set() {
         let base = vec![(be(1), 100), (be(2), 100)];
-        let h = ring_hash(&base);
+        let h = ring_hash(&base, RING_SIZE);
         // Zero-weight backends do not change the ring.
-        assert_eq!(h, ring_hash(&[(be(1), 100), (be(2), 100), (be(3), 0)]));
-        assert_ne!(h, ring_hash(&[(be(1), 100), (be(2), 50)]));
-        assert_ne!(h, ring_hash(&[(be(1), 100)]));
+        assert_eq!(
+            h,
+            ring_hash(&[(be(1), 100), (be(2), 100), (be(3), 0)], RING_SIZE)
+        );
+        assert_ne!(h, ring_hash(&[(be(1), 100), (be(2), 50)], RING_SIZE));
+        assert_ne!(h, ring_hash(&[(be(1), 100)], RING_SIZE));
         let v6 = BackendKey {
             addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
             port: 8000,
         };
-        assert_ne!(h, ring_hash(&[(be(1), 100), (v6, 100)]));
-        assert_ne!(ring_hash(&[]), ring_hash(&[(be(1), 100)]));
+        assert_ne!(h, ring_hash(&[(be(1), 100), (v6, 100)], RING_SIZE));
+        assert_ne!(
+            ring_hash(&[], RING_SIZE),
+            ring_hash(&[(be(1), 100)], RING_SIZE)
+        );
+        // The same backends on a ring of another size: another ring.
+        assert_ne!(h, ring_hash(&base, RING_SIZES[1]));
+    }
+
+    #[test]
+    fn ring_size_keeps_100_slots_per_backend_up_to_the_largest_class() {
+        for &m in &RING_SIZES {
+            assert!(is_prime(m), "{m}");
+        }
+        assert_eq!(ring_size(0), RING_SIZES[0]);
+        assert_eq!(ring_size(10), RING_SIZES[0]);
+        assert_eq!(ring_size(11), RING_SIZES[1]);
+        assert_eq!(ring_size(163), RING_SIZES[1]);
+        assert_eq!(ring_size(164), RING_SIZES[2]);
+        assert_eq!(ring_size(100_000), RING_SIZES[2]);
+        assert_eq!(ring_size(usize::MAX), RING_SIZES[2]);
     }
 
     #[test]

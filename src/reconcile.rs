@@ -321,7 +321,7 @@ pub fn plan_with_limits(
             .filter(|(_, bs)| bs.active())
             .map(|(bk, bs)| (*bk, bs.weight))
             .collect();
-        let ring_hash = maglev::ring_hash(&active);
+        let ring_hash = maglev::ring_hash(&active, RING_SIZE);
         let active_backends = active.len() as u32;
         let stale = match os {
             None => true,
@@ -568,7 +568,7 @@ mod tests {
                     id: 0,
                     key,
                     active_backends: 2,
-                    ring_hash: maglev::ring_hash(&active),
+                    ring_hash: maglev::ring_hash(&active, RING_SIZE),
                     affinity_secs: 0,
                     fresh: true,
                 },

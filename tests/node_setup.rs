@@ -347,7 +347,8 @@ fn an_entry_deleted_behind_the_daemons_back_is_repaired_by_the_periodic_reconcil
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     // 100 flows: with 20, one of four backends got none about once in 80 runs.
     let b = burst_from(&m.client_ns, vip, false, 100, REQ_TIMEOUT);
-    check_all("VIP before the deletion", &b, 100, &ALL).unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
+    check_all("VIP before the deletion", &b, 100, &ALL)
+        .unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
 
     // Delete the VIP's frontend entry behind the daemon's back.
     let dir = m.bpffs(&m.nodes[0]);

@@ -149,6 +149,10 @@ pub const PROG_TC_HANDOFF: &str = "meshlb_tc_handoff";
 /// a few percent up to ~10 backends, ~25x (40 backends) within ~10%. The
 /// ring array costs MAX_SERVICES * RING_SIZE * 4 bytes (42 MiB).
 pub const RING_SIZE: u32 = 1021;
+/// Maglev ring size classes (primes), smallest first: a service's ring
+/// has the smallest with at least 100 slots per configured backend, else
+/// the largest (userspace `maglev::ring_size`).
+pub const RING_SIZES: [u32; 3] = [1021, 16381, 65537];
 /// Maximum number of services (ids 0..MAX_SERVICES): one per published port.
 pub const MAX_SERVICES: u32 = 10240;
 /// Maximum number of backends over all services.

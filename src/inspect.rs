@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use meshlb_common::{
-    hash::flow_slot, AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING,
-    BE_F_PRESENT, CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, RING_SIZE, SVC_F_PRESENT,
+    AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING,
+    BE_F_PRESENT, CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SVC_F_PRESENT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -495,11 +495,10 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
             slot: None,
         };
     }
-    let slot = flow_slot(&key);
-    let backend = maps
-        .maglev
-        .get(&(fe.service_id * RING_SIZE + slot), 0)
-        .ok()
+    let pick = maps.ring_pick(fe.service_id, &key).ok().flatten();
+    let slot = pick.map(|(slot, _)| slot);
+    let backend = pick
+        .map(|(_, b)| b)
         .filter(|b| *b != NO_BACKEND)
         .and_then(|id| maps.backends.get(&id, 0).ok())
         .filter(|b| b.flags & BE_F_PRESENT != 0 && b.family == family)
@@ -514,6 +513,6 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
         frontend: Some(frontend),
         backend,
         reason,
-        slot: Some(slot),
+        slot,
     }
 }

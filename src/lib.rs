@@ -10,6 +10,8 @@
 //! * [`dataplane`] — the `Dataplane` (plans) and `Engine` (the daemon's loop)
 //!   traits; the XDP, IPVS and fake engines.
 //! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
+//! * [`bpfsys`] — the two BPF commands aya lacks (ring fill by mmap, delete
+//!   in an array of maps): the only `unsafe` code.
 //! * [`inspect`] — `status` and `explain`, read from the pinned maps.
 //! * [`ipvs`] — IPVS over generic netlink (constants, wire format, handle).
 //! * [`etcd`] — services and tasks from etcd (list+watch, node lease).
@@ -29,8 +31,9 @@
 //! * [`admin`] — the `service`/`task` client commands (etcd).
 //! * [`cli`] — the command line (clap), parsed in `main`.
 //! * [`manual`] — shell completions and man pages generated from [`cli`].
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod bpfsys;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -4,7 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use std::os::fd::{AsFd, OwnedFd};
+
+use aya::maps::{
+    Array, ArrayOfMaps, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+};
 use aya::Ebpf;
 use meshlb_common::{
     maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FrontendKey,
@@ -37,7 +41,12 @@ pub enum PinnedError {
     Missing { name: &'static str },
     #[error("cpu count: {0}")]
     Cpus(String),
+    #[error("ring of service {id}: {msg}")]
+    Ring { id: u32, msg: String },
 }
+
+/// One service's Maglev ring as the kernel holds it (see `maps::RINGS`).
+pub type Ring = Array<MapData, u32>;
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> PinnedError {
     move |source| PinnedError::Map { name, source }
@@ -49,7 +58,10 @@ pub struct Maps {
     pub local_addrs: HashMap<MapData, AddrKey, u32>,
     pub services: Array<MapData, ServiceInfo>,
     pub service_names: Array<MapData, ServiceName>,
-    pub maglev: Array<MapData, u32>,
+    /// Service id -> its Maglev ring (`swap_ring`, `ring`).
+    pub rings: ArrayOfMaps<MapData, Ring>,
+    /// `rings`' descriptor, for the one command aya lacks (delete).
+    rings_fd: OwnedFd,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
     pub reverse_nat: HashMap<MapData, FlowKey, RnatEntry>,
@@ -104,12 +116,22 @@ impl Maps {
                 take($name)?.try_into().map_err(map_err($name))?
             };
         }
+        let rings = take(maps::RINGS)?;
+        let rings_fd = match &rings {
+            Map::ArrayOfMaps(d) => d.fd().as_fd().try_clone_to_owned(),
+            _ => Err(std::io::Error::other("not an array of maps")),
+        }
+        .map_err(|e| PinnedError::Map {
+            name: maps::RINGS,
+            source: MapError::IoError(e),
+        })?;
         Ok(Maps {
             frontends: typed!(maps::FRONTENDS),
             local_addrs: typed!(maps::LOCAL_ADDRS),
             services: typed!(maps::SERVICES),
             service_names: typed!(maps::SERVICE_NAMES),
-            maglev: typed!(maps::MAGLEV),
+            rings_fd,
+            rings: rings.try_into().map_err(map_err(maps::RINGS))?,
             backends: typed!(maps::BACKENDS),
             conntrack: typed!(maps::CONNTRACK),
             reverse_nat: typed!(maps::REVERSE_NAT),
@@ -157,6 +179,70 @@ impl Maps {
         arr.set(index, zeros, 0).map_err(map_err(name))
     }
 
+    /// Replaces service `id`'s Maglev ring with `ring` (a backend id or
+    /// `NO_BACKEND` per slot; its length a `RING_SIZES` class). A new inner
+    /// map is created and filled through mmap, then swapped in by one
+    /// update of `RINGS`: a packet sees the old ring or the new one, never
+    /// a mix, and the cost is four syscalls whatever the ring's size. The
+    /// old ring is freed by the kernel once no program uses it.
+    pub fn swap_ring(&mut self, id: u32, ring: &[u32]) -> Result<(), PinnedError> {
+        let ring_err = |msg: String| PinnedError::Ring { id, msg };
+        let m = u32::try_from(ring.len()).map_err(|_| ring_err("too long".into()))?;
+        let new = Ring::create(m + 1, meshlb_common::RING_MAP_FLAGS)
+            .map_err(|e| ring_err(format!("create: {e}")))?;
+        let fd = new.map().fd().as_fd();
+        crate::bpfsys::fill_ring(fd, m, ring).map_err(|e| ring_err(format!("fill: {e}")))?;
+        self.rings.set(id, &new, 0).map_err(map_err(maps::RINGS))
+    }
+
+    /// Removes service `id`'s ring (the kernel frees it once unused).
+    pub fn remove_ring(&mut self, id: u32) -> Result<(), PinnedError> {
+        crate::bpfsys::delete_elem(self.rings_fd.as_fd(), id).map_err(|e| PinnedError::Map {
+            name: maps::RINGS,
+            source: MapError::IoError(e),
+        })
+    }
+
+    /// Service `id`'s ring as its slots (backend ids), `None` without one.
+    /// One consistent ring: an inner ring is never written once swapped in.
+    pub fn ring(&self, id: u32) -> Result<Option<Vec<u32>>, PinnedError> {
+        let Some(ring) = self.ring_handle(id)? else {
+            return Ok(None);
+        };
+        let m = ring_get(&ring, id, 0)?;
+        (1..=m)
+            .map(|i| ring_get(&ring, id, i))
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Some)
+    }
+
+    /// The slot of flow `key` on service `id`'s ring and the backend id in
+    /// it, as the data path picks them; `None` without a ring.
+    pub fn ring_pick(&self, id: u32, key: &FlowKey) -> Result<Option<(u32, u32)>, PinnedError> {
+        let Some(ring) = self.ring_handle(id)? else {
+            return Ok(None);
+        };
+        let m = ring_get(&ring, id, 0)?;
+        if m == 0 {
+            return Ok(None);
+        }
+        let slot = meshlb_common::hash::flow_slot(key, m);
+        Ok(Some((slot, ring_get(&ring, id, slot + 1)?)))
+    }
+
+    /// Whether service `id` has a ring.
+    pub fn has_ring(&self, id: u32) -> bool {
+        matches!(self.ring_handle(id), Ok(Some(_)))
+    }
+
+    fn ring_handle(&self, id: u32) -> Result<Option<Ring>, PinnedError> {
+        match self.rings.get(&id, 0) {
+            Ok(r) => Ok(Some(r)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::RINGS)(e)),
+        }
+    }
+
     /// Global counters summed over CPUs, by `Counter` index.
     pub fn counters(&self) -> Vec<u64> {
         (0..meshlb_common::COUNTER_COUNT)
@@ -168,6 +254,13 @@ impl Maps {
             })
             .collect()
     }
+}
+
+fn ring_get(ring: &Ring, id: u32, index: u32) -> Result<u32, PinnedError> {
+    ring.get(&index, 0).map_err(|e| PinnedError::Ring {
+        id,
+        msg: format!("entry {index}: {e}"),
+    })
 }
 
 /// An address in the maps' layout: 16 network-order bytes + family.

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use meshlb_common::{NO_BACKEND, RING_SIZE};
+use meshlb_common::NO_BACKEND;
 
 use crate::maglev;
 use crate::model::{BackendKey, BackendState, DesiredState, Frontend, Observed, ServiceKey};
@@ -35,7 +35,8 @@ pub enum Op {
         id: u32,
     },
     /// Write a service's Maglev ring: `ring[slot]` is a backend id or
-    /// `meshlb_common::NO_BACKEND`; `ring.len() == RING_SIZE`.
+    /// `meshlb_common::NO_BACKEND`; `ring.len()` is the service's
+    /// `maglev::ring_size`.
     WriteRing {
         service_id: u32,
         ring: Vec<u32>,
@@ -321,14 +322,15 @@ pub fn plan_with_limits(
             .filter(|(_, bs)| bs.active())
             .map(|(bk, bs)| (*bk, bs.weight))
             .collect();
-        let ring_hash = maglev::ring_hash(&active, RING_SIZE);
+        let size = maglev::ring_size(spec.backends.len());
+        let ring_hash = maglev::ring_hash(&active, size);
         let active_backends = active.len() as u32;
         let stale = match os {
             None => true,
             Some(os) => os.ring_hash != ring_hash || os.active_backends != active_backends,
         };
         if stale {
-            let ring = maglev::table(&active, RING_SIZE)
+            let ring = maglev::table(&active, size)
                 .into_iter()
                 .map(|slot| slot.map_or(NO_BACKEND, |i| ids[&active[i].0]))
                 .collect();
@@ -407,6 +409,7 @@ mod tests {
     use crate::dataplane::Dataplane;
     use crate::model::{BackendSpec, Proto, ServiceSpec};
     use std::net::Ipv4Addr;
+    const RING_SIZE: u32 = meshlb_common::RING_SIZES[0];
 
     fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(a, b, c, d))

@@ -11,7 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use meshlb_common::{NO_BACKEND, RING_SIZE};
+use meshlb_common::{NO_BACKEND, RING_SIZES};
+
+#[cfg(test)]
+const RING_SIZE: u32 = RING_SIZES[0];
 
 use super::{Dataplane, DataplaneError, DataplaneKind};
 use crate::model::{
@@ -43,8 +46,7 @@ pub struct FakeBackend {
 pub struct FakeDataplane {
     limits: Limits,
     services: BTreeMap<u32, FakeService>,
-    /// Service id -> ring (`MAGLEV`). Kept for a removed service only in
-    /// the sense that the kernel keeps stale array entries: unreachable.
+    /// Service id -> ring (`RINGS`), removed with its service.
     rings: BTreeMap<u32, Vec<u32>>,
     backends: BTreeMap<u32, FakeBackend>,
     frontends: BTreeMap<Frontend, u32>,
@@ -248,9 +250,9 @@ impl FakeDataplane {
                 if *service_id >= limits.services {
                     return Err(err(format!("service id {service_id}: beyond the table")));
                 }
-                if ring.len() != RING_SIZE as usize {
+                if !RING_SIZES.contains(&(ring.len() as u32)) {
                     return Err(err(format!(
-                        "ring of service {service_id}: {} slots, expected {RING_SIZE}",
+                        "ring of service {service_id}: {} slots, not one of {RING_SIZES:?}",
                         ring.len()
                     )));
                 }

@@ -17,7 +17,7 @@ use meshlb_common::{
     flow_clock, idle_past, maps, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey,
     FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
     BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
-    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP, RING_SIZE,
+    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP,
     SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX,
     SNAT_PORT_MIN, SVC_F_PRESENT,
 };
@@ -1220,7 +1220,9 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
             key,
             ObservedService {
                 id,
-                ring_hash: info.ring_hash,
+                // No ring (an upgrade from the flat ring array, a ring
+                // removed by hand): stale, so the reconcile writes one.
+                ring_hash: if maps.has_ring(id) { info.ring_hash } else { 0 },
                 active_backends: info.active_backends,
                 affinity_secs: maps.service_affinity.get(&id, 0).unwrap_or(0),
                 ..Default::default()
@@ -1363,12 +1365,8 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                     .map_err(map_error(maps::BACKENDS))?;
             }
             Op::WriteRing { service_id, ring } => {
-                let base = service_id * RING_SIZE;
-                for (slot, b) in ring.iter().enumerate() {
-                    maps.maglev
-                        .set(base + slot as u32, *b, 0)
-                        .map_err(map_error(maps::MAGLEV))?;
-                }
+                maps.swap_ring(*service_id, ring)
+                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
             }
             Op::UpsertService {
                 id,
@@ -1409,6 +1407,8 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 maps.service_names
                     .set(*id, ServiceName::default(), 0)
                     .map_err(map_error(maps::SERVICE_NAMES))?;
+                maps.remove_ring(*id)
+                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
             }
             Op::AddFrontend {
                 frontend,

@@ -56,10 +56,11 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
     finish(h ^ 40)
 }
 
-/// The Maglev slot of a flow.
+/// The Maglev slot of a flow on a ring of `ring_size` slots (0 for an
+/// empty ring).
 #[inline(always)]
-pub fn flow_slot(k: &FlowKey) -> u32 {
-    flow_hash(k) % crate::RING_SIZE
+pub fn flow_slot(k: &FlowKey, ring_size: u32) -> u32 {
+    flow_hash(k).checked_rem(ring_size).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -91,7 +92,7 @@ mod tests {
     fn source_ports_spread_over_slots() {
         let mut buckets = [0u32; 4];
         for p in 0..4000u16 {
-            buckets[(flow_slot(&key(30000 + p)) % 4) as usize] += 1;
+            buckets[(flow_slot(&key(30000 + p), crate::RING_SIZES[0]) % 4) as usize] += 1;
         }
         for b in buckets {
             assert!((800..1200).contains(&b), "uneven spread: {buckets:?}");

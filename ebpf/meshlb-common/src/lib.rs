@@ -30,8 +30,12 @@ pub mod maps {
     pub const SERVICES: &str = "MLB_SVC_V1";
     /// array, service id -> `ServiceName` (userspace only: adoption, status).
     pub const SERVICE_NAMES: &str = "MLB_SVCNAME_V1";
-    /// array, `service id * RING_SIZE + slot` -> backend id (`u32`).
-    pub const MAGLEV: &str = "MLB_MAGLEV_V1";
+    /// array of maps, service id -> the service's Maglev ring: an inner
+    /// array of `u32`, `[0]` the ring size M (a `RING_SIZES` class) and
+    /// `[1 + slot]` the backend id of `slot` (0..M, `NO_BACKEND`: none).
+    /// A ring is never written in place: a new inner map is filled, then
+    /// swapped in with one update, so a packet sees one whole ring.
+    pub const RINGS: &str = "MLB_RING_V1";
     /// array, backend id -> `Backend`.
     pub const BACKENDS: &str = "MLB_BE_V1";
     /// LRU hash, client flow `FlowKey` -> `CtEntry`. V2: `last_seen`
@@ -93,7 +97,7 @@ pub mod maps {
         LOCAL_ADDRS,
         SERVICES,
         SERVICE_NAMES,
-        MAGLEV,
+        RINGS,
         BACKENDS,
         CONNTRACK,
         REVERSE_NAT,
@@ -117,9 +121,12 @@ pub mod maps {
 
     /// Pin names of maps from earlier layouts: removed when found (their
     /// replacement starts empty; what they held is not state, see each).
-    pub const SUPERSEDED: [&str; 2] = [
+    pub const SUPERSEDED: [&str; 3] = [
         // V1 counters: totals only, the V2 map starts at zero.
         "MLB_CNT_V1",
+        // One flat array of 1,021-slot rings: rewritten into `RINGS` (a
+        // service without a ring there is stale, see `observe_maps`).
+        "MLB_MAGLEV_V1",
         // V1 conntrack: its entries are copied into V2 first.
         CONNTRACK_V1,
     ];
@@ -144,15 +151,22 @@ pub const PROG_TC_LB: &str = "meshlb_tc";
 /// could not transmit itself (see `XdpHandoff`).
 pub const PROG_TC_HANDOFF: &str = "meshlb_tc_handoff";
 
-/// Maglev lookup table size per service (prime). Balance needs the ring
-/// to be much larger than the backend count: ~100x keeps the spread within
-/// a few percent up to ~10 backends, ~25x (40 backends) within ~10%. The
-/// ring array costs MAX_SERVICES * RING_SIZE * 4 bytes (42 MiB).
-pub const RING_SIZE: u32 = 1021;
 /// Maglev ring size classes (primes), smallest first: a service's ring
 /// has the smallest with at least 100 slots per configured backend, else
-/// the largest (userspace `maglev::ring_size`).
+/// the largest (userspace `maglev::ring_size`). Balance and disruption
+/// need the ring much larger than the backend count (the Maglev paper's
+/// M >= 100 N). A ring of M slots is an inner array of M + 1 entries
+/// (`maps::RINGS`), 8 bytes each in the kernel (array values are 8-byte
+/// aligned): 8 KiB, 128 KiB and 512 KiB.
 pub const RING_SIZES: [u32; 3] = [1021, 16381, 65537];
+/// Flags of every inner ring map (and of the object's template): the
+/// rings differ in size (`BPF_F_INNER_MAP`) and are filled through mmap
+/// (`BPF_F_MMAPABLE`), one syscall whatever their size.
+pub const RING_MAP_FLAGS: u32 = BPF_F_MMAPABLE | BPF_F_INNER_MAP;
+/// `BPF_F_MMAPABLE` (uapi/linux/bpf.h).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_F_INNER_MAP` (uapi/linux/bpf.h).
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// Maximum number of services (ids 0..MAX_SERVICES): one per published port.
 pub const MAX_SERVICES: u32 = 10240;
 /// Maximum number of backends over all services.

@@ -43,7 +43,7 @@ use meshlb_common::{
     Counter, CtEntry, FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue,
     IfAddrKey, RateWindow, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
     BE_F_SNAT, CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
-    CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_SIZE,
+    CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP,
     SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS,
     SNAT_TRIES, SVC_F_PRESENT,
 };
@@ -1004,13 +1004,18 @@ fn select_backend(pkt: &Packet, service_id: u32) -> u32 {
     backend_id
 }
 
-/// The Maglev ring's backend for a flow (`NO_BACKEND`: none).
+/// The Maglev ring's backend for a flow (`NO_BACKEND`: none). One lookup
+/// of the service's ring: its size and slots come from the same ring,
+/// however often userspace swaps it.
 #[inline(always)]
 fn maglev_backend(pkt: &Packet, service_id: u32) -> u32 {
-    MLB_MAGLEV_V1
-        .get(service_id * RING_SIZE + flow_slot(&pkt.key))
-        .copied()
-        .unwrap_or(NO_BACKEND)
+    let Some((ring, m)) = MLB_RING_V1.ring(service_id) else {
+        return NO_BACKEND;
+    };
+    if m == 0 {
+        return NO_BACKEND;
+    }
+    RingsDef::backend(ring, flow_slot(&pkt.key, m)).unwrap_or(NO_BACKEND)
 }
 
 /// Whether backend `id` is in use by `service_id`, of the flow's family,

@@ -3,7 +3,10 @@
 //! userspace at load time). All maps pin by name under the daemon's bpffs
 //! directory so forwarding survives the daemon.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
+    helpers::bpf_map_lookup_elem,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -25,9 +28,88 @@ pub static MLB_SVC_V1: Array<ServiceInfo> = Array::pinned(MAX_SERVICES, 0);
 #[map]
 pub static MLB_SVCNAME_V1: Array<ServiceName> = Array::pinned(MAX_SERVICES, 0);
 
-/// service id * RING_SIZE + slot -> backend id (NO_BACKEND = empty).
-#[map]
-pub static MLB_MAGLEV_V1: Array<u32> = Array::pinned(MAX_SERVICES * RING_SIZE, 0);
+/// service id -> the service's Maglev ring (an inner array: `[0]` the
+/// ring size M, `[1 + slot]` a backend id, NO_BACKEND = empty). Swapped
+/// whole by userspace, never written in place.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "MLB_RING_V1")]
+pub static MLB_RING_V1: RingsDef = RingsDef::new();
+
+/// `LIBBPF_PIN_BY_NAME`: pinned under the loader's pin directory.
+const PIN_BY_NAME: usize = 1;
+
+/// BTF definition of `MLB_RING_V1` (aya-ebpf's `ArrayOfMaps` has no
+/// `pinning` member, and every map here must pin by name). The loader
+/// reads only the member names and the types behind the pointers:
+/// `[i32; N]` encodes the number N, `values` the inner map's template.
+#[repr(C)]
+pub struct RingsDef {
+    r#type: *const [i32; BPF_MAP_TYPE_ARRAY_OF_MAPS],
+    key: *const u32,
+    value: *const u32,
+    max_entries: *const [i32; MAX_SERVICES as usize],
+    map_flags: *const [i32; 0],
+    pinning: *const [i32; PIN_BY_NAME],
+    values: [*const RingDef; 0],
+}
+
+/// BTF template of the inner rings: the smallest class; the real rings
+/// differ in size, which `BPF_F_INNER_MAP` allows.
+#[repr(C)]
+pub struct RingDef {
+    r#type: *const [i32; BPF_MAP_TYPE_ARRAY],
+    key: *const u32,
+    value: *const u32,
+    max_entries: *const [i32; RING_SIZES[0] as usize + 1],
+    map_flags: *const [i32; RING_MAP_FLAGS as usize],
+}
+
+const BPF_MAP_TYPE_ARRAY: usize = aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_ARRAY as usize;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: usize =
+    aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS as usize;
+
+// SAFETY: a placeholder the loader replaces; never read or written.
+unsafe impl Sync for RingsDef {}
+
+impl RingsDef {
+    const fn new() -> Self {
+        RingsDef {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+            values: [],
+        }
+    }
+
+    /// `service_id`'s ring and its size M; `None` without a ring.
+    #[inline(always)]
+    pub fn ring(&self, service_id: u32) -> Option<(*mut c_void, u32)> {
+        let ring = lookup(self as *const Self as *mut c_void, &service_id)?;
+        // SAFETY: an inner array of u32; entries stay valid while the
+        // program runs (RCU), even if the ring is swapped meanwhile.
+        let m = unsafe { *(lookup(ring, &0u32)? as *const u32) };
+        Some((ring, m))
+    }
+
+    /// The backend id in `slot` (0..M) of a ring returned by `ring`.
+    #[inline(always)]
+    pub fn backend(ring: *mut c_void, slot: u32) -> Option<u32> {
+        // SAFETY: as above.
+        lookup(ring, &(slot + 1)).map(|p| unsafe { *(p as *const u32) })
+    }
+}
+
+/// `bpf_map_lookup_elem`; `None` when absent.
+#[inline(always)]
+fn lookup(map: *mut c_void, key: &u32) -> Option<*mut c_void> {
+    // SAFETY: `map` is a map (the outer definition or an inner map the
+    // outer lookup returned); the key is a u32 as both maps declare.
+    let p = unsafe { bpf_map_lookup_elem(map, key as *const u32 as *const c_void) };
+    (!p.is_null()).then_some(p)
+}
 
 /// backend id -> Backend.
 #[map]

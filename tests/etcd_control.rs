@@ -5,9 +5,11 @@
 //!
 //! Covered: CLI-made services and tasks carry traffic and their removal
 //! stops it; 1000 random writes converge exactly; a watch resumed after a
-//! compaction re-lists without stale backends; a 30 s etcd outage loses no
-//! request and a write after it is applied within 1 s; a 3-member cluster
-//! losing its leader mid-churn misses no update; TLS with client-cert auth
+//! compaction re-lists without stale backends; a watch stream cut (by a
+//! TCP proxy the test controls) between its created response and its
+//! backlog loses no event; a 30 s etcd outage loses no request and a
+//! write after it is applied within 1 s; a 3-member cluster losing its
+//! leader mid-churn misses no update; TLS with client-cert auth
 //! works and a wrong CA fails clearly; username/password auth works and a
 //! missing or wrong password is refused in one line; malformed records are skipped with
 //! one log line and a metric each. Needs root; see `common` for the topology.
@@ -15,10 +17,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use std::thread;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::etcd::*;
@@ -1399,5 +1402,436 @@ fn large_values_do_not_stop_list_or_watch() {
         "the list is not 1 service and 2,001 tasks{}",
         topo.ctx()
     );
+    assert!(d.is_running(), "daemon died{}", topo.ctx());
+}
+
+// ---------------------------------------------------------------------------
+// A TCP proxy between the daemon and etcd, which the test controls
+
+/// What [`EtcdProxy`] does with the connections it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProxyMode {
+    /// Forward both ways.
+    Pass,
+    /// Close every connection at once: etcd is unreachable for the daemon.
+    Refuse,
+    /// Forward until some connection brings a watch-created response:
+    /// forward that response, hold back what follows it, cut that
+    /// connection, and pass again.
+    CutAfterCreated,
+}
+
+/// How long the proxy holds a connection after forwarding the created
+/// response and before cutting it: time for the daemon to read the
+/// response while the connection still looks healthy.
+const CREATED_HOLD: Duration = Duration::from_millis(200);
+
+struct ProxyState {
+    mode: ProxyMode,
+    /// Both sockets of every open connection, by id (clones, to cut them).
+    conns: BTreeMap<u64, [TcpStream; 2]>,
+    /// The header revision of every created response the proxy cut after.
+    cuts: Vec<i64>,
+}
+
+struct ProxyShared {
+    state: Mutex<ProxyState>,
+    stop: AtomicBool,
+    /// The connection threads, joined when the proxy is dropped.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ProxyShared {
+    fn state(&self) -> std::sync::MutexGuard<'_, ProxyState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Shuts connection `id` down both ways (ends both of its threads).
+    fn cut(&self, id: u64) {
+        if let Some(socks) = self.state().conns.remove(&id) {
+            for s in &socks {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// A plain-TCP proxy on 127.0.0.1 of a namespace, in front of an etcd
+/// listening on 127.0.0.1 of that namespace. It reads the server's side as
+/// HTTP/2 frames so that it can cut a connection right after one given
+/// gRPC message (see [`watch_created`]). Dropping it cuts every
+/// connection and joins every thread.
+struct EtcdProxy {
+    port: u16,
+    shared: Arc<ProxyShared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl EtcdProxy {
+    fn start(ns: &str, upstream_port: u16) -> EtcdProxy {
+        let listener = in_netns(ns, || TcpListener::bind("127.0.0.1:0"))
+            .unwrap_or_else(|e| panic!("proxy: bind 127.0.0.1:0 in {ns}: {e}"));
+        let port = listener.local_addr().expect("proxy local_addr").port();
+        listener
+            .set_nonblocking(true)
+            .expect("proxy: non-blocking listener");
+        let shared = Arc::new(ProxyShared {
+            state: Mutex::new(ProxyState {
+                mode: ProxyMode::Pass,
+                conns: BTreeMap::new(),
+                cuts: Vec::new(),
+            }),
+            stop: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        });
+        let (sh, ns) = (shared.clone(), ns.to_string());
+        let upstream = SocketAddr::from(([127, 0, 0, 1], upstream_port));
+        let accept = thread::spawn(move || {
+            // Upstream sockets are made here, so they must be in `ns`;
+            // the connection threads inherit it.
+            enter_netns(&ns);
+            proxy_accept_loop(&listener, upstream, &sh);
+        });
+        EtcdProxy {
+            port,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every connection and refuses new ones.
+    fn refuse(&self) {
+        let mut st = self.shared.state();
+        st.mode = ProxyMode::Refuse;
+        for socks in std::mem::take(&mut st.conns).values() {
+            for s in socks {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    fn cut_after_created(&self) {
+        self.shared.state().mode = ProxyMode::CutAfterCreated;
+    }
+
+    /// The header revision of the `n`-th (from 1) created response cut after.
+    fn nth_cut(&self, n: usize) -> Option<i64> {
+        self.shared.state().cuts.get(n - 1).copied()
+    }
+}
+
+impl Drop for EtcdProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        // No new connection now: cut the open ones and wait for their threads.
+        self.refuse();
+        let threads = std::mem::take(
+            &mut *self
+                .shared
+                .threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for h in threads {
+            let _ = h.join();
+        }
+    }
+}
+
+fn proxy_accept_loop(listener: &TcpListener, upstream: SocketAddr, sh: &Arc<ProxyShared>) {
+    let mut next_id = 0u64;
+    while !sh.stop.load(Ordering::Relaxed) {
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(_) => {
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if sh.state().mode == ProxyMode::Refuse {
+            continue;
+        }
+        let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(2)) else {
+            continue;
+        };
+        let Ok(ends) = pump_ends(&client, &server) else {
+            continue;
+        };
+        let id = next_id;
+        next_id += 1;
+        {
+            // Registered under the same lock `refuse` takes, so no
+            // connection slips past a cut.
+            let mut st = sh.state();
+            if st.mode == ProxyMode::Refuse {
+                continue;
+            }
+            st.conns.insert(id, [client, server]);
+        }
+        let [client_r, server_r, client_w, server_w] = ends;
+        let (a, b) = (sh.clone(), sh.clone());
+        let up = thread::spawn(move || {
+            copy_until_closed(client_r, server_w);
+            a.cut(id);
+        });
+        let down = thread::spawn(move || {
+            forward_frames(server_r, client_w, &b);
+            b.cut(id);
+        });
+        sh.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([up, down]);
+    }
+}
+
+/// Blocking, no-delay sockets, and one clone of each per pump direction:
+/// reading client, reading server, writing client, writing server.
+fn pump_ends(client: &TcpStream, server: &TcpStream) -> std::io::Result<[TcpStream; 4]> {
+    for s in [client, server] {
+        s.set_nonblocking(false)?;
+        s.set_nodelay(true)?;
+    }
+    Ok([
+        client.try_clone()?,
+        server.try_clone()?,
+        client.try_clone()?,
+        server.try_clone()?,
+    ])
+}
+
+fn copy_until_closed(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Forwards etcd's side of an HTTP/2 connection frame by frame (a partial
+/// frame waits for the rest). In `CutAfterCreated`, the first watch-created
+/// response is forwarded alone, then nothing more: the connection is held
+/// for `CREATED_HOLD` and cut (by the caller, on return).
+fn forward_frames(mut from: TcpStream, mut to: TcpStream, sh: &ProxyShared) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while buf.len() - at >= 9 {
+            let len = 9
+                + (usize::from(buf[at]) << 16
+                    | usize::from(buf[at + 1]) << 8
+                    | usize::from(buf[at + 2]));
+            if buf.len() - at < len {
+                break;
+            }
+            let frame = &buf[at..at + len];
+            if to.write_all(frame).is_err() {
+                return;
+            }
+            at += len;
+            if let Some(rev) = watch_created(frame) {
+                let mut st = sh.state();
+                if st.mode == ProxyMode::CutAfterCreated {
+                    st.mode = ProxyMode::Pass;
+                    drop(st);
+                    thread::sleep(CREATED_HOLD);
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                    sh.state().cuts.push(rev);
+                    return;
+                }
+            }
+        }
+        buf.drain(..at);
+    }
+}
+
+/// The header revision of `frame` when it is an HTTP/2 DATA frame holding
+/// one whole gRPC message that is a watch-created response
+/// (`WatchResponse{header: 1, created: 3 = true}`). The other responses
+/// on these connections never set field 3 to 1: a count-only range has
+/// `more` false, a lease grant or keep-alive carries its TTL of 10.
+fn watch_created(frame: &[u8]) -> Option<i64> {
+    const DATA: u8 = 0;
+    const PADDED: u8 = 0x8;
+    if frame.get(3) != Some(&DATA) {
+        return None;
+    }
+    let mut data = &frame[9..];
+    if frame[4] & PADDED != 0 {
+        let pad = usize::from(*data.first()?);
+        data = data.get(1..data.len().checked_sub(pad)?)?;
+    }
+    // gRPC: uncompressed flag, 4-byte length, the message.
+    let (&compressed, rest) = data.split_first()?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    if compressed != 0 || rest.len() != 4 + len {
+        return None;
+    }
+    let fields = proto_fields(&rest[4..])?;
+    if !fields.contains(&(3, ProtoField::Varint(1))) {
+        return None;
+    }
+    let header = fields.iter().find_map(|f| match f {
+        (1, ProtoField::Bytes(b)) => Some(*b),
+        _ => None,
+    })?;
+    proto_fields(header)?.iter().find_map(|f| match f {
+        (3, ProtoField::Varint(rev)) => i64::try_from(*rev).ok(),
+        _ => None,
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ProtoField<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// The top-level fields of a protobuf message, `None` when malformed.
+fn proto_fields(msg: &[u8]) -> Option<Vec<(u64, ProtoField<'_>)>> {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut fields = Vec::new();
+    let mut i = 0;
+    while i < msg.len() {
+        let key = varint(msg, &mut i)?;
+        let field = match key & 7 {
+            0 => ProtoField::Varint(varint(msg, &mut i)?),
+            1 | 5 => {
+                i += if key & 7 == 1 { 8 } else { 4 };
+                ProtoField::Fixed
+            }
+            2 => {
+                let n = usize::try_from(varint(msg, &mut i)?).ok()?;
+                let b = msg.get(i..i.checked_add(n)?)?;
+                i += n;
+                ProtoField::Bytes(b)
+            }
+            _ => return None,
+        };
+        fields.push((key >> 3, field));
+    }
+    (i == msg.len()).then_some(fields)
+}
+
+/// Issue 18: a watch stream broken after its created response but before
+/// its backlog loses no event. The created response's header is the
+/// store's revision, and the backlog from the start revision follows it
+/// (etcd sends an unsynced watcher's backlog from a loop that runs every
+/// 100 ms): resuming from that header would skip the backlog.
+///
+/// How the window is hit, deterministically: the daemon reaches etcd only
+/// through a proxy. Each round the proxy cuts the daemon off and refuses
+/// it while the test writes a few changes directly to etcd; so when the
+/// daemon is let back, its new watch starts behind the store and has a
+/// backlog. The proxy then forwards etcd's bytes frame by frame up to and
+/// including the watch-created response, holds everything after it, and
+/// cuts the connection. The daemon must resume from its own last revision
+/// and so receive the backlog on the next connection.
+#[test]
+fn watch_broken_between_creation_and_backlog_loses_no_event() {
+    require_root();
+    let topo = prepared("ew");
+    let etcd = EtcdServer::start_in(&topo.lb_ns, "ew");
+    let c = etcd.client();
+    let proxy = EtcdProxy::start(&topo.lb_ns, etcd.client_port);
+    let via_proxy = EtcdClient {
+        endpoints: vec![proxy.url()],
+        ..c.clone()
+    };
+    let ip = |n: &str| topo.backend(n).v4.to_string();
+    put_good(&c, "10.96.0.32", &ip("b1"));
+    let mut d = start_etcd_daemon(&topo, &via_proxy, &[]);
+    topo.wait_ready(&mut d, &["good"], READY);
+    wait_backend_addrs(&topo, "good", &[&ip("b1")], Duration::from_secs(10));
+
+    for round in 1..=3u16 {
+        proxy.refuse();
+        let before = c.revision();
+        // The backlog: a changed weight, a new task, a deleted one.
+        c.put(
+            &task_key("good", "ok"),
+            &task_json(&ip("b1"), HTTP_PORT, 10 * u32::from(round), "running"),
+        );
+        let b = if round % 2 == 1 { "b2" } else { "b3" };
+        c.put(
+            &task_key("good", &format!("r{round}")),
+            &task_json(&ip(b), HTTP_PORT + round, 100, "running"),
+        );
+        if round > 1 {
+            c.del(&task_key("good", &format!("r{}", round - 1)));
+        }
+        let after = c.revision();
+        proxy.cut_after_created();
+        let created = wait_for(
+            Duration::from_secs(10),
+            &format!("round {round}: the daemon's watch-created response through the proxy"),
+            || proxy.nth_cut(round.into()).ok_or_else(|| "none yet".into()),
+        )
+        .unwrap_or_else(|e| panic!("{e}{}", topo.ctx()));
+        // Otherwise the round would not test the window.
+        assert!(
+            created >= after,
+            "round {round}: the watch was created at revision {created}, before the \
+             backlog {}..={after} was written{}",
+            before + 1,
+            topo.ctx()
+        );
+        let want = from_etcd(&c);
+        let mut got = Programmed::new();
+        let r = wait_for(Duration::from_secs(5), "status to match etcd", || {
+            got = from_status(&topo.try_status()?, &[]);
+            if got == want {
+                Ok(())
+            } else {
+                Err(diff(&want, &got))
+            }
+        });
+        if let Err(e) = r {
+            panic!(
+                "round {round}: the backlog (revisions {}..={after}) of a watch cut right \
+                 after its created response (header revision {created}) was lost: {e}\n\
+                 want {want:?}\ngot  {got:?}{}",
+                before + 1,
+                topo.ctx()
+            );
+        }
+        eprintln!(
+            "round {round}: cut after the created response at revision {created}; \
+             backlog {}..={after} applied",
+            before + 1
+        );
+    }
     assert!(d.is_running(), "daemon died{}", topo.ctx());
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use meshlb_common::{
-    AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING,
-    BE_F_PRESENT, CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SVC_F_PRESENT,
+    AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
+    CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SVC_F_PRESENT,
 };
 use serde::{Deserialize, Serialize};
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use aya::maps::{
     Array, ArrayOfMaps, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
@@ -58,9 +58,9 @@ pub struct Maps {
     pub local_addrs: HashMap<MapData, AddrKey, u32>,
     pub services: Array<MapData, ServiceInfo>,
     pub service_names: Array<MapData, ServiceName>,
-    /// Service id -> its Maglev ring (`swap_ring`, `ring`).
+    /// Service id -> its Maglev ring (`install_rings`, `ring`).
     pub rings: ArrayOfMaps<MapData, Ring>,
-    /// `rings`' descriptor, for the one command aya lacks (delete).
+    /// `rings`' descriptor, for the one command aya lacks (batch update).
     rings_fd: OwnedFd,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
@@ -179,28 +179,55 @@ impl Maps {
         arr.set(index, zeros, 0).map_err(map_err(name))
     }
 
-    /// Replaces service `id`'s Maglev ring with `ring` (a backend id or
-    /// `NO_BACKEND` per slot; its length a `RING_SIZES` class). A new inner
-    /// map is created and filled through mmap, then swapped in by one
-    /// update of `RINGS`: a packet sees the old ring or the new one, never
-    /// a mix, and the cost is four syscalls whatever the ring's size. The
-    /// old ring is freed by the kernel once no program uses it.
-    pub fn swap_ring(&mut self, id: u32, ring: &[u32]) -> Result<(), PinnedError> {
+    /// A new ring for service `id` (`ring`: a backend id or `NO_BACKEND`
+    /// per slot, its length a `RING_SIZES` class, or empty: no backend),
+    /// filled through mmap in one syscall whatever its size, but not in
+    /// place yet (`install_rings`). A ring is never written once in place.
+    pub fn new_ring(id: u32, ring: &[u32]) -> Result<Ring, PinnedError> {
         let ring_err = |msg: String| PinnedError::Ring { id, msg };
         let m = u32::try_from(ring.len()).map_err(|_| ring_err("too long".into()))?;
         let new = Ring::create(m + 1, meshlb_common::RING_MAP_FLAGS)
             .map_err(|e| ring_err(format!("create: {e}")))?;
-        let fd = new.map().fd().as_fd();
-        crate::bpfsys::fill_ring(fd, m, ring).map_err(|e| ring_err(format!("fill: {e}")))?;
-        self.rings.set(id, &new, 0).map_err(map_err(maps::RINGS))
+        crate::bpfsys::fill_ring(new.map().fd().as_fd(), m, ring)
+            .map_err(|e| ring_err(format!("fill: {e}")))?;
+        Ok(new)
     }
 
-    /// Removes service `id`'s ring (the kernel frees it once unused).
-    pub fn remove_ring(&mut self, id: u32) -> Result<(), PinnedError> {
-        crate::bpfsys::delete_elem(self.rings_fd.as_fd(), id).map_err(|e| PinnedError::Map {
-            name: maps::RINGS,
-            source: MapError::IoError(e),
-        })
+    /// Puts `rings` (service id, ring from `new_ring`) in place, each by
+    /// one atomic update of its `RINGS` entry: a packet sees a service's
+    /// old ring or its new one, never a mix. All in one batch: the kernel
+    /// waits once for the programs running meanwhile (an RCU grace
+    /// period, milliseconds), not once per ring. Where it has no batch
+    /// update for arrays of maps (before 5.6...), one update each. The old
+    /// rings are freed by the kernel once no program uses them.
+    pub fn install_rings(&mut self, rings: Vec<(u32, Ring)>) -> Result<(), PinnedError> {
+        if rings.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<u32> = rings.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<u32> = rings
+            .iter()
+            .map(|(_, r)| r.map().fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        match crate::bpfsys::update_batch(self.rings_fd.as_fd(), &keys, &fds) {
+            Ok(()) => Ok(()),
+            Err(e) if crate::bpfsys::unsupported(&e) => {
+                for (id, ring) in &rings {
+                    self.rings.set(*id, ring, 0).map_err(map_err(maps::RINGS))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(PinnedError::Map {
+                name: maps::RINGS,
+                source: MapError::IoError(e),
+            }),
+        }
+    }
+
+    /// Replaces service `id`'s ring (`new_ring`, `install_rings`).
+    pub fn swap_ring(&mut self, id: u32, ring: &[u32]) -> Result<(), PinnedError> {
+        let new = Self::new_ring(id, ring)?;
+        self.install_rings(vec![(id, new)])
     }
 
     /// Service `id`'s ring as its slots (backend ids), `None` without one.

@@ -1898,3 +1898,151 @@ fn bare_forwarder_swaps_macs_and_transmits() {
     assert_eq!(r.return_value, 3, "XDP_TX");
     assert_eq!(&out[..r.data_size_out as usize], want.bytes().as_slice());
 }
+
+/// The backend port a forwarded frame carries (after a handoff header, if
+/// any); `None` for a frame that is not IPv4 TCP.
+fn forwarded_dport(out: &[u8]) -> Option<u16> {
+    let magic = meshlb_common::HANDOFF_MAGIC.to_ne_bytes();
+    let f = if out.starts_with(&magic) {
+        &out[std::mem::size_of::<meshlb_common::XdpHandoff>()..]
+    } else {
+        out
+    };
+    (f.len() >= 38 && f[12..14] == [0x08, 0x00] && f[23] == 6)
+        .then(|| u16::from_be_bytes([f[36], f[37]]))
+}
+
+/// Issue 18: a service's ring is replaced whole. One thread swaps the ring
+/// of `web` back and forth between 1,021 slots all naming backend X (port
+/// 8000) and 16,381 slots all naming a second backend Y (port 8001) as
+/// fast as it can; meanwhile every read of the ring through the pins must
+/// be wholly one or the other (size and slots), and every new flow the
+/// program sees must go to X or Y. A packet that read the size of one ring
+/// and a slot of the other would find no backend (most slots of the large
+/// ring are beyond the small one), and a userspace read of a ring written
+/// in place would see both backends.
+#[test]
+fn rings_are_replaced_whole_never_seen_mixed() {
+    use meshlb_common::{Backend, BE_F_PRESENT, FAMILY_V4, RING_SIZES};
+    let ns = Netns::new_named("mlbt-fxr");
+    let (ebpf, mut maps) = load(&ns.pins);
+    program(&["10.200.0.1", "fd00:200::1", SNAT4, SNAT6], &mut maps);
+    let vip = meshlb_common::FrontendKey {
+        addr: addr_bytes("10.96.0.10".parse().unwrap()).0,
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+    };
+    let sid = maps
+        .frontends
+        .get(&vip, 0)
+        .expect("web's VIP frontend")
+        .service_id;
+    let x = (0..meshlb_common::MAX_BACKENDS)
+        .find(|&i| {
+            maps.backends
+                .get(&i, 0)
+                .is_ok_and(|b| b.service_id == sid && b.flags & BE_F_PRESENT != 0)
+        })
+        .expect("web's backend");
+    let bx = maps.backends.get(&x, 0).unwrap();
+    let y = (0..meshlb_common::MAX_BACKENDS)
+        .find(|&i| {
+            maps.backends
+                .get(&i, 0)
+                .is_ok_and(|b| b.flags & BE_F_PRESENT == 0)
+        })
+        .expect("a free backend slot");
+    maps.backends
+        .set(
+            y,
+            Backend {
+                port: 8001u16.to_be(),
+                ..bx
+            },
+            0,
+        )
+        .unwrap();
+    let ring_x = vec![x; RING_SIZES[0] as usize];
+    let ring_y = vec![y; RING_SIZES[1] as usize];
+    let reader = Maps::from_pins(&ns.pins).expect("pins");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let swapped = std::sync::atomic::AtomicU32::new(0);
+    let ns_name = ns.name.clone();
+    let (swaps, reads, packets) = std::thread::scope(|s| {
+        let swapper = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ring = if n.is_multiple_of(2) { &ring_y } else { &ring_x };
+                maps.swap_ring(sid, ring)
+                    .unwrap_or_else(|e| panic!("swap {n}: {e}"));
+                n += 1;
+                swapped.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            n
+        });
+        let read = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = reader.ring(sid).expect("read").expect("a ring");
+                let whole = (r.len() == ring_x.len() && r.iter().all(|&b| b == x))
+                    || (r.len() == ring_y.len() && r.iter().all(|&b| b == y));
+                assert!(whole, "read {n}: a mixed ring of {} slots", r.len());
+                n += 1;
+            }
+            n
+        });
+        // New flows through the program, in the fixture namespace (its
+        // FIB lookups run in the calling thread's).
+        let send = s.spawn(|| {
+            let f = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let prog: &Xdp = ebpf
+                .program(meshlb_common::PROG_XDP_LB)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let mut seen = BTreeMap::new();
+            // Until 20 swaps happened meanwhile (each waits for running
+            // programs, milliseconds), within 20 s.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let mut i = 0u32;
+            while swapped.load(std::sync::atomic::Ordering::Relaxed) < 20
+                && std::time::Instant::now() < deadline
+            {
+                i += 1;
+                let sport = 20000 + (i % 40000) as u16;
+                let client = format!("10.200.{}.{}", 1 + (i / 40000) % 250, 2 + i % 200);
+                let frame = Frame::tcp(&client, sport, "10.96.0.10", 80, SYN).bytes();
+                let mut out = vec![0u8; 4096];
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        data_out: Some(&mut out),
+                        ..TestRunOptions::new()
+                    })
+                    .expect("test run");
+                let port = forwarded_dport(&out[..r.data_size_out as usize]);
+                assert!(
+                    matches!(port, Some(8000 | 8001)) && r.return_value != XDP_PASS,
+                    "flow {i}: verdict {} port {port:?}: neither ring's backend",
+                    r.return_value
+                );
+                *seen.entry(port).or_insert(0u32) += 1;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            seen
+        });
+        let seen = send.join().unwrap_or_else(|e| {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            std::panic::resume_unwind(e)
+        });
+        (swapper.join().unwrap(), read.join().unwrap(), seen)
+    });
+    eprintln!("{swaps} swaps, {reads} whole reads, new flows by backend port: {packets:?}");
+    assert!(
+        swaps >= 10 && reads >= 10,
+        "too little overlap: {swaps} swaps, {reads} reads"
+    );
+    assert_eq!(packets.len(), 2, "both rings served flows: {packets:?}");
+}

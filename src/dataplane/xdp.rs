@@ -17,9 +17,9 @@ use meshlb_common::{
     flow_clock, idle_past, maps, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey,
     FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
     BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
-    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP,
-    SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SVC_F_PRESENT,
+    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP, SNAT_EMBRYONIC_NS,
+    SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_F_PRESENT,
 };
 
 use super::fake::FakeDataplane;
@@ -1307,137 +1307,56 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
 }
 
 /// Executes one plan on the maps.
+///
+/// The plan's rings are installed together: each is filled off to the
+/// side first, then all are swapped in by one batch update (`RINGS` is an
+/// array of maps, and every update of one waits for the programs running
+/// meanwhile: once per plan, not once per ring). That happens at the
+/// plan's first ring, after every backend the plan upserts (so a new ring
+/// never names a missing backend) and before any service entry, frontend
+/// or backend removal that follows it. A removed service's ring is
+/// replaced by an empty one in the same batch.
 pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
+    let ring_err = |e: crate::pinned::PinnedError| DataplaneError::Other(e.to_string());
+    let mut rings = Vec::new();
     for op in &plan.ops {
-        match op {
-            Op::AddLocalAddr(a) => {
-                let (addr, family) = addr_bytes(*a);
-                maps.local_addrs
-                    .insert(
-                        AddrKey {
-                            addr,
-                            family,
-                            _pad: [0; 3],
-                        },
-                        1,
-                        0,
-                    )
-                    .map_err(map_error(maps::LOCAL_ADDRS))?;
-            }
-            Op::RemoveLocalAddr(a) => {
-                let (addr, family) = addr_bytes(*a);
-                let _ = maps.local_addrs.remove(&AddrKey {
-                    addr,
-                    family,
-                    _pad: [0; 3],
-                });
-            }
-            Op::UpsertBackend {
-                id,
-                service_id,
-                key,
-                weight,
-                state,
-                remote,
-                fresh,
-            } => {
-                if *fresh {
-                    Maps::zero_stats(&mut maps.backend_stats, *id, maps::BACKEND_STATS)
-                        .map_err(|e| DataplaneError::Other(e.to_string()))?;
-                }
-                let (addr, family) = addr_bytes(key.addr);
-                let b = Backend {
-                    addr,
-                    port: key.port.to_be(),
-                    family,
-                    flags: BE_F_PRESENT | state_flags(*state) | if *remote { BE_F_SNAT } else { 0 },
-                    service_id: *service_id,
-                    weight: *weight,
-                    _pad: 0,
-                };
-                maps.backends
-                    .set(*id, b, 0)
-                    .map_err(map_error(maps::BACKENDS))?;
-            }
-            Op::RemoveBackend { id } => {
-                maps.backends
-                    .set(*id, Backend::default(), 0)
-                    .map_err(map_error(maps::BACKENDS))?;
-            }
-            Op::WriteRing { service_id, ring } => {
-                maps.swap_ring(*service_id, ring)
-                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
-            }
-            Op::UpsertService {
-                id,
-                key,
-                active_backends,
-                ring_hash,
-                affinity_secs,
-                fresh,
-            } => {
-                // Before the service slot: a fresh service never runs
-                // without its affinity setting.
-                maps.service_affinity
-                    .set(*id, *affinity_secs, 0)
-                    .map_err(map_error(maps::SERVICE_AFFINITY))?;
-                if *fresh {
-                    Maps::zero_stats(&mut maps.service_stats, *id, maps::SERVICE_STATS)
-                        .map_err(|e| DataplaneError::Other(e.to_string()))?;
-                }
-                maps.service_names
-                    .set(*id, service_name(key), 0)
-                    .map_err(map_error(maps::SERVICE_NAMES))?;
-                let info = ServiceInfo {
-                    flags: SVC_F_PRESENT,
-                    active_backends: *active_backends,
-                    ring_hash: *ring_hash,
-                };
-                maps.services
-                    .set(*id, info, 0)
-                    .map_err(map_error(maps::SERVICES))?;
-            }
-            Op::RemoveService { id } => {
-                maps.services
-                    .set(*id, ServiceInfo::default(), 0)
-                    .map_err(map_error(maps::SERVICES))?;
-                maps.service_affinity
-                    .set(*id, 0, 0)
-                    .map_err(map_error(maps::SERVICE_AFFINITY))?;
-                maps.service_names
-                    .set(*id, ServiceName::default(), 0)
-                    .map_err(map_error(maps::SERVICE_NAMES))?;
-                maps.remove_ring(*id)
-                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
-            }
-            Op::AddFrontend {
-                frontend,
-                service_id,
-            } => {
-                for k in frontend_keys(frontend) {
-                    if k.family != 0 && k.addr != [0; 16] && maps.frontends.get(&k, 0).is_err() {
-                        vip_refs(maps, &k, 1)?;
-                    }
-                    maps.frontends
-                        .insert(
-                            k,
-                            FrontendValue {
-                                service_id: *service_id,
-                                flags: 0,
-                            },
-                            0,
-                        )
-                        .map_err(map_error(maps::FRONTENDS))?;
-                }
-            }
-            Op::RemoveFrontend { frontend } => {
-                for k in frontend_keys(frontend) {
-                    if maps.frontends.remove(&k).is_ok() && k.addr != [0; 16] {
-                        vip_refs(maps, &k, -1)?;
-                    }
-                }
+        if let Op::WriteRing { service_id, ring } = op {
+            rings.push((
+                *service_id,
+                Maps::new_ring(*service_id, ring).map_err(ring_err)?,
+            ));
+        }
+    }
+    for op in &plan.ops {
+        if let Op::RemoveService { id } = op {
+            if !rings.iter().any(|(s, _)| s == id) {
+                rings.push((*id, Maps::new_ring(*id, &[]).map_err(ring_err)?));
             }
         }
+    }
+    let first_ring = plan
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::WriteRing { .. }));
+    let mut pending = Some(rings);
+    for (i, op) in plan.ops.iter().enumerate() {
+        if Some(i) == first_ring {
+            for op in &plan.ops[i..] {
+                if matches!(op, Op::UpsertBackend { .. }) {
+                    apply_op(maps, op)?;
+                }
+            }
+            if let Some(rings) = pending.take() {
+                maps.install_rings(rings).map_err(ring_err)?;
+            }
+        }
+        let done = first_ring.is_some_and(|f| i > f) && matches!(op, Op::UpsertBackend { .. });
+        if !done {
+            apply_op(maps, op)?;
+        }
+    }
+    if let Some(rings) = pending.take() {
+        maps.install_rings(rings).map_err(ring_err)?;
     }
     let meta = maps.meta.get(&0, 0).unwrap_or_default();
     let _ = maps.meta.set(
@@ -1448,6 +1367,138 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
         },
         0,
     );
+    Ok(())
+}
+
+/// Executes one operation of a plan (`apply_maps` installs the rings).
+fn apply_op(maps: &mut Maps, op: &Op) -> Result<(), DataplaneError> {
+    match op {
+        Op::AddLocalAddr(a) => {
+            let (addr, family) = addr_bytes(*a);
+            maps.local_addrs
+                .insert(
+                    AddrKey {
+                        addr,
+                        family,
+                        _pad: [0; 3],
+                    },
+                    1,
+                    0,
+                )
+                .map_err(map_error(maps::LOCAL_ADDRS))?;
+        }
+        Op::RemoveLocalAddr(a) => {
+            let (addr, family) = addr_bytes(*a);
+            let _ = maps.local_addrs.remove(&AddrKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            });
+        }
+        Op::UpsertBackend {
+            id,
+            service_id,
+            key,
+            weight,
+            state,
+            remote,
+            fresh,
+        } => {
+            if *fresh {
+                Maps::zero_stats(&mut maps.backend_stats, *id, maps::BACKEND_STATS)
+                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
+            }
+            let (addr, family) = addr_bytes(key.addr);
+            let b = Backend {
+                addr,
+                port: key.port.to_be(),
+                family,
+                flags: BE_F_PRESENT | state_flags(*state) | if *remote { BE_F_SNAT } else { 0 },
+                service_id: *service_id,
+                weight: *weight,
+                _pad: 0,
+            };
+            maps.backends
+                .set(*id, b, 0)
+                .map_err(map_error(maps::BACKENDS))?;
+        }
+        Op::RemoveBackend { id } => {
+            maps.backends
+                .set(*id, Backend::default(), 0)
+                .map_err(map_error(maps::BACKENDS))?;
+        }
+        Op::WriteRing { service_id, ring } => {
+            maps.swap_ring(*service_id, ring)
+                .map_err(|e| DataplaneError::Other(e.to_string()))?;
+        }
+        Op::UpsertService {
+            id,
+            key,
+            active_backends,
+            ring_hash,
+            affinity_secs,
+            fresh,
+        } => {
+            // Before the service slot: a fresh service never runs
+            // without its affinity setting.
+            maps.service_affinity
+                .set(*id, *affinity_secs, 0)
+                .map_err(map_error(maps::SERVICE_AFFINITY))?;
+            if *fresh {
+                Maps::zero_stats(&mut maps.service_stats, *id, maps::SERVICE_STATS)
+                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
+            }
+            maps.service_names
+                .set(*id, service_name(key), 0)
+                .map_err(map_error(maps::SERVICE_NAMES))?;
+            let info = ServiceInfo {
+                flags: SVC_F_PRESENT,
+                active_backends: *active_backends,
+                ring_hash: *ring_hash,
+            };
+            maps.services
+                .set(*id, info, 0)
+                .map_err(map_error(maps::SERVICES))?;
+        }
+        Op::RemoveService { id } => {
+            maps.services
+                .set(*id, ServiceInfo::default(), 0)
+                .map_err(map_error(maps::SERVICES))?;
+            maps.service_affinity
+                .set(*id, 0, 0)
+                .map_err(map_error(maps::SERVICE_AFFINITY))?;
+            maps.service_names
+                .set(*id, ServiceName::default(), 0)
+                .map_err(map_error(maps::SERVICE_NAMES))?;
+        }
+        Op::AddFrontend {
+            frontend,
+            service_id,
+        } => {
+            for k in frontend_keys(frontend) {
+                if k.family != 0 && k.addr != [0; 16] && maps.frontends.get(&k, 0).is_err() {
+                    vip_refs(maps, &k, 1)?;
+                }
+                maps.frontends
+                    .insert(
+                        k,
+                        FrontendValue {
+                            service_id: *service_id,
+                            flags: 0,
+                        },
+                        0,
+                    )
+                    .map_err(map_error(maps::FRONTENDS))?;
+            }
+        }
+        Op::RemoveFrontend { frontend } => {
+            for k in frontend_keys(frontend) {
+                if maps.frontends.remove(&k).is_ok() && k.addr != [0; 16] {
+                    vip_refs(maps, &k, -1)?;
+                }
+            }
+        }
+    }
     Ok(())
 }
 

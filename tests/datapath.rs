@@ -1973,7 +1973,11 @@ fn rings_are_replaced_whole_never_seen_mixed() {
         let swapper = s.spawn(|| {
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let ring = if n.is_multiple_of(2) { &ring_y } else { &ring_x };
+                let ring = if n.is_multiple_of(2) {
+                    &ring_y
+                } else {
+                    &ring_x
+                };
                 maps.swap_ring(sid, ring)
                     .unwrap_or_else(|e| panic!("swap {n}: {e}"));
                 n += 1;

@@ -2050,3 +2050,61 @@ fn rings_are_replaced_whole_never_seen_mixed() {
     );
     assert_eq!(packets.len(), 2, "both rings served flows: {packets:?}");
 }
+
+/// An upgrade from the flat ring array (`MLB_MAGLEV_V1`, 1,021 slots per
+/// service at `id * 1021`) keeps every present service's ring: opening the
+/// data plane copies them into `RINGS` before any sync, and unpins the old
+/// array.
+#[test]
+fn rings_of_the_flat_v1_array_are_copied_on_upgrade() {
+    use aya::maps::{Array, IterableMap, MapData};
+    use meshlb_common::maps;
+    let ns = Netns::new_named("mlbt-fxu");
+    let (ebpf, mut maps) = load(&ns.pins);
+    program(&["10.200.0.1", "fd00:200::1", SNAT4, SNAT6], &mut maps);
+    let present: Vec<u32> = (0..16)
+        .filter(|&id| {
+            maps.services
+                .get(&id, 0)
+                .is_ok_and(|s| s.flags & meshlb_common::SVC_F_PRESENT != 0)
+        })
+        .collect();
+    assert!(present.len() >= 3, "fixture services: {present:?}");
+    // What an earlier meshlb left: no RINGS, a flat array with a
+    // recognisable ring per service (slot i -> 1000 * id + i % 7).
+    drop((ebpf, maps));
+    std::fs::remove_file(ns.pins.join(maps::RINGS)).expect("unpin RINGS");
+    let mut flat = Array::<MapData, u32>::create(16 * 1021, 0).expect("flat array");
+    let want = |id: u32| -> Vec<u32> { (0..1021).map(|i| 1000 * id + i % 7).collect() };
+    for &id in &present {
+        for (i, b) in want(id).into_iter().enumerate() {
+            flat.set(id * 1021 + i as u32, b, 0).unwrap();
+        }
+    }
+    flat.map()
+        .pin(ns.pins.join(maps::MAGLEV_V1))
+        .expect("pin the V1 array");
+    drop(flat);
+
+    let dp = meshlb::dataplane::xdp::XdpDataplane::open(
+        &ns.pins,
+        &[],
+        Default::default(),
+        "fixture",
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("open over the V1 pins: {e}"));
+    let maps = Maps::from_pins(&ns.pins).expect("pins");
+    for &id in &present {
+        let got = maps
+            .ring(id)
+            .expect("read")
+            .expect("a ring after the upgrade");
+        assert_eq!(got, want(id), "service slot {id}: the ring copied from V1");
+    }
+    assert!(
+        !ns.pins.join(maps::MAGLEV_V1).exists(),
+        "the V1 array is still pinned"
+    );
+    drop(dp);
+}

@@ -343,6 +343,66 @@ fn migrate_conntrack_v1(
     n
 }
 
+/// Copies the rings of the flat ring array of an earlier meshlb (1,021
+/// slots per service at `id * 1021`, pinned under `dir`) into `RINGS`, for
+/// every present service without a ring there, so an upgrade keeps
+/// balancing new flows before its first sync (which may wait for etcd).
+/// The V1 pin is removed after (`remove_superseded`). Returns how many.
+fn migrate_rings_v1(dir: &Path, maps: &mut Maps) -> usize {
+    const V1_RING: u32 = 1021;
+    let path = dir.join(maps::MAGLEV_V1);
+    if !path.exists() {
+        return 0;
+    }
+    let old = MapData::from_pin(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|d| {
+            aya::maps::Array::<MapData, u32>::try_from(aya::maps::Map::Array(d))
+                .map_err(|e| e.to_string())
+        });
+    let old = match old {
+        Ok(m) => m,
+        Err(e) => {
+            log::warn!(
+                "map {}: not migrated ({e}); rings are written by the first sync",
+                maps::MAGLEV_V1
+            );
+            return 0;
+        }
+    };
+    let mut rings = Vec::new();
+    for id in 0..MAX_SERVICES {
+        let present = maps
+            .services
+            .get(&id, 0)
+            .is_ok_and(|s| s.flags & SVC_F_PRESENT != 0);
+        if !present || maps.has_ring(id) {
+            continue;
+        }
+        let ring: Result<Vec<u32>, _> = (0..V1_RING)
+            .map(|slot| old.get(&(id * V1_RING + slot), 0))
+            .collect();
+        match ring
+            .map_err(|e| e.to_string())
+            .and_then(|r| Maps::new_ring(id, &r).map_err(|e| e.to_string()))
+        {
+            Ok(r) => rings.push((id, r)),
+            Err(e) => log::warn!("service slot {id}: ring not migrated ({e})"),
+        }
+    }
+    let n = rings.len();
+    if let Err(e) = maps.install_rings(rings) {
+        log::warn!("map {}: rings not migrated ({e})", maps::MAGLEV_V1);
+        return 0;
+    }
+    log::info!(
+        "map {}: {n} rings copied into {}",
+        maps::MAGLEV_V1,
+        maps::RINGS
+    );
+    n
+}
+
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, XdpError> {
     let prog: &mut Xdp = typed_program(ebpf, name)?;
     if prog.fd().is_err() {
@@ -471,6 +531,7 @@ impl XdpDataplane {
         let mut ebpf = load(dir, conntrack.max_flows)?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         migrate_conntrack_v1(dir, &mut maps.conntrack);
+        migrate_rings_v1(dir, &mut maps);
         remove_superseded(dir);
         let size = MapData::from_pin(dir.join(maps::CONNTRACK))
             .and_then(|m| m.info())

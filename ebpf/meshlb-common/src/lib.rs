@@ -124,12 +124,13 @@ pub mod maps {
     pub const SUPERSEDED: [&str; 3] = [
         // V1 counters: totals only, the V2 map starts at zero.
         "MLB_CNT_V1",
-        // One flat array of 1,021-slot rings: rewritten into `RINGS` (a
-        // service without a ring there is stale, see `observe_maps`).
-        "MLB_MAGLEV_V1",
+        // One flat array of 1,021-slot rings: copied into `RINGS` first.
+        MAGLEV_V1,
         // V1 conntrack: its entries are copied into V2 first.
         CONNTRACK_V1,
     ];
+    /// The rings before `RINGS`: one flat array, `id * 1021 + slot`.
+    pub const MAGLEV_V1: &str = "MLB_MAGLEV_V1";
     /// The conntrack map before `CtEntry::last_seen` (32-byte entries).
     pub const CONNTRACK_V1: &str = "MLB_CT_V1";
 }

@@ -111,6 +111,21 @@ impl Default for Limits {
     }
 }
 
+/// Whether all of `desired` fits tables of `limits` (then `admit` takes
+/// every service).
+pub fn fits(desired: &DesiredState, limits: Limits) -> bool {
+    let backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
+    let frontends: BTreeSet<&Frontend> = desired
+        .services
+        .values()
+        .flat_map(|s| s.frontends.iter())
+        .collect();
+    desired.services.len() <= limits.services as usize
+        && backends <= limits.backends as usize
+        && frontends.len() <= limits.frontends as usize
+        && desired.local_addrs.len() <= limits.local_addrs as usize
+}
+
 /// The services of `desired` that fit tables of `limits`, and why each
 /// other one does not: services the data plane holds already keep their
 /// place (and ids), then new ones are taken in key order while there is
@@ -122,16 +137,7 @@ pub fn admit<'a>(
     observed: &Observed,
     limits: Limits,
 ) -> (Cow<'a, DesiredState>, BTreeMap<ServiceKey, String>) {
-    let backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
-    let frontends: BTreeSet<&Frontend> = desired
-        .services
-        .values()
-        .flat_map(|s| s.frontends.iter())
-        .collect();
-    if desired.services.len() <= limits.services as usize
-        && backends <= limits.backends as usize
-        && frontends.len() <= limits.frontends as usize
-    {
+    if fits(desired, limits) {
         return (Cow::Borrowed(desired), BTreeMap::new());
     }
     let mut out = DesiredState {
@@ -209,6 +215,29 @@ pub fn plan_with_limits(
     observed: &Observed,
     limits: Limits,
 ) -> Result<Plan, ReconcileError> {
+    plan_part(desired, observed, limits, &Taken::default())
+}
+
+/// Ids held by services outside a partial plan's view (`plan_part`).
+#[derive(Default)]
+pub struct Taken<'a> {
+    pub service: Option<&'a dyn Fn(u32) -> bool>,
+    pub backend: Option<&'a dyn Fn(u32) -> bool>,
+}
+
+/// [`plan_with_limits`] over a part of the data plane: `desired` and
+/// `observed` hold only some services (with every service that shares a
+/// frontend with one of them, or frontend ownership would be decided
+/// among too few), and `taken` says which ids the others hold, so new
+/// services and backends get free ids. Services outside the part are
+/// neither seen nor touched. The limits apply to the part: the caller
+/// checks the whole (`fits`).
+pub fn plan_part(
+    desired: &DesiredState,
+    observed: &Observed,
+    limits: Limits,
+    taken: &Taken<'_>,
+) -> Result<Plan, ReconcileError> {
     if desired.services.len() > limits.services as usize {
         return Err(ReconcileError::TooManyServices(limits.services));
     }
@@ -269,10 +298,11 @@ pub fn plan_with_limits(
             .filter(|(key, _)| desired.services.contains_key(key))
             .map(|(_, os)| os)
     };
-    let mut service_ids = IdPool::new(limits.services, kept().map(|os| os.id));
+    let mut service_ids = IdPool::new(limits.services, kept().map(|os| os.id), taken.service);
     let mut backend_ids = IdPool::new(
         limits.backends,
         kept().flat_map(|os| os.backends.values().map(|ob| ob.id)),
+        taken.backend,
     );
     let mut ids_of_services = BTreeMap::new();
     for (key, spec) in &desired.services {
@@ -375,23 +405,30 @@ pub fn plan_with_limits(
 }
 
 /// Lowest-free-first allocation of ids below a limit.
-struct IdPool {
+struct IdPool<'a> {
     limit: u32,
     used: BTreeSet<u32>,
+    /// Ids used outside the plan's view.
+    taken: Option<&'a dyn Fn(u32) -> bool>,
     next: u32,
 }
 
-impl IdPool {
-    fn new(limit: u32, used: impl IntoIterator<Item = u32>) -> Self {
+impl<'a> IdPool<'a> {
+    fn new(
+        limit: u32,
+        used: impl IntoIterator<Item = u32>,
+        taken: Option<&'a dyn Fn(u32) -> bool>,
+    ) -> Self {
         IdPool {
             limit,
             used: used.into_iter().collect(),
+            taken,
             next: 0,
         }
     }
 
     fn take(&mut self) -> Option<u32> {
-        while self.used.contains(&self.next) {
+        while self.used.contains(&self.next) || self.taken.is_some_and(|t| t(self.next)) {
             self.next += 1;
         }
         if self.next >= self.limit {

@@ -14,6 +14,7 @@
 //! above `Engine`, written once.
 
 pub mod fake;
+pub mod view;
 pub mod ipvs;
 pub mod xdp;
 

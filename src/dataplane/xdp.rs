@@ -23,6 +23,7 @@ use meshlb_common::{
 };
 
 use super::fake::FakeDataplane;
+use super::view::View;
 use super::{BackendOf, Dataplane, DataplaneError, DataplaneKind, Engine, ServiceConfigs, Swept};
 use crate::config::ConntrackConfig;
 use crate::inspect::IfaceStatus;
@@ -494,6 +495,10 @@ pub struct XdpDataplane {
     /// sync costs O(change), not a read of every map slot. Dropped (and
     /// re-read) whenever an apply fails part-way.
     mirror: Option<FakeDataplane>,
+    /// What a full sync programmed and what the maps hold since, so the
+    /// next syncs plan only the services that changed (`view`). Dropped
+    /// with the mirror; the mirror is dropped by an incremental sync.
+    view: Option<View>,
     /// The node facts last written (`None`: not yet; the maps may hold an
     /// earlier daemon's).
     node_net: Option<NodeNet>,
@@ -591,6 +596,7 @@ impl XdpDataplane {
             kind,
             flow_config: conntrack.flow_config(),
             mirror: None,
+            view: None,
             node_net: None,
             dir: dir.to_owned(),
             mode,
@@ -1622,9 +1628,10 @@ impl Dataplane for XdpDataplane {
     }
 
     fn observe(&self) -> Result<Observed, DataplaneError> {
-        match &self.mirror {
-            Some(m) => m.observe(),
-            None => observe_maps(&self.maps),
+        match (&self.view, &self.mirror) {
+            (Some(v), _) => Ok(v.observed().clone()),
+            (None, Some(m)) => m.observe(),
+            (None, None) => observe_maps(&self.maps),
         }
     }
 
@@ -1632,6 +1639,7 @@ impl Dataplane for XdpDataplane {
         if self.mirror.is_none() {
             self.mirror = Some(FakeDataplane::from_observed(&observe_maps(&self.maps)?));
         }
+        self.view = None;
         let res = apply_maps(&mut self.maps, plan);
         let mirrored = self.mirror.as_mut().map(|m| m.apply(plan));
         if res.is_err() || !matches!(mirrored, Some(Ok(()))) {
@@ -1640,6 +1648,59 @@ impl Dataplane for XdpDataplane {
             let _ = rebuild_vips(&mut self.maps);
         }
         res
+    }
+}
+
+impl XdpDataplane {
+    /// A sync that plans only the services changed since the last one
+    /// (`view`): everything fits, so admission takes every service.
+    fn sync_part(
+        &mut self,
+        desired: &DesiredState,
+        limits: crate::reconcile::Limits,
+        expired: &[BackendOf],
+    ) -> Result<usize, DataplaneError> {
+        let Some(view) = self.view.as_mut() else {
+            return Err(DataplaneError::Other("no view".into()));
+        };
+        let part = view.part(desired);
+        if part.is_empty() {
+            return Ok(0);
+        }
+        let plan = view
+            .plan(&part, limits)
+            .map_err(|e| DataplaneError::Other(format!("reconcile: {e}")))?;
+        self.mirror = None;
+        if let Err(e) = apply_maps(&mut self.maps, &plan) {
+            self.view = None;
+            let _ = rebuild_vips(&mut self.maps);
+            return Err(e);
+        }
+        let before = part.observed.clone();
+        if let Err(e) = view.commit(part, &plan) {
+            log::warn!("the in-memory view refused a plan the maps took ({e}): the next sync reads the maps");
+            self.view = None;
+        }
+        self.end_expired(&before, expired);
+        Ok(plan.ops.len())
+    }
+
+    /// Ends the flows of backends drained past their timeout, as
+    /// `observed` (before the sync that removed them) names them.
+    fn end_expired(&mut self, observed: &Observed, expired: &[BackendOf]) {
+        for (skey, bk) in expired {
+            // Only the sync that takes it out finds it in `observed`.
+            let Some(os) = observed.services.get(skey) else {
+                continue;
+            };
+            let Some(ob) = os.backends.get(bk) else {
+                continue;
+            };
+            let ended = self.forget_flows(os.id, ob.id);
+            log::info!(
+                "{skey}: backend {bk} drained past its timeout: removed, {ended} flows ended"
+            );
+        }
     }
 }
 
@@ -1673,6 +1734,10 @@ impl Engine for XdpDataplane {
         _services: &ServiceConfigs<'_>,
         expired: &[BackendOf],
     ) -> Result<usize, DataplaneError> {
+        let limits = crate::reconcile::Limits::default();
+        if self.view.is_some() && crate::reconcile::fits(desired, limits) {
+            return self.sync_part(desired, limits, expired);
+        }
         let observed = self.observe()?;
         let (desired, rejected) =
             crate::reconcile::admit(desired, &observed, crate::reconcile::Limits::default());
@@ -1683,25 +1748,19 @@ impl Engine for XdpDataplane {
         if n > 0 {
             self.apply(&plan)?;
         }
-        for (skey, bk) in expired {
-            // Only the sync that takes it out finds it in `observed`.
-            let Some(os) = observed.services.get(skey) else {
-                continue;
-            };
-            let Some(ob) = os.backends.get(bk) else {
-                continue;
-            };
-            let ended = self.forget_flows(os.id, ob.id);
-            log::info!(
-                "{skey}: backend {bk} drained past its timeout: removed, {ended} flows ended"
-            );
+        if self.rejected.is_empty() {
+            if let Some(m) = &self.mirror {
+                self.view = Some(View::new(desired.into_owned(), m.observe()?));
+            }
         }
+        self.end_expired(&observed, expired);
         Ok(n)
     }
 
     fn set_node_net(&mut self, net: &NodeNet) -> Result<bool, DataplaneError> {
         XdpDataplane::set_node_net(self, net)
     }
+
 
     fn metrics_source(&self) -> Result<crate::metrics::Source, DataplaneError> {
         Maps::from_pins(&self.dir)
@@ -1727,5 +1786,6 @@ impl Engine for XdpDataplane {
 
     fn reread(&mut self) {
         self.mirror = None;
+        self.view = None;
     }
 }

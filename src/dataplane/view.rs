@@ -1,0 +1,451 @@
+//! Syncs whose work follows what changed, not how much is programmed.
+//!
+//! After a full sync (every service planned against the tables as read),
+//! a [`View`] keeps what the tables hold and the desired state they were
+//! programmed for. The next desired state is compared with it service by
+//! service; only the services that differ (and, transitively, any
+//! sharing a frontend with one of them: who owns a contested frontend is
+//! decided among all that want it) are planned, against their part of the view, with the
+//! ids held by every other service reserved. After the part's plan is
+//! applied, the part of the view is replaced by what a scratch copy of
+//! the part's tables reads after the same plan. The comparison walks the
+//! services once; everything else costs in proportion to the change.
+//!
+//! The view is dropped (the caller falls back to a full sync) whenever it
+//! could be wrong or incomplete: an apply failed, something did not fit
+//! the tables (admission decides among all services), or a periodic
+//! reconcile re-reads the kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::fake::FakeDataplane;
+use super::{Dataplane, DataplaneError};
+use crate::model::{DesiredState, Frontend, Observed, ServiceKey};
+use crate::reconcile::{self, Limits, Plan, Taken};
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct View {
+    /// The desired state the tables were last programmed for (admitted:
+    /// every service in it fits).
+    desired: DesiredState,
+    /// What the tables hold, as `observe` reads them.
+    observed: Observed,
+    /// Frontend -> the services of `desired` that want it.
+    wanted: BTreeMap<Frontend, BTreeSet<ServiceKey>>,
+    /// Ids held in `observed` (and by its orphans).
+    service_ids: BTreeSet<u32>,
+    backend_ids: BTreeSet<u32>,
+}
+
+/// The services one sync plans: their desired and observed parts.
+#[derive(Debug, Default)]
+pub struct Part {
+    pub keys: BTreeSet<ServiceKey>,
+    pub desired: DesiredState,
+    pub observed: Observed,
+}
+
+impl Part {
+    /// Nothing to plan: no service changed, nor the local addresses.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.desired.local_addrs == self.observed.local_addrs
+    }
+}
+
+impl View {
+    /// The view after a full sync: `desired` as admitted and programmed,
+    /// `observed` what the tables hold now.
+    pub fn new(desired: DesiredState, observed: Observed) -> View {
+        let mut wanted: BTreeMap<Frontend, BTreeSet<ServiceKey>> = BTreeMap::new();
+        for (key, spec) in &desired.services {
+            for fe in &spec.frontends {
+                wanted.entry(*fe).or_default().insert(key.clone());
+            }
+        }
+        let service_ids = observed.services.values().map(|s| s.id).collect();
+        let backend_ids = observed
+            .services
+            .values()
+            .flat_map(|s| s.backends.values().map(|b| b.id))
+            .chain(observed.orphan_backends.iter().copied())
+            .collect();
+        View {
+            desired,
+            observed,
+            wanted,
+            service_ids,
+            backend_ids,
+        }
+    }
+
+    /// What the tables hold.
+    pub fn observed(&self) -> &Observed {
+        &self.observed
+    }
+
+    /// The part of the tables a sync to `desired` changes.
+    pub fn part(&self, desired: &DesiredState) -> Part {
+        // The changed services, and transitively every service sharing a
+        // frontend with one in the part: each frontend's owner is decided
+        // among all that want it.
+        let mut keys = changed_keys(&self.desired, desired);
+        let mut todo: Vec<ServiceKey> = keys.iter().cloned().collect();
+        while let Some(key) = todo.pop() {
+            let fronts = self
+                .desired
+                .services
+                .get(&key)
+                .into_iter()
+                .chain(desired.services.get(&key))
+                .flat_map(|s| s.frontends.iter());
+            for fe in fronts {
+                for other in self.wanted.get(fe).into_iter().flatten() {
+                    if keys.insert(other.clone()) {
+                        todo.push(other.clone());
+                    }
+                }
+            }
+        }
+        let pick = |key: &ServiceKey| desired.services.get(key).map(|s| (key.clone(), s.clone()));
+        let seen = |key: &ServiceKey| {
+            self.observed
+                .services
+                .get(key)
+                .map(|s| (key.clone(), s.clone()))
+        };
+        Part {
+            desired: DesiredState {
+                services: keys.iter().filter_map(pick).collect(),
+                local_addrs: desired.local_addrs.clone(),
+            },
+            observed: Observed {
+                services: keys.iter().filter_map(seen).collect(),
+                local_addrs: self.observed.local_addrs.clone(),
+                orphan_backends: BTreeSet::new(),
+            },
+            keys,
+        }
+    }
+
+    /// The plan of a part: ids held outside it are reserved (those of the
+    /// part are the planner's to keep or free, as in a full plan).
+    pub fn plan(&self, part: &Part, limits: Limits) -> Result<Plan, reconcile::ReconcileError> {
+        let part_services: BTreeSet<u32> = part.observed.services.values().map(|s| s.id).collect();
+        let part_backends: BTreeSet<u32> = part
+            .observed
+            .services
+            .values()
+            .flat_map(|s| s.backends.values().map(|b| b.id))
+            .collect();
+        let service = |id: u32| self.service_ids.contains(&id) && !part_services.contains(&id);
+        let backend = |id: u32| self.backend_ids.contains(&id) && !part_backends.contains(&id);
+        reconcile::plan_part(
+            &part.desired,
+            &part.observed,
+            limits,
+            &Taken {
+                service: Some(&service),
+                backend: Some(&backend),
+            },
+        )
+    }
+
+    /// Takes in a part whose plan was applied: its services are now what
+    /// a scratch copy of their tables reads after the same plan (which
+    /// also checks the plan's order, as the mirror of a full sync does).
+    pub fn commit(&mut self, part: Part, plan: &Plan) -> Result<(), DataplaneError> {
+        let mut scratch = FakeDataplane::from_observed(&part.observed);
+        scratch.apply(plan)?;
+        let now = scratch.observe()?;
+        for key in &part.keys {
+            if let Some(old) = self.observed.services.remove(key) {
+                self.service_ids.remove(&old.id);
+                for b in old.backends.values() {
+                    self.backend_ids.remove(&b.id);
+                }
+            }
+            if let Some(old) = self.desired.services.remove(key) {
+                for fe in &old.frontends {
+                    if let Some(owners) = self.wanted.get_mut(fe) {
+                        owners.remove(key);
+                        if owners.is_empty() {
+                            self.wanted.remove(fe);
+                        }
+                    }
+                }
+            }
+        }
+        for (key, s) in now.services {
+            self.service_ids.insert(s.id);
+            self.backend_ids.extend(s.backends.values().map(|b| b.id));
+            self.observed.services.insert(key, s);
+        }
+        for (key, spec) in part.desired.services {
+            for fe in &spec.frontends {
+                self.wanted.entry(*fe).or_default().insert(key.clone());
+            }
+            self.desired.services.insert(key, spec);
+        }
+        self.observed.local_addrs = now.local_addrs;
+        self.desired.local_addrs = part.desired.local_addrs;
+        Ok(())
+    }
+}
+
+/// The services added, removed or changed from `a` to `b` (one merge walk
+/// over both, in key order).
+fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<ServiceKey> {
+    let mut out = BTreeSet::new();
+    let mut ia = a.services.iter().peekable();
+    let mut ib = b.services.iter().peekable();
+    loop {
+        match (ia.peek(), ib.peek()) {
+            (None, None) => break,
+            (Some((ka, _)), None) => {
+                out.insert((*ka).clone());
+                ia.next();
+            }
+            (None, Some((kb, _))) => {
+                out.insert((*kb).clone());
+                ib.next();
+            }
+            (Some((ka, sa)), Some((kb, sb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.insert((*ka).clone());
+                    ia.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert((*kb).clone());
+                    ib.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if sa != sb {
+                        out.insert((*ka).clone());
+                    }
+                    ia.next();
+                    ib.next();
+                }
+            },
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendKey, BackendSpec, BackendState, Proto, ServiceSpec};
+    use crate::reconcile::{admit, fits, plan_with_limits};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// xorshift64*: deterministic, no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    /// Mostly small edits of `prev` (one service's backends, a service
+    /// added or removed, a local address), sometimes a new state; VIPs
+    /// are shared between services now and then (a contested frontend).
+    fn next_desired(rng: &mut Rng, prev: &DesiredState) -> DesiredState {
+        let mut d = if rng.chance(10) {
+            DesiredState::default()
+        } else {
+            prev.clone()
+        };
+        for _ in 0..1 + rng.below(3) {
+            let i = rng.below(10) as u8;
+            let key = ServiceKey {
+                name: format!("svc{i}"),
+                proto: if i.is_multiple_of(2) { Proto::Tcp } else { Proto::Udp },
+                port: 8000 + u16::from(i),
+            };
+            if rng.chance(20) {
+                d.services.remove(&key);
+                continue;
+            }
+            let spec = d.services.entry(key.clone()).or_default();
+            spec.frontends.insert(Frontend {
+                addr: None,
+                port: key.port,
+                proto: key.proto,
+            });
+            if rng.chance(30) {
+                // One of three VIPs on one port: services may contest it.
+                spec.frontends.insert(Frontend {
+                    addr: Some(ip(10, 96, 0, rng.below(3) as u8)),
+                    port: 80,
+                    proto: key.proto,
+                });
+            } else if rng.chance(20) {
+                spec.frontends.retain(|f| f.addr.is_none());
+            }
+            for _ in 0..rng.below(4) {
+                let bk = BackendKey {
+                    addr: ip(10, 0, i, 1 + rng.below(12) as u8),
+                    port: 80,
+                };
+                if rng.chance(25) {
+                    spec.backends.remove(&bk);
+                    continue;
+                }
+                let state = match rng.below(10) {
+                    0 => BackendState::Down,
+                    1 => BackendState::Draining,
+                    _ => BackendState::Up,
+                };
+                spec.backends.insert(
+                    bk,
+                    BackendSpec {
+                        weight: if rng.chance(10) { 0 } else { 1 + rng.below(200) as u32 },
+                        state,
+                        remote: rng.chance(30),
+                    },
+                );
+            }
+            spec.affinity_secs = if rng.chance(10) { 60 } else { 0 };
+        }
+        if rng.chance(20) {
+            let a = ip(192, 168, 0, 1 + rng.below(4) as u8);
+            if !d.local_addrs.remove(&a) {
+                d.local_addrs.insert(a);
+            }
+        }
+        d
+    }
+
+    /// The XDP engine's choice between a partial and a full sync, over a
+    /// fake kernel.
+    fn sync(
+        view: &mut Option<View>,
+        k: &mut FakeDataplane,
+        want: &DesiredState,
+        limits: Limits,
+    ) -> Result<(), DataplaneError> {
+        if let Some(v) = view.as_mut().filter(|_| fits(want, limits)) {
+            let part = v.part(want);
+            if part.is_empty() {
+                return Ok(());
+            }
+            let plan = v.plan(&part, limits).map_err(|e| DataplaneError::Other(e.to_string()))?;
+            if let Err(e) = k.apply(&plan) {
+                *view = None;
+                return Err(e);
+            }
+            return v.commit(part, &plan);
+        }
+        let obs = k.observe()?;
+        let (d, rejected) = admit(want, &obs, limits);
+        let plan =
+            plan_with_limits(&d, &obs, limits).map_err(|e| DataplaneError::Other(e.to_string()))?;
+        *view = None;
+        k.apply(&plan)?;
+        if rejected.is_empty() {
+            *view = Some(View::new(d.into_owned(), k.observe()?));
+        }
+        Ok(())
+    }
+
+    /// Issue 18: the reconciler's property test on the partial path.
+    /// Random sequences of edits, with applies failing part-way now and
+    /// then and tables too small now and then: after every round the
+    /// kernel holds exactly what a from-scratch plan wants (it finds
+    /// nothing to do), and the view holds exactly what the kernel does.
+    #[test]
+    fn partial_syncs_match_a_from_scratch_rebuild() {
+        let mut rng = Rng(0x7669_6577_0000_0001);
+        for run in 0..20 {
+            let small = run % 4 == 3;
+            let limits = if small {
+                Limits {
+                    services: 6,
+                    backends: 40,
+                    ..Limits::default()
+                }
+            } else {
+                Limits::default()
+            };
+            let mut k = FakeDataplane::with_limits(limits);
+            let mut view = None;
+            let mut want = DesiredState::default();
+            let mut partial = 0;
+            for round in 0..150 {
+                want = next_desired(&mut rng, &want);
+                let at = format!("run {run} round {round}");
+                if rng.chance(8) {
+                    k.fail_after(rng.below(6) as usize);
+                    let _ = sync(&mut view, &mut k, &want, limits);
+                    k.fail_after(usize::MAX / 2);
+                }
+                partial += usize::from(view.is_some() && fits(&want, limits));
+                sync(&mut view, &mut k, &want, limits).unwrap_or_else(|e| panic!("{at}: {e}"));
+                let obs = k.observe().unwrap();
+                let (admitted, _) = admit(&want, &obs, limits);
+                let rest = plan_with_limits(&admitted, &obs, limits).unwrap();
+                assert!(rest.is_empty(), "{at}: a full plan still finds {:?}", rest.ops);
+                if let Some(v) = &view {
+                    assert_eq!(v.observed(), &obs, "{at}: the view differs from the kernel");
+                }
+            }
+            assert!(small || partial > 100, "run {run}: only {partial} partial syncs");
+        }
+    }
+
+    #[test]
+    fn one_changed_service_among_many_is_the_whole_part() {
+        let mut want = DesiredState::default();
+        for i in 0..1000u16 {
+            let mut spec = ServiceSpec::default();
+            spec.frontends.insert(Frontend {
+                addr: None,
+                port: 10_000 + i,
+                proto: Proto::Tcp,
+            });
+            spec.backends.insert(
+                BackendKey {
+                    addr: ip(10, 1, (i / 250) as u8, (i % 250) as u8 + 1),
+                    port: 80,
+                },
+                BackendSpec {
+                    weight: 100,
+                    state: BackendState::Up,
+                    remote: false,
+                },
+            );
+            want.services.insert(
+                ServiceKey {
+                    name: format!("s{i:04}"),
+                    proto: Proto::Tcp,
+                    port: 10_000 + i,
+                },
+                spec,
+            );
+        }
+        let mut k = FakeDataplane::new();
+        let mut view = None;
+        sync(&mut view, &mut k, &want, Limits::default()).unwrap();
+        let key = want.services.keys().nth(321).unwrap().clone();
+        want.services.get_mut(&key).unwrap().affinity_secs = 30;
+        let part = view.as_ref().unwrap().part(&want);
+        assert_eq!(part.keys, [key.clone()].into());
+        assert_eq!(part.desired.services.len(), 1);
+        assert_eq!(part.observed.services.len(), 1);
+        let plan = view.as_ref().unwrap().plan(&part, Limits::default()).unwrap();
+        assert_eq!(plan.ops.len(), 1, "{:?}", plan.ops);
+    }
+}

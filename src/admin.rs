@@ -570,7 +570,9 @@ fn addr_port(addr: IpAddr, port: Option<u16>) -> String {
 
 /// `task ls` lines: ID SERVICE ADDR[:PORT] WEIGHT STATE NODE, no header
 /// (scripts read the id from the first column).
-pub fn task_lines(tasks: &BTreeMap<String, BTreeMap<String, TaskRecord>>) -> String {
+pub fn task_lines(
+    tasks: &BTreeMap<String, std::sync::Arc<crate::etcd::layout::TaskMap>>,
+) -> String {
     let rows: Vec<Vec<String>> = tasks
         .iter()
         .flat_map(|(service, ts)| {

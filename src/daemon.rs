@@ -27,6 +27,7 @@ use crate::dataplane::xdp::XdpDataplane;
 use crate::dataplane::{DataplaneError, DataplaneKind, Engine};
 use crate::docker::{self, DockerOptions};
 use crate::drain::DrainTimers;
+use crate::etcd::layout::DesiredCache;
 use crate::etcd::layout::NodeRecord;
 use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
@@ -224,9 +225,12 @@ fn desired(
     cluster: Option<&Snapshot>,
     locals: &BTreeSet<IpAddr>,
     node: &str,
+    cache: &mut DesiredCache,
 ) -> DesiredState {
     match cluster {
-        Some(snap) => snap.state.desired(&cfg.services, locals.clone(), node),
+        Some(snap) => snap
+            .state
+            .desired_cached(&cfg.services, locals.clone(), node, cache),
         None => cfg.desired_state(locals.clone(), node),
     }
 }
@@ -241,7 +245,7 @@ fn service_configs<'a>(
     let mut out = BTreeMap::new();
     if let Cluster::Etcd(snap) = cluster {
         for (name, s) in snap.state.services() {
-            out.insert(name.as_str(), s);
+            out.insert(name.as_str(), s.as_ref());
         }
     }
     for s in &cfg.services {
@@ -274,6 +278,8 @@ struct Liveness {
     /// When `guard.listeners` was read.
     listeners_at: Option<std::time::Instant>,
     registry: Arc<Registry>,
+    /// The etcd services' specs of the last sync, reused while unchanged.
+    desired_cache: DesiredCache,
 }
 
 /// Resolves at `t`; never without one.
@@ -302,9 +308,9 @@ async fn sync<E: Engine>(
     live: &mut Liveness,
 ) -> Result<usize, DaemonError> {
     let mut desired = match cluster {
-        Cluster::Static => desired(cfg, None, locals, node),
+        Cluster::Static => desired(cfg, None, locals, node, &mut live.desired_cache),
         Cluster::Waiting => return Ok(0),
-        Cluster::Etcd(snap) => desired(cfg, Some(snap), locals, node),
+        Cluster::Etcd(snap) => desired(cfg, Some(snap), locals, node, &mut live.desired_cache),
     };
     if let Cluster::Etcd(snap) = cluster {
         refuse_etcd(&mut desired, cfg, snap, live);
@@ -354,6 +360,7 @@ fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: 
         .state
         .services()
         .values()
+        .map(|s| s.as_ref())
         .filter(|s| !statics.contains(s.name.as_str()))
         .collect();
     let unchecked = |s: &&ServiceConfig| {
@@ -760,6 +767,7 @@ async fn run_engine<E: Engine>(
         owners: BTreeMap::new(),
         listeners_at: None,
         registry: registry.clone(),
+        desired_cache: DesiredCache::default(),
     };
     let mut node = Node {
         engine,
@@ -1276,6 +1284,7 @@ addr = "192.0.2.3"
             owners: BTreeMap::new(),
             listeners_at: None,
             registry: Arc::new(Registry::default()),
+            desired_cache: DesiredCache::default(),
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();
         let n = sync(

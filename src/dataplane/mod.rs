@@ -14,8 +14,8 @@
 //! above `Engine`, written once.
 
 pub mod fake;
-pub mod view;
 pub mod ipvs;
+pub mod view;
 pub mod xdp;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -272,7 +272,11 @@ mod tests {
             let i = rng.below(10) as u8;
             let key = ServiceKey {
                 name: format!("svc{i}"),
-                proto: if i.is_multiple_of(2) { Proto::Tcp } else { Proto::Udp },
+                proto: if i.is_multiple_of(2) {
+                    Proto::Tcp
+                } else {
+                    Proto::Udp
+                },
                 port: 8000 + u16::from(i),
             };
             if rng.chance(20) {
@@ -312,7 +316,11 @@ mod tests {
                 spec.backends.insert(
                     bk,
                     BackendSpec {
-                        weight: if rng.chance(10) { 0 } else { 1 + rng.below(200) as u32 },
+                        weight: if rng.chance(10) {
+                            0
+                        } else {
+                            1 + rng.below(200) as u32
+                        },
                         state,
                         remote: rng.chance(30),
                     },
@@ -342,7 +350,9 @@ mod tests {
             if part.is_empty() {
                 return Ok(());
             }
-            let plan = v.plan(&part, limits).map_err(|e| DataplaneError::Other(e.to_string()))?;
+            let plan = v
+                .plan(&part, limits)
+                .map_err(|e| DataplaneError::Other(e.to_string()))?;
             if let Err(e) = k.apply(&plan) {
                 *view = None;
                 return Err(e);
@@ -397,12 +407,19 @@ mod tests {
                 let obs = k.observe().unwrap();
                 let (admitted, _) = admit(&want, &obs, limits);
                 let rest = plan_with_limits(&admitted, &obs, limits).unwrap();
-                assert!(rest.is_empty(), "{at}: a full plan still finds {:?}", rest.ops);
+                assert!(
+                    rest.is_empty(),
+                    "{at}: a full plan still finds {:?}",
+                    rest.ops
+                );
                 if let Some(v) = &view {
                     assert_eq!(v.observed(), &obs, "{at}: the view differs from the kernel");
                 }
             }
-            assert!(small || partial > 100, "run {run}: only {partial} partial syncs");
+            assert!(
+                small || partial > 100,
+                "run {run}: only {partial} partial syncs"
+            );
         }
     }
 
@@ -445,7 +462,11 @@ mod tests {
         assert_eq!(part.keys, [key.clone()].into());
         assert_eq!(part.desired.services.len(), 1);
         assert_eq!(part.observed.services.len(), 1);
-        let plan = view.as_ref().unwrap().plan(&part, Limits::default()).unwrap();
+        let plan = view
+            .as_ref()
+            .unwrap()
+            .plan(&part, Limits::default())
+            .unwrap();
         assert_eq!(plan.ops.len(), 1, "{:?}", plan.ops);
     }
 }

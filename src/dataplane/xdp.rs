@@ -1715,17 +1715,23 @@ impl Engine for XdpDataplane {
         &mut self,
         _desired: &DesiredState,
     ) -> Result<BTreeSet<BackendOf>, DataplaneError> {
-        let observed = self.observe()?;
-        Ok(observed
-            .services
-            .iter()
-            .flat_map(|(k, s)| {
-                s.backends
-                    .iter()
-                    .filter(|(_, b)| b.state == BackendState::Down)
-                    .map(move |(bk, _)| (k.clone(), *bk))
-            })
-            .collect())
+        let down = |observed: &Observed| -> BTreeSet<BackendOf> {
+            observed
+                .services
+                .iter()
+                .flat_map(|(k, s)| {
+                    s.backends
+                        .iter()
+                        .filter(|(_, b)| b.state == BackendState::Down)
+                        .map(move |(bk, _)| (k.clone(), *bk))
+                })
+                .collect()
+        };
+        // The view is read in place: every sync asks.
+        match &self.view {
+            Some(v) => Ok(down(v.observed())),
+            None => Ok(down(&self.observe()?)),
+        }
     }
 
     async fn sync(
@@ -1760,7 +1766,6 @@ impl Engine for XdpDataplane {
     fn set_node_net(&mut self, net: &NodeNet) -> Result<bool, DataplaneError> {
         XdpDataplane::set_node_net(self, net)
     }
-
 
     fn metrics_source(&self) -> Result<crate::metrics::Source, DataplaneError> {
         Maps::from_pins(&self.dir)

@@ -11,14 +11,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
     self, BackendConfig, FieldError, Scheduler, ServiceConfig, ServiceDef, DEFAULT_WEIGHT,
 };
-use crate::model::{BackendState, DesiredState, Frontend};
+use crate::model::{BackendState, DesiredState, Frontend, ServiceKey, ServiceSpec};
 
 /// Largest value meshlb reads: anything bigger is refused unparsed (a
 /// record is a few hundred bytes; a huge one is a mistake or an attack).
@@ -436,17 +436,40 @@ pub fn parse_node(key: &str, value: &[u8]) -> Result<NodeRecord, RecordError> {
 /// put is reported and the previous valid value stays.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterState {
-    services: BTreeMap<String, ServiceConfig>,
+    /// Records are shared (`Arc`): a snapshot per etcd event copies
+    /// pointers, and a change copies only the service it touches.
+    services: BTreeMap<String, Arc<ServiceConfig>>,
     /// Service name → task id → task. Tasks of services not (yet) defined
     /// are kept, and ignored until the service appears.
-    tasks: BTreeMap<String, BTreeMap<String, TaskRecord>>,
+    tasks: BTreeMap<String, Arc<TaskMap>>,
     nodes: BTreeMap<String, NodeRecord>,
+}
+
+/// One service's tasks by id.
+pub type TaskMap = BTreeMap<String, TaskRecord>;
+
+/// What `ClusterState::desired_cached` built per etcd service, reused
+/// while the service's record and tasks are the very same shared values
+/// (an etcd event replaces only what it touches).
+#[derive(Debug, Default)]
+pub struct DesiredCache {
+    node: String,
+    entries: BTreeMap<String, CacheEntry>,
+    /// Services built so far (not taken from the cache).
+    built: u64,
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    svc: Arc<ServiceConfig>,
+    tasks: Option<Arc<TaskMap>>,
+    specs: Vec<(ServiceKey, ServiceSpec)>,
 }
 
 impl ClusterState {
     /// Every valid service definition in etcd.
     pub fn service_configs(&self) -> impl Iterator<Item = &ServiceConfig> {
-        self.services.values()
+        self.services.values().map(|s| s.as_ref())
     }
 
     /// Builds the state from a listing; returns the records it skipped.
@@ -483,12 +506,17 @@ impl ClusterState {
         }
         Ok(match parsed {
             Key::Service(name) => {
-                let svc = parse_service(&shown, &name, value)?;
+                let svc = Arc::new(parse_service(&shown, &name, value)?);
                 put(&mut self.services, &name, svc)
             }
             Key::Task { service, id } => {
                 let task = parse_task(&shown, value)?;
-                put(self.tasks.entry(service).or_default(), &id, task)
+                let tasks = self.tasks.entry(service).or_default();
+                if tasks.get(&id) == Some(&task) {
+                    return Ok(false);
+                }
+                Arc::make_mut(tasks).insert(id, task);
+                true
             }
             Key::Node(name) => {
                 let node = parse_node(&shown, value)?;
@@ -505,7 +533,10 @@ impl ClusterState {
                 let Some(tasks) = self.tasks.get_mut(&service) else {
                     return false;
                 };
-                let removed = tasks.remove(&id).is_some();
+                if !tasks.contains_key(&id) {
+                    return false;
+                }
+                let removed = Arc::make_mut(tasks).remove(&id).is_some();
                 if tasks.is_empty() {
                     self.tasks.remove(&service);
                 }
@@ -516,18 +547,18 @@ impl ClusterState {
         }
     }
 
-    pub fn services(&self) -> &BTreeMap<String, ServiceConfig> {
+    pub fn services(&self) -> &BTreeMap<String, Arc<ServiceConfig>> {
         &self.services
     }
 
     /// Service name → task id → task, services without tasks absent.
-    pub fn tasks(&self) -> &BTreeMap<String, BTreeMap<String, TaskRecord>> {
+    pub fn tasks(&self) -> &BTreeMap<String, Arc<TaskMap>> {
         &self.tasks
     }
 
     /// One service's tasks by id (empty when it has none).
     pub fn tasks_of(&self, service: &str) -> impl Iterator<Item = (&String, &TaskRecord)> {
-        self.tasks.get(service).into_iter().flatten()
+        self.tasks.get(service).into_iter().flat_map(|t| t.iter())
     }
 
     pub fn nodes(&self) -> &BTreeMap<String, NodeRecord> {
@@ -539,7 +570,7 @@ impl ClusterState {
     }
 
     pub fn task_count(&self) -> usize {
-        self.tasks.values().map(BTreeMap::len).sum()
+        self.tasks.values().map(|t| t.len()).sum()
     }
 
     /// This node's desired state: the static services as
@@ -557,6 +588,33 @@ impl ClusterState {
         local_addrs: BTreeSet<IpAddr>,
         node: &str,
     ) -> DesiredState {
+        self.desired_cached(
+            static_services,
+            local_addrs,
+            node,
+            &mut DesiredCache::default(),
+        )
+    }
+
+    /// [`desired`](Self::desired), reusing from `cache` the specs of each
+    /// etcd service whose record and tasks have not changed since (and
+    /// keeping there what it builds).
+    pub fn desired_cached(
+        &self,
+        static_services: &[ServiceConfig],
+        local_addrs: BTreeSet<IpAddr>,
+        node: &str,
+        cache: &mut DesiredCache,
+    ) -> DesiredState {
+        if cache.node != node {
+            *cache = DesiredCache {
+                node: node.to_owned(),
+                ..Default::default()
+            };
+        }
+        cache
+            .entries
+            .retain(|name, _| self.services.contains_key(name));
         let mut desired = config::desired_state_of(static_services, local_addrs, node);
         let mut taken: BTreeMap<Frontend, String> = desired
             .services
@@ -572,8 +630,32 @@ impl ClusterState {
                 ));
                 continue;
             }
-            let (svc, states) = self.with_tasks(svc, node);
-            for (key, spec) in svc.specs(node, |b| states[&(b.addr, b.port)]) {
+            let tasks = self.tasks.get(name);
+            let fresh = cache.entries.get(name).is_some_and(|e| {
+                Arc::ptr_eq(&e.svc, svc)
+                    && match (&e.tasks, tasks) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            });
+            if !fresh {
+                let (full, states) = self.with_tasks(svc, node);
+                let specs = full.specs(node, |b| states[&(b.addr, b.port)]);
+                cache.built += 1;
+                cache.entries.insert(
+                    name.clone(),
+                    CacheEntry {
+                        svc: svc.clone(),
+                        tasks: tasks.cloned(),
+                        specs,
+                    },
+                );
+            }
+            let Some(entry) = cache.entries.get(name) else {
+                continue;
+            };
+            for (key, spec) in &entry.specs {
                 if let Some(fe) = spec.frontends.iter().find(|fe| taken.contains_key(fe)) {
                     warn_once(format!(
                         "etcd service {name:?}: frontend {fe} is already used by service {:?}; {key} ignored",
@@ -584,7 +666,7 @@ impl ClusterState {
                 for fe in &spec.frontends {
                     taken.insert(*fe, name.clone());
                 }
-                desired.services.insert(key, spec);
+                desired.services.insert(key.clone(), spec.clone());
             }
         }
         desired
@@ -977,6 +1059,58 @@ mod tests {
 
     fn v4(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn cached_desired_equals_a_fresh_build_through_random_events() {
+        // xorshift64*: deterministic.
+        let mut x = 0x6361_6368_6500_0001u64;
+        let mut below = |n: u64| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        };
+        let mut s = ClusterState::default();
+        let mut cache = DesiredCache::default();
+        for round in 0..2000 {
+            let svc = format!("s{}", below(12));
+            match below(10) {
+                0 => {
+                    s.apply_delete(P, service_key(P, &svc).as_bytes());
+                }
+                1..=2 => {
+                    // Node ports 7000..7003: services contest them.
+                    let v = format!(
+                        r#"{{"vip": "10.96.0.{}", "publish": [{{"port": {}}}]}}"#,
+                        below(4) + 1,
+                        7000 + below(4)
+                    );
+                    let _ = s.apply_put(P, service_key(P, &svc).as_bytes(), v.as_bytes());
+                }
+                3 => {
+                    let id = format!("t{}", below(6));
+                    s.apply_delete(P, task_key(P, &svc, &id).as_bytes());
+                }
+                _ => {
+                    let id = format!("t{}", below(6));
+                    let v = format!(
+                        r#"{{"addr": "10.0.{}.{}", "weight": {}, "state": "{}", "node": "n{}"}}"#,
+                        below(3),
+                        below(5) + 1,
+                        below(3) * 50,
+                        if below(5) == 0 { "draining" } else { "running" },
+                        below(2) + 1
+                    );
+                    let _ = s.apply_put(P, task_key(P, &svc, &id).as_bytes(), v.as_bytes());
+                }
+            }
+            let fresh = s.desired(&[], BTreeSet::new(), "n1");
+            let cached = s.desired_cached(&[], BTreeSet::new(), "n1", &mut cache);
+            assert_eq!(cached, fresh, "round {round}");
+        }
+        // One event touches one service: at most one build per round.
+        assert!(cache.built <= 2000, "{} builds in 2,000 rounds", cache.built);
     }
 
     #[test]

@@ -165,8 +165,9 @@ unit_stop
 bb sleep 2 # forwarding with no daemon at all
 unit_start v2
 # status reads the pins, so it lists "web" before the new daemon is up:
-# wait for the daemon's own word that it adopted the links.
-wait_until 60 "the upgraded daemon adopting the pinned links" grep -q "adopted the pinned XDP link" "$LOGDIR/meshlb-v2.log"
+# wait for the daemon's own word that it adopted the links. It verifies
+# both programs first: ~35 s under TCG, twice that on a loaded host.
+wait_until 150 "the upgraded daemon adopting the pinned links" grep -q "adopted the pinned XDP link" "$LOGDIR/meshlb-v2.log"
 wait_until 60 "the upgraded daemon's first sync" grep -q "applied .* changes" "$LOGDIR/meshlb-v2.log"
 bb sleep 2
 touch /tmp/loop.stop

@@ -125,7 +125,7 @@ pub const SCENARIOS: &[Scenario] = &[
         script: "package",
         args: &[],
         guests: 1,
-        deadline: Duration::from_secs(300),
+        deadline: Duration::from_secs(420),
         what: "dpkg -i the .deb, forward as the unit runs it, upgrade under load: 0 failures",
     },
     Scenario {

@@ -347,6 +347,18 @@ async fn sync<E: Engine>(
         .map_err(|e| rt("apply", e))
 }
 
+/// Writes the recent sync latencies beside the pin lock, for `status`.
+fn write_sync_latency(pins: &std::path::Path, registry: &Registry) {
+    let Some(l) = registry.sync_latency() else {
+        return;
+    };
+    let path = crate::pinlock::runtime_file(pins, crate::inspect::SYNC_EXT);
+    let text = serde_json::to_string(&l).unwrap_or_default();
+    if let Err(e) = crate::pinlock::write_atomic(&path, text.as_bytes()) {
+        log::debug!("{}: {e}", path.display());
+    }
+}
+
 /// How long a read of this node's listeners serves etcd syncs.
 const LISTENERS_FRESH: Duration = Duration::from_secs(1);
 
@@ -816,6 +828,7 @@ async fn run_engine<E: Engine>(
     let mut sweep = tokio::time::interval(sweep_period(&node.cfg.conntrack));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile = reconcile_timer(node.cfg.reconcile_interval);
+    let mut sync_written: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -831,6 +844,11 @@ async fn run_engine<E: Engine>(
                     Ok(n) => {
                         if let Some(t) = observed {
                             registry.observe_sync(t.elapsed().as_secs_f64());
+                            // For `status`, at most once a second.
+                            if sync_written.is_none_or(|w| w.elapsed() >= Duration::from_secs(1)) {
+                                write_sync_latency(&node.settings.bpffs, &registry);
+                                sync_written = Some(std::time::Instant::now());
+                            }
                         }
                         log::info!("etcd revision {rev}: {n} changes applied");
                     }

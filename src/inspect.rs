@@ -80,10 +80,27 @@ pub fn interfaces(pins: &std::path::Path) -> Vec<IfaceStatus> {
     }
 }
 
+/// The runtime file (beside the pin lock) the daemon keeps its recent
+/// sync latencies in, for `status`.
+pub const SYNC_EXT: &str = "sync.json";
+
+/// The sync latencies the daemon of `pins` last wrote (`None`: none yet,
+/// or no daemon with an etcd source).
+pub fn sync_latency(pins: &std::path::Path) -> Option<crate::metrics::SyncLatency> {
+    let path = crate::pinlock::runtime_file(pins, SYNC_EXT);
+    let text = std::fs::read_to_string(&path).ok()?;
+    serde_json::from_str(&text)
+        .map_err(|e| log::warn!("{}: {e}", path.display()))
+        .ok()
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub node: String,
     pub dataplane: &'static str,
+    /// From an etcd event observed to the kernel applied, over the
+    /// daemon's recent syncs (`None` without an etcd source).
+    pub sync_latency: Option<crate::metrics::SyncLatency>,
     /// The attached interfaces, their role and why (XDP engine).
     pub interfaces: Vec<IfaceStatus>,
     pub services: Vec<ServiceStatus>,
@@ -215,6 +232,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
     );
     Ok(Status {
         interfaces: Vec::new(),
+        sync_latency: None,
         node: node.to_owned(),
         dataplane: if meta.layout_version == 0 {
             "none"
@@ -257,6 +275,13 @@ pub fn status_table(s: &Status) -> String {
         "node {}  dataplane {}  conntrack entries {}\n",
         s.node, s.dataplane, s.conntrack_entries
     );
+    if let Some(l) = &s.sync_latency {
+        let _ = writeln!(
+            out,
+            "sync latency (etcd event -> kernel)  p50 {} ms  p99 {} ms  max {} ms  last {} ms  over the latest {} of {} syncs",
+            l.p50_ms, l.p99_ms, l.max_ms, l.last_ms, l.recent, l.count
+        );
+    }
     for i in &s.interfaces {
         let _ = writeln!(
             out,

@@ -65,12 +65,16 @@ fn main() -> ExitCode {
                 Ok(maps) => inspect::status(&maps, args.node.as_deref())
                     .map(|mut s| {
                         s.interfaces = inspect::interfaces(&args.bpffs.bpffs);
+                        s.sync_latency = inspect::sync_latency(&args.bpffs.bpffs);
                         s
                     })
                     .map_err(|e| e.to_string()),
                 // No XDP pins: the node may run IPVS.
                 Err(e) => match ipvs_status(args.node.as_deref()) {
-                    Ok(Some(s)) => Ok(s),
+                    Ok(Some(mut s)) => {
+                        s.sync_latency = inspect::sync_latency(&args.bpffs.bpffs);
+                        Ok(s)
+                    }
                     Ok(None) => Err(e.to_string()),
                     Err(ipvs) => Err(format!("{e}; {ipvs}")),
                 },

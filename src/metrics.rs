@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -31,7 +33,26 @@ struct Inner {
     buckets: [u64; LATENCY_BUCKETS.len()],
     sum: f64,
     count: u64,
+    /// The latest `RECENT_SYNCS` latencies (seconds), oldest first.
+    recent: std::collections::VecDeque<f64>,
     config_errors: BTreeMap<String, u64>,
+}
+
+/// Latencies kept for `SyncLatency`'s percentiles.
+const RECENT_SYNCS: usize = 1024;
+
+/// Sync latency as `meshlb status` shows it: the daemon's recent syncs
+/// (etcd event observed -> kernel applied), written beside its pin lock.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncLatency {
+    /// Syncs since the daemon started.
+    pub count: u64,
+    /// Over the latest `recent` syncs (up to 1,024), in milliseconds.
+    pub recent: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub last_ms: f64,
 }
 
 impl Registry {
@@ -45,6 +66,30 @@ impl Registry {
         }
         g.sum += secs;
         g.count += 1;
+        if g.recent.len() == RECENT_SYNCS {
+            g.recent.pop_front();
+        }
+        g.recent.push_back(secs);
+    }
+
+    /// The sync latencies so far (`None` before the first).
+    pub fn sync_latency(&self) -> Option<SyncLatency> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let last = *g.recent.back()?;
+        let mut sorted: Vec<f64> = g.recent.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        // Nearest rank.
+        let rank =
+            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let ms = |s: f64| (s * 1e6).round() / 1e3;
+        Some(SyncLatency {
+            count: g.count,
+            recent: sorted.len(),
+            p50_ms: ms(rank(0.50)),
+            p99_ms: ms(rank(0.99)),
+            max_ms: ms(sorted[sorted.len() - 1]),
+            last_ms: ms(last),
+        })
     }
 
     /// Counts one rejected config item (`kind`: what was wrong).
@@ -405,6 +450,31 @@ mod tests {
     }
 
     #[test]
+    fn sync_latency_percentiles_are_nearest_rank_over_the_recent_syncs() {
+        let r = Registry::default();
+        assert_eq!(r.sync_latency(), None);
+        // 1..=100 ms, in a shuffled order, then the last one 7 ms.
+        for i in (0..100u32).map(|i| (i * 37) % 100 + 1) {
+            r.observe_sync(f64::from(i) / 1000.0);
+        }
+        r.observe_sync(0.007);
+        let l = r.sync_latency().unwrap();
+        assert_eq!((l.count, l.recent), (101, 101));
+        // 101 samples: rank ceil(0.99 * 101) = 100 is 99 ms (7 ms is there twice).
+        assert_eq!(
+            (l.p50_ms, l.p99_ms, l.max_ms, l.last_ms),
+            (50.0, 99.0, 100.0, 7.0)
+        );
+        // Only the latest 1,024 count.
+        for _ in 0..2000 {
+            r.observe_sync(0.001);
+        }
+        let l = r.sync_latency().unwrap();
+        assert_eq!((l.count, l.recent), (2101, 1024));
+        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (1.0, 1.0, 1.0));
+    }
+
+    #[test]
     fn drop_counters_become_dropped_total_by_reason() {
         let mut counters = BTreeMap::new();
         counters.insert("unknown_port", 3u64);
@@ -412,6 +482,7 @@ mod tests {
         counters.insert("forwarded_in", 9);
         let status = Status {
             interfaces: Vec::new(),
+            sync_latency: None,
             node: "n".into(),
             dataplane: "xdp-native",
             services: vec![],
@@ -456,6 +527,7 @@ mod tests {
         }
         let status = Status {
             interfaces: Vec::new(),
+            sync_latency: None,
             node: "n".into(),
             dataplane: "xdp-native",
             services: vec![],
@@ -501,6 +573,7 @@ mod tests {
     fn one_series_per_label_set_with_escaped_values() {
         let status = Status {
             interfaces: Vec::new(),
+            sync_latency: None,
             node: "n".into(),
             dataplane: "xdp-generic",
             services: vec![ServiceStatus {

@@ -648,6 +648,42 @@ fn churn_converges_exactly() {
         want.values().map(BTreeSet::len).sum::<usize>()
     );
     assert!(d.is_running(), "daemon died{}", topo.ctx());
+
+    // `status` shows the daemon's sync latency (written at most once a
+    // second: the last write may be a second behind the churn's end).
+    let mut last = Value::Null;
+    let shown = (0..30).any(|_| {
+        last = topo.status()["sync_latency"].clone();
+        // Bursts coalesce: a few syncs, not one per write.
+        let ok = last["count"].as_u64().is_some_and(|n| n >= 3);
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(
+        shown,
+        "status shows no sync latency of the churn: {last}{}",
+        topo.ctx()
+    );
+    let ms = |k: &str| last[k].as_f64().unwrap_or(-1.0);
+    assert!(
+        0.0 < ms("p50_ms") && ms("p50_ms") <= ms("p99_ms") && ms("p99_ms") <= ms("max_ms"),
+        "sync latency out of order: {last}"
+    );
+    eprintln!("status sync_latency after the churn: {last}");
+    let dir = topo.lb_bpffs().display().to_string();
+    let text = topo.meshlb(
+        &topo.lb_ns,
+        &["status", "--bpffs", &dir],
+        Duration::from_secs(15),
+    );
+    assert!(
+        text.stdout
+            .contains("sync latency (etcd event -> kernel)  p50 "),
+        "the status table has no sync latency line:\n{}",
+        text.stdout
+    );
 }
 
 /// Service "web" with tasks t1 (b1) and t2 (b2) in etcd, and a daemon that

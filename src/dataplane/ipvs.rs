@@ -852,6 +852,7 @@ fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &Table) -> St
     }
     Status {
         interfaces: Vec::new(),
+        sync_latency: None,
         node: node.to_owned(),
         dataplane: DataplaneKind::Ipvs.as_str(),
         services: by_name.into_values().collect(),

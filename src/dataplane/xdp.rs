@@ -1155,7 +1155,9 @@ pub fn attach_pass(dir: &Path, ifaces: &[String]) -> Result<(), XdpError> {
 /// maps. Returns how many pins were removed.
 pub fn cleanup(dir: &Path) -> Result<usize, XdpError> {
     let n = cleanup_contents(dir)?;
-    let _ = std::fs::remove_file(crate::pinlock::runtime_file(dir, IFACES_EXT));
+    for ext in [IFACES_EXT, crate::inspect::SYNC_EXT] {
+        let _ = std::fs::remove_file(crate::pinlock::runtime_file(dir, ext));
+    }
     if dir.exists() {
         std::fs::remove_dir(dir).map_err(|source| XdpError::Bpffs {
             dir: dir.to_owned(),

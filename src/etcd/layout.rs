@@ -1110,7 +1110,11 @@ mod tests {
             assert_eq!(cached, fresh, "round {round}");
         }
         // One event touches one service: at most one build per round.
-        assert!(cache.built <= 2000, "{} builds in 2,000 rounds", cache.built);
+        assert!(
+            cache.built <= 2000,
+            "{} builds in 2,000 rounds",
+            cache.built
+        );
     }
 
     #[test]

@@ -1,44 +1,109 @@
-//! The two BPF operations aya 0.14 does not offer, as raw system calls:
-//! filling a Maglev ring through a shared mapping (one syscall for any
-//! ring size, where aya's `Array::set` costs one per slot) and a batch
-//! update (one wait for running programs for all of a plan's rings, where
-//! each single update of an array of maps waits). The crate's only
-//! `unsafe` code.
+//! The BPF operations aya 0.14 does not offer, as raw system calls:
+//! writing a Maglev ring through a shared mapping (a few syscalls for any
+//! ring size, where aya's `Array::set` costs one per slot; and a ring
+//! rewritten in place flips halves with one store, no syscall, no wait)
+//! and a batch update of the outer ring map (one wait for running
+//! programs for all of a plan's new rings, where each single update of an
+//! array of maps waits). The crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Writes a fresh inner ring (an mmapable array of `m + 1` `u32`): `[0]` = `m`, `[1 + i]` = `slots[i]`,
-/// through one shared mapping of the array (values sit 8 bytes apart: the
-/// kernel aligns array values to 8).
-pub fn fill_ring(ring: BorrowedFd<'_>, m: u32, slots: &[u32]) -> std::io::Result<()> {
-    const STRIDE: usize = 8;
-    let len = (slots.len() + 1) * STRIDE;
-    // SAFETY: a shared, writable mapping of a BPF_F_MMAPABLE array of
-    // `m + 1` values, no longer than the array; unmapped below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
+/// Where a ring's entries sit in its mapping: array values are 8 bytes
+/// apart (the kernel aligns them to 8).
+const STRIDE: usize = 8;
+
+/// A shared, writable mapping of a `BPF_F_MMAPABLE` array of `u32`.
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps the first `entries` values of the array `fd`.
+    fn new(fd: BorrowedFd<'_>, entries: usize) -> std::io::Result<Mapping> {
+        let len = entries * STRIDE;
+        // SAFETY: a fresh shared mapping, no longer than the array (the
+        // caller's `entries` is at most its size); unmapped on drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            base: base.cast(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            ring.as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
+        })
     }
-    let base = base.cast::<u8>();
-    for (i, v) in std::iter::once(m).chain(slots.iter().copied()).enumerate() {
-        // SAFETY: `i * STRIDE + 4 <= len`, inside the mapping; u32 writes
-        // at 8-byte-aligned offsets of a page-aligned mapping.
-        unsafe { base.add(i * STRIDE).cast::<u32>().write(v) };
+
+    /// The value at `index`, as an atomic (the data path reads it
+    /// concurrently).
+    fn at(&self, index: usize) -> &AtomicU32 {
+        assert!(
+            index * STRIDE + 4 <= self.len,
+            "ring entry {index} out of the mapping"
+        );
+        // SAFETY: inside the mapping (checked), 8-byte aligned in a
+        // page-aligned mapping, valid while `self` lives.
+        unsafe { AtomicU32::from_ptr(self.base.add(index * STRIDE).cast()) }
     }
-    // SAFETY: the mapping made above, of `len` bytes.
-    if unsafe { libc::munmap(base.cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of `len` bytes.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
+}
+
+/// Writes a fresh inner ring of `m` slots (`2 + 2m` entries, see
+/// `meshlb_common::maps::RINGS`): half 0 holds `slots`, the header says
+/// half 0 and `m`, the flip count is 0.
+pub fn fill_ring(ring: BorrowedFd<'_>, m: u32, slots: &[u32]) -> std::io::Result<()> {
+    let map = Mapping::new(ring, 2 + 2 * slots.len())?;
+    for (i, v) in slots.iter().enumerate() {
+        map.at(1 + i).store(*v, Ordering::Relaxed);
+    }
+    map.at(1 + 2 * slots.len()).store(0, Ordering::Relaxed);
+    map.at(0).store(m, Ordering::Release);
+    Ok(())
+}
+
+/// Writes `slots` into the inactive half of a ring in place, then makes
+/// it the active one: the flip count first (userspace readers compare it
+/// before and after), then the header, one aligned 32-bit store after the
+/// half (release). The caller makes sure no program still reads the
+/// inactive half (an RCU grace period since it was last active).
+pub fn flip_ring(ring: BorrowedFd<'_>, slots: &[u32]) -> std::io::Result<()> {
+    let m = slots.len();
+    let map = Mapping::new(ring, 2 + 2 * m)?;
+    let header = map.at(0).load(Ordering::Relaxed);
+    if (header & !meshlb_common::RING_HALF) as usize != m {
+        return Err(std::io::Error::other(format!(
+            "ring of {} slots, not {m}",
+            header & !meshlb_common::RING_HALF
+        )));
+    }
+    let next = header & meshlb_common::RING_HALF ^ meshlb_common::RING_HALF;
+    let base = if next != 0 { 1 + m } else { 1 };
+    for (i, v) in slots.iter().enumerate() {
+        map.at(base + i).store(*v, Ordering::Relaxed);
+    }
+    let flips = map.at(1 + 2 * m);
+    flips.store(
+        flips.load(Ordering::Relaxed).wrapping_add(1),
+        Ordering::Release,
+    );
+    map.at(0).store(m as u32 | next, Ordering::Release);
     Ok(())
 }
 

@@ -62,6 +62,10 @@ pub struct Maps {
     pub rings: ArrayOfMaps<MapData, Ring>,
     /// `rings`' descriptor, for the one command aya lacks (batch update).
     rings_fd: OwnedFd,
+    /// The rings this handle wrote (`set_rings`).
+    ring_states: std::collections::BTreeMap<u32, RingState>,
+    /// How they were written.
+    pub ring_stats: RingStats,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
     pub reverse_nat: HashMap<MapData, FlowKey, RnatEntry>,
@@ -132,6 +136,8 @@ impl Maps {
             service_names: typed!(maps::SERVICE_NAMES),
             rings_fd,
             rings: rings.try_into().map_err(map_err(maps::RINGS))?,
+            ring_states: Default::default(),
+            ring_stats: RingStats::default(),
             backends: typed!(maps::BACKENDS),
             conntrack: typed!(maps::CONNTRACK),
             reverse_nat: typed!(maps::REVERSE_NAT),
@@ -179,28 +185,86 @@ impl Maps {
         arr.set(index, zeros, 0).map_err(map_err(name))
     }
 
-    /// A new ring for service `id` (`ring`: a backend id or `NO_BACKEND`
-    /// per slot, its length a `RING_SIZES` class, or empty: no backend),
-    /// filled through mmap in one syscall whatever its size, but not in
-    /// place yet (`install_rings`). A ring is never written once in place.
-    pub fn new_ring(id: u32, ring: &[u32]) -> Result<Ring, PinnedError> {
-        let ring_err = |msg: String| PinnedError::Ring { id, msg };
-        let m = u32::try_from(ring.len()).map_err(|_| ring_err("too long".into()))?;
-        let new = Ring::create(m + 1, meshlb_common::RING_MAP_FLAGS)
-            .map_err(|e| ring_err(format!("create: {e}")))?;
-        crate::bpfsys::fill_ring(new.map().fd().as_fd(), m, ring)
-            .map_err(|e| ring_err(format!("fill: {e}")))?;
-        Ok(new)
+    /// Makes each service's ring (service id, a backend id or
+    /// `NO_BACKEND` per slot, the length a `RING_SIZES` class; empty: the
+    /// service is gone) hold its slots; a packet sees a service's old ring
+    /// or its new one, never a mix (see `maps::RINGS`).
+    ///
+    /// A ring this handle wrote before, of the same size, is rewritten in
+    /// place: its inactive half filled through mmap, then made active by
+    /// one store, no wait. That half must be unused by any program: if it
+    /// was active since the last wait for running programs, one such wait
+    /// (an RCU grace period, milliseconds) comes first, one for the whole
+    /// call. Any other ring is a new inner map, filled the same way and
+    /// swapped in by one update of `RINGS`; the new ones of a call go in
+    /// one batch update, which waits once. The kernel frees a replaced
+    /// ring once no program holds it.
+    pub fn set_rings(&mut self, rings: &[(u32, &[u32])]) -> Result<(), PinnedError> {
+        let (flip, fresh): (Vec<_>, Vec<_>) = rings.iter().partition(|(id, slots)| {
+            !slots.is_empty()
+                && self
+                    .ring_states
+                    .get(id)
+                    .is_some_and(|st| st.m as usize == slots.len())
+        });
+        if !fresh.is_empty() {
+            let made = fresh
+                .iter()
+                .map(|(id, slots)| Ok((*id, new_ring(*id, slots)?)))
+                .collect::<Result<Vec<_>, PinnedError>>()?;
+            self.install(&made)?;
+            for (id, ring) in made {
+                let m = ring_m(&ring, id)?;
+                if m == 0 {
+                    self.ring_states.remove(&id);
+                } else {
+                    self.ring_states.insert(
+                        id,
+                        RingState {
+                            ring,
+                            m,
+                            last_flip: None,
+                        },
+                    );
+                }
+            }
+        }
+        let barriers = self.ring_stats.barriers;
+        let busy = flip.iter().find(|(id, _)| {
+            self.ring_states[id]
+                .last_flip
+                .is_some_and(|f| f >= barriers)
+        });
+        if let Some((id, _)) = busy {
+            // Re-installing a ring as it is: the kernel waits for the
+            // programs running meanwhile.
+            let st = &self.ring_states[id];
+            self.rings
+                .set(*id, &st.ring, 0)
+                .map_err(map_err(maps::RINGS))?;
+            self.ring_stats.barriers += 1;
+        }
+        for (id, slots) in flip {
+            let st = self.ring_states.get_mut(&id).ok_or(PinnedError::Ring {
+                id,
+                msg: "no state".into(),
+            })?;
+            crate::bpfsys::flip_ring(st.ring.map().fd().as_fd(), slots).map_err(|e| {
+                PinnedError::Ring {
+                    id,
+                    msg: format!("flip: {e}"),
+                }
+            })?;
+            st.last_flip = Some(self.ring_stats.barriers);
+            self.ring_stats.flipped += 1;
+        }
+        Ok(())
     }
 
-    /// Puts `rings` (service id, ring from `new_ring`) in place, each by
-    /// one atomic update of its `RINGS` entry: a packet sees a service's
-    /// old ring or its new one, never a mix. All in one batch: the kernel
-    /// waits once for the programs running meanwhile (an RCU grace
-    /// period, milliseconds), not once per ring. Where it has no batch
-    /// update for arrays of maps (before 5.6...), one update each. The old
-    /// rings are freed by the kernel once no program uses them.
-    pub fn install_rings(&mut self, rings: Vec<(u32, Ring)>) -> Result<(), PinnedError> {
+    /// Puts new rings in place, in one batch update of `RINGS` (one wait
+    /// for running programs); one update each where the kernel has no
+    /// batch update for arrays of maps.
+    fn install(&mut self, rings: &[(u32, Ring)]) -> Result<(), PinnedError> {
         if rings.is_empty() {
             return Ok(());
         }
@@ -210,37 +274,40 @@ impl Maps {
             .map(|(_, r)| r.map().fd().as_fd().as_raw_fd() as u32)
             .collect();
         match crate::bpfsys::update_batch(self.rings_fd.as_fd(), &keys, &fds) {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             Err(e) if crate::bpfsys::unsupported(&e) => {
-                for (id, ring) in &rings {
+                for (id, ring) in rings {
                     self.rings.set(*id, ring, 0).map_err(map_err(maps::RINGS))?;
                 }
-                Ok(())
             }
-            Err(e) => Err(PinnedError::Map {
-                name: maps::RINGS,
-                source: MapError::IoError(e),
-            }),
+            Err(e) => {
+                return Err(PinnedError::Map {
+                    name: maps::RINGS,
+                    source: MapError::IoError(e),
+                })
+            }
         }
+        self.ring_stats.created += rings.len() as u64;
+        self.ring_stats.barriers += 1;
+        Ok(())
     }
 
-    /// Replaces service `id`'s ring (`new_ring`, `install_rings`).
+    /// Replaces service `id`'s ring (`set_rings`).
     pub fn swap_ring(&mut self, id: u32, ring: &[u32]) -> Result<(), PinnedError> {
-        let new = Self::new_ring(id, ring)?;
-        self.install_rings(vec![(id, new)])
+        self.set_rings(&[(id, ring)])
     }
 
-    /// Service `id`'s ring as its slots (backend ids), `None` without one.
-    /// One consistent ring: an inner ring is never written once swapped in.
+    /// Service `id`'s ring as its slots (backend ids) in the active half,
+    /// `None` without one: one consistent ring, read again if it flipped
+    /// meanwhile.
     pub fn ring(&self, id: u32) -> Result<Option<Vec<u32>>, PinnedError> {
         let Some(ring) = self.ring_handle(id)? else {
             return Ok(None);
         };
-        let m = ring_get(&ring, id, 0)?;
-        (1..=m)
-            .map(|i| ring_get(&ring, id, i))
-            .collect::<Result<Vec<u32>, _>>()
-            .map(Some)
+        read_consistent(&ring, id, |ring, m, base| {
+            (0..m).map(|i| ring_get(ring, id, base + i)).collect()
+        })
+        .map(Some)
     }
 
     /// The slot of flow `key` on service `id`'s ring and the backend id in
@@ -249,12 +316,13 @@ impl Maps {
         let Some(ring) = self.ring_handle(id)? else {
             return Ok(None);
         };
-        let m = ring_get(&ring, id, 0)?;
-        if m == 0 {
-            return Ok(None);
-        }
-        let slot = meshlb_common::hash::flow_slot(key, m);
-        Ok(Some((slot, ring_get(&ring, id, slot + 1)?)))
+        read_consistent(&ring, id, |ring, m, base| {
+            if m == 0 {
+                return Ok(None);
+            }
+            let slot = meshlb_common::hash::flow_slot(key, m);
+            Ok(Some((slot, ring_get(ring, id, base + slot)?)))
+        })
     }
 
     /// Whether service `id` has a ring.
@@ -281,6 +349,70 @@ impl Maps {
             })
             .collect()
     }
+}
+
+/// What a `Maps` handle wrote into a ring, so it may rewrite it in place.
+struct RingState {
+    ring: Ring,
+    /// Its size (fixed for an inner map).
+    m: u32,
+    /// `RingStats::barriers` when its active half last changed: the other
+    /// half may be written once a wait for running programs came after.
+    last_flip: Option<u64>,
+}
+
+/// How the rings written through a handle were written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// New inner maps swapped in.
+    pub created: u64,
+    /// Rings rewritten in place (half flipped).
+    pub flipped: u64,
+    /// Waits for running programs (batch installs and barriers).
+    pub barriers: u64,
+}
+
+/// A new inner ring holding `slots` in half 0, not in place yet.
+fn new_ring(id: u32, slots: &[u32]) -> Result<Ring, PinnedError> {
+    let ring_err = |msg: String| PinnedError::Ring { id, msg };
+    let m = u32::try_from(slots.len()).map_err(|_| ring_err("too long".into()))?;
+    let new = Ring::create(2 + 2 * m, meshlb_common::RING_MAP_FLAGS)
+        .map_err(|e| ring_err(format!("create: {e}")))?;
+    crate::bpfsys::fill_ring(new.map().fd().as_fd(), m, slots)
+        .map_err(|e| ring_err(format!("fill: {e}")))?;
+    Ok(new)
+}
+
+fn ring_m(ring: &Ring, id: u32) -> Result<u32, PinnedError> {
+    Ok(ring_get(ring, id, 0)? & !meshlb_common::RING_HALF)
+}
+
+/// Runs `read` (given the ring, its size and where its active half
+/// starts) until the ring did not flip meanwhile: the flip count and
+/// header read before and after agree. Gives up after 100 tries.
+fn read_consistent<T>(
+    ring: &Ring,
+    id: u32,
+    read: impl Fn(&Ring, u32, u32) -> Result<T, PinnedError>,
+) -> Result<T, PinnedError> {
+    let m = ring_m(ring, id)?;
+    for _ in 0..100 {
+        let flips = ring_get(ring, id, 1 + 2 * m)?;
+        let header = ring_get(ring, id, 0)?;
+        let base = if header & meshlb_common::RING_HALF != 0 {
+            1 + m
+        } else {
+            1
+        };
+        let value = read(ring, m, base)?;
+        if ring_get(ring, id, 1 + 2 * m)? == flips && ring_get(ring, id, 0)? == header {
+            return Ok(value);
+        }
+    }
+    Err(PinnedError::Ring {
+        id,
+        msg: "rewritten during every one of 100 reads".into(),
+    })
 }
 
 fn ring_get(ring: &Ring, id: u32, index: u32) -> Result<u32, PinnedError> {

@@ -1912,10 +1912,11 @@ fn forwarded_dport(out: &[u8]) -> Option<u16> {
         .then(|| u16::from_be_bytes([f[36], f[37]]))
 }
 
-/// Issue 18: a service's ring is replaced whole. One thread swaps the ring
-/// of `web` back and forth between 1,021 slots all naming backend X (port
-/// 8000) and 16,381 slots all naming a second backend Y (port 8001) as
-/// fast as it can; meanwhile every read of the ring through the pins must
+/// Issue 18: a service's ring is replaced whole. One thread replaces the
+/// ring of `web` in turn with 1,021 slots all naming backend Y (port
+/// 8001), then X (port 8000), then 16,381 slots naming Y, then X, as fast
+/// as it can (a change of size swaps in a new inner map, a same-size one
+/// rewrites the inactive half in place and flips); meanwhile every read of the ring through the pins must
 /// be wholly one or the other (size and slots), and every new flow the
 /// program sees must go to X or Y. A packet that read the size of one ring
 /// and a slot of the other would find no backend (most slots of the large
@@ -1963,8 +1964,12 @@ fn rings_are_replaced_whole_never_seen_mixed() {
             0,
         )
         .unwrap();
-    let ring_x = vec![x; RING_SIZES[0] as usize];
-    let ring_y = vec![y; RING_SIZES[1] as usize];
+    let small = |b: u32| vec![b; RING_SIZES[0] as usize];
+    let big = |b: u32| vec![b; RING_SIZES[1] as usize];
+    // In turn: x small -> y small (size change: a new inner map), -> x
+    // small (same size: rewritten in place), -> y big (new), -> x big (in
+    // place).
+    let rings = [small(y), small(x), big(y), big(x)];
     let reader = Maps::from_pins(&ns.pins).expect("pins");
     let stop = std::sync::atomic::AtomicBool::new(false);
     let swapped = std::sync::atomic::AtomicU32::new(0);
@@ -1973,11 +1978,7 @@ fn rings_are_replaced_whole_never_seen_mixed() {
         let swapper = s.spawn(|| {
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let ring = if n.is_multiple_of(2) {
-                    &ring_y
-                } else {
-                    &ring_x
-                };
+                let ring = &rings[n as usize % rings.len()];
                 maps.swap_ring(sid, ring)
                     .unwrap_or_else(|e| panic!("swap {n}: {e}"));
                 n += 1;
@@ -1989,8 +1990,7 @@ fn rings_are_replaced_whole_never_seen_mixed() {
             let mut n = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = reader.ring(sid).expect("read").expect("a ring");
-                let whole = (r.len() == ring_x.len() && r.iter().all(|&b| b == x))
-                    || (r.len() == ring_y.len() && r.iter().all(|&b| b == y));
+                let whole = rings.contains(&r);
                 assert!(whole, "read {n}: a mixed ring of {} slots", r.len());
                 n += 1;
             }
@@ -2007,11 +2007,11 @@ fn rings_are_replaced_whole_never_seen_mixed() {
                 .try_into()
                 .unwrap();
             let mut seen = BTreeMap::new();
-            // Until 20 swaps happened meanwhile (each waits for running
-            // programs, milliseconds), within 20 s.
+            // Until 40 swaps happened meanwhile (half of them wait for
+            // running programs, milliseconds), within 20 s.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             let mut i = 0u32;
-            while swapped.load(std::sync::atomic::Ordering::Relaxed) < 20
+            while swapped.load(std::sync::atomic::Ordering::Relaxed) < 40
                 && std::time::Instant::now() < deadline
             {
                 i += 1;
@@ -2045,10 +2045,16 @@ fn rings_are_replaced_whole_never_seen_mixed() {
     });
     eprintln!("{swaps} swaps, {reads} whole reads, new flows by backend port: {packets:?}");
     assert!(
-        swaps >= 10 && reads >= 10,
+        swaps >= 40 && reads >= 10,
         "too little overlap: {swaps} swaps, {reads} reads"
     );
     assert_eq!(packets.len(), 2, "both rings served flows: {packets:?}");
+    let st = maps.ring_stats;
+    eprintln!("ring writes: {st:?}");
+    assert!(
+        st.flipped >= 15 && st.created >= 15,
+        "both ways of replacing a ring were used: {st:?}"
+    );
 }
 
 /// An upgrade from the flat ring array (`MLB_MAGLEV_V1`, 1,021 slots per

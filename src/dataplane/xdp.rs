@@ -383,16 +383,14 @@ fn migrate_rings_v1(dir: &Path, maps: &mut Maps) -> usize {
         let ring: Result<Vec<u32>, _> = (0..V1_RING)
             .map(|slot| old.get(&(id * V1_RING + slot), 0))
             .collect();
-        match ring
-            .map_err(|e| e.to_string())
-            .and_then(|r| Maps::new_ring(id, &r).map_err(|e| e.to_string()))
-        {
+        match ring {
             Ok(r) => rings.push((id, r)),
             Err(e) => log::warn!("service slot {id}: ring not migrated ({e})"),
         }
     }
     let n = rings.len();
-    if let Err(e) = maps.install_rings(rings) {
+    let rings: Vec<(u32, &[u32])> = rings.iter().map(|(id, r)| (*id, r.as_slice())).collect();
+    if let Err(e) = maps.set_rings(&rings) {
         log::warn!("map {}: rings not migrated ({e})", maps::MAGLEV_V1);
         return 0;
     }
@@ -1387,19 +1385,16 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
 /// replaced by an empty one in the same batch.
 pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
     let ring_err = |e: crate::pinned::PinnedError| DataplaneError::Other(e.to_string());
-    let mut rings = Vec::new();
+    let mut rings: Vec<(u32, &[u32])> = Vec::new();
     for op in &plan.ops {
         if let Op::WriteRing { service_id, ring } = op {
-            rings.push((
-                *service_id,
-                Maps::new_ring(*service_id, ring).map_err(ring_err)?,
-            ));
+            rings.push((*service_id, ring));
         }
     }
     for op in &plan.ops {
         if let Op::RemoveService { id } = op {
             if !rings.iter().any(|(s, _)| s == id) {
-                rings.push((*id, Maps::new_ring(*id, &[]).map_err(ring_err)?));
+                rings.push((*id, &[]));
             }
         }
     }
@@ -1416,7 +1411,7 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 }
             }
             if let Some(rings) = pending.take() {
-                maps.install_rings(rings).map_err(ring_err)?;
+                maps.set_rings(&rings).map_err(ring_err)?;
             }
         }
         let done = first_ring.is_some_and(|f| i > f) && matches!(op, Op::UpsertBackend { .. });
@@ -1425,7 +1420,7 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
         }
     }
     if let Some(rings) = pending.take() {
-        maps.install_rings(rings).map_err(ring_err)?;
+        maps.set_rings(&rings).map_err(ring_err)?;
     }
     let meta = maps.meta.get(&0, 0).unwrap_or_default();
     let _ = maps.meta.set(

@@ -31,10 +31,15 @@ pub mod maps {
     /// array, service id -> `ServiceName` (userspace only: adoption, status).
     pub const SERVICE_NAMES: &str = "MLB_SVCNAME_V1";
     /// array of maps, service id -> the service's Maglev ring: an inner
-    /// array of `u32`, `[0]` the ring size M (a `RING_SIZES` class) and
-    /// `[1 + slot]` the backend id of `slot` (0..M, `NO_BACKEND`: none).
-    /// A ring is never written in place: a new inner map is filled, then
-    /// swapped in with one update, so a packet sees one whole ring.
+    /// array of `u32`, `2 + 2M` entries for a ring of M slots (a
+    /// `RING_SIZES` class): `[0]` the header, M with `RING_HALF` set when
+    /// the second half is the active one; `[1 + h * M + slot]` the
+    /// backend id of `slot` (0..M, `NO_BACKEND`: none) in half h; and
+    /// `[1 + 2M]` a count of flips (userspace readers check it did not
+    /// move while they read). A ring of another size is a new inner map,
+    /// swapped in by one update; one of the same size is written into its
+    /// inactive half, then made active by one store of the header, so a
+    /// packet sees one whole ring either way.
     pub const RINGS: &str = "MLB_RING_V1";
     /// array, backend id -> `Backend`.
     pub const BACKENDS: &str = "MLB_BE_V1";
@@ -156,10 +161,12 @@ pub const PROG_TC_HANDOFF: &str = "meshlb_tc_handoff";
 /// has the smallest with at least 100 slots per configured backend, else
 /// the largest (userspace `maglev::ring_size`). Balance and disruption
 /// need the ring much larger than the backend count (the Maglev paper's
-/// M >= 100 N). A ring of M slots is an inner array of M + 1 entries
-/// (`maps::RINGS`), 8 bytes each in the kernel (array values are 8-byte
-/// aligned): 8 KiB, 128 KiB and 512 KiB.
+/// M >= 100 N). A ring of M slots is an inner array of 2M + 2 entries
+/// (`maps::RINGS`: two halves), 8 bytes each in the kernel (array values
+/// are 8-byte aligned): 16 KiB, 256 KiB and 1 MiB.
 pub const RING_SIZES: [u32; 3] = [1021, 16381, 65537];
+/// Header bit of a ring (`maps::RINGS`): the second half is active.
+pub const RING_HALF: u32 = 1 << 31;
 /// Flags of every inner ring map (and of the object's template): the
 /// rings differ in size (`BPF_F_INNER_MAP`) and are filled through mmap
 /// (`BPF_F_MMAPABLE`), one syscall whatever their size.

@@ -43,8 +43,9 @@ use meshlb_common::{
     Counter, CtEntry, FlowConfig, FlowKey, FragEntry, FragKey, FrontendKey, FrontendValue,
     IfAddrKey, RateWindow, RnatEntry, SnatAddr, SnatEntry, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
     BE_F_SNAT, CT_F_CLOSING, CT_F_EST, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_HAIRPIN, CT_F_RST,
-    CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, SNAT_EMBRYONIC_NS,
-    SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS, SNAT_TRIES, SVC_F_PRESENT,
+    CT_F_RST_CLIENT, CT_F_SNAT, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_HALF,
+    SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_TOUCH_NS,
+    SNAT_TRIES, SVC_F_PRESENT,
 };
 
 use crate::{
@@ -1004,17 +1005,18 @@ fn select_backend(pkt: &Packet, service_id: u32) -> u32 {
 }
 
 /// The Maglev ring's backend for a flow (`NO_BACKEND`: none). One lookup
-/// of the service's ring: its size and slots come from the same ring,
-/// however often userspace swaps it.
+/// of the service's ring, one read of its header: size, half and slot
+/// come from the same ring, however often userspace swaps or flips it.
 #[inline(always)]
 fn maglev_backend(pkt: &Packet, service_id: u32) -> u32 {
-    let Some((ring, m)) = MLB_RING_V1.ring(service_id) else {
+    let Some((ring, header)) = MLB_RING_V1.ring(service_id) else {
         return NO_BACKEND;
     };
+    let m = header & !RING_HALF;
     if m == 0 {
         return NO_BACKEND;
     }
-    RingsDef::backend(ring, flow_slot(&pkt.key, m)).unwrap_or(NO_BACKEND)
+    RingsDef::backend(ring, header, flow_slot(&pkt.key, m)).unwrap_or(NO_BACKEND)
 }
 
 /// Whether backend `id` is in use by `service_id`, of the flow's family,

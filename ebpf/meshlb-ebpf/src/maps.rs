@@ -84,21 +84,26 @@ impl RingsDef {
         }
     }
 
-    /// `service_id`'s ring and its size M; `None` without a ring.
+    /// `service_id`'s ring and its header (size M, `RING_HALF`: which
+    /// half is active); `None` without a ring.
     #[inline(always)]
     pub fn ring(&self, service_id: u32) -> Option<(*mut c_void, u32)> {
         let ring = lookup(self as *const Self as *mut c_void, &service_id)?;
         // SAFETY: an inner array of u32; entries stay valid while the
-        // program runs (RCU), even if the ring is swapped meanwhile.
-        let m = unsafe { *(lookup(ring, &0u32)? as *const u32) };
-        Some((ring, m))
+        // program runs (RCU), even if the ring is swapped meanwhile. One
+        // aligned 32-bit load: the header userspace stores in one piece.
+        let header = unsafe { core::ptr::read_volatile(lookup(ring, &0u32)? as *const u32) };
+        Some((ring, header))
     }
 
-    /// The backend id in `slot` (0..M) of a ring returned by `ring`.
+    /// The backend id in `slot` (0..M) of the half of a ring its header
+    /// (from `ring`) names.
     #[inline(always)]
-    pub fn backend(ring: *mut c_void, slot: u32) -> Option<u32> {
+    pub fn backend(ring: *mut c_void, header: u32, slot: u32) -> Option<u32> {
+        let m = header & !RING_HALF;
+        let base = if header & RING_HALF != 0 { 1 + m } else { 1 };
         // SAFETY: as above.
-        lookup(ring, &(slot + 1)).map(|p| unsafe { *(p as *const u32) })
+        lookup(ring, &(base + slot)).map(|p| unsafe { *(p as *const u32) })
     }
 }
 

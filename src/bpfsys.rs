@@ -93,7 +93,7 @@ pub fn flip_ring(ring: BorrowedFd<'_>, slots: &[u32]) -> std::io::Result<()> {
             header & !meshlb_common::RING_HALF
         )));
     }
-    let next = header & meshlb_common::RING_HALF ^ meshlb_common::RING_HALF;
+    let next = (header & meshlb_common::RING_HALF) ^ meshlb_common::RING_HALF;
     let base = if next != 0 { 1 + m } else { 1 };
     for (i, v) in slots.iter().enumerate() {
         map.at(base + i).store(*v, Ordering::Relaxed);

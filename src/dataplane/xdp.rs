@@ -494,8 +494,9 @@ pub struct XdpDataplane {
     /// re-read) whenever an apply fails part-way.
     mirror: Option<FakeDataplane>,
     /// What a full sync programmed and what the maps hold since, so the
-    /// next syncs plan only the services that changed (`view`). Dropped
-    /// with the mirror; the mirror is dropped by an incremental sync.
+    /// next syncs plan only the services that changed (`view`). It
+    /// replaces the mirror once built; a failed apply or `reread` drops it
+    /// (the next full sync reads the maps).
     view: Option<View>,
     /// The node facts last written (`None`: not yet; the maps may hold an
     /// earlier daemon's).
@@ -1752,7 +1753,8 @@ impl Engine for XdpDataplane {
             self.apply(&plan)?;
         }
         if self.rejected.is_empty() {
-            if let Some(m) = &self.mirror {
+            // The view replaces the mirror (one copy of the tables, not two).
+            if let Some(m) = self.mirror.take() {
                 self.view = Some(View::new(desired.into_owned(), m.observe()?));
             }
         }

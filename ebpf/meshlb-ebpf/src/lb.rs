@@ -812,11 +812,18 @@ fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> Result<bool
             return Err(XDP_DROP);
         }
     }
-    let backend_id = if stateless {
-        maglev_backend(pkt, service_id)
+    // Affinity first (not for a stateless packet), else the ring.
+    let mut backend_id = if stateless {
+        NO_BACKEND
     } else {
-        select_backend(pkt, service_id)
+        affinity_backend(pkt, service_id)
     };
+    if backend_id == NO_BACKEND {
+        backend_id = maglev_backend(pkt, service_id);
+        if !stateless {
+            remember_affinity(pkt, service_id, backend_id);
+        }
+    }
     if backend_id == NO_BACKEND {
         count(Counter::NoBackend);
         return Err(XDP_DROP);
@@ -964,16 +971,18 @@ fn serves(ct: &CtEntry) -> bool {
         && b.addr == ct.backend_addr)
 }
 
-/// The backend of a new flow: with session affinity (a non-zero timeout in
-/// `MLB_SVCAFF_V1`), the client address's entry when it is fresh and names
-/// a backend of this service that still takes new flows (refreshed on
-/// use); else the Maglev ring, whose answer becomes the client's entry.
-/// `NO_BACKEND`: none.
+/// The backend of a new flow with client-IP session affinity (a non-zero
+/// timeout in `MLB_SVCAFF_V1`): the client address's entry when it is
+/// fresh and names a backend of this service that still takes new flows
+/// (refreshed on use). `NO_BACKEND`: none (no affinity, or no usable
+/// entry: the caller asks the ring, then `remember_affinity`). Its own
+/// subprogram beside `maglev_backend`, not above it: the deepest call
+/// chain stays within older verifiers' stack budget.
 #[inline(never)]
-fn select_backend(pkt: &Packet, service_id: u32) -> u32 {
+fn affinity_backend(pkt: &Packet, service_id: u32) -> u32 {
     let timeout = MLB_SVCAFF_V1.get(service_id).copied().unwrap_or(0);
     if timeout == 0 {
-        return maglev_backend(pkt, service_id);
+        return NO_BACKEND;
     }
     let key = AffinityKey {
         service_id,
@@ -992,22 +1001,35 @@ fn select_backend(pkt: &Packet, service_id: u32) -> u32 {
             return e.backend_id;
         }
     }
-    let backend_id = maglev_backend(pkt, service_id);
-    if backend_id != NO_BACKEND {
-        let entry = AffinityEntry {
-            backend_id,
-            _pad: 0,
-            last_used: now,
-        };
-        let _ = MLB_AFF_V1.insert(&key, &entry, 0);
+    NO_BACKEND
+}
+
+/// Makes `backend_id` (the ring's answer) the client address's affinity
+/// entry, when the service has affinity.
+#[inline(never)]
+fn remember_affinity(pkt: &Packet, service_id: u32, backend_id: u32) {
+    if backend_id == NO_BACKEND || MLB_SVCAFF_V1.get(service_id).copied().unwrap_or(0) == 0 {
+        return;
     }
-    backend_id
+    let key = AffinityKey {
+        service_id,
+        family: pkt.key.family,
+        _pad: [0; 3],
+        addr: pkt.key.src,
+    };
+    let entry = AffinityEntry {
+        backend_id,
+        _pad: 0,
+        // SAFETY: bpf_ktime_get_boot_ns has no preconditions.
+        last_used: unsafe { bpf_ktime_get_boot_ns() },
+    };
+    let _ = MLB_AFF_V1.insert(&key, &entry, 0);
 }
 
 /// The Maglev ring's backend for a flow (`NO_BACKEND`: none). One lookup
 /// of the service's ring, one read of its header: size, half and slot
 /// come from the same ring, however often userspace swaps or flips it.
-#[inline(always)]
+#[inline(never)]
 fn maglev_backend(pkt: &Packet, service_id: u32) -> u32 {
     let Some((ring, header)) = MLB_RING_V1.ring(service_id) else {
         return NO_BACKEND;

@@ -13,6 +13,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -1095,7 +1096,7 @@ impl ServiceConfig {
         &self,
         node: &str,
         state: impl Fn(&BackendConfig) -> BackendState,
-    ) -> Vec<(ServiceKey, ServiceSpec)> {
+    ) -> Vec<(ServiceKey, Arc<ServiceSpec>)> {
         self.publish
             .iter()
             .map(|p| {
@@ -1125,7 +1126,7 @@ impl ServiceConfig {
                         })
                         .collect(),
                 };
-                (key, spec)
+                (key, Arc::new(spec))
             })
             .collect()
     }
@@ -1494,6 +1495,7 @@ impl Scanner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::plain;
     use std::net::Ipv4Addr;
 
     const GOOD: &str = r#"
@@ -1645,7 +1647,7 @@ weight = 300
             ),
         ]
         .into();
-        assert_eq!(d.services, want);
+        assert_eq!(plain(&d.services), want);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! from the kernel, and ends the flows still on it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::{BackendKey, BackendState, DesiredState, ServiceKey};
@@ -34,8 +35,16 @@ impl DrainTimers {
         let mut expired = Vec::new();
         let mut next: Option<Instant> = None;
         for (skey, spec) in desired.services.iter_mut() {
+            // Specs are shared: only one with a draining backend is copied.
+            if !spec
+                .backends
+                .values()
+                .any(|b| b.effective_state() == BackendState::Draining)
+            {
+                continue;
+            }
             let timeout = timeout_of(&skey.name);
-            spec.backends.retain(|bk, bs| {
+            Arc::make_mut(spec).backends.retain(|bk, bs| {
                 if bs.effective_state() != BackendState::Draining {
                     return true;
                 }
@@ -115,7 +124,8 @@ mod tests {
                         })
                         .collect(),
                     ..Default::default()
-                },
+                }
+                .into(),
             );
         }
         d

@@ -94,15 +94,18 @@ pub fn mark_down(desired: &mut DesiredState, down: &BTreeSet<TargetKey>) {
     if down.is_empty() {
         return;
     }
-    for (key, spec) in desired.services.iter_mut() {
-        for (bk, bs) in spec.backends.iter_mut() {
-            if bs.state == BackendState::Up
-                && down.contains(&TargetKey {
-                    service: key.name.clone(),
-                    backend: *bk,
-                })
-            {
-                bs.state = BackendState::Down;
+    // Walk the (few) down targets, not every backend; specs are shared,
+    // so only a service with a backend to mark is copied.
+    for t in down {
+        let named = desired
+            .services
+            .range_mut(ServiceKey::first_of(&t.service)..)
+            .take_while(|(k, _)| k.name == t.service);
+        for (_, spec) in named {
+            if spec.backends.get(&t.backend).map(|b| b.state) == Some(BackendState::Up) {
+                if let Some(b) = Arc::make_mut(spec).backends.get_mut(&t.backend) {
+                    b.state = BackendState::Down;
+                }
             }
         }
     }
@@ -595,10 +598,12 @@ mod tests {
             proto,
             port: 80,
         };
-        let svc = |backends: Vec<(BackendKey, BackendSpec)>| ServiceSpec {
-            affinity_secs: 0,
-            frontends: Default::default(),
-            backends: backends.into_iter().collect(),
+        let svc = |backends: Vec<(BackendKey, BackendSpec)>| {
+            Arc::new(ServiceSpec {
+                affinity_secs: 0,
+                frontends: Default::default(),
+                backends: backends.into_iter().collect(),
+            })
         };
         let mut desired = DesiredState::default();
         desired.services.insert(

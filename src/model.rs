@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,27 @@ pub struct ServiceKey {
     pub proto: Proto,
     /// The published port.
     pub port: u16,
+}
+
+/// `services` with the specs unshared: what tests compare.
+#[cfg(test)]
+pub fn plain(services: &BTreeMap<ServiceKey, Arc<ServiceSpec>>) -> BTreeMap<ServiceKey, ServiceSpec> {
+    services
+        .iter()
+        .map(|(k, s)| (k.clone(), ServiceSpec::clone(s)))
+        .collect()
+}
+
+impl ServiceKey {
+    /// The smallest key of service `name`: the start of a range over
+    /// the keys of one service (keys order by name first).
+    pub fn first_of(name: &str) -> ServiceKey {
+        ServiceKey {
+            name: name.to_owned(),
+            proto: Proto::Tcp,
+            port: 0,
+        }
+    }
 }
 
 impl fmt::Display for ServiceKey {
@@ -154,7 +176,10 @@ pub struct ServiceSpec {
 /// Everything this node's data plane should do.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredState {
-    pub services: BTreeMap<ServiceKey, ServiceSpec>,
+    /// Specs are shared (`Arc`): a desired state is rebuilt per event,
+    /// and only the services that changed are new values; comparing an
+    /// unchanged one with what was applied is a pointer compare.
+    pub services: BTreeMap<ServiceKey, Arc<ServiceSpec>>,
     /// This node's addresses: node-port frontends answer on these.
     pub local_addrs: BTreeSet<IpAddr>,
 }

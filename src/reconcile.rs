@@ -441,6 +441,7 @@ impl<'a> IdPool<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use super::*;
     use crate::dataplane::fake::FakeDataplane;
     use crate::dataplane::Dataplane;
@@ -502,7 +503,10 @@ mod tests {
 
     fn desired(services: Vec<(ServiceKey, ServiceSpec)>) -> DesiredState {
         DesiredState {
-            services: services.into_iter().collect(),
+            services: services
+                .into_iter()
+                .map(|(k, s)| (k, Arc::new(s)))
+                .collect(),
             local_addrs: [ip(192, 168, 0, 1)].into(),
         }
     }
@@ -646,7 +650,7 @@ mod tests {
         let mut dp = FakeDataplane::new();
         let mut want = desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]);
         sync(&mut dp, &want);
-        want.services.get_mut(&key).unwrap().affinity_secs = 600;
+        Arc::make_mut(want.services.get_mut(&key).unwrap()).affinity_secs = 600;
         let p = sync(&mut dp, &want);
         assert!(
             matches!(
@@ -725,7 +729,7 @@ mod tests {
 
         // A backend that is down is kept but out of the ring too.
         let mut down = want.clone();
-        down.services.get_mut(&key).unwrap().backends.insert(
+        Arc::make_mut(down.services.get_mut(&key).unwrap()).backends.insert(
             bkey(1),
             BackendSpec {
                 weight: 100,
@@ -849,9 +853,7 @@ mod tests {
         ]);
         sync(&mut dp, &want);
         let mut more = want.clone();
-        more.services
-            .get_mut(&skey("c", 82))
-            .unwrap()
+        Arc::make_mut(more.services.get_mut(&skey("c", 82)).unwrap())
             .backends
             .insert(bkey(7), up(100));
         sync(&mut dp, &more);
@@ -875,7 +877,8 @@ mod tests {
         sync(&mut dp, &held);
         // "a" sorts first, but "b" and "c" are programmed: "a" waits.
         let mut more = held.clone();
-        more.services.insert(skey("a", 80), spec(80, &[(1, 100)]));
+        more.services
+            .insert(skey("a", 80), spec(80, &[(1, 100)]).into());
         let (admitted, rejected) = admit(&more, &dp.observe().unwrap(), lim(2, 10, 10));
         assert_eq!(admitted.as_ref(), &held);
         assert_eq!(
@@ -887,10 +890,7 @@ mod tests {
         );
         // Later changes of the others still apply.
         let mut changed = more.clone();
-        changed
-            .services
-            .get_mut(&skey("c", 82))
-            .unwrap()
+        Arc::make_mut(changed.services.get_mut(&skey("c", 82)).unwrap())
             .backends
             .insert(bkey(4), up(100));
         let observed = dp.observe().unwrap();
@@ -1106,7 +1106,8 @@ mod tests {
                     frontends,
                     backends,
                     affinity_secs: 0,
-                },
+                }
+                .into(),
             );
         }
         let local_addrs = (1..=4u8)
@@ -1134,9 +1135,7 @@ mod tests {
         let mut dp = FakeDataplane::from_observed(&Observed::default());
         sync(&mut dp, &want);
         let key = skey("s4321", 14_321);
-        want.services
-            .get_mut(&key)
-            .unwrap()
+        Arc::make_mut(want.services.get_mut(&key).unwrap())
             .backends
             .insert(bkey(7), up(50));
         let p = sync(&mut dp, &want);

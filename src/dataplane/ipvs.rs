@@ -93,7 +93,7 @@ pub fn services(
                     port: fe.port,
                     proto: key.proto.number(),
                 };
-                (id, key, spec)
+                (id, key, spec.as_ref())
             })
         })
     })
@@ -940,7 +940,7 @@ mod tests {
                     proto: Proto::Tcp,
                     port: 80,
                 },
-                spec,
+                spec.into(),
             )]
             .into(),
             local_addrs: [ip("192.168.1.5"), ip("fd00::5")].into(),
@@ -1097,7 +1097,7 @@ mod tests {
             ("10.0.2.2", 100, BackendState::Down),
             ("fd00:2::2", 0, BackendState::Up),
         ]);
-        let spec = d.services.get_mut(&skey()).unwrap();
+        let spec = Arc::make_mut(d.services.get_mut(&skey()).unwrap());
         for a in ["10.0.2.2", "fd00:2::2"] {
             spec.backends.get_mut(&bkey(a)).unwrap().remote = true;
         }

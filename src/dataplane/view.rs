@@ -234,6 +234,7 @@ fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<ServiceKey> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use super::*;
     use crate::model::{BackendKey, BackendSpec, BackendState, Proto, ServiceSpec};
     use crate::reconcile::{admit, fits, plan_with_limits};
@@ -283,7 +284,7 @@ mod tests {
                 d.services.remove(&key);
                 continue;
             }
-            let spec = d.services.entry(key.clone()).or_default();
+            let spec = Arc::make_mut(d.services.entry(key.clone()).or_default());
             spec.frontends.insert(Frontend {
                 addr: None,
                 port: key.port,
@@ -450,14 +451,14 @@ mod tests {
                     proto: Proto::Tcp,
                     port: 10_000 + i,
                 },
-                spec,
+                spec.into(),
             );
         }
         let mut k = FakeDataplane::new();
         let mut view = None;
         sync(&mut view, &mut k, &want, Limits::default()).unwrap();
         let key = want.services.keys().nth(321).unwrap().clone();
-        want.services.get_mut(&key).unwrap().affinity_secs = 30;
+        Arc::make_mut(want.services.get_mut(&key).unwrap()).affinity_secs = 30;
         let part = view.as_ref().unwrap().part(&want);
         assert_eq!(part.keys, [key.clone()].into());
         assert_eq!(part.desired.services.len(), 1);

@@ -463,7 +463,7 @@ pub struct DesiredCache {
 struct CacheEntry {
     svc: Arc<ServiceConfig>,
     tasks: Option<Arc<TaskMap>>,
-    specs: Vec<(ServiceKey, ServiceSpec)>,
+    specs: Vec<(ServiceKey, Arc<ServiceSpec>)>,
 }
 
 impl ClusterState {
@@ -746,7 +746,7 @@ fn warn_once(message: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BackendKey, BackendSpec, Proto, ServiceKey, ServiceSpec};
+    use crate::model::{plain, BackendKey, BackendSpec, Proto, ServiceKey, ServiceSpec};
 
     const P: &str = "/meshlb/v1";
 
@@ -1243,7 +1243,7 @@ mod tests {
             ),
         ]
         .into();
-        assert_eq!(d.services, want);
+        assert_eq!(plain(&d.services), want);
 
         // A local-only task (a container on node n2's own bridge) is a
         // backend on n2 only.

@@ -11,6 +11,7 @@
 //! One loop serves every engine (`run_engine`, generic over
 //! [`Engine`]): XDP, or IPVS when asked for or when XDP cannot load.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -24,10 +25,10 @@ use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
 use crate::config::{self, Config, DataplaneChoice, ServiceConfig, XdpMode};
 use crate::dataplane::ipvs::IpvsEngine;
 use crate::dataplane::xdp::XdpDataplane;
-use crate::dataplane::{DataplaneError, DataplaneKind, Engine};
+use crate::dataplane::{DataplaneError, DataplaneKind, Engine, ServiceConfigs};
 use crate::docker::{self, DockerOptions};
 use crate::drain::DrainTimers;
-use crate::etcd::layout::DesiredCache;
+use crate::etcd::layout::{Changes, DesiredCache};
 use crate::etcd::layout::NodeRecord;
 use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
@@ -218,42 +219,6 @@ fn listed(ifaces: &[String], tasks: &[String]) -> (Vec<String>, Vec<String>) {
     (all, tasks.to_vec())
 }
 
-/// What the node should forward: static services, plus etcd's when an
-/// etcd source is configured (static ones win a name clash).
-fn desired(
-    cfg: &Config,
-    cluster: Option<&Snapshot>,
-    locals: &BTreeSet<IpAddr>,
-    node: &str,
-    cache: &mut DesiredCache,
-) -> DesiredState {
-    match cluster {
-        Some(snap) => snap
-            .state
-            .desired_cached(&cfg.services, locals.clone(), node, cache),
-        None => cfg.desired_state(locals.clone(), node),
-    }
-}
-
-/// The services by name as this node forwards them (static ones win a
-/// name clash, as in `desired`): where health checks and drain timeouts
-/// are read from.
-fn service_configs<'a>(
-    cfg: &'a Config,
-    cluster: &'a Cluster,
-) -> BTreeMap<&'a str, &'a ServiceConfig> {
-    let mut out = BTreeMap::new();
-    if let Cluster::Etcd(snap) = cluster {
-        for (name, s) in snap.state.services() {
-            out.insert(name.as_str(), s.as_ref());
-        }
-    }
-    for s in &cfg.services {
-        out.insert(s.name.as_str(), s);
-    }
-    out
-}
-
 /// What the daemon keeps beside the data plane between syncs: health
 /// checks and drain timers (they decide backend states), and the local
 /// backends of the last desired state (their interfaces are attached).
@@ -281,8 +246,9 @@ struct Liveness {
     /// When `guard.listeners` was read.
     listeners_at: Option<std::time::Instant>,
     registry: Arc<Registry>,
-    /// The etcd services' specs of the last sync, reused while unchanged.
-    desired_cache: DesiredCache,
+    /// Every etcd service must be checked against this node again at the
+    /// next sync (`refuse_etcd`): its addresses or gateways changed.
+    recheck: bool,
 }
 
 /// Resolves at `t`; never without one.
@@ -302,6 +268,11 @@ async fn until(t: Option<std::time::Instant>) {
 /// Backends draining longer than their drain timeout are left out, and
 /// the engine ends the flows still on them; so are etcd services this node
 /// refuses (`refuse_etcd`).
+///
+/// With etcd, the desired state is the one `DesiredCache` keeps up to
+/// date, borrowed: it is copied only when this sync must change it (a
+/// refused service, an expired drain, a backend down), and each step
+/// below looks only at what the last etcd change touched.
 async fn sync<E: Engine>(
     engine: &mut E,
     cfg: &Config,
@@ -309,17 +280,37 @@ async fn sync<E: Engine>(
     locals: &BTreeSet<IpAddr>,
     node: &str,
     live: &mut Liveness,
+    cache: &mut DesiredCache,
 ) -> Result<usize, DaemonError> {
-    let mut desired = match cluster {
-        Cluster::Static => desired(cfg, None, locals, node, &mut live.desired_cache),
+    let (mut desired, changes, etcd) = match cluster {
         Cluster::Waiting => return Ok(0),
-        Cluster::Etcd(snap) => desired(cfg, Some(snap), locals, node, &mut live.desired_cache),
+        Cluster::Static => (
+            Cow::Owned(cfg.desired_state(locals.clone(), node)),
+            None,
+            None,
+        ),
+        Cluster::Etcd(snap) => {
+            snap.state
+                .desired_cached(&cfg.services, locals.clone(), node, cache);
+            let changes = cache.changes().clone();
+            (
+                Cow::Borrowed(cache.desired()),
+                Some(changes),
+                Some(snap.state.services()),
+            )
+        }
     };
-    if let Cluster::Etcd(snap) = cluster {
-        refuse_etcd(&mut desired, cfg, snap, live);
+    let services = ServiceConfigs::new(&cfg.services, etcd);
+    let mut refused_changed = false;
+    if let (Cluster::Etcd(snap), Some(changes)) = (cluster, &changes) {
+        refused_changed = refuse_etcd(&mut desired, cfg, snap, changes, live);
     }
-    live.programmed_ports = desired.services.keys().map(|k| (k.proto, k.port)).collect();
-    let services = service_configs(cfg, cluster);
+    // The ports programmed, as of this sync: recounted only when the
+    // services or the refused ones changed.
+    let keys_changed = changes.as_ref().is_none_or(|c| c.full || c.keys) || refused_changed;
+    if keys_changed {
+        live.programmed_ports = desired.services.keys().map(|k| (k.proto, k.port)).collect();
+    }
     // Before anything can fail, so a passed deadline is never left armed.
     let expired = live.drains.apply(
         &mut desired,
@@ -337,16 +328,26 @@ async fn sync<E: Engine>(
         .held_down(&desired)
         .await
         .map_err(|e| rt("observe data plane", e))?;
-    live.checker.set_targets(&health::targets(
-        &desired,
-        |name| services.get(name).and_then(|s| s.health.as_ref()),
-        &held_down,
-    ));
+    let checked: Vec<(&str, &config::Health)> = services
+        .iter()
+        .filter_map(|s| s.health.as_ref().map(|h| (s.name.as_str(), h)))
+        .collect();
+    live.checker
+        .set_targets(&health::targets(&desired, &checked, &held_down));
     health::mark_down(&mut desired, &live.checker.down());
-    let local = local_backends(&desired);
-    if local != live.local_backends {
-        live.local_backends = local;
-        live.local_changed = true;
+    // The local backends: recomputed only when their addresses may have
+    // changed (with etcd, `DesiredCache` counts them).
+    let local_may_change = changes
+        .as_ref()
+        .is_none_or(|c| c.full || c.local)
+        || refused_changed
+        || !expired.is_empty();
+    if local_may_change {
+        let local = local_backends(&desired);
+        if local != live.local_backends {
+            live.local_backends = local;
+            live.local_changed = true;
+        }
     }
     engine
         .sync(&desired, &services, &expired)
@@ -372,16 +373,39 @@ const LISTENERS_FRESH: Duration = Duration::from_secs(1);
 /// Leaves out of `desired` the etcd services this node refuses
 /// (`guard::refusal`: a VIP on a node address or gateway, a published port
 /// something here listens on); each is logged and counted when refused,
-/// and logged again when it no longer is. The others are served.
-fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: &mut Liveness) {
-    let statics: BTreeSet<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
-    let etcd: Vec<&ServiceConfig> = snap
-        .state
-        .services()
-        .values()
-        .map(|s| s.as_ref())
-        .filter(|s| !statics.contains(s.name.as_str()))
-        .collect();
+/// and logged again when it no longer is. The others are served. Only
+/// the services `changes` names and those refused before are checked,
+/// unless the desired state was rebuilt or this node's addresses changed
+/// (`live.recheck`). Returns whether the refused set changed.
+fn refuse_etcd(
+    desired: &mut Cow<'_, DesiredState>,
+    cfg: &Config,
+    snap: &Snapshot,
+    changes: &Changes,
+    live: &mut Liveness,
+) -> bool {
+    let all = changes.full || live.recheck;
+    live.recheck = false;
+    let is_static = |n: &str| cfg.services.iter().any(|s| s.name == n);
+    let etcd: Vec<&ServiceConfig> = if all {
+        snap.state
+            .services()
+            .values()
+            .map(|s| s.as_ref())
+            .filter(|s| !is_static(&s.name))
+            .collect()
+    } else {
+        changes
+            .names
+            .iter()
+            .chain(live.refused.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|n| snap.state.services().get(n))
+            .map(|s| s.as_ref())
+            .filter(|s| !is_static(&s.name))
+            .collect()
+    };
     let unchecked = |s: &&ServiceConfig| {
         !s.allow_port_conflict
             && s.publish
@@ -397,7 +421,16 @@ fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: 
         live.guard.listeners = listeners::read();
         live.listeners_at = Some(std::time::Instant::now());
     }
-    let mut refused = BTreeMap::new();
+    let mut refused = if all {
+        BTreeMap::new()
+    } else {
+        let mut r = live.refused.clone();
+        for s in &etcd {
+            r.remove(&s.name);
+        }
+        r.retain(|n, _| snap.state.services().contains_key(n));
+        r
+    };
     // One /proc walk per socket, not per sync.
     let owners = &mut live.owners;
     let mut owner = |inode| {
@@ -413,9 +446,20 @@ fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: 
     }
     let held: BTreeSet<u64> = live.guard.listeners.iter().map(|l| l.inode).collect();
     live.owners.retain(|i, _| held.contains(i));
-    desired
-        .services
-        .retain(|k, _| !refused.contains_key(&k.name));
+    for name in refused.keys() {
+        let keys: Vec<ServiceKey> = desired
+            .services
+            .range(ServiceKey::first_of(name)..)
+            .take_while(|(k, _)| &k.name == name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !keys.is_empty() {
+            let d = desired.to_mut();
+            for k in &keys {
+                d.services.remove(k);
+            }
+        }
+    }
     for (name, why) in &refused {
         if live.refused.get(name) != Some(why) {
             log::warn!("etcd services/{name}: {why}: not programmed on this node");
@@ -425,7 +469,9 @@ fn refuse_etcd(desired: &mut DesiredState, cfg: &Config, snap: &Snapshot, live: 
     for name in live.refused.keys().filter(|n| !refused.contains_key(*n)) {
         log::info!("etcd services/{name}: no longer refused on this node");
     }
+    let changed = refused != live.refused;
     live.refused = refused;
+    changed
 }
 
 /// The local backends of `desired` (address -> the first service naming
@@ -578,6 +624,9 @@ struct Node<E: Engine> {
     /// This node's addresses.
     locals: BTreeSet<IpAddr>,
     live: Liveness,
+    /// The desired state from etcd of the last sync, kept up to date
+    /// service by service.
+    desired_cache: DesiredCache,
     /// The interfaces wanted at the last look, in order.
     attach: Vec<Attach>,
     /// Services the engine could not fit in its tables, and why (logged
@@ -606,6 +655,7 @@ impl<E: Engine> Node<E> {
             &self.locals,
             &self.settings.node,
             &mut self.live,
+            &mut self.desired_cache,
         )
         .await;
         match &res {
@@ -669,8 +719,10 @@ impl<E: Engine> Node<E> {
     async fn follow_net(&mut self, resync: bool) -> Result<(), netlink::NetlinkError> {
         let f = Facts::read().await?;
         let g = node_guard(&f);
-        let recheck = (self.live.guard.own != g.own || self.live.guard.gateways != g.gateways)
-            && !self.live.refused.is_empty();
+        let guard_moved = self.live.guard.own != g.own || self.live.guard.gateways != g.gateways;
+        // Every etcd service is checked against the new addresses.
+        self.live.recheck |= guard_moved;
+        let recheck = guard_moved && matches!(self.cluster, Cluster::Etcd(_));
         self.live.guard.own = g.own;
         self.live.guard.gateways = g.gateways;
         let attach = wanted(&self.settings, &self.live.local_backends, &f);
@@ -787,7 +839,7 @@ async fn run_engine<E: Engine>(
         owners: BTreeMap::new(),
         listeners_at: None,
         registry: registry.clone(),
-        desired_cache: DesiredCache::default(),
+        recheck: false,
     };
     let mut node = Node {
         engine,
@@ -796,6 +848,7 @@ async fn run_engine<E: Engine>(
         cluster,
         locals,
         live,
+        desired_cache: DesiredCache::default(),
         attach,
         rejected: BTreeMap::new(),
         retry_at: None,
@@ -1311,7 +1364,7 @@ addr = "192.0.2.3"
             owners: BTreeMap::new(),
             listeners_at: None,
             registry: Arc::new(Registry::default()),
-            desired_cache: DesiredCache::default(),
+            recheck: false,
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();
         let n = sync(
@@ -1321,6 +1374,7 @@ addr = "192.0.2.3"
             &locals,
             "n1",
             &mut live,
+            &mut DesiredCache::default(),
         )
         .await
         .expect("sync");
@@ -1339,6 +1393,7 @@ addr = "192.0.2.3"
             &locals,
             "n1",
             &mut live,
+            &mut DesiredCache::default(),
         )
         .await
         .expect("sync");

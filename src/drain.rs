@@ -4,6 +4,7 @@
 //! plane. Pure: the daemon passes the clock in, removes what this returns
 //! from the kernel, and ends the flows still on it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,22 +28,29 @@ impl DrainTimers {
     /// removed ones (every call, for as long as they stay draining).
     pub fn apply(
         &mut self,
-        desired: &mut DesiredState,
+        desired: &mut Cow<'_, DesiredState>,
         timeout_of: impl Fn(&str) -> Option<Duration>,
         now: Instant,
     ) -> Vec<(ServiceKey, BackendKey)> {
         let mut seen = BTreeMap::new();
         let mut expired = Vec::new();
         let mut next: Option<Instant> = None;
-        for (skey, spec) in desired.services.iter_mut() {
-            // Specs are shared: only one with a draining backend is copied.
-            if !spec
-                .backends
-                .values()
-                .any(|b| b.effective_state() == BackendState::Draining)
-            {
+        // The desired state is copied only if a service has a draining
+        // backend, and then a spec only where one is (specs are shared).
+        let draining: Vec<ServiceKey> = desired
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                s.backends
+                    .values()
+                    .any(|b| b.effective_state() == BackendState::Draining)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for skey in draining {
+            let Some(spec) = desired.to_mut().services.get_mut(&skey) else {
                 continue;
-            }
+            };
             let timeout = timeout_of(&skey.name);
             Arc::make_mut(spec).backends.retain(|bk, bs| {
                 if bs.effective_state() != BackendState::Draining {
@@ -162,7 +170,7 @@ mod tests {
             (42, &drained, &[2, 3], &[1]),
         ];
         for (s, specs, want_expired, want_left) in steps {
-            let mut d = desired(specs);
+            let mut d = Cow::Owned(desired(specs));
             let expired = timers.apply(&mut d, timeout, at(*s));
             let exp: Vec<u8> = expired
                 .iter()
@@ -190,13 +198,13 @@ mod tests {
     fn next_deadline_is_the_earliest_pending_one() {
         let t0 = Instant::now();
         let mut timers = DrainTimers::default();
-        let mut d = desired(&[(1, 0, BackendState::Up)]);
+        let mut d = Cow::Owned(desired(&[(1, 0, BackendState::Up)]));
         timers.apply(&mut d, timeout, t0);
         assert_eq!(timers.next_deadline(), Some(t0 + Duration::from_secs(10)));
-        let mut d = desired(&[(1, 0, BackendState::Up)]);
+        let mut d = Cow::Owned(desired(&[(1, 0, BackendState::Up)]));
         timers.apply(&mut d, timeout, t0 + Duration::from_secs(10));
         assert_eq!(timers.next_deadline(), None, "expired: nothing pending");
-        let mut d = desired(&[(1, 100, BackendState::Up)]);
+        let mut d = Cow::Owned(desired(&[(1, 100, BackendState::Up)]));
         timers.apply(&mut d, timeout, t0 + Duration::from_secs(11));
         assert!(timers.is_empty());
     }

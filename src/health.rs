@@ -9,6 +9,7 @@
 //! the data plane as `BackendState::Down`: no new flows, established flows
 //! keep their conntrack entry.
 
+use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
@@ -58,20 +59,22 @@ pub struct TargetSpec {
 /// target follows that target's state (see [`mark_down`]). `held_down`
 /// (what the data plane holds as down now) gives each new target its
 /// initial state.
-pub fn targets<'a>(
+pub fn targets(
     desired: &DesiredState,
-    health_of: impl Fn(&str) -> Option<&'a Health>,
+    checked: &[(&str, &Health)],
     held_down: &BTreeSet<(ServiceKey, BackendKey)>,
 ) -> BTreeMap<TargetKey, TargetSpec> {
     let mut out = BTreeMap::new();
-    for (key, spec) in &desired.services {
-        if key.proto != Proto::Tcp {
-            continue;
-        }
-        let Some(health) = health_of(&key.name) else {
-            continue;
-        };
-        for bk in spec.backends.keys() {
+    // The services with a check, not every service: their keys are
+    // found by name (keys order by name first).
+    for &(name, health) in checked {
+        let named = desired
+            .services
+            .range(ServiceKey::first_of(name)..)
+            .take_while(|(k, _)| k.name == name)
+            .filter(|(k, _)| k.proto == Proto::Tcp);
+        for (key, spec) in named {
+          for bk in spec.backends.keys() {
             let initially_up = !held_down.contains(&(key.clone(), *bk));
             out.insert(
                 TargetKey {
@@ -83,6 +86,7 @@ pub fn targets<'a>(
                     initially_up,
                 },
             );
+          }
         }
     }
     out
@@ -90,19 +94,20 @@ pub fn targets<'a>(
 
 /// Marks the backends of `down` targets `Down` in `desired` (an up
 /// backend only: draining stays draining).
-pub fn mark_down(desired: &mut DesiredState, down: &BTreeSet<TargetKey>) {
-    if down.is_empty() {
-        return;
-    }
-    // Walk the (few) down targets, not every backend; specs are shared,
-    // so only a service with a backend to mark is copied.
+pub fn mark_down(desired: &mut Cow<'_, DesiredState>, down: &BTreeSet<TargetKey>) {
+    // Walk the (few) down targets, not every backend. The desired state
+    // is copied only if a backend is to be marked, and then a spec only
+    // where one is (specs are shared).
     for t in down {
-        let named = desired
+        let marked: Vec<ServiceKey> = desired
             .services
-            .range_mut(ServiceKey::first_of(&t.service)..)
-            .take_while(|(k, _)| k.name == t.service);
-        for (_, spec) in named {
-            if spec.backends.get(&t.backend).map(|b| b.state) == Some(BackendState::Up) {
+            .range(ServiceKey::first_of(&t.service)..)
+            .take_while(|(k, _)| k.name == t.service)
+            .filter(|(_, s)| s.backends.get(&t.backend).map(|b| b.state) == Some(BackendState::Up))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in marked {
+            if let Some(spec) = desired.to_mut().services.get_mut(&key) {
                 if let Some(b) = Arc::make_mut(spec).backends.get_mut(&t.backend) {
                     b.state = BackendState::Down;
                 }
@@ -618,7 +623,7 @@ mod tests {
             .insert(skey("plain", Proto::Tcp), svc(vec![(bk(1), up)]));
         let held_down = [(skey("web", Proto::Tcp), bk(2))].into();
         let h = fast(HealthKind::Tcp);
-        let t = targets(&desired, |n| (n == "web").then_some(&h), &held_down);
+        let t = targets(&desired, &[("web", &h)], &held_down);
         let tk = |s: &str, i| TargetKey {
             service: s.into(),
             backend: bk(i),
@@ -632,6 +637,7 @@ mod tests {
         assert!(!t[&tk("web", 2)].initially_up, "held down stays down");
 
         let down: BTreeSet<TargetKey> = [tk("web", 1), tk("web", 3)].into();
+        let mut desired = Cow::Owned(desired);
         mark_down(&mut desired, &down);
         let state = |s: &str, p, i| desired.services[&skey(s, p)].backends[&bk(i)].state;
         assert_eq!(state("web", Proto::Tcp, 1), BackendState::Down);

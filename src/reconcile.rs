@@ -115,15 +115,23 @@ impl Default for Limits {
 /// every service).
 pub fn fits(desired: &DesiredState, limits: Limits) -> bool {
     let backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
-    let frontends: BTreeSet<&Frontend> = desired
-        .services
-        .values()
-        .flat_map(|s| s.frontends.iter())
-        .collect();
+    // Frontends counted with repeats bound the distinct ones: the set is
+    // built only when that bound is over the limit (it runs every sync).
+    let fits_frontends = || {
+        let with_repeats: usize = desired.services.values().map(|s| s.frontends.len()).sum();
+        with_repeats <= limits.frontends as usize
+            || desired
+                .services
+                .values()
+                .flat_map(|s| s.frontends.iter())
+                .collect::<BTreeSet<&Frontend>>()
+                .len()
+                <= limits.frontends as usize
+    };
     desired.services.len() <= limits.services as usize
         && backends <= limits.backends as usize
-        && frontends.len() <= limits.frontends as usize
         && desired.local_addrs.len() <= limits.local_addrs as usize
+        && fits_frontends()
 }
 
 /// The services of `desired` that fit tables of `limits`, and why each

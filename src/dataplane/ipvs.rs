@@ -517,9 +517,9 @@ pub async fn dump(ipvs: &mut Ipvs) -> Result<Table, IpvsError> {
 fn options(services: &ServiceConfigs<'_>) -> BTreeMap<String, IpvsOptions> {
     services
         .iter()
-        .map(|(name, s)| {
+        .map(|s| {
             (
-                name.to_string(),
+                s.name.clone(),
                 IpvsOptions {
                     sched: sched_name(s.scheduler).into(),
                     persistence: s.affinity.as_ref().map(|a| a.timeout as u32),
@@ -1166,7 +1166,7 @@ mod tests {
             }
         }
         let view = IpvsView::default();
-        view.update(&want, &have, &ServiceConfigs::new());
+        view.update(&want, &have, &ServiceConfigs::default());
         let names = view.0.lock().unwrap().clone();
         let st = status_of("n1", &names, &have);
         assert_eq!(st.dataplane, "ipvs");

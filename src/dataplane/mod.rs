@@ -19,6 +19,7 @@ pub mod view;
 pub mod xdp;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::config::ServiceConfig;
 use crate::model::{BackendKey, DesiredState, Observed, ServiceKey};
@@ -76,8 +77,42 @@ pub trait Dataplane {
 }
 
 /// The services as configured, by name: schedulers and affinity, which
-/// only some engines need beyond the desired state.
-pub type ServiceConfigs<'a> = BTreeMap<&'a str, &'a ServiceConfig>;
+/// only some engines need beyond the desired state; health checks and
+/// drain timeouts. Static services win over an etcd service of the same
+/// name. A view of the two sources, not a copy: built per sync.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServiceConfigs<'a> {
+    statics: &'a [ServiceConfig],
+    etcd: Option<&'a BTreeMap<String, Arc<ServiceConfig>>>,
+}
+
+impl<'a> ServiceConfigs<'a> {
+    pub fn new(
+        statics: &'a [ServiceConfig],
+        etcd: Option<&'a BTreeMap<String, Arc<ServiceConfig>>>,
+    ) -> Self {
+        ServiceConfigs { statics, etcd }
+    }
+
+    /// The service named `name`.
+    pub fn get(&self, name: &str) -> Option<&'a ServiceConfig> {
+        self.statics
+            .iter()
+            .find(|s| s.name == name)
+            .or_else(|| self.etcd.and_then(|e| e.get(name)).map(Arc::as_ref))
+    }
+
+    /// Every service, each name once.
+    pub fn iter(&self) -> impl Iterator<Item = &'a ServiceConfig> + '_ {
+        let statics = self.statics;
+        self.etcd
+            .into_iter()
+            .flat_map(|e| e.values())
+            .map(Arc::as_ref)
+            .filter(move |s| !statics.iter().any(|t| t.name == s.name))
+            .chain(statics.iter())
+    }
+}
 
 /// One backend of one data-plane service.
 pub type BackendOf = (ServiceKey, BackendKey);

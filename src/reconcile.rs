@@ -226,11 +226,14 @@ pub fn plan_with_limits(
     plan_part(desired, observed, limits, &Taken::default())
 }
 
-/// Ids held by services outside a partial plan's view (`plan_part`).
+/// Ids held by services outside a partial plan's view (`plan_part`):
+/// each function gives the smallest id at or above its argument that
+/// those services do not hold (so a free id is found without walking
+/// the held ones).
 #[derive(Default)]
 pub struct Taken<'a> {
-    pub service: Option<&'a dyn Fn(u32) -> bool>,
-    pub backend: Option<&'a dyn Fn(u32) -> bool>,
+    pub service: Option<&'a dyn Fn(u32) -> u32>,
+    pub backend: Option<&'a dyn Fn(u32) -> u32>,
 }
 
 /// [`plan_with_limits`] over a part of the data plane: `desired` and
@@ -416,8 +419,9 @@ pub fn plan_part(
 struct IdPool<'a> {
     limit: u32,
     used: BTreeSet<u32>,
-    /// Ids used outside the plan's view.
-    taken: Option<&'a dyn Fn(u32) -> bool>,
+    /// The smallest id at or above its argument not used outside the
+    /// plan's view.
+    taken: Option<&'a dyn Fn(u32) -> u32>,
     next: u32,
 }
 
@@ -425,7 +429,7 @@ impl<'a> IdPool<'a> {
     fn new(
         limit: u32,
         used: impl IntoIterator<Item = u32>,
-        taken: Option<&'a dyn Fn(u32) -> bool>,
+        taken: Option<&'a dyn Fn(u32) -> u32>,
     ) -> Self {
         IdPool {
             limit,
@@ -436,7 +440,12 @@ impl<'a> IdPool<'a> {
     }
 
     fn take(&mut self) -> Option<u32> {
-        while self.used.contains(&self.next) || self.taken.is_some_and(|t| t(self.next)) {
+        loop {
+            let free = self.taken.map_or(self.next, |t| t(self.next));
+            self.next = free;
+            if !self.used.contains(&free) {
+                break;
+            }
             self.next += 1;
         }
         if self.next >= self.limit {

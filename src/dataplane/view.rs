@@ -34,8 +34,58 @@ pub struct View {
     /// Frontend -> the services of `desired` that want it.
     wanted: BTreeMap<Frontend, BTreeSet<ServiceKey>>,
     /// Ids held in `observed` (and by its orphans).
-    service_ids: BTreeSet<u32>,
-    backend_ids: BTreeSet<u32>,
+    service_ids: Ids,
+    backend_ids: Ids,
+}
+
+/// A set of held ids that finds the lowest free one at or above any id
+/// without walking the held ones: the free ids below the highest held
+/// one are kept too.
+#[derive(Debug, Default)]
+struct Ids {
+    held: BTreeSet<u32>,
+    /// Ids below `high` not in `held`.
+    free: BTreeSet<u32>,
+    /// One above the highest id ever held.
+    high: u32,
+}
+
+impl Ids {
+    fn new(ids: impl IntoIterator<Item = u32>) -> Ids {
+        let mut out = Ids::default();
+        for id in ids {
+            out.insert(id);
+        }
+        out
+    }
+
+    fn insert(&mut self, id: u32) {
+        if id >= self.high {
+            self.free.extend(self.high..id);
+            self.high = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
+        self.held.insert(id);
+    }
+
+    fn remove(&mut self, id: u32) {
+        if self.held.remove(&id) {
+            self.free.insert(id);
+        }
+    }
+
+    /// The smallest id at or above `from` not held, or held by `part`
+    /// (the part's own ids are its planner's to reuse).
+    fn first_free(&self, from: u32, part: &BTreeSet<u32>) -> u32 {
+        let unheld = self
+            .free
+            .range(from..)
+            .next()
+            .copied()
+            .unwrap_or(from.max(self.high));
+        part.range(from..).next().map_or(unheld, |&p| p.min(unheld))
+    }
 }
 
 /// The services one sync plans: their desired and observed parts.
@@ -63,13 +113,12 @@ impl View {
                 wanted.entry(*fe).or_default().insert(key.clone());
             }
         }
-        let service_ids = observed.services.values().map(|s| s.id).collect();
-        let backend_ids = observed
+        let service_ids = Ids::new(observed.services.values().map(|s| s.id));
+        let backend_ids = Ids::new(observed
             .services
             .values()
             .flat_map(|s| s.backends.values().map(|b| b.id))
-            .chain(observed.orphan_backends.iter().copied())
-            .collect();
+            .chain(observed.orphan_backends.iter().copied()));
         View {
             desired,
             observed,
@@ -138,8 +187,8 @@ impl View {
             .values()
             .flat_map(|s| s.backends.values().map(|b| b.id))
             .collect();
-        let service = |id: u32| self.service_ids.contains(&id) && !part_services.contains(&id);
-        let backend = |id: u32| self.backend_ids.contains(&id) && !part_backends.contains(&id);
+        let service = |from: u32| self.service_ids.first_free(from, &part_services);
+        let backend = |from: u32| self.backend_ids.first_free(from, &part_backends);
         reconcile::plan_part(
             &part.desired,
             &part.observed,
@@ -160,9 +209,9 @@ impl View {
         let now = scratch.observe()?;
         for key in &part.keys {
             if let Some(old) = self.observed.services.remove(key) {
-                self.service_ids.remove(&old.id);
+                self.service_ids.remove(old.id);
                 for b in old.backends.values() {
-                    self.backend_ids.remove(&b.id);
+                    self.backend_ids.remove(b.id);
                 }
             }
             if let Some(old) = self.desired.services.remove(key) {
@@ -178,7 +227,9 @@ impl View {
         }
         for (key, s) in now.services {
             self.service_ids.insert(s.id);
-            self.backend_ids.extend(s.backends.values().map(|b| b.id));
+            for b in s.backends.values() {
+                self.backend_ids.insert(b.id);
+            }
             self.observed.services.insert(key, s);
         }
         for (key, spec) in part.desired.services {
@@ -377,6 +428,33 @@ mod tests {
     /// then and tables too small now and then: after every round the
     /// kernel holds exactly what a from-scratch plan wants (it finds
     /// nothing to do), and the view holds exactly what the kernel does.
+    #[test]
+    fn ids_find_the_lowest_free_one_at_or_above_any_id() {
+        let mut ids = Ids::new([0, 1, 2, 5, 6]);
+        let none = BTreeSet::new();
+        assert_eq!(ids.first_free(0, &none), 3);
+        assert_eq!(ids.first_free(4, &none), 4);
+        assert_eq!(ids.first_free(5, &none), 7);
+        assert_eq!(ids.first_free(100, &none), 100);
+        // The part's own ids are free to it.
+        assert_eq!(ids.first_free(0, &[1].into()), 1);
+        ids.remove(1);
+        ids.remove(9); // never held: no change
+        assert_eq!(ids.first_free(0, &none), 1);
+        ids.insert(1);
+        ids.insert(3);
+        ids.insert(4);
+        assert_eq!(ids.first_free(0, &none), 7);
+        ids.insert(10);
+        assert_eq!(ids.first_free(7, &none), 7);
+        assert_eq!(ids.first_free(10, &none), 11);
+        // Against a plain walk of the held set.
+        let walk = |ids: &Ids, from: u32| (from..).find(|i| !ids.held.contains(i)).unwrap();
+        for from in 0..15 {
+            assert_eq!(ids.first_free(from, &none), walk(&ids, from), "from {from}");
+        }
+    }
+
     #[test]
     fn partial_syncs_match_a_from_scratch_rebuild() {
         let mut rng = Rng(0x7669_6577_0000_0001);

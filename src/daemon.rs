@@ -28,8 +28,8 @@ use crate::dataplane::xdp::XdpDataplane;
 use crate::dataplane::{DataplaneError, DataplaneKind, Engine, ServiceConfigs};
 use crate::docker::{self, DockerOptions};
 use crate::drain::DrainTimers;
-use crate::etcd::layout::{Changes, DesiredCache};
 use crate::etcd::layout::NodeRecord;
+use crate::etcd::layout::{Changes, DesiredCache};
 use crate::etcd::watch::{keep_node, run_source, Snapshot};
 use crate::etcd::EtcdOptions;
 use crate::guard::{self, NodeGuard, PortKey};
@@ -229,6 +229,9 @@ struct Liveness {
     drain_default: Option<Duration>,
     /// Local backend address -> a service of theirs.
     local_backends: BTreeMap<IpAddr, String>,
+    /// Local backend addresses the last syncs added to `local_backends`
+    /// alone: their interfaces may need attaching (`Node::sync`).
+    local_joined: Vec<IpAddr>,
     /// The last sync changed `local_backends` (compared in place: at 10k
     /// services a copy per sync cost more than the rest of the sync).
     local_changed: bool,
@@ -335,18 +338,26 @@ async fn sync<E: Engine>(
     live.checker
         .set_targets(&health::targets(&desired, &checked, &held_down));
     health::mark_down(&mut desired, &live.checker.down());
-    // The local backends: recomputed only when their addresses may have
-    // changed (with etcd, `DesiredCache` counts them).
-    let local_may_change = changes
-        .as_ref()
-        .is_none_or(|c| c.full || c.local)
-        || refused_changed
-        || !expired.is_empty();
-    if local_may_change {
-        let local = local_backends(&desired);
-        if local != live.local_backends {
-            live.local_backends = local;
-            live.local_changed = true;
+    // The local backends: after an etcd change alone, updated by the
+    // addresses that `DesiredCache` says left or joined; recomputed when
+    // anything else may have changed them.
+    match changes.as_ref() {
+        Some(c) if !c.full && !refused_changed && expired.is_empty() => {
+            for a in &c.local_gone {
+                live.local_backends.remove(a);
+            }
+            for (a, name) in &c.local_joined {
+                if live.local_backends.insert(*a, name.clone()).is_none() {
+                    live.local_joined.push(*a);
+                }
+            }
+        }
+        _ => {
+            let local = local_backends(&desired);
+            if local != live.local_backends {
+                live.local_backends = local;
+                live.local_changed = true;
+            }
         }
     }
     engine
@@ -629,6 +640,8 @@ struct Node<E: Engine> {
     desired_cache: DesiredCache,
     /// The interfaces wanted at the last look, in order.
     attach: Vec<Attach>,
+    /// What the last look at the node's network found.
+    facts: Option<Facts>,
     /// Services the engine could not fit in its tables, and why (logged
     /// and counted once, when rejected).
     rejected: BTreeMap<ServiceKey, String>,
@@ -670,12 +683,36 @@ impl<E: Engine> Node<E> {
             }
         }
         self.report_rejected();
-        if self.live.local_changed {
+        let joined = std::mem::take(&mut self.live.local_joined);
+        // Addresses that left keep their interface attached until the
+        // next look at the node's network; one that joined needs a look
+        // only if its interface is not attached yet.
+        if self.live.local_changed || !self.attached(&joined) {
             if let Err(e) = self.follow_net(false).await {
                 log::warn!("{e}");
             }
         }
         res
+    }
+
+    /// Whether every address of `addrs` is reached through an interface
+    /// attached now (or through none: via a gateway), by the routes of
+    /// the last look at the node's network.
+    fn attached(&self, addrs: &[IpAddr]) -> bool {
+        if addrs.is_empty() {
+            return true;
+        }
+        let Some(f) = &self.facts else {
+            return false;
+        };
+        addrs.iter().all(|a| {
+            nodenet::link_of(*a, &f.routes).is_none_or(|i| {
+                f.links
+                    .iter()
+                    .find(|l| l.index == i)
+                    .is_some_and(|l| self.attach.iter().any(|at| at.name == l.name))
+            })
+        })
     }
 
     /// Logs (and counts) each service newly rejected by the engine's
@@ -734,6 +771,7 @@ impl<E: Engine> Node<E> {
         let (locals, net) = f.node_net(&self.settings, &names(&self.attach));
         apply_node_net(&mut self.engine, &net);
         let moved = localise(&mut self.cfg, &locals, &f.routes, false);
+        self.facts = Some(f);
         if resync || moved || recheck || locals != self.locals {
             self.locals = locals;
             match Box::pin(self.sync()).await {
@@ -833,6 +871,7 @@ async fn run_engine<E: Engine>(
         drain_default: settings.drain_timeout,
         local_backends: BTreeMap::new(),
         local_changed: false,
+        local_joined: Vec::new(),
         guard: node_guard(&facts),
         programmed_ports: BTreeSet::new(),
         refused: BTreeMap::new(),
@@ -850,6 +889,7 @@ async fn run_engine<E: Engine>(
         live,
         desired_cache: DesiredCache::default(),
         attach,
+        facts: None,
         rejected: BTreeMap::new(),
         retry_at: None,
         backoff: RETRY_MIN,
@@ -1358,6 +1398,7 @@ addr = "192.0.2.3"
             drain_default: Some(Duration::ZERO),
             local_backends: BTreeMap::new(),
             local_changed: false,
+            local_joined: Vec::new(),
             guard: NodeGuard::default(),
             programmed_ports: BTreeSet::new(),
             refused: BTreeMap::new(),

@@ -74,19 +74,19 @@ pub fn targets(
             .take_while(|(k, _)| k.name == name)
             .filter(|(k, _)| k.proto == Proto::Tcp);
         for (key, spec) in named {
-          for bk in spec.backends.keys() {
-            let initially_up = !held_down.contains(&(key.clone(), *bk));
-            out.insert(
-                TargetKey {
-                    service: key.name.clone(),
-                    backend: *bk,
-                },
-                TargetSpec {
-                    health: health.clone(),
-                    initially_up,
-                },
-            );
-          }
+            for bk in spec.backends.keys() {
+                let initially_up = !held_down.contains(&(key.clone(), *bk));
+                out.insert(
+                    TargetKey {
+                        service: key.name.clone(),
+                        backend: *bk,
+                    },
+                    TargetSpec {
+                        health: health.clone(),
+                        initially_up,
+                    },
+                );
+            }
         }
     }
     out

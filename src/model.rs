@@ -56,7 +56,9 @@ pub struct ServiceKey {
 
 /// `services` with the specs unshared: what tests compare.
 #[cfg(test)]
-pub fn plain(services: &BTreeMap<ServiceKey, Arc<ServiceSpec>>) -> BTreeMap<ServiceKey, ServiceSpec> {
+pub fn plain(
+    services: &BTreeMap<ServiceKey, Arc<ServiceSpec>>,
+) -> BTreeMap<ServiceKey, ServiceSpec> {
     services
         .iter()
         .map(|(k, s)| (k.clone(), ServiceSpec::clone(s)))

@@ -458,12 +458,12 @@ impl<'a> IdPool<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use super::*;
     use crate::dataplane::fake::FakeDataplane;
     use crate::dataplane::Dataplane;
     use crate::model::{BackendSpec, Proto, ServiceSpec};
     use std::net::Ipv4Addr;
+    use std::sync::Arc;
     const RING_SIZE: u32 = meshlb_common::RING_SIZES[0];
 
     fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -746,14 +746,16 @@ mod tests {
 
         // A backend that is down is kept but out of the ring too.
         let mut down = want.clone();
-        Arc::make_mut(down.services.get_mut(&key).unwrap()).backends.insert(
-            bkey(1),
-            BackendSpec {
-                weight: 100,
-                state: BackendState::Down,
-                remote: false,
-            },
-        );
+        Arc::make_mut(down.services.get_mut(&key).unwrap())
+            .backends
+            .insert(
+                bkey(1),
+                BackendSpec {
+                    weight: 100,
+                    state: BackendState::Down,
+                    remote: false,
+                },
+            );
         sync(&mut dp, &down);
         assert!(dp.ring(0).unwrap().iter().all(|&b| b == NO_BACKEND));
         assert_programmed(&dp, &down);

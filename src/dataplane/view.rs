@@ -114,11 +114,13 @@ impl View {
             }
         }
         let service_ids = Ids::new(observed.services.values().map(|s| s.id));
-        let backend_ids = Ids::new(observed
-            .services
-            .values()
-            .flat_map(|s| s.backends.values().map(|b| b.id))
-            .chain(observed.orphan_backends.iter().copied()));
+        let backend_ids = Ids::new(
+            observed
+                .services
+                .values()
+                .flat_map(|s| s.backends.values().map(|b| b.id))
+                .chain(observed.orphan_backends.iter().copied()),
+        );
         View {
             desired,
             observed,
@@ -285,11 +287,11 @@ fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<ServiceKey> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use super::*;
     use crate::model::{BackendKey, BackendSpec, BackendState, Proto, ServiceSpec};
     use crate::reconcile::{admit, fits, plan_with_limits};
     use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
 
     /// xorshift64*: deterministic, no dependency.
     struct Rng(u64);

@@ -486,6 +486,11 @@ pub struct Changes {
     pub keys: bool,
     /// The set of local backend addresses changed.
     pub local: bool,
+    /// When not `full`: the local backend addresses that left the set,
+    /// then those that joined it (with the service that brought each),
+    /// in this order (an address may leave and join again).
+    pub local_gone: Vec<IpAddr>,
+    pub local_joined: Vec<(IpAddr, String)>,
 }
 
 impl DesiredCache {
@@ -521,27 +526,37 @@ impl DesiredCache {
     }
 }
 
-/// Counts `spec`'s local backends in (`add`) or out of `local`; true when
-/// an address appeared or disappeared.
-fn count_local(local: &mut BTreeMap<IpAddr, u32>, spec: &ServiceSpec, add: bool) -> bool {
-    let mut changed = false;
-    for (bk, b) in &spec.backends {
-        if b.remote {
-            continue;
+/// Counts the local backends of `spec` (of service `name`) into `local`,
+/// noting in `changes` each address that joins the set.
+fn count_in(
+    local: &mut BTreeMap<IpAddr, u32>,
+    spec: &ServiceSpec,
+    name: &str,
+    changes: &mut Changes,
+) {
+    for (bk, _) in spec.backends.iter().filter(|(_, b)| !b.remote) {
+        let n = local.entry(bk.addr).or_default();
+        if *n == 0 {
+            changes.local = true;
+            changes.local_joined.push((bk.addr, name.to_owned()));
         }
-        if add {
-            let n = local.entry(bk.addr).or_default();
-            changed |= *n == 0;
-            *n += 1;
-        } else if let Some(n) = local.get_mut(&bk.addr) {
+        *n += 1;
+    }
+}
+
+/// Counts the local backends of `spec` out of `local`, noting in
+/// `changes` each address that leaves the set.
+fn count_out(local: &mut BTreeMap<IpAddr, u32>, spec: &ServiceSpec, changes: &mut Changes) {
+    for (bk, _) in spec.backends.iter().filter(|(_, b)| !b.remote) {
+        if let Some(n) = local.get_mut(&bk.addr) {
             *n -= 1;
             if *n == 0 {
                 local.remove(&bk.addr);
-                changed = true;
+                changes.local = true;
+                changes.local_gone.push(bk.addr);
             }
         }
     }
-    changed
 }
 
 #[derive(Debug)]
@@ -720,7 +735,11 @@ impl ClusterState {
                 }
         };
         let mut out = Vec::new();
-        let mut now = self.services.iter().filter(|(n, _)| !shadowed(n)).peekable();
+        let mut now = self
+            .services
+            .iter()
+            .filter(|(n, _)| !shadowed(n))
+            .peekable();
         let mut was = cache.entries.iter().peekable();
         loop {
             match (now.peek(), was.peek()) {
@@ -773,7 +792,7 @@ impl ClusterState {
                     Some(s) if Arc::ptr_eq(s, spec) => {
                         cache.out.services.remove(key);
                         cache.changes.keys = true;
-                        cache.changes.local |= count_local(&mut cache.local, spec, false);
+                        count_out(&mut cache.local, spec, &mut cache.changes);
                     }
                     // It had lost a frontend to another service.
                     _ => contested = true,
@@ -803,7 +822,7 @@ impl ClusterState {
                 continue;
             };
             for (key, spec) in &entry.specs {
-                cache.changes.local |= count_local(&mut cache.local, spec, true);
+                count_in(&mut cache.local, spec, name, &mut cache.changes);
                 cache.out.services.insert(key.clone(), spec.clone());
                 cache.changes.keys = true;
             }
@@ -874,14 +893,15 @@ impl ClusterState {
             }
         }
         let mut local = BTreeMap::new();
-        for spec in desired.services.values() {
-            count_local(&mut local, spec, true);
+        let mut ignored = Changes::default();
+        for (key, spec) in &desired.services {
+            count_in(&mut local, spec, &key.name, &mut ignored);
         }
         cache.changes = Changes {
             full: true,
             keys: !desired.services.keys().eq(cache.out.services.keys()),
             local: !local.keys().eq(cache.local.keys()),
-            names: Vec::new(),
+            ..Default::default()
         };
         cache.out = desired;
         cache.wanted = wanted;
@@ -1360,7 +1380,21 @@ mod tests {
             let c = cache.changes();
             // (It may say so when an address left and came back.)
             if !local.iter().eq(local_before.iter()) {
-                assert!(c.full || c.local, "round {round}: local addresses changed unsaid");
+                assert!(
+                    c.full || c.local,
+                    "round {round}: local addresses changed unsaid"
+                );
+            }
+            if !c.full {
+                // Replaying what left, then what joined, gives the set.
+                let mut replay: BTreeSet<IpAddr> = local_before.iter().copied().collect();
+                for a in &c.local_gone {
+                    assert!(replay.remove(a), "round {round}: {a} left twice");
+                }
+                for (a, _) in &c.local_joined {
+                    assert!(replay.insert(*a), "round {round}: {a} joined twice");
+                }
+                assert_eq!(replay, local, "round {round}");
             }
         }
         // Uncontested changes were patched in, not rebuilt.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::cli::{DataplaneArg, RunArgs, XdpModeArg, DEFAULT_BPFFS};
 use crate::config::{self, Config, DataplaneChoice, ServiceConfig, XdpMode};
@@ -30,7 +30,7 @@ use crate::docker::{self, DockerOptions};
 use crate::drain::DrainTimers;
 use crate::etcd::layout::NodeRecord;
 use crate::etcd::layout::{Changes, DesiredCache};
-use crate::etcd::watch::{keep_node, run_source, Snapshot};
+use crate::etcd::watch::{keep_node, run_source, Snapshot, Update, UPDATES};
 use crate::etcd::EtcdOptions;
 use crate::guard::{self, NodeGuard, PortKey};
 use crate::health::{self, Checker};
@@ -505,18 +505,53 @@ enum Cluster {
     Static,
     /// An etcd source that has not listed yet.
     Waiting,
-    /// The latest etcd snapshot.
-    Etcd(Arc<Snapshot>),
+    /// The cluster as etcd's updates built it (`Snapshot::apply`).
+    Etcd(Snapshot),
 }
 
-/// Waits for the next etcd snapshot; never resolves without a source.
-async fn next_snapshot(rx: &mut Option<watch::Receiver<Arc<Snapshot>>>) -> Option<Arc<Snapshot>> {
+/// Waits for the next update from etcd; never resolves without a source
+/// (or once it is gone).
+async fn next_update(rx: &mut Option<mpsc::Receiver<Update>>) -> Update {
     match rx {
-        Some(r) => match r.changed().await {
-            Ok(()) => Some(r.borrow_and_update().clone()),
-            Err(_) => std::future::pending().await,
+        Some(r) => match r.recv().await {
+            Some(u) => u,
+            None => std::future::pending().await,
         },
         None => std::future::pending().await,
+    }
+}
+
+impl<E: Engine> Node<E> {
+    /// Applies `first` and the updates already waiting behind it, up to
+    /// a channel's worth (a burst becomes one sync, and a source that
+    /// never stops still lets syncs happen); returns whether the cluster
+    /// changed.
+    fn take_updates(
+        &mut self,
+        first: Update,
+        rx: &mut Option<mpsc::Receiver<Update>>,
+        prefix: &str,
+    ) -> bool {
+        let mut changed = false;
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(u) = next {
+            taken += 1;
+            changed |= match (&mut self.cluster, u) {
+                (Cluster::Etcd(snap), u) => snap.apply(u, prefix, &self.live.registry),
+                (_, Update::Listed(snap)) => {
+                    self.cluster = Cluster::Etcd(snap);
+                    true
+                }
+                // Nothing is listed yet: events cannot come first.
+                (_, Update::Events { .. }) => false,
+            };
+            next = rx
+                .as_mut()
+                .filter(|_| taken < UPDATES)
+                .and_then(|r| r.try_recv().ok());
+        }
+        changed
     }
 }
 
@@ -683,6 +718,11 @@ impl<E: Engine> Node<E> {
             }
         }
         self.report_rejected();
+        // A full sync's transient memory (the list, every ring) goes back
+        // to the system, or the daemon would stay at that peak.
+        if matches!(self.cluster, Cluster::Etcd(_)) && self.desired_cache.changes().full {
+            crate::heap::trim();
+        }
         let joined = std::mem::take(&mut self.live.local_joined);
         // Addresses that left keep their interface attached until the
         // next look at the node's network; one that joined needs a look
@@ -812,7 +852,7 @@ async fn run_engine<E: Engine>(
     let registry = Arc::new(Registry::default());
     let (mut etcd_rx, cluster, _etcd_tasks) = match &settings.etcd {
         Some(o) => {
-            let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+            let (tx, rx) = mpsc::channel(UPDATES);
             match net.node_addr {
                 Some(a) => log::info!(
                     "node address (nodes/{}, published container ports): {a}",
@@ -930,17 +970,24 @@ async fn run_engine<E: Engine>(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile = reconcile_timer(node.cfg.reconcile_interval);
     let mut sync_written: Option<std::time::Instant> = None;
+    let etcd_prefix = node
+        .settings
+        .etcd
+        .as_ref()
+        .map(|o| o.prefix.clone())
+        .unwrap_or_default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = term.recv() => break,
             _ = int.recv() => break,
-            snap = next_snapshot(&mut etcd_rx) => {
-                let Some(snap) = snap else { continue };
-                let observed = snap.observed_at;
-                let rev = snap.revision;
-                node.cluster = Cluster::Etcd(snap);
+            update = next_update(&mut etcd_rx) => {
+                if !node.take_updates(update, &mut etcd_rx, &etcd_prefix) {
+                    continue;
+                }
+                let Cluster::Etcd(snap) = &node.cluster else { continue };
+                let (observed, rev) = (snap.observed_at, snap.revision);
                 match node.sync().await {
                     Ok(n) => {
                         if let Some(t) = observed {

@@ -2,10 +2,14 @@
 //! R+1, publish every change as a new snapshot of the cluster state. On
 //! compaction (the watch's revision is gone) it lists again; on a broken
 //! connection it reconnects with a short capped backoff and resumes from
-//! the last revision seen, while the data plane stays as it is. Snapshots
-//! go through a `tokio::sync::watch` channel, which coalesces bursts: the
-//! daemon always applies the latest state, never a stale one, and never
-//! loses the last update.
+//! the last revision seen, while the data plane stays as it is.
+//!
+//! The source keeps no state: it sends the list, then the watch's events,
+//! as [`Update`]s through a bounded channel, and the daemon applies them
+//! to the one [`Snapshot`] it owns. Nothing is copied per event, and the
+//! daemon applies every update waiting before it syncs once, which
+//! coalesces bursts without losing the last one. A daemon behind holds
+//! the source back (the channel is bounded), never the other way round.
 //!
 //! Also here: the node's own key `nodes/<node>`, kept under a lease whose
 //! id is published for the Docker registrar, so the node's container
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::layout::{self, ClusterState, RecordError};
 use super::{connect, error_chain, EtcdOptions, REQUEST_TIMEOUT};
@@ -38,6 +42,65 @@ pub struct Snapshot {
     pub observed_at: Option<Instant>,
 }
 
+/// What the source sends the daemon.
+#[derive(Debug)]
+pub enum Update {
+    /// A full list: the snapshot to start from.
+    Listed(Snapshot),
+    /// One watch response's events, in order, up to `revision`.
+    Events {
+        events: Vec<Event>,
+        revision: i64,
+        observed: Instant,
+    },
+}
+
+/// One watch event, as etcd sent it (parsed when applied).
+#[derive(Debug)]
+pub enum Event {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+/// Updates waiting for the daemon at most: beyond, the source waits.
+pub const UPDATES: usize = 64;
+
+impl Snapshot {
+    /// Applies `update`; a bad record is reported (logged, counted) and
+    /// skipped. Returns whether the state changed.
+    pub fn apply(&mut self, update: Update, prefix: &str, metrics: &Registry) -> bool {
+        match update {
+            Update::Listed(s) => {
+                *self = s;
+                true
+            }
+            Update::Events {
+                events,
+                revision,
+                observed,
+            } => {
+                let mut changed = false;
+                for ev in events {
+                    match ev {
+                        Event::Put { key, value } => {
+                            match self.state.apply_put(prefix, &key, &value) {
+                                Ok(c) => changed |= c,
+                                Err(e) => report(&[e], metrics),
+                            }
+                        }
+                        Event::Delete { key } => changed |= self.state.apply_delete(prefix, &key),
+                    }
+                }
+                self.revision = revision;
+                if changed {
+                    self.observed_at = Some(observed);
+                }
+                changed
+            }
+        }
+    }
+}
+
 fn report(errors: &[RecordError], metrics: &Registry) {
     for e in errors {
         log::warn!("{e}: record skipped");
@@ -50,6 +113,8 @@ enum WatchEnd {
     Compacted,
     /// The stream broke: reconnect and resume.
     Broken(String),
+    /// The daemon no longer listens.
+    Closed,
 }
 
 /// Records per list page at most. A page must also stay below gRPC's
@@ -174,15 +239,13 @@ async fn list(
     Ok((state, revision))
 }
 
-/// Follows the prefix from `*revision + 1`, applying events to `state` and
-/// publishing after each response that changed something.
+/// Follows the prefix from `*revision + 1`, sending each response's
+/// events.
 async fn follow(
     client: &mut Client,
     prefix: &str,
-    state: &mut ClusterState,
     revision: &mut i64,
-    tx: &watch::Sender<Arc<Snapshot>>,
-    metrics: &Registry,
+    tx: &mpsc::Sender<Update>,
 ) -> WatchEnd {
     // Fragmented: a response over the server's limit comes in parts, each
     // under `MAX_MESSAGE`.
@@ -219,7 +282,6 @@ async fn follow(
         if resp.canceled() {
             return WatchEnd::Broken(format!("watch canceled: {}", resp.cancel_reason()));
         }
-        let mut changed = false;
         *revision = resume_after(
             *revision,
             resp.created(),
@@ -228,22 +290,33 @@ async fn follow(
                 .filter_map(|ev| ev.kv().map(|kv| kv.mod_revision())),
             resp.header().map(|h| h.revision()),
         );
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            match ev.event_type() {
-                EventType::Put => match state.apply_put(prefix, kv.key(), kv.value()) {
-                    Ok(c) => changed |= c,
-                    Err(e) => report(&[e], metrics),
-                },
-                EventType::Delete => changed |= state.apply_delete(prefix, kv.key()),
-            }
+        let events: Vec<Event> = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                Some(match ev.event_type() {
+                    EventType::Put => Event::Put {
+                        key: kv.key().to_vec(),
+                        value: kv.value().to_vec(),
+                    },
+                    EventType::Delete => Event::Delete {
+                        key: kv.key().to_vec(),
+                    },
+                })
+            })
+            .collect();
+        if events.is_empty() {
+            continue;
         }
-        if changed {
-            tx.send_replace(Arc::new(Snapshot {
-                state: state.clone(),
-                revision: *revision,
-                observed_at: Some(observed),
-            }));
+        let update = Update::Events {
+            events,
+            revision: *revision,
+            observed,
+        };
+        if tx.send(update).await.is_err() {
+            // The daemon is gone.
+            return WatchEnd::Closed;
         }
     }
 }
@@ -276,13 +349,8 @@ fn resume_after(
 /// after the first successful list; until then the receiver holds the
 /// initial empty snapshot with revision 0 (the daemon waits for it rather
 /// than wipe state it adopted).
-pub async fn run_source(
-    opts: EtcdOptions,
-    tx: watch::Sender<Arc<Snapshot>>,
-    metrics: Arc<Registry>,
-) {
+pub async fn run_source(opts: EtcdOptions, tx: mpsc::Sender<Update>, metrics: Arc<Registry>) {
     let prefix = opts.prefix.clone();
-    let mut state = ClusterState::default();
     let mut revision = 0i64;
     let mut need_list = true;
     let mut backoff = BACKOFF_MIN;
@@ -302,9 +370,8 @@ pub async fn run_source(
         loop {
             if need_list {
                 match list(&mut client, &prefix, &metrics).await {
-                    Ok((s, rev)) => {
+                    Ok((state, rev)) => {
                         let observed = Instant::now();
-                        state = s;
                         revision = rev;
                         need_list = false;
                         log::info!(
@@ -312,11 +379,14 @@ pub async fn run_source(
                             state.service_count(),
                             state.task_count()
                         );
-                        tx.send_replace(Arc::new(Snapshot {
-                            state: state.clone(),
+                        let listed = Update::Listed(Snapshot {
+                            state,
                             revision,
                             observed_at: Some(observed),
-                        }));
+                        });
+                        if tx.send(listed).await.is_err() {
+                            return;
+                        }
                     }
                     Err(e) => {
                         log::warn!("etcd: {e}; reconnecting");
@@ -325,16 +395,8 @@ pub async fn run_source(
                 }
             }
             backoff = BACKOFF_MIN;
-            match follow(
-                &mut client,
-                &prefix,
-                &mut state,
-                &mut revision,
-                &tx,
-                &metrics,
-            )
-            .await
-            {
+            match follow(&mut client, &prefix, &mut revision, &tx).await {
+                WatchEnd::Closed => return,
                 WatchEnd::Compacted => need_list = true,
                 WatchEnd::Broken(e) => {
                     log::warn!(

@@ -158,10 +158,10 @@ pub const PROG_TC_LB: &str = "meshlb_tc";
 pub const PROG_TC_HANDOFF: &str = "meshlb_tc_handoff";
 
 /// Maglev ring size classes (primes), smallest first: a service's ring
-/// has the smallest with at least 100 slots per configured backend, else
-/// the largest (userspace `maglev::ring_size`). Balance and disruption
-/// need the ring much larger than the backend count (the Maglev paper's
-/// M >= 100 N). A ring of M slots is an inner array of 2M + 2 entries
+/// has the smallest with enough slots per configured backend (100 on the
+/// smallest, the Maglev paper's M >= 100 N; 400 on the middle one, for
+/// low disruption), else the largest (userspace `maglev::ring_size`).
+/// A ring of M slots is an inner array of 2M + 2 entries
 /// (`maps::RINGS`: two halves), 8 bytes each in the kernel (array values
 /// are 8-byte aligned): 16 KiB, 256 KiB and 1 MiB.
 pub const RING_SIZES: [u32; 3] = [1021, 16381, 65537];

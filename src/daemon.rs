@@ -315,8 +315,10 @@ async fn sync<E: Engine>(
         live.programmed_ports = desired.services.keys().map(|k| (k.proto, k.port)).collect();
     }
     // Before anything can fail, so a passed deadline is never left armed.
+    let draining = changes.as_ref().map(|_| cache.draining());
     let expired = live.drains.apply(
         &mut desired,
+        draining,
         |name| {
             services
                 .get(name)

@@ -5,7 +5,7 @@
 //! from the kernel, and ends the flows still on it.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,9 +26,14 @@ impl DrainTimers {
     /// the backends drained longer than their service's timeout
     /// (`timeout_of(service name)`; `None`: drain forever). Returns the
     /// removed ones (every call, for as long as they stay draining).
+    ///
+    /// `draining`, when known, names every service of `desired` with a
+    /// draining backend (`DesiredCache::draining`): only those are looked
+    /// at. Without it, every service is.
     pub fn apply(
         &mut self,
         desired: &mut Cow<'_, DesiredState>,
+        draining: Option<&BTreeSet<ServiceKey>>,
         timeout_of: impl Fn(&str) -> Option<Duration>,
         now: Instant,
     ) -> Vec<(ServiceKey, BackendKey)> {
@@ -37,17 +42,23 @@ impl DrainTimers {
         let mut next: Option<Instant> = None;
         // The desired state is copied only if a service has a draining
         // backend, and then a spec only where one is (specs are shared).
-        let draining: Vec<ServiceKey> = desired
-            .services
-            .iter()
-            .filter(|(_, s)| {
-                s.backends
-                    .values()
-                    .any(|b| b.effective_state() == BackendState::Draining)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let draining: Vec<ServiceKey> = match draining {
+            Some(keys) => keys.iter().cloned().collect(),
+            None => desired
+                .services
+                .iter()
+                .filter(|(_, s)| {
+                    s.backends
+                        .values()
+                        .any(|b| b.effective_state() == BackendState::Draining)
+                })
+                .map(|(k, _)| k.clone())
+                .collect(),
+        };
         for skey in draining {
+            if !desired.services.contains_key(&skey) {
+                continue;
+            }
             let Some(spec) = desired.to_mut().services.get_mut(&skey) else {
                 continue;
             };
@@ -171,7 +182,7 @@ mod tests {
         ];
         for (s, specs, want_expired, want_left) in steps {
             let mut d = Cow::Owned(desired(specs));
-            let expired = timers.apply(&mut d, timeout, at(*s));
+            let expired = timers.apply(&mut d, None, timeout, at(*s));
             let exp: Vec<u8> = expired
                 .iter()
                 .map(|(k, b)| {
@@ -199,13 +210,13 @@ mod tests {
         let t0 = Instant::now();
         let mut timers = DrainTimers::default();
         let mut d = Cow::Owned(desired(&[(1, 0, BackendState::Up)]));
-        timers.apply(&mut d, timeout, t0);
+        timers.apply(&mut d, None, timeout, t0);
         assert_eq!(timers.next_deadline(), Some(t0 + Duration::from_secs(10)));
         let mut d = Cow::Owned(desired(&[(1, 0, BackendState::Up)]));
-        timers.apply(&mut d, timeout, t0 + Duration::from_secs(10));
+        timers.apply(&mut d, None, timeout, t0 + Duration::from_secs(10));
         assert_eq!(timers.next_deadline(), None, "expired: nothing pending");
         let mut d = Cow::Owned(desired(&[(1, 100, BackendState::Up)]));
-        timers.apply(&mut d, timeout, t0 + Duration::from_secs(11));
+        timers.apply(&mut d, None, timeout, t0 + Duration::from_secs(11));
         assert!(timers.is_empty());
     }
 }

@@ -470,6 +470,9 @@ pub struct DesiredCache {
     /// Local (not remote) backend address -> how many specs of `out`
     /// name it.
     local: BTreeMap<IpAddr, u32>,
+    /// The keys of `out` with a draining backend (where drain timers
+    /// look).
+    draining: BTreeSet<ServiceKey>,
     /// `out` is complete (a failed patch leaves it for a rebuild).
     valid: bool,
     changes: Changes,
@@ -499,6 +502,11 @@ impl DesiredCache {
         &self.out
     }
 
+    /// The services of the desired state with a draining backend.
+    pub fn draining(&self) -> &BTreeSet<ServiceKey> {
+        &self.draining
+    }
+
     /// What the last `desired_cached` call changed.
     pub fn changes(&self) -> &Changes {
         &self.changes
@@ -524,6 +532,13 @@ impl DesiredCache {
             }
         }
     }
+}
+
+/// Whether `spec` has a draining backend.
+fn drains(spec: &ServiceSpec) -> bool {
+    spec.backends
+        .values()
+        .any(|b| b.effective_state() == BackendState::Draining)
 }
 
 /// Counts the local backends of `spec` (of service `name`) into `local`,
@@ -780,6 +795,8 @@ impl ClusterState {
     fn patch(&self, statics: &[ServiceConfig], node: &str, cache: &mut DesiredCache) -> bool {
         let dirty = self.dirty(statics, cache);
         let mut contested = false;
+        // Keys taken out, to tell whether the set of keys changed.
+        let mut removed: BTreeSet<ServiceKey> = BTreeSet::new();
         for name in &dirty {
             let Some(old) = cache.entries.remove(name) else {
                 continue;
@@ -791,7 +808,8 @@ impl ClusterState {
                 match cache.out.services.get(key) {
                     Some(s) if Arc::ptr_eq(s, spec) => {
                         cache.out.services.remove(key);
-                        cache.changes.keys = true;
+                        cache.draining.remove(key);
+                        removed.insert(key.clone());
                         count_out(&mut cache.local, spec, &mut cache.changes);
                     }
                     // It had lost a frontend to another service.
@@ -824,9 +842,13 @@ impl ClusterState {
             for (key, spec) in &entry.specs {
                 count_in(&mut cache.local, spec, name, &mut cache.changes);
                 cache.out.services.insert(key.clone(), spec.clone());
-                cache.changes.keys = true;
+                if drains(spec) {
+                    cache.draining.insert(key.clone());
+                }
+                cache.changes.keys |= !removed.remove(key);
             }
         }
+        cache.changes.keys |= !removed.is_empty();
         cache.changes.names = dirty;
         true
     }
@@ -903,6 +925,12 @@ impl ClusterState {
             local: !local.keys().eq(cache.local.keys()),
             ..Default::default()
         };
+        cache.draining = desired
+            .services
+            .iter()
+            .filter(|(_, s)| drains(s))
+            .map(|(k, _)| k.clone())
+            .collect();
         cache.out = desired;
         cache.wanted = wanted;
         cache.local = local;
@@ -1365,6 +1393,7 @@ mod tests {
             }
             let fresh = s.desired(&[], BTreeSet::new(), "n1");
             let local_before: Vec<IpAddr> = cache.local.keys().copied().collect();
+            let keys_before: Vec<ServiceKey> = cache.out.services.keys().cloned().collect();
             s.desired_cached(&[], BTreeSet::new(), "n1", &mut cache);
             let cached = cache.desired();
             assert_eq!(*cached, fresh, "round {round}");
@@ -1384,6 +1413,19 @@ mod tests {
                     c.full || c.local,
                     "round {round}: local addresses changed unsaid"
                 );
+            }
+            let draining: BTreeSet<&ServiceKey> = fresh
+                .services
+                .iter()
+                .filter(|(_, s)| drains(s))
+                .map(|(k, _)| k)
+                .collect();
+            assert!(
+                draining.iter().copied().eq(cache.draining.iter()),
+                "round {round}"
+            );
+            if !fresh.services.keys().eq(keys_before.iter()) {
+                assert!(c.full || c.keys, "round {round}: keys changed unsaid");
             }
             if !c.full {
                 // Replaying what left, then what joined, gives the set.

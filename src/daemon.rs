@@ -279,12 +279,17 @@ async fn until(t: Option<std::time::Instant>) {
 async fn sync<E: Engine>(
     engine: &mut E,
     cfg: &Config,
-    cluster: &Cluster,
+    cluster: &mut Cluster,
     locals: &BTreeSet<IpAddr>,
     node: &str,
     live: &mut Liveness,
     cache: &mut DesiredCache,
 ) -> Result<usize, DaemonError> {
+    let touched = match cluster {
+        Cluster::Etcd(snap) => snap.take_touched(),
+        _ => None,
+    };
+    let cluster = &*cluster;
     let (mut desired, changes, etcd) = match cluster {
         Cluster::Waiting => return Ok(0),
         Cluster::Static => (
@@ -294,7 +299,7 @@ async fn sync<E: Engine>(
         ),
         Cluster::Etcd(snap) => {
             snap.state
-                .desired_cached(&cfg.services, locals.clone(), node, cache);
+                .desired_cached(&cfg.services, locals.clone(), node, cache, touched.as_ref());
             let changes = cache.changes().clone();
             (
                 Cow::Borrowed(cache.desired()),
@@ -333,10 +338,24 @@ async fn sync<E: Engine>(
         .held_down(&desired)
         .await
         .map_err(|e| rt("observe data plane", e))?;
-    let checked: Vec<(&str, &config::Health)> = services
-        .iter()
-        .filter_map(|s| s.health.as_ref().map(|h| (s.name.as_str(), h)))
-        .collect();
+    // The services with a health check: with etcd, the ones the cache
+    // knows of, not a walk over every service.
+    let checked: Vec<(&str, &config::Health)> = match changes {
+        Some(_) => cfg
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(cache.checked().iter().map(String::as_str))
+            .filter_map(|n| services.get(n))
+            .filter_map(|s| s.health.as_ref().map(|h| (s.name.as_str(), h)))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect(),
+        None => services
+            .iter()
+            .filter_map(|s| s.health.as_ref().map(|h| (s.name.as_str(), h)))
+            .collect(),
+    };
     live.checker
         .set_targets(&health::targets(&desired, &checked, &held_down));
     health::mark_down(&mut desired, &live.checker.down());
@@ -701,7 +720,7 @@ impl<E: Engine> Node<E> {
         let res = sync(
             &mut self.engine,
             &self.cfg,
-            &self.cluster,
+            &mut self.cluster,
             &self.locals,
             &self.settings.node,
             &mut self.live,
@@ -1460,7 +1479,7 @@ addr = "192.0.2.3"
         let n = sync(
             &mut engine,
             &cfg,
-            &Cluster::Static,
+            &mut Cluster::Static,
             &locals,
             "n1",
             &mut live,
@@ -1479,7 +1498,7 @@ addr = "192.0.2.3"
         let n = sync(
             &mut engine,
             &cfg,
-            &Cluster::Waiting,
+            &mut Cluster::Waiting,
             &locals,
             "n1",
             &mut live,

@@ -19,8 +19,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::fake::FakeDataplane;
+use super::BackendOf;
 use super::{Dataplane, DataplaneError};
-use crate::model::{DesiredState, Frontend, Observed, ServiceKey};
+use crate::model::{BackendState, DesiredState, Frontend, Observed, ObservedService, ServiceKey};
 use crate::reconcile::{self, Limits, Plan, Taken};
 
 /// See the module documentation.
@@ -36,6 +37,10 @@ pub struct View {
     /// Ids held in `observed` (and by its orphans).
     service_ids: Ids,
     backend_ids: Ids,
+    /// Backends of `desired`, counted.
+    backends: usize,
+    /// The backends `observed` holds down.
+    down: BTreeSet<BackendOf>,
 }
 
 /// A set of held ids that finds the lowest free one at or above any id
@@ -113,6 +118,12 @@ impl View {
                 wanted.entry(*fe).or_default().insert(key.clone());
             }
         }
+        let backends = desired.services.values().map(|s| s.backends.len()).sum();
+        let down = observed
+            .services
+            .iter()
+            .flat_map(|(k, s)| down_of(k, s))
+            .collect();
         let service_ids = Ids::new(observed.services.values().map(|s| s.id));
         let backend_ids = Ids::new(
             observed
@@ -127,7 +138,53 @@ impl View {
             wanted,
             service_ids,
             backend_ids,
+            backends,
+            down,
         }
+    }
+
+    /// The backends the tables hold down.
+    pub fn down(&self) -> &BTreeSet<BackendOf> {
+        &self.down
+    }
+
+    /// Whether the desired state whose `part` this is fits tables of
+    /// `limits`, as `reconcile::fits` says of the whole; counted from the
+    /// view's totals and the part, not over every service.
+    pub fn fits_with(&self, part: &Part, limits: Limits) -> bool {
+        let old = || {
+            part.keys
+                .iter()
+                .filter_map(|k| self.desired.services.get(k))
+        };
+        let new = || part.desired.services.values();
+        let services = self.desired.services.len() - old().count() + new().count();
+        let backends = self.backends - old().map(|s| s.backends.len()).sum::<usize>()
+            + new().map(|s| s.backends.len()).sum::<usize>();
+        // Distinct frontends: those the part touches are counted again.
+        let touched: BTreeSet<&Frontend> = old()
+            .chain(new())
+            .flat_map(|s| s.frontends.iter())
+            .collect();
+        let before = touched
+            .iter()
+            .filter(|fe| self.wanted.contains_key(fe))
+            .count();
+        let after = touched
+            .iter()
+            .filter(|fe| {
+                new().any(|s| s.frontends.contains(fe))
+                    || self
+                        .wanted
+                        .get(fe)
+                        .is_some_and(|owners| owners.iter().any(|k| !part.keys.contains(k)))
+            })
+            .count();
+        let frontends = self.wanted.len() - before + after;
+        services <= limits.services as usize
+            && backends <= limits.backends as usize
+            && frontends <= limits.frontends as usize
+            && part.desired.local_addrs.len() <= limits.local_addrs as usize
     }
 
     /// What the tables hold.
@@ -210,7 +267,13 @@ impl View {
         scratch.apply(plan)?;
         let now = scratch.observe()?;
         for key in &part.keys {
+            if let Some(spec) = self.desired.services.get(key) {
+                self.backends -= spec.backends.len();
+            }
             if let Some(old) = self.observed.services.remove(key) {
+                for d in down_of(key, &old) {
+                    self.down.remove(&d);
+                }
                 self.service_ids.remove(old.id);
                 for b in old.backends.values() {
                     self.backend_ids.remove(b.id);
@@ -228,6 +291,7 @@ impl View {
             }
         }
         for (key, s) in now.services {
+            self.down.extend(down_of(&key, &s));
             self.service_ids.insert(s.id);
             for b in s.backends.values() {
                 self.backend_ids.insert(b.id);
@@ -235,6 +299,7 @@ impl View {
             self.observed.services.insert(key, s);
         }
         for (key, spec) in part.desired.services {
+            self.backends += spec.backends.len();
             for fe in &spec.frontends {
                 self.wanted.entry(*fe).or_default().insert(key.clone());
             }
@@ -244,6 +309,17 @@ impl View {
         self.desired.local_addrs = part.desired.local_addrs;
         Ok(())
     }
+}
+
+/// The backends of service `key` that `s` holds down.
+fn down_of<'a>(
+    key: &'a ServiceKey,
+    s: &'a ObservedService,
+) -> impl Iterator<Item = BackendOf> + 'a {
+    s.backends
+        .iter()
+        .filter(|(_, b)| b.state == BackendState::Down)
+        .map(move |(bk, _)| (key.clone(), *bk))
 }
 
 /// The services added, removed or changed from `a` to `b` (one merge walk
@@ -391,6 +467,10 @@ mod tests {
         d
     }
 
+    fn down_in(o: &Observed) -> BTreeSet<BackendOf> {
+        o.services.iter().flat_map(|(k, s)| down_of(k, s)).collect()
+    }
+
     /// The XDP engine's choice between a partial and a full sync, over a
     /// fake kernel.
     fn sync(
@@ -399,8 +479,14 @@ mod tests {
         want: &DesiredState,
         limits: Limits,
     ) -> Result<(), DataplaneError> {
-        if let Some(v) = view.as_mut().filter(|_| fits(want, limits)) {
+        if let Some(v) = view.as_mut() {
             let part = v.part(want);
+            assert_eq!(v.fits_with(&part, limits), fits(want, limits));
+            assert_eq!(*v.down(), down_in(&v.observed), "the view's down set");
+            if !fits(want, limits) {
+                *view = None;
+                return sync(view, k, want, limits);
+            }
             if part.is_empty() {
                 return Ok(());
             }

@@ -1654,14 +1654,13 @@ impl XdpDataplane {
     /// (`view`): everything fits, so admission takes every service.
     fn sync_part(
         &mut self,
-        desired: &DesiredState,
+        part: crate::dataplane::view::Part,
         limits: crate::reconcile::Limits,
         expired: &[BackendOf],
     ) -> Result<usize, DataplaneError> {
         let Some(view) = self.view.as_mut() else {
             return Err(DataplaneError::Other("no view".into()));
         };
-        let part = view.part(desired);
         if part.is_empty() {
             return Ok(0);
         }
@@ -1713,8 +1712,11 @@ impl Engine for XdpDataplane {
         &mut self,
         _desired: &DesiredState,
     ) -> Result<BTreeSet<BackendOf>, DataplaneError> {
-        let down = |observed: &Observed| -> BTreeSet<BackendOf> {
-            observed
+        // The view keeps its down set: every sync asks.
+        match &self.view {
+            Some(v) => Ok(v.down().clone()),
+            None => Ok(self
+                .observe()?
                 .services
                 .iter()
                 .flat_map(|(k, s)| {
@@ -1723,12 +1725,7 @@ impl Engine for XdpDataplane {
                         .filter(|(_, b)| b.state == BackendState::Down)
                         .map(move |(bk, _)| (k.clone(), *bk))
                 })
-                .collect()
-        };
-        // The view is read in place: every sync asks.
-        match &self.view {
-            Some(v) => Ok(down(v.observed())),
-            None => Ok(down(&self.observe()?)),
+                .collect()),
         }
     }
 
@@ -1739,8 +1736,11 @@ impl Engine for XdpDataplane {
         expired: &[BackendOf],
     ) -> Result<usize, DataplaneError> {
         let limits = crate::reconcile::Limits::default();
-        if self.view.is_some() && crate::reconcile::fits(desired, limits) {
-            return self.sync_part(desired, limits, expired);
+        if let Some(view) = &self.view {
+            let part = view.part(desired);
+            if view.fits_with(&part, limits) {
+                return self.sync_part(part, limits, expired);
+            }
         }
         let observed = self.observe()?;
         let (desired, rejected) =

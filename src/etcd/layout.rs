@@ -473,6 +473,8 @@ pub struct DesiredCache {
     /// The keys of `out` with a draining backend (where drain timers
     /// look).
     draining: BTreeSet<ServiceKey>,
+    /// The etcd services with a health check.
+    checked: BTreeSet<String>,
     /// `out` is complete (a failed patch leaves it for a rebuild).
     valid: bool,
     changes: Changes,
@@ -500,6 +502,12 @@ impl DesiredCache {
     /// The desired state as of the last `desired_cached` call.
     pub fn desired(&self) -> &DesiredState {
         &self.out
+    }
+
+    /// The etcd services with a health check (static ones are in the
+    /// config).
+    pub fn checked(&self) -> &BTreeSet<String> {
+        &self.checked
     }
 
     /// The services of the desired state with a draining backend.
@@ -704,7 +712,7 @@ impl ClusterState {
         node: &str,
     ) -> DesiredState {
         let mut cache = DesiredCache::default();
-        self.desired_cached(static_services, local_addrs, node, &mut cache);
+        self.desired_cached(static_services, local_addrs, node, &mut cache, None);
         cache.out
     }
 
@@ -717,18 +725,24 @@ impl ClusterState {
     /// another service also wants rebuilds the whole state, as do other
     /// static services or another node name. [`DesiredCache::changes`]
     /// says what this call changed.
+    ///
+    /// `touched`, when given, names every service whose record or tasks
+    /// changed since the last call with this cache (an etcd event names
+    /// the service it touches): only those are compared. Without it,
+    /// every service is.
     pub fn desired_cached<'c>(
         &self,
         static_services: &[ServiceConfig],
         local_addrs: BTreeSet<IpAddr>,
         node: &str,
         cache: &'c mut DesiredCache,
+        touched: Option<&BTreeSet<String>>,
     ) -> &'c DesiredState {
         cache.changes = Changes::default();
         let patched = cache.valid
             && cache.node == node
             && cache.statics == static_services
-            && self.patch(static_services, node, cache);
+            && self.patch(static_services, node, cache, touched);
         if !patched {
             self.rebuild(static_services, node, cache);
         }
@@ -792,8 +806,25 @@ impl ClusterState {
     /// Brings `cache` up to date by replacing the dirty services' specs
     /// alone; false (and `cache` left for a rebuild) when one of them
     /// shares a frontend with another service, before or after.
-    fn patch(&self, statics: &[ServiceConfig], node: &str, cache: &mut DesiredCache) -> bool {
-        let dirty = self.dirty(statics, cache);
+    fn patch(
+        &self,
+        statics: &[ServiceConfig],
+        node: &str,
+        cache: &mut DesiredCache,
+        touched: Option<&BTreeSet<String>>,
+    ) -> bool {
+        let dirty = match touched {
+            Some(names) => names
+                .iter()
+                .filter(|n| !statics.iter().any(|s| &s.name == *n))
+                .filter(|n| {
+                    // Still there, or gone from both.
+                    self.services.contains_key(*n) || cache.entries.contains_key(*n)
+                })
+                .cloned()
+                .collect(),
+            None => self.dirty(statics, cache),
+        };
         let mut contested = false;
         // Keys taken out, to tell whether the set of keys changed.
         let mut removed: BTreeSet<ServiceKey> = BTreeSet::new();
@@ -836,9 +867,13 @@ impl ClusterState {
             return false;
         }
         for name in &dirty {
+            cache.checked.remove(name);
             let Some(entry) = cache.entries.get(name) else {
                 continue;
             };
+            if entry.svc.health.is_some() {
+                cache.checked.insert(name.clone());
+            }
             for (key, spec) in &entry.specs {
                 count_in(&mut cache.local, spec, name, &mut cache.changes);
                 cache.out.services.insert(key.clone(), spec.clone());
@@ -930,6 +965,12 @@ impl ClusterState {
             .iter()
             .filter(|(_, s)| drains(s))
             .map(|(k, _)| k.clone())
+            .collect();
+        cache.checked = cache
+            .entries
+            .iter()
+            .filter(|(_, e)| e.svc.health.is_some())
+            .map(|(n, _)| n.clone())
             .collect();
         cache.out = desired;
         cache.wanted = wanted;
@@ -1357,6 +1398,8 @@ mod tests {
         };
         let mut s = ClusterState::default();
         let mut cache = DesiredCache::default();
+        // Told which service each event touched, as the daemon is.
+        let mut told = DesiredCache::default();
         for round in 0..2000 {
             let svc = format!("s{}", below(12));
             match below(10) {
@@ -1394,7 +1437,15 @@ mod tests {
             let fresh = s.desired(&[], BTreeSet::new(), "n1");
             let local_before: Vec<IpAddr> = cache.local.keys().copied().collect();
             let keys_before: Vec<ServiceKey> = cache.out.services.keys().cloned().collect();
-            s.desired_cached(&[], BTreeSet::new(), "n1", &mut cache);
+            s.desired_cached(
+                &[],
+                BTreeSet::new(),
+                "n1",
+                &mut told,
+                Some(&[svc.clone()].into()),
+            );
+            assert_eq!(*told.desired(), fresh, "round {round}, told");
+            s.desired_cached(&[], BTreeSet::new(), "n1", &mut cache, None);
             let cached = cache.desired();
             assert_eq!(*cached, fresh, "round {round}");
             // The local addresses it counts, and whether they changed.

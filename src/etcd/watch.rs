@@ -15,6 +15,7 @@
 //! id is published for the Docker registrar, so the node's container
 //! registrations live and die with the node.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,9 @@ pub struct Snapshot {
     /// When the change that produced this snapshot was observed (for the
     /// sync-latency metric).
     pub observed_at: Option<Instant>,
+    /// The services whose record or tasks changed since the last
+    /// [`take_touched`](Self::take_touched); `None`: any may have.
+    touched: Option<BTreeSet<String>>,
 }
 
 /// What the source sends the daemon.
@@ -66,6 +70,23 @@ pub enum Event {
 pub const UPDATES: usize = 64;
 
 impl Snapshot {
+    /// A snapshot of `state` as listed at `revision`.
+    pub fn listed(state: ClusterState, revision: i64, observed_at: Instant) -> Snapshot {
+        Snapshot {
+            state,
+            revision,
+            observed_at: Some(observed_at),
+            touched: None,
+        }
+    }
+
+    /// The services whose record or tasks changed since the last call
+    /// (`None`: any may have, as after a list), for
+    /// `ClusterState::desired_cached`.
+    pub fn take_touched(&mut self) -> Option<BTreeSet<String>> {
+        self.touched.replace(BTreeSet::new())
+    }
+
     /// Applies `update`; a bad record is reported (logged, counted) and
     /// skipped. Returns whether the state changed.
     pub fn apply(&mut self, update: Update, prefix: &str, metrics: &Registry) -> bool {
@@ -81,14 +102,33 @@ impl Snapshot {
             } => {
                 let mut changed = false;
                 for ev in events {
-                    match ev {
+                    let (key, c) = match ev {
                         Event::Put { key, value } => {
                             match self.state.apply_put(prefix, &key, &value) {
-                                Ok(c) => changed |= c,
-                                Err(e) => report(&[e], metrics),
+                                Ok(c) => (key, c),
+                                Err(e) => {
+                                    report(&[e], metrics);
+                                    continue;
+                                }
                             }
                         }
-                        Event::Delete { key } => changed |= self.state.apply_delete(prefix, &key),
+                        Event::Delete { key } => {
+                            let c = self.state.apply_delete(prefix, &key);
+                            (key, c)
+                        }
+                    };
+                    if !c {
+                        continue;
+                    }
+                    changed = true;
+                    let service = match layout::parse_key(prefix, &key) {
+                        Ok(layout::Key::Service(s)) | Ok(layout::Key::Task { service: s, .. }) => {
+                            Some(s)
+                        }
+                        _ => None,
+                    };
+                    if let (Some(t), Some(s)) = (self.touched.as_mut(), service) {
+                        t.insert(s);
                     }
                 }
                 self.revision = revision;
@@ -379,11 +419,7 @@ pub async fn run_source(opts: EtcdOptions, tx: mpsc::Sender<Update>, metrics: Ar
                             state.service_count(),
                             state.task_count()
                         );
-                        let listed = Update::Listed(Snapshot {
-                            state,
-                            revision,
-                            observed_at: Some(observed),
-                        });
+                        let listed = Update::Listed(Snapshot::listed(state, revision, observed));
                         if tx.send(listed).await.is_err() {
                             return;
                         }

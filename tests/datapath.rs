@@ -2114,3 +2114,52 @@ fn rings_of_the_flat_v1_array_are_copied_on_upgrade() {
     );
     drop(dp);
 }
+
+/// A plan writes each ring once. The fixture's full sync creates every
+/// service's ring and installs them in one batch (one wait for running
+/// programs); a later plan that rewrites one ring of the same size flips
+/// it in place with no wait; a second rewrite of that ring waits once,
+/// before its other half is written again.
+#[test]
+fn a_plan_writes_each_ring_once_and_a_rewrite_waits_only_when_it_must() {
+    use meshlb::dataplane::xdp::{apply_maps, observe_maps};
+    use std::sync::Arc;
+    let ns = Netns::new_named("mlbt-fxw");
+    let (_ebpf, mut maps) = load(&ns.pins);
+    let locals = ["10.200.0.1", "fd00:200::1", SNAT4, SNAT6];
+    program(&locals, &mut maps);
+    let rings = observe_maps(&maps).unwrap().services.len() as u64;
+    let st = maps.ring_stats;
+    assert_eq!(
+        (st.created, st.flipped, st.barriers),
+        (rings, 0, 1),
+        "the full sync: {st:?}"
+    );
+    let cfg = meshlb::config::parse(fixture::CONFIG).unwrap();
+    let mut desired = cfg.desired_state(
+        locals.iter().map(|a| a.parse().unwrap()).collect(),
+        "fixture",
+    );
+    let key = desired
+        .services
+        .iter()
+        .find(|(_, s)| !s.backends.is_empty())
+        .map(|(k, _)| k.clone())
+        .expect("a service with a backend");
+    for (round, weight) in [(1u64, 7u32), (2, 9)] {
+        let spec = desired.services.get_mut(&key).unwrap();
+        let b = Arc::make_mut(spec).backends.values_mut().next().unwrap();
+        b.weight = weight;
+        let plan = meshlb::reconcile::plan(&desired, &observe_maps(&maps).unwrap()).unwrap();
+        apply_maps(&mut maps, &plan).unwrap();
+        let st = maps.ring_stats;
+        // The first rewrite writes the half no program has used; the
+        // second must first wait for programs that may still read the
+        // half the first one left.
+        assert_eq!(
+            (st.created, st.flipped, st.barriers),
+            (rings, round, round),
+            "{key} weight {weight}: {st:?}"
+        );
+    }
+}

@@ -1415,7 +1415,9 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
                 maps.set_rings(&rings).map_err(ring_err)?;
             }
         }
-        let done = first_ring.is_some_and(|f| i > f) && matches!(op, Op::UpsertBackend { .. });
+        // The rings are all in (above); backends after the first ring too.
+        let done = matches!(op, Op::WriteRing { .. })
+            || first_ring.is_some_and(|f| i > f) && matches!(op, Op::UpsertBackend { .. });
         if !done {
             apply_op(maps, op)?;
         }
@@ -1492,10 +1494,8 @@ fn apply_op(maps: &mut Maps, op: &Op) -> Result<(), DataplaneError> {
                 .set(*id, Backend::default(), 0)
                 .map_err(map_error(maps::BACKENDS))?;
         }
-        Op::WriteRing { service_id, ring } => {
-            maps.swap_ring(*service_id, ring)
-                .map_err(|e| DataplaneError::Other(e.to_string()))?;
-        }
+        // `apply_maps` installs a plan's rings, all at once.
+        Op::WriteRing { .. } => {}
         Op::UpsertService {
             id,
             key,

@@ -275,6 +275,7 @@ pub fn plan_part(
         .collect();
 
     let mut ops = Vec::new();
+    let mut rings: Vec<RingJob> = Vec::new();
 
     // 1.
     for addr in desired.local_addrs.difference(&observed.local_addrs) {
@@ -371,11 +372,18 @@ pub fn plan_part(
             Some(os) => os.ring_hash != ring_hash || os.active_backends != active_backends,
         };
         if stale {
-            let ring = maglev::table(&active, size)
-                .into_iter()
-                .map(|slot| slot.map_or(NO_BACKEND, |i| ids[&active[i].0]))
-                .collect();
-            ops.push(Op::WriteRing { service_id, ring });
+            // Built below, all rings of the plan at once.
+            let active_ids = active.iter().map(|(bk, _)| ids[bk]).collect();
+            rings.push(RingJob {
+                op: ops.len(),
+                active,
+                size,
+                active_ids,
+            });
+            ops.push(Op::WriteRing {
+                service_id,
+                ring: Vec::new(),
+            });
         }
         if stale || os.is_some_and(|os| os.affinity_secs != spec.affinity_secs) {
             ops.push(Op::UpsertService {
@@ -397,6 +405,12 @@ pub fn plan_part(
         }
     }
 
+    for (job, ring) in rings.iter().zip(build_rings(&rings)) {
+        if let Op::WriteRing { ring: r, .. } = &mut ops[job.op] {
+            *r = ring;
+        }
+    }
+
     // 5.
     for (fe, owner) in &wanted_fe {
         if observed_fe.get(fe) != Some(owner) {
@@ -413,6 +427,46 @@ pub fn plan_part(
     }
 
     Ok(Plan { ops })
+}
+
+/// A ring a plan writes: the table of `active` on `size` slots, its
+/// slots naming `active_ids`, for the `WriteRing` at `ops[op]`.
+struct RingJob {
+    op: usize,
+    active: Vec<(BackendKey, u32)>,
+    size: u32,
+    active_ids: Vec<u32>,
+}
+
+/// Plans with more rings than this build them on several threads (a
+/// full sync at 10,000 services builds 10,000).
+const PARALLEL_RINGS: usize = 64;
+
+/// The rings of `jobs`, in order; on up to four threads when there are
+/// many (each ring is independent, and the result does not depend on the
+/// threads).
+fn build_rings(jobs: &[RingJob]) -> Vec<Vec<u32>> {
+    let build = |job: &RingJob| -> Vec<u32> {
+        maglev::table(&job.active, job.size)
+            .into_iter()
+            .map(|slot| slot.map_or(NO_BACKEND, |i| job.active_ids[i]))
+            .collect()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if jobs.len() < PARALLEL_RINGS || threads < 2 {
+        return jobs.iter().map(build).collect();
+    }
+    let chunk = jobs.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(build).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }
 
 /// Lowest-free-first allocation of ids below a limit.

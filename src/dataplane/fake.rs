@@ -235,11 +235,15 @@ impl FakeDataplane {
                 if !self.backends.contains_key(id) {
                     return Err(err(format!("backend id {id}: not present")));
                 }
-                if let Some(s) = self
-                    .services
-                    .keys()
-                    .find(|s| self.rings.get(s).is_some_and(|r| r.contains(id)))
-                {
+                // A ring holds only its own service's backends (checked
+                // when written): that ring, if its service is present, is
+                // the one to look in.
+                let owner = self.backends.get(id).map(|b| b.service_id);
+                let held = |s: &u32| {
+                    self.services.contains_key(s)
+                        && self.rings.get(s).is_some_and(|r| r.contains(id))
+                };
+                if let Some(s) = owner.filter(held) {
                     return Err(err(format!(
                         "backend id {id}: still in the ring of service {s}"
                     )));
@@ -256,7 +260,11 @@ impl FakeDataplane {
                         ring.len()
                     )));
                 }
-                for &b in ring.iter().filter(|&&b| b != NO_BACKEND) {
+                // Each backend once, not each slot (a ring has thousands).
+                let mut ids = ring.clone();
+                ids.sort_unstable();
+                ids.dedup();
+                for &b in ids.iter().filter(|&&b| b != NO_BACKEND) {
                     match self.backends.get(&b) {
                         Some(be) if be.service_id == *service_id => {}
                         Some(be) => {
@@ -272,11 +280,11 @@ impl FakeDataplane {
                         }
                     }
                 }
-                let mut r = ring.clone();
-                if self.compact_rings {
-                    r.sort_unstable();
-                    r.dedup();
-                }
+                let r = if self.compact_rings {
+                    ids
+                } else {
+                    ring.clone()
+                };
                 self.rings.insert(*service_id, r);
             }
             Op::UpsertService {

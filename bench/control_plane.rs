@@ -541,6 +541,12 @@ struct Sync {
     /// The same origin → the daemon's "changes applied" line that follows
     /// (frontends are written last).
     applied_s: Option<f64>,
+    /// List: process start → the daemon's line that it waits for the
+    /// first list (programs loaded and verified, interfaces attached).
+    startup_s: Option<f64>,
+    /// List: that line → "changes applied": the list (paged) and the full
+    /// sync it feeds, program loading left out.
+    list_sync_s: Option<f64>,
     /// Watch-fed: the time the puts took (inside the measured window).
     fill_s: Option<f64>,
     /// "changes applied" lines (watch-fed: snapshots coalesce).
@@ -561,6 +567,8 @@ impl Sync {
             "error": self.error,
             "services_present_s": self.services_s,
             "apply_logged_s": self.applied_s,
+            "startup_s": self.startup_s,
+            "list_sync_s": self.list_sync_s,
             "fill_s": self.fill_s,
             "apply_lines": self.applies,
             "rss_kib": self.rss_kib,
@@ -664,6 +672,8 @@ async fn full_sync(
         error: None,
         services_s: None,
         applied_s: None,
+        startup_s: None,
+        list_sync_s: None,
         fill_s: None,
         applies: 0,
         rss_kib: None,
@@ -734,6 +744,12 @@ async fn measure_sync(
         std::thread::sleep(Duration::from_millis(2));
     };
     s.applied_s = Some((d.started + applied.t - origin).as_secs_f64());
+    if mode == Mode::List {
+        if let Some(ready) = d.find("waiting for the first list") {
+            s.startup_s = Some(ready.t.as_secs_f64());
+            s.list_sync_s = Some(applied.t.saturating_sub(ready.t).as_secs_f64());
+        }
+    }
     std::thread::sleep(Duration::from_millis(200));
     (s.rss_kib, s.hwm_kib) = d.memory_kib();
     let table = BackendTable::scan(&maps);
@@ -1241,10 +1257,14 @@ fn report_sync(s: &Sync) {
     match &s.error {
         None => {
             println!(
-                "full sync ({}): services present {} s, apply logged {} s{}; VmRSS {} MiB (VmHWM {} MiB); {} backends, {}/{} VIPs, {} apply lines",
+                "full sync ({}): services present {} s, apply logged {} s{}{}; VmRSS {} MiB (VmHWM {} MiB); {} backends, {}/{} VIPs, {} apply lines",
                 s.mode.as_str(),
                 opt_s(s.services_s),
                 opt_s(s.applied_s),
+                match (s.startup_s, s.list_sync_s) {
+                    (Some(a), Some(b)) => format!(" (start-up {a:.2} s, then list + sync {b:.2} s)"),
+                    _ => String::new(),
+                },
                 s.fill_s.map_or(String::new(), |f| format!(" (puts took {f:.2} s)")),
                 mib(s.rss_kib),
                 mib(s.hwm_kib),
@@ -1488,7 +1508,7 @@ async fn run(a: &Args, meshlb: &Path) -> Result<()> {
                 "ipt_timeout_s": a.ipt_timeout,
             },
             "definitions": {
-                "full_sync": "from just before spawning `meshlb run --etcd` on an empty bpffs (records already in etcd) to every SERVICES slot present (services_present_s); apply_logged_s: the daemon's \"changes applied\" line (frontends are written last) as it arrived on its stderr pipe",
+                "full_sync": "from just before spawning `meshlb run --etcd` on an empty bpffs (records already in etcd) to every SERVICES slot present (services_present_s); apply_logged_s: the daemon's \"changes applied\" line (frontends are written last) as it arrived on its stderr pipe; startup_s: to its \"waiting for the first list\" line (programs loaded and verified); list_sync_s: from that line to \"changes applied\" (the paged list and the full sync)",
                 "change": "visible_us: from just before the etcd put to the BACKENDS slot showing the new task or weight (polled every ~50 us); ring_us: to the service's ring hash in SERVICES changing; put_us: the put's own round trip. Even changes add a task with a new address to a service, odd ones change a task's weight; spread over the services",
                 "iptables": "kube-proxy iptables-mode nat table for the same services (KUBE-SERVICES per VIP:port, KUBE-NODEPORTS per node port, KUBE-SVC-* with statistic random jumps, KUBE-SEP-* mark + DNAT); full_restore_s: iptables-restore into a fresh netns; rerestore_noflush_s: one endpoint address changed, the whole table restored again with --noflush as kube-proxy's iptables mode did (before MinimizeIPTablesRestore); null = killed at timeout_s",
                 "memory": "VmRSS/VmHWM of the daemon from /proc/PID/status, 200 ms after the apply line",

@@ -89,7 +89,7 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         meshlb: Option<PathBuf>,
         /// control-plane: service counts to sync (10 tasks each).
-        #[arg(long, default_value = "1000,10000")]
+        #[arg(long, default_value = "100,1000,10000")]
         sizes: String,
         /// control-plane: single etcd changes timed per size.
         #[arg(long, default_value_t = 200)]

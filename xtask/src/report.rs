@@ -430,14 +430,17 @@ pub fn latest(suite: &str) -> Option<PathBuf> {
 /// The control-plane suite's summary tables.
 fn control_plane_tables(md: &mut String, cp: &Value) {
     let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    md.push_str("| services | sync from | services present after (s) | daemon RSS (MiB) |\n|---|---|---|---|\n");
+    md.push_str("| services | sync from | services present after (s) | of which start-up (s) | list + full sync (s) | daemon RSS (MiB) |\n|---|---|---|---|---|---|\n");
+    let opt = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.2}"));
     for r in cp["full_sync"].as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.2} | {:.1} |",
+            "| {} | {} | {:.2} | {} | {} | {:.1} |",
             r["services"],
             r["mode"].as_str().unwrap_or("?"),
             num(&r["services_present_s"]),
+            opt(&r["startup_s"]),
+            opt(&r["list_sync_s"]),
             num(&r["rss_kib"]) / 1024.0
         );
     }
@@ -452,6 +455,28 @@ fn control_plane_tables(md: &mut String, cp: &Value) {
             num(&r["put_us"]["p50"]) / 1000.0,
             r["visible_us"]["count"]
         );
+    }
+    // How the cost of one change grows with the services: the largest
+    // size's p50 over the smallest's.
+    let p50s: Vec<(u64, f64)> = cp["change_summary"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some((r["services"].as_u64()?, r["visible_us"]["p50"].as_f64()?)))
+        .collect();
+    if let (Some(lo), Some(hi)) = (
+        p50s.iter().min_by_key(|(n, _)| *n),
+        p50s.iter().max_by_key(|(n, _)| *n),
+    ) {
+        if hi.0 > lo.0 && lo.1 > 0.0 {
+            let _ = writeln!(
+                md,
+                "\np50 of one change at {} services ÷ at {} services: {:.2}×",
+                hi.0,
+                lo.0,
+                hi.1 / lo.1
+            );
+        }
     }
     md.push_str("\nkube-proxy iptables mode, the same services (KUBE-SERVICES/NODEPORTS/SVC/SEP chains, DNAT), loaded into a fresh namespace:\n\n| services | tool | rules | full restore (s) | one change = full `--noflush` re-restore (s) | meshlb full sync ÷ restore | re-restore ÷ meshlb change p50 |\n|---|---|---|---|---|---|---|\n");
     for r in cp["iptables"].as_array().into_iter().flatten() {

@@ -33,7 +33,7 @@ pub struct View {
     /// What the tables hold, as `observe` reads them.
     observed: Observed,
     /// Frontend -> the services of `desired` that want it.
-    wanted: BTreeMap<Frontend, BTreeSet<ServiceKey>>,
+    wanted: BTreeMap<Frontend, Owners>,
     /// Ids held in `observed` (and by its orphans).
     service_ids: Ids,
     backend_ids: Ids,
@@ -41,6 +41,41 @@ pub struct View {
     backends: usize,
     /// The backends `observed` holds down.
     down: BTreeSet<BackendOf>,
+}
+
+/// The services that want one frontend: almost always one, so a short
+/// list, not a set (a set's first node alone is half a kilobyte, once per
+/// frontend of every service).
+#[derive(Debug, Default)]
+struct Owners(Vec<ServiceKey>);
+
+impl Owners {
+    fn add(&mut self, key: &ServiceKey) {
+        if !self.0.contains(key) {
+            self.0.push(key.clone());
+        }
+    }
+
+    fn drop_key(&mut self, key: &ServiceKey) {
+        self.0.retain(|k| k != key);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, ServiceKey> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Owners {
+    type Item = &'a ServiceKey;
+    type IntoIter = std::slice::Iter<'a, ServiceKey>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 /// A set of held ids that finds the lowest free one at or above any id
@@ -112,10 +147,10 @@ impl View {
     /// The view after a full sync: `desired` as admitted and programmed,
     /// `observed` what the tables hold now.
     pub fn new(desired: DesiredState, observed: Observed) -> View {
-        let mut wanted: BTreeMap<Frontend, BTreeSet<ServiceKey>> = BTreeMap::new();
+        let mut wanted: BTreeMap<Frontend, Owners> = BTreeMap::new();
         for (key, spec) in &desired.services {
             for fe in &spec.frontends {
-                wanted.entry(*fe).or_default().insert(key.clone());
+                wanted.entry(*fe).or_default().add(key);
             }
         }
         let backends = desired.services.values().map(|s| s.backends.len()).sum();
@@ -282,7 +317,7 @@ impl View {
             if let Some(old) = self.desired.services.remove(key) {
                 for fe in &old.frontends {
                     if let Some(owners) = self.wanted.get_mut(fe) {
-                        owners.remove(key);
+                        owners.drop_key(key);
                         if owners.is_empty() {
                             self.wanted.remove(fe);
                         }
@@ -301,7 +336,7 @@ impl View {
         for (key, spec) in part.desired.services {
             self.backends += spec.backends.len();
             for fe in &spec.frontends {
-                self.wanted.entry(*fe).or_default().insert(key.clone());
+                self.wanted.entry(*fe).or_default().add(&key);
             }
             self.desired.services.insert(key, spec);
         }

@@ -170,3 +170,88 @@ pub fn unsupported(e: &std::io::Error) -> bool {
         Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
     )
 }
+
+/// Every value of an array map of `entries` values of `T`, in index
+/// order, by `BPF_MAP_LOOKUP_BATCH` (a few syscalls for the whole map,
+/// where reading slot by slot costs one each: 131,072 for the backends).
+/// `T` must be the map's value type (its size the map's value size).
+pub fn lookup_array<T: aya::Pod>(map: BorrowedFd<'_>, entries: u32) -> std::io::Result<Vec<T>> {
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: u32 = 4096;
+    let total = entries as usize;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    let mut keys = vec![0u32; CHUNK as usize];
+    // The batch token of an array is a key: the last one read.
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    while out.len() < total {
+        let want = CHUNK.min((total - out.len()) as u32);
+        let mut attr = BatchAttr {
+            in_batch: if out.is_empty() {
+                0
+            } else {
+                &token_in as *const u32 as usize as u64
+            },
+            out_batch: &mut token_out as *mut u32 as usize as u64,
+            keys: keys.as_mut_ptr() as usize as u64,
+            // SAFETY (pointer arithmetic): within the capacity reserved
+            // above, `want` values past the ones read.
+            values: unsafe { out.as_mut_ptr().add(out.len()) } as usize as u64,
+            count: want,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` batch member of the size
+        // passed; `keys` holds `want` keys and `out` room for `want` more
+        // values of the map's value size (`T`), both outliving the call;
+        // the kernel writes at most `want` of each, `token_out` and
+        // `attr.count`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (r != 0).then(std::io::Error::last_os_error);
+        let got = (attr.count as usize).min(want as usize);
+        if keys[..got]
+            .iter()
+            .enumerate()
+            .any(|(i, k)| *k as usize != out.len() + i)
+        {
+            return Err(std::io::Error::other("batch read out of index order"));
+        }
+        // SAFETY: the kernel wrote `got` values (checked by their keys)
+        // after the `out.len()` already there; `T: Pod` takes any bytes.
+        unsafe { out.set_len(out.len() + got) };
+        match err {
+            None => token_in = token_out,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Some(e) => return Err(e),
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    if out.len() != total {
+        return Err(std::io::Error::other(format!(
+            "batch read {} of {total} values",
+            out.len()
+        )));
+    }
+    Ok(out)
+}

@@ -62,6 +62,9 @@ pub struct Maps {
     pub rings: ArrayOfMaps<MapData, Ring>,
     /// `rings`' descriptor, for the one command aya lacks (batch update).
     rings_fd: OwnedFd,
+    /// Descriptors of the arrays read whole (`read_array`: aya has no
+    /// batch lookup).
+    whole: WholeArrays,
     /// The rings this handle wrote (`set_rings`).
     ring_states: std::collections::BTreeMap<u32, RingState>,
     /// How they were written.
@@ -120,6 +123,22 @@ impl Maps {
                 take($name)?.try_into().map_err(map_err($name))?
             };
         }
+        let mut whole_fd = |name: &'static str| -> Result<(Map, OwnedFd), PinnedError> {
+            let m = take(name)?;
+            let fd = match &m {
+                Map::Array(d) => d.fd().as_fd().try_clone_to_owned(),
+                _ => Err(std::io::Error::other("not an array")),
+            }
+            .map_err(|e| PinnedError::Map {
+                name,
+                source: MapError::IoError(e),
+            })?;
+            Ok((m, fd))
+        };
+        let (services, services_fd) = whole_fd(maps::SERVICES)?;
+        let (service_names, names_fd) = whole_fd(maps::SERVICE_NAMES)?;
+        let (backends, backends_fd) = whole_fd(maps::BACKENDS)?;
+        let (service_affinity, affinity_fd) = whole_fd(maps::SERVICE_AFFINITY)?;
         let rings = take(maps::RINGS)?;
         let rings_fd = match &rings {
             Map::ArrayOfMaps(d) => d.fd().as_fd().try_clone_to_owned(),
@@ -132,13 +151,21 @@ impl Maps {
         Ok(Maps {
             frontends: typed!(maps::FRONTENDS),
             local_addrs: typed!(maps::LOCAL_ADDRS),
-            services: typed!(maps::SERVICES),
-            service_names: typed!(maps::SERVICE_NAMES),
+            services: services.try_into().map_err(map_err(maps::SERVICES))?,
+            service_names: service_names
+                .try_into()
+                .map_err(map_err(maps::SERVICE_NAMES))?,
             rings_fd,
+            whole: WholeArrays {
+                services: services_fd,
+                service_names: names_fd,
+                backends: backends_fd,
+                service_affinity: affinity_fd,
+            },
             rings: rings.try_into().map_err(map_err(maps::RINGS))?,
             ring_states: Default::default(),
             ring_stats: RingStats::default(),
-            backends: typed!(maps::BACKENDS),
+            backends: backends.try_into().map_err(map_err(maps::BACKENDS))?,
             conntrack: typed!(maps::CONNTRACK),
             reverse_nat: typed!(maps::REVERSE_NAT),
             backend_stats: typed!(maps::BACKEND_STATS),
@@ -148,7 +175,9 @@ impl Maps {
             snat: typed!(maps::SNAT),
             snat_addrs: typed!(maps::SNAT_ADDRS),
             ifaces: typed!(maps::IFACES),
-            service_affinity: typed!(maps::SERVICE_AFFINITY),
+            service_affinity: service_affinity
+                .try_into()
+                .map_err(map_err(maps::SERVICE_AFFINITY))?,
             affinity: typed!(maps::AFFINITY),
             iface_addrs: typed!(maps::IFACE_ADDRS),
             vips: typed!(maps::VIPS),
@@ -157,6 +186,34 @@ impl Maps {
             reverse_nat_embryonic: typed!(maps::REVERSE_NAT_EMBRYONIC),
             new_flow_rate: typed!(maps::NEW_FLOW_RATE),
         })
+    }
+
+    /// Every service entry, by id.
+    pub fn all_services(&self) -> Result<Vec<ServiceInfo>, PinnedError> {
+        read_array(&self.services, &self.whole.services, maps::SERVICES)
+    }
+
+    /// Every service name entry, by id.
+    pub fn all_service_names(&self) -> Result<Vec<ServiceName>, PinnedError> {
+        read_array(
+            &self.service_names,
+            &self.whole.service_names,
+            maps::SERVICE_NAMES,
+        )
+    }
+
+    /// Every backend entry, by id.
+    pub fn all_backends(&self) -> Result<Vec<Backend>, PinnedError> {
+        read_array(&self.backends, &self.whole.backends, maps::BACKENDS)
+    }
+
+    /// Every service's affinity timeout, by id.
+    pub fn all_service_affinity(&self) -> Result<Vec<u32>, PinnedError> {
+        read_array(
+            &self.service_affinity,
+            &self.whole.service_affinity,
+            maps::SERVICE_AFFINITY,
+        )
     }
 
     /// Sum of a per-CPU stats slot over all CPUs.
@@ -348,6 +405,34 @@ impl Maps {
                     .unwrap_or(0)
             })
             .collect()
+    }
+}
+
+/// Descriptors of the arrays `Maps` reads whole.
+struct WholeArrays {
+    services: OwnedFd,
+    service_names: OwnedFd,
+    backends: OwnedFd,
+    service_affinity: OwnedFd,
+}
+
+/// Every value of `array` in index order: one batch read where the kernel
+/// has it, else slot by slot.
+fn read_array<V: aya::Pod>(
+    array: &Array<MapData, V>,
+    fd: &OwnedFd,
+    name: &'static str,
+) -> Result<Vec<V>, PinnedError> {
+    let len = array.len();
+    match crate::bpfsys::lookup_array::<V>(fd.as_fd(), len) {
+        Ok(v) => Ok(v),
+        Err(e) if crate::bpfsys::unsupported(&e) => (0..len)
+            .map(|i| array.get(&i, 0).map_err(map_err(name)))
+            .collect(),
+        Err(e) => Err(PinnedError::Map {
+            name,
+            source: MapError::IoError(e),
+        }),
     }
 }
 

@@ -2163,3 +2163,42 @@ fn a_plan_writes_each_ring_once_and_a_rewrite_waits_only_when_it_must() {
         );
     }
 }
+
+/// The arrays `observe` reads whole (one batch lookup per 4,096 slots)
+/// read exactly what slot-by-slot lookups read.
+#[test]
+fn arrays_read_whole_equal_their_slots() {
+    let ns = Netns::new_named("mlbt-fxa");
+    let (_ebpf, mut maps) = load(&ns.pins);
+    program(&["10.200.0.1", "fd00:200::1", SNAT4, SNAT6], &mut maps);
+    let backends = maps.all_backends().unwrap();
+    assert_eq!(backends.len() as u32, maps.backends.len());
+    for (i, b) in backends.iter().enumerate() {
+        assert_eq!(
+            *b,
+            maps.backends.get(&(i as u32), 0).unwrap(),
+            "backend slot {i}"
+        );
+    }
+    assert!(
+        backends.iter().any(|b| b.flags != 0),
+        "the fixture's backends"
+    );
+    let services = maps.all_services().unwrap();
+    assert_eq!(services.len() as u32, maps.services.len());
+    for (i, s) in services.iter().enumerate() {
+        assert_eq!(
+            *s,
+            maps.services.get(&(i as u32), 0).unwrap(),
+            "service slot {i}"
+        );
+    }
+    let affinity = maps.all_service_affinity().unwrap();
+    for (i, a) in affinity.iter().enumerate() {
+        assert_eq!(
+            *a,
+            maps.service_affinity.get(&(i as u32), 0).unwrap(),
+            "affinity slot {i}"
+        );
+    }
+}

@@ -1286,14 +1286,16 @@ fn username_and_password_auth() {
     }
 }
 
-/// More records than one list page (and than a single 4 MiB gRPC message
-/// would hold at scale): the first list pages through them at one revision.
+/// More records than one list page (4,096 records; and than a single
+/// 4 MiB gRPC message would hold at scale): the first list pages through
+/// them at one revision.
 #[test]
 fn first_list_pages_through_many_records() {
     let topo = Topology::new("epg", TopoOpts { backends: 1 });
     let etcd = EtcdServer::start_in(&topo.lb_ns, "epg");
     let c = etcd.client();
-    const SERVICES: u16 = 150;
+    // 500 × (1 + 8) = 4,500 records: two pages.
+    const SERVICES: u16 = 500;
     const TASKS: u16 = 8;
     c.with_client(|rt, client| {
         for s in 0..SERVICES {

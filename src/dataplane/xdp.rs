@@ -1259,18 +1259,18 @@ fn state_flags(state: BackendState) -> u8 {
 pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
     let mut obs = Observed::default();
     let mut by_id = std::collections::BTreeMap::new();
-    for id in 0..MAX_SERVICES {
-        let info = maps
-            .services
-            .get(&id, 0)
-            .map_err(map_error(maps::SERVICES))?;
+    // The arrays are read whole, a few syscalls each, not slot by slot.
+    let whole = |e: crate::pinned::PinnedError| DataplaneError::Other(e.to_string());
+    let services = maps.all_services().map_err(whole)?;
+    let names = maps.all_service_names().map_err(whole)?;
+    let affinity = maps.all_service_affinity().map_err(whole)?;
+    for (id, info) in (0u32..).zip(&services).take(MAX_SERVICES as usize) {
         if info.flags & SVC_F_PRESENT == 0 {
             continue;
         }
-        let n = maps
-            .service_names
-            .get(&id, 0)
-            .map_err(map_error(maps::SERVICE_NAMES))?;
+        let Some(n) = names.get(id as usize) else {
+            continue;
+        };
         let (Some(proto), Ok(name)) = (
             Proto::from_number(n.proto),
             std::str::from_utf8(&n.name[..(n.len as usize).min(60)]),
@@ -1292,7 +1292,7 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
                 // removed by hand): stale, so the reconcile writes one.
                 ring_hash: if maps.has_ring(id) { info.ring_hash } else { 0 },
                 active_backends: info.active_backends,
-                affinity_secs: maps.service_affinity.get(&id, 0).unwrap_or(0),
+                affinity_secs: affinity.get(id as usize).copied().unwrap_or(0),
                 ..Default::default()
             },
         );
@@ -1320,11 +1320,8 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
             s.frontends.insert(fe);
         }
     }
-    for id in 0..MAX_BACKENDS {
-        let b = maps
-            .backends
-            .get(&id, 0)
-            .map_err(map_error(maps::BACKENDS))?;
+    let backends = maps.all_backends().map_err(whole)?;
+    for (id, b) in (0u32..).zip(&backends).take(MAX_BACKENDS as usize) {
         if b.flags & BE_F_PRESENT == 0 {
             continue;
         }

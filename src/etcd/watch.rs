@@ -162,7 +162,7 @@ enum WatchEnd {
 /// `MAX_VALUE_BYTES`, but the prefix may hold larger ones (etcd takes
 /// values up to 1.5 MiB by default), so a page that does not fit is asked
 /// again at half the size (`list_page`).
-const LIST_PAGE: i64 = 500;
+const LIST_PAGE: i64 = 4096;
 
 /// The largest gRPC message the daemon decodes from etcd (list pages and
 /// watch responses; the server fragments larger watch responses).

@@ -260,10 +260,14 @@ impl FakeDataplane {
                         ring.len()
                     )));
                 }
-                // Each backend once, not each slot (a ring has thousands).
-                let mut ids = ring.clone();
-                ids.sort_unstable();
-                ids.dedup();
+                // Each backend once, not each slot (a ring has thousands
+                // of slots, and a few distinct ids).
+                let mut ids: Vec<u32> = Vec::new();
+                for &b in ring {
+                    if let Err(at) = ids.binary_search(&b) {
+                        ids.insert(at, b);
+                    }
+                }
                 for &b in ids.iter().filter(|&&b| b != NO_BACKEND) {
                     match self.backends.get(&b) {
                         Some(be) if be.service_id == *service_id => {}

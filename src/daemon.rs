@@ -228,7 +228,7 @@ struct Liveness {
     /// `--drain-timeout`: for services without their own.
     drain_default: Option<Duration>,
     /// Local backend address -> a service of theirs.
-    local_backends: BTreeMap<IpAddr, String>,
+    local_backends: BTreeMap<IpAddr, Arc<str>>,
     /// Local backend addresses the last syncs added to `local_backends`
     /// alone: their interfaces may need attaching (`Node::sync`).
     local_joined: Vec<IpAddr>,
@@ -508,12 +508,16 @@ fn refuse_etcd(
 
 /// The local backends of `desired` (address -> the first service naming
 /// it): their interfaces are task interfaces.
-fn local_backends(desired: &DesiredState) -> BTreeMap<IpAddr, String> {
+fn local_backends(desired: &DesiredState) -> BTreeMap<IpAddr, Arc<str>> {
     let mut out = BTreeMap::new();
     for (key, spec) in &desired.services {
+        // One shared name per service, not one per address.
+        let mut name: Option<Arc<str>> = None;
         for (bk, b) in &spec.backends {
             if !b.remote {
-                out.entry(bk.addr).or_insert_with(|| key.name.clone());
+                out.entry(bk.addr).or_insert_with(|| {
+                    name.get_or_insert_with(|| key.name.as_str().into()).clone()
+                });
             }
         }
     }
@@ -669,7 +673,7 @@ fn names(attach: &[Attach]) -> Vec<String> {
 /// The interfaces this node's data plane should be attached to now.
 fn wanted(
     settings: &Settings,
-    local_backends: &BTreeMap<IpAddr, String>,
+    local_backends: &BTreeMap<IpAddr, Arc<str>>,
     f: &Facts,
 ) -> Vec<Attach> {
     let inputs = nodenet::IfaceInputs {

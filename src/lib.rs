@@ -11,8 +11,8 @@
 //!   traits; the XDP, IPVS and fake engines.
 //! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
 //! * [`bpfsys`] — the two BPF commands aya lacks (ring fill by mmap, delete
-//!   in an array of maps) and [`heap`] (freed heap back to the system
-//!   after a full sync): the only `unsafe` code.
+//!   in an array of maps) and [`heap`] (one allocator arena; freed heap
+//!   back to the system after a full sync): the only `unsafe` code.
 //! * [`inspect`] — `status` and `explain`, read from the pinned maps.
 //! * [`ipvs`] — IPVS over generic netlink (constants, wire format, handle).
 //! * [`etcd`] — services and tasks from etcd (list+watch, node lease).

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => {
+            meshlb::heap::one_arena();
             let (settings, cfg) = match daemon::settle(&args) {
                 Ok(v) => v,
                 Err(e) => return fail(2, e),

@@ -125,7 +125,7 @@ pub struct IfaceInputs<'a> {
     pub listed: &'a [String],
     pub named_tasks: &'a [String],
     pub docker: bool,
-    pub local_backends: &'a BTreeMap<IpAddr, String>,
+    pub local_backends: &'a BTreeMap<IpAddr, std::sync::Arc<str>>,
     pub never: &'a [&'a str],
 }
 
@@ -467,13 +467,13 @@ mod tests {
         ];
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let backends: BTreeMap<IpAddr, String> = [
-            (ip("10.9.0.5"), "web".to_string()),
-            (ip("10.8.0.2"), "api".to_string()),
+        let backends: BTreeMap<IpAddr, std::sync::Arc<str>> = [
+            (ip("10.9.0.5"), "web".into()),
+            (ip("10.8.0.2"), "api".into()),
             // Behind a gateway, on loopback, on the uplink: no new interface.
-            (ip("10.7.0.5"), "far".to_string()),
-            (ip("127.0.0.2"), "lo".to_string()),
-            (ip("10.0.0.9"), "lan".to_string()),
+            (ip("10.7.0.5"), "far".into()),
+            (ip("127.0.0.2"), "lo".into()),
+            (ip("10.0.0.9"), "lan".into()),
         ]
         .into();
         let none = BTreeMap::new();

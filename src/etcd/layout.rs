@@ -495,7 +495,7 @@ pub struct Changes {
     /// then those that joined it (with the service that brought each),
     /// in this order (an address may leave and join again).
     pub local_gone: Vec<IpAddr>,
-    pub local_joined: Vec<(IpAddr, String)>,
+    pub local_joined: Vec<(IpAddr, Arc<str>)>,
 }
 
 impl DesiredCache {
@@ -557,11 +557,14 @@ fn count_in(
     name: &str,
     changes: &mut Changes,
 ) {
+    // One shared name per spec, not one per address.
+    let mut shared: Option<Arc<str>> = None;
     for (bk, _) in spec.backends.iter().filter(|(_, b)| !b.remote) {
         let n = local.entry(bk.addr).or_default();
         if *n == 0 {
             changes.local = true;
-            changes.local_joined.push((bk.addr, name.to_owned()));
+            let name = shared.get_or_insert_with(|| name.into()).clone();
+            changes.local_joined.push((bk.addr, name));
         }
         *n += 1;
     }

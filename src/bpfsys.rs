@@ -107,21 +107,47 @@ pub fn flip_ring(ring: BorrowedFd<'_>, slots: &[u32]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Runs the batch command `cmd` on `attr`.
+///
+/// # Safety
+///
+/// The buffers `attr` points at (keys, values, batch tokens) must be
+/// valid for what `cmd` reads and writes there, for `attr.count`
+/// elements, during the call.
+unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: `attr` is a valid `bpf_attr` batch member of the size
+    // passed; its buffers are the caller's to vouch for.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values (aya has no
 /// batch operations): all or an error naming the first that failed.
 pub fn update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     assert_eq!(keys.len(), values.len(), "one value per key");
     let mut attr = BatchAttr {
@@ -134,21 +160,11 @@ pub fn update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::i
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid `bpf_attr` batch member of the size
-    // passed; `keys` and `values` hold `count` elements each and outlive
-    // the call; the kernel writes only `attr.count`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if r == 0 {
+    // SAFETY: `keys` and `values` hold `count` elements each and outlive
+    // the call; the kernel reads them and writes only `attr.count`.
+    let Err(e) = (unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr) }) else {
         return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
+    };
     if (attr.count as usize) < keys.len() && attr.count > 0 {
         return Err(std::io::Error::new(
             e.kind(),
@@ -176,18 +192,6 @@ pub fn unsupported(e: &std::io::Error) -> bool {
 /// where reading slot by slot costs one each: 131,072 for the backends).
 /// `T` must be the map's value type (its size the map's value size).
 pub fn lookup_array<T: aya::Pod>(map: BorrowedFd<'_>, entries: u32) -> std::io::Result<Vec<T>> {
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: u32 = 4096;
     let total = entries as usize;
@@ -213,20 +217,11 @@ pub fn lookup_array<T: aya::Pod>(map: BorrowedFd<'_>, entries: u32) -> std::io::
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `attr` is a valid `bpf_attr` batch member of the size
-        // passed; `keys` holds `want` keys and `out` room for `want` more
+        // SAFETY: `keys` holds `want` keys and `out` room for `want` more
         // values of the map's value size (`T`), both outliving the call;
         // the kernel writes at most `want` of each, `token_out` and
         // `attr.count`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (r != 0).then(std::io::Error::last_os_error);
+        let err = unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         let got = (attr.count as usize).min(want as usize);
         if keys[..got]
             .iter()

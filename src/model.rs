@@ -54,6 +54,48 @@ pub struct ServiceKey {
     pub port: u16,
 }
 
+/// The keys of two maps walked in key order (one merge walk) that are in
+/// one only, or in both with `same` false for their values.
+pub fn changed_keys<'a, K: Ord + 'a, A: 'a, B: 'a>(
+    a: impl Iterator<Item = (&'a K, &'a A)>,
+    b: impl Iterator<Item = (&'a K, &'a B)>,
+    mut same: impl FnMut(&K, &A, &B) -> bool,
+) -> Vec<&'a K> {
+    let mut out = Vec::new();
+    let (mut ia, mut ib) = (a.peekable(), b.peekable());
+    loop {
+        match (ia.peek(), ib.peek()) {
+            (None, None) => break,
+            (Some(&(ka, _)), None) => {
+                out.push(ka);
+                ia.next();
+            }
+            (None, Some(&(kb, _))) => {
+                out.push(kb);
+                ib.next();
+            }
+            (Some(&(ka, va)), Some(&(kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push(ka);
+                    ia.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push(kb);
+                    ib.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !same(ka, va, vb) {
+                        out.push(ka);
+                    }
+                    ia.next();
+                    ib.next();
+                }
+            },
+        }
+    }
+    out
+}
+
 /// `services` with the specs unshared: what tests compare.
 #[cfg(test)]
 pub fn plain(
@@ -219,4 +261,18 @@ pub struct Observed {
     /// crash leaves behind. The reconciler frees them first, so a service
     /// that takes the id again never inherits them.
     pub orphan_backends: BTreeSet<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_names_keys_in_one_map_only_or_with_other_values() {
+        let a: BTreeMap<u8, u8> = [(1, 10), (2, 20), (4, 40), (6, 60)].into();
+        let b: BTreeMap<u8, u8> = [(2, 20), (3, 30), (4, 41), (7, 70)].into();
+        let got = changed_keys(a.iter(), b.iter(), |_, x, y| x == y);
+        assert_eq!(got, vec![&1, &3, &4, &6, &7]);
+        assert!(changed_keys(a.iter(), a.iter(), |_, x, y| x == y).is_empty());
+    }
 }

@@ -357,43 +357,12 @@ fn down_of<'a>(
         .map(move |(bk, _)| (key.clone(), *bk))
 }
 
-/// The services added, removed or changed from `a` to `b` (one merge walk
-/// over both, in key order).
+/// The services added, removed or changed from `a` to `b`.
 fn changed_keys(a: &DesiredState, b: &DesiredState) -> BTreeSet<ServiceKey> {
-    let mut out = BTreeSet::new();
-    let mut ia = a.services.iter().peekable();
-    let mut ib = b.services.iter().peekable();
-    loop {
-        match (ia.peek(), ib.peek()) {
-            (None, None) => break,
-            (Some((ka, _)), None) => {
-                out.insert((*ka).clone());
-                ia.next();
-            }
-            (None, Some((kb, _))) => {
-                out.insert((*kb).clone());
-                ib.next();
-            }
-            (Some((ka, sa)), Some((kb, sb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    out.insert((*ka).clone());
-                    ia.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.insert((*kb).clone());
-                    ib.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if sa != sb {
-                        out.insert((*ka).clone());
-                    }
-                    ia.next();
-                    ib.next();
-                }
-            },
-        }
-    }
-    out
+    crate::model::changed_keys(a.services.iter(), b.services.iter(), |_, sa, sb| sa == sb)
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

@@ -542,6 +542,23 @@ impl DesiredCache {
     }
 }
 
+/// Whether a static service of `statics` shadows the etcd service `name`.
+fn shadowed(statics: &[ServiceConfig], name: &str) -> bool {
+    statics.iter().any(|s| s.name == name)
+}
+
+impl CacheEntry {
+    /// Built from these very records (shared values: a pointer compare).
+    fn built_from(&self, svc: &Arc<ServiceConfig>, tasks: Option<&Arc<TaskMap>>) -> bool {
+        Arc::ptr_eq(&self.svc, svc)
+            && match (&self.tasks, tasks) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
 /// Whether `spec` has a draining backend.
 fn drains(spec: &ServiceSpec) -> bool {
     spec.backends
@@ -757,53 +774,13 @@ impl ClusterState {
     /// brought up to date (a merge walk over both, by name; services a
     /// static one shadows are not etcd's).
     fn dirty(&self, statics: &[ServiceConfig], cache: &DesiredCache) -> Vec<String> {
-        let shadowed = |n: &str| statics.iter().any(|s| s.name == n);
-        let fresh = |name: &str, svc: &Arc<ServiceConfig>, e: &CacheEntry| {
-            Arc::ptr_eq(&e.svc, svc)
-                && match (&e.tasks, self.tasks.get(name)) {
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    (None, None) => true,
-                    _ => false,
-                }
-        };
-        let mut out = Vec::new();
-        let mut now = self
-            .services
-            .iter()
-            .filter(|(n, _)| !shadowed(n))
-            .peekable();
-        let mut was = cache.entries.iter().peekable();
-        loop {
-            match (now.peek(), was.peek()) {
-                (None, None) => break,
-                (Some((n, _)), None) => {
-                    out.push((*n).clone());
-                    now.next();
-                }
-                (None, Some((n, _))) => {
-                    out.push((*n).clone());
-                    was.next();
-                }
-                (Some((a, svc)), Some((b, e))) => match a.cmp(b) {
-                    std::cmp::Ordering::Less => {
-                        out.push((*a).clone());
-                        now.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        out.push((*b).clone());
-                        was.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !fresh(a, svc, e) {
-                            out.push((*a).clone());
-                        }
-                        now.next();
-                        was.next();
-                    }
-                },
-            }
-        }
-        out
+        let etcd = self.services.iter().filter(|(n, _)| !shadowed(statics, n));
+        crate::model::changed_keys(etcd, cache.entries.iter(), |name, svc, e| {
+            e.built_from(svc, self.tasks.get(name))
+        })
+        .into_iter()
+        .cloned()
+        .collect()
     }
 
     /// Brings `cache` up to date by replacing the dirty services' specs
@@ -819,7 +796,7 @@ impl ClusterState {
         let dirty = match touched {
             Some(names) => names
                 .iter()
-                .filter(|n| !statics.iter().any(|s| &s.name == *n))
+                .filter(|n| !shadowed(statics, n))
                 .filter(|n| {
                     // Still there, or gone from both.
                     self.services.contains_key(*n) || cache.entries.contains_key(*n)
@@ -900,10 +877,9 @@ impl ClusterState {
         }
         cache.valid = false;
         cache.rebuilds += 1;
-        let shadowed = |n: &str| static_services.iter().any(|s| s.name == n);
         cache
             .entries
-            .retain(|name, _| self.services.contains_key(name) && !shadowed(name));
+            .retain(|name, _| self.services.contains_key(name) && !shadowed(static_services, name));
         let mut desired = config::desired_state_of(static_services, BTreeSet::new(), node);
         let mut wanted: BTreeMap<Frontend, u32> = BTreeMap::new();
         let mut taken: BTreeMap<Frontend, String> = BTreeMap::new();
@@ -914,20 +890,16 @@ impl ClusterState {
             }
         }
         for (name, svc) in &self.services {
-            if shadowed(name) {
+            if shadowed(static_services, name) {
                 warn_once(format!(
                     "etcd service {name:?} ignored: the config file defines a static service of that name"
                 ));
                 continue;
             }
-            let fresh = cache.entries.get(name).is_some_and(|e| {
-                Arc::ptr_eq(&e.svc, svc)
-                    && match (&e.tasks, self.tasks.get(name)) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                        (None, None) => true,
-                        _ => false,
-                    }
-            });
+            let fresh = cache
+                .entries
+                .get(name)
+                .is_some_and(|e| e.built_from(svc, self.tasks.get(name)));
             if !fresh {
                 let entry = self.entry(name, svc, node, cache);
                 cache.entries.insert(name.clone(), entry);

@@ -1973,6 +1973,7 @@ fn rings_are_replaced_whole_never_seen_mixed() {
     let reader = Maps::from_pins(&ns.pins).expect("pins");
     let stop = std::sync::atomic::AtomicBool::new(false);
     let swapped = std::sync::atomic::AtomicU32::new(0);
+    let read_whole = std::sync::atomic::AtomicU32::new(0);
     let ns_name = ns.name.clone();
     let (swaps, reads, packets) = std::thread::scope(|s| {
         let swapper = s.spawn(|| {
@@ -1993,6 +1994,7 @@ fn rings_are_replaced_whole_never_seen_mixed() {
                 let whole = rings.contains(&r);
                 assert!(whole, "read {n}: a mixed ring of {} slots", r.len());
                 n += 1;
+                read_whole.store(n, std::sync::atomic::Ordering::Relaxed);
             }
             n
         });
@@ -2007,11 +2009,14 @@ fn rings_are_replaced_whole_never_seen_mixed() {
                 .try_into()
                 .unwrap();
             let mut seen = BTreeMap::new();
-            // Until 40 swaps happened meanwhile (half of them wait for
-            // running programs, milliseconds), within 20 s.
+            // Until 40 swaps (half of them wait for running programs,
+            // milliseconds) and 10 whole reads (a read of the large ring
+            // is CPU-bound: slower under load) happened meanwhile, within
+            // 20 s.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             let mut i = 0u32;
-            while swapped.load(std::sync::atomic::Ordering::Relaxed) < 40
+            while (swapped.load(std::sync::atomic::Ordering::Relaxed) < 40
+                || read_whole.load(std::sync::atomic::Ordering::Relaxed) < 10)
                 && std::time::Instant::now() < deadline
             {
                 i += 1;

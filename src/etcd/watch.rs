@@ -224,10 +224,45 @@ async fn list_page(
     }
 }
 
+/// What one page request returns (see [`list_page`]).
+type PageResult = Result<etcd_client::GetResponse, Result<Vec<u8>, String>>;
+
+/// A page request running on its own task, aborted when dropped (a list
+/// given up leaves nothing behind).
+struct PageFetch(tokio::task::JoinHandle<(PageResult, i64)>);
+
+impl PageFetch {
+    /// Starts fetching the page at `key`; `limit` as in [`list_page`].
+    fn start(client: &Client, key: Vec<u8>, end: &str, revision: i64, limit: i64) -> PageFetch {
+        let mut client = client.clone();
+        let end = end.to_owned();
+        PageFetch(tokio::spawn(async move {
+            let mut limit = limit;
+            let r = list_page(&mut client, &key, &end, revision, &mut limit).await;
+            (r, limit)
+        }))
+    }
+
+    /// The page, and the limit to go on with.
+    async fn finish(mut self) -> (PageResult, i64) {
+        match (&mut self.0).await {
+            Ok(r) => r,
+            Err(e) => (Err(Err(format!("list: page task: {e}"))), 1),
+        }
+    }
+}
+
+impl Drop for PageFetch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Lists the prefix page by page, every page at the revision of the first,
 /// so the result is one consistent snapshot; returns it and its revision.
 /// Pages are bounded by count and by size; a record too large for one
-/// message is skipped with one line naming its key (and counted).
+/// message is skipped with one line naming its key (and counted). Each
+/// page is parsed while etcd serves the next one.
 async fn list(
     client: &mut Client,
     prefix: &str,
@@ -236,12 +271,13 @@ async fn list(
     let start = format!("{prefix}/");
     // The end of the prefix range: "<prefix>/" with its last byte + 1.
     let end = format!("{prefix}0");
-    let mut key = start.into_bytes();
+    let mut state = ClusterState::default();
     let mut revision = 0i64;
-    let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let mut limit = LIST_PAGE;
+    // The first page on this task: it fixes the revision of the others.
+    let mut page = list_page(client, start.as_bytes(), &end, revision, &mut limit).await;
     loop {
-        let resp = match list_page(client, &key, &end, revision, &mut limit).await {
+        let resp = match page {
             Ok(r) => r,
             Err(Ok(big)) => {
                 log::warn!(
@@ -249,8 +285,11 @@ async fn list(
                     String::from_utf8_lossy(&big)
                 );
                 metrics.config_error("too_large");
-                key = big;
-                key.push(0);
+                let mut after = big;
+                after.push(0);
+                (page, limit) = PageFetch::start(client, after, &end, revision, limit)
+                    .finish()
+                    .await;
                 continue;
             }
             Err(Err(e)) => return Err(e),
@@ -258,24 +297,29 @@ async fn list(
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
         }
-        for kv in resp.kvs() {
-            kvs.push((kv.key().to_vec(), kv.value().to_vec()));
-        }
         // Back towards full pages after a halving.
         limit = (limit * 2).min(LIST_PAGE);
-        match resp.kvs().last() {
+        let next = match resp.kvs().last() {
             Some(last) if resp.more() => {
-                key = last.key().to_vec();
-                key.push(0);
+                let mut after = last.key().to_vec();
+                after.push(0);
+                Some(PageFetch::start(client, after, &end, revision, limit))
             }
-            _ => break,
+            _ => None,
+        };
+        let mut errors = Vec::new();
+        for kv in resp.kvs() {
+            if let Err(e) = state.apply_put(prefix, kv.key(), kv.value()) {
+                errors.push(e);
+            }
+        }
+        report(&errors, metrics);
+        drop(resp);
+        match next {
+            Some(fetch) => (page, limit) = fetch.finish().await,
+            None => break,
         }
     }
-    let (state, errors) = ClusterState::from_kvs(
-        prefix,
-        kvs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-    );
-    report(&errors, metrics);
     Ok((state, revision))
 }
 

@@ -1,10 +1,12 @@
 //! The BPF operations aya 0.14 does not offer, as raw system calls:
 //! writing a Maglev ring through a shared mapping (a few syscalls for any
 //! ring size, where aya's `Array::set` costs one per slot; and a ring
-//! rewritten in place flips halves with one store, no syscall, no wait)
-//! and a batch update of the outer ring map (one wait for running
-//! programs for all of a plan's new rings, where each single update of an
-//! array of maps waits). The crate's only `unsafe` code.
+//! rewritten in place flips halves with one store, no syscall, no wait),
+//! batch updates (the outer ring map: one wait for running programs for
+//! all of a plan's new rings, where each single update of an array of
+//! maps waits; the backend, service and frontend tables: one syscall per
+//! 4,096 entries of a large plan) and batch lookups (arrays read whole).
+//! The crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -145,11 +147,22 @@ unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> 
     }
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values (aya has no
-/// batch operations): all or an error naming the first that failed.
-pub fn update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+/// `BPF_MAP_UPDATE_BATCH` (aya has no batch operations): `keys[i]` gets
+/// the `i`-th run of `per_key` values (1, or the CPU count of a per-CPU
+/// map), in order; all, or an error naming the first key that failed.
+/// `K` and `V` must be the map's key and value types (a per-CPU value
+/// padded to 8 bytes, as the kernel lays them out).
+pub fn update_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    per_key: usize,
+) -> std::io::Result<()> {
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    assert_eq!(keys.len(), values.len(), "one value per key");
+    assert_eq!(keys.len() * per_key, values.len(), "per_key values per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
@@ -160,8 +173,9 @@ pub fn update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::i
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `keys` and `values` hold `count` elements each and outlive
-    // the call; the kernel reads them and writes only `attr.count`.
+    // SAFETY: `keys` holds `count` keys and `values` `count * per_key`
+    // values, of the map's types, outliving the call; the kernel reads
+    // them and writes only `attr.count`.
     let Err(e) = (unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr) }) else {
         return Ok(());
     };
@@ -169,7 +183,7 @@ pub fn update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::i
         return Err(std::io::Error::new(
             e.kind(),
             format!(
-                "key {} (after {} updated): {e}",
+                "key {:?} (after {} updated): {e}",
                 keys[attr.count as usize], attr.count
             ),
         ));

@@ -62,9 +62,9 @@ pub struct Maps {
     pub rings: ArrayOfMaps<MapData, Ring>,
     /// `rings`' descriptor, for the one command aya lacks (batch update).
     rings_fd: OwnedFd,
-    /// Descriptors of the arrays read whole (`read_array`: aya has no
-    /// batch lookup).
-    whole: WholeArrays,
+    /// Descriptors of the maps read or written in batches (aya has no
+    /// batch operations).
+    whole: WholeMaps,
     /// The rings this handle wrote (`set_rings`).
     ring_states: std::collections::BTreeMap<u32, RingState>,
     /// How they were written.
@@ -126,8 +126,10 @@ impl Maps {
         let mut whole_fd = |name: &'static str| -> Result<(Map, OwnedFd), PinnedError> {
             let m = take(name)?;
             let fd = match &m {
-                Map::Array(d) => d.fd().as_fd().try_clone_to_owned(),
-                _ => Err(std::io::Error::other("not an array")),
+                Map::Array(d) | Map::PerCpuArray(d) | Map::HashMap(d) => {
+                    d.fd().as_fd().try_clone_to_owned()
+                }
+                _ => Err(std::io::Error::other("not an array or hash")),
             }
             .map_err(|e| PinnedError::Map {
                 name,
@@ -139,6 +141,9 @@ impl Maps {
         let (service_names, names_fd) = whole_fd(maps::SERVICE_NAMES)?;
         let (backends, backends_fd) = whole_fd(maps::BACKENDS)?;
         let (service_affinity, affinity_fd) = whole_fd(maps::SERVICE_AFFINITY)?;
+        let (backend_stats, backend_stats_fd) = whole_fd(maps::BACKEND_STATS)?;
+        let (service_stats, service_stats_fd) = whole_fd(maps::SERVICE_STATS)?;
+        let (frontends, frontends_fd) = whole_fd(maps::FRONTENDS)?;
         let rings = take(maps::RINGS)?;
         let rings_fd = match &rings {
             Map::ArrayOfMaps(d) => d.fd().as_fd().try_clone_to_owned(),
@@ -149,18 +154,21 @@ impl Maps {
             source: MapError::IoError(e),
         })?;
         Ok(Maps {
-            frontends: typed!(maps::FRONTENDS),
+            frontends: frontends.try_into().map_err(map_err(maps::FRONTENDS))?,
             local_addrs: typed!(maps::LOCAL_ADDRS),
             services: services.try_into().map_err(map_err(maps::SERVICES))?,
             service_names: service_names
                 .try_into()
                 .map_err(map_err(maps::SERVICE_NAMES))?,
             rings_fd,
-            whole: WholeArrays {
+            whole: WholeMaps {
                 services: services_fd,
                 service_names: names_fd,
                 backends: backends_fd,
                 service_affinity: affinity_fd,
+                backend_stats: backend_stats_fd,
+                service_stats: service_stats_fd,
+                frontends: frontends_fd,
             },
             rings: rings.try_into().map_err(map_err(maps::RINGS))?,
             ring_states: Default::default(),
@@ -168,8 +176,12 @@ impl Maps {
             backends: backends.try_into().map_err(map_err(maps::BACKENDS))?,
             conntrack: typed!(maps::CONNTRACK),
             reverse_nat: typed!(maps::REVERSE_NAT),
-            backend_stats: typed!(maps::BACKEND_STATS),
-            service_stats: typed!(maps::SERVICE_STATS),
+            backend_stats: backend_stats
+                .try_into()
+                .map_err(map_err(maps::BACKEND_STATS))?,
+            service_stats: service_stats
+                .try_into()
+                .map_err(map_err(maps::SERVICE_STATS))?,
             counters: typed!(maps::COUNTERS),
             meta: typed!(maps::META),
             snat: typed!(maps::SNAT),
@@ -240,6 +252,107 @@ impl Maps {
                 source: MapError::IoError(e),
             })?;
         arr.set(index, zeros, 0).map_err(map_err(name))
+    }
+
+    /// Zeroes the per-CPU stats slots `ids` of `arr` (`fd`, `name`): in
+    /// batch updates, where the kernel has them.
+    fn zero_stats_all(
+        arr: &mut PerCpuArray<MapData, Stats>,
+        fd: &OwnedFd,
+        ids: &[u32],
+        name: &'static str,
+    ) -> Result<(), PinnedError> {
+        let n = aya::util::nr_cpus().map_err(|(m, e)| PinnedError::Cpus(format!("{m}: {e}")))?;
+        // A `Stats` is a multiple of 8 bytes: its per-CPU values lie
+        // packed, as the kernel lays them out.
+        const _: () = assert!(std::mem::size_of::<Stats>().is_multiple_of(8));
+        let zeros = vec![Stats::default(); ids.len().min(WRITE_BATCH) * n];
+        for chunk in ids.chunks(WRITE_BATCH) {
+            match crate::bpfsys::update_batch(fd.as_fd(), chunk, &zeros[..chunk.len() * n], n) {
+                Ok(()) => {}
+                Err(e) if crate::bpfsys::unsupported(&e) => {
+                    for id in chunk {
+                        Self::zero_stats(arr, *id, name)?;
+                    }
+                }
+                Err(e) => {
+                    return Err(PinnedError::Map {
+                        name,
+                        source: MapError::IoError(e),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes the traffic counters of backends `ids` (fresh ones).
+    pub fn zero_backend_stats(&mut self, ids: &[u32]) -> Result<(), PinnedError> {
+        Self::zero_stats_all(
+            &mut self.backend_stats,
+            &self.whole.backend_stats,
+            ids,
+            maps::BACKEND_STATS,
+        )
+    }
+
+    /// Zeroes the traffic counters of services `ids` (fresh ones).
+    pub fn zero_service_stats(&mut self, ids: &[u32]) -> Result<(), PinnedError> {
+        Self::zero_stats_all(
+            &mut self.service_stats,
+            &self.whole.service_stats,
+            ids,
+            maps::SERVICE_STATS,
+        )
+    }
+
+    /// Writes backend slots, in order.
+    pub fn set_backends(&mut self, items: &[(u32, Backend)]) -> Result<(), PinnedError> {
+        let arr = &mut self.backends;
+        write_batched(&self.whole.backends, maps::BACKENDS, items, |k, v| {
+            arr.set(*k, v, 0)
+        })
+    }
+
+    /// Writes service slots, in order.
+    pub fn set_services(&mut self, items: &[(u32, ServiceInfo)]) -> Result<(), PinnedError> {
+        let arr = &mut self.services;
+        write_batched(&self.whole.services, maps::SERVICES, items, |k, v| {
+            arr.set(*k, v, 0)
+        })
+    }
+
+    /// Writes service names, in order.
+    pub fn set_service_names(&mut self, items: &[(u32, ServiceName)]) -> Result<(), PinnedError> {
+        let arr = &mut self.service_names;
+        write_batched(
+            &self.whole.service_names,
+            maps::SERVICE_NAMES,
+            items,
+            |k, v| arr.set(*k, v, 0),
+        )
+    }
+
+    /// Writes services' affinity timeouts, in order.
+    pub fn set_service_affinity(&mut self, items: &[(u32, u32)]) -> Result<(), PinnedError> {
+        let arr = &mut self.service_affinity;
+        write_batched(
+            &self.whole.service_affinity,
+            maps::SERVICE_AFFINITY,
+            items,
+            |k, v| arr.set(*k, v, 0),
+        )
+    }
+
+    /// Inserts or replaces frontends, in order.
+    pub fn set_frontends(
+        &mut self,
+        items: &[(FrontendKey, FrontendValue)],
+    ) -> Result<(), PinnedError> {
+        let map = &mut self.frontends;
+        write_batched(&self.whole.frontends, maps::FRONTENDS, items, |k, v| {
+            map.insert(k, v, 0)
+        })
     }
 
     /// Makes each service's ring (service id, a backend id or
@@ -330,7 +443,7 @@ impl Maps {
             .iter()
             .map(|(_, r)| r.map().fd().as_fd().as_raw_fd() as u32)
             .collect();
-        match crate::bpfsys::update_batch(self.rings_fd.as_fd(), &keys, &fds) {
+        match crate::bpfsys::update_batch(self.rings_fd.as_fd(), &keys, &fds, 1) {
             Ok(()) => {}
             Err(e) if crate::bpfsys::unsupported(&e) => {
                 for (id, ring) in rings {
@@ -409,11 +522,49 @@ impl Maps {
 }
 
 /// Descriptors of the arrays `Maps` reads whole.
-struct WholeArrays {
+struct WholeMaps {
     services: OwnedFd,
     service_names: OwnedFd,
     backends: OwnedFd,
     service_affinity: OwnedFd,
+    backend_stats: OwnedFd,
+    service_stats: OwnedFd,
+    frontends: OwnedFd,
+}
+
+/// Entries per batch update: a bounded buffer whatever the plan's size.
+const WRITE_BATCH: usize = 4096;
+
+/// Writes `items` (key, value) into the map behind `fd` (`name`), in
+/// batch updates, in order; one update each (`one`) where the kernel has
+/// no batch update for the map.
+fn write_batched<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    fd: &OwnedFd,
+    name: &'static str,
+    items: &[(K, V)],
+    mut one: impl FnMut(&K, V) -> Result<(), MapError>,
+) -> Result<(), PinnedError> {
+    let mut batched = true;
+    for chunk in items.chunks(WRITE_BATCH) {
+        if batched {
+            let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+            let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+            match crate::bpfsys::update_batch(fd.as_fd(), &keys, &values, 1) {
+                Ok(()) => continue,
+                Err(e) if crate::bpfsys::unsupported(&e) => batched = false,
+                Err(e) => {
+                    return Err(PinnedError::Map {
+                        name,
+                        source: MapError::IoError(e),
+                    })
+                }
+            }
+        }
+        for (k, v) in chunk {
+            one(k, *v).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Every value of `array` in index order: one batch read where the kernel

@@ -2207,3 +2207,171 @@ fn arrays_read_whole_equal_their_slots() {
         );
     }
 }
+
+/// A plan large enough for batch writes (runs of backends, services and
+/// frontends) leaves exactly what the reconciler wants: nothing left to
+/// do, the counters of every fresh slot zero and of every kept one
+/// untouched, every frontend naming its service and every VIP counted
+/// once per frontend on it. Then a second plan (new weights and states,
+/// ten services gone, ten new ones on their ids) the same.
+#[test]
+fn a_large_plan_is_written_in_batches_exactly() {
+    use meshlb::dataplane::xdp::{apply_maps, observe_maps};
+    use meshlb::model::{
+        BackendKey, BackendSpec, BackendState, DesiredState, Frontend, Proto, ServiceKey,
+        ServiceSpec,
+    };
+    use meshlb_common::{AddrKey, Stats};
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    fn service(i: u32, weight_bump: u32) -> (ServiceKey, Arc<ServiceSpec>) {
+        let port = 8000 + i as u16;
+        let vip = IpAddr::from(Ipv4Addr::new(10, 77, (i / 4) as u8, 1));
+        let mut frontends = BTreeSet::from([Frontend {
+            addr: Some(vip),
+            port,
+            proto: Proto::Tcp,
+        }]);
+        if i.is_multiple_of(5) {
+            frontends.insert(Frontend {
+                addr: None,
+                port: 30000 + i as u16,
+                proto: Proto::Tcp,
+            });
+        }
+        let backends = (0..10u8)
+            .map(|k| {
+                let key = BackendKey {
+                    addr: IpAddr::from(Ipv4Addr::new(10, 78, i as u8, k + 1)),
+                    port: 80,
+                };
+                let spec = BackendSpec {
+                    weight: 1 + u32::from(k % 3) + weight_bump,
+                    state: if k == 9 || (weight_bump > 0 && k == 8) {
+                        BackendState::Down
+                    } else {
+                        BackendState::Up
+                    },
+                    remote: k % 2 == 0,
+                };
+                (key, spec)
+            })
+            .collect();
+        let key = ServiceKey {
+            name: format!("b{i:02}"),
+            proto: Proto::Tcp,
+            port,
+        };
+        let spec = ServiceSpec {
+            frontends,
+            backends,
+            affinity_secs: if i.is_multiple_of(3) { 300 } else { 0 },
+        };
+        (key, Arc::new(spec))
+    }
+
+    fn stats(maps: &Maps, backend: bool, id: u32) -> u64 {
+        let arr = if backend {
+            &maps.backend_stats
+        } else {
+            &maps.service_stats
+        };
+        Maps::sum_stats(arr, id).packets_in
+    }
+
+    /// Traffic counted in every slot, as if all had carried some.
+    fn dirty(maps: &mut Maps) {
+        let cpus = aya::util::nr_cpus().unwrap();
+        let seen = Stats {
+            packets_in: 7,
+            ..Default::default()
+        };
+        let values = || aya::maps::PerCpuValues::try_from(vec![seen; cpus]).unwrap();
+        for id in 0..600 {
+            maps.backend_stats.set(id, values(), 0).unwrap();
+        }
+        for id in 0..60 {
+            maps.service_stats.set(id, values(), 0).unwrap();
+        }
+    }
+
+    fn check(maps: &Maps, desired: &DesiredState, before: &meshlb::model::Observed) {
+        let observed = observe_maps(maps).unwrap();
+        let left = meshlb::reconcile::plan(desired, &observed).unwrap();
+        assert!(left.ops.is_empty(), "left to do: {:?}", left.ops);
+        let mut per_vip: BTreeMap<IpAddr, u32> = BTreeMap::new();
+        for (key, os) in &observed.services {
+            let kept = before.services.get(key).map(|b| b.id) == Some(os.id);
+            let want = if kept {
+                7 * aya::util::nr_cpus().unwrap() as u64
+            } else {
+                0
+            };
+            assert_eq!(stats(maps, false, os.id), want, "{key} counters");
+            for (bk, ob) in &os.backends {
+                let kept = before
+                    .services
+                    .get(key)
+                    .and_then(|b| b.backends.get(bk))
+                    .map(|b| b.id)
+                    == Some(ob.id);
+                let want = if kept {
+                    7 * aya::util::nr_cpus().unwrap() as u64
+                } else {
+                    0
+                };
+                assert_eq!(stats(maps, true, ob.id), want, "{key} {bk} counters");
+            }
+            for f in &os.frontends {
+                if let Some(vip) = f.addr {
+                    *per_vip.entry(vip).or_default() += 1;
+                }
+            }
+        }
+        assert!(per_vip.values().any(|n| *n > 1), "VIPs shared by services");
+        for (vip, n) in &per_vip {
+            let (addr, family) = addr_bytes(*vip);
+            let k = AddrKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            };
+            assert_eq!(maps.vips.get(&k, 0).ok(), Some(*n), "VIP {vip} references");
+        }
+        let counted = maps.vips.keys().count();
+        assert_eq!(counted, per_vip.len(), "VIPs counted: exactly those in use");
+    }
+
+    let ns = Netns::new_named("mlbt-fxb");
+    let (_ebpf, mut maps) = load(&ns.pins);
+    dirty(&mut maps);
+    let mut desired = DesiredState {
+        local_addrs: BTreeSet::from(["10.200.0.1".parse().unwrap()]),
+        ..Default::default()
+    };
+    desired.services = (0..40).map(|i| service(i, 0)).collect();
+    let before = observe_maps(&maps).unwrap();
+    let plan = meshlb::reconcile::plan(&desired, &before).unwrap();
+    let backends = plan
+        .ops
+        .iter()
+        .filter(|op| matches!(op, meshlb::reconcile::Op::UpsertBackend { .. }))
+        .count();
+    assert_eq!(backends, 400, "one plan writes every backend");
+    apply_maps(&mut maps, &plan).unwrap();
+    check(&maps, &desired, &before);
+
+    // Round two: counters running in every slot.
+    dirty(&mut maps);
+    desired.services = (0..20)
+        .map(|i| service(i, 1))
+        .chain((20..30).map(|i| service(i, 0)))
+        .chain((40..50).map(|i| service(i, 0)))
+        .collect();
+    let before = observe_maps(&maps).unwrap();
+    let plan = meshlb::reconcile::plan(&desired, &before).unwrap();
+    apply_maps(&mut maps, &plan).unwrap();
+    check(&maps, &desired, &before);
+}

@@ -191,6 +191,48 @@ pub fn update_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
     Err(e)
 }
 
+/// `BPF_MAP_UPDATE_ELEM` of one `key` to `value` (`K` and `V` the map's
+/// key and value types), for a map held by descriptor only.
+pub fn update_elem<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    /// The `elem` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as usize as u64,
+        value: value as *const V as usize as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` elem member of the size
+    // passed; `key` and `value` are of the map's types and outlive the
+    // call, which only reads them.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Whether `e` says the kernel lacks the command for this map type.
 pub fn unsupported(e: &std::io::Error) -> bool {
     /// `ENOTSUPP`, the kernel-internal "not supported" some commands leak.

@@ -144,6 +144,88 @@ impl fmt::Display for Frontend {
     }
 }
 
+/// A service's frontends: a sorted, deduplicated list, not a tree
+/// (almost every service has one or two, and a tree's first node alone
+/// takes over 200 bytes, twice per service: wanted and held).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frontends(Box<[Frontend]>);
+
+impl Frontends {
+    /// Adds `fe`; `false` when it was there.
+    pub fn insert(&mut self, fe: Frontend) -> bool {
+        match self.0.binary_search(&fe) {
+            Ok(_) => false,
+            Err(i) => {
+                let mut v = std::mem::take(&mut self.0).into_vec();
+                v.insert(i, fe);
+                self.0 = v.into_boxed_slice();
+                true
+            }
+        }
+    }
+
+    /// Removes `fe`; `false` when it was not there.
+    pub fn remove(&mut self, fe: &Frontend) -> bool {
+        match self.0.binary_search(fe) {
+            Ok(i) => {
+                let mut v = std::mem::take(&mut self.0).into_vec();
+                v.remove(i);
+                self.0 = v.into_boxed_slice();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Keeps the frontends `keep` says yes to.
+    pub fn retain(&mut self, keep: impl FnMut(&Frontend) -> bool) {
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        v.retain(keep);
+        self.0 = v.into_boxed_slice();
+    }
+
+    pub fn contains(&self, fe: &Frontend) -> bool {
+        self.0.binary_search(fe).is_ok()
+    }
+
+    /// In order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Frontend> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<Frontend> for Frontends {
+    fn from_iter<I: IntoIterator<Item = Frontend>>(iter: I) -> Self {
+        let mut v: Vec<Frontend> = iter.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        Frontends(v.into_boxed_slice())
+    }
+}
+
+impl<const N: usize> From<[Frontend; N]> for Frontends {
+    fn from(a: [Frontend; N]) -> Self {
+        a.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Frontends {
+    type Item = &'a Frontend;
+    type IntoIter = std::slice::Iter<'a, Frontend>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Health/admin state of a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -211,7 +293,7 @@ impl BackendSpec {
 /// One data-plane service as wanted.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ServiceSpec {
-    pub frontends: BTreeSet<Frontend>,
+    pub frontends: Frontends,
     pub backends: BTreeMap<BackendKey, BackendSpec>,
     /// Client-IP session affinity timeout in seconds (0: none).
     pub affinity_secs: u32,
@@ -241,7 +323,7 @@ pub struct ObservedBackend {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ObservedService {
     pub id: u32,
-    pub frontends: BTreeSet<Frontend>,
+    pub frontends: Frontends,
     pub backends: BTreeMap<BackendKey, ObservedBackend>,
     /// `ring_hash` of the backend set the Maglev ring was last written for.
     pub ring_hash: u64,

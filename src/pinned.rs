@@ -383,20 +383,27 @@ impl Maps {
                 .map(|(id, slots)| Ok((*id, new_ring(*id, slots)?)))
                 .collect::<Result<Vec<_>, PinnedError>>()?;
             self.install(&made)?;
-            for (id, ring) in made {
-                let m = ring_m(&ring, id)?;
-                if m == 0 {
+            for ((id, ring), (_, slots)) in made.into_iter().zip(&fresh) {
+                if slots.is_empty() {
                     self.ring_states.remove(&id);
-                } else {
-                    self.ring_states.insert(
-                        id,
-                        RingState {
-                            ring,
-                            m,
-                            last_flip: None,
-                        },
-                    );
+                    continue;
                 }
+                // Its descriptor, not aya's handle (a tenth of the size,
+                // once per service).
+                let fd = ring.map().fd().as_fd().try_clone_to_owned().map_err(|e| {
+                    PinnedError::Ring {
+                        id,
+                        msg: format!("dup: {e}"),
+                    }
+                })?;
+                self.ring_states.insert(
+                    id,
+                    RingState {
+                        fd,
+                        m: slots.len() as u32,
+                        last_flip: None,
+                    },
+                );
             }
         }
         let barriers = self.ring_stats.barriers;
@@ -409,9 +416,11 @@ impl Maps {
             // Re-installing a ring as it is: the kernel waits for the
             // programs running meanwhile.
             let st = &self.ring_states[id];
-            self.rings
-                .set(*id, &st.ring, 0)
-                .map_err(map_err(maps::RINGS))?;
+            crate::bpfsys::update_elem(self.rings_fd.as_fd(), id, &(st.fd.as_raw_fd() as u32))
+                .map_err(|e| PinnedError::Map {
+                    name: maps::RINGS,
+                    source: MapError::IoError(e),
+                })?;
             self.ring_stats.barriers += 1;
         }
         for (id, slots) in flip {
@@ -419,11 +428,9 @@ impl Maps {
                 id,
                 msg: "no state".into(),
             })?;
-            crate::bpfsys::flip_ring(st.ring.map().fd().as_fd(), slots).map_err(|e| {
-                PinnedError::Ring {
-                    id,
-                    msg: format!("flip: {e}"),
-                }
+            crate::bpfsys::flip_ring(st.fd.as_fd(), slots).map_err(|e| PinnedError::Ring {
+                id,
+                msg: format!("flip: {e}"),
             })?;
             st.last_flip = Some(self.ring_stats.barriers);
             self.ring_stats.flipped += 1;
@@ -589,7 +596,7 @@ fn read_array<V: aya::Pod>(
 
 /// What a `Maps` handle wrote into a ring, so it may rewrite it in place.
 struct RingState {
-    ring: Ring,
+    fd: OwnedFd,
     /// Its size (fixed for an inner map).
     m: u32,
     /// `RingStats::barriers` when its active half last changed: the other

@@ -1136,7 +1136,7 @@ mod tests {
             // Ports are per service, so frontends never collide; the VIP
             // comes and goes.
             let port = 8000 + u16::from(i);
-            let mut frontends: BTreeSet<Frontend> = [node_port(port)].into();
+            let mut frontends: crate::model::Frontends = [node_port(port)].into();
             if rng.chance(50) {
                 frontends.insert(vip(i, port));
             }

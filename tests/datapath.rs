@@ -1984,6 +1984,12 @@ fn rings_are_replaced_whole_never_seen_mixed() {
                     .unwrap_or_else(|e| panic!("swap {n}: {e}"));
                 n += 1;
                 swapped.store(n, std::sync::atomic::Ordering::Relaxed);
+                // Each ring serves a while: a ring rewritten in place
+                // is active from its flip, and the next new ring is in
+                // at the start of its install (whose wait follows), so
+                // without a pause the in-place rings would serve
+                // microseconds against the new ones' milliseconds.
+                std::thread::sleep(std::time::Duration::from_micros(500));
             }
             n
         });
@@ -2229,7 +2235,7 @@ fn a_large_plan_is_written_in_batches_exactly() {
     fn service(i: u32, weight_bump: u32) -> (ServiceKey, Arc<ServiceSpec>) {
         let port = 8000 + i as u16;
         let vip = IpAddr::from(Ipv4Addr::new(10, 77, (i / 4) as u8, 1));
-        let mut frontends = BTreeSet::from([Frontend {
+        let mut frontends = meshlb::model::Frontends::from([Frontend {
             addr: Some(vip),
             port,
             proto: Proto::Tcp,

@@ -444,15 +444,16 @@ fn control_plane_tables(md: &mut String, cp: &Value) {
             num(&r["rss_kib"]) / 1024.0
         );
     }
-    md.push_str("\n| services | etcd put → BACKENDS map p50 (ms) | p99 (ms) | put alone p50 (ms) | changes |\n|---|---|---|---|---|\n");
+    md.push_str("\n| services | etcd put → BACKENDS map p50 (ms) | p99 (ms) | put alone p50 (ms) | put alone p99 (ms) | changes |\n|---|---|---|---|---|---|\n");
     for r in cp["change_summary"].as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
             r["services"],
             num(&r["visible_us"]["p50"]) / 1000.0,
             num(&r["visible_us"]["p99"]) / 1000.0,
             num(&r["put_us"]["p50"]) / 1000.0,
+            num(&r["put_us"]["p99"]) / 1000.0,
             r["visible_us"]["count"]
         );
     }

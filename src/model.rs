@@ -357,4 +357,26 @@ mod tests {
         assert_eq!(got, vec![&1, &3, &4, &6, &7]);
         assert!(changed_keys(a.iter(), a.iter(), |_, x, y| x == y).is_empty());
     }
+
+    #[test]
+    fn frontends_stay_sorted_and_distinct() {
+        let fe = |port| Frontend {
+            addr: None,
+            port,
+            proto: Proto::Tcp,
+        };
+        let mut f: Frontends = [fe(3), fe(1), fe(3), fe(2)].into();
+        assert_eq!(f.iter().map(|f| f.port).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(!f.insert(fe(2)), "already there");
+        assert!(f.insert(fe(0)));
+        assert!(f.remove(&fe(2)));
+        assert!(!f.remove(&fe(2)), "gone");
+        assert_eq!(f.iter().map(|f| f.port).collect::<Vec<_>>(), [0, 1, 3]);
+        assert!(f.contains(&fe(3)) && !f.contains(&fe(2)));
+        f.retain(|f| f.port != 1);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f, [fe(3), fe(0)].into(), "equal whatever the order given");
+        f.retain(|_| false);
+        assert!(f.is_empty());
+    }
 }

@@ -528,7 +528,7 @@ impl Maps {
     }
 }
 
-/// Descriptors of the arrays `Maps` reads whole.
+/// Descriptors of the maps `Maps` reads whole or writes in batches.
 struct WholeMaps {
     services: OwnedFd,
     service_names: OwnedFd,

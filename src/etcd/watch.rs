@@ -272,6 +272,9 @@ async fn list(
     // The end of the prefix range: "<prefix>/" with its last byte + 1.
     let end = format!("{prefix}0");
     let mut state = ClusterState::default();
+    // Reported once the whole list is in (a list that fails part-way is
+    // retried, and its records would be reported twice).
+    let mut errors = Vec::new();
     let mut revision = 0i64;
     let mut limit = LIST_PAGE;
     // The first page on this task: it fixes the revision of the others.
@@ -287,9 +290,7 @@ async fn list(
                 metrics.config_error("too_large");
                 let mut after = big;
                 after.push(0);
-                (page, limit) = PageFetch::start(client, after, &end, revision, limit)
-                    .finish()
-                    .await;
+                page = list_page(client, &after, &end, revision, &mut limit).await;
                 continue;
             }
             Err(Err(e)) => return Err(e),
@@ -307,19 +308,18 @@ async fn list(
             }
             _ => None,
         };
-        let mut errors = Vec::new();
         for kv in resp.kvs() {
             if let Err(e) = state.apply_put(prefix, kv.key(), kv.value()) {
                 errors.push(e);
             }
         }
-        report(&errors, metrics);
         drop(resp);
         match next {
             Some(fetch) => (page, limit) = fetch.finish().await,
             None => break,
         }
     }
+    report(&errors, metrics);
     Ok((state, revision))
 }
 

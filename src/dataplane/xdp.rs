@@ -1430,13 +1430,11 @@ pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Runs of this many operations of one kind or more go in batch updates.
-const BATCH_MIN: usize = 8;
-
 /// Executes `ops` in order; a run of consecutive backend, service or
 /// frontend writes goes in batch updates, one per map (the same writes in
 /// the same order per map; a full sync at 10,000 services makes a few
-/// hundred system calls where it made 300,000).
+/// hundred system calls where it made 300,000, and a run of one costs
+/// what a single update did).
 fn apply_ops<'a>(maps: &mut Maps, ops: impl Iterator<Item = &'a Op>) -> Result<(), DataplaneError> {
     let mut run: Vec<&Op> = Vec::new();
     for op in ops {
@@ -1452,13 +1450,15 @@ fn apply_ops<'a>(maps: &mut Maps, ops: impl Iterator<Item = &'a Op>) -> Result<(
     apply_run(maps, &run)
 }
 
-/// Executes a run of operations of one kind.
+/// Executes a run of operations of one kind: backend, service and
+/// frontend writes in batches (the only way they are written), the others
+/// one by one (`apply_op`).
 fn apply_run(maps: &mut Maps, run: &[&Op]) -> Result<(), DataplaneError> {
     let pinned = |e: crate::pinned::PinnedError| DataplaneError::Other(e.to_string());
-    if run.len() < BATCH_MIN {
-        return run.iter().try_for_each(|op| apply_op(maps, op));
-    }
-    match run[0] {
+    let Some(first) = run.first() else {
+        return Ok(());
+    };
+    match first {
         Op::UpsertBackend { .. } => {
             let mut fresh = Vec::new();
             let mut slots = Vec::with_capacity(run.len());
@@ -1577,7 +1577,8 @@ fn service_info(active_backends: u32, ring_hash: u64) -> ServiceInfo {
     }
 }
 
-/// Executes one operation of a plan (`apply_maps` installs the rings).
+/// Executes one operation of a plan (`apply_maps` installs the rings;
+/// `apply_run` writes backends, services and frontends).
 fn apply_op(maps: &mut Maps, op: &Op) -> Result<(), DataplaneError> {
     match op {
         Op::AddLocalAddr(a) => {
@@ -1602,23 +1603,9 @@ fn apply_op(maps: &mut Maps, op: &Op) -> Result<(), DataplaneError> {
                 _pad: [0; 3],
             });
         }
-        Op::UpsertBackend {
-            id,
-            service_id,
-            key,
-            weight,
-            state,
-            remote,
-            fresh,
-        } => {
-            if *fresh {
-                Maps::zero_stats(&mut maps.backend_stats, *id, maps::BACKEND_STATS)
-                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
-            }
-            let b = backend_entry(*service_id, key, *weight, *state, *remote);
-            maps.backends
-                .set(*id, b, 0)
-                .map_err(map_error(maps::BACKENDS))?;
+        // Written in batches, even one alone.
+        Op::UpsertBackend { .. } | Op::UpsertService { .. } | Op::AddFrontend { .. } => {
+            apply_run(maps, &[op])?;
         }
         Op::RemoveBackend { id } => {
             maps.backends
@@ -1627,30 +1614,6 @@ fn apply_op(maps: &mut Maps, op: &Op) -> Result<(), DataplaneError> {
         }
         // `apply_maps` installs a plan's rings, all at once.
         Op::WriteRing { .. } => {}
-        Op::UpsertService {
-            id,
-            key,
-            active_backends,
-            ring_hash,
-            affinity_secs,
-            fresh,
-        } => {
-            // Before the service slot: a fresh service never runs
-            // without its affinity setting.
-            maps.service_affinity
-                .set(*id, *affinity_secs, 0)
-                .map_err(map_error(maps::SERVICE_AFFINITY))?;
-            if *fresh {
-                Maps::zero_stats(&mut maps.service_stats, *id, maps::SERVICE_STATS)
-                    .map_err(|e| DataplaneError::Other(e.to_string()))?;
-            }
-            maps.service_names
-                .set(*id, service_name(key), 0)
-                .map_err(map_error(maps::SERVICE_NAMES))?;
-            maps.services
-                .set(*id, service_info(*active_backends, *ring_hash), 0)
-                .map_err(map_error(maps::SERVICES))?;
-        }
         Op::RemoveService { id } => {
             maps.services
                 .set(*id, ServiceInfo::default(), 0)
@@ -1661,26 +1624,6 @@ fn apply_op(maps: &mut Maps, op: &Op) -> Result<(), DataplaneError> {
             maps.service_names
                 .set(*id, ServiceName::default(), 0)
                 .map_err(map_error(maps::SERVICE_NAMES))?;
-        }
-        Op::AddFrontend {
-            frontend,
-            service_id,
-        } => {
-            for k in frontend_keys(frontend) {
-                if k.family != 0 && k.addr != [0; 16] && maps.frontends.get(&k, 0).is_err() {
-                    vip_refs(maps, &k, 1)?;
-                }
-                maps.frontends
-                    .insert(
-                        k,
-                        FrontendValue {
-                            service_id: *service_id,
-                            flags: 0,
-                        },
-                        0,
-                    )
-                    .map_err(map_error(maps::FRONTENDS))?;
-            }
         }
         Op::RemoveFrontend { frontend } => {
             for k in frontend_keys(frontend) {

@@ -36,10 +36,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use etcd_client::{Client, ConnectOptions, DeleteOptions, Txn, TxnOp};
-use meshlb::config::{PublishDef, ServiceDef};
-use meshlb::etcd::layout::{self, TaskDef};
+use meshlb::kernel::pinned::{addr_bytes, Maps};
 use meshlb::model::Proto;
-use meshlb::pinned::{addr_bytes, Maps};
+use meshlb::source::config::{PublishDef, ServiceDef};
+use meshlb::source::etcd::layout::{self, TaskDef};
 use meshlb_common::{
     Backend, FrontendKey, BE_F_PRESENT, MAX_BACKENDS, MAX_SERVICES, SVC_F_PRESENT,
 };
@@ -1286,9 +1286,9 @@ async fn run(a: &Args, meshlb: &Path) -> Result<()> {
     anyhow::ensure!(a.batch > a.tasks, "--batch must exceed --tasks");
     // Weight changes use 101, 102, ...: they must stay within MAX_WEIGHT.
     anyhow::ensure!(
-        a.changes as u32 + WEIGHT as u32 <= meshlb::config::MAX_WEIGHT,
+        a.changes as u32 + WEIGHT as u32 <= meshlb::source::config::MAX_WEIGHT,
         "--changes: at most {}",
-        meshlb::config::MAX_WEIGHT - WEIGHT as u32
+        meshlb::source::config::MAX_WEIGHT - WEIGHT as u32
     );
     let mut sizes = a.sizes.clone();
     sizes.sort_unstable();

@@ -40,8 +40,8 @@ use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use clap::Parser;
-use meshlb::dataplane::xdp::{apply_maps, cleanup, observe_maps};
-use meshlb::pinned::Maps;
+use meshlb::engine::xdp::{apply_maps, cleanup, observe_maps};
+use meshlb::kernel::pinned::Maps;
 use meshlb_common::Counter;
 use serde_json::json;
 
@@ -279,12 +279,12 @@ fn load(pins: &Path) -> Result<(Ebpf, Maps)> {
         p.load()
             .with_context(|| format!("verifier rejects {name}"))?;
     }
-    let cfg = meshlb::config::parse(CONFIG)?;
+    let cfg = meshlb::source::config::parse(CONFIG)?;
     let locals = ["10.200.0.1", "fd00:200::1"]
         .iter()
         .map(|a| a.parse::<IpAddr>().expect("literal"))
         .collect();
-    let plan = meshlb::reconcile::plan(
+    let plan = meshlb::control::reconcile::plan(
         &cfg.desired_state(locals, "microbench"),
         &observe_maps(&maps)?,
     )?;

@@ -3,64 +3,34 @@
 //!
 //! # Layout
 //!
-//! * [`config`] — the TOML config and its validation → [`model::DesiredState`].
-//! * [`model`] — desired/observed state in the reconciler's terms.
-//! * [`maglev`] — the Maglev lookup table (weighted, deterministic).
-//! * [`reconcile`] — the pure reconciler: desired + observed → plan.
-//! * [`dataplane`] — the `Dataplane` (plans) and `Engine` (the daemon's loop)
-//!   traits; the XDP, IPVS and fake engines.
-//! * [`pinned`] — typed access to the pinned BPF maps (daemon, status, explain).
-//! * [`bpfsys`] — the two BPF commands aya lacks (ring fill by mmap, delete
-//!   in an array of maps) and [`heap`] (one allocator arena; freed heap
-//!   back to the system after a full sync): the only `unsafe` code.
-//! * [`inspect`] — `status` and `explain`, read from the pinned maps.
-//! * [`ipvs`] — IPVS over generic netlink (constants, wire format, handle).
-//! * [`etcd`] — services and tasks from etcd (list+watch, node lease).
-//! * [`docker`] — this node's opted-in containers registered as tasks in etcd.
-//! * [`health`] — active health checks (rise/fall state machine, prober).
-//! * [`drain`] — drain timeouts: draining backends leave after `drain_timeout`.
-//! * [`netlink`] — interfaces and this node's addresses (rtnetlink).
-//! * [`nft`] — nf_tables over nfnetlink: masquerade for remote backends (IPVS mode).
-//! * [`nodenet`] — interface forwarding flags, the SNAT address and which
-//!   interfaces to attach, and why (pure).
-//! * [`guard`] — this node's checks of a service: VIP on a node address or
-//!   gateway, a published port something here listens on (pure).
-//! * [`listeners`] — the sockets listening on this node (`/proc/net`).
-//! * [`daemon`] — `meshlb run`: the node daemon's loop and shutdown.
-//! * [`pinlock`] — one daemon per pin directory (a `flock` naming the holder).
-//! * [`metrics`] — Prometheus text on `/metrics`.
-//! * [`admin`] — the `service`/`task` client commands (etcd).
-//! * [`cli`] — the command line (clap), parsed in `main`.
-//! * [`manual`] — shell completions and man pages generated from [`cli`].
+//! Folders are layers; a module imports only from its own layer and the
+//! ones listed before it (`tests/tidy.rs` checks this):
+//!
+//! 1. [`model`] — the domain: desired and observed state, the service
+//!    description, the read model (`status`, `explain`) and the daemon's
+//!    own counters.
+//! 2. [`control`] — pure decisions: the reconciler, Maglev, drain, health
+//!    tracking, node network facts.
+//! 3. [`kernel`] — IO adapters: pinned BPF maps and raw `bpf()` commands,
+//!    rtnetlink, IPVS and nf_tables over netlink, the pin lock, `/proc/net`
+//!    listeners, the heap arena (the only `unsafe` code lives here).
+//! 4. [`source`] — the config file, etcd, Docker, and this node's checks
+//!    of what they describe.
+//! 5. [`engine`] — the `Engine` and `Dataplane` traits; the XDP engine
+//!    (tables, pins, `status`/`explain`), the IPVS engine, the in-memory
+//!    mirror.
+//! 6. [`daemon`] — `meshlb run`: the node daemon's loop and `/metrics`.
+//! 7. [`cli`] — the command line: clap types, flag merging, the etcd admin
+//!    commands, man pages and completions.
 #![deny(unsafe_code)]
 
-pub mod bpfsys;
 pub mod cli;
-pub mod config;
+pub mod control;
 pub mod daemon;
-pub mod dataplane;
-pub mod docker;
-pub mod drain;
-pub mod etcd;
-pub mod guard;
-pub mod health;
-pub mod heap;
-pub mod inspect;
-pub mod ipvs;
-pub mod listeners;
-pub mod maglev;
-pub mod manual;
-pub mod metrics;
+pub mod engine;
+pub mod kernel;
 pub mod model;
-pub mod netlink;
-pub mod nft;
-pub mod nodenet;
-pub mod pinlock;
-pub mod pinned;
-pub mod reconcile;
+pub mod source;
 
 /// The XDP object (built by `cargo xtask build-ebpf`), embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESHLB_EBPF_OBJ"));
-
-/// `meshlb service ...` and `meshlb task ...`: the etcd client commands.
-pub mod admin;

@@ -5,11 +5,13 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use meshlb::admin::{self, AdminError};
+use meshlb::cli::admin::{self, AdminError};
+use meshlb::cli::manual;
 use meshlb::cli::{AdminCommand, Cli, Command, EtcdArgs, ProtoArg};
 use meshlb::daemon::{self, DaemonError};
+use meshlb::engine::{self as dataplane, xdp::inspect};
+use meshlb::kernel::pinned;
 use meshlb::model::Proto;
-use meshlb::{dataplane, inspect, manual, pinned};
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("meshlb: {msg}");
@@ -40,8 +42,8 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => {
-            meshlb::heap::one_arena();
-            let (settings, cfg) = match daemon::settle(&args) {
+            meshlb::kernel::heap::one_arena();
+            let (settings, cfg) = match meshlb::cli::settle::settle(&args) {
                 Ok(v) => v,
                 Err(e) => return fail(2, e),
             };
@@ -86,7 +88,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(s) => {
-                    print!("{}", inspect::status_table(&s));
+                    print!("{}", meshlb::model::status::status_table(&s));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(1, e),
@@ -175,7 +177,7 @@ fn main() -> ExitCode {
 }
 
 /// `meshlb status` of a node in IPVS mode (`None`: no IPVS daemon here).
-fn ipvs_status(node: Option<&str>) -> Result<Option<inspect::Status>, String> {
+fn ipvs_status(node: Option<&str>) -> Result<Option<meshlb::model::status::Status>, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

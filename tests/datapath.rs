@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use meshlb::pinned::{addr_bytes, Maps};
+use meshlb::kernel::pinned::{addr_bytes, Maps};
 use meshlb_common::{
     flow_clock, ticks, Counter, CtEntry, FlowKey, RnatEntry, SnatEntry, CT_F_EST, CT_F_FIN_CLIENT,
     CT_F_RST, CT_F_SNAT, IF_F_NO_XMIT, PROTO_TCP, PROTO_UDP, SNAT_E_EST,
@@ -850,7 +850,7 @@ fn cases() -> Vec<Case> {
                 let want_in = (syn4.bytes().len() + ack4.bytes().len()) as u64;
                 let want_out = reply4.bytes().len() as u64;
                 move |maps: &Maps| {
-                    let st = meshlb::inspect::status(maps, Some("fixture"))
+                    let st = meshlb::engine::xdp::inspect::status(maps, Some("fixture"))
                         .map_err(|e| e.to_string())?;
                     let web = st
                         .services
@@ -2103,7 +2103,7 @@ fn rings_of_the_flat_v1_array_are_copied_on_upgrade() {
         .expect("pin the V1 array");
     drop(flat);
 
-    let dp = meshlb::dataplane::xdp::XdpDataplane::open(
+    let dp = meshlb::engine::xdp::XdpDataplane::open(
         &ns.pins,
         &[],
         Default::default(),
@@ -2133,7 +2133,7 @@ fn rings_of_the_flat_v1_array_are_copied_on_upgrade() {
 /// before its other half is written again.
 #[test]
 fn a_plan_writes_each_ring_once_and_a_rewrite_waits_only_when_it_must() {
-    use meshlb::dataplane::xdp::{apply_maps, observe_maps};
+    use meshlb::engine::xdp::{apply_maps, observe_maps};
     use std::sync::Arc;
     let ns = Netns::new_named("mlbt-fxw");
     let (_ebpf, mut maps) = load(&ns.pins);
@@ -2146,7 +2146,7 @@ fn a_plan_writes_each_ring_once_and_a_rewrite_waits_only_when_it_must() {
         (rings, 0, 1),
         "the full sync: {st:?}"
     );
-    let cfg = meshlb::config::parse(fixture::CONFIG).unwrap();
+    let cfg = meshlb::source::config::parse(fixture::CONFIG).unwrap();
     let mut desired = cfg.desired_state(
         locals.iter().map(|a| a.parse().unwrap()).collect(),
         "fixture",
@@ -2161,7 +2161,8 @@ fn a_plan_writes_each_ring_once_and_a_rewrite_waits_only_when_it_must() {
         let spec = desired.services.get_mut(&key).unwrap();
         let b = Arc::make_mut(spec).backends.values_mut().next().unwrap();
         b.weight = weight;
-        let plan = meshlb::reconcile::plan(&desired, &observe_maps(&maps).unwrap()).unwrap();
+        let plan =
+            meshlb::control::reconcile::plan(&desired, &observe_maps(&maps).unwrap()).unwrap();
         apply_maps(&mut maps, &plan).unwrap();
         let st = maps.ring_stats;
         // The first rewrite writes the half no program has used; the
@@ -2222,7 +2223,7 @@ fn arrays_read_whole_equal_their_slots() {
 /// ten services gone, ten new ones on their ids) the same.
 #[test]
 fn a_large_plan_is_written_in_batches_exactly() {
-    use meshlb::dataplane::xdp::{apply_maps, observe_maps};
+    use meshlb::engine::xdp::{apply_maps, observe_maps};
     use meshlb::model::{
         BackendKey, BackendSpec, BackendState, DesiredState, Frontend, Proto, ServiceKey,
         ServiceSpec,
@@ -2305,7 +2306,7 @@ fn a_large_plan_is_written_in_batches_exactly() {
 
     fn check(maps: &Maps, desired: &DesiredState, before: &meshlb::model::Observed) {
         let observed = observe_maps(maps).unwrap();
-        let left = meshlb::reconcile::plan(desired, &observed).unwrap();
+        let left = meshlb::control::reconcile::plan(desired, &observed).unwrap();
         assert!(left.ops.is_empty(), "left to do: {:?}", left.ops);
         let mut per_vip: BTreeMap<IpAddr, u32> = BTreeMap::new();
         for (key, os) in &observed.services {
@@ -2359,11 +2360,11 @@ fn a_large_plan_is_written_in_batches_exactly() {
     };
     desired.services = (0..40).map(|i| service(i, 0)).collect();
     let before = observe_maps(&maps).unwrap();
-    let plan = meshlb::reconcile::plan(&desired, &before).unwrap();
+    let plan = meshlb::control::reconcile::plan(&desired, &before).unwrap();
     let backends = plan
         .ops
         .iter()
-        .filter(|op| matches!(op, meshlb::reconcile::Op::UpsertBackend { .. }))
+        .filter(|op| matches!(op, meshlb::control::reconcile::Op::UpsertBackend { .. }))
         .count();
     assert_eq!(backends, 400, "one plan writes every backend");
     apply_maps(&mut maps, &plan).unwrap();
@@ -2377,7 +2378,7 @@ fn a_large_plan_is_written_in_batches_exactly() {
         .chain((40..50).map(|i| service(i, 0)))
         .collect();
     let before = observe_maps(&maps).unwrap();
-    let plan = meshlb::reconcile::plan(&desired, &before).unwrap();
+    let plan = meshlb::control::reconcile::plan(&desired, &before).unwrap();
     apply_maps(&mut maps, &plan).unwrap();
     check(&maps, &desired, &before);
 }
@@ -2390,7 +2391,7 @@ fn a_large_plan_is_written_in_batches_exactly() {
 /// random flows that were not on it elsewhere.
 #[test]
 fn kernel_rings_balance_exactly_and_a_removal_moves_few_flows_by_explain() {
-    use meshlb::dataplane::xdp::{apply_maps, observe_maps};
+    use meshlb::engine::xdp::{apply_maps, observe_maps};
     use meshlb::model::{
         BackendKey, BackendSpec, BackendState, DesiredState, Frontend, Proto, ServiceKey,
         ServiceSpec,
@@ -2433,7 +2434,8 @@ fn kernel_rings_balance_exactly_and_a_removal_moves_few_flows_by_explain() {
             services: [(key.clone(), Arc::new(spec))].into(),
             local_addrs: Default::default(),
         };
-        let plan = meshlb::reconcile::plan(&desired, &observe_maps(maps).unwrap()).unwrap();
+        let plan =
+            meshlb::control::reconcile::plan(&desired, &observe_maps(maps).unwrap()).unwrap();
         apply_maps(maps, &plan).unwrap();
     };
     // xorshift64*: the same flows every run.
@@ -2456,7 +2458,7 @@ fn kernel_rings_balance_exactly_and_a_removal_moves_few_flows_by_explain() {
         flows
             .iter()
             .map(|src| {
-                let e = meshlb::inspect::explain(maps, Proto::Tcp, *src, dst);
+                let e = meshlb::engine::xdp::inspect::explain(maps, Proto::Tcp, *src, dst);
                 assert_eq!(e.reason, "maglev", "{src}: {}", e.line());
                 e.backend.expect("a backend")
             })

@@ -43,7 +43,7 @@
 //!
 //! A new connection's kind is chosen, not observed: the client binds its
 //! source port, and the ports are picked before the flood with
-//! `meshlb::inspect::explain` (what `meshlb explain` prints: the Maglev
+//! `meshlb::engine::xdp::inspect::explain` (what `meshlb explain` prints: the Maglev
 //! slot n1's data path gives a new flow of that tuple), so a failed probe
 //! still counts against the kind it was aimed at. Each port is used once.
 //!
@@ -74,8 +74,8 @@ use std::time::{Duration, Instant};
 use common::mesh::{start_cluster, Mesh, VIP4};
 use common::{enter_netns, http_get_from, must, KeepAlive};
 use flood::{Flood, FloodReport, FloodSpec, Mix};
+use meshlb::kernel::pinned::Maps;
 use meshlb::model::Proto;
-use meshlb::pinned::Maps;
 use serde_json::Value;
 
 const FLOOD_SECS: u64 = 30;
@@ -299,7 +299,7 @@ fn plan_probes(m: &Mesh, vip: SocketAddr, per_side: usize) -> (Vec<Probe>, Vec<P
             break;
         }
         let src = SocketAddr::new(m.client_v4.into(), port);
-        let e = meshlb::inspect::explain(&maps, Proto::Tcp, src, vip);
+        let e = meshlb::engine::xdp::inspect::explain(&maps, Proto::Tcp, src, vip);
         if e.reason != "maglev" {
             continue;
         }
@@ -503,7 +503,9 @@ fn tracked_flows(m: &Mesh, flows: &[(SocketAddr, SocketAddr, Side)]) -> (usize, 
     };
     let (mut local, mut remote) = (0, 0);
     for (src, dst, side) in flows {
-        if meshlb::inspect::explain(&maps, Proto::Tcp, *src, *dst).reason == "conntrack" {
+        if meshlb::engine::xdp::inspect::explain(&maps, Proto::Tcp, *src, *dst).reason
+            == "conntrack"
+        {
             match side {
                 Side::Local => local += 1,
                 Side::Remote => remote += 1,

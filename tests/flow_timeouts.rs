@@ -18,7 +18,7 @@
 //! polled on a fixed 100 ms grid, each reading stamped with when it started
 //! and ended: a reading showing an entry proves it was there at its start,
 //! one showing it gone proves it was gone by its end. The timeline reads
-//! them as `meshlb status` does (`meshlb::inspect::status`: the entries of
+//! them as `meshlb status` does (`meshlb::engine::xdp::inspect::status`: the entries of
 //! n1's pinned conntrack and SNAT maps), in-process and nothing else, so a
 //! reading takes about a millisecond: the command itself takes 200-450 ms
 //! on a busy 2-core machine (the in-process `inspect::status` 100-170 ms),
@@ -56,7 +56,7 @@ use std::time::{Duration, Instant};
 
 use common::mesh::{config, Mesh, SERVICES, VIP4};
 use common::{http_get, http_get_path, in_netns, udp_request, Proc};
-use meshlb::pinned::Maps;
+use meshlb::kernel::pinned::Maps;
 
 /// n1: where the client's traffic enters, and is source-translated.
 const N1: usize = 0;
@@ -118,7 +118,7 @@ impl Reading {
 }
 
 /// n1's pinned maps, read as `meshlb status` reads them
-/// (`meshlb::inspect::status`: the entries of the conntrack and SNAT maps,
+/// (`meshlb::engine::xdp::inspect::status`: the entries of the conntrack and SNAT maps,
 /// the counters by name), without the rest of its work.
 struct Probe {
     maps: Maps,

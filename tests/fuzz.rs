@@ -34,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
-use meshlb::pinned::Maps;
+use meshlb::kernel::pinned::Maps;
 use meshlb_common::Counter;
 
 use fixture::{
@@ -202,7 +202,7 @@ struct Model {
 
 impl Model {
     fn new() -> Model {
-        let cfg = meshlb::config::parse(CONFIG).expect("fixture config");
+        let cfg = meshlb::source::config::parse(CONFIG).expect("fixture config");
         let locals: BTreeSet<IpAddr> = LOCALS.iter().map(|a| a.parse().unwrap()).collect();
         let desired = cfg.desired_state(locals.clone(), "fixture");
         let services: Vec<Service> = desired

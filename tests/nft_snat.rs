@@ -17,7 +17,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use meshlb::nft::{Masquerade, Remote};
+use meshlb::kernel::nft::{Masquerade, Remote};
 
 const PORT: u16 = 9100;
 const OTHER_PORT: u16 = 9101;

@@ -352,7 +352,7 @@ fn an_entry_deleted_behind_the_daemons_back_is_repaired_by_the_periodic_reconcil
 
     // Delete the VIP's frontend entry behind the daemon's back.
     let dir = m.bpffs(&m.nodes[0]);
-    let vip_keys = |maps: &meshlb::pinned::Maps| -> Vec<meshlb_common::FrontendKey> {
+    let vip_keys = |maps: &meshlb::kernel::pinned::Maps| -> Vec<meshlb_common::FrontendKey> {
         maps.frontends
             .keys()
             .filter_map(Result::ok)
@@ -360,7 +360,8 @@ fn an_entry_deleted_behind_the_daemons_back_is_repaired_by_the_periodic_reconcil
             .filter(|k| u16::from_be(k.port) == 80)
             .collect()
     };
-    let mut maps = meshlb::pinned::Maps::from_pins(&dir).unwrap_or_else(|e| panic!("pins: {e}"));
+    let mut maps =
+        meshlb::kernel::pinned::Maps::from_pins(&dir).unwrap_or_else(|e| panic!("pins: {e}"));
     let keys = vip_keys(&maps);
     assert_eq!(keys.len(), 1, "the VIP's frontend entry: {keys:?}");
     maps.frontends

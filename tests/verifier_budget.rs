@@ -26,7 +26,7 @@ fn every_program_verifies_with_headroom() {
     struct Cleanup(std::path::PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            let _ = meshlb::dataplane::xdp::cleanup(&self.0);
+            let _ = meshlb::engine::xdp::cleanup(&self.0);
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }

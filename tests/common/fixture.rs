@@ -15,8 +15,8 @@ use std::process::Command;
 
 use aya::programs::Xdp;
 use aya::{Ebpf, EbpfLoader};
-use meshlb::dataplane::xdp::{apply_maps, apply_node_net, observe_maps};
-use meshlb::pinned::Maps;
+use meshlb::engine::xdp::{apply_maps, apply_node_net, observe_maps};
+use meshlb::kernel::pinned::Maps;
 
 // ---------------------------------------------------------------------
 // Verdicts, addresses, the services
@@ -592,13 +592,13 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
-        let _ = meshlb::dataplane::xdp::cleanup(&self.pins);
+        let _ = meshlb::engine::xdp::cleanup(&self.pins);
         let _ = std::fs::remove_dir(&self.pins);
     }
 }
 
 pub fn load(pins: &std::path::Path) -> (Ebpf, Maps) {
-    let _ = meshlb::dataplane::xdp::cleanup(pins);
+    let _ = meshlb::engine::xdp::cleanup(pins);
     std::fs::create_dir_all(pins).unwrap();
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins)
@@ -615,12 +615,12 @@ pub fn load(pins: &std::path::Path) -> (Ebpf, Maps) {
 }
 
 pub fn program(desired_locals: &[&str], maps: &mut Maps) {
-    let cfg = meshlb::config::parse(CONFIG).expect("fixture config");
+    let cfg = meshlb::source::config::parse(CONFIG).expect("fixture config");
     let locals = desired_locals.iter().map(|a| a.parse().unwrap()).collect();
     let desired = cfg.desired_state(locals, "fixture");
-    let plan = meshlb::reconcile::plan(&desired, &observe_maps(maps).unwrap()).unwrap();
+    let plan = meshlb::control::reconcile::plan(&desired, &observe_maps(maps).unwrap()).unwrap();
     apply_maps(maps, &plan).unwrap();
-    let net = meshlb::nodenet::NodeNet {
+    let net = meshlb::control::nodenet::NodeNet {
         iface_flags: Default::default(),
         snat: (Some(SNAT4.parse().unwrap()), Some(SNAT6.parse().unwrap())),
         ephemeral: Some(EPHEMERAL),

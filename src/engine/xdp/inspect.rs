@@ -1,0 +1,350 @@
+//! `meshlb status` and `meshlb explain`: answers read straight from the
+//! pinned maps, so they describe what the kernel does on this node, daemon
+//! running or not. `explain` uses the data path's own flow hash.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use meshlb_common::{
+    AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
+    CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SVC_F_PRESENT,
+};
+
+use crate::engine::xdp::kind_from_meta;
+use crate::kernel::pinned::{addr_bytes, addr_from, Maps};
+use crate::model::status::{BackendStatus, Explanation, IfaceStatus, ServiceStatus, Status};
+use crate::model::{Frontend, Proto};
+
+/// Errors of `status`/`explain`.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The interfaces the daemon of `pins` attached, as it last wrote them
+/// beside its pin lock (empty when it never did, or in IPVS mode).
+pub fn interfaces(pins: &std::path::Path) -> Vec<IfaceStatus> {
+    let path = crate::kernel::pinlock::runtime_file(pins, crate::engine::xdp::IFACES_EXT);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            log::warn!("{}: {e}", path.display());
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The runtime file (beside the pin lock) the daemon keeps its recent
+/// sync latencies in, for `status`.
+pub const SYNC_EXT: &str = "sync.json";
+
+/// The sync latencies the daemon of `pins` last wrote (`None`: none yet,
+/// or no daemon with an etcd source).
+pub fn sync_latency(pins: &std::path::Path) -> Option<crate::model::counters::SyncLatency> {
+    let path = crate::kernel::pinlock::runtime_file(pins, SYNC_EXT);
+    let text = std::fs::read_to_string(&path).ok()?;
+    serde_json::from_str(&text)
+        .map_err(|e| log::warn!("{}: {e}", path.display()))
+        .ok()
+}
+
+fn fmt_addr(a: IpAddr) -> String {
+    a.to_string()
+}
+
+/// This node's programmed state. `node`: the name to report; `None`: the
+/// name the programming daemon recorded.
+pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
+    let err = |map| move |source| InspectError::Map { map, source };
+    let meta = maps
+        .meta
+        .get(&0, 0)
+        .map_err(err(meshlb_common::maps::META))?;
+    let recorded = String::from_utf8_lossy(&meta.node)
+        .trim_end_matches('\0')
+        .to_owned();
+    let node = node.unwrap_or(&recorded);
+    let mut by_name: BTreeMap<String, ServiceStatus> = BTreeMap::new();
+    let mut id_name = BTreeMap::new();
+    for id in 0..MAX_SERVICES {
+        let info = maps
+            .services
+            .get(&id, 0)
+            .map_err(err(meshlb_common::maps::SERVICES))?;
+        if info.flags & SVC_F_PRESENT == 0 {
+            continue;
+        }
+        let n = maps
+            .service_names
+            .get(&id, 0)
+            .map_err(err(meshlb_common::maps::SERVICE_NAMES))?;
+        let name = String::from_utf8_lossy(&n.name[..(n.len as usize).min(60)]).into_owned();
+        let proto = Proto::from_number(n.proto).map_or("?".into(), |p| p.to_string());
+        let stats = Maps::sum_stats(&maps.service_stats, id);
+        let s = by_name
+            .entry(name.clone())
+            .or_insert_with(|| ServiceStatus {
+                name: name.clone(),
+                vip: None,
+                ports: vec![],
+                scheduler: "maglev",
+                backends: vec![],
+                packets: 0,
+                bytes: 0,
+                connections: 0,
+            });
+        s.ports.push(format!("{}/{proto}", n.port));
+        s.packets += stats.packets_in + stats.packets_out;
+        s.bytes += stats.bytes_in + stats.bytes_out;
+        s.connections += stats.connections;
+        id_name.insert(id, name);
+    }
+    for (k, v) in maps.frontends.iter().flatten() {
+        if k.addr == [0; 16] {
+            continue;
+        }
+        if let (Some(name), Some(a)) = (id_name.get(&v.service_id), addr_from(&k.addr, k.family)) {
+            if let Some(s) = by_name.get_mut(name) {
+                s.vip.get_or_insert_with(|| fmt_addr(a));
+            }
+        }
+    }
+    for id in 0..MAX_BACKENDS {
+        let b = maps
+            .backends
+            .get(&id, 0)
+            .map_err(err(meshlb_common::maps::BACKENDS))?;
+        if b.flags & BE_F_PRESENT == 0 {
+            continue;
+        }
+        let (Some(name), Some(addr)) = (id_name.get(&b.service_id), addr_from(&b.addr, b.family))
+        else {
+            continue;
+        };
+        let st = Maps::sum_stats(&maps.backend_stats, id);
+        let state = if b.flags & BE_F_DOWN != 0 {
+            "down"
+        } else if b.flags & BE_F_DRAINING != 0 {
+            "draining"
+        } else {
+            "up"
+        };
+        if let Some(s) = by_name.get_mut(name) {
+            s.backends.push(BackendStatus {
+                addr: fmt_addr(addr),
+                port: u16::from_be(b.port),
+                weight: b.weight,
+                state,
+                packets: st.packets_in + st.packets_out,
+                bytes: st.bytes_in + st.bytes_out,
+                connections: st.connections,
+                packets_in: st.packets_in,
+                packets_out: st.packets_out,
+                bytes_in: st.bytes_in,
+                bytes_out: st.bytes_out,
+            });
+        }
+    }
+    let counters = meshlb_common::Counter::ALL
+        .iter()
+        .zip(maps.counters())
+        .map(|(c, v)| (c.name(), v))
+        .collect();
+    let new_flows_per_second = new_flow_rate(maps);
+    let flood_threshold = u64::from(
+        maps.flow_config
+            .get(&0, 0)
+            .map(|c| c.flood())
+            .unwrap_or(meshlb_common::DEFAULT_FLOOD_THRESHOLD),
+    );
+    Ok(Status {
+        interfaces: Vec::new(),
+        sync_latency: None,
+        node: node.to_owned(),
+        dataplane: if meta.layout_version == 0 {
+            "none"
+        } else {
+            kind_from_meta(meta.dataplane).as_str()
+        },
+        services: by_name.into_values().collect(),
+        conntrack_entries: maps.conntrack.keys().count() as u64,
+        snat_ports_in_use: maps.snat.keys().count() as u64,
+        flow_table_size: meshlb_common::MAX_FLOWS as u64,
+        embryonic_flows: maps.conntrack_embryonic.keys().count() as u64,
+        new_flows_per_second,
+        flood_threshold,
+        flood: new_flows_per_second > flood_threshold,
+        counters,
+    })
+}
+
+/// New flows per second: the per-CPU counts of the last full second (or
+/// of the current one, if already higher).
+fn new_flow_rate(maps: &Maps) -> u64 {
+    let now = meshlb_common::RateWindow::window_of(crate::kernel::pinned::monotonic_ns());
+    let Ok(per_cpu) = maps.new_flow_rate.get(&0, 0) else {
+        return 0;
+    };
+    let in_window = |w: u32| -> u64 {
+        per_cpu
+            .iter()
+            .filter(|r| r.window == w)
+            .map(|r| u64::from(r.count))
+            .sum()
+    };
+    in_window(now.wrapping_sub(1)).max(in_window(now))
+}
+
+fn sockaddr(a: IpAddr, port: u16) -> String {
+    SocketAddr::new(a, port).to_string()
+}
+
+/// CLOCK_BOOTTIME in nanoseconds (what `bpf_ktime_get_boot_ns` reads),
+/// from `/proc/uptime` (10 ms resolution: plenty for timeouts in seconds).
+fn boot_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1e9) as u64)
+}
+
+/// The backend session affinity gives a new flow of `key`'s client, as
+/// the data path decides it (`select_backend` in the eBPF `lb`): the
+/// service has a timeout, the client's entry is fresh, and its backend is
+/// of this service and family, neither down nor draining.
+fn affinity_backend(maps: &Maps, service_id: u32, key: &FlowKey) -> Option<String> {
+    let timeout = maps.service_affinity.get(&service_id, 0).ok()?;
+    if timeout == 0 {
+        return None;
+    }
+    let akey = AffinityKey {
+        service_id,
+        family: key.family,
+        _pad: [0; 3],
+        addr: key.src,
+    };
+    let entry = maps.affinity.get(&akey, 0).ok()?;
+    if !entry.fresh(boot_ns()?, timeout) {
+        return None;
+    }
+    let b = maps.backends.get(&entry.backend_id, 0).ok()?;
+    if b.flags & BE_F_PRESENT == 0
+        || b.flags & (BE_F_DOWN | BE_F_DRAINING) != 0
+        || b.service_id != service_id
+        || b.family != key.family
+    {
+        return None;
+    }
+    addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port)))
+}
+
+/// Which backend the data plane picks for `proto src -> dst`, and why.
+pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> Explanation {
+    let (s, family) = addr_bytes(src.ip());
+    let (d, _) = addr_bytes(dst.ip());
+    let key = FlowKey {
+        src: s,
+        dst: d,
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto: proto.number(),
+        family,
+        _pad: [0; 2],
+    };
+    let mut fk = FrontendKey {
+        addr: d,
+        port: key.dport,
+        proto: key.proto,
+        family,
+    };
+    let mut fe = maps.frontends.get(&fk, 0).ok();
+    let mut node_port = false;
+    if fe.is_none()
+        && maps
+            .local_addrs
+            .get(
+                &AddrKey {
+                    addr: d,
+                    family,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .is_ok()
+    {
+        fk.addr = [0; 16];
+        fe = maps.frontends.get(&fk, 0).ok();
+        node_port = true;
+    }
+    let no = |reason| Explanation {
+        service: None,
+        frontend: None,
+        backend: None,
+        reason,
+        slot: None,
+    };
+    let Some(fe) = fe else {
+        return no("no-service");
+    };
+    let frontend = Frontend {
+        addr: (!node_port).then_some(dst.ip()),
+        port: dst.port(),
+        proto,
+    }
+    .to_string();
+    let frontend = if node_port {
+        format!("{}/{proto} (node port)", sockaddr(dst.ip(), dst.port()))
+    } else {
+        frontend
+    };
+    let service = maps
+        .service_names
+        .get(&fe.service_id, 0)
+        .ok()
+        .map(|n| String::from_utf8_lossy(&n.name[..(n.len as usize).min(60)]).into_owned());
+    if let Ok(ct) = maps.conntrack.get(&key, 0) {
+        if ct.flags & CT_F_CLOSING == 0 {
+            return Explanation {
+                service,
+                frontend: Some(frontend),
+                backend: addr_from(&ct.backend_addr, family)
+                    .map(|a| sockaddr(a, u16::from_be(ct.backend_port))),
+                reason: "conntrack",
+                slot: None,
+            };
+        }
+    }
+    if let Some(backend) = affinity_backend(maps, fe.service_id, &key) {
+        return Explanation {
+            service,
+            frontend: Some(frontend),
+            backend: Some(backend),
+            reason: "affinity",
+            slot: None,
+        };
+    }
+    let pick = maps.ring_pick(fe.service_id, &key).ok().flatten();
+    let slot = pick.map(|(slot, _)| slot);
+    let backend = pick
+        .map(|(_, b)| b)
+        .filter(|b| *b != NO_BACKEND)
+        .and_then(|id| maps.backends.get(&id, 0).ok())
+        .filter(|b| b.flags & BE_F_PRESENT != 0 && b.family == family)
+        .and_then(|b| addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port))));
+    let reason = if backend.is_some() {
+        "maglev"
+    } else {
+        "no-backend"
+    };
+    Explanation {
+        service,
+        frontend: Some(frontend),
+        backend,
+        reason,
+        slot,
+    }
+}

@@ -79,7 +79,10 @@ fn run_all(s: &mut Steps) -> Result<()> {
                 "-D",
                 "warnings",
             ])
-            .run()
+            .run()?;
+        // The eBPF crate is outside the workspace: clippy it for its own
+        // target, as it is built.
+        compile::clippy_ebpf()
     })?;
     s.step("cargo test", || {
         // Tests are parallel-safe (own netns, bpffs dir, ports each) but

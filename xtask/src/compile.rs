@@ -23,24 +23,42 @@ pub fn ebpf_object() -> PathBuf {
     target_dir().join("bpfel-unknown-none/release/meshlb-ebpf")
 }
 
-/// Build `ebpf/meshlb-ebpf` for bpfel (serves x86_64, aarch64 and armv7).
-pub fn build_ebpf() -> Result<PathBuf> {
-    setup::rust_src()?;
-    setup::bpf_linker()?;
+/// `cargo <subcommand>` on `ebpf/meshlb-ebpf` as it is built: stable with
+/// `RUSTC_BOOTSTRAP`, bpfel, `build-std=core`, release, the shared target
+/// directory.
+fn ebpf_cargo(subcommand: &str) -> Cmd {
     Cmd::new("cargo")
         .dir(crate::root().join("ebpf/meshlb-ebpf"))
         .env("RUSTC_BOOTSTRAP", "1")
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["build", "--release", "--target", "bpfel-unknown-none"])
+        .args([subcommand, "--release", "--target", "bpfel-unknown-none"])
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(target_dir().to_string_lossy())
+}
+
+/// Build `ebpf/meshlb-ebpf` for bpfel (serves x86_64, aarch64 and armv7).
+pub fn build_ebpf() -> Result<PathBuf> {
+    setup::rust_src()?;
+    setup::bpf_linker()?;
+    ebpf_cargo("build")
         .run()
         .context("building the eBPF program")?;
     let obj = ebpf_object();
     anyhow::ensure!(obj.exists(), "eBPF build produced no {}", obj.display());
     println!("eBPF object: {}", obj.display());
     Ok(obj)
+}
+
+/// clippy on `ebpf/meshlb-ebpf` for the target and flags it is built with
+/// (its lints are in its own Cargo.toml: it is outside the workspace);
+/// any warning fails.
+pub fn clippy_ebpf() -> Result<()> {
+    setup::rust_src()?;
+    ebpf_cargo("clippy")
+        .args(["--", "-D", "warnings"])
+        .run()
+        .context("clippy on the eBPF program")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

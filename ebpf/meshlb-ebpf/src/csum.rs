@@ -1,5 +1,5 @@
 //! Incremental internet-checksum updates (RFC 1624: HC' = ~(~HC + ~m + m')).
-//! XDP has no l3/l4 csum_replace helpers. All words are read big-endian,
+//! XDP has no l3/l4 `csum_replace` helpers. All words are read big-endian,
 //! so the arithmetic is the same on every architecture.
 
 /// A running one's-complement sum of a checksum update.
@@ -9,14 +9,14 @@ impl CsumDelta {
     /// Starts from the checksum currently in the packet.
     #[inline(always)]
     pub fn new(check: [u8; 2]) -> Self {
-        CsumDelta(!(u16::from_be_bytes(check)) as u32 & 0xffff)
+        CsumDelta(u32::from(!(u16::from_be_bytes(check))) & 0xffff)
     }
 
     /// Records that the 16-bit word `old` became `new`.
     #[inline(always)]
     pub fn word(&mut self, old: u16, new: u16) {
-        self.0 += (!old) as u32 & 0xffff;
-        self.0 += new as u32;
+        self.0 += u32::from(!old) & 0xffff;
+        self.0 += u32::from(new);
         self.0 = (self.0 & 0xffff) + (self.0 >> 16);
     }
 

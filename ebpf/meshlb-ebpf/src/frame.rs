@@ -3,7 +3,7 @@
 //! * XDP on uplinks: frames from the wire carry complete checksums, which
 //!   RFC 1624 updates keep right (`lb::rewrite_xdp`, `fwd::forward`);
 //! * TC ingress on task-facing interfaces (bridges, veths toward local
-//!   tasks): an skb from a local sender is often CHECKSUM_PARTIAL (its L4
+//!   tasks): an skb from a local sender is often `CHECKSUM_PARTIAL` (its L4
 //!   checksum field holds only the pseudo-header seed), which only the skb
 //!   checksum helpers update correctly (`tc::rewrite`, `tc::forward`).
 
@@ -60,13 +60,13 @@ impl Frame for XdpContext {
     #[inline(always)]
     fn data(&self) -> usize {
         // SAFETY: the context pointer is valid for the program's run.
-        unsafe { core::ptr::read_volatile(&(*self.ctx).data) as usize }
+        unsafe { core::ptr::read_volatile(&raw const (*self.ctx).data) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
         // SAFETY: as above.
-        unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) as usize }
+        unsafe { core::ptr::read_volatile(&raw const (*self.ctx).data_end) as usize }
     }
 
     #[inline(always)]
@@ -112,13 +112,13 @@ impl Frame for TcContext {
     #[inline(always)]
     fn data(&self) -> usize {
         // SAFETY: the context pointer is valid for the program's run.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data) as usize }
+        unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).data) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
         // SAFETY: as above.
-        unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
+        unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).data_end) as usize }
     }
 
     #[inline(always)]
@@ -129,7 +129,7 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn frame_len(&self) -> u64 {
-        self.len() as u64
+        u64::from(self.len())
     }
 
     #[inline(always)]
@@ -153,7 +153,7 @@ impl Frame for TcContext {
     fn bounce(&self) -> u32 {
         // SAFETY: plain helper call.
         let r = unsafe { bpf_redirect(Frame::ifindex(self), 0) };
-        if r == crate::tc::TC_ACT_REDIRECT as i64 {
+        if r == i64::from(crate::tc::TC_ACT_REDIRECT) {
             XDP_REDIRECT
         } else {
             XDP_DROP

@@ -1,5 +1,5 @@
 //! Forwarding of a translated frame in XDP: FIB lookup for its (new)
-//! destination, MAC rewrite, TTL/hop-limit decrement, then XDP_TX or
+//! destination, MAC rewrite, TTL/hop-limit decrement, then `XDP_TX` or
 //! redirect. When the next hop is not resolved yet or the egress device
 //! takes no native redirect, the frame goes up with `XdpHandoff` metadata
 //! and the TC handoff program sends it through the neighbour subsystem
@@ -90,22 +90,22 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
     // SAFETY: ctx and p are valid for the helper's duration.
     let rc = unsafe {
         fib_lookup(
-            ctx.ctx as *mut _,
-            &mut p,
+            ctx.ctx.cast(),
+            &raw mut p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+    if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         // SAFETY: the kernel filled mtu_result for this return code.
-        let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
+        let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
         return Ok(toobig::TOO_BIG | mtu);
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         count(Counter::FibPass);
         return Ok(handoff(ctx, p.ifindex));
     }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         count(Counter::FibPass);
         return Ok(XDP_PASS);
     }
@@ -116,9 +116,9 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
     }
     // SAFETY: bounds-checked by the parser.
     unsafe {
-        let eth = &mut *ptr_at::<EthHdr, _>(ctx, 0).map_err(|_| XDP_PASS)?;
+        let eth = &mut *ptr_at::<EthHdr, _>(ctx, 0).map_err(|()| XDP_PASS)?;
         if pkt.key.family == FAMILY_V4 {
-            let ip = &mut *ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?;
+            let ip = &mut *ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN).map_err(|()| XDP_PASS)?;
             let mut c = CsumDelta::new(ip.check);
             c.word(
                 u16::from_be_bytes([ip.ttl, ip.proto]),
@@ -127,7 +127,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
             ip.ttl -= 1;
             ip.check = c.finish();
         } else {
-            (*ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN).map_err(|_| XDP_PASS)?).hop_limit -= 1;
+            (*ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN).map_err(|()| XDP_PASS)?).hop_limit -= 1;
         }
         eth.dst = p.dmac;
         eth.src = p.smac;
@@ -138,7 +138,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
     }
     // SAFETY: plain helper call.
     let r = unsafe { bpf_redirect(p.ifindex, 0) };
-    if r == XDP_REDIRECT as i64 {
+    if r == i64::from(XDP_REDIRECT) {
         Ok(XDP_REDIRECT)
     } else {
         Ok(XDP_PASS)

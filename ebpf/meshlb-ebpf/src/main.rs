@@ -1,8 +1,9 @@
 //! meshlb data plane (XDP and TC): entry points only. The work is split by
 //! role: `maps` (every map, one line each on key/value), `parse`
 //! (headers), `frame` (the two hooks behind one trait), `csum`
-//! (incremental checksums), `lb` (frontend match, conntrack, Maglev
-//! selection, translation), `fwd` (XDP: FIB lookup and redirect), `tc`
+//! (incremental checksums), `lb` (frontend match, then by role: backend
+//! selection, conntrack, SNAT, replies, rewrite, fragments, ICMP errors),
+//! `fwd` (XDP: FIB lookup and redirect), `tc`
 //! (TC: checksum helpers, redirect, neighbour handoff), `toobig` (ICMP
 //! "fragmentation needed" / "packet too big" built in place).
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -28,6 +29,10 @@ mod tc;
 mod toobig;
 
 #[cfg(target_arch = "bpf")]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand the context over by value"
+)]
 mod progs {
     use aya_ebpf::{
         bindings::xdp_action,
@@ -65,7 +70,7 @@ mod progs {
     }
 
     /// The benchmark baseline ("bare forwarder"): parse Ethernet + IPv4/6
-    /// + ports like the load balancer does, swap the MACs, XDP_TX. What the
+    /// + ports like the load balancer does, swap the MACs, `XDP_TX`. What the
     /// load balancer costs on top of this is its own work.
     #[xdp]
     pub fn meshlb_bare(ctx: XdpContext) -> u32 {

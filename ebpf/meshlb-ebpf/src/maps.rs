@@ -10,26 +10,32 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
-use meshlb_common::*;
+use meshlb_common::{
+    AddrKey, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, FlowConfig, FlowKey, FragEntry,
+    FragKey, FrontendKey, FrontendValue, IfAddrKey, NodeMeta, RateWindow, RnatEntry, ServiceInfo,
+    ServiceName, SnatAddr, SnatEntry, Stats, COUNTER_CAPACITY, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS, MAX_FRONTENDS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_SERVICES,
+    RING_HALF, RING_MAP_FLAGS, RING_SIZES,
+};
 
-/// FrontendKey (addr bytes, port BE) -> FrontendValue.
+/// `FrontendKey` (addr bytes, port BE) -> `FrontendValue`.
 #[map]
 pub static MLB_FE_V1: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(MAX_FRONTENDS, 0);
 
-/// AddrKey -> 1: this node's addresses (node-port frontends).
+/// `AddrKey` -> 1: this node's addresses (node-port frontends).
 #[map]
 pub static MLB_LOCAL_V1: HashMap<AddrKey, u32> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
 
-/// service id -> ServiceInfo.
+/// service id -> `ServiceInfo`.
 #[map]
 pub static MLB_SVC_V1: Array<ServiceInfo> = Array::pinned(MAX_SERVICES, 0);
 
-/// service id -> ServiceName (userspace only).
+/// service id -> `ServiceName` (userspace only).
 #[map]
 pub static MLB_SVCNAME_V1: Array<ServiceName> = Array::pinned(MAX_SERVICES, 0);
 
 /// service id -> the service's Maglev ring (an inner array: `[0]` the
-/// ring size M, `[1 + slot]` a backend id, NO_BACKEND = empty). Swapped
+/// ring size M, `[1 + slot]` a backend id, `NO_BACKEND` = empty). Swapped
 /// whole by userspace, never written in place.
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "MLB_RING_V1")]
@@ -88,7 +94,10 @@ impl RingsDef {
     /// half is active); `None` without a ring.
     #[inline(always)]
     pub fn ring(&self, service_id: u32) -> Option<(*mut c_void, u32)> {
-        let ring = lookup(self as *const Self as *mut c_void, &service_id)?;
+        let ring = lookup(
+            core::ptr::from_ref::<Self>(self) as *mut c_void,
+            &service_id,
+        )?;
         // SAFETY: an inner array of u32; entries stay valid while the
         // program runs (RCU), even if the ring is swapped meanwhile. One
         // aligned 32-bit load: the header userspace stores in one piece.
@@ -112,7 +121,7 @@ impl RingsDef {
 fn lookup(map: *mut c_void, key: &u32) -> Option<*mut c_void> {
     // SAFETY: `map` is a map (the outer definition or an inner map the
     // outer lookup returned); the key is a u32 as both maps declare.
-    let p = unsafe { bpf_map_lookup_elem(map, key as *const u32 as *const c_void) };
+    let p = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref::<u32>(key).cast::<c_void>()) };
     (!p.is_null()).then_some(p)
 }
 
@@ -120,11 +129,11 @@ fn lookup(map: *mut c_void, key: &u32) -> Option<*mut c_void> {
 #[map]
 pub static MLB_BE_V1: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
-/// client flow (client -> frontend) -> CtEntry.
+/// client flow (client -> frontend) -> `CtEntry`.
 #[map]
 pub static MLB_CT_V2: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
 
-/// reply flow (backend -> client) -> RnatEntry.
+/// reply flow (backend -> client) -> `RnatEntry`.
 #[map]
 pub static MLB_RNAT_V1: LruHashMap<FlowKey, RnatEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
 
@@ -140,19 +149,19 @@ pub static MLB_SSTAT_V1: PerCpuArray<Stats> = PerCpuArray::pinned(MAX_SERVICES, 
 #[map]
 pub static MLB_CNT_V2: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_CAPACITY, 0);
 
-/// 0 -> NodeMeta (userspace only).
+/// 0 -> `NodeMeta` (userspace only).
 #[map]
 pub static MLB_META_V1: Array<NodeMeta> = Array::pinned(1, 0);
 
-/// SNAT reply flow (backend -> node addr:allocated port) -> SnatEntry.
+/// SNAT reply flow (backend -> node addr:allocated port) -> `SnatEntry`.
 #[map]
 pub static MLB_SNAT_V1: LruHashMap<FlowKey, SnatEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
 
-/// SNAT_IDX_V4 / SNAT_IDX_V6 -> SnatAddr (node address, port range).
+/// `SNAT_IDX_V4` / `SNAT_IDX_V6` -> `SnatAddr` (node address, port range).
 #[map]
 pub static MLB_SNATADR_V1: Array<SnatAddr> = Array::pinned(2, 0);
 
-/// ifindex -> IF_F_* flags (absent = 0: native, redirect-capable).
+/// ifindex -> `IF_F_*` flags (absent = 0: native, redirect-capable).
 #[map]
 pub static MLB_IFACE_V1: HashMap<u32, u32> = HashMap::pinned(MAX_IFACES, 0);
 
@@ -160,20 +169,20 @@ pub static MLB_IFACE_V1: HashMap<u32, u32> = HashMap::pinned(MAX_IFACES, 0);
 #[map]
 pub static MLB_SVCAFF_V1: Array<u32> = Array::pinned(MAX_SERVICES, 0);
 
-/// AffinityKey (service id, client addr) -> AffinityEntry (backend id, last use).
+/// `AffinityKey` (service id, client addr) -> `AffinityEntry` (backend id, last use).
 #[map]
 pub static MLB_AFF_V1: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
-/// IfAddrKey (ifindex, family) -> address bytes: the source of hairpin flows
+/// `IfAddrKey` (ifindex, family) -> address bytes: the source of hairpin flows
 /// entering that (task-facing) interface.
 #[map]
 pub static MLB_IFADDR_V1: HashMap<IfAddrKey, [u8; 16]> = HashMap::pinned(MAX_IFACES, 0);
 
-/// AddrKey -> 1: the VIPs (a VIP port nobody publishes is dropped).
+/// `AddrKey` -> 1: the VIPs (a VIP port nobody publishes is dropped).
 #[map]
 pub static MLB_VIP_V1: HashMap<AddrKey, u32> = HashMap::pinned(MAX_FRONTENDS, 0);
 
-/// FragKey (datagram as it arrived) -> FragEntry (its translated addresses).
+/// `FragKey` (datagram as it arrived) -> `FragEntry` (its translated addresses).
 #[map]
 pub static MLB_FRAG_V1: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAGS, 0);
 
@@ -210,18 +219,18 @@ pub fn account(service_id: u32, backend_id: u32, bytes: u64, reply: bool, new_fl
     }
 }
 
-/// 0 -> FlowConfig: flow timeouts, SNAT quarantine (zero: defaults).
+/// 0 -> `FlowConfig`: flow timeouts, SNAT quarantine (zero: defaults).
 #[map]
 pub static MLB_FLOWCFG_V1: Array<FlowConfig> = Array::pinned(1, 0);
 
-/// Embryonic client flows (not yet established) -> CtEntry.
+/// Embryonic client flows (not yet established) -> `CtEntry`.
 #[map]
 pub static MLB_CTSYN_V1: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(MAX_EMBRYONIC, 0);
 
-/// Reply flows of embryonic local flows -> RnatEntry.
+/// Reply flows of embryonic local flows -> `RnatEntry`.
 #[map]
 pub static MLB_RNATSYN_V1: LruHashMap<FlowKey, RnatEntry> = LruHashMap::pinned(MAX_EMBRYONIC, 0);
 
-/// 0 -> RateWindow, per CPU: new flows in the current second.
+/// 0 -> `RateWindow`, per CPU: new flows in the current second.
 #[map]
 pub static MLB_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::pinned(1, 0);

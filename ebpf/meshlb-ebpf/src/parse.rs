@@ -133,12 +133,16 @@ pub fn ptr_at<T, C: Frame>(ctx: &C, off: usize) -> Result<*mut T, ()> {
 /// reason is counted). A subprogram: its locals are gone before the
 /// load balancer's paths run (BPF allows 512 bytes of stack in all).
 #[inline(never)]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one subprogram on purpose: split, its parts would be more frames on the call chain"
+)]
 pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     let pass = |c: Counter| {
         count(c);
         XDP_PASS
     };
-    let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|_| pass(Counter::TruncatedEth))?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|()| pass(Counter::TruncatedEth))?;
     // SAFETY: bounds-checked by ptr_at.
     let ethertype = unsafe { (*eth).proto };
     let len = ctx.frame_len();
@@ -161,7 +165,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     let ip_end: u64;
 
     if ethertype == ETH_P_IP {
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| pass(Counter::MalformedIp))?;
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).map_err(|()| pass(Counter::MalformedIp))?;
         // SAFETY: bounds-checked by ptr_at.
         let ip_ref = unsafe { &*ip };
         if ip_ref.vihl >> 4 != 4 || ip_ref.vihl & 0x0f < 5 {
@@ -170,27 +174,27 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
         if ip_ref.vihl & 0x0f != 5 {
             return Err(pass(Counter::IpOptions));
         }
-        let tot_len = u16::from_be_bytes(ip_ref.tot_len) as u64;
+        let tot_len = u64::from(u16::from_be_bytes(ip_ref.tot_len));
         if tot_len < IPV4_LEN as u64 || tot_len + ETH_LEN as u64 > len {
             return Err(pass(Counter::MalformedIp));
         }
         ip_end = ETH_LEN as u64 + tot_len;
         more_frags = ip_ref.frag[0] & 0x20 != 0;
         frag_off = u16::from_be_bytes([ip_ref.frag[0] & 0x1f, ip_ref.frag[1]]);
-        pkt.frag_id = u16::from_be_bytes(ip_ref.id) as u32;
+        pkt.frag_id = u32::from(u16::from_be_bytes(ip_ref.id));
         pkt.key.src[..4].copy_from_slice(&ip_ref.src);
         pkt.key.dst[..4].copy_from_slice(&ip_ref.dst);
         pkt.key.family = FAMILY_V4;
         pkt.key.proto = ip_ref.proto;
         pkt.l4_off = ETH_LEN + IPV4_LEN;
     } else if ethertype == ETH_P_IPV6 {
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).map_err(|_| pass(Counter::MalformedIp))?;
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).map_err(|()| pass(Counter::MalformedIp))?;
         // SAFETY: bounds-checked by ptr_at.
         let ip_ref = unsafe { &*ip };
         if ip_ref.vtcfl[0] >> 4 != 6 {
             return Err(pass(Counter::MalformedIp));
         }
-        let payload = u16::from_be_bytes(ip_ref.payload_len) as u64;
+        let payload = u64::from(u16::from_be_bytes(ip_ref.payload_len));
         if payload + (ETH_LEN + IPV6_LEN) as u64 > len {
             return Err(pass(Counter::MalformedIp));
         }
@@ -205,7 +209,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
                 return Err(pass(Counter::TruncatedL4));
             }
             let fh: *mut [u8; 8] =
-                ptr_at(ctx, pkt.l4_off).map_err(|_| pass(Counter::TruncatedL4))?;
+                ptr_at(ctx, pkt.l4_off).map_err(|()| pass(Counter::TruncatedL4))?;
             // SAFETY: bounds-checked by ptr_at.
             let fh = unsafe { &*fh };
             pkt.key.proto = fh[0];
@@ -249,18 +253,18 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     let (l4, check_off, tcp_flags) = match proto {
         PROTO_TCP => {
             let l4: *mut [u8; TCP_LEN] =
-                ptr_at(ctx, l4_off).map_err(|_| pass(Counter::TruncatedL4))?;
+                ptr_at(ctx, l4_off).map_err(|()| pass(Counter::TruncatedL4))?;
             // SAFETY: bounds-checked by ptr_at.
             let b = unsafe { &*l4 };
             if b[12] >> 4 < 5 {
                 return Err(pass(Counter::TruncatedL4));
             }
-            (l4 as *mut L4Ports, l4_off + 16, b[13])
+            (l4.cast::<L4Ports>(), l4_off + 16, b[13])
         }
         PROTO_UDP => {
             let l4: *mut [u8; UDP_LEN] =
-                ptr_at(ctx, l4_off).map_err(|_| pass(Counter::TruncatedL4))?;
-            (l4 as *mut L4Ports, l4_off + 6, 0)
+                ptr_at(ctx, l4_off).map_err(|()| pass(Counter::TruncatedL4))?;
+            (l4.cast::<L4Ports>(), l4_off + 6, 0)
         }
         PROTO_ICMP if pkt.key.family == FAMILY_V4 && pkt.frag_first == 0 => {
             return parse_icmp_error(ctx, pkt, false, ip_end);
@@ -299,7 +303,7 @@ fn parse_icmp_error<C: Frame>(
         count(Counter::OtherProto);
         XDP_PASS
     };
-    let icmp: *mut [u8; 8] = ptr_at(ctx, pkt.l4_off).map_err(|_| not_ours())?;
+    let icmp: *mut [u8; 8] = ptr_at(ctx, pkt.l4_off).map_err(|()| not_ours())?;
     // SAFETY: bounds-checked by ptr_at.
     let ty = unsafe { (*icmp)[0] };
     let error = if v6 {
@@ -315,14 +319,14 @@ fn parse_icmp_error<C: Frame>(
     }
     let inner = pkt.l4_off + 8;
     let (proto, ports_off) = if v6 {
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, inner).map_err(|_| not_ours())?;
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, inner).map_err(|()| not_ours())?;
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &*ip };
         pkt.key.src = ip.src;
         pkt.key.dst = ip.dst;
         (ip.nexthdr, inner + IPV6_LEN)
     } else {
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, inner).map_err(|_| not_ours())?;
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, inner).map_err(|()| not_ours())?;
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &*ip };
         if ip.vihl != 0x45 {
@@ -340,7 +344,7 @@ fn parse_icmp_error<C: Frame>(
     if ports_off as u64 + 4 > ip_end {
         return Err(not_ours());
     }
-    let ports: *mut L4Ports = ptr_at(ctx, ports_off).map_err(|_| not_ours())?;
+    let ports: *mut L4Ports = ptr_at(ctx, ports_off).map_err(|()| not_ours())?;
     // SAFETY: bounds-checked by ptr_at.
     let ports = unsafe { &*ports };
     pkt.key.sport = u16::from_ne_bytes(ports.sport);

@@ -1,10 +1,10 @@
-//! The TC (cls_bpf / tcx ingress) side: translation with the skb checksum
+//! The TC (`cls_bpf` / tcx ingress) side: translation with the skb checksum
 //! helpers, forwarding by FIB lookup and redirect (or the neighbour
 //! subsystem when the next hop is not resolved yet), and the handoff of
 //! frames the XDP program translated but could not transmit.
 //!
 //! Why TC for local senders: a packet from a container or a local process
-//! is usually CHECKSUM_PARTIAL, its L4 checksum field holding only the
+//! is usually `CHECKSUM_PARTIAL`, its L4 checksum field holding only the
 //! pseudo-header seed that the egress device completes. An address change
 //! must then move the seed the other way than an RFC 1624 update of a full
 //! checksum, and a port change must not touch it at all.
@@ -84,7 +84,7 @@ pub fn rewrite(
     };
     let v4 = pkt.key.family == FAMILY_V4;
     let mangled = if pkt.key.proto == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
+        u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
     };
@@ -100,7 +100,7 @@ pub fn rewrite(
         let n = u32::from_ne_bytes([new[i * 4], new[i * 4 + 1], new[i * 4 + 2], new[i * 4 + 3]]);
         if v4
             && ctx
-                .l3_csum_replace(ETH_LEN + 10, o as u64, n as u64, 4)
+                .l3_csum_replace(ETH_LEN + 10, u64::from(o), u64::from(n), 4)
                 .is_err()
         {
             return false;
@@ -109,9 +109,9 @@ pub fn rewrite(
             && ctx
                 .l4_csum_replace(
                     pkt.check_off,
-                    o as u64,
-                    n as u64,
-                    BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+                    u64::from(o),
+                    u64::from(n),
+                    u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
                 )
                 .is_err()
         {
@@ -121,7 +121,12 @@ pub fn rewrite(
     }
     if l4 {
         if ctx
-            .l4_csum_replace(pkt.check_off, old_port as u64, new_port as u64, mangled | 2)
+            .l4_csum_replace(
+                pkt.check_off,
+                u64::from(old_port),
+                u64::from(new_port),
+                mangled | 2,
+            )
             .is_err()
         {
             return false;
@@ -148,6 +153,10 @@ pub fn rewrite(
 /// for the egress is answered with an ICMP error (`toobig`). The stack
 /// gets only what the FIB cannot route (and a TTL about to expire).
 #[inline(never)]
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "the shape of `Frame::forward`, whose XDP side can fail"
+)]
 pub fn forward(ctx: &TcContext, pkt: &Packet, done: Counter) -> Result<u32, u32> {
     let Some(mut p) = fib_params(ctx, pkt) else {
         return Ok(XDP_PASS);
@@ -164,34 +173,38 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, done: Counter) -> Result<u32, u32>
     // SAFETY: ctx and p are valid for the helper's duration.
     let rc = unsafe {
         fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
+            ctx.skb.skb.cast(),
+            &raw mut p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+    if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         // SAFETY: the kernel filled mtu_result for this return code.
-        let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
+        let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
         return Ok(toobig::TOO_BIG | mtu);
     }
-    if gso && (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64) {
+    if gso
+        && (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH))
+    {
         let mut mtu = 0u32;
         // SAFETY: plain helper call; mtu is valid for its duration.
         let r = unsafe {
             bpf_check_mtu(
-                ctx.skb.skb as *mut _,
+                ctx.skb.skb.cast(),
                 p.ifindex,
-                &mut mtu,
+                &raw mut mtu,
                 0,
-                BPF_MTU_CHK_SEGS as u64,
+                u64::from(BPF_MTU_CHK_SEGS),
             )
         };
-        if r == BPF_MTU_CHK_RET_FRAG_NEEDED as i64 || r == BPF_MTU_CHK_RET_SEGS_TOOBIG as i64 {
+        if r == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED)
+            || r == i64::from(BPF_MTU_CHK_RET_SEGS_TOOBIG)
+        {
             return Ok(toobig::TOO_BIG | mtu);
         }
     }
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         if !decrement_ttl(ctx, pkt.key.family) {
             return Ok(XDP_PASS);
         }
@@ -201,13 +214,13 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, done: Counter) -> Result<u32, u32>
         count(done);
         // SAFETY: plain helper call.
         let r = unsafe { bpf_redirect(p.ifindex, 0) };
-        return Ok(if r == TC_ACT_REDIRECT as i64 {
+        return Ok(if r == i64::from(TC_ACT_REDIRECT) {
             XDP_REDIRECT
         } else {
             XDP_PASS
         });
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         if !decrement_ttl(ctx, pkt.key.family) {
             return Ok(XDP_PASS);
         }
@@ -225,7 +238,7 @@ fn redirect_neigh(ifindex: u32) -> u32 {
     // SAFETY: plain helper call; no next-hop parameters (the kernel looks
     // the route up itself).
     let r = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };
-    if r == TC_ACT_REDIRECT as i64 {
+    if r == i64::from(TC_ACT_REDIRECT) {
         XDP_REDIRECT
     } else {
         XDP_PASS
@@ -245,7 +258,7 @@ fn decrement_ttl(ctx: &TcContext, family: u8) -> bool {
         let old = u16::from_ne_bytes([ttl, proto]);
         let new = u16::from_ne_bytes([ttl - 1, proto]);
         if ctx
-            .l3_csum_replace(ETH_LEN + 10, old as u64, new as u64, 2)
+            .l3_csum_replace(ETH_LEN + 10, u64::from(old), u64::from(new), 2)
             .is_err()
         {
             return false;

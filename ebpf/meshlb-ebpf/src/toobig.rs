@@ -194,8 +194,8 @@ fn headers_v6<const QIP: usize, C: Frame>(
     // (`bpf_csum_diff` sums words as they lie in memory: the two 16-bit
     // fields are added the same way).
     let mut sum = sum_at::<32, C>(ctx, ETH_LEN + 8, 0)?;
-    sum += u16::from_ne_bytes(icmp_len.to_be_bytes()) as u64;
-    sum += u16::from_ne_bytes([0, PROTO_ICMPV6]) as u64;
+    sum += u64::from(u16::from_ne_bytes(icmp_len.to_be_bytes()));
+    sum += u64::from(u16::from_ne_bytes([0, PROTO_ICMPV6]));
     if QIP == 48 {
         let sum = sum_at::<56, C>(ctx, ICMP, fold16(sum))?;
         finish::<{ ICMP + 8 + 48 }, ICMP, C>(ctx, pkt, ql4, sum)
@@ -280,7 +280,7 @@ fn partial_neutral<const L4: usize, const FIELD: usize, const N: usize, C: Frame
 pub(crate) fn sum_at<const N: usize, C: Frame>(ctx: &C, off: usize, seed: u32) -> Option<u64> {
     let p = ptr_at::<[u8; N], _>(ctx, off).ok()?;
     // SAFETY: p is bounds-checked for N bytes.
-    let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, N as u32, seed) };
+    let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p.cast::<u32>(), N as u32, seed) };
     if r < 0 {
         return None;
     }

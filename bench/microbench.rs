@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use clap::Parser;
 use meshlb::engine::xdp::{apply_maps, cleanup, observe_maps};
 use meshlb::kernel::pinned::Maps;
@@ -262,7 +262,7 @@ impl Drop for Fixture {
 fn load(pins: &Path) -> Result<(Ebpf, Maps)> {
     let _ = cleanup(pins);
     std::fs::create_dir_all(pins)?;
-    let mut ebpf = EbpfLoader::new()
+    let mut ebpf = meshlb::engine::xdp::loader()
         .default_map_pin_directory(pins)
         .load(meshlb::EBPF_OBJECT)
         .context("loading the eBPF object")?;

@@ -10,7 +10,6 @@
 mod common;
 
 use aya::programs::{SchedClassifier, Xdp};
-use aya::EbpfLoader;
 
 /// The kernel's limit on instructions processed while verifying one
 /// program.
@@ -32,7 +31,7 @@ fn every_program_verifies_with_headroom() {
     }
     std::fs::create_dir_all(&dir).expect("pin dir");
     let _cleanup = Cleanup(dir.clone());
-    let mut ebpf = EbpfLoader::new()
+    let mut ebpf = meshlb::engine::xdp::loader()
         .default_map_pin_directory(&dir)
         .load(meshlb::EBPF_OBJECT)
         .expect("load eBPF object");

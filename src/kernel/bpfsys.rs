@@ -5,12 +5,15 @@
 //! batch updates (the outer ring map: one wait for running programs for
 //! all of a plan's new rings, where each single update of an array of
 //! maps waits; the backend, service and frontend tables: one syscall per
-//! 4,096 entries of a large plan) and batch lookups (arrays read whole).
+//! 4,096 entries of a large plan), batch lookups (arrays read whole) and
+//! one feature probe (`xdp_meta_allowed`).
 //! The crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 /// Where a ring's entries sit in its mapping: array values are 8 bytes
 /// apart (the kernel aligns them to 8).
@@ -305,4 +308,67 @@ pub fn lookup_array<T: aya::Pod>(map: BorrowedFd<'_>, entries: u32) -> std::io::
         )));
     }
     Ok(out)
+}
+
+/// The leading members of `union bpf_attr` for `BPF_PROG_LOAD` (the kernel
+/// takes a shorter attribute whose missing tail would be zero).
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+}
+
+/// Whether this kernel lets XDP programs call `bpf_xdp_adjust_meta`
+/// (some builds refuse the helper to every XDP program: "program of this
+/// type cannot use helper"). Probed once by loading a four-instruction
+/// XDP program that calls it; the answer is kept for the process.
+pub fn xdp_meta_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_PROG_TYPE_XDP: u32 = 6;
+        const BPF_FUNC_XDP_ADJUST_META: i32 = 54;
+        const XDP_PASS: i32 = 2;
+        // code, dst | src << 4, offset, immediate.
+        let insn = |code: u8, dst: u8, imm: i32| -> u64 {
+            u64::from(code) | u64::from(dst) << 8 | u64::from(imm as u32) << 32
+        };
+        let prog = [
+            insn(0xb7, 2, -8),                       // r2 = -8 (r1: the context)
+            insn(0x85, 0, BPF_FUNC_XDP_ADJUST_META), // call bpf_xdp_adjust_meta
+            insn(0xb7, 0, XDP_PASS),                 // r0 = XDP_PASS
+            insn(0x95, 0, 0),                        // exit
+        ];
+        let license = c"GPL";
+        let attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_XDP,
+            insn_cnt: prog.len() as u32,
+            insns: prog.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 0,
+            log_size: 0,
+            log_buf: 0,
+        };
+        // SAFETY: `attr` is a valid prefix of `bpf_attr` for BPF_PROG_LOAD
+        // whose pointers (instructions, license) outlive the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &raw const attr,
+                std::mem::size_of::<ProgLoadAttr>(),
+            )
+        };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: the kernel just returned this descriptor to us alone.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        true
+    })
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use aya::programs::Xdp;
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use meshlb::engine::xdp::{apply_maps, apply_node_net, observe_maps};
 use meshlb::kernel::pinned::Maps;
 
@@ -600,7 +600,7 @@ impl Drop for Netns {
 pub fn load(pins: &std::path::Path) -> (Ebpf, Maps) {
     let _ = meshlb::engine::xdp::cleanup(pins);
     std::fs::create_dir_all(pins).unwrap();
-    let mut ebpf = EbpfLoader::new()
+    let mut ebpf = meshlb::engine::xdp::loader()
         .default_map_pin_directory(pins)
         .load(meshlb::EBPF_OBJECT)
         .expect("load eBPF object");

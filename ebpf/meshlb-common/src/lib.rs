@@ -95,9 +95,14 @@ pub mod maps {
     /// per-CPU array, index 0 -> `RateWindow`: new flows in the current
     /// second (the flood state's input).
     pub const NEW_FLOW_RATE: &str = "MLB_RATE_V1";
+    /// LRU hash `FlowKey` (a translated packet's, as it leaves) ->
+    /// `XdpHandoff`: frames XDP translated but could not transmit, on a
+    /// kernel that refuses `bpf_xdp_adjust_meta` to XDP programs (where
+    /// the handoff cannot ride in metadata; see `XDP_META_GLOBAL`).
+    pub const HANDOFF: &str = "MLB_HANDOFF_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -122,6 +127,7 @@ pub mod maps {
         CONNTRACK_EMBRYONIC,
         REVERSE_NAT_EMBRYONIC,
         NEW_FLOW_RATE,
+        HANDOFF,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -156,6 +162,14 @@ pub const PROG_TC_LB: &str = "meshlb_tc";
 /// through the neighbour subsystem, what the XDP program translated but
 /// could not transmit itself (see `XdpHandoff`).
 pub const PROG_TC_HANDOFF: &str = "meshlb_tc_handoff";
+/// A read-only global of the object (`u8`): 1 (the default) where the
+/// kernel lets XDP programs call `bpf_xdp_adjust_meta`, so handoffs ride
+/// in metadata; the loader sets 0 where it does not (probed), and
+/// handoffs go through `maps::HANDOFF` instead. Read-only, so with 0 the
+/// verifier never walks the refused call.
+pub const XDP_META_GLOBAL: &str = "MESHLB_XDP_META";
+/// Entries of `maps::HANDOFF` (flows waiting for a next hop at once).
+pub const MAX_HANDOFFS: u32 = 4096;
 
 /// Maglev ring size classes (primes), smallest first: a service's ring
 /// has the smallest with enough slots per configured backend (100 on the

@@ -17,13 +17,15 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use meshlb_common::{Counter, XdpHandoff, FAMILY_V4, HANDOFF_MAGIC, IF_F_GENERIC, IF_F_NO_XMIT};
+use meshlb_common::{
+    Counter, FlowKey, XdpHandoff, FAMILY_V4, HANDOFF_MAGIC, IF_F_GENERIC, IF_F_NO_XMIT,
+};
 
 use crate::{
     csum::CsumDelta,
     frame::Frame,
-    maps::{count, MLB_IFACE_V1},
-    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, KIND_L4},
+    maps::{count, xdp_meta, MLB_HANDOFF_V1, MLB_IFACE_V1},
+    parse::{plain_flow, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, KIND_L4},
     toobig,
 };
 
@@ -146,9 +148,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
 }
 
 /// Puts `XdpHandoff` metadata naming `ifindex` in front of the frame and
-/// passes it up; without room for metadata it just passes it.
+/// passes it up; without room for metadata it just passes it. Where the
+/// kernel refuses XDP metadata (`xdp_meta`), the handoff is recorded under
+/// the translated flow in `MLB_HANDOFF_V1` instead.
 #[inline(always)]
 fn handoff(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if !xdp_meta() {
+        return handoff_by_flow(ctx, ifindex);
+    }
     let size = core::mem::size_of::<XdpHandoff>();
     // SAFETY: plain helper call; the context pointer is valid.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size as i32)) } != 0 {
@@ -167,6 +174,25 @@ fn handoff(ctx: &XdpContext, ifindex: u32) -> u32 {
         };
     }
     count(Counter::Handoff);
+    XDP_PASS
+}
+
+/// The handoff where the kernel refuses XDP metadata: recorded under the
+/// translated flow for the TC handoff program, then passed up. A
+/// subprogram of its own: its key stays off the callers' stack frames.
+#[inline(never)]
+fn handoff_by_flow(ctx: &XdpContext, ifindex: u32) -> u32 {
+    let mut key = FlowKey::default();
+    if plain_flow(ctx, &mut key) {
+        let handoff = XdpHandoff {
+            magic: HANDOFF_MAGIC,
+            ifindex,
+            ingress: ctx.ingress_ifindex() as u32,
+        };
+        if MLB_HANDOFF_V1.insert(&key, &handoff, 0).is_ok() {
+            count(Counter::Handoff);
+        }
+    }
     XDP_PASS
 }
 

@@ -13,9 +13,9 @@ use aya_ebpf::{
 use meshlb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, FlowConfig, FlowKey, FragEntry,
     FragKey, FrontendKey, FrontendValue, IfAddrKey, NodeMeta, RateWindow, RnatEntry, ServiceInfo,
-    ServiceName, SnatAddr, SnatEntry, Stats, COUNTER_CAPACITY, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS, MAX_FRONTENDS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_SERVICES,
-    RING_HALF, RING_MAP_FLAGS, RING_SIZES,
+    ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff, COUNTER_CAPACITY, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS, MAX_FRONTENDS, MAX_HANDOFFS, MAX_IFACES,
+    MAX_LOCAL_ADDRS, MAX_SERVICES, RING_HALF, RING_MAP_FLAGS, RING_SIZES,
 };
 
 /// `FrontendKey` (addr bytes, port BE) -> `FrontendValue`.
@@ -234,3 +234,23 @@ pub static MLB_RNATSYN_V1: LruHashMap<FlowKey, RnatEntry> = LruHashMap::pinned(M
 /// 0 -> `RateWindow`, per CPU: new flows in the current second.
 #[map]
 pub static MLB_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::pinned(1, 0);
+
+/// Translated flow (as it leaves) -> `XdpHandoff`: the handoff of a frame
+/// XDP could not transmit, where the kernel refuses XDP metadata
+/// (`xdp_meta`).
+#[map]
+pub static MLB_HANDOFF_V1: LruHashMap<FlowKey, XdpHandoff> = LruHashMap::pinned(MAX_HANDOFFS, 0);
+
+/// 1 where the kernel lets XDP programs call `bpf_xdp_adjust_meta`; the
+/// loader writes 0 where it does not (`meshlb_common::XDP_META_GLOBAL`).
+/// A read-only global: with 0, the verifier never walks the call.
+#[unsafe(no_mangle)]
+static MESHLB_XDP_META: u8 = 1;
+
+/// Whether handoffs ride in XDP metadata (else in `MLB_HANDOFF_V1`).
+#[inline(always)]
+pub fn xdp_meta() -> bool {
+    // SAFETY: a volatile read of a global the loader set before loading
+    // (volatile: the compiler must not fold the default in).
+    unsafe { core::ptr::read_volatile(&raw const MESHLB_XDP_META) != 0 }
+}

@@ -24,13 +24,13 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use meshlb_common::{Counter, XdpHandoff, FAMILY_V4, FAMILY_V6, HANDOFF_MAGIC, PROTO_UDP};
+use meshlb_common::{Counter, FlowKey, XdpHandoff, FAMILY_V4, FAMILY_V6, HANDOFF_MAGIC, PROTO_UDP};
 
 use crate::{
     frame::Frame,
     fwd::fib_params,
-    maps::count,
-    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, IPV6_LEN, TCP_LEN},
+    maps::{count, xdp_meta, MLB_HANDOFF_V1},
+    parse::{plain_flow, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, ETH_LEN, IPV6_LEN, TCP_LEN},
     toobig,
 };
 
@@ -279,25 +279,49 @@ fn decrement_ttl(ctx: &TcContext, family: u8) -> bool {
 /// the egress device; it leaves through the neighbour subsystem (which
 /// resolves the next hop) after its TTL is decremented. Everything else is
 /// not ours.
+///
+/// Where the kernel refuses XDP metadata (`xdp_meta`), XDP recorded the
+/// handoff under the translated flow in `MLB_HANDOFF_V1` instead: the
+/// packet's own flow is looked up there.
 #[inline(always)]
 pub fn handoff(ctx: &TcContext) -> i32 {
-    // SAFETY: the context pointer is valid for the program's run.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, ctx.data()) };
-    if meta + core::mem::size_of::<XdpHandoff>() > data {
-        return TC_ACT_UNSPEC;
-    }
-    // SAFETY: bounds-checked against data just above.
-    let h = unsafe { *(meta as *const XdpHandoff) };
-    if h.magic != HANDOFF_MAGIC || h.ingress != crate::frame::Frame::ifindex(ctx) {
-        return TC_ACT_UNSPEC;
-    }
-    // Used up: metadata travels with the skb (across a veth, too), and
-    // must not be taken for a handoff anywhere else.
-    // SAFETY: bounds-checked as above.
-    unsafe { (*(meta as *mut XdpHandoff)).magic = 0 };
+    let egress = if xdp_meta() {
+        // SAFETY: the context pointer is valid for the program's run.
+        let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, ctx.data()) };
+        if meta + core::mem::size_of::<XdpHandoff>() > data {
+            return TC_ACT_UNSPEC;
+        }
+        // SAFETY: bounds-checked against data just above.
+        let h = unsafe { *(meta as *const XdpHandoff) };
+        if h.magic != HANDOFF_MAGIC || h.ingress != crate::frame::Frame::ifindex(ctx) {
+            return TC_ACT_UNSPEC;
+        }
+        // Used up: metadata travels with the skb (across a veth, too), and
+        // must not be taken for a handoff anywhere else.
+        // SAFETY: bounds-checked as above.
+        unsafe { (*(meta as *mut XdpHandoff)).magic = 0 };
+        h.ifindex
+    } else {
+        0
+    };
     let want = (ETH_LEN + IPV6_LEN + TCP_LEN) as u32;
     let len = ctx.len();
     let _ = ctx.pull_data(if len < want { len } else { want });
+    let egress = if egress != 0 {
+        egress
+    } else {
+        // The map is this host's own: a frame handed off here is never
+        // taken by another host on the same kernel.
+        let mut key = FlowKey::default();
+        if !plain_flow(ctx, &mut key) {
+            return TC_ACT_UNSPEC;
+        }
+        // SAFETY: hash map value, read at once.
+        match unsafe { MLB_HANDOFF_V1.get(&key) } {
+            Some(h) if h.ingress == crate::frame::Frame::ifindex(ctx) => h.ifindex,
+            _ => return TC_ACT_UNSPEC,
+        }
+    };
     // XDP parsed and translated it: only the family is needed here.
     let Ok(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
         return TC_ACT_UNSPEC;
@@ -311,7 +335,7 @@ pub fn handoff(ctx: &TcContext) -> i32 {
     if !decrement_ttl(ctx, family) {
         return TC_ACT_UNSPEC;
     }
-    match redirect_neigh(h.ifindex) {
+    match redirect_neigh(egress) {
         XDP_REDIRECT => TC_ACT_REDIRECT,
         _ => TC_ACT_UNSPEC,
     }

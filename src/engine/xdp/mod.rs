@@ -291,10 +291,31 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), XdpError> {
     })
 }
 
+/// The loader of the embedded object for this kernel: where it refuses
+/// `bpf_xdp_adjust_meta` to XDP programs (probed once), the object's
+/// `XDP_META_GLOBAL` is set to 0, so the XDP program verifies and hands
+/// off the frames it cannot transmit through the `HANDOFF` map instead of
+/// metadata (said once in the log). Tests and benches load with it too.
+pub fn loader() -> EbpfLoader<'static> {
+    static OFF: u8 = 0;
+    let mut loader = EbpfLoader::new();
+    if !crate::kernel::bpfsys::xdp_meta_allowed() {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            log::info!(
+                "this kernel refuses bpf_xdp_adjust_meta to XDP programs: frames XDP cannot transmit are handed to TC by flow (map {}) instead of metadata",
+                maps::HANDOFF
+            );
+        });
+        loader.override_global(meshlb_common::XDP_META_GLOBAL, &OFF, true);
+    }
+    loader
+}
+
 /// Loads the object with maps pinned (created or adopted) under `dir`.
 fn load(dir: &Path, max_flows: u32) -> Result<Ebpf, XdpError> {
     ensure_bpffs_dir(dir)?;
-    let mut loader = EbpfLoader::new();
+    let mut loader = loader();
     loader.default_map_pin_directory(dir);
     for name in [maps::CONNTRACK, maps::REVERSE_NAT, maps::SNAT] {
         loader.map_max_entries(name, max_flows);

@@ -48,10 +48,11 @@ fn layer_of(rel: &Path) -> Option<usize> {
     LAYERS.iter().position(|l| *l == name)
 }
 
-/// The code of a file without its unit tests (`#[cfg(test)]` and all that
-/// follows it: test modules close every file here) and without comments.
+/// The code of a file without its unit tests (the `#[cfg(test)] mod` and
+/// all that follows it: test modules close every file here) and without
+/// comments.
 fn non_test_code(text: &str) -> String {
-    let code = match text.find("#[cfg(test)]") {
+    let code = match text.find("#[cfg(test)]\nmod ") {
         Some(i) => &text[..i],
         None => text,
     };
@@ -165,7 +166,7 @@ fn layers_import_only_downwards() {
 #[test]
 fn the_layer_check_sees_what_it_must() {
     let code = non_test_code(
-        "use crate::{model::X, engine};\nfn f() { crate::cli::run(); } // crate::daemon\n#[cfg(test)]\nmod tests { use crate::daemon; }",
+        "use crate::{model::X, engine};\n#[cfg(test)]\nfn g() {}\nfn f() { crate::cli::run(); } // crate::daemon\n#[cfg(test)]\nmod tests { use crate::daemon; }",
     );
     assert_eq!(crate_refs(&code), ["model", "engine", "cli"]);
     assert_eq!(layer_of(Path::new("src/engine/xdp/mod.rs")), Some(4));

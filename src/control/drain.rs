@@ -91,11 +91,7 @@ impl DrainTimers {
         self.next
     }
 
-    /// Number of backends being drained (removed ones included).
-    pub fn len(&self) -> usize {
-        self.since.len()
-    }
-
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.since.is_empty()
     }

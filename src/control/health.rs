@@ -129,6 +129,7 @@ impl Tracker {
         Tracker { up, streak: 0 }
     }
 
+    #[cfg(test)]
     pub fn is_up(&self) -> bool {
         self.up
     }
@@ -196,10 +197,12 @@ impl Checker {
     }
 
     /// Number of targets being checked.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.targets.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }

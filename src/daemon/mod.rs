@@ -11,7 +11,7 @@
 //! One loop serves every engine (`run_engine`, generic over
 //! [`Engine`]): XDP, or IPVS when asked for or when XDP cannot load.
 
-pub mod metrics;
+pub(crate) mod metrics;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};

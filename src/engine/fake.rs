@@ -135,16 +135,19 @@ impl FakeDataplane {
 
     /// Make the `n`th operation from now fail (0: the next one), as a
     /// kernel call can, to test recovery from a partly applied plan.
+    #[cfg(test)]
     pub fn fail_after(&mut self, n: usize) {
         self.fail_at = Some(self.applied + n);
     }
 
     /// Operations applied so far.
+    #[cfg(test)]
     pub fn applied(&self) -> usize {
         self.applied
     }
 
     /// The ring of a present service.
+    #[cfg(test)]
     pub fn ring(&self, service_id: u32) -> Option<&[u32]> {
         self.services
             .contains_key(&service_id)
@@ -152,26 +155,20 @@ impl FakeDataplane {
             .flatten()
     }
 
+    #[cfg(test)]
     pub fn service(&self, id: u32) -> Option<&FakeService> {
         self.services.get(&id)
     }
 
+    #[cfg(test)]
     pub fn backend(&self, id: u32) -> Option<&FakeBackend> {
         self.backends.get(&id)
     }
 
     /// Every backend slot in use, orphans included.
+    #[cfg(test)]
     pub fn backends(&self) -> &BTreeMap<u32, FakeBackend> {
         &self.backends
-    }
-
-    /// Frontend -> service id.
-    pub fn frontends(&self) -> &BTreeMap<Frontend, u32> {
-        &self.frontends
-    }
-
-    pub fn local_addrs(&self) -> &BTreeSet<IpAddr> {
-        &self.local_addrs
     }
 
     fn apply_op(&mut self, op: &Op) -> Result<(), DataplaneError> {

@@ -13,7 +13,7 @@
 //! Everything about services, tasks, health, drain and schedulers sits
 //! above `Engine`, written once.
 
-pub mod fake;
+pub(crate) mod fake;
 pub mod ipvs;
 pub mod xdp;
 

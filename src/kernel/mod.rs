@@ -2,11 +2,11 @@
 //! commands aya lacks, rtnetlink, IPVS and nf_tables over netlink, the pin
 //! lock, the listening sockets (`/proc/net`) and the heap arena.
 
-pub mod bpfsys;
+pub(crate) mod bpfsys;
 pub mod heap;
-pub mod ipvs;
-pub mod listeners;
-pub mod netlink;
+pub(crate) mod ipvs;
+pub(crate) mod listeners;
+pub(crate) mod netlink;
 pub mod nft;
-pub mod pinlock;
+pub(crate) mod pinlock;
 pub mod pinned;

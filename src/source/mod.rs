@@ -3,6 +3,6 @@
 //! tasks) and this node's checks of what they describe (`guard`).
 
 pub mod config;
-pub mod docker;
+pub(crate) mod docker;
 pub mod etcd;
-pub mod guard;
+pub(crate) mod guard;

@@ -377,7 +377,13 @@ fn apt_has(opts: &[String], pkg: &str, version: &str) -> bool {
         .args(["show", "--no-all-versions"])
         .arg(format!("{pkg}={version}"))
         .output()
-        .is_ok()
+        // `apt-cache show` exits 0 for a version it does not know, printing
+        // nothing: only a record says the version is there.
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("Package:"))
+        })
 }
 
 /// The first word of `text` that starts like a version (`0.13.0`,

@@ -1124,6 +1124,7 @@ mod pod {
     unsafe impl aya::Pod for IfAddrKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragEntry {}
+    unsafe impl aya::Pod for XdpHandoff {}
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! link), and executes reconciler plans as map updates.
 
 pub mod inspect;
-pub mod view;
+pub(crate) mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -310,6 +310,13 @@ pub fn loader() -> EbpfLoader<'static> {
         loader.override_global(meshlb_common::XDP_META_GLOBAL, &OFF, true);
     }
     loader
+}
+
+/// Whether frames XDP cannot transmit are handed to TC in XDP metadata
+/// (else by flow, in the `HANDOFF` map): whether this kernel lets XDP
+/// programs call `bpf_xdp_adjust_meta`.
+pub fn handoff_in_metadata() -> bool {
+    crate::kernel::bpfsys::xdp_meta_allowed()
 }
 
 /// Loads the object with maps pinned (created or adopted) under `dir`.

@@ -74,6 +74,8 @@ pub const AF_INET6: u16 = 10;
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 pub const NLM_F_REQUEST: u16 = 0x1;
+/// A part of a multipart reply (the tests build such replies).
+#[cfg(test)]
 pub const NLM_F_MULTI: u16 = 0x2;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_DUMP: u16 = 0x300;

@@ -107,6 +107,7 @@ pub enum LabelError {
 
 impl LabelError {
     /// The container as named in the message.
+    #[cfg(test)]
     pub fn container(&self) -> &str {
         match self {
             LabelError::Label { container, .. } | LabelError::NoAddress { container } => container,

@@ -7,16 +7,17 @@ fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { root.join(p) })
-        .unwrap_or_else(|| root.join("target"));
+        .map_or_else(
+            || root.join("target"),
+            |p| if p.is_absolute() { p } else { root.join(p) },
+        );
     let obj = target_dir.join("bpfel-unknown-none/release/meshlb-ebpf");
     println!("cargo:rerun-if-changed={}", obj.display());
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
-    if !obj.exists() {
-        panic!(
-            "eBPF object {} is missing: run `cargo xtask build-ebpf` first",
-            obj.display()
-        );
-    }
+    assert!(
+        obj.exists(),
+        "eBPF object {} is missing: run `cargo xtask build-ebpf` first",
+        obj.display()
+    );
     println!("cargo:rustc-env=MESHLB_EBPF_OBJ={}", obj.display());
 }

@@ -348,8 +348,7 @@ impl Daemon {
     fn count(&self, pat: &str) -> usize {
         self.lines
             .lock()
-            .map(|v| v.iter().filter(|l| l.line.contains(pat)).count())
-            .unwrap_or(0)
+            .map_or(0, |v| v.iter().filter(|l| l.line.contains(pat)).count())
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -1224,6 +1223,10 @@ fn stats(mut v: Vec<f64>) -> Option<Stats> {
     })
 }
 
+#[allow(
+    clippy::ref_option,
+    reason = "called on the fields of a result struct as they are"
+)]
 fn stats_json(s: &Option<Stats>) -> Value {
     match s {
         Some(s) => {

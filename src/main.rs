@@ -59,8 +59,8 @@ fn main() -> ExitCode {
             };
             match rt.block_on(daemon::run(settings, cfg, std::future::pending())) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(DaemonError::Usage(e)) => fail(2, e),
-                Err(DaemonError::Runtime(e)) => fail(1, e),
+                Err(e @ DaemonError::Usage(_)) => fail(2, e),
+                Err(e) => fail(1, e),
             }
         }
         Command::Status(args) => {
@@ -199,6 +199,6 @@ fn run_admin(cmd: AdminCommand, etcd: &EtcdArgs) -> ExitCode {
     match rt.block_on(admin::run(&cmd, etcd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ AdminError::Usage(_)) => fail(2, e),
-        Err(e @ AdminError::Runtime(_)) => fail(1, e),
+        Err(e) => fail(1, e),
     }
 }

@@ -681,7 +681,7 @@ fn cases() -> Vec<Case> {
         untouched(
             "IPv4 total length beyond the frame: untouched",
             mangle(syn4.bytes(), |b| {
-                b[16..18].copy_from_slice(&1500u16.to_be_bytes())
+                b[16..18].copy_from_slice(&1500u16.to_be_bytes());
             }),
             Counter::MalformedIp,
         ),
@@ -784,7 +784,7 @@ fn cases() -> Vec<Case> {
         untouched(
             "truncated TCP header to the VIP: untouched",
             mangle(syn4.bytes()[..44].to_vec(), |b| {
-                b[16..18].copy_from_slice(&30u16.to_be_bytes())
+                b[16..18].copy_from_slice(&30u16.to_be_bytes());
             }),
             Counter::TruncatedL4,
         ),
@@ -796,7 +796,7 @@ fn cases() -> Vec<Case> {
         untouched(
             "truncated UDP header to the VIP: untouched",
             mangle(udp4.bytes()[..38].to_vec(), |b| {
-                b[16..18].copy_from_slice(&24u16.to_be_bytes())
+                b[16..18].copy_from_slice(&24u16.to_be_bytes());
             }),
             Counter::TruncatedL4,
         ),
@@ -818,7 +818,7 @@ fn cases() -> Vec<Case> {
         untouched(
             "IPv6 payload length beyond the frame: untouched",
             mangle(syn6.bytes(), |b| {
-                b[18..20].copy_from_slice(&1400u16.to_be_bytes())
+                b[18..20].copy_from_slice(&1400u16.to_be_bytes());
             }),
             Counter::MalformedIp,
         ),

@@ -91,7 +91,7 @@ impl World {
     fn daemon(&self) -> Proc {
         let mut args: Vec<String> = ["--node", "lb", "--xdp-mode", "generic", "--prefix", PREFIX]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
         args.extend(self.c.meshlb_flags());
         args.push(format!("--docker={}", self.docker.socket.display()));
@@ -215,7 +215,7 @@ impl World {
     /// `n` GETs through the VIP from the client: every one answered, every
     /// name in `names` answering at least 10% of them, nobody else.
     fn spread(&self, what: &str, vip: SocketAddr, n: usize, names: &[&str]) {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let names: Vec<String> = names.iter().map(std::string::ToString::to_string).collect();
         let b = self.topo.http_burst(vip, n, REQ_TIMEOUT);
         assert!(
             b.failures.is_empty(),
@@ -246,7 +246,7 @@ fn wait_tc_attached(d: &mut Proc, iface: &str, timeout: Duration) -> Result<(), 
 }
 
 fn ids(v: &[&String]) -> BTreeSet<String> {
-    v.iter().map(|s| s.to_string()).collect()
+    v.iter().map(|s| (*s).clone()).collect()
 }
 
 /// Checks one docker task record. A container registered by its own
@@ -865,7 +865,7 @@ impl Routed {
         let net = format!("--net=/run/netns/{}", self.net.node_ns);
         let mut argv: Vec<String> = ["nsenter", &net, MESHLB, "run", "--node", "lb"]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
         argv.extend(["--xdp-mode".into(), self.net.xdp_mode.into()]);
         argv.extend(["--prefix".into(), PREFIX.into()]);
@@ -911,7 +911,7 @@ impl Routed {
     }
 
     fn assert_daemon_alive(&mut self) {
-        let st = self.daemon.as_mut().and_then(|d| d.exit_status());
+        let st = self.daemon.as_mut().and_then(common::Proc::exit_status);
         if let Some(st) = st {
             panic!("the daemon exited during the test: {st}{}", self.ctx());
         }

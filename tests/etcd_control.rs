@@ -95,10 +95,10 @@ fn prepared(tag: &str) -> Topology {
 fn start_etcd_daemon(topo: &Topology, etcd: &EtcdClient, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = ["--node", "lb", "--xdp-mode", "generic", "--prefix", PREFIX]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
     args.extend(etcd.meshlb_flags());
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(std::string::ToString::to_string));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let ifaces = topo.lb_ifaces();
     let irefs: Vec<&str> = ifaces.iter().map(String::as_str).collect();
@@ -162,7 +162,7 @@ fn from_etcd(etcd: &EtcdClient) -> Programmed {
         };
         rows.insert((
             t["addr"].as_str().unwrap_or("?").to_string(),
-            t["port"].as_u64().unwrap_or(HTTP_PORT as u64),
+            t["port"].as_u64().unwrap_or(u64::from(HTTP_PORT)),
             t["weight"].as_u64().unwrap_or(100),
             state.to_string(),
         ));
@@ -182,11 +182,11 @@ fn diff(want: &Programmed, got: &Programmed) -> String {
                     "\n  {n}: missing {:?}; extra {:?}",
                     w.difference(g).collect::<Vec<_>>(),
                     g.difference(w).collect::<Vec<_>>()
-                )
+                );
             }
             (Some(w), None) => s += &format!("\n  {n}: in etcd ({} tasks), not in status", w.len()),
             (None, Some(g)) => {
-                s += &format!("\n  {n}: in status ({} backends), not in etcd", g.len())
+                s += &format!("\n  {n}: in status ({} backends), not in etcd", g.len());
             }
             (None, None) => {}
         }
@@ -235,7 +235,8 @@ fn backend_addrs(status: &Value, service: &str) -> Option<BTreeSet<String>> {
 }
 
 fn wait_backend_addrs(topo: &Topology, service: &str, want: &[&str], timeout: Duration) {
-    let want: Option<BTreeSet<String>> = Some(want.iter().map(|s| s.to_string()).collect());
+    let want: Option<BTreeSet<String>> =
+        Some(want.iter().map(std::string::ToString::to_string).collect());
     let r = wait_for(timeout, &format!("{service} backends {want:?}"), || {
         let got = backend_addrs(&topo.try_status()?, service);
         if got == want {
@@ -817,7 +818,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
                     drop(t);
                     thread::sleep(Duration::from_millis(20));
                 }
-            })
+            });
         });
         thread::sleep(Duration::from_secs(1));
         etcd.stop();
@@ -1398,7 +1399,7 @@ fn large_values_do_not_stop_list_or_watch() {
                     .await
                     .unwrap_or_else(|e| panic!("put: {e}"));
             }
-        })
+        });
     });
     let big = topo.write_file("big.json", &"x".repeat(1400 * 1024));
     // Among the bulk tasks by key order, so they share list pages.
@@ -1481,7 +1482,9 @@ struct ProxyShared {
 
 impl ProxyShared {
     fn state(&self) -> std::sync::MutexGuard<'_, ProxyState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Shuts connection `id` down both ways (ends both of its threads).
@@ -1575,7 +1578,7 @@ impl Drop for EtcdProxy {
                 .shared
                 .threads
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()),
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         for h in threads {
             let _ = h.join();
@@ -1586,12 +1589,9 @@ impl Drop for EtcdProxy {
 fn proxy_accept_loop(listener: &TcpListener, upstream: SocketAddr, sh: &Arc<ProxyShared>) {
     let mut next_id = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
-        let client = match listener.accept() {
-            Ok((c, _)) => c,
-            Err(_) => {
-                thread::sleep(Duration::from_millis(10));
-                continue;
-            }
+        let Ok((client, _)) = listener.accept() else {
+            thread::sleep(Duration::from_millis(10));
+            continue;
         };
         if sh.state().mode == ProxyMode::Refuse {
             continue;
@@ -1625,7 +1625,7 @@ fn proxy_accept_loop(listener: &TcpListener, upstream: SocketAddr, sh: &Arc<Prox
         });
         sh.threads
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend([up, down]);
     }
 }

@@ -640,7 +640,10 @@ fn counter_rows(
     end: &BTreeMap<String, u64>,
     last: &BTreeMap<String, u64>,
 ) -> String {
-    let mut names: Vec<String> = COUNTERS.iter().map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = COUNTERS
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     for k in before.keys().chain(end.keys()).chain(last.keys()) {
         if (k.contains("flow") || k.contains("snat")) && !names.contains(k) {
             names.push(k.clone());

@@ -424,14 +424,13 @@ fn idle_and_closed_flows_expire_and_snat_ports_wait_out_the_quarantine() {
         fmt_span(&port)
     );
     let c1 = m.counters(N1);
-    if udp.last().expect("a reading").snat != 0 {
-        // The TCP half measures n1's only SNAT port.
-        panic!(
-            "the UDP flow's SNAT port was never released:\n  {}\n{udp_text}{}",
-            failed.join("\n  "),
-            m.ctx()
-        );
-    }
+    // The TCP half measures n1's only SNAT port.
+    assert!(
+        udp.last().expect("a reading").snat == 0,
+        "the UDP flow's SNAT port was never released:\n  {}\n{udp_text}{}",
+        failed.join("\n  "),
+        m.ctx()
+    );
 
     // --- TCP: a closed flow's entry goes after tcp_closing_timeout, its port after the quarantine.
     let body = m

@@ -165,19 +165,16 @@ impl Rng {
 }
 
 fn seed() -> u64 {
-    match std::env::var("MESHLB_FUZZ_SEED") {
-        Ok(s) => {
-            let s = s.trim();
-            let parsed = match s.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => s.parse(),
-            };
-            parsed.unwrap_or_else(|_| panic!("MESHLB_FUZZ_SEED={s}: not a u64"))
-        }
-        Err(_) => {
-            let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-            t.as_nanos() as u64 ^ ((std::process::id() as u64) << 48)
-        }
+    if let Ok(s) = std::env::var("MESHLB_FUZZ_SEED") {
+        let s = s.trim();
+        let parsed = match s.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16),
+            None => s.parse(),
+        };
+        parsed.unwrap_or_else(|_| panic!("MESHLB_FUZZ_SEED={s}: not a u64"))
+    } else {
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 48)
     }
 }
 
@@ -303,6 +300,10 @@ const ICMP: u8 = 1;
 const ICMP6: u8 = 58;
 
 /// An IP packet as the oracle reads it.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "the header flags the oracle checks"
+)]
 struct Ip {
     v4: bool,
     src: IpAddr,
@@ -484,7 +485,7 @@ fn parse(f: &[u8]) -> Parsed {
 fn l4_sum(src: IpAddr, dst: IpAddr, proto: u8, data: &[u8]) -> u16 {
     let len = data.len() as u32;
     let s = sum16(data)
-        + proto as u32
+        + u32::from(proto)
         + (len >> 16)
         + (len & 0xffff)
         + match (src, dst) {
@@ -594,6 +595,10 @@ struct Broken {
     what: String,
 }
 
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "the shape of every check: none, or one broken invariant"
+)]
 fn broken(inv: usize, what: impl Into<String>) -> Option<Broken> {
     Some(Broken {
         inv,
@@ -625,7 +630,7 @@ impl Oracle<'_> {
             match run {
                 Err(_) => self.stats.refused += 1,
                 Ok((v, _)) if v == XDP_PASS || v == XDP_DROP => {
-                    self.stats.verdicts[v as usize] += 1
+                    self.stats.verdicts[v as usize] += 1;
                 }
                 Ok((v, _)) => out.extend(broken(
                     1,
@@ -964,7 +969,7 @@ impl<'m> Gen<'m> {
             }
             (_, true) => IpAddr::V4(Ipv4Addr::from(self.rng.next() as u32)),
             (_, false) => IpAddr::V6(Ipv6Addr::from(
-                (self.rng.next() as u128) << 64 | self.rng.next() as u128,
+                u128::from(self.rng.next()) << 64 | u128::from(self.rng.next()),
             )),
         }
     }
@@ -980,7 +985,7 @@ impl<'m> Gen<'m> {
                 (1, _, _) => self.client_addr(v4),
                 (_, true, _) => IpAddr::V4(Ipv4Addr::from(self.rng.next() as u32)),
                 (_, false, _) => IpAddr::V6(Ipv6Addr::from(
-                    (self.rng.next() as u128) << 64 | self.rng.next() as u128,
+                    u128::from(self.rng.next()) << 64 | u128::from(self.rng.next()),
                 )),
             };
             if dst && !self.m.frontend_space(a) || !dst && !backend_space(a) {
@@ -996,7 +1001,7 @@ impl<'m> Gen<'m> {
 
     fn client_port(&mut self) -> u16 {
         match self.rng.below(20) {
-            0..=7 => 40000 + self.rng.below(CLIENT_PORTS as u64) as u16,
+            0..=7 => 40000 + self.rng.below(u64::from(CLIENT_PORTS)) as u16,
             8..=11 => 32768 + self.rng.below(60999 - 32768 + 1) as u16,
             12..=14 => 50000,
             _ => self.rng.u16(),
@@ -1338,7 +1343,7 @@ impl<'m> Gen<'m> {
         };
         let more = first || self.rng.chance(1, 2);
         let mut f = with_frag6(f, off, more);
-        f[58..62].copy_from_slice(&(id as u32).to_be_bytes());
+        f[58..62].copy_from_slice(&u32::from(id).to_be_bytes());
         if !first {
             let len = self.rng.pick(&[8, 16, 0, 1, 600]);
             let body = self.rng.bytes(len);
@@ -1378,7 +1383,7 @@ impl<'m> Gen<'m> {
                         self.rng.u16()
                     };
                     h.extend(off.to_be_bytes());
-                    h.extend((self.frag_id() as u32).to_be_bytes());
+                    h.extend(u32::from(self.frag_id()).to_be_bytes());
                     h
                 }
                 51 => {
@@ -1502,6 +1507,10 @@ impl<'m> Gen<'m> {
 
     // --- mutations
 
+    #[allow(
+        clippy::match_same_arms,
+        reason = "one arm per mutation class, even where two do the same"
+    )]
     fn mutate(&mut self, f: &mut Vec<u8>, depth: u8) -> &'static str {
         let v4 = f.len() >= 34 && [f[12], f[13]] == ETH_IP;
         let v6 = f.len() >= 54 && [f[12], f[13]] == ETH_IP6;
@@ -1554,7 +1563,7 @@ impl<'m> Gen<'m> {
                 "IP version"
             }
             77..=90 if !f.is_empty() => {
-                for _ in 0..1 + self.rng.below(4) {
+                for _ in 0..=self.rng.below(4) {
                     // Mostly in the headers, where it matters.
                     let span = if self.rng.chance(7, 10) {
                         f.len().min(110)
@@ -1854,7 +1863,7 @@ fn oracle_catches_wrong_answers() {
         .bytes();
     let bad_csum = mangle(good.clone(), |b| b[60] ^= 1);
     let short = mangle(input.clone(), |b| {
-        b[16..18].copy_from_slice(&30u16.to_be_bytes())
+        b[16..18].copy_from_slice(&30u16.to_be_bytes());
     });
     assert!(matches!(
         parse(&short),

@@ -341,14 +341,13 @@ fn settled_status(topo: &Topology) -> String {
             .and_then(|v| check_status(&v));
         match verdict {
             Ok(()) if text == last => return text,
-            Ok(()) => {}
             Err(e) if Instant::now() >= deadline => {
                 panic!(
                     "status not settled after {SETTLE:?}: {e}\n{text}{}",
                     topo.ctx()
                 )
             }
-            Err(_) => {}
+            Ok(()) | Err(_) => {}
         }
         assert!(
             Instant::now() < deadline,
@@ -382,7 +381,7 @@ fn explain_text(topo: &Topology) -> String {
                 "explain {proto} {src} {dst}: expected service whoami, frontend ...{frontend}, \
                  a maglev pick of one of {BACKENDS:?}; got {out}{}",
                 topo.ctx()
-            )
+            );
             }
             None => assert!(
                 v["reason"] == "no-service" && v["service"].is_null() && v["backend"].is_null(),

@@ -749,8 +749,7 @@ fn affinity_keeps_a_client_on_one_backend_and_spreads_clients() {
             .or_insert(0) += 1;
     }
     eprintln!(
-        "af1: {} -> {main:?}; 12 other clients x 5 connections -> clients per backend {per_client:?}",
-        CLIENT_V4
+        "af1: {CLIENT_V4} -> {main:?}; 12 other clients x 5 connections -> clients per backend {per_client:?}"
     );
     assert!(
         per_client.len() >= 2,
@@ -839,7 +838,7 @@ fn drain_keeps_established_flows_until_the_timeout() {
         &["b1".to_string()],
         1.0,
     );
-    for ka in kept.iter_mut() {
+    for ka in &mut kept {
         assert_eq!(
             ka.get().unwrap_or_else(|e| panic!(
                 "established connection while draining: {e}{}",
@@ -932,7 +931,7 @@ fn udp_flow_with_a_fixed_port_moves_off_a_health_downed_backend() {
                     samples.lock().unwrap().push((at, r));
                     thread::sleep(Duration::from_millis(100));
                 }
-            })
+            });
         })
     };
     let first = wait_for(Duration::from_secs(10), "a first answer", || {
@@ -976,8 +975,7 @@ fn udp_flow_with_a_fixed_port_moves_off_a_health_downed_backend() {
         .collect();
     let before_down = samples.iter().filter(|(at, _)| *at < down).count();
     eprintln!(
-        "hc5: flow pinned to {first}; {} datagrams before it was marked down, after down+2s: {late:?}",
-        before_down
+        "hc5: flow pinned to {first}; {before_down} datagrams before it was marked down, after down+2s: {late:?}"
     );
     assert!(
         late.len() >= 10 && late.iter().all(|r| matches!(r, Ok(b) if *b != first)),

@@ -40,7 +40,10 @@ fn connection_per_request_to_a_remote_task_does_not_collapse() {
     // Two rounds each side: one 5 s round on a shared machine varies by
     // ±20 % (a CI run went 6689, 6445, 6411, 5952, 5148), a collapse
     // (SNAT ports or TIME_WAIT tuples running out) does not recover.
-    let (first, last) = ((rounds[0] + rounds[1]) / 2.0, (rounds[3] + rounds[4]) / 2.0);
+    let (first, last) = (
+        f64::midpoint(rounds[0], rounds[1]),
+        f64::midpoint(rounds[3], rounds[4]),
+    );
     assert!(
         last >= 0.8 * first,
         "collapse: the last two rounds {last:.0} req/s < 0.8 x the first two {first:.0}: {rounds:?}{}",

@@ -315,12 +315,13 @@ fn sighup_removes_backend_resets_its_flows_and_keeps_the_others() {
     );
 
     let resets_of = || {
-        topo.try_status()
-            .map(|st| st["counters"]["reset"].as_u64().unwrap_or(0))
-            .unwrap_or_else(|e| panic!("status: {e}{}", topo.ctx()))
+        topo.try_status().map_or_else(
+            |e| panic!("status: {e}{}", topo.ctx()),
+            |st| st["counters"]["reset"].as_u64().unwrap_or(0),
+        )
     };
     let resets_before = resets_of();
-    for (ka, before) in conns.iter_mut() {
+    for (ka, before) in &mut conns {
         let t = std::time::Instant::now();
         let now = ka.get();
         if before == "b2" {
@@ -477,8 +478,10 @@ fn a_client_port_reused_across_frontends_of_one_backend_connects() {
         std::process::Command::new("ss")
             .args(["-Htan", "state", "time-wait"])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_else(|e| panic!("ss: {e}"))
+            .map_or_else(
+                |e| panic!("ss: {e}"),
+                |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+            )
     });
     let waiting = srcs
         .iter()

@@ -176,7 +176,7 @@ impl RealNet {
                 iface: format!("{short}t{i}"),
                 port: format!("{short}h{i}"),
                 v4: Ipv4Addr::new(10, 231, 0, 1 + i),
-                v6: Ipv6Addr::new(0xfd00, 0x231, 0, 0, 0, 0, 0, 1 + i as u16),
+                v6: Ipv6Addr::new(0xfd00, 0x231, 0, 0, 0, 0, 0, 1 + u16::from(i)),
             })
             .collect();
         let net = RealNet {
@@ -338,7 +338,7 @@ publish = [{{ proto = "tcp", port = 8080, target = 8000 }}, {{ proto = "udp", po
             self.mode.arg(),
         ]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         self.daemon = Some(Proc::spawn(
@@ -358,7 +358,7 @@ publish = [{{ proto = "tcp", port = 8080, target = 8000 }}, {{ proto = "udp", po
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(st) = self.daemon.as_mut().and_then(|d| d.exit_status()) {
+            if let Some(st) = self.daemon.as_mut().and_then(common::Proc::exit_status) {
                 panic!("daemon exited before it was ready: {st}{}", self.ctx());
             }
             let r = (|| -> Result<(), String> {
@@ -390,7 +390,7 @@ publish = [{{ proto = "tcp", port = 8080, target = 8000 }}, {{ proto = "udp", po
     }
 
     fn assert_daemon_alive(&mut self) {
-        if let Some(st) = self.daemon.as_mut().and_then(|d| d.exit_status()) {
+        if let Some(st) = self.daemon.as_mut().and_then(common::Proc::exit_status) {
             panic!("the daemon exited during the test: {st}{}", self.ctx());
         }
     }

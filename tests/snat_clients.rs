@@ -316,7 +316,7 @@ fn round(m: &Mesh, r: usize, clients: &[Ipv4Addr], dst: SocketAddr, deadline: In
 /// each flow on one CPU's backlog, as a NIC's RSS keeps it on one queue.
 fn steer_flows(m: &Mesh, task: &Task) {
     let n = thread::available_parallelism()
-        .map_or(1, |n| n.get())
+        .map_or(1, std::num::NonZero::get)
         .min(32);
     let mask = format!("{:x}", (1u64 << n) - 1);
     let node = &m.nodes[task.node];

@@ -27,7 +27,7 @@ fn subprog_starts(insns: &[bpf_insn]) -> BTreeSet<usize> {
     let mut starts = BTreeSet::from([0]);
     for (i, ins) in insns.iter().enumerate() {
         if ins.code == BPF_CALL && ins.src_reg() == BPF_PSEUDO_CALL {
-            starts.insert((i as i64 + ins.imm as i64 + 1) as usize);
+            starts.insert((i as i64 + i64::from(ins.imm) + 1) as usize);
         }
     }
     starts
@@ -42,7 +42,7 @@ fn frame_size(insns: &[bpf_insn]) -> u64 {
     for ins in insns {
         let class = ins.code & 0x07;
         let (dst, src) = (ins.dst_reg() as usize, ins.src_reg());
-        let off = ins.off as i64;
+        let off = i64::from(ins.off);
         match class {
             // LDX: dst = *(src + off)
             0x01 if src == FP => deepest = deepest.max(-off),
@@ -58,7 +58,7 @@ fn frame_size(insns: &[bpf_insn]) -> u64 {
                         fp_copies[dst] = src == FP;
                     } else if op == 0x00 && !from_reg && fp_copies[dst] {
                         // add dst, imm on a frame pointer copy
-                        deepest = deepest.max(-(ins.imm as i64));
+                        deepest = deepest.max(-i64::from(ins.imm));
                         fp_copies[dst] = false;
                     } else {
                         fp_copies[dst] = false;
@@ -192,7 +192,7 @@ fn every_call_chain_fits_older_verifiers_stack_budget() {
                 .iter()
                 .enumerate()
                 .filter(|(_, ins)| ins.code == BPF_CALL && ins.src_reg() == BPF_PSEUDO_CALL)
-                .map(|(i, ins)| ((s + i) as i64 + ins.imm as i64 + 1) as usize)
+                .map(|(i, ins)| ((s + i) as i64 + i64::from(ins.imm) + 1) as usize)
                 .collect();
             subs.insert(s, (frame_size(body), calls));
         }

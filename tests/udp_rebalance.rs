@@ -214,7 +214,7 @@ impl Stream {
                                         seq: seq.parse().unwrap(),
                                         task: task.to_string(),
                                         at,
-                                    })
+                                    });
                                 }
                                 _ => odd.lock().unwrap().push(format!("{text:?} from {from}")),
                             }

@@ -33,9 +33,28 @@ pub enum AdminError {
     /// The command line is wrong (exit status 2).
     #[error("{0}")]
     Usage(String),
-    /// etcd failed, or the cluster's state refuses the command (exit 1).
+    /// The cluster's state refuses the command (exit 1).
     #[error("{0}")]
     Runtime(String),
+    /// etcd could not be reached (exit 1).
+    #[error(transparent)]
+    Etcd(EtcdError),
+    /// An etcd request failed (exit 1).
+    #[error("etcd: {what}: {}", error_chain(.source))]
+    Request {
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A record in etcd does not parse (exit 1).
+    #[error(transparent)]
+    Record(#[from] layout::RecordError),
+    /// A stored service does not parse, so it cannot be changed (exit 1).
+    #[error("{source} (remove and create the service again)")]
+    Unchangeable {
+        #[source]
+        source: layout::RecordError,
+    },
 }
 
 use AdminError::{Runtime, Usage};
@@ -44,7 +63,7 @@ impl From<EtcdError> for AdminError {
     fn from(e: EtcdError) -> AdminError {
         match e {
             EtcdError::Usage(_) => Usage(e.to_string()),
-            _ => Runtime(e.to_string()),
+            _ => AdminError::Etcd(e),
         }
     }
 }
@@ -242,7 +261,10 @@ async fn call<T>(
 ) -> Result<T, AdminError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Runtime(format!("etcd: {what}: {}", error_chain(&e)))),
+        Ok(Err(source)) => Err(AdminError::Request {
+            what: what.to_owned(),
+            source,
+        }),
         Err(_) => Err(Runtime(format!(
             "etcd: {what}: timed out after {} s",
             REQUEST_TIMEOUT.as_secs()
@@ -348,7 +370,7 @@ async fn service_update(opts: &EtcdOptions, a: &ServiceSpecArgs) -> Result<(), A
             .await?
             .ok_or_else(|| Runtime(format!("no such service {:?}", a.name)))?;
         let base = layout::service_def(&key, &a.name, kv.value())
-            .map_err(|e| Runtime(format!("{e} (remove and create the service again)")))?;
+            .map_err(|source| AdminError::Unchangeable { source })?;
         let (def, svc) = merge_service(a, Some(base))?;
         let state = load(&mut c, root, &layout::services_prefix(root)).await?;
         check_frontends(&state, &svc)?;
@@ -483,7 +505,7 @@ async fn service_inspect(opts: &EtcdOptions, name: &str) -> Result<(), AdminErro
     let kv = get_one(&mut c, &key)
         .await?
         .ok_or_else(|| Runtime(format!("no such service {name:?}")))?;
-    let def = layout::service_def(&key, name, kv.value()).map_err(|e| Runtime(e.to_string()))?;
+    let def = layout::service_def(&key, name, kv.value())?;
     if let Err(e) = layout::parse_service(&key, name, kv.value()) {
         eprintln!("meshlb: warning: {e} (the daemons skip this service)");
     }
@@ -615,7 +637,7 @@ async fn task_drain(opts: &EtcdOptions, a: &TaskIdArgs) -> Result<(), AdminError
                 a.task_id, a.service
             ))
         })?;
-        let mut task = layout::parse_task(&key, kv.value()).map_err(|e| Runtime(e.to_string()))?;
+        let mut task = layout::parse_task(&key, kv.value())?;
         if task.state == TaskState::Draining {
             println!("{}", a.task_id);
             return Ok(());

@@ -63,7 +63,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         }
     }
     let metrics = match args.metrics.as_deref() {
-        Some("none") | Some("off") => None,
+        Some("none" | "off") => None,
         Some(a) => Some(
             a.parse::<SocketAddr>()
                 .map_err(|_| DaemonError::Usage(format!("--metrics: invalid address {a:?}")))?,
@@ -118,8 +118,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into())
+        .map_or_else(|_| "localhost".into(), |s| s.trim().to_owned())
 }
 
 /// From command-line flags; `None` when `--etcd` is absent.
@@ -128,9 +127,7 @@ pub fn etcd_options(args: &EtcdArgs, base: Option<&EtcdConfig>) -> Option<EtcdOp
     let mut o = match (base, &args.etcd) {
         (_, Some(list)) => EtcdOptions {
             endpoints: EtcdOptions::endpoints_from(list),
-            ..base
-                .map(EtcdOptions::from_config)
-                .unwrap_or_else(EtcdOptions::defaults)
+            ..base.map_or_else(EtcdOptions::defaults, EtcdOptions::from_config)
         },
         (Some(b), None) => EtcdOptions::from_config(b),
         (None, None) => return None,

@@ -185,7 +185,7 @@ mod tests {
                     assert_eq!(k.name, "a", "service b has no timeout");
                     match b.addr {
                         std::net::IpAddr::V4(a) => a.octets()[3],
-                        _ => unreachable!(),
+                        std::net::IpAddr::V6(_) => unreachable!(),
                     }
                 })
                 .collect();

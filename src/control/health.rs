@@ -130,7 +130,7 @@ impl Tracker {
     }
 
     #[cfg(test)]
-    pub fn is_up(&self) -> bool {
+    pub fn is_up(self) -> bool {
         self.up
     }
 

@@ -108,6 +108,10 @@ fn backend_hash(seed: u8, key: &BackendKey) -> u64 {
     fmix64(fnv1a(fnv1a(FNV_OFFSET, &[seed]), &encode(key)))
 }
 
+#[allow(
+    clippy::maybe_infinite_iter,
+    reason = "take_while ends it at the square root of n"
+)]
 fn is_prime(n: u32) -> bool {
     n >= 2
         && (2..)

@@ -228,7 +228,7 @@ pub fn iface_addrs(
             match a {
                 IpAddr::V4(_) if v4.is_none() => v4 = Some(*a),
                 IpAddr::V6(b) if v6.is_none() && (b.segments()[0] & 0xffc0) != 0xfe80 => {
-                    v6 = Some(*a)
+                    v6 = Some(*a);
                 }
                 _ => {}
             }
@@ -310,7 +310,7 @@ pub fn default_route_oif(routes: &[RouteFact], v4: bool) -> Option<u32> {
 
 /// Parses `/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999").
 pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
-    let mut it = text.split_whitespace().map(|w| w.parse::<u16>());
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
     match (it.next(), it.next(), it.next()) {
         (Some(Ok(a)), Some(Ok(b)), None) if a <= b => Some((a, b)),
         _ => None,
@@ -447,7 +447,11 @@ mod tests {
             route("127.0.0.0", 8, None, 1),
         ];
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let v = |x: &[&str]| {
+            x.iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>()
+        };
         let backends: BTreeMap<IpAddr, std::sync::Arc<str>> = [
             (ip("10.9.0.5"), "web".into()),
             (ip("10.8.0.2"), "api".into()),
@@ -661,7 +665,11 @@ mod tests {
             (2, a("10.0.0.6")),
             (3, a("fd00:9::1")),
         ];
-        let order = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let order = |v: &[&str]| {
+            v.iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             snat_addrs(&order(&["eth0", "br0"]), &links, &addrs),
             (Some(a("10.0.0.5")), Some(a("fd00:9::1")))

@@ -170,18 +170,15 @@ pub fn admit<'a>(
         } else {
             None
         };
-        match full {
-            Some(what) => {
-                rejected.insert(
-                    key.clone(),
-                    format!("does not fit the data plane's tables ({what} at most)"),
-                );
-            }
-            None => {
-                n_backends += spec.backends.len();
-                fes.extend(spec.frontends.iter().copied());
-                out.services.insert(key.clone(), spec.clone());
-            }
+        if let Some(what) = full {
+            rejected.insert(
+                key.clone(),
+                format!("does not fit the data plane's tables ({what} at most)"),
+            );
+        } else {
+            n_backends += spec.backends.len();
+            fes.extend(spec.frontends.iter().copied());
+            out.services.insert(key.clone(), spec.clone());
         }
     }
     (Cow::Owned(out), rejected)
@@ -1218,7 +1215,7 @@ mod tests {
         for op in &p.ops {
             match op {
                 Op::WriteRing { service_id, .. } | Op::UpsertService { id: service_id, .. } => {
-                    assert_eq!(*service_id, id)
+                    assert_eq!(*service_id, id);
                 }
                 Op::UpsertBackend { service_id, .. } => assert_eq!(*service_id, id),
                 other => panic!("unexpected {other:?}"),

@@ -37,11 +37,7 @@ fn render_registry(registry: &Registry, out: &mut String) {
         "From an etcd event observed to the kernel state applied.",
     );
     for (le, n) in &g.buckets {
-        let _ = writeln!(
-            out,
-            "meshlb_sync_latency_seconds_bucket{{le=\"{le}\"}} {}",
-            n
-        );
+        let _ = writeln!(out, "meshlb_sync_latency_seconds_bucket{{le=\"{le}\"}} {n}");
     }
     let _ = writeln!(
         out,
@@ -287,13 +283,11 @@ pub async fn serve(
         let registry = registry.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
+            let Ok(Ok(n)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await
+            else {
+                return;
+            };
             let req = String::from_utf8_lossy(&buf[..n]);
             let (code, body) = if req.starts_with("GET /metrics") {
                 match source.status(&node).await {

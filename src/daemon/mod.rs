@@ -51,10 +51,29 @@ const NET_REFRESH: Duration = Duration::from_secs(1);
 /// Why the daemon stopped with an error. `Usage` maps to exit status 2.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The command line or the config is wrong (exit status 2).
     #[error("{0}")]
     Usage(String),
-    #[error("{0}")]
-    Runtime(String),
+    /// The data plane failed while the daemon was doing `what`.
+    #[error("{what}: {source}")]
+    Engine {
+        what: &'static str,
+        #[source]
+        source: DataplaneError,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Xdp(#[from] crate::engine::xdp::XdpError),
+    #[error(transparent)]
+    Netlink(#[from] crate::kernel::netlink::NetlinkError),
+    #[error(transparent)]
+    Ipvs(#[from] crate::kernel::ipvs::IpvsError),
+    #[error("metrics listen: {0}")]
+    MetricsListen(#[source] std::io::Error),
+    /// Signal handlers, sockets.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// The settled options of one daemon: config file merged with flags.
@@ -227,7 +246,7 @@ async fn sync<E: Engine>(
         },
         std::time::Instant::now(),
     );
-    let rt = |what: &str, e: DataplaneError| DaemonError::Runtime(format!("{what}: {e}"));
+    let rt = |what: &'static str, source: DataplaneError| DaemonError::Engine { what, source };
     let held_down = engine
         .held_down(&desired)
         .await
@@ -317,7 +336,7 @@ fn refuse_etcd(
         snap.state
             .services()
             .values()
-            .map(|s| s.as_ref())
+            .map(std::convert::AsRef::as_ref)
             .filter(|s| !is_static(&s.name))
             .collect()
     } else {
@@ -328,7 +347,7 @@ fn refuse_etcd(
             .collect::<BTreeSet<_>>()
             .into_iter()
             .filter_map(|n| snap.state.services().get(n))
-            .map(|s| s.as_ref())
+            .map(std::convert::AsRef::as_ref)
             .filter(|s| !is_static(&s.name))
             .collect()
     };
@@ -491,9 +510,7 @@ pub async fn run(
         log::info!("stopped while waiting for interfaces: nothing was attached");
         return Ok(());
     }
-    let locals = netlink::local_addrs()
-        .await
-        .map_err(|e| DaemonError::Runtime(e.to_string()))?;
+    let locals = netlink::local_addrs().await?;
     if let Some(a) = settings.advertise_addr {
         if !locals.contains(&a) {
             return Err(DaemonError::Usage(format!(
@@ -502,15 +519,12 @@ pub async fn run(
         }
     }
     check_static(&cfg, None).await.map_err(DaemonError::Usage)?;
-    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
     let metrics_listener = metrics::bind(settings.metrics)
         .await
-        .map_err(|e| DaemonError::Runtime(format!("metrics listen: {e}")))?;
+        .map_err(DaemonError::MetricsListen)?;
     let ipvs = async || {
         let state = PathBuf::from(IPVS_STATE_DIR).join(format!("{}.ipvs", settings.node));
-        let engine = IpvsEngine::open(state, VIP_DEVICE)
-            .await
-            .map_err(|e| rt(&e))?;
+        let engine = IpvsEngine::open(state, VIP_DEVICE).await?;
         log::info!(
             "node {}: data plane ipvs (VIPs on {VIP_DEVICE})",
             settings.node
@@ -522,7 +536,7 @@ pub async fn run(
         return run_engine(engine, settings, cfg, shutdown, metrics_listener).await;
     }
     // The local backends' interfaces follow at the first sync.
-    let facts = Facts::read().await.map_err(|e| rt(&e))?;
+    let facts = Facts::read().await?;
     let attach = wanted(&settings, &BTreeMap::new(), &facts);
     if !attach.iter().any(|a| a.role == Role::Uplink) {
         log::warn!(
@@ -548,14 +562,14 @@ pub async fn run(
                 log::info!("iface {}: {} ({})", a.name, a.role.as_str(), a.why);
             }
             allow_local_source(&names(&attach));
-            run_engine(dp, settings, cfg, shutdown, metrics_listener).await
+            Box::pin(run_engine(dp, settings, cfg, shutdown, metrics_listener)).await
         }
         Err(e) if settings.dataplane == DataplaneChoice::Auto => {
             log::warn!("XDP unavailable ({e}); dataplane auto: falling back to IPVS");
             let engine = ipvs().await?;
             run_engine(engine, settings, cfg, shutdown, metrics_listener).await
         }
-        Err(e) => Err(rt(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -750,7 +764,6 @@ async fn run_engine<E: Engine>(
     shutdown: impl std::future::Future<Output = ()>,
     metrics_listener: Option<tokio::net::TcpListener>,
 ) -> Result<(), DaemonError> {
-    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
     let kind = engine.kind();
     if matches!(kind, DataplaneKind::XdpNative | DataplaneKind::XdpGeneric) {
         for s in &cfg.services {
@@ -763,7 +776,7 @@ async fn run_engine<E: Engine>(
             }
         }
     }
-    let facts = Facts::read().await.map_err(|e| rt(&e))?;
+    let facts = Facts::read().await?;
     let attach = wanted(&settings, &BTreeMap::new(), &facts);
     let (locals, net) = facts.node_net(&settings, &names(&attach));
     apply_node_net(&mut engine, &net);
@@ -865,11 +878,8 @@ async fn run_engine<E: Engine>(
 
     let _metrics_task = match metrics_listener {
         Some(l) => {
-            let source = node.engine.metrics_source().map_err(|e| rt(&e))?;
-            log::info!(
-                "metrics on http://{}/metrics",
-                l.local_addr().map_err(|e| rt(&e))?
-            );
+            let source = node.engine.metrics_source()?;
+            log::info!("metrics on http://{}/metrics", l.local_addr()?);
             Some(AbortOnDrop(tokio::spawn(metrics::serve(
                 l,
                 source,
@@ -880,9 +890,9 @@ async fn run_engine<E: Engine>(
         None => None,
     };
 
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| rt(&e))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(NET_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(sweep_period(&node.cfg.conntrack));
@@ -898,7 +908,7 @@ async fn run_engine<E: Engine>(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            () = &mut shutdown => break,
             _ = term.recv() => break,
             _ = int.recv() => break,
             update = next_update(&mut etcd_rx) => {
@@ -932,7 +942,7 @@ async fn run_engine<E: Engine>(
                     Err(e) => log::error!("health changed: {e}"),
                 }
             }
-            _ = until(node.live.drains.next_deadline()) => {
+            () = until(node.live.drains.next_deadline()) => {
                 if let Err(e) = node.sync().await {
                     log::error!("drain timeout: {e}");
                 }
@@ -947,7 +957,7 @@ async fn run_engine<E: Engine>(
                     }
                 }
             }
-            _ = until(node.retry_at) => {
+            () = until(node.retry_at) => {
                 match node.sync().await {
                     Ok(n) => log::info!("retried sync: {n} changes applied"),
                     Err(e) => log::error!("retried sync: {e}"),
@@ -1009,11 +1019,7 @@ async fn reload<E: Engine>(node: &mut Node<E>) -> bool {
     } else {
         let (ifaces, tasks) = listed(&new.interfaces, &new.task_interfaces);
         if ifaces != node.settings.ifaces || tasks != node.settings.task_ifaces {
-            log::info!(
-                "SIGHUP: listed interfaces now {:?} (task interfaces {:?})",
-                ifaces,
-                tasks
-            );
+            log::info!("SIGHUP: listed interfaces now {ifaces:?} (task interfaces {tasks:?})");
         }
         node.settings.ifaces = ifaces;
         node.settings.task_ifaces = tasks;
@@ -1116,15 +1122,12 @@ async fn wait_for_interfaces<F: std::future::Future<Output = ()>>(
     ifaces: &[String],
     shutdown: &mut std::pin::Pin<&mut F>,
 ) -> Result<bool, DaemonError> {
-    let rt = |e: &dyn std::fmt::Display| DaemonError::Runtime(e.to_string());
-    let mut term = signal(SignalKind::terminate()).map_err(|e| rt(&e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| rt(&e))?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut waited = false;
     let mut logged: BTreeSet<String> = BTreeSet::new();
     loop {
-        let missing = netlink::missing_interfaces(ifaces)
-            .await
-            .map_err(|e| rt(&e))?;
+        let missing = netlink::missing_interfaces(ifaces).await?;
         if missing.is_empty() {
             if waited {
                 log::info!("every listed interface exists now: starting");
@@ -1138,10 +1141,10 @@ async fn wait_for_interfaces<F: std::future::Future<Output = ()>>(
         }
         waited = true;
         tokio::select! {
-            _ = shutdown.as_mut() => return Ok(false),
+            () = shutdown.as_mut() => return Ok(false),
             _ = term.recv() => return Ok(false),
             _ = int.recv() => return Ok(false),
-            _ = tokio::time::sleep(IFACE_WAIT) => {}
+            () = tokio::time::sleep(IFACE_WAIT) => {}
         }
     }
 }

@@ -60,7 +60,7 @@ impl Default for IpvsOptions {
 
 /// The IPVS scheduler implementing a config scheduler.
 pub fn sched_name(s: crate::model::config::Scheduler) -> &'static str {
-    use crate::model::config::Scheduler::*;
+    use crate::model::config::Scheduler::{Lc, Maglev, Rr, Sh, Wrr};
     match s {
         Maglev => "mh",
         Rr => "rr",
@@ -265,7 +265,7 @@ pub fn diff(want: &Table, have: &Table, owned: &BTreeSet<ServiceId>) -> Vec<Chan
             match hd.and_then(|hd| hd.get(k)) {
                 None => add.push(Change::AddDest(*id, d.clone())),
                 Some(h) if (h.weight, h.fwd) != (d.weight, d.fwd) => {
-                    add.push(Change::SetDest(*id, d.clone()))
+                    add.push(Change::SetDest(*id, d.clone()));
                 }
                 Some(_) => {}
             }
@@ -337,37 +337,41 @@ pub async fn cleanup(
     state_dir: &std::path::Path,
     vip_device: &str,
 ) -> Result<Option<Cleaned>, DataplaneError> {
-    let other =
-        |what: &str, e: &dyn std::fmt::Display| DataplaneError::Other(format!("{what}: {e}"));
     let files: Vec<PathBuf> = match std::fs::read_dir(state_dir) {
         Ok(d) => d
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "ipvs"))
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(other(&state_dir.display().to_string(), &e)),
+        Err(e) => return Err(DataplaneError::context(state_dir.display().to_string())(e)),
     };
     if files.is_empty() {
         return Ok(None);
     }
-    let mut ipvs = Ipvs::open().await.map_err(|e| other("ipvs", &e))?;
+    let mut ipvs = Ipvs::open()
+        .await
+        .map_err(DataplaneError::context("ipvs"))?;
     let live: BTreeSet<ServiceId> = ipvs
         .services()
         .await
-        .map_err(|e| other("ipvs services", &e))?
+        .map_err(DataplaneError::context("ipvs services"))?
         .into_iter()
         .map(|s| s.id)
         .collect();
     let mut cleaned = Cleaned::default();
     for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|e| other(&f.display().to_string(), &e))?;
+        let text = std::fs::read_to_string(&f)
+            .map_err(DataplaneError::context(f.display().to_string()))?;
         for id in to_delete(&parse_owned(&text), &live) {
             ipvs.del_service(&id)
                 .await
-                .map_err(|e| other(&format!("ipvs delete service {}", endpoint(&id)), &e))?;
+                .map_err(DataplaneError::context(format!(
+                    "ipvs delete service {}",
+                    endpoint(&id)
+                )))?;
             cleaned.services += 1;
         }
-        std::fs::remove_file(&f).map_err(|e| other(&f.display().to_string(), &e))?;
+        std::fs::remove_file(&f).map_err(DataplaneError::context(f.display().to_string()))?;
         let view = f.with_extension("view");
         for leftover in [
             crate::kernel::pinlock::tmp_path(&f),
@@ -380,10 +384,10 @@ pub async fn cleanup(
     cleaned.snat_table = Masquerade::new()
         .remove()
         .await
-        .map_err(|e| other("nf_tables", &e))?;
+        .map_err(DataplaneError::context("nf_tables"))?;
     cleaned.vip_device = crate::kernel::netlink::remove_link(vip_device)
         .await
-        .map_err(|e| other(vip_device, &e))?;
+        .map_err(DataplaneError::context(vip_device))?;
     Ok(Some(cleaned))
 }
 
@@ -679,7 +683,10 @@ impl IpvsView {
                 },
             );
         }
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = m;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = m;
     }
 
     /// This node's status from IPVS: per service and backend, the kernel's
@@ -688,7 +695,11 @@ impl IpvsView {
     pub async fn status(&self, node: &str) -> Result<Status, IpvsError> {
         let mut ipvs = Ipvs::open().await?;
         let have = dump(&mut ipvs).await?;
-        let names = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let names = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         Ok(status_of(node, &names, &have))
     }
 }
@@ -697,7 +708,12 @@ impl IpvsView {
     /// Writes the names and states for `meshlb status` (another process):
     /// `<node>.view` beside the state file, replaced atomically.
     fn save(&self, path: &Path) {
-        let text = format_view(&self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let text = format_view(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         if let Err(e) = crate::kernel::pinlock::write_atomic(path, text.as_bytes()) {
             log::warn!("ipvs view {}: {e}", path.display());
         }
@@ -796,10 +812,14 @@ pub async fn status_from_state(
     }) else {
         return Ok(None);
     };
-    let other = |e: &dyn std::fmt::Display| DataplaneError::Other(format!("ipvs status: {e}"));
-    let names = parse_view(&std::fs::read_to_string(path).map_err(|e| other(&e))?);
-    let mut ipvs = Ipvs::open().await.map_err(|e| other(&e))?;
-    let have = dump(&mut ipvs).await.map_err(|e| other(&e))?;
+    let names =
+        parse_view(&std::fs::read_to_string(path).map_err(DataplaneError::context("ipvs status"))?);
+    let mut ipvs = Ipvs::open()
+        .await
+        .map_err(DataplaneError::context("ipvs status"))?;
+    let have = dump(&mut ipvs)
+        .await
+        .map_err(DataplaneError::context("ipvs status"))?;
     Ok(Some(status_of(&stem(path), &names, &have)))
 }
 
@@ -1154,7 +1174,7 @@ mod tests {
             ("10.0.1.3", 100, BackendState::Down),
         ]);
         let mut have = table(&want, &BTreeMap::new());
-        for (id, (_, dests)) in have.iter_mut() {
+        for (id, (_, dests)) in &mut have {
             // The IPv6 node address's service has no IPv4 destination.
             if let Some(d) = dests.get_mut(&(ip("10.0.1.2"), 8000)) {
                 d.stats = Stats {

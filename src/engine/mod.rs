@@ -61,8 +61,36 @@ pub enum DataplaneError {
     Nft(#[from] crate::kernel::nft::NftError),
     #[error(transparent)]
     Netlink(#[from] crate::kernel::netlink::NetlinkError),
+    #[error(transparent)]
+    Pinned(#[from] crate::kernel::pinned::PinnedError),
+    #[error(transparent)]
+    Inspect(#[from] xdp::inspect::InspectError),
+    #[error("reconcile: {0}")]
+    Reconcile(#[from] crate::control::reconcile::ReconcileError),
+    /// What the engine was working on (a state file, a kernel table) and
+    /// what failed there.
+    #[error("{what}: {source}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An engine's own refusal (no cause below it).
     #[error("{0}")]
     Other(String),
+}
+
+impl DataplaneError {
+    /// Wraps an error met while working on `what`.
+    pub fn context<E: std::error::Error + Send + Sync + 'static>(
+        what: impl Into<String>,
+    ) -> impl FnOnce(E) -> DataplaneError {
+        let what = what.into();
+        move |e| DataplaneError::Context {
+            what,
+            source: Box::new(e),
+        }
+    }
 }
 
 /// A forwarding engine programmed by plans.
@@ -200,12 +228,10 @@ pub enum StatsSource {
 }
 
 impl StatsSource {
-    pub async fn status(&self, node: &str) -> Result<crate::model::status::Status, String> {
+    pub async fn status(&self, node: &str) -> Result<crate::model::status::Status, DataplaneError> {
         match self {
-            StatsSource::Pinned(maps) => {
-                xdp::inspect::status(maps, Some(node)).map_err(|e| e.to_string())
-            }
-            StatsSource::Ipvs(view) => view.status(node).await.map_err(|e| e.to_string()),
+            StatsSource::Pinned(maps) => Ok(xdp::inspect::status(maps, Some(node))?),
+            StatsSource::Ipvs(view) => Ok(view.status(node).await?),
         }
     }
 }

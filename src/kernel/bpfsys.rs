@@ -139,7 +139,7 @@ unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> 
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut BatchAttr,
+            std::ptr::from_mut::<BatchAttr>(attr),
             std::mem::size_of::<BatchAttr>(),
         )
     };
@@ -214,8 +214,8 @@ pub fn update_elem<K: aya::Pod, V: aya::Pod>(
     let mut attr = ElemAttr {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
-        key: key as *const K as usize as u64,
-        value: value as *const V as usize as u64,
+        key: std::ptr::from_ref::<K>(key) as usize as u64,
+        value: std::ptr::from_ref::<V>(value) as usize as u64,
         flags: 0,
     };
     // SAFETY: `attr` is a valid `bpf_attr` elem member of the size
@@ -225,7 +225,7 @@ pub fn update_elem<K: aya::Pod, V: aya::Pod>(
         libc::syscall(
             libc::SYS_bpf,
             BPF_MAP_UPDATE_ELEM,
-            &mut attr as *mut ElemAttr,
+            &raw mut attr,
             std::mem::size_of::<ElemAttr>(),
         )
     };
@@ -264,9 +264,9 @@ pub fn lookup_array<T: aya::Pod>(map: BorrowedFd<'_>, entries: u32) -> std::io::
             in_batch: if out.is_empty() {
                 0
             } else {
-                &token_in as *const u32 as usize as u64
+                &raw const token_in as usize as u64
             },
-            out_batch: &mut token_out as *mut u32 as usize as u64,
+            out_batch: &raw mut token_out as usize as u64,
             keys: keys.as_mut_ptr() as usize as u64,
             // SAFETY (pointer arithmetic): within the capacity reserved
             // above, `want` values past the ones read.

@@ -64,10 +64,8 @@ pub async fn addresses() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
     for m in msgs {
         let index = m.header.index;
         for a in m.attributes {
-            let addr = match a {
-                AddressAttribute::Local(a) => a,
-                AddressAttribute::Address(a) => a,
-                _ => continue,
+            let (AddressAttribute::Local(addr) | AddressAttribute::Address(addr)) = a else {
+                continue;
             };
             if addr.is_loopback() || is_link_local_v6(&addr) || out.contains(&(index, addr)) {
                 continue;
@@ -231,23 +229,22 @@ pub async fn remove_link(name: &str) -> Result<bool, NetlinkError> {
 pub async fn ensure_vip_device(name: &str, vips: &BTreeSet<IpAddr>) -> Result<(), NetlinkError> {
     let handle = connect()?;
     let req = |what: &'static str| move |source| NetlinkError::Request { what, source };
-    let index = match link_index(&handle, name).await? {
-        Some(index) => index,
-        None => {
-            tokio::time::timeout(
-                TIMEOUT,
-                handle
-                    .link()
-                    .add(rtnetlink::LinkDummy::new(name).up().build())
-                    .execute(),
-            )
-            .await
-            .map_err(|_| NetlinkError::Timeout("link add"))?
-            .map_err(req("link add"))?;
-            link_index(&handle, name)
-                .await?
-                .ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))?
-        }
+    let index = if let Some(index) = link_index(&handle, name).await? {
+        index
+    } else {
+        tokio::time::timeout(
+            TIMEOUT,
+            handle
+                .link()
+                .add(rtnetlink::LinkDummy::new(name).up().build())
+                .execute(),
+        )
+        .await
+        .map_err(|_| NetlinkError::Timeout("link add"))?
+        .map_err(req("link add"))?;
+        link_index(&handle, name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))?
     };
     let msgs: Vec<_> = tokio::time::timeout(
         TIMEOUT,

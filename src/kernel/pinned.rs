@@ -19,9 +19,9 @@ use meshlb_common::{
 /// `CLOCK_MONOTONIC` in nanoseconds: the data path's `bpf_ktime_get_ns`
 /// (and, coarse, `bpf_ktime_get_coarse_ns`).
 pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 /// Errors opening or using the pinned maps.
@@ -529,12 +529,7 @@ impl Maps {
     /// Global counters summed over CPUs, by `Counter` index.
     pub fn counters(&self) -> Vec<u64> {
         (0..meshlb_common::COUNTER_COUNT)
-            .map(|i| {
-                self.counters
-                    .get(&i, 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0)
-            })
+            .map(|i| self.counters.get(&i, 0).map_or(0, |v| v.iter().sum()))
             .collect()
     }
 }

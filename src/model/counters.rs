@@ -49,7 +49,10 @@ pub struct SyncLatency {
 impl Registry {
     /// Records one "etcd event observed -> kernel applied" latency.
     pub fn observe_sync(&self, secs: f64) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
             if secs <= *le {
                 g.buckets[i] += 1;
@@ -65,7 +68,10 @@ impl Registry {
 
     /// The sync latencies so far (`None` before the first).
     pub fn sync_latency(&self) -> Option<SyncLatency> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let last = *g.recent.back()?;
         let mut sorted: Vec<f64> = g.recent.iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
@@ -85,19 +91,28 @@ impl Registry {
 
     /// Counts one rejected config item (`kind`: what was wrong).
     pub fn config_error(&self, kind: &str) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *g.config_errors.entry(kind.to_owned()).or_default() += 1;
     }
 
     /// Total config errors so far (all kinds).
     pub fn config_errors_total(&self) -> u64 {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         g.config_errors.values().sum()
     }
 
     /// A copy of the histogram and the config error counts, for rendering.
     pub fn snapshot(&self) -> Snapshot {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Snapshot {
             buckets: LATENCY_BUCKETS.iter().copied().zip(g.buckets).collect(),
             sum: g.sum,

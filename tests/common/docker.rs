@@ -111,7 +111,7 @@ impl Dockerd {
             dir: dir.to_owned(),
             host: format!("unix://{}", socket.display()),
             socket,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: extra.iter().map(std::string::ToString::to_string).collect(),
             proc: None,
             starts: 0,
         };
@@ -141,7 +141,7 @@ impl Dockerd {
         self.starts += 1;
         self.proc = Some(Proc::spawn("dockerd", &argv, &[], log));
         let r = wait_for(STARTUP, "dockerd to answer", || {
-            if let Some(st) = self.proc.as_mut().and_then(|p| p.exit_status()) {
+            if let Some(st) = self.proc.as_mut().and_then(super::Proc::exit_status) {
                 return Err(format!("dockerd exited: {st}"));
             }
             let out = self.cli(&["version", "--format", "{{.Server.APIVersion}}"]);

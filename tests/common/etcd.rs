@@ -131,7 +131,7 @@ impl Pki {
                 "ec_paramgen_curve:P-256",
                 "-out",
                 &s(path),
-            ])
+            ]);
         };
         let ca = |stem: &str, cn: &str| -> (PathBuf, PathBuf) {
             let (k, c) = (p(&format!("{stem}-key.pem")), p(&format!("{stem}.pem")));
@@ -175,7 +175,7 @@ impl Pki {
                     "-out",
                     &s(&csr),
                 ]);
-                let serial = format!("{}", std::process::id() as u64 * 1000 + csr_seq());
+                let serial = format!("{}", u64::from(std::process::id()) * 1000 + csr_seq());
                 ossl(&[
                     "x509",
                     "-req",
@@ -287,7 +287,7 @@ impl EtcdClient {
                 argv.push(format!("--key={}", k.display()));
             }
         }
-        argv.extend(args.iter().map(|s| s.to_string()));
+        argv.extend(args.iter().map(std::string::ToString::to_string));
         argv
     }
 
@@ -310,7 +310,7 @@ impl EtcdClient {
     pub fn meshlb(&self, args: &[&str]) -> CmdOutput {
         let mut argv = self.nsenter_prefix();
         argv.push(MESHLB.into());
-        argv.extend(args.iter().map(|s| s.to_string()));
+        argv.extend(args.iter().map(std::string::ToString::to_string));
         argv.extend(self.meshlb_flags());
         let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
         run_cmd_env(&refs, &[("RUST_BACKTRACE", "0")], CMD_TIMEOUT)
@@ -466,14 +466,14 @@ impl EtcdClient {
 /// Standard base64 (etcdctl's JSON output) without padding checks.
 pub fn b64_decode(s: &str) -> Vec<u8> {
     let val = |c: u8| -> Option<u32> {
-        Some(match c {
+        Some(u32::from(match c {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
             b'0'..=b'9' => c - b'0' + 52,
             b'+' => 62,
             b'/' => 63,
             _ => return None,
-        } as u32)
+        }))
     };
     let mut out = Vec::new();
     let (mut acc, mut bits) = (0u32, 0);
@@ -697,14 +697,13 @@ impl EtcdServer {
             if out.success() {
                 return;
             }
-            if Instant::now() >= deadline {
-                panic!(
-                    "etcd {} not healthy after {HEALTHY:?}: {}{}",
-                    self.name,
-                    out.describe(),
-                    self.log_tail(40)
-                );
-            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd {} not healthy after {HEALTHY:?}: {}{}",
+                self.name,
+                out.describe(),
+                self.log_tail(40)
+            );
             thread::sleep(Duration::from_millis(100));
         }
     }
@@ -966,7 +965,10 @@ impl Churn {
     pub fn wait_done(&self, n: usize, timeout: Duration) -> Result<(), String> {
         wait_for(timeout, "churn progress", || {
             let d = self.done.load(Ordering::Relaxed);
-            let ended = self.handle.as_ref().is_none_or(|h| h.is_finished());
+            let ended = self
+                .handle
+                .as_ref()
+                .is_none_or(std::thread::JoinHandle::is_finished);
             if d >= n || ended {
                 Ok(())
             } else {

@@ -117,7 +117,7 @@ pub fn sum16(data: &[u8]) -> u32 {
         } else {
             u16::from_be_bytes([c[0], 0])
         };
-        s += w as u32;
+        s += u32::from(w);
     }
     s
 }
@@ -353,7 +353,7 @@ pub fn with_frag6(b: Vec<u8>, offset: u16, more: bool) -> Vec<u8> {
     f[18..20].copy_from_slice(&plen.to_be_bytes());
     f.push(next);
     f.push(0);
-    f.extend((offset << 3 | more as u16).to_be_bytes());
+    f.extend((offset << 3 | u16::from(more)).to_be_bytes());
     f.extend(0x1234u32.to_be_bytes());
     f.extend(&b[54..]);
     f
@@ -519,16 +519,13 @@ pub struct Netns {
 
 impl Netns {
     pub fn new_named(prefix: &str) -> Netns {
-        if std::fs::read_to_string("/proc/self/status")
-            .map(|st| {
-                !st.lines()
-                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-            })
-            .unwrap_or(true)
-        {
+        if std::fs::read_to_string("/proc/self/status").map_or(true, |st| {
+            !st.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        }) {
             panic!("BPF_PROG_TEST_RUN fixtures need root (BPF_PROG_TEST_RUN, network namespaces); run `cargo xtask test` as root");
         }
-        let name = format!("{prefix}-{}", std::process::id() % 100000);
+        let name = format!("{prefix}-{}", std::process::id() % 100_000);
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         sh(&["ip", "netns", "add", &name]);
         let ip = |a: &str| {
@@ -631,8 +628,5 @@ pub fn program(desired_locals: &[&str], maps: &mut Maps) {
 }
 
 pub fn hex(b: &[u8]) -> String {
-    b.iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join("")
+    b.iter().map(|x| format!("{x:02x}")).collect::<String>()
 }

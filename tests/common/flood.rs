@@ -160,7 +160,7 @@ impl Flood {
         if !(1..=30).contains(&spec.src_prefix) {
             return Err(format!("source prefix /{}: want /1../30", spec.src_prefix));
         }
-        if spec.mix.syn as u64 + spec.mix.ack as u64 + spec.mix.udp as u64 == 0 {
+        if u64::from(spec.mix.syn) + u64::from(spec.mix.ack) + u64::from(spec.mix.udp) == 0 {
             return Err("mix: every weight is zero".into());
         }
         let shared = Arc::new(Shared::default());
@@ -293,8 +293,7 @@ impl Drop for Flood {
 fn seed(thread: usize) -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_nanos() as u64);
     t ^ ((thread as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ u64::from(std::process::id())
 }
 
@@ -608,7 +607,7 @@ impl Sender {
                 let h = &mut msgs[i].msg_hdr;
                 h.msg_name = std::ptr::addr_of_mut!(self.dst).cast();
                 h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                h.msg_iov = &mut iov[i];
+                h.msg_iov = &raw mut iov[i];
                 h.msg_iovlen = 1;
             }
             // SAFETY: `msgs` holds BATCH headers, each pointing at one

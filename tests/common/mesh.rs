@@ -142,9 +142,9 @@ impl Mesh {
                 sw_port: format!("{short}s{i}"),
                 br: format!("{short}br"),
                 v4: Ipv4Addr::new(10, 210, 0, i),
-                v6: Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, i as u16),
+                v6: Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, u16::from(i)),
                 br_v4: Ipv4Addr::new(10, 220 + i, 0, 1),
-                br_v6: Ipv6Addr::new(0xfd00, 0x220 + i as u16, 0, 0, 0, 0, 0, 1),
+                br_v6: Ipv6Addr::new(0xfd00, 0x220 + u16::from(i), 0, 0, 0, 0, 0, 1),
             })
             .collect::<Vec<_>>();
         let mut per_node = [0u8; 3];
@@ -159,7 +159,7 @@ impl Mesh {
                     ns: format!("{prefix}-t{}", j + 1),
                     node: n,
                     v4: Ipv4Addr::new(10, 221 + n as u8, 0, host),
-                    v6: Ipv6Addr::new(0xfd00, 0x221 + n as u16, 0, 0, 0, 0, 0, host as u16),
+                    v6: Ipv6Addr::new(0xfd00, 0x221 + n as u16, 0, 0, 0, 0, 0, u16::from(host)),
                 }
             })
             .collect();
@@ -468,7 +468,7 @@ impl Mesh {
         fs::write(root.join(name), data).expect("write served file");
         let dd = d.display();
         let conf = format!(
-            r#"master_process off;
+            r"master_process off;
 daemon off;
 worker_processes 1;
 pid {dd}/nginx.pid;
@@ -494,7 +494,7 @@ http {{
         }}
     }}
 }}
-"#,
+",
             root = root.display()
         );
         let conf_path = d.join("nginx.conf");
@@ -513,7 +513,7 @@ http {{
             &conf_path.display().to_string(),
         ]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
         let log = self.dir.join(format!("files-{}-{port}-{n}.log", t.name));
         let mut p = Proc::spawn(&format!("file server {} :{port}", t.name), &argv, &[], log);
@@ -648,7 +648,7 @@ http {{
         for i in ifaces {
             argv.extend(["--iface", i]);
         }
-        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let argv: Vec<String> = argv.iter().map(std::string::ToString::to_string).collect();
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         Proc::spawn(
             &format!("meshlb run {}", n.name),

@@ -76,9 +76,7 @@ const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 /// and XDP programs, and are meaningless without privileges. Never skips,
 /// in CI or elsewhere.
 pub fn require_root() {
-    let euid = fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(u32::MAX);
+    let euid = fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
     if euid != 0 {
         let ci = std::env::var_os("CI").is_some();
         panic!(
@@ -1048,7 +1046,7 @@ pub fn wrk_in(
         argv.extend(["-H", "Connection: close"]);
     }
     argv.push(url);
-    let out = run_cmd(&argv, Duration::from_secs(secs as u64 + 30));
+    let out = run_cmd(&argv, Duration::from_secs(u64::from(secs) + 30));
     if !out.success() {
         return Err(format!("wrk failed: {}", out.describe()));
     }
@@ -1076,7 +1074,7 @@ impl Drop for Topology {
         if self.bpffs_root.is_dir() && Path::new(MESHLB).exists() {
             let subs: Vec<String> = fs::read_dir(&self.bpffs_root)
                 .map(|rd| {
-                    rd.filter_map(|e| e.ok())
+                    rd.filter_map(std::result::Result::ok)
                         .filter(|e| e.path().is_dir())
                         .map(|e| e.file_name().to_string_lossy().into_owned())
                         .collect()
@@ -1155,8 +1153,7 @@ listen [::]:{BASELINE_PORT} ipv6only=on backlog=4096;
 location / {{ return 200 "{name}\n"; }}
     }}
 }}
-"#,
-        name = name
+"#
     );
     let conf_path = d.join("nginx.conf");
     fs::write(&conf_path, conf).expect("write nginx.conf");
@@ -1174,9 +1171,9 @@ location / {{ return 200 "{name}\n"; }}
         &conf_path.display().to_string(),
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
-    let mut p = Proc::spawn(&format!("nginx {}", name), &argv, &[], log);
+    let mut p = Proc::spawn(&format!("nginx {name}"), &argv, &[], log);
     let want = name.to_string();
     let r = wait_for(Duration::from_secs(10), "nginx to answer", || {
         if let Some(st) = p.exit_status() {
@@ -1565,7 +1562,7 @@ impl Topology {
             MESHLB.to_string(),
             "run".into(),
         ];
-        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.extend(args.iter().map(std::string::ToString::to_string));
         argv.push("--bpffs".into());
         argv.push(self.lb_bpffs().display().to_string());
         for i in ifaces {

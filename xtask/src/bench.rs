@@ -161,7 +161,7 @@ Transfer/sec:      9.60MB
     fn parses_wrk_report() {
         let s = parse_wrk(WRK).unwrap();
         assert_eq!(s.rps, 66102.40);
-        assert_eq!(s.requests, 330512);
+        assert_eq!(s.requests, 330_512);
         assert_eq!(s.socket_errors, 6);
         assert_eq!(s.non_2xx, 7);
         assert_eq!(s.latency_avg_us, Some(485.12));

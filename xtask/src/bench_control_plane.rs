@@ -212,7 +212,7 @@ fn write_results(mut doc: Value, opt: &Options, bin: &Path, etcd_log: &str) -> R
         "machine".into(),
         json!({
             "uname": first_line("uname", &["-a"]),
-            "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "nproc": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
             "cpu": proc_field("/proc/cpuinfo", "model name"),
             "memory": proc_field("/proc/meminfo", "MemTotal"),
             "etcd": first_line("etcd", &["--version"]),

@@ -180,7 +180,7 @@ fn mixed() -> [(&'static str, Path4, Path4); 2] {
 /// Everything started, in drop order: processes first, namespaces last.
 struct Bed {
     _haproxy: Background,
-    _daemons: Vec<Daemon>,
+    daemons: Vec<Daemon>,
     _nginx: Background,
     _lanes: Vec<Netns>,
     backend: Netns,
@@ -301,7 +301,7 @@ fn build(bin: &Path, tmp: &Path) -> Result<Bed> {
             mode,
         ]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
         let mut d = Daemon::start(
             bin,
@@ -356,7 +356,7 @@ fn build(bin: &Path, tmp: &Path) -> Result<Bed> {
 
     Ok(Bed {
         _haproxy: haproxy,
-        _daemons: daemons,
+        daemons,
         _nginx: nginx,
         _lanes: lanes,
         backend,
@@ -568,7 +568,7 @@ pub fn dataplane(opt: &Options) -> Result<PathBuf> {
     }
 
     let logs: Value = bed
-        ._daemons
+        .daemons
         .iter()
         .map(|d| (d.ns.clone(), json!(d.log_tail(100))))
         .collect::<serde_json::Map<_, _>>()
@@ -633,7 +633,7 @@ pub fn machine() -> Value {
     json!({
         "uname": first_line("uname", &["-a"]),
         "cpu": cpu,
-        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "nproc": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "rustc": first_line("rustc", &["--version"]),
         "wrk": first_line("wrk", &["-v"]),
         "nginx": first_line("nginx", &["-v"]),

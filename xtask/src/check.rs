@@ -90,7 +90,7 @@ fn run_all(s: &mut Steps) -> Result<()> {
         // per core keeps a 2-core box responsive without serialising.
         let threads = std::env::var("RUST_TEST_THREADS").unwrap_or_else(|_| {
             std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
+                .map_or(2, std::num::NonZero::get)
                 .max(2)
                 .to_string()
         });

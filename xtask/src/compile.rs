@@ -14,8 +14,10 @@ pub fn target_dir() -> PathBuf {
     let root = crate::root();
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { root.join(p) })
-        .unwrap_or_else(|| root.join("target"))
+        .map_or_else(
+            || root.join("target"),
+            |p| if p.is_absolute() { p } else { root.join(p) },
+        )
 }
 
 /// The compiled XDP object that the host crate embeds.

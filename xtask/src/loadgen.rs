@@ -91,6 +91,10 @@ fn one_request(target: SocketAddr, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "the shape of the other workloads, which can fail"
+)]
 fn paced(
     target: SocketAddr,
     rate: f64,

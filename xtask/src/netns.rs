@@ -134,7 +134,7 @@ pub fn lock_prefix(prefix: &str) -> Result<PrefixLock> {
     } else {
         "/tmp"
     };
-    let path = format!("{dir}/meshlb-xtask-{}lock", prefix);
+    let path = format!("{dir}/meshlb-xtask-{prefix}lock");
     let f = File::create(&path).with_context(|| format!("creating {path}"))?;
     match f.try_lock() {
         Ok(()) => Ok(PrefixLock(f)),

@@ -86,7 +86,13 @@ pub fn package(target: Target, revision: u32, dir: &Path) -> Result<PathBuf> {
     let deb = PathBuf::from(
         out.lines()
             .rev()
-            .find(|l| l.trim_end().ends_with(".deb"))
+            .find(|l| {
+                #[allow(
+                    clippy::case_sensitive_file_extension_comparisons,
+                    reason = "cargo-deb names its output in lower case"
+                )]
+                l.trim_end().ends_with(".deb")
+            })
             .with_context(|| format!("cargo deb printed no .deb path: {out}"))?
             .trim(),
     );

@@ -43,7 +43,7 @@ pub fn stat(mut v: Vec<f64>) -> Option<Stat> {
     let median = if n % 2 == 1 {
         v[n / 2]
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
     };
     Some(Stat {
         median,

@@ -485,7 +485,7 @@ pub fn bpf_linker() -> Result<()> {
     let libdir = Path::new(&sysroot).join("lib");
     let llvm = std::fs::read_dir(&libdir)
         .with_context(|| format!("reading {}", libdir.display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.path())
         .find(|p| {
             p.file_name()

@@ -50,10 +50,10 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
     h = mix(h, word(&k.dst, 12));
     h = mix(
         h,
-        (u16::from_be(k.sport) as u32) << 16 | u16::from_be(k.dport) as u32,
+        u32::from(u16::from_be(k.sport)) << 16 | u32::from(u16::from_be(k.dport)),
     );
-    h = mix(h, (k.proto as u32) << 8 | k.family as u32);
-    finish(h ^ 40)
+    h = mix(h, u32::from(k.proto) << 8 | u32::from(k.family));
+    finish(h ^ 0x28)
 }
 
 /// The Maglev slot of a flow on a ring of `ring_size` slots (0 for an

@@ -590,7 +590,7 @@ impl AffinityEntry {
     #[inline(always)]
     pub fn fresh(&self, now: u64, timeout_secs: u32) -> bool {
         timeout_secs != 0
-            && now.saturating_sub(self.last_used) <= timeout_secs as u64 * 1_000_000_000
+            && now.saturating_sub(self.last_used) <= u64::from(timeout_secs) * 1_000_000_000
     }
 }
 
@@ -682,7 +682,7 @@ impl SnatAddr {
         {
             0
         } else {
-            self.hole_max as u32 - self.hole_min as u32 + 1
+            u32::from(self.hole_max) - u32::from(self.hole_min) + 1
         }
     }
 
@@ -692,7 +692,7 @@ impl SnatAddr {
         if self.port_min == 0 || self.port_min > self.port_max {
             return 0;
         }
-        (self.port_max as u32 - self.port_min as u32 + 1) - self.hole_len()
+        (u32::from(self.port_max) - u32::from(self.port_min) + 1) - self.hole_len()
     }
 
     /// The `try_no`th port to try for a client's source port `client`
@@ -713,24 +713,24 @@ impl SnatAddr {
             return 0;
         }
         let hole = self.hole_len();
-        let c = client as u32;
+        let c = u32::from(client);
         let (min, hmin, hmax) = (
-            self.port_min as u32,
-            self.hole_min as u32,
-            self.hole_max as u32,
+            u32::from(self.port_min),
+            u32::from(self.hole_min),
+            u32::from(self.hole_max),
         );
-        let base = if c >= min && c <= self.port_max as u32 && !(hole > 0 && c >= hmin && c <= hmax)
-        {
-            if hole > 0 && c > hmax {
-                c - min - hole
+        let base =
+            if c >= min && c <= u32::from(self.port_max) && !(hole > 0 && c >= hmin && c <= hmax) {
+                if hole > 0 && c > hmax {
+                    c - min - hole
+                } else {
+                    c - min
+                }
+            } else if hole > 0 && c >= hmin && c <= hmax {
+                c - hmin
             } else {
-                c - min
-            }
-        } else if hole > 0 && c >= hmin && c <= hmax {
-            c - hmin
-        } else {
-            c
-        };
+                c
+            };
         // checked_rem: no panic path in BPF (n == 0 gives index 0).
         self.port_at(base.wrapping_add(try_no).checked_rem(n).unwrap_or(0))
     }
@@ -739,9 +739,9 @@ impl SnatAddr {
     /// `port_min`, skipping the hole.
     #[inline(always)]
     fn port_at(&self, idx: u32) -> u16 {
-        let p = self.port_min as u32 + idx;
+        let p = u32::from(self.port_min) + idx;
         let hole = self.hole_len();
-        (if hole > 0 && p >= self.hole_min as u32 {
+        (if hole > 0 && p >= u32::from(self.hole_min) {
             p + hole
         } else {
             p
@@ -781,7 +781,7 @@ pub fn walk_seed(client: u16, addr: &[u8; 16]) -> u32 {
         w(0) ^ w(4).rotate_left(8)
             ^ w(8).rotate_left(16)
             ^ w(12).rotate_left(24)
-            ^ (client as u32).wrapping_mul(0x9e37_79b1),
+            ^ u32::from(client).wrapping_mul(0x9e37_79b1),
     )
 }
 
@@ -1101,7 +1101,11 @@ impl Counter {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{
+        AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FragEntry,
+        FragKey, FrontendKey, FrontendValue, IfAddrKey, NodeMeta, RateWindow, RnatEntry,
+        ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff,
+    };
     // SAFETY: all these are #[repr(C)], fixed-width, without implicit
     // padding (padding is explicit), so every bit pattern is valid.
     unsafe impl aya::Pod for FrontendKey {}
@@ -1128,6 +1132,10 @@ mod pod {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::large_stack_arrays,
+    reason = "tables of every port, on a test thread's stack"
+)]
 mod tests {
     use super::*;
     use core::mem::size_of;
@@ -1210,7 +1218,7 @@ mod tests {
         let a = linux_default();
         let n = a.usable();
         let slot = |p: u16| {
-            let p = p as u32;
+            let p = u32::from(p);
             let off = if p > 60999 {
                 p - 1024 - (60999 - 32768 + 1)
             } else {
@@ -1309,7 +1317,7 @@ mod tests {
         };
         let mut v1 = [0u8; 32];
         // SAFETY: CtEntry is repr(C), its first 32 bytes are the V1 layout.
-        let bytes = unsafe { core::slice::from_raw_parts(&v2 as *const CtEntry as *const u8, 32) };
+        let bytes = unsafe { core::slice::from_raw_parts((&raw const v2).cast::<u8>(), 32) };
         v1.copy_from_slice(bytes);
         assert_eq!(CtEntry::from_v1(&v1, 77), v2);
     }

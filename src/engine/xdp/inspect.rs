@@ -159,8 +159,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
     let flood_threshold = u64::from(
         maps.flow_config
             .get(&0, 0)
-            .map(|c| c.flood())
-            .unwrap_or(meshlb_common::DEFAULT_FLOOD_THRESHOLD),
+            .map_or(meshlb_common::DEFAULT_FLOOD_THRESHOLD, |c| c.flood()),
     );
     Ok(Status {
         interfaces: Vec::new(),
@@ -174,7 +173,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
         services: by_name.into_values().collect(),
         conntrack_entries: maps.conntrack.keys().count() as u64,
         snat_ports_in_use: maps.snat.keys().count() as u64,
-        flow_table_size: meshlb_common::MAX_FLOWS as u64,
+        flow_table_size: u64::from(meshlb_common::MAX_FLOWS),
         embryonic_flows: maps.conntrack_embryonic.keys().count() as u64,
         new_flows_per_second,
         flood_threshold,

@@ -573,8 +573,7 @@ impl XdpDataplane {
         remove_superseded(dir);
         let size = MapData::from_pin(dir.join(maps::CONNTRACK))
             .and_then(|m| m.info())
-            .map(|i| i.max_entries())
-            .unwrap_or(0);
+            .map_or(0, |i| i.max_entries());
         if size != 0 && size != conntrack.max_flows {
             log::warn!(
                 "conntrack.max_flows = {}: the pinned flow tables under {} hold {size}; the new size applies once they are recreated (remove the pins while no meshlb runs)",
@@ -1151,8 +1150,7 @@ fn attach_iface(
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub fn kind_from_meta(v: u32) -> DataplaneKind {
@@ -1294,7 +1292,7 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
     let mut obs = Observed::default();
     let mut by_id = std::collections::BTreeMap::new();
     // The arrays are read whole, a few syscalls each, not slot by slot.
-    let whole = |e: crate::kernel::pinned::PinnedError| DataplaneError::Other(e.to_string());
+    let whole = DataplaneError::Pinned;
     let services = maps.all_services().map_err(whole)?;
     let names = maps.all_service_names().map_err(whole)?;
     let affinity = maps.all_service_affinity().map_err(whole)?;
@@ -1331,7 +1329,7 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
             },
         );
     }
-    for item in maps.frontends.iter() {
+    for item in &maps.frontends {
         let (k, v) = item.map_err(map_error(maps::FRONTENDS))?;
         let Some(key) = by_id.get(&v.service_id) else {
             continue;
@@ -1416,7 +1414,7 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
 /// or backend removal that follows it. A removed service's ring is
 /// replaced by an empty one in the same batch.
 pub fn apply_maps(maps: &mut Maps, plan: &Plan) -> Result<(), DataplaneError> {
-    let ring_err = |e: crate::kernel::pinned::PinnedError| DataplaneError::Other(e.to_string());
+    let ring_err = DataplaneError::Pinned;
     let mut rings: Vec<(u32, &[u32])> = Vec::new();
     for op in &plan.ops {
         if let Op::WriteRing { service_id, ring } = op {
@@ -1488,7 +1486,7 @@ fn apply_ops<'a>(maps: &mut Maps, ops: impl Iterator<Item = &'a Op>) -> Result<(
 /// frontend writes in batches (the only way they are written), the others
 /// one by one (`apply_op`).
 fn apply_run(maps: &mut Maps, run: &[&Op]) -> Result<(), DataplaneError> {
-    let pinned = |e: crate::kernel::pinned::PinnedError| DataplaneError::Other(e.to_string());
+    let pinned = DataplaneError::Pinned;
     let Some(first) = run.first() else {
         return Ok(());
     };
@@ -1687,7 +1685,7 @@ fn vip_refs(maps: &mut Maps, k: &FrontendKey, delta: i64) -> Result<(), Dataplan
 
 /// Adds `delta` to the frontends counted on `key` in `VIPS`.
 fn vip_refs_of(maps: &mut Maps, key: AddrKey, delta: i64) -> Result<(), DataplaneError> {
-    let n = maps.vips.get(&key, 0).unwrap_or(0) as i64 + delta;
+    let n = i64::from(maps.vips.get(&key, 0).unwrap_or(0)) + delta;
     if n <= 0 {
         let _ = maps.vips.remove(&key);
         Ok(())
@@ -1771,9 +1769,7 @@ impl XdpDataplane {
         if part.is_empty() {
             return Ok(0);
         }
-        let plan = view
-            .plan(&part, limits)
-            .map_err(|e| DataplaneError::Other(format!("reconcile: {e}")))?;
+        let plan = view.plan(&part, limits)?;
         self.mirror = None;
         if let Err(e) = apply_maps(&mut self.maps, &plan) {
             self.view = None;
@@ -1856,8 +1852,7 @@ impl Engine for XdpDataplane {
             crate::control::reconcile::Limits::default(),
         );
         self.rejected = rejected;
-        let plan = crate::control::reconcile::plan(&desired, &observed)
-            .map_err(|e| DataplaneError::Other(format!("reconcile: {e}")))?;
+        let plan = crate::control::reconcile::plan(&desired, &observed)?;
         let n = plan.ops.len();
         if n > 0 {
             self.apply(&plan)?;
@@ -1879,7 +1874,7 @@ impl Engine for XdpDataplane {
     fn metrics_source(&self) -> Result<crate::engine::StatsSource, DataplaneError> {
         Maps::from_pins(&self.dir)
             .map(|m| crate::engine::StatsSource::Pinned(std::sync::Arc::new(m)))
-            .map_err(|e| DataplaneError::Other(e.to_string()))
+            .map_err(DataplaneError::Pinned)
     }
 
     fn set_flow_config(&mut self, c: &ConntrackConfig) -> Result<bool, DataplaneError> {

@@ -408,7 +408,7 @@ mod tests {
         } else {
             prev.clone()
         };
-        for _ in 0..1 + rng.below(3) {
+        for _ in 0..=rng.below(3) {
             let i = rng.below(10) as u8;
             let key = ServiceKey {
                 name: format!("svc{i}"),
@@ -500,9 +500,7 @@ mod tests {
             if part.is_empty() {
                 return Ok(());
             }
-            let plan = v
-                .plan(&part, limits)
-                .map_err(|e| DataplaneError::Other(e.to_string()))?;
+            let plan = v.plan(&part, limits)?;
             if let Err(e) = k.apply(&plan) {
                 *view = None;
                 return Err(e);
@@ -511,8 +509,7 @@ mod tests {
         }
         let obs = k.observe()?;
         let (d, rejected) = admit(want, &obs, limits);
-        let plan =
-            plan_with_limits(&d, &obs, limits).map_err(|e| DataplaneError::Other(e.to_string()))?;
+        let plan = plan_with_limits(&d, &obs, limits)?;
         *view = None;
         k.apply(&plan)?;
         if rejected.is_empty() {
@@ -543,6 +540,10 @@ mod tests {
         assert_eq!(ids.first_free(7, &none), 7);
         assert_eq!(ids.first_free(10, &none), 11);
         // Against a plain walk of the held set.
+        #[allow(
+            clippy::maybe_infinite_iter,
+            reason = "a finite set of held ids: a free one is found"
+        )]
         let walk = |ids: &Ids, from: u32| (from..).find(|i| !ids.holds(*i)).unwrap();
         for from in 0..15 {
             assert_eq!(ids.first_free(from, &none), walk(&ids, from), "from {from}");

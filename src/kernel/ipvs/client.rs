@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 
+#[allow(
+    clippy::wildcard_imports,
+    reason = "the kernel's constants, under the names of its headers"
+)]
 use super::consts::*;
 use super::wire::{self, Dest, Reply, Service, ServiceId};
 use super::IpvsError;
@@ -116,6 +120,10 @@ pub struct Genl {
 }
 
 impl Genl {
+    #[allow(
+        clippy::unused_async,
+        reason = "async like every other request of the handle; callers await it"
+    )]
     pub async fn open() -> Result<Genl, IpvsError> {
         let mut sock = TokioSocket::new(NETLINK_GENERIC).map_err(IpvsError::Socket)?;
         sock.socket_mut().bind_auto().map_err(IpvsError::Socket)?;

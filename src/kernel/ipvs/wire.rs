@@ -9,6 +9,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+#[allow(
+    clippy::wildcard_imports,
+    reason = "the kernel's constants, under the names of its headers"
+)]
 use super::consts::*;
 
 /// A malformed message or attribute from the kernel.
@@ -246,7 +250,11 @@ fn addr_from(af: u16, v: &[u8]) -> Result<IpAddr, WireError> {
 
 fn put_service_id(a: &mut Vec<u8>, id: &ServiceId) {
     put_attr(a, IPVS_SVC_ATTR_AF, &family_of(&id.addr).to_ne_bytes());
-    put_attr(a, IPVS_SVC_ATTR_PROTOCOL, &(id.proto as u16).to_ne_bytes());
+    put_attr(
+        a,
+        IPVS_SVC_ATTR_PROTOCOL,
+        &u16::from(id.proto).to_ne_bytes(),
+    );
     put_attr(a, IPVS_SVC_ATTR_ADDR, &addr16(&id.addr));
     put_attr(a, IPVS_SVC_ATTR_PORT, &id.port.to_be_bytes());
 }

@@ -25,6 +25,10 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+#[allow(
+    clippy::wildcard_imports,
+    reason = "the kernel's constants, under the names of its headers"
+)]
 use super::consts::*;
 use crate::kernel::ipvs::consts::{NLM_F_ACK, NLM_F_REQUEST};
 use crate::kernel::ipvs::wire::{put_attr, put_nested};
@@ -294,7 +298,7 @@ pub fn set_elems(add: bool, v6: bool, elems: &[Remote]) -> Msg {
             for r in elems {
                 put_nested(l, NFTA_LIST_ELEM, |e| {
                     put_nested(e, NFTA_SET_ELEM_KEY, |k| {
-                        put_attr(k, NFTA_DATA_VALUE, &element_key(r))
+                        put_attr(k, NFTA_DATA_VALUE, &element_key(r));
                     });
                 });
             }

@@ -508,7 +508,7 @@ impl ServiceDef {
                 Some(w) => weight(&format!("{at}.weight"), w)?,
             };
             if let Some(n) = &b.node {
-                if n.is_empty() || n.len() > 128 || n.chars().any(|c| c.is_whitespace()) {
+                if n.is_empty() || n.len() > 128 || n.chars().any(char::is_whitespace) {
                     return Err(FieldError::new(
                         format!("{at}.node"),
                         format!("must be a node name (1..=128 characters, no spaces), got {n:?}"),

@@ -5,6 +5,10 @@
 
 use std::collections::BTreeMap;
 
+#[allow(
+    clippy::naive_bytecount,
+    reason = "one count per error message, over a config file"
+)]
 pub(super) fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
     text.as_bytes()[..end]

@@ -354,7 +354,7 @@ mod tests {
 
     fn env(c: ContainerInfo, e: &[&str]) -> ContainerInfo {
         ContainerInfo {
-            env: e.iter().map(|s| s.to_string()).collect(),
+            env: e.iter().map(std::string::ToString::to_string).collect(),
             ..c
         }
     }

@@ -122,14 +122,14 @@ pub async fn run(opts: DockerOptions, etcd: EtcdOptions, mut lease: watch::Recei
         tokio::pin!(sleep);
         loop {
             tokio::select! {
-                _ = &mut sleep => break,
+                () = &mut sleep => break,
                 r = lease.changed() => {
                     if r.is_err() {
                         return;
                     }
                     reg.set_lease(*lease.borrow_and_update());
                 }
-                _ = sleep_until(reg.due()) => reg.converge().await,
+                () = sleep_until(reg.due()) => reg.converge().await,
             }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -207,7 +207,7 @@ impl Watcher {
                     // The daemon is stopping.
                     Err(_) => self.lease_open = false,
                 },
-                _ = sleep_until(reg.due()) => reg.converge().await,
+                () = sleep_until(reg.due()) => reg.converge().await,
                 _ = resync.tick() => {
                     if let Err(e) = self.resync(reg).await {
                         return e;
@@ -333,8 +333,7 @@ impl Watcher {
                     .attributes
                     .as_ref()
                     .and_then(|a| a.get("signal"))
-                    .map(String::as_str)
-                    .unwrap_or("");
+                    .map_or("", String::as_str);
                 if STOP_SIGNALS.contains(&signal) && reg.has_container(&id) {
                     self.stopping.insert(id.clone());
                     reg.drain_container(&id).await;

@@ -329,7 +329,7 @@ fn addr_port(r: &TaskRecord) -> String {
     let port = r.port.map_or(String::new(), |p| format!(":{p}"));
     match r.addr {
         std::net::IpAddr::V6(a) => format!("[{a}]{port}"),
-        a => format!("{a}{port}"),
+        a @ std::net::IpAddr::V4(_) => format!("{a}{port}"),
     }
 }
 

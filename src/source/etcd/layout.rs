@@ -611,7 +611,7 @@ struct CacheEntry {
 impl ClusterState {
     /// Every valid service definition in etcd.
     pub fn service_configs(&self) -> impl Iterator<Item = &ServiceConfig> {
-        self.services.values().map(|s| s.as_ref())
+        self.services.values().map(std::convert::AsRef::as_ref)
     }
 
     /// Builds the state from a listing; returns the records it skipped.
@@ -1037,7 +1037,9 @@ impl ClusterState {
 /// change, and one bad task must not repeat its line on each of them.
 fn warn_once(message: String) {
     static SEEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if seen.len() < 10_000 && seen.insert(message.clone()) {
         log::warn!("{message}");
     }

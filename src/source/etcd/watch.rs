@@ -122,7 +122,7 @@ impl Snapshot {
                     }
                     changed = true;
                     let service = match layout::parse_key(prefix, &key) {
-                        Ok(layout::Key::Service(s)) | Ok(layout::Key::Task { service: s, .. }) => {
+                        Ok(layout::Key::Service(s) | layout::Key::Task { service: s, .. }) => {
                             Some(s)
                         }
                         _ => None,
@@ -296,7 +296,9 @@ async fn list(
             Err(Err(e)) => return Err(e),
         };
         if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
+            revision = resp
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision);
         }
         // Back towards full pages after a halving.
         limit = (limit * 2).min(LIST_PAGE);
@@ -371,8 +373,8 @@ async fn follow(
             resp.created(),
             resp.events()
                 .iter()
-                .filter_map(|ev| ev.kv().map(|kv| kv.mod_revision())),
-            resp.header().map(|h| h.revision()),
+                .filter_map(|ev| ev.kv().map(etcd_client::KeyValue::mod_revision)),
+            resp.header().map(etcd_client::ResponseHeader::revision),
         );
         let events: Vec<Event> = resp
             .events()

@@ -414,7 +414,7 @@ fn cluster(s: &Scenario, k: &ArchKit, logs: &Path) -> Result<Outcome> {
     loop {
         cmd::check_interrupted()?;
         for (i, slot) in running.iter_mut().enumerate() {
-            if slot.as_mut().is_some_and(|r| r.finished()) {
+            if slot.as_mut().is_some_and(qemu::Running::finished) {
                 let o = slot.take().expect("running").wait()?;
                 println!(
                     "vm: {} guest {}: {} {}",
@@ -453,7 +453,7 @@ fn cluster(s: &Scenario, k: &ArchKit, logs: &Path) -> Result<Outcome> {
             took: t.elapsed(),
         },
         None => Outcome {
-            pass: outcomes.iter().all(|o| o.is_some()),
+            pass: outcomes.iter().all(std::option::Option::is_some),
             detail: first.map(|o| o.detail.clone()).unwrap_or_default(),
             console: first.map(|o| o.console.clone()).unwrap_or_default(),
             took: t.elapsed(),

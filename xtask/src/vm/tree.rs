@@ -90,7 +90,7 @@ impl Tree {
         let boot = root.join("boot");
         let kernel = std::fs::read_dir(&boot)
             .with_context(|| format!("reading {}", boot.display()))?
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .map(|e| e.path())
             .find(|p| {
                 p.file_name()
@@ -247,7 +247,7 @@ fn kernel_version(root: &Path) -> Result<String> {
     let m = root.join("lib/modules");
     let mut v: Vec<String> = std::fs::read_dir(&m)
         .with_context(|| format!("reading {}", m.display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     match v.len() {
@@ -330,11 +330,11 @@ fn cpio_newc(dirs: &[&str], files: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut ino = 1;
     for d in dirs {
-        entry(&mut buf, ino, d, 0o040755, &[]);
+        entry(&mut buf, ino, d, 0o040_755, &[]);
         ino += 1;
     }
     for (name, data) in files {
-        entry(&mut buf, ino, name, 0o100755, data);
+        entry(&mut buf, ino, name, 0o100_755, data);
         ino += 1;
     }
     entry(&mut buf, ino, "TRAILER!!!", 0, &[]);

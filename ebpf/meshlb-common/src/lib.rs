@@ -268,7 +268,14 @@ pub struct ServiceName {
     pub proto: u8,
     /// Published port, host byte order.
     pub port: u16,
-    pub name: [u8; 60],
+    pub name: [u8; MAX_NAME_LEN],
+}
+
+impl ServiceName {
+    /// The name's bytes (`len` of them, at most `MAX_NAME_LEN`).
+    pub fn bytes(&self) -> &[u8] {
+        &self.name[..usize::from(self.len).min(MAX_NAME_LEN)]
+    }
 }
 
 impl Default for ServiceName {
@@ -277,7 +284,7 @@ impl Default for ServiceName {
             len: 0,
             proto: 0,
             port: 0,
-            name: [0; 60],
+            name: [0; MAX_NAME_LEN],
         }
     }
 }
@@ -304,6 +311,20 @@ pub struct Backend {
     /// Configured weight (status output; the ring already reflects it).
     pub weight: u32,
     pub _pad: u32,
+}
+
+impl Backend {
+    /// Whether this slot takes a new flow of service `service_id` and
+    /// address family `family`: present, neither down nor draining, that
+    /// service's and that family's. The data path and `explain` ask it
+    /// through this one function.
+    #[inline(always)]
+    pub fn takes_new_flows(&self, service_id: u32, family: u8) -> bool {
+        self.flags & BE_F_PRESENT != 0
+            && self.flags & (BE_F_DOWN | BE_F_DRAINING) == 0
+            && self.service_id == service_id
+            && self.family == family
+    }
 }
 
 /// A flow as seen on the wire, in the direction of the packet.

@@ -83,7 +83,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
             .service_names
             .get(&id, 0)
             .map_err(err(meshlb_common::maps::SERVICE_NAMES))?;
-        let name = String::from_utf8_lossy(&n.name[..(n.len as usize).min(60)]).into_owned();
+        let name = String::from_utf8_lossy(n.bytes()).into_owned();
         let proto = Proto::from_number(n.proto).map_or("?".into(), |p| p.to_string());
         let stats = Maps::sum_stats(&maps.service_stats, id);
         let s = by_name
@@ -231,11 +231,7 @@ fn affinity_backend(maps: &Maps, service_id: u32, key: &FlowKey) -> Option<Strin
         return None;
     }
     let b = maps.backends.get(&entry.backend_id, 0).ok()?;
-    if b.flags & BE_F_PRESENT == 0
-        || b.flags & (BE_F_DOWN | BE_F_DRAINING) != 0
-        || b.service_id != service_id
-        || b.family != key.family
-    {
+    if !b.takes_new_flows(service_id, key.family) {
         return None;
     }
     addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port)))
@@ -304,7 +300,7 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
         .service_names
         .get(&fe.service_id, 0)
         .ok()
-        .map(|n| String::from_utf8_lossy(&n.name[..(n.len as usize).min(60)]).into_owned());
+        .map(|n| String::from_utf8_lossy(n.bytes()).into_owned());
     if let Ok(ct) = maps.conntrack.get(&key, 0) {
         if ct.flags & CT_F_CLOSING == 0 {
             return Explanation {

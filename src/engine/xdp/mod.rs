@@ -1270,7 +1270,7 @@ fn frontend_keys(f: &Frontend) -> Vec<FrontendKey> {
 
 fn service_name(key: &ServiceKey) -> ServiceName {
     let mut n = ServiceName {
-        len: key.name.len().min(60) as u8,
+        len: key.name.len().min(meshlb_common::MAX_NAME_LEN) as u8,
         proto: key.proto.number(),
         port: key.port,
         ..Default::default()
@@ -1303,10 +1303,8 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
         let Some(n) = names.get(id as usize) else {
             continue;
         };
-        let (Some(proto), Ok(name)) = (
-            Proto::from_number(n.proto),
-            std::str::from_utf8(&n.name[..(n.len as usize).min(60)]),
-        ) else {
+        let (Some(proto), Ok(name)) = (Proto::from_number(n.proto), std::str::from_utf8(n.bytes()))
+        else {
             log::warn!("service slot {id}: unreadable name, ignored");
             continue;
         };

@@ -4,9 +4,8 @@
 
 use aya_ebpf::{bindings::xdp_action::XDP_DROP, helpers::bpf_ktime_get_boot_ns};
 use meshlb_common::{
-    hash::flow_slot, AffinityEntry, AffinityKey, Counter, CtEntry, BE_F_DOWN, BE_F_DRAINING,
-    BE_F_PRESENT, BE_F_SNAT, CT_F_CLOSING, CT_F_EST, CT_F_SNAT, NO_BACKEND, PROTO_TCP, RING_HALF,
-    SVC_F_PRESENT,
+    hash::flow_slot, AffinityEntry, AffinityKey, Counter, CtEntry, BE_F_PRESENT, BE_F_SNAT,
+    CT_F_CLOSING, CT_F_EST, CT_F_SNAT, NO_BACKEND, PROTO_TCP, RING_HALF, SVC_F_PRESENT,
 };
 
 use super::{
@@ -226,8 +225,5 @@ fn maglev_backend(pkt: &Packet, service_id: u32) -> u32 {
 /// and neither down nor draining.
 #[inline(always)]
 fn takes_new_flows(id: u32, service_id: u32, family: u8) -> bool {
-    matches!(MLB_BE_V1.get(id), Some(b) if b.flags & BE_F_PRESENT != 0
-        && b.flags & (BE_F_DOWN | BE_F_DRAINING) == 0
-        && b.service_id == service_id
-        && b.family == family)
+    matches!(MLB_BE_V1.get(id), Some(b) if b.takes_new_flows(service_id, family))
 }

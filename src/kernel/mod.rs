@@ -1,6 +1,7 @@
 //! Kernel adapters (IO only): the pinned BPF maps and the raw `bpf()`
 //! commands aya lacks, rtnetlink, IPVS and nf_tables over netlink, the pin
-//! lock, the listening sockets (`/proc/net`) and the heap arena.
+//! lock, the listening sockets (`/proc/net`) and the heap arena; one
+//! netlink attribute codec (`nlattr`) for IPVS and nf_tables.
 
 pub(crate) mod bpfsys;
 pub mod heap;
@@ -8,5 +9,6 @@ pub(crate) mod ipvs;
 pub(crate) mod listeners;
 pub(crate) mod netlink;
 pub mod nft;
+pub(crate) mod nlattr;
 pub(crate) mod pinlock;
 pub mod pinned;

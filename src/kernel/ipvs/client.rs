@@ -11,8 +11,9 @@ use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
     reason = "the kernel's constants, under the names of its headers"
 )]
 use super::consts::*;
-use super::wire::{self, Dest, Reply, Service, ServiceId};
+use super::wire::{self, Dest, Service, ServiceId};
 use super::IpvsError;
+use crate::kernel::nlattr::{replies, Reply, NLM_F_ACK, NLM_F_DUMP};
 
 /// Time allowed for one request and all of its replies.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -157,7 +158,7 @@ async fn exchange(
         let mut data = Vec::new();
         loop {
             let (buf, _) = sock.recv_from_full().await.map_err(IpvsError::Socket)?;
-            for (s, r) in wire::replies(&buf)? {
+            for (s, r) in replies(&buf)? {
                 if s != seq {
                     continue;
                 }

@@ -70,19 +70,6 @@ pub const IP_VS_SVC_F_HASHED: u32 = 0x2;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-// Netlink.
-pub const NLMSG_ERROR: u16 = 2;
-pub const NLMSG_DONE: u16 = 3;
-pub const NLM_F_REQUEST: u16 = 0x1;
-/// A part of a multipart reply (the tests build such replies).
-#[cfg(test)]
-pub const NLM_F_MULTI: u16 = 0x2;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_DUMP: u16 = 0x300;
-pub const NLA_F_NESTED: u16 = 0x8000;
-/// Bits of `nla_type` that are flags, not the type.
-pub const NLA_TYPE_MASK: u16 = !(0x8000 | 0x4000);
-
 // Generic netlink controller.
 pub const GENL_ID_CTRL: u16 = 0x10;
 pub const CTRL_CMD_GETFAMILY: u8 = 3;

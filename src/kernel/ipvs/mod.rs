@@ -24,7 +24,7 @@ pub enum IpvsError {
     #[error("generic netlink: empty answer")]
     NoAnswer,
     #[error(transparent)]
-    Wire(#[from] wire::WireError),
+    Wire(#[from] crate::kernel::nlattr::WireError),
     /// The file naming the services this node created could not be read:
     /// without it every service would look like another tool's.
     #[error("IPVS state file {path}: {source}")]

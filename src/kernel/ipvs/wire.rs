@@ -1,4 +1,5 @@
-//! Pure encoding and decoding of IPVS generic-netlink messages. No socket
+//! Pure encoding and decoding of IPVS generic-netlink messages (attributes
+//! and replies through `kernel::nlattr`). No socket
 //! here: every request is built, and every reply parsed, from bytes, so
 //! both are tested byte for byte without an IPVS-capable kernel.
 //!
@@ -14,86 +15,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     reason = "the kernel's constants, under the names of its headers"
 )]
 use super::consts::*;
-
-/// A malformed message or attribute from the kernel.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum WireError {
-    #[error("netlink message truncated at byte {0}")]
-    Truncated(usize),
-    #[error("netlink attribute {kind}: expected {want} bytes, got {got}")]
-    AttrSize { kind: u16, want: usize, got: usize },
-    #[error("netlink message lacks attribute {0}")]
-    Missing(&'static str),
-    #[error("address family {0} is neither AF_INET nor AF_INET6")]
-    Family(u16),
-}
-
-const NLMSG_HDR: usize = 16;
-const GENL_HDR: usize = 4;
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Appends attribute `kind` with `value`, padded to 4 bytes.
-pub fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    buf.extend(((4 + value.len()) as u16).to_ne_bytes());
-    buf.extend(kind.to_ne_bytes());
-    buf.extend(value);
-    buf.resize(align4(buf.len()), 0);
-}
-
-/// Appends a nested attribute whose payload `f` writes.
-pub fn put_nested(buf: &mut Vec<u8>, kind: u16, f: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend([0, 0]);
-    buf.extend((kind | NLA_F_NESTED).to_ne_bytes());
-    f(buf);
-    let len = (buf.len() - start) as u16;
-    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-}
-
-/// The attributes in `buf` as (type without flags, payload).
-pub fn attrs(buf: &[u8]) -> Result<Vec<(u16, &[u8])>, WireError> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 4 <= buf.len() {
-        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & NLA_TYPE_MASK;
-        if len < 4 || off + len > buf.len() {
-            return Err(WireError::Truncated(off));
-        }
-        out.push((kind, &buf[off + 4..off + len]));
-        off += align4(len);
-    }
-    Ok(out)
-}
-
-fn find<'a>(a: &[(u16, &'a [u8])], kind: u16) -> Option<&'a [u8]> {
-    a.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
-}
-
-fn fixed<const N: usize>(kind: u16, v: &[u8]) -> Result<[u8; N], WireError> {
-    v.get(..N)
-        .and_then(|s| s.try_into().ok())
-        .ok_or(WireError::AttrSize {
-            kind,
-            want: N,
-            got: v.len(),
-        })
-}
-
-fn u16_ne(a: &[(u16, &[u8])], kind: u16) -> Result<Option<u16>, WireError> {
-    find(a, kind)
-        .map(|v| fixed::<2>(kind, v).map(u16::from_ne_bytes))
-        .transpose()
-}
-
-fn u32_ne(a: &[(u16, &[u8])], kind: u16) -> Result<Option<u32>, WireError> {
-    find(a, kind)
-        .map(|v| fixed::<4>(kind, v).map(u32::from_ne_bytes))
-        .transpose()
-}
+use crate::kernel::nlattr::{
+    attrs, find, fixed, put_attr, put_nested, u16_ne, u32_ne, WireError, GENL_HDR, NLMSG_HDR,
+    NLM_F_ACK, NLM_F_REQUEST,
+};
 
 /// A whole netlink message: `nlmsghdr` + `genlmsghdr` + attributes.
 pub fn message(family: u16, flags: u16, seq: u32, cmd: u8, version: u8, attrs: &[u8]) -> Vec<u8> {
@@ -116,58 +41,6 @@ pub fn get_family(name: &str, seq: u32) -> Vec<u8> {
     z.push(0);
     put_attr(&mut a, CTRL_ATTR_FAMILY_NAME, &z);
     message(GENL_ID_CTRL, NLM_F_ACK, seq, CTRL_CMD_GETFAMILY, 1, &a)
-}
-
-/// One parsed netlink message of a reply.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Reply {
-    /// End of a dump.
-    Done,
-    /// An acknowledgement (error 0).
-    Ack,
-    /// A failed request: the (positive) errno.
-    Error(i32),
-    /// A data message: generic netlink command and its attributes.
-    Data { cmd: u8, attrs: Vec<u8> },
-}
-
-/// Every message in a receive buffer, with the sequence number each
-/// answers.
-pub fn replies(buf: &[u8]) -> Result<Vec<(u32, Reply)>, WireError> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + NLMSG_HDR <= buf.len() {
-        let h = &buf[off..];
-        let len = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        let kind = u16::from_ne_bytes([h[4], h[5]]);
-        let seq = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
-        if len < NLMSG_HDR || off + len > buf.len() {
-            return Err(WireError::Truncated(off));
-        }
-        let body = &buf[off + NLMSG_HDR..off + len];
-        let r = match kind {
-            NLMSG_DONE => Reply::Done,
-            NLMSG_ERROR => {
-                let e = fixed::<4>(NLMSG_ERROR, body)?;
-                match i32::from_ne_bytes(e) {
-                    0 => Reply::Ack,
-                    n => Reply::Error(-n),
-                }
-            }
-            _ => {
-                if body.len() < GENL_HDR {
-                    return Err(WireError::Truncated(off + NLMSG_HDR));
-                }
-                Reply::Data {
-                    cmd: body[0],
-                    attrs: body[GENL_HDR..].to_vec(),
-                }
-            }
-        };
-        out.push((seq, r));
-        off += align4(len);
-    }
-    Ok(out)
 }
 
 /// The family id in a `CTRL_CMD_GETFAMILY` answer.
@@ -404,6 +277,7 @@ pub fn af(addr: &IpAddr) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::nlattr::{replies, Reply, NLMSG_DONE, NLMSG_ERROR, NLM_F_MULTI};
 
     fn svc(addr: &str, port: u16, sched: &str) -> Service {
         Service {

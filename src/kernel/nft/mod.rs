@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 
-use crate::kernel::ipvs::wire::{replies, Reply};
+use crate::kernel::nlattr::{replies, Reply};
 pub use wire::Remote;
 
 /// Time allowed for one transaction and its acks.
@@ -38,7 +38,7 @@ pub enum NftError {
     #[error("{IPVS_CONNTRACK_SYSCTL}: {0}")]
     Sysctl(#[source] std::io::Error),
     #[error(transparent)]
-    Wire(#[from] crate::kernel::ipvs::wire::WireError),
+    Wire(#[from] crate::kernel::nlattr::WireError),
 }
 
 /// meshlb's masquerade table, kept equal to a set of remote backends.

@@ -30,8 +30,7 @@ use std::net::IpAddr;
     reason = "the kernel's constants, under the names of its headers"
 )]
 use super::consts::*;
-use crate::kernel::ipvs::consts::{NLM_F_ACK, NLM_F_REQUEST};
-use crate::kernel::ipvs::wire::{put_attr, put_nested};
+use crate::kernel::nlattr::{put_attr, put_nested, NLM_F_ACK, NLM_F_REQUEST};
 
 /// meshlb's table (family inet): nothing else is ever touched.
 pub const TABLE: &str = "meshlb";

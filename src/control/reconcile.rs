@@ -1,6 +1,6 @@
 //! The pure reconciler: desired state + observed state -> an ordered plan
 //! of data-plane operations. **No IO**: it is tested without a kernel, and
-//! every data plane (XDP, IPVS, fake) executes the same plans.
+//! every data plane (XDP, IPVS, the in-memory mirror) executes the same plans.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -510,7 +510,7 @@ impl<'a> IdPool<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::fake::FakeDataplane;
+    use crate::engine::mirror::Mirror;
     use crate::engine::Dataplane;
     use crate::model::{BackendSpec, Proto, ServiceSpec};
     use std::net::Ipv4Addr;
@@ -580,13 +580,13 @@ mod tests {
     }
 
     /// Plan against what `dp` holds and apply it; return the plan.
-    fn sync(dp: &mut FakeDataplane, want: &DesiredState) -> Plan {
+    fn sync(dp: &mut Mirror, want: &DesiredState) -> Plan {
         let p = plan(want, &dp.observe().unwrap()).unwrap();
         dp.apply(&p).unwrap();
         p
     }
 
-    fn backend_ids(dp: &FakeDataplane, key: &ServiceKey) -> BTreeMap<BackendKey, u32> {
+    fn backend_ids(dp: &Mirror, key: &ServiceKey) -> BTreeMap<BackendKey, u32> {
         dp.observe().unwrap().services[key]
             .backends
             .iter()
@@ -596,7 +596,7 @@ mod tests {
 
     /// Everything `want` asks for is what `dp` holds, and each ring names
     /// exactly the active backends.
-    fn assert_programmed(dp: &FakeDataplane, want: &DesiredState) {
+    fn assert_programmed(dp: &Mirror, want: &DesiredState) {
         let obs = dp.observe().unwrap();
         assert_eq!(obs.local_addrs, want.local_addrs);
         // No slot leaked.
@@ -698,7 +698,7 @@ mod tests {
 
     #[test]
     fn applied_plan_is_idempotent() {
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         let want = desired(vec![
             (skey("a", 80), spec(80, &[(1, 100), (2, 0), (3, 50)])),
             (skey("b", 81), spec(81, &[])),
@@ -715,7 +715,7 @@ mod tests {
     #[test]
     fn affinity_change_updates_the_service_without_rewriting_the_ring() {
         let key = skey("web", 80);
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         let mut want = desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]);
         sync(&mut dp, &want);
         Arc::make_mut(want.services.get_mut(&key).unwrap()).affinity_secs = 600;
@@ -738,7 +738,7 @@ mod tests {
     #[test]
     fn removed_backend_leaves_the_ring_first_and_others_keep_ids() {
         let key = skey("web", 80);
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         sync(
             &mut dp,
             &desired(vec![(
@@ -769,7 +769,7 @@ mod tests {
     #[test]
     fn weight_zero_drains() {
         let key = skey("web", 80);
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         sync(
             &mut dp,
             &desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]),
@@ -814,7 +814,7 @@ mod tests {
 
     #[test]
     fn removed_service_loses_frontends_first() {
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         let mut web = spec(80, &[(1, 100)]);
         web.frontends.insert(vip(10, 80));
         sync(
@@ -841,7 +841,7 @@ mod tests {
 
     #[test]
     fn frontend_moving_between_services_is_removed_then_added() {
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         let mut a = spec(80, &[(1, 100)]);
         a.frontends.insert(vip(10, 80));
         let b = spec(81, &[(2, 100)]);
@@ -871,7 +871,7 @@ mod tests {
 
     #[test]
     fn ids_are_reused_lowest_first() {
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         let svc = |n: &str, p, b: &[(u8, u32)]| (skey(n, p), spec(p, b));
         sync(
             &mut dp,
@@ -881,7 +881,7 @@ mod tests {
                 svc("c", 82, &[(4, 100)]),
             ]),
         );
-        let ids = |dp: &FakeDataplane| -> BTreeMap<String, u32> {
+        let ids = |dp: &Mirror| -> BTreeMap<String, u32> {
             dp.observe()
                 .unwrap()
                 .services
@@ -939,7 +939,7 @@ mod tests {
             frontends,
             local_addrs: 10,
         };
-        let mut dp = FakeDataplane::with_limits(lim(2, 10, 10));
+        let mut dp = Mirror::with_limits(lim(2, 10, 10));
         let held = desired(vec![
             (skey("b", 81), spec(81, &[(2, 100)])),
             (skey("c", 82), spec(82, &[(3, 100)])),
@@ -1022,7 +1022,7 @@ mod tests {
 
         // Ids held by backends that leave only at the end of the plan
         // count against the limit.
-        let mut dp = FakeDataplane::with_limits(lim(3, 3, 3, 1));
+        let mut dp = Mirror::with_limits(lim(3, 3, 3, 1));
         let key = skey("a", 80);
         sync(
             &mut dp,
@@ -1038,7 +1038,7 @@ mod tests {
         // A daemon that dies between writing a ring and its service leaves
         // a stale ring_hash behind; the next plan rewrites the ring.
         let key = skey("web", 80);
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         sync(
             &mut dp,
             &desired(vec![(key.clone(), spec(80, &[(1, 100)]))]),
@@ -1060,7 +1060,7 @@ mod tests {
     fn orphans_of_an_interrupted_removal_are_freed_first() {
         let key = skey("web", 80);
         let one = desired(vec![(key.clone(), spec(80, &[(1, 100), (2, 100)]))]);
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         sync(&mut dp, &one);
         // Crash right after RemoveService: both backends are orphans.
         let p = plan(&desired(vec![]), &dp.observe().unwrap()).unwrap();
@@ -1202,7 +1202,7 @@ mod tests {
             .collect();
         let mut want = desired(services);
         // The compact tables the XDP data plane mirrors the kernel with.
-        let mut dp = FakeDataplane::from_observed(&Observed::default());
+        let mut dp = Mirror::from_observed(&Observed::default());
         sync(&mut dp, &want);
         let key = skey("s4321", 14_321);
         Arc::make_mut(want.services.get_mut(&key).unwrap())
@@ -1226,7 +1226,7 @@ mod tests {
     #[test]
     fn random_sequences_converge() {
         let mut rng = Rng(0x6d65_7368_6c62_0001);
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         let mut prev: Option<Observed> = None;
         for round in 0..200 {
             let want = random_desired(&mut rng);
@@ -1240,7 +1240,7 @@ mod tests {
             } else {
                 // A mirror seeded from what was observed follows the plan
                 // to the same state (the XDP data plane relies on this).
-                let mut mirror = FakeDataplane::from_observed(&dp.observe().unwrap());
+                let mut mirror = Mirror::from_observed(&dp.observe().unwrap());
                 dp.apply(&p)
                     .unwrap_or_else(|e| panic!("round {round}: {e}"));
                 mirror

@@ -1300,7 +1300,7 @@ mod tests {
 
     impl Engine for Recorder {
         fn kind(&self) -> DataplaneKind {
-            DataplaneKind::Fake
+            DataplaneKind::Mirror
         }
         async fn held_down(
             &mut self,

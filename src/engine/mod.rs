@@ -2,7 +2,8 @@
 //!
 //! * [`Dataplane`]: the one door from the reconciler's plans (dense ids,
 //!   Maglev rings) to map-shaped tables. Implementations: `xdp` (aya) and
-//!   `fake` (in memory, for tests of pure logic).
+//!   `mirror` (the same tables in memory: the XDP engine's copy of the
+//!   kernel's, and the reconciler's tests).
 //! * [`Engine`]: what the daemon's single loop drives — make the kernel
 //!   hold a [`DesiredState`] (health and drain already applied to it),
 //!   report which backends it holds down, and show the daemon's counters.
@@ -13,8 +14,8 @@
 //! Everything about services, tasks, health, drain and schedulers sits
 //! above `Engine`, written once.
 
-pub(crate) mod fake;
 pub mod ipvs;
+pub(crate) mod mirror;
 pub mod xdp;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,7 +32,7 @@ pub enum DataplaneKind {
     XdpNative,
     XdpGeneric,
     Ipvs,
-    Fake,
+    Mirror,
 }
 
 impl DataplaneKind {
@@ -41,7 +42,7 @@ impl DataplaneKind {
             DataplaneKind::XdpNative => "xdp-native",
             DataplaneKind::XdpGeneric => "xdp-generic",
             DataplaneKind::Ipvs => "ipvs",
-            DataplaneKind::Fake => "fake",
+            DataplaneKind::Mirror => "mirror",
         }
     }
 }

@@ -27,7 +27,7 @@ use meshlb_common::{
 
 use crate::control::nodenet::{Attach, NodeNet};
 use crate::control::reconcile::{Op, Plan};
-use crate::engine::fake::FakeDataplane;
+use crate::engine::mirror::Mirror;
 use crate::engine::{
     BackendOf, Dataplane, DataplaneError, DataplaneKind, Engine, ServiceConfigs, Swept,
 };
@@ -526,7 +526,7 @@ pub struct XdpDataplane {
     /// What the maps hold, kept in memory after the first full read so a
     /// sync costs O(change), not a read of every map slot. Dropped (and
     /// re-read) whenever an apply fails part-way.
-    mirror: Option<FakeDataplane>,
+    mirror: Option<Mirror>,
     /// What a full sync programmed and what the maps hold since, so the
     /// next syncs plan only the services that changed (`view`). It
     /// replaces the mirror once built; a failed apply or `reread` drops it
@@ -1166,7 +1166,7 @@ fn kind_to_meta(k: DataplaneKind) -> u32 {
         DataplaneKind::XdpNative => meshlb_common::DATAPLANE_XDP_NATIVE,
         DataplaneKind::XdpGeneric => meshlb_common::DATAPLANE_XDP_GENERIC,
         DataplaneKind::Ipvs => meshlb_common::DATAPLANE_IPVS,
-        DataplaneKind::Fake => meshlb_common::DATAPLANE_NONE,
+        DataplaneKind::Mirror => meshlb_common::DATAPLANE_NONE,
     }
 }
 
@@ -1738,7 +1738,7 @@ impl Dataplane for XdpDataplane {
 
     fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
         if self.mirror.is_none() {
-            self.mirror = Some(FakeDataplane::from_observed(&observe_maps(&self.maps)?));
+            self.mirror = Some(Mirror::from_observed(&observe_maps(&self.maps)?));
         }
         self.view = None;
         let res = apply_maps(&mut self.maps, plan);

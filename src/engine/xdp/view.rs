@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::control::reconcile::{self, Limits, Plan, Taken};
-use crate::engine::fake::FakeDataplane;
+use crate::engine::mirror::Mirror;
 use crate::engine::BackendOf;
 use crate::engine::{Dataplane, DataplaneError};
 use crate::model::{BackendState, DesiredState, Frontend, Observed, ObservedService, ServiceKey};
@@ -304,7 +304,7 @@ impl View {
     /// a scratch copy of their tables reads after the same plan (which
     /// also checks the plan's order, as the mirror of a full sync does).
     pub fn commit(&mut self, part: Part, plan: &Plan) -> Result<(), DataplaneError> {
-        let mut scratch = FakeDataplane::from_observed(&part.observed);
+        let mut scratch = Mirror::from_observed(&part.observed);
         scratch.apply(plan)?;
         let now = scratch.observe()?;
         for key in &part.keys {
@@ -482,10 +482,10 @@ mod tests {
     }
 
     /// The XDP engine's choice between a partial and a full sync, over a
-    /// fake kernel.
+    /// mirror standing in for the kernel.
     fn sync(
         view: &mut Option<View>,
-        k: &mut FakeDataplane,
+        k: &mut Mirror,
         want: &DesiredState,
         limits: Limits,
     ) -> Result<(), DataplaneError> {
@@ -579,7 +579,7 @@ mod tests {
             } else {
                 Limits::default()
             };
-            let mut k = FakeDataplane::with_limits(limits);
+            let mut k = Mirror::with_limits(limits);
             let mut view = None;
             let mut want = DesiredState::default();
             let mut partial = 0;
@@ -642,7 +642,7 @@ mod tests {
                 spec.into(),
             );
         }
-        let mut k = FakeDataplane::new();
+        let mut k = Mirror::new();
         let mut view = None;
         sync(&mut view, &mut k, &want, Limits::default()).unwrap();
         let key = want.services.keys().nth(321).unwrap().clone();

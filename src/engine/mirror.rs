@@ -1,5 +1,7 @@
-//! An in-memory data plane holding the same tables the kernel maps hold,
-//! so that the reconciler's plans can be executed and read back in tests.
+//! The in-memory mirror of the XDP tables: the same tables the kernel maps
+//! hold, executing the reconciler's plans and read back. The XDP engine
+//! keeps one as its copy of what the kernel holds (and checks each plan's
+//! order on a scratch one); tests run plans against it without a kernel.
 //!
 //! It refuses what the kernel would refuse (an id beyond a table, deleting
 //! an absent key) and, to make ordering bugs visible, what would leave
@@ -24,7 +26,7 @@ use crate::model::{
 
 /// A service slot (`SERVICES` + `SERVICE_NAMES`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FakeService {
+pub struct MirrorService {
     pub key: ServiceKey,
     pub active_backends: u32,
     pub ring_hash: u64,
@@ -33,7 +35,7 @@ pub struct FakeService {
 
 /// A backend slot (`BACKENDS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FakeBackend {
+pub struct MirrorBackend {
     pub service_id: u32,
     pub key: BackendKey,
     pub weight: u32,
@@ -43,18 +45,18 @@ pub struct FakeBackend {
 
 /// See the module documentation.
 #[derive(Clone, Debug, Default)]
-pub struct FakeDataplane {
+pub struct Mirror {
     limits: Limits,
-    services: BTreeMap<u32, FakeService>,
+    services: BTreeMap<u32, MirrorService>,
     /// Service id -> ring (`RINGS`), removed with its service.
     rings: BTreeMap<u32, Vec<u32>>,
-    backends: BTreeMap<u32, FakeBackend>,
+    backends: BTreeMap<u32, MirrorBackend>,
     frontends: BTreeMap<Frontend, u32>,
     local_addrs: BTreeSet<IpAddr>,
     /// Keep only the distinct backend ids of each ring (a mirror needs no
     /// more, and 10,000 full rings would cost 160 MiB).
     compact_rings: bool,
-    /// Operations applied successfully over the fake's life.
+    /// Operations applied successfully over the mirror's life.
     applied: usize,
     /// Fail the operation with this index (counted like `applied`).
     fail_at: Option<usize>,
@@ -64,14 +66,14 @@ fn err(msg: String) -> DataplaneError {
     DataplaneError::Other(msg)
 }
 
-impl FakeDataplane {
+impl Mirror {
     /// Tables of the pinned maps' sizes.
     pub fn new() -> Self {
         Self::with_limits(Limits::default())
     }
 
     pub fn with_limits(limits: Limits) -> Self {
-        FakeDataplane {
+        Mirror {
             limits,
             ..Default::default()
         }
@@ -83,14 +85,14 @@ impl FakeDataplane {
     /// of existing services are unknown and start empty; rings are kept
     /// compact (the distinct backend ids only).
     pub fn from_observed(obs: &Observed) -> Self {
-        let mut f = FakeDataplane {
+        let mut f = Mirror {
             compact_rings: true,
-            ..FakeDataplane::new()
+            ..Mirror::new()
         };
         for (key, s) in &obs.services {
             f.services.insert(
                 s.id,
-                FakeService {
+                MirrorService {
                     key: key.clone(),
                     active_backends: s.active_backends,
                     ring_hash: s.ring_hash,
@@ -104,7 +106,7 @@ impl FakeDataplane {
             for (bk, b) in &s.backends {
                 f.backends.insert(
                     b.id,
-                    FakeBackend {
+                    MirrorBackend {
                         service_id: s.id,
                         key: *bk,
                         weight: b.weight,
@@ -117,7 +119,7 @@ impl FakeDataplane {
         for id in &obs.orphan_backends {
             f.backends.insert(
                 *id,
-                FakeBackend {
+                MirrorBackend {
                     service_id: u32::MAX,
                     key: BackendKey {
                         addr: IpAddr::from([0, 0, 0, 0]),
@@ -156,18 +158,18 @@ impl FakeDataplane {
     }
 
     #[cfg(test)]
-    pub fn service(&self, id: u32) -> Option<&FakeService> {
+    pub fn service(&self, id: u32) -> Option<&MirrorService> {
         self.services.get(&id)
     }
 
     #[cfg(test)]
-    pub fn backend(&self, id: u32) -> Option<&FakeBackend> {
+    pub fn backend(&self, id: u32) -> Option<&MirrorBackend> {
         self.backends.get(&id)
     }
 
     /// Every backend slot in use, orphans included.
     #[cfg(test)]
-    pub fn backends(&self) -> &BTreeMap<u32, FakeBackend> {
+    pub fn backends(&self) -> &BTreeMap<u32, MirrorBackend> {
         &self.backends
     }
 
@@ -219,7 +221,7 @@ impl FakeDataplane {
                 }
                 self.backends.insert(
                     *id,
-                    FakeBackend {
+                    MirrorBackend {
                         service_id: *service_id,
                         key: *key,
                         weight: *weight,
@@ -322,7 +324,7 @@ impl FakeDataplane {
                 }
                 self.services.insert(
                     *id,
-                    FakeService {
+                    MirrorService {
                         key: key.clone(),
                         active_backends: *active_backends,
                         ring_hash: *ring_hash,
@@ -369,9 +371,9 @@ impl FakeDataplane {
     }
 }
 
-impl Dataplane for FakeDataplane {
+impl Dataplane for Mirror {
     fn kind(&self) -> DataplaneKind {
-        DataplaneKind::Fake
+        DataplaneKind::Mirror
     }
 
     /// Rebuilt from the tables the way the XDP data plane reads its maps:
@@ -618,7 +620,7 @@ mod tests {
             ),
         ];
         for (what, ops, want) in cases {
-            let mut dp = FakeDataplane::new();
+            let mut dp = Mirror::new();
             dp.apply(&Plan { ops: base() }).unwrap();
             let e = dp.apply(&Plan { ops }).expect_err(what).to_string();
             assert!(e.contains(want), "{what}: {e}");
@@ -627,7 +629,7 @@ mod tests {
 
     #[test]
     fn observe_reads_back_the_tables() {
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         dp.apply(&Plan { ops: base() }).unwrap();
         // A backend whose service was never written is an orphan.
         dp.apply(&Plan {
@@ -659,7 +661,7 @@ mod tests {
 
     #[test]
     fn injected_failure_leaves_earlier_steps_applied() {
-        let mut dp = FakeDataplane::new();
+        let mut dp = Mirror::new();
         dp.fail_after(2);
         assert!(dp.apply(&Plan { ops: base() }).is_err());
         assert_eq!(dp.applied(), 2);

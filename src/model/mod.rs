@@ -262,13 +262,20 @@ pub enum BackendState {
     Draining,
 }
 
-impl fmt::Display for BackendState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl BackendState {
+    /// As `status` shows it: `up`, `down`, `draining`.
+    pub fn as_str(self) -> &'static str {
+        match self {
             BackendState::Up => "up",
             BackendState::Down => "down",
             BackendState::Draining => "draining",
-        })
+        }
+    }
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

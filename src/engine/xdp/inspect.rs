@@ -6,11 +6,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use meshlb_common::{
-    AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT,
-    CT_F_CLOSING, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, SVC_F_PRESENT,
+    AddrKey, AffinityKey, FlowKey, FrontendKey, BE_F_PRESENT, CT_F_CLOSING, NO_BACKEND,
 };
 
-use crate::engine::xdp::kind_from_meta;
+use crate::engine::xdp::{kind_from_meta, tables};
 use crate::kernel::pinned::{addr_bytes, addr_from, Maps};
 use crate::model::status::{BackendStatus, Explanation, IfaceStatus, ServiceStatus, Status};
 use crate::model::{Frontend, Proto};
@@ -18,6 +17,8 @@ use crate::model::{Frontend, Proto};
 /// Errors of `status`/`explain`.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
+    #[error(transparent)]
+    Pinned(#[from] crate::kernel::pinned::PinnedError),
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -71,20 +72,10 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
     let node = node.unwrap_or(&recorded);
     let mut by_name: BTreeMap<String, ServiceStatus> = BTreeMap::new();
     let mut id_name = BTreeMap::new();
-    for id in 0..MAX_SERVICES {
-        let info = maps
-            .services
-            .get(&id, 0)
-            .map_err(err(meshlb_common::maps::SERVICES))?;
-        if info.flags & SVC_F_PRESENT == 0 {
-            continue;
-        }
-        let n = maps
-            .service_names
-            .get(&id, 0)
-            .map_err(err(meshlb_common::maps::SERVICE_NAMES))?;
-        let name = String::from_utf8_lossy(n.bytes()).into_owned();
-        let proto = Proto::from_number(n.proto).map_or("?".into(), |p| p.to_string());
+    for slot in tables::services(maps)? {
+        let (id, n) = (slot.id, slot.name);
+        let name = slot.name_lossy();
+        let proto = slot.proto().map_or("?".into(), |p| p.to_string());
         let stats = Maps::sum_stats(&maps.service_stats, id);
         let s = by_name
             .entry(name.clone())
@@ -114,26 +105,13 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
             }
         }
     }
-    for id in 0..MAX_BACKENDS {
-        let b = maps
-            .backends
-            .get(&id, 0)
-            .map_err(err(meshlb_common::maps::BACKENDS))?;
-        if b.flags & BE_F_PRESENT == 0 {
-            continue;
-        }
-        let (Some(name), Some(addr)) = (id_name.get(&b.service_id), addr_from(&b.addr, b.family))
-        else {
+    for slot in tables::backends(maps)? {
+        let (id, b) = (slot.id, slot.backend);
+        let (Some(name), Some(addr)) = (id_name.get(&b.service_id), slot.addr) else {
             continue;
         };
         let st = Maps::sum_stats(&maps.backend_stats, id);
-        let state = if b.flags & BE_F_DOWN != 0 {
-            "down"
-        } else if b.flags & BE_F_DRAINING != 0 {
-            "draining"
-        } else {
-            "up"
-        };
+        let state = slot.state.as_str();
         if let Some(s) = by_name.get_mut(name) {
             s.backends.push(BackendStatus {
                 addr: fmt_addr(addr),

@@ -4,6 +4,7 @@
 //! link), and executes reconciler plans as map updates.
 
 pub mod inspect;
+pub mod tables;
 pub(crate) mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,7 +20,7 @@ use aya::{Ebpf, EbpfLoader};
 use meshlb_common::{
     flow_clock, idle_past, maps, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey,
     FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
-    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES,
+    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_SERVICES,
     PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP, SNAT_EMBRYONIC_NS,
     SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX, SNAT_PORT_MIN,
     SVC_F_PRESENT,
@@ -1291,27 +1292,11 @@ fn state_flags(state: BackendState) -> u8 {
 pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
     let mut obs = Observed::default();
     let mut by_id = std::collections::BTreeMap::new();
-    // The arrays are read whole, a few syscalls each, not slot by slot.
-    let whole = DataplaneError::Pinned;
-    let services = maps.all_services().map_err(whole)?;
-    let names = maps.all_service_names().map_err(whole)?;
-    let affinity = maps.all_service_affinity().map_err(whole)?;
-    for (id, info) in (0u32..).zip(&services).take(MAX_SERVICES as usize) {
-        if info.flags & SVC_F_PRESENT == 0 {
-            continue;
-        }
-        let Some(n) = names.get(id as usize) else {
-            continue;
-        };
-        let (Some(proto), Ok(name)) = (Proto::from_number(n.proto), std::str::from_utf8(n.bytes()))
-        else {
+    for slot in tables::services(maps)? {
+        let id = slot.id;
+        let Some(key) = slot.key() else {
             log::warn!("service slot {id}: unreadable name, ignored");
             continue;
-        };
-        let key = ServiceKey {
-            name: name.to_owned(),
-            proto,
-            port: n.port,
         };
         by_id.insert(id, key.clone());
         obs.services.insert(
@@ -1320,9 +1305,13 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
                 id,
                 // No ring (an upgrade from the flat ring array, a ring
                 // removed by hand): stale, so the reconcile writes one.
-                ring_hash: if maps.has_ring(id) { info.ring_hash } else { 0 },
-                active_backends: info.active_backends,
-                affinity_secs: affinity.get(id as usize).copied().unwrap_or(0),
+                ring_hash: if maps.has_ring(id) {
+                    slot.info.ring_hash
+                } else {
+                    0
+                },
+                active_backends: slot.info.active_backends,
+                affinity_secs: slot.affinity_secs,
                 ..Default::default()
             },
         );
@@ -1350,24 +1339,13 @@ pub fn observe_maps(maps: &Maps) -> Result<Observed, DataplaneError> {
             s.frontends.insert(fe);
         }
     }
-    let backends = maps.all_backends().map_err(whole)?;
-    for (id, b) in (0u32..).zip(&backends).take(MAX_BACKENDS as usize) {
-        if b.flags & BE_F_PRESENT == 0 {
-            continue;
-        }
-        let (Some(key), Some(addr)) = (by_id.get(&b.service_id), addr_from(&b.addr, b.family))
-        else {
+    for slot in tables::backends(maps)? {
+        let (id, b, state) = (slot.id, slot.backend, slot.state);
+        let (Some(key), Some(addr)) = (by_id.get(&b.service_id), slot.addr) else {
             // Left behind by a daemon that died between removing a service
             // and its backends: the reconciler frees it.
             obs.orphan_backends.insert(id);
             continue;
-        };
-        let state = if b.flags & BE_F_DOWN != 0 {
-            BackendState::Down
-        } else if b.flags & BE_F_DRAINING != 0 {
-            BackendState::Draining
-        } else {
-            BackendState::Up
         };
         let bkey = BackendKey {
             addr,

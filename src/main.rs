@@ -9,7 +9,7 @@ use meshlb::cli::admin::{self, AdminError};
 use meshlb::cli::manual;
 use meshlb::cli::{AdminCommand, Cli, Command, EtcdArgs, ProtoArg};
 use meshlb::daemon::{self, DaemonError};
-use meshlb::engine::{self as dataplane, xdp::inspect};
+use meshlb::engine::{self, xdp::inspect};
 use meshlb::kernel::pinned;
 use meshlb::model::Proto;
 
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Cleanup(args) => {
-            match dataplane::xdp::cleanup(&args.bpffs) {
+            match engine::xdp::cleanup(&args.bpffs) {
                 Ok(n) => eprintln!(
                     "meshlb: removed {n} pinned objects under {}",
                     args.bpffs.display()
@@ -129,8 +129,8 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(1, format!("tokio runtime: {e}")),
             };
-            let state = std::path::Path::new(dataplane::ipvs::STATE_DIR);
-            match rt.block_on(dataplane::ipvs::cleanup(state, dataplane::ipvs::VIP_DEVICE)) {
+            let state = std::path::Path::new(engine::ipvs::STATE_DIR);
+            match rt.block_on(engine::ipvs::cleanup(state, engine::ipvs::VIP_DEVICE)) {
                 Ok(None) => ExitCode::SUCCESS,
                 Ok(Some(c)) => {
                     eprintln!(
@@ -152,12 +152,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, format!("cleanup ipvs: {e}")),
             }
         }
-        Command::XdpPass(args) => {
-            match dataplane::xdp::attach_pass(&args.bpffs.bpffs, &args.ifaces) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(1, e),
-            }
-        }
+        Command::XdpPass(args) => match engine::xdp::attach_pass(&args.bpffs.bpffs, &args.ifaces) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, e),
+        },
         Command::Service(args) => run_admin(AdminCommand::Service(args.command), &args.etcd),
         Command::Task(args) => run_admin(AdminCommand::Task(args.command), &args.etcd),
         Command::Completions(args) => {
@@ -182,8 +180,8 @@ fn ipvs_status(node: Option<&str>) -> Result<Option<meshlb::model::status::Statu
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    let dir = std::path::Path::new(dataplane::ipvs::STATE_DIR);
-    rt.block_on(dataplane::ipvs::status_from_state(dir, node))
+    let dir = std::path::Path::new(engine::ipvs::STATE_DIR);
+    rt.block_on(engine::ipvs::status_from_state(dir, node))
         .map_err(|e| e.to_string())
 }
 

@@ -5,7 +5,7 @@
 //! interfaces the data plane is attached to, in which role and why
 //! (`wanted_ifaces`).
 //!
-//! **Invariant:** no IO here; `netlink` reads the facts, `dataplane::xdp`
+//! **Invariant:** no IO here; `netlink` reads the facts, `engine::xdp`
 //! writes the result.
 
 use crate::model::Role;

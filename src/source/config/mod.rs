@@ -1,12 +1,13 @@
 //! The TOML configuration file of `meshlb run` (SPEC.md, "Config file"):
-//! parsing, validation with one-line errors that name the field, and the
-//! static services' [`DesiredState`].
+//! parsing and validation, with one-line errors that name the field, into
+//! the validated model (`model::config`, which also turns the static
+//! services into the desired state).
 //!
 //! Parsing is two-step: serde reads the text into plain `*Def` structs
 //! (which `etcd` can reuse for its JSON values), then `validate` checks
 //! meaning and builds the typed [`Config`]. Errors of either step are
-//! located by a small scan of the text that maps every key path (such as
-//! `service[1].publish[0].port`) to its position.
+//! located by a small scan of the text (`scan`) that maps every key path
+//! (such as `service[1].publish[0].port`) to its position.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -12,6 +12,7 @@
 //! [`Engine`]): XDP, or IPVS when asked for or when XDP cannot load.
 
 pub(crate) mod metrics;
+pub(crate) mod prober;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,7 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::control::drain::DrainTimers;
-use crate::control::health::{self, Checker};
+use crate::control::health;
 use crate::control::nodenet;
 use crate::control::nodenet::{Attach, NodeNet};
 use crate::engine::ipvs::IpvsEngine;
@@ -42,6 +43,7 @@ use crate::source::etcd::layout::{Changes, DesiredCache};
 use crate::source::etcd::watch::{keep_node, run_source, Snapshot, Update, UPDATES};
 use crate::source::etcd::EtcdOptions;
 use crate::source::guard::{self, NodeGuard, PortKey};
+use prober::Checker;
 
 /// How often this node's links, addresses and routes are re-read: node
 /// ports follow the addresses, attached interfaces the links (a bridge
@@ -836,7 +838,7 @@ async fn run_engine<E: Engine>(
         }
         None => (None, Cluster::Static, Vec::new()),
     };
-    let (checker, mut health_rx) = Checker::new(health::MAX_CONCURRENT_PROBES);
+    let (checker, mut health_rx) = Checker::new(prober::MAX_CONCURRENT_PROBES);
     let live = Liveness {
         checker,
         drains: DrainTimers::default(),

@@ -2564,7 +2564,12 @@ fn kernel_rings_balance_exactly_and_a_removal_moves_few_flows_by_explain() {
             .iter()
             .map(|src| {
                 let e = meshlb::engine::xdp::inspect::explain(maps, Proto::Tcp, *src, dst);
-                assert_eq!(e.reason, "maglev", "{src}: {}", e.line());
+                assert_eq!(
+                    e.reason,
+                    meshlb::model::status::Reason::Maglev,
+                    "{src}: {}",
+                    e.line()
+                );
                 e.backend.expect("a backend")
             })
             .collect()

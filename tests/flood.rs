@@ -300,7 +300,7 @@ fn plan_probes(m: &Mesh, vip: SocketAddr, per_side: usize) -> (Vec<Probe>, Vec<P
         }
         let src = SocketAddr::new(m.client_v4.into(), port);
         let e = meshlb::engine::xdp::inspect::explain(&maps, Proto::Tcp, src, vip);
-        if e.reason != "maglev" {
+        if e.reason != meshlb::model::status::Reason::Maglev {
             continue;
         }
         let Some(task) = e
@@ -504,7 +504,7 @@ fn tracked_flows(m: &Mesh, flows: &[(SocketAddr, SocketAddr, Side)]) -> (usize, 
     let (mut local, mut remote) = (0, 0);
     for (src, dst, side) in flows {
         if meshlb::engine::xdp::inspect::explain(&maps, Proto::Tcp, *src, *dst).reason
-            == "conntrack"
+            == meshlb::model::status::Reason::Conntrack
         {
             match side {
                 Side::Local => local += 1,

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use crate::engine::StatsSource;
 use crate::model::counters::Registry;
 use crate::model::status::Status;
+use crate::model::BackendState;
 
 /// Per-backend numbers of one (service, backend) label set. A backend
 /// that serves several published ports of a service is one slot per port
@@ -86,7 +87,7 @@ pub fn render(status: &Status) -> String {
             e.bytes_in += b.bytes_in;
             e.bytes_out += b.bytes_out;
             e.connections += b.connections;
-            e.up |= b.state == "up";
+            e.up |= b.state == BackendState::Up;
         }
     }
     type Field = fn(&BackendSeries) -> u64;
@@ -323,7 +324,7 @@ mod tests {
     use super::*;
     use crate::model::status::{BackendStatus, ServiceStatus, Status};
 
-    fn backend(addr: &str, port: u16, state: &'static str, n: u64) -> BackendStatus {
+    fn backend(addr: &str, port: u16, state: BackendState, n: u64) -> BackendStatus {
         BackendStatus {
             addr: addr.into(),
             port,
@@ -470,12 +471,12 @@ mod tests {
                 name: "we\"b".into(),
                 vip: None,
                 ports: vec!["80/tcp".into(), "8080/tcp".into()],
-                scheduler: "maglev",
+                scheduler: crate::model::config::Scheduler::Maglev,
                 // The same backend behind two published ports: two slots.
                 backends: vec![
-                    backend("10.0.0.1", 8000, "up", 3),
-                    backend("10.0.0.1", 8000, "up", 4),
-                    backend("fd00::1", 8000, "down", 1),
+                    backend("10.0.0.1", 8000, BackendState::Up, 3),
+                    backend("10.0.0.1", 8000, BackendState::Up, 4),
+                    backend("fd00::1", 8000, BackendState::Down, 1),
                 ],
                 packets: 0,
                 bytes: 0,

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use super::{BackendOf, DataplaneError, DataplaneKind, Engine, ServiceConfigs};
 use crate::control::nodenet::NodeNet;
 use crate::kernel::nft::{Masquerade, Remote};
+use crate::model::config::Scheduler;
 use crate::model::status::{BackendStatus, ServiceStatus, Status};
 use crate::model::{BackendState, ServiceKey, ServiceSpec};
 
@@ -643,9 +644,9 @@ pub struct IpvsView(Arc<Mutex<BTreeMap<ServiceId, Named>>>);
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Named {
     name: String,
-    scheduler: &'static str,
+    scheduler: Scheduler,
     vip: bool,
-    states: BTreeMap<(IpAddr, u16), &'static str>,
+    states: BTreeMap<(IpAddr, u16), BackendState>,
 }
 
 impl IpvsView {
@@ -658,20 +659,11 @@ impl IpvsView {
             let states = spec
                 .backends
                 .iter()
-                .map(|(bk, bs)| {
-                    let st = match bs.effective_state() {
-                        BackendState::Up => "up",
-                        BackendState::Down => "down",
-                        BackendState::Draining => "draining",
-                    };
-                    ((bk.addr, bk.port), st)
-                })
+                .map(|(bk, bs)| ((bk.addr, bk.port), bs.effective_state()))
                 .collect();
             let scheduler = configs
                 .get(key.name.as_str())
-                .map_or(crate::model::config::Scheduler::Maglev.as_str(), |s| {
-                    s.scheduler.as_str()
-                });
+                .map_or(Scheduler::Maglev, |s| s.scheduler);
             let vip = spec.frontends.iter().any(|f| f.addr == Some(id.addr));
             m.insert(
                 id,
@@ -744,8 +736,8 @@ fn format_view(names: &BTreeMap<ServiceId, Named>) -> String {
 /// The lines of `format_view`; malformed lines (and backends of a
 /// malformed service) are skipped.
 fn parse_view(text: &str) -> BTreeMap<ServiceId, Named> {
-    const SCHEDULERS: [&str; 5] = ["maglev", "rr", "wrr", "lc", "sh"];
-    const STATES: [&str; 3] = ["up", "down", "draining"];
+    const STATES: [BackendState; 3] =
+        [BackendState::Up, BackendState::Down, BackendState::Draining];
     let mut out = BTreeMap::new();
     let mut cur: Option<ServiceId> = None;
     for l in text.lines() {
@@ -758,7 +750,7 @@ fn parse_view(text: &str) -> BTreeMap<ServiceId, Named> {
                         addr: addr.parse().ok()?,
                         port: port.parse().ok()?,
                     };
-                    let scheduler = SCHEDULERS.into_iter().find(|s| s == sched)?;
+                    let scheduler: Scheduler = sched.parse().ok()?;
                     out.insert(
                         id,
                         Named {
@@ -773,7 +765,7 @@ fn parse_view(text: &str) -> BTreeMap<ServiceId, Named> {
             }
             ["B", addr, port, st] => {
                 let parsed = (addr.parse::<IpAddr>(), port.parse::<u16>());
-                let state = STATES.into_iter().find(|s| s == st);
+                let state = STATES.into_iter().find(|s| s.as_str() == *st);
                 if let (Some(id), (Ok(a), Ok(p)), Some(state)) = (cur, parsed, state) {
                     if let Some(n) = out.get_mut(&id) {
                         n.states.insert((a, p), state);
@@ -860,7 +852,7 @@ fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &Table) -> St
                 addr: d.addr.to_string(),
                 port: d.port,
                 weight: d.weight,
-                state: n.states.get(k).copied().unwrap_or("up"),
+                state: n.states.get(k).copied().unwrap_or(BackendState::Up),
                 packets: st.in_packets + st.out_packets,
                 bytes: st.in_bytes + st.out_bytes,
                 connections: st.conns,
@@ -988,11 +980,11 @@ mod tests {
             id(80),
             Named {
                 name: "web".into(),
-                scheduler: "maglev",
+                scheduler: Scheduler::Maglev,
                 vip: true,
                 states: [
-                    (("10.0.1.2".parse().unwrap(), 8000), "up"),
-                    (("fd00::2".parse().unwrap(), 8000), "draining"),
+                    (("10.0.1.2".parse().unwrap(), 8000), BackendState::Up),
+                    (("fd00::2".parse().unwrap(), 8000), BackendState::Draining),
                 ]
                 .into_iter()
                 .collect(),
@@ -1002,7 +994,7 @@ mod tests {
             id(81),
             Named {
                 name: "db".into(),
-                scheduler: "sh",
+                scheduler: Scheduler::Sh,
                 vip: false,
                 states: BTreeMap::new(),
             },
@@ -1195,7 +1187,7 @@ mod tests {
         let svc = &st.services[0];
         assert_eq!(
             (svc.name.as_str(), svc.vip.as_deref(), svc.scheduler),
-            ("web", Some("10.96.0.10"), "maglev")
+            ("web", Some("10.96.0.10"), Scheduler::Maglev)
         );
         assert_eq!(svc.ports, vec!["80/tcp"]);
         let text = crate::daemon::metrics::render(&st);

@@ -9,15 +9,16 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::config::Scheduler;
 use crate::model::counters::SyncLatency;
-use crate::model::Role;
+use crate::model::{BackendState, Role};
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct BackendStatus {
     pub addr: String,
     pub port: u16,
     pub weight: u32,
-    pub state: &'static str,
+    pub state: BackendState,
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
@@ -32,7 +33,7 @@ pub struct ServiceStatus {
     pub name: String,
     pub vip: Option<String>,
     pub ports: Vec<String>,
-    pub scheduler: &'static str,
+    pub scheduler: Scheduler,
     pub backends: Vec<BackendStatus>,
     pub packets: u64,
     pub bytes: u64,
@@ -85,37 +86,52 @@ pub struct Explanation {
     pub service: Option<String>,
     pub frontend: Option<String>,
     pub backend: Option<String>,
-    /// "conntrack" | "affinity" | "maglev" | "no-service" | "no-backend"
-    pub reason: &'static str,
+    pub reason: Reason,
     pub slot: Option<u32>,
+}
+
+/// Why `explain` names the backend it names (or none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// An established flow: its conntrack entry.
+    Conntrack,
+    /// Session affinity of the client address.
+    Affinity,
+    /// A new flow: the Maglev ring's slot.
+    Maglev,
+    /// No frontend matches: the data plane passes the packet untouched.
+    NoService,
+    /// The service has no backend that takes new flows.
+    NoBackend,
 }
 
 impl Explanation {
     /// One human line.
     pub fn line(&self) -> String {
         match self.reason {
-            "no-service" => {
+            Reason::NoService => {
                 "no service matches this flow: the data plane passes it to the stack untouched"
                     .into()
             }
-            "no-backend" => format!(
+            Reason::NoBackend => format!(
                 "service {} (frontend {}) has no active backend: new flows go to the stack",
                 self.service.as_deref().unwrap_or("?"),
                 self.frontend.as_deref().unwrap_or("?")
             ),
-            "conntrack" => format!(
+            Reason::Conntrack => format!(
                 "service {} (frontend {}) -> backend {}: established flow (conntrack)",
                 self.service.as_deref().unwrap_or("?"),
                 self.frontend.as_deref().unwrap_or("?"),
                 self.backend.as_deref().unwrap_or("?")
             ),
-            "affinity" => format!(
+            Reason::Affinity => format!(
                 "service {} (frontend {}) -> backend {}: session affinity of the client address",
                 self.service.as_deref().unwrap_or("?"),
                 self.frontend.as_deref().unwrap_or("?"),
                 self.backend.as_deref().unwrap_or("?")
             ),
-            _ => format!(
+            Reason::Maglev => format!(
                 "service {} (frontend {}) -> backend {}: maglev slot {}",
                 self.service.as_deref().unwrap_or("?"),
                 self.frontend.as_deref().unwrap_or("?"),
@@ -197,7 +213,12 @@ pub fn status_table(s: &Status) -> String {
             let _ = writeln!(
                 out,
                 "  {:<40} {:>6} {:<9} {:>12} {:>14} {:>12}",
-                addr, b.weight, b.state, b.packets, b.bytes, b.connections
+                addr,
+                b.weight,
+                b.state.as_str(),
+                b.packets,
+                b.bytes,
+                b.connections
             );
         }
     }

@@ -11,7 +11,10 @@ use meshlb_common::{
 
 use crate::engine::xdp::{kind_from_meta, tables};
 use crate::kernel::pinned::{addr_bytes, addr_from, Maps};
-use crate::model::status::{BackendStatus, Explanation, IfaceStatus, ServiceStatus, Status};
+use crate::model::config::Scheduler;
+use crate::model::status::{
+    BackendStatus, Explanation, IfaceStatus, Reason, ServiceStatus, Status,
+};
 use crate::model::{Frontend, Proto};
 
 /// Errors of `status`/`explain`.
@@ -83,7 +86,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
                 name: name.clone(),
                 vip: None,
                 ports: vec![],
-                scheduler: "maglev",
+                scheduler: Scheduler::Maglev,
                 backends: vec![],
                 packets: 0,
                 bytes: 0,
@@ -111,7 +114,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
             continue;
         };
         let st = Maps::sum_stats(&maps.backend_stats, id);
-        let state = slot.state.as_str();
+        let state = slot.state;
         if let Some(s) = by_name.get_mut(name) {
             s.backends.push(BackendStatus {
                 addr: fmt_addr(addr),
@@ -261,7 +264,7 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
         slot: None,
     };
     let Some(fe) = fe else {
-        return no("no-service");
+        return no(Reason::NoService);
     };
     let frontend = Frontend {
         addr: (!node_port).then_some(dst.ip()),
@@ -286,7 +289,7 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
                 frontend: Some(frontend),
                 backend: addr_from(&ct.backend_addr, family)
                     .map(|a| sockaddr(a, u16::from_be(ct.backend_port))),
-                reason: "conntrack",
+                reason: Reason::Conntrack,
                 slot: None,
             };
         }
@@ -296,7 +299,7 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
             service,
             frontend: Some(frontend),
             backend: Some(backend),
-            reason: "affinity",
+            reason: Reason::Affinity,
             slot: None,
         };
     }
@@ -309,9 +312,9 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
         .filter(|b| b.flags & BE_F_PRESENT != 0 && b.family == family)
         .and_then(|b| addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port))));
     let reason = if backend.is_some() {
-        "maglev"
+        Reason::Maglev
     } else {
-        "no-backend"
+        Reason::NoBackend
     };
     Explanation {
         service,

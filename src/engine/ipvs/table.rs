@@ -190,7 +190,7 @@ pub(super) fn is_foreign(id: &ServiceId, have: &Table, owned: &BTreeSet<ServiceI
 }
 
 /// The virtual services of `desired` that another tool already holds
-/// (see [`is_foreign`]), each with the meshlb service it would implement:
+/// (see `is_foreign`), each with the meshlb service it would implement:
 /// those frontends are skipped rather than adopted.
 pub fn conflicts(
     desired: &DesiredState,

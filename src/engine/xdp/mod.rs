@@ -556,7 +556,7 @@ pub struct XdpDataplane {
 
 impl XdpDataplane {
     /// Loads (or adopts) the data plane under `dir` and attaches it to
-    /// the interfaces of `attach` (see [`attach_iface`]). An uplink where
+    /// the interfaces of `attach` (see `attach_iface`). An uplink where
     /// XDP cannot be attached is an error (the daemon may fall back to
     /// IPVS). Pins of interfaces not in `attach` are kept (adopted): the
     /// first `set_interfaces` with `prune` removes those no longer wanted.

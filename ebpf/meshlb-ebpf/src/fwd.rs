@@ -2,7 +2,9 @@
 //! destination, MAC rewrite, TTL/hop-limit decrement, then `XDP_TX` or
 //! redirect. When the next hop is not resolved yet or the egress device
 //! takes no native redirect, the frame goes up with `XdpHandoff` metadata
-//! and the TC handoff program sends it through the neighbour subsystem
+//! (or, where the kernel refuses XDP metadata, with the same handoff
+//! recorded under its flow in `MLB_HANDOFF_V1`) and the TC handoff program
+//! sends it through the neighbour subsystem
 //! (the stack itself would drop a packet whose source became this node's
 //! own address as a martian). Too big for the egress: answered with an
 //! ICMP error built in place (`toobig`). No route: the stack answers. A

@@ -151,8 +151,13 @@ pub const PROG_XDP_LB: &str = "meshlb_xdp";
 /// Name of an XDP program that passes everything (for veth peers: native
 /// XDP redirect only delivers to a veth whose peer runs an XDP program).
 pub const PROG_XDP_PASS: &str = "meshlb_pass";
-/// Name of the benchmark baseline: parse, swap MACs, XDP_TX.
+/// Name of the benchmark baseline (the bare forwarder): parse, FIB lookup,
+/// TTL decrement, MAC rewrite, XDP_TX or redirect.
 pub const PROG_XDP_BARE: &str = "meshlb_bare";
+/// Name of the benchmark packet generator (BPF_PROG_TEST_RUN in
+/// live-frames mode): XDP_TX of every frame, IPv4 UDP spread over 16
+/// source ports (the low 4 bits), UDP checksum cleared.
+pub const PROG_XDP_GEN: &str = "meshlb_gen";
 /// Name of the TC (cls_bpf/tcx ingress) load balancer, for interfaces
 /// where local senders are (bridges and veths toward local tasks): an skb
 /// may carry a partial checksum there, which only the skb checksum

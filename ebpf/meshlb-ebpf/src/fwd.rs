@@ -118,34 +118,50 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
         count(Counter::RedirectPass);
         return Ok(handoff(ctx, p.ifindex));
     }
-    // SAFETY: bounds-checked by the parser.
+    count(done);
+    Ok(emit(ctx, pkt, p.ifindex, &p.smac, &p.dmac))
+}
+
+/// Sends a frame on to its next hop: TTL / hop limit decremented (the
+/// caller checked it would not expire: `fib_params`), MACs rewritten,
+/// then `XDP_TX` back out of the ingress or a redirect to `ifindex`.
+/// Headers out of bounds or a failed redirect: `XDP_PASS`.
+#[inline(always)]
+pub fn emit(ctx: &XdpContext, pkt: &Packet, ifindex: u32, smac: &[u8; 6], dmac: &[u8; 6]) -> u32 {
+    // SAFETY: bounds-checked by ptr_at.
     unsafe {
-        let eth = &mut *ptr_at::<EthHdr, _>(ctx, 0).map_err(|()| XDP_PASS)?;
+        let Ok(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
+            return XDP_PASS;
+        };
         if pkt.key.family == FAMILY_V4 {
-            let ip = &mut *ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN).map_err(|()| XDP_PASS)?;
+            let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
+                return XDP_PASS;
+            };
+            let ip = &mut *ip;
             let mut c = CsumDelta::new(ip.check);
             c.word(
                 u16::from_be_bytes([ip.ttl, ip.proto]),
-                u16::from_be_bytes([ip.ttl - 1, ip.proto]),
+                u16::from_be_bytes([ip.ttl.wrapping_sub(1), ip.proto]),
             );
-            ip.ttl -= 1;
+            ip.ttl = ip.ttl.wrapping_sub(1);
             ip.check = c.finish();
         } else {
-            (*ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN).map_err(|()| XDP_PASS)?).hop_limit -= 1;
+            let Ok(ip) = ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN) else {
+                return XDP_PASS;
+            };
+            (*ip).hop_limit = (*ip).hop_limit.wrapping_sub(1);
         }
-        eth.dst = p.dmac;
-        eth.src = p.smac;
+        (*eth).dst = *dmac;
+        (*eth).src = *smac;
     }
-    count(done);
-    if p.ifindex == ingress {
-        return Ok(XDP_TX);
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        return XDP_TX;
     }
     // SAFETY: plain helper call.
-    let r = unsafe { bpf_redirect(p.ifindex, 0) };
-    if r == i64::from(XDP_REDIRECT) {
-        Ok(XDP_REDIRECT)
+    if unsafe { bpf_redirect(ifindex, 0) } == i64::from(XDP_REDIRECT) {
+        XDP_REDIRECT
     } else {
-        Ok(XDP_PASS)
+        XDP_PASS
     }
 }
 

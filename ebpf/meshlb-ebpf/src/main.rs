@@ -3,12 +3,15 @@
 //! (headers), `frame` (the two hooks behind one trait), `csum`
 //! (incremental checksums), `lb` (frontend match, then by role: backend
 //! selection, conntrack, SNAT, replies, rewrite, fragments, ICMP errors),
-//! `fwd` (XDP: FIB lookup and redirect), `tc`
+//! `fwd` (XDP: next-hop cache, FIB lookup and redirect), `bench` (the
+//! benchmarks' bare forwarder and packet generator), `tc`
 //! (TC: checksum helpers, redirect, neighbour handoff), `toobig` (ICMP
 //! "fragmentation needed" / "packet too big" built in place).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod bench;
 #[cfg(target_arch = "bpf")]
 mod csum;
 #[cfg(target_arch = "bpf")]
@@ -69,12 +72,20 @@ mod progs {
         xdp_action::XDP_PASS
     }
 
-    /// The benchmark baseline ("bare forwarder"): parse Ethernet + IPv4/6
-    /// + ports like the load balancer does, swap the MACs, `XDP_TX`. What the
-    /// load balancer costs on top of this is its own work.
+    /// The benchmark baseline ("bare forwarder"): parse like the load
+    /// balancer, FIB lookup, TTL decrement, MAC rewrite, `XDP_TX` or
+    /// redirect. What the load balancer costs on top of this is its own
+    /// work.
     #[xdp]
     pub fn meshlb_bare(ctx: XdpContext) -> u32 {
-        crate::parse::bare_forward(&ctx)
+        crate::bench::bare(&ctx)
+    }
+
+    /// The benchmark packet generator (BPF_PROG_TEST_RUN, live frames):
+    /// `XDP_TX` of each frame, IPv4 UDP spread over a few source ports.
+    #[xdp]
+    pub fn meshlb_gen(ctx: XdpContext) -> u32 {
+        crate::bench::generate(&ctx)
     }
 
     #[panic_handler]

@@ -7,7 +7,7 @@
 //! not merely inside the frame.
 //! Headers are byte arrays so no access is ever unaligned.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use aya_ebpf::bindings::xdp_action::XDP_PASS;
 use meshlb_common::{Counter, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{frame::Frame, maps::count};
@@ -353,23 +353,6 @@ fn parse_icmp_error<C: Frame>(
     pkt.kind = KIND_ICMP_ERR;
     pkt.check_off = pkt.l4_off + 2;
     Ok(pkt)
-}
-
-/// Parses like the load balancer, then bounces the frame back out with the
-/// MACs swapped (the microbenchmark's baseline).
-#[inline(always)]
-pub fn bare_forward(ctx: &XdpContext) -> u32 {
-    match parse(ctx) {
-        Ok(p) if p.len > 0 => {}
-        _ => return XDP_PASS,
-    }
-    let Ok(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
-        return XDP_PASS;
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    let eth = unsafe { &mut *eth };
-    core::mem::swap(&mut eth.dst, &mut eth.src);
-    aya_ebpf::bindings::xdp_action::XDP_TX
 }
 
 /// The flow of a plain TCP or UDP packet (IPv4 without options, IPv6

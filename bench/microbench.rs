@@ -1,8 +1,10 @@
 //! Driver of `cargo xtask bench microbench` (Katran's perf mode): the
 //! cost per packet of the XDP programs, run on crafted frames through
 //! BPF_PROG_TEST_RUN — `meshlb_xdp` (conntrack hit, conntrack miss) against
-//! the bare forwarder `meshlb_bare` (parse, swap MACs, XDP_TX) and the
-//! empty `meshlb_pass` (the harness floor), IPv4 and IPv6.
+//! the bare forwarder `meshlb_bare` (what any routing XDP program must
+//! do: parse, FIB lookup, TTL, MACs, redirect — on frames addressed to
+//! the backend) and the empty `meshlb_pass` (the harness floor), IPv4 and
+//! IPv6.
 //!
 //! # Method
 //!
@@ -14,8 +16,9 @@
 //! `repeat = 1` and a fresh frame each, summing the kernel's own duration
 //! of each run (which covers the program plus one `ktime_get_ns` and the
 //! bh disable/enable around it — the `pass` floor, subtracted for the
-//! "net" figures). `repeat = N` runs of the idempotent programs (pass,
-//! bare) are recorded as a cross-check of that floor.
+//! "net" figures). `repeat = N` runs of the one idempotent program
+//! (pass; the bare forwarder decrements the TTL, so its frame changes
+//! too) are recorded as a cross-check of that floor.
 //!
 //! * hit: an ACK of one established flow (its conntrack entry made by a
 //!   SYN beforehand); the same frame every call;
@@ -87,11 +90,23 @@ const ACK: u8 = 0x10;
 /// A TCP frame client → VIP:80 (v6: :8080) (64 bytes of headers + a short payload);
 /// checksums as a sender would set them (the program only updates them).
 fn frame(v6: bool, src_low: u16, sport: u16, flags: u8) -> Vec<u8> {
+    frame_to(v6, src_low, sport, flags, false)
+}
+
+/// `frame`, or with `to_backend` the same addressed to the backend
+/// itself (10.201.1.2:8000, v6 [fd00:201:1::2]:8000): what the bare
+/// forwarder routes.
+fn frame_to(v6: bool, src_low: u16, sport: u16, flags: u8, to_backend: bool) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
     let payload = b"GET / HTTP/1.0\r\n\r\n";
     let mut tcp = Vec::new();
     tcp.extend(sport.to_be_bytes());
-    tcp.extend(if v6 { 8080u16 } else { 80 }.to_be_bytes());
+    let dport: u16 = match (to_backend, v6) {
+        (true, _) => 8000,
+        (false, true) => 8080,
+        (false, false) => 80,
+    };
+    tcp.extend(dport.to_be_bytes());
     tcp.extend(1000u32.to_be_bytes());
     tcp.extend(if flags & ACK != 0 { 2000u32 } else { 0 }.to_be_bytes());
     tcp.extend([0x50, flags, 0xff, 0xff, 0x12, 0x34, 0, 0]);
@@ -103,10 +118,14 @@ fn frame(v6: bool, src_low: u16, sport: u16, flags: u8) -> Vec<u8> {
         f.extend([6, 64]);
         f.extend([0xfd, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, hi, lo]);
         f.extend(
-            "fd00:96::10"
-                .parse::<std::net::Ipv6Addr>()
-                .unwrap()
-                .octets(),
+            if to_backend {
+                "fd00:201:1::2"
+            } else {
+                "fd00:96::10"
+            }
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
         );
     } else {
         f.extend([0x08, 0x00]);
@@ -114,7 +133,11 @@ fn frame(v6: bool, src_low: u16, sport: u16, flags: u8) -> Vec<u8> {
         ip.extend(((20 + tcp.len()) as u16).to_be_bytes());
         ip.extend([0x12, 0x34, 0x40, 0x00, 64, 6, 0, 0]);
         ip.extend([10, 200, hi, lo]);
-        ip.extend([10, 96, 0, 10]);
+        ip.extend(if to_backend {
+            [10, 201, 1, 2]
+        } else {
+            [10, 96, 0, 10]
+        });
         let mut s: u32 = ip
             .chunks(2)
             .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
@@ -303,11 +326,12 @@ fn per_call(
     calls: u32,
     next_flow: &mut u32,
 ) -> Result<(f64, BTreeMap<u32, u32>)> {
-    let mut data = frame(
+    let mut data = frame_to(
         case.v6,
         1,
         40000,
         if case.flow == Flow::Miss { SYN } else { ACK },
+        case.prog == meshlb_common::PROG_XDP_BARE,
     );
     let l4 = if case.v6 { 54 } else { 34 };
     let src_lo = if case.v6 { 14 + 8 + 14 } else { 14 + 12 + 2 };
@@ -335,7 +359,13 @@ fn per_call(
 
 /// One `repeat = n` run; kernel ns per repetition.
 fn repeated(p: &Xdp, case: &Case, n: u32) -> Result<(f64, u32)> {
-    let data = frame(case.v6, 1, 40000, ACK);
+    let data = frame_to(
+        case.v6,
+        1,
+        40000,
+        ACK,
+        case.prog == meshlb_common::PROG_XDP_BARE,
+    );
     let r = p.test_run(TestRunOptions {
         data_in: Some(&data),
         repeat: n,
@@ -370,6 +400,19 @@ fn run(args: &Args, out: &Path) -> Result<()> {
                     r.return_value
                 );
             }
+        }
+    }
+
+    for v6 in [false, true] {
+        let r = prog(&ebpf, meshlb_common::PROG_XDP_BARE)?.test_run(TestRunOptions {
+            data_in: Some(&frame_to(v6, 1, 40000, ACK, true)),
+            ..TestRunOptions::new()
+        })?;
+        if r.return_value != 4 && r.return_value != 3 {
+            bail!(
+                "meshlb_bare does not forward the fixture frame (v6={v6}): verdict {}",
+                r.return_value
+            );
         }
     }
 
@@ -420,7 +463,10 @@ fn run(args: &Args, out: &Path) -> Result<()> {
                 "ct_full": ct_full,
             }));
         }
-        for case in CASES.iter().filter(|c| c.flow == Flow::Fixed) {
+        for case in CASES
+            .iter()
+            .filter(|c| c.prog == meshlb_common::PROG_XDP_PASS)
+        {
             let (ns, verdict) = repeated(prog(&ebpf, case.prog)?, case, args.repeat)?;
             println!(
                 "  round {round} {:<11} {ns:>7.1} ns/repetition (repeat {}, verdict {verdict})",

@@ -1976,8 +1976,40 @@ fn datapath_fixture_table() {
     );
 }
 
+/// Runs `f` on a thread inside the fixture namespace `ns` (the FIB
+/// lookups of BPF_PROG_TEST_RUN use the calling thread's namespace).
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let name = ns.name.clone();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Runs `prog` on `frame`: (verdict, output frame).
+fn run_on(prog: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; 4096];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// The bare forwarder (the benchmarks' reference) routes like any XDP
+/// router: FIB lookup, TTL decremented (IPv4 checksum updated), MACs of
+/// the next hop, redirect; a destination without a route goes up.
 #[test]
-fn bare_forwarder_swaps_macs_and_transmits() {
+fn bare_forwarder_routes_by_the_fib() {
     let ns = Netns::new_named("mlbt-fxb");
     let (mut ebpf, _maps) = load(&ns.pins);
     let prog: &mut Xdp = ebpf
@@ -1986,22 +2018,158 @@ fn bare_forwarder_swaps_macs_and_transmits() {
         .try_into()
         .unwrap();
     prog.load().expect("verifier accepts the bare forwarder");
-    let f = Frame::tcp("10.200.0.2", 40000, "10.96.0.10", 80, SYN);
-    let mut out = vec![0u8; 4096];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(&f.bytes()),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        })
+    let prog: &Xdp = prog;
+    in_netns(&ns, || {
+        for (src, dst) in [
+            ("10.200.0.2", "10.201.1.2"),
+            ("fd00:200::2", "fd00:201:1::2"),
+        ] {
+            let f = Frame::tcp(src, 40000, dst, 8000, SYN);
+            let (verdict, out) = run_on(prog, &f.bytes());
+            let want = Frame {
+                smac: FXA_MAC,
+                dmac: BE1_MAC,
+                ttl: f.ttl - 1,
+                ..f.clone()
+            };
+            assert_eq!(verdict, XDP_REDIRECT, "{dst}: redirected to fxa");
+            assert_eq!(hex(&out), hex(&want.bytes()), "{dst}: routed frame");
+            assert_checksums(&out, dst);
+        }
+        let f = Frame::tcp("10.200.0.2", 40000, "192.0.2.1", 80, SYN);
+        let (verdict, out) = run_on(prog, &f.bytes());
+        assert_eq!(verdict, XDP_PASS, "no route: up to the stack");
+        assert_eq!(out, f.bytes(), "no route: untouched");
+    });
+}
+
+/// Issue 19: the next-hop cache. A flow's first packet asks the FIB and
+/// caches the backend's next hop (egress, MACs, route MTU, generation);
+/// a hit uses it without a FIB lookup (shown by a neighbour changed in
+/// the kernel behind its back: the cached MAC is still used); a bumped
+/// generation (what the daemon does on an rtnetlink event), an entry too
+/// old, a missing entry, or a packet over the cached MTU falls back to
+/// the FIB, which refreshes the entry.
+#[test]
+fn next_hop_cache_hit_stale_missing_fall_back_to_the_fib() {
+    use meshlb_common::{NextHop, NH_F_VALID, NH_MAX_AGE};
+    let ns = Netns::new_named("mlbt-fxn");
+    let (ebpf, mut maps) = load(&ns.pins);
+    program(&["10.200.0.1", "fd00:200::1", SNAT4, SNAT6], &mut maps);
+    let prog: &Xdp = ebpf
+        .program(meshlb_common::PROG_XDP_LB)
+        .unwrap()
+        .try_into()
         .unwrap();
-    let want = Frame {
-        smac: f.dmac,
-        dmac: f.smac,
-        ..f.clone()
+    let new_mac = [0x02, 0, 0, 0, 0x01, 0x99];
+    let ns_name = ns.name.clone();
+    let set_neigh = |mac: &str| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &ns_name,
+                "neigh",
+                "replace",
+                "10.201.1.2",
+                "lladdr",
+                mac,
+            ])
+            .args(["dev", "fxa", "nud", "permanent"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip neigh replace: {out:?}");
     };
-    assert_eq!(r.return_value, 3, "XDP_TX");
-    assert_eq!(&out[..r.data_size_out as usize], want.bytes().as_slice());
+    in_netns(&ns, || {
+        let misses = |m: &Maps| m.counters()[Counter::NextHopMiss as usize];
+        // The first packet of a flow: a miss, then cached.
+        let syn = Frame::tcp("10.200.0.2", 41000, "10.96.0.10", 80, SYN);
+        let (verdict, out) = run_on(prog, &syn.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "first packet forwarded");
+        assert_eq!(out[0..6], BE1_MAC, "first packet: the FIB's MAC");
+        assert_eq!(misses(&maps), 1, "first packet: a miss");
+        let be = u16::from_be_bytes([out[36], out[37]]);
+        assert_eq!(be, 8000);
+        let (id, nh) = (0..meshlb_common::MAX_BACKENDS)
+            .find_map(|i| {
+                let nh: NextHop = maps.next_hops.get(&i, 0).ok()?;
+                (nh.flags & NH_F_VALID != 0).then_some((i, nh))
+            })
+            .expect("a cached next hop");
+        let generation = maps.next_hop_gen.get(&0, 0).unwrap();
+        assert_eq!(nh.addr[..4], [10, 201, 1, 2], "cached for the backend");
+        assert_eq!(nh.ifindex, FXA_IFINDEX, "egress fxa");
+        assert_eq!((nh.smac, nh.dmac), (FXA_MAC, BE1_MAC), "MACs");
+        assert_eq!(nh.mtu, 1500, "the route's MTU");
+        assert_eq!(nh.gen, generation, "this generation");
+
+        // Hit: the kernel's neighbour changed, the generation did not:
+        // the cache answers (no FIB lookup saw the new MAC).
+        set_neigh("02:00:00:00:01:99");
+        let ack = Frame::tcp("10.200.0.2", 41000, "10.96.0.10", 80, ACK);
+        let (verdict, out) = run_on(prog, &ack.bytes());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out[0..6], BE1_MAC, "hit: the cached MAC");
+        assert_eq!(misses(&maps), 1, "hit: no miss");
+        assert_checksums(&out, "hit");
+
+        // Stale: a new generation; the FIB answers, the cache follows.
+        maps.bump_next_hop_gen().unwrap();
+        let (_, out) = run_on(prog, &ack.bytes());
+        assert_eq!(out[0..6], new_mac, "stale: the FIB's new MAC");
+        assert_eq!(misses(&maps), 2, "stale: a miss");
+        let nh: NextHop = maps.next_hops.get(&id, 0).unwrap();
+        assert_eq!(nh.dmac, new_mac, "refreshed");
+        assert_eq!(
+            nh.gen,
+            generation.wrapping_add(1),
+            "refreshed: new generation"
+        );
+        let (_, out) = run_on(prog, &ack.bytes());
+        assert_eq!(out[0..6], new_mac);
+        assert_eq!(misses(&maps), 2, "refreshed entry hits");
+
+        // Too old (no daemon to bump the generation): the FIB again.
+        set_neigh("02:00:00:00:01:02");
+        let old = NextHop {
+            stamp: nh.stamp.wrapping_sub(NH_MAX_AGE + 1),
+            ..nh
+        };
+        maps.next_hops.set(id, old, 0).unwrap();
+        let (_, out) = run_on(prog, &ack.bytes());
+        assert_eq!(out[0..6], BE1_MAC, "too old: the FIB's MAC");
+        assert_eq!(misses(&maps), 3, "too old: a miss");
+
+        // Missing: the FIB again, and cached again.
+        maps.next_hops.set(id, NextHop::default(), 0).unwrap();
+        let (verdict, out) = run_on(prog, &ack.bytes());
+        assert_eq!(
+            (verdict, &out[0..6]),
+            (XDP_REDIRECT, &BE1_MAC[..]),
+            "missing: FIB"
+        );
+        assert_eq!(misses(&maps), 4, "missing: a miss");
+        let nh: NextHop = maps.next_hops.get(&id, 0).unwrap();
+        assert_eq!(nh.flags & NH_F_VALID, NH_F_VALID, "cached again");
+
+        // A packet over the cached MTU: the FIB decides (here it fits).
+        maps.next_hops
+            .set(id, NextHop { mtu: 30, ..nh }, 0)
+            .unwrap();
+        let (verdict, _) = run_on(prog, &ack.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "over the cached MTU: FIB");
+        assert_eq!(misses(&maps), 5, "over the cached MTU: a miss");
+
+        // Replies never use the cache (their destination is a client).
+        let reply = Frame::tcp("10.201.1.2", 8000, "10.200.0.2", 41000, ACK);
+        let (verdict, out) = run_on(prog, &reply.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "reply forwarded");
+        assert_eq!(
+            out[0..6],
+            [0x02, 0, 0, 0, 0, 0x02],
+            "reply: the client's MAC"
+        );
+        assert_eq!(misses(&maps), 5, "replies do not count");
+    });
 }
 
 /// The backend port a forwarded frame carries (after a handoff header, if

@@ -564,6 +564,7 @@ pub async fn run(
                 log::info!("iface {}: {} ({})", a.name, a.role.as_str(), a.why);
             }
             allow_local_source(&names(&attach));
+            let _next_hops = AbortOnDrop(tokio::spawn(follow_next_hops(settings.bpffs.clone())));
             Box::pin(run_engine(dp, settings, cfg, shutdown, metrics_listener)).await
         }
         Err(e) if settings.dataplane == DataplaneChoice::Auto => {
@@ -573,6 +574,39 @@ pub async fn run(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Keeps the data path's next-hop cache true while the daemon runs: each
+/// burst of neighbour, route or link changes of this namespace makes every
+/// cached next hop stale (`maps::NEXT_HOP_GEN`), so the next packet to
+/// each backend asks the FIB. Without it (no rtnetlink events, or the
+/// daemon gone) cached next hops still expire by age (`NH_MAX_AGE`).
+async fn follow_next_hops(bpffs: PathBuf) {
+    use futures::{FutureExt, StreamExt};
+    let mut generation = match crate::kernel::pinned::next_hop_gen(&bpffs) {
+        Ok(g) => g,
+        Err(e) => {
+            log::warn!("next-hop cache: {e}; cached next hops expire by age only (~2 s)");
+            return;
+        }
+    };
+    let mut changes = match netlink::next_hop_changes() {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("next-hop cache: {e}; cached next hops expire by age only (~2 s)");
+            return;
+        }
+    };
+    while changes.next().await.is_some() {
+        // One bump for what is already queued.
+        while let Some(Some(_)) = changes.next().now_or_never() {}
+        if let Err(e) = crate::kernel::pinned::bump_next_hop_gen(&mut generation) {
+            log::warn!("next-hop cache: {e}");
+        }
+    }
+    log::warn!(
+        "next-hop cache: rtnetlink events ended; cached next hops expire by age only (~2 s)"
+    );
 }
 
 /// The names of `attach`, in order.

@@ -36,6 +36,29 @@ pub enum NetlinkError {
     NoSuchInterface(String),
 }
 
+/// rtnetlink notifications, one item per message.
+pub type Notifications = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// Every neighbour, route and link change of this network namespace, as
+/// the kernel announces it (rtnetlink multicast groups): what can move a
+/// next hop. The stream ends if the socket fails.
+pub fn next_hop_changes() -> Result<Notifications, NetlinkError> {
+    use rtnetlink::constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH};
+    let (mut conn, _handle, messages) =
+        rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+    let groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+    use rtnetlink::sys::AsyncSocket;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
+        .map_err(NetlinkError::Socket)?;
+    tokio::spawn(conn);
+    Ok(messages)
+}
+
 fn connect() -> Result<rtnetlink::Handle, NetlinkError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
     tokio::spawn(conn);

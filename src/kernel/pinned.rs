@@ -12,8 +12,8 @@ use aya::maps::{
 use aya::Ebpf;
 use meshlb_common::{
     maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FrontendKey,
-    FrontendValue, IfAddrKey, NodeMeta, RateWindow, RnatEntry, ServiceInfo, ServiceName, SnatAddr,
-    SnatEntry, Stats,
+    FrontendValue, IfAddrKey, NextHop, NodeMeta, RateWindow, RnatEntry, ServiceInfo, ServiceName,
+    SnatAddr, SnatEntry, Stats,
 };
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the data path's `bpf_ktime_get_ns`
@@ -92,6 +92,10 @@ pub struct Maps {
     pub reverse_nat_embryonic: HashMap<MapData, FlowKey, RnatEntry>,
     /// New flows in the current second, per CPU.
     pub new_flow_rate: PerCpuArray<MapData, RateWindow>,
+    /// Backend id -> its cached next hop (written by the data path).
+    pub next_hops: Array<MapData, NextHop>,
+    /// 0 -> the next-hop generation (`bump_next_hop_gen`).
+    pub next_hop_gen: Array<MapData, u32>,
 }
 
 impl Maps {
@@ -197,6 +201,8 @@ impl Maps {
             conntrack_embryonic: typed!(maps::CONNTRACK_EMBRYONIC),
             reverse_nat_embryonic: typed!(maps::REVERSE_NAT_EMBRYONIC),
             new_flow_rate: typed!(maps::NEW_FLOW_RATE),
+            next_hops: typed!(maps::NEXT_HOPS),
+            next_hop_gen: typed!(maps::NEXT_HOP_GEN),
         })
     }
 
@@ -526,12 +532,37 @@ impl Maps {
         }
     }
 
+    /// Makes every cached next hop stale (`bump_next_hop_gen`).
+    pub fn bump_next_hop_gen(&mut self) -> Result<(), PinnedError> {
+        bump_next_hop_gen(&mut self.next_hop_gen)
+    }
+
     /// Global counters summed over CPUs, by `Counter` index.
     pub fn counters(&self) -> Vec<u64> {
         (0..meshlb_common::COUNTER_COUNT)
             .map(|i| self.counters.get(&i, 0).map_or(0, |v| v.iter().sum()))
             .collect()
     }
+}
+
+/// Makes every cached next hop stale (`maps::NEXT_HOP_GEN`): the data
+/// path asks the FIB again for each backend's next packet. For a
+/// neighbour, route or link change, and for changed interface flags.
+/// Only the daemon writes the generation.
+pub fn bump_next_hop_gen(generation: &mut Array<MapData, u32>) -> Result<(), PinnedError> {
+    let name = maps::NEXT_HOP_GEN;
+    let cur = generation.get(&0, 0).map_err(map_err(name))?;
+    generation
+        .set(0, cur.wrapping_add(1), 0)
+        .map_err(map_err(name))
+}
+
+/// The next-hop generation map pinned under `dir`, on its own (for the
+/// daemon's task that follows rtnetlink).
+pub fn next_hop_gen(dir: &Path) -> Result<Array<MapData, u32>, PinnedError> {
+    let name = maps::NEXT_HOP_GEN;
+    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    Array::try_from(Map::Array(data)).map_err(map_err(name))
 }
 
 /// Descriptors of the maps `Maps` reads whole or writes in batches.

@@ -100,9 +100,18 @@ pub mod maps {
     /// kernel that refuses `bpf_xdp_adjust_meta` to XDP programs (where
     /// the handoff cannot ride in metadata; see `XDP_META_GLOBAL`).
     pub const HANDOFF: &str = "MLB_HANDOFF_V1";
+    /// array, backend id -> `NextHop`: the next hop of each backend, cached
+    /// by the data path after a FIB lookup, so that a conntrack hit needs
+    /// none.
+    pub const NEXT_HOPS: &str = "MLB_NH_V1";
+    /// array, index 0 -> `u32`: the next-hop generation. The daemon bumps
+    /// it on every neighbour, route and link change (rtnetlink events) and
+    /// whenever it rewrites backends or interface flags; a `NextHop` of
+    /// another generation is stale.
+    pub const NEXT_HOP_GEN: &str = "MLB_NHGEN_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 27] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -128,6 +137,8 @@ pub mod maps {
         REVERSE_NAT_EMBRYONIC,
         NEW_FLOW_RATE,
         HANDOFF,
+        NEXT_HOPS,
+        NEXT_HOP_GEN,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -653,6 +664,43 @@ pub struct FragEntry {
 /// Size of `FRAGMENTS`: datagrams in reassembly at once.
 pub const MAX_FRAGS: u32 = 8192;
 
+/// A backend's next hop as the FIB last resolved it (`maps::NEXT_HOPS`,
+/// by backend id), written by the data path after a successful FIB lookup
+/// of a packet to that backend and used instead of one while it is fresh:
+/// `gen` equals `maps::NEXT_HOP_GEN`, it is younger than `NH_MAX_AGE`
+/// flow-clock ticks, and `addr` is the packet's destination. Anything
+/// else (missing, stale, another address, a packet over `mtu`, a TTL
+/// about to expire, an egress it may not redirect to) falls back to the
+/// FIB lookup, which refreshes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    /// The destination it was resolved for (IPv4: the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Egress interface.
+    pub ifindex: u32,
+    /// `maps::NEXT_HOP_GEN` when it was resolved.
+    pub gen: u32,
+    /// `flow_clock` tick when it was resolved.
+    pub stamp: u32,
+    /// The route's MTU (the FIB's answer for an oversized probe).
+    pub mtu: u16,
+    /// `NH_F_*`.
+    pub flags: u8,
+    pub family: u8,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// `NextHop::flags`: resolved (an all-zero slot is not).
+pub const NH_F_VALID: u8 = 1;
+/// `NextHop::flags`: the egress has no native XDP transmit (`IF_F_NO_XMIT`).
+pub const NH_F_NO_XMIT: u8 = 2;
+/// A `NextHop` older than this many flow-clock ticks (about 2 s) is
+/// resolved again, so that the data path follows a next hop that changed
+/// even while no daemon runs to bump the generation.
+pub const NH_MAX_AGE: u32 = 4;
+
 /// The metadata the XDP program puts in front of a translated frame it
 /// hands to the stack (no neighbour entry yet, or an egress device that
 /// takes no native redirect): the TC program on the same interface
@@ -1003,10 +1051,13 @@ pub enum Counter {
     /// established (its handshake took longer than `SNAT_EMBRYONIC_NS`):
     /// dropped; the client retries.
     PortLost = 42,
+    /// A packet to a backend whose cached next hop (`NextHop`) was
+    /// missing or stale: forwarded by a FIB lookup, which refreshed it.
+    NextHopMiss = 43,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 43;
+pub const COUNTER_COUNT: u32 = 44;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -1056,6 +1107,7 @@ impl Counter {
         Counter::ResetDropped,
         Counter::Promoted,
         Counter::PortLost,
+        Counter::NextHopMiss,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -1121,6 +1173,7 @@ impl Counter {
             Counter::ResetDropped => "reset_dropped",
             Counter::Promoted => "promoted",
             Counter::PortLost => "port_lost",
+            Counter::NextHopMiss => "next_hop_miss",
         }
     }
 }
@@ -1129,7 +1182,7 @@ impl Counter {
 mod pod {
     use super::{
         AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FragEntry,
-        FragKey, FrontendKey, FrontendValue, IfAddrKey, NodeMeta, RateWindow, RnatEntry,
+        FragKey, FrontendKey, FrontendValue, IfAddrKey, NextHop, NodeMeta, RateWindow, RnatEntry,
         ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff,
     };
     // SAFETY: all these are #[repr(C)], fixed-width, without implicit
@@ -1155,6 +1208,7 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for XdpHandoff {}
+    unsafe impl aya::Pod for NextHop {}
 }
 
 #[cfg(test)]

@@ -5,17 +5,16 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup,
         xdp_action::{XDP_PASS, XDP_TX},
         BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
+    helpers::bpf_get_prandom_u32,
     programs::XdpContext,
 };
 
 use crate::{
-    fwd::{emit, fib_params},
-    parse::{parse, ptr_at, EthHdr, Ipv4Hdr, L4Ports, ETH_LEN, IPV4_LEN},
+    fwd::{emit, fib_params, lookup},
+    parse::{parse, ptr_at, EthHdr, Ipv4Hdr, L4Ports, Packet, ETH_LEN, IPV4_LEN},
 };
 
 /// What any routing XDP program must do, and nothing more: parse the
@@ -28,22 +27,21 @@ pub fn bare(ctx: &XdpContext) -> u32 {
     let Ok(pkt) = parse(ctx) else {
         return XDP_PASS;
     };
-    let Some(mut p) = fib_params(ctx, &pkt) else {
+    route(ctx, &pkt)
+}
+
+/// The bare forwarder's FIB lookup and transmit: a subprogram of its own,
+/// so that its lookup parameters and the parser's frame are never on the
+/// stack together.
+#[inline(never)]
+fn route(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    let Some(mut p) = fib_params(ctx, pkt) else {
         return XDP_PASS;
     };
-    // SAFETY: ctx and p are valid for the helper's duration.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx.cast(),
-            &raw mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    if lookup(ctx, &mut p) != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return XDP_PASS;
     }
-    emit(ctx, &pkt, p.ifindex, &p.smac, &p.dmac)
+    emit(ctx, pkt, p.ifindex, &p.smac, &p.dmac)
 }
 
 /// UDP source ports the generator spreads its frames over (low bits).

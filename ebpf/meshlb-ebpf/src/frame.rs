@@ -37,8 +37,9 @@ pub trait Frame {
     /// headers out of bounds.
     fn rewrite(&self, pkt: &Packet, new: &[u8; 16], new_port: u16, src_side: bool) -> bool;
     /// Sends the translated packet on towards its (new) destination, or
-    /// reports it too big for its egress (`toobig::TOO_BIG` | MTU).
-    fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32>;
+    /// reports it too big for its egress (`toobig::TOO_BIG` | MTU). `hop`:
+    /// the cached next hop it may use (XDP; TC always asks the FIB).
+    fn forward(&self, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32>;
     /// Cuts the frame of `len` bytes (`Packet::len`) to its first `keep`
     /// bytes, then opens `grow` bytes (maybe none) behind the Ethernet
     /// header (for an answer built in place: `toobig`, `reset`). Packet pointers must be
@@ -47,6 +48,34 @@ pub trait Frame {
     /// Sends the (rewritten) frame back out the interface it came in on;
     /// the verdict is XDP's.
     fn bounce(&self) -> u32;
+}
+
+/// The cached next hop a translated packet may take (`maps::MLB_NH_V1`):
+/// that of the backend it now goes to, judged fresh against `now` (the
+/// flow clock as its conntrack entry last read it, so that a hit reads no
+/// clock of its own). `Hop::NONE`: ask the FIB (replies, fragments, ICMP
+/// errors: their destination is a client). One 64-bit word, so that it
+/// travels in one register (BPF calls take five).
+#[derive(Clone, Copy)]
+pub struct Hop(u64);
+
+impl Hop {
+    pub const NONE: Hop = Hop::new(meshlb_common::NO_BACKEND, 0);
+
+    #[inline(always)]
+    pub const fn new(backend_id: u32, now: u32) -> Hop {
+        Hop((backend_id as u64) << 32 | now as u64)
+    }
+
+    #[inline(always)]
+    pub const fn backend_id(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    #[inline(always)]
+    pub const fn now(self) -> u32 {
+        self.0 as u32
+    }
 }
 
 // The packet bounds are read with volatile loads: a subprogram that only
@@ -85,8 +114,8 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32> {
-        crate::fwd::forward(self, pkt, done)
+    fn forward(&self, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32> {
+        crate::fwd::forward(self, pkt, done, hop)
     }
 
     #[inline(always)]
@@ -138,7 +167,7 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn forward(&self, pkt: &Packet, done: Counter) -> Result<u32, u32> {
+    fn forward(&self, pkt: &Packet, done: Counter, _hop: Hop) -> Result<u32, u32> {
         crate::tc::forward(self, pkt, done)
     }
 

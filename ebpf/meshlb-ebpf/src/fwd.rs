@@ -1,6 +1,7 @@
-//! Forwarding of a translated frame in XDP: FIB lookup for its (new)
-//! destination, MAC rewrite, TTL/hop-limit decrement, then `XDP_TX` or
-//! redirect. When the next hop is not resolved yet or the egress device
+//! Forwarding of a translated frame in XDP: the backend's cached next hop
+//! when it is fresh (`MLB_NH_V1`: no FIB lookup on a conntrack hit), else
+//! a FIB lookup for its (new) destination, which refreshes that cache;
+//! then MAC rewrite, TTL/hop-limit decrement, `XDP_TX` or redirect. When the next hop is not resolved yet or the egress device
 //! takes no native redirect, the frame goes up with `XdpHandoff` metadata
 //! (or, where the kernel refuses XDP metadata, with the same handoff
 //! recorded under its flow in `MLB_HANDOFF_V1`) and the TC handoff program
@@ -21,12 +22,13 @@ use aya_ebpf::{
 };
 use meshlb_common::{
     Counter, FlowKey, XdpHandoff, FAMILY_V4, HANDOFF_MAGIC, IF_F_GENERIC, IF_F_NO_XMIT,
+    NH_F_NO_XMIT, NH_F_VALID, NH_MAX_AGE, NO_BACKEND,
 };
 
 use crate::{
     csum::CsumDelta,
-    frame::Frame,
-    maps::{count, xdp_meta, MLB_HANDOFF_V1, MLB_IFACE_V1},
+    frame::{Frame, Hop},
+    maps::{count, xdp_meta, MLB_HANDOFF_V1, MLB_IFACE_V1, MLB_NHGEN_V1, MLB_NH_V1},
     parse::{plain_flow, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, KIND_L4},
     toobig,
 };
@@ -82,24 +84,44 @@ pub fn fib_params<C: Frame>(ctx: &C, pkt: &Packet) -> Option<bpf_fib_lookup> {
     Some(p)
 }
 
-/// XDP's `Frame::forward`. What it cannot transmit itself (no neighbour
-/// entry yet; an egress device without a native XDP transmit path) goes
-/// up with `XdpHandoff` metadata, for the TC handoff program on this
-/// interface to send through the neighbour subsystem.
+/// XDP's `Frame::forward`: by the cached next hop of `hop`'s backend when
+/// it is fresh, else by the FIB. What it cannot transmit itself (no
+/// neighbour entry yet; an egress device without a native XDP transmit
+/// path) goes up with `XdpHandoff` metadata, for the TC handoff program on
+/// this interface to send through the neighbour subsystem.
 #[inline(never)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32> {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32> {
+    if hop.backend_id() != NO_BACKEND {
+        let v = cached(ctx, pkt, hop);
+        if v != NH_MISS {
+            count(done);
+            return Ok(v);
+        }
+        count(Counter::NextHopMiss);
+    }
     let Some(mut p) = fib_params(ctx, pkt) else {
         return Ok(XDP_PASS);
     };
-    // SAFETY: ctx and p are valid for the helper's duration.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx.cast(),
-            &raw mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let mut route_mtu = 0u16;
+    let mut rc;
+    if hop.backend_id() == NO_BACKEND {
+        rc = lookup(ctx, &mut p);
+    } else {
+        // For the cache, the route's MTU first: the FIB's answer for the
+        // same packet at 64 KiB (only `mtu_result` is written then).
+        // SAFETY: the union field the kernel reads for this lookup.
+        let len = unsafe { p.__bindgen_anon_1.tot_len };
+        p.__bindgen_anon_1.tot_len = u16::MAX;
+        rc = lookup(ctx, &mut p);
+        if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+            // SAFETY: the kernel filled mtu_result for this return code.
+            route_mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            p.__bindgen_anon_1.tot_len = len;
+            rc = lookup(ctx, &mut p);
+        } else if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+            route_mtu = u16::MAX;
+        }
+    }
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         // SAFETY: the kernel filled mtu_result for this return code.
         let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
@@ -118,8 +140,96 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter) -> Result<u32, u32
         count(Counter::RedirectPass);
         return Ok(handoff(ctx, p.ifindex));
     }
+    if route_mtu != 0 {
+        remember(ctx, pkt, hop, &p, route_mtu);
+    }
     count(done);
     Ok(emit(ctx, pkt, p.ifindex, &p.smac, &p.dmac))
+}
+
+/// `cached`: no fresh next hop for this packet.
+const NH_MISS: u32 = u32::MAX;
+
+/// Sends the packet by its backend's cached next hop when that is fresh
+/// (`NextHop`: this generation, young enough, resolved for this
+/// destination) and the packet passes what the FIB lookup would check
+/// (TTL / hop limit, the route's MTU, an egress it may redirect to).
+/// `NH_MISS`: ask the FIB.
+#[inline(never)]
+fn cached(ctx: &XdpContext, pkt: &Packet, hop: Hop) -> u32 {
+    let Some(nh) = MLB_NH_V1.get(hop.backend_id()) else {
+        return NH_MISS;
+    };
+    let generation = MLB_NHGEN_V1.get(0).copied().unwrap_or(0);
+    if nh.flags & NH_F_VALID == 0
+        || nh.gen != generation
+        || nh.family != pkt.key.family
+        || hop.now().wrapping_sub(nh.stamp) > NH_MAX_AGE
+    {
+        return NH_MISS;
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    if nh.ifindex != ingress && nh.flags & NH_F_NO_XMIT != 0 && !generic(ingress) {
+        return NH_MISS;
+    }
+    // SAFETY: header pointers are bounds-checked by ptr_at.
+    let fits = unsafe {
+        if pkt.key.family == FAMILY_V4 {
+            let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
+                return NH_MISS;
+            };
+            (*ip).ttl > 1
+                && (*ip).dst == [nh.addr[0], nh.addr[1], nh.addr[2], nh.addr[3]]
+                && u16::from_be_bytes((*ip).tot_len) <= nh.mtu
+        } else {
+            let Ok(ip) = ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN) else {
+                return NH_MISS;
+            };
+            (*ip).hop_limit > 1
+                && (*ip).dst == nh.addr
+                && u32::from(u16::from_be_bytes((*ip).payload_len)) + 40 <= u32::from(nh.mtu)
+        }
+    };
+    if !fits {
+        return NH_MISS;
+    }
+    emit(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac)
+}
+
+/// Caches what the FIB just answered (`p`) for the packet's destination
+/// as its backend's next hop, with the route's MTU.
+#[inline(never)]
+fn remember(ctx: &XdpContext, pkt: &Packet, hop: Hop, p: &bpf_fib_lookup, mtu: u16) {
+    let Some(nh) = MLB_NH_V1.get_ptr_mut(hop.backend_id()) else {
+        return;
+    };
+    let mut addr = [0u8; 16];
+    // SAFETY: header pointers are bounds-checked by ptr_at; the map value
+    // is written field by field (a racing writer writes the same answer).
+    unsafe {
+        if pkt.key.family == FAMILY_V4 {
+            let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
+                return;
+            };
+            addr[..4].copy_from_slice(&(*ip).dst);
+        } else {
+            let Ok(ip) = ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN) else {
+                return;
+            };
+            addr = (*ip).dst;
+        }
+        let no_xmit = iface_flags(p.ifindex) & IF_F_NO_XMIT != 0;
+        let nh = &mut *nh;
+        nh.addr = addr;
+        nh.ifindex = p.ifindex;
+        nh.gen = MLB_NHGEN_V1.get(0).copied().unwrap_or(0);
+        nh.stamp = hop.now();
+        nh.mtu = mtu;
+        nh.family = pkt.key.family;
+        nh.smac = p.smac;
+        nh.dmac = p.dmac;
+        nh.flags = NH_F_VALID | if no_xmit { NH_F_NO_XMIT } else { 0 };
+    }
 }
 
 /// Sends a frame on to its next hop: TTL / hop limit decremented (the
@@ -162,6 +272,20 @@ pub fn emit(ctx: &XdpContext, pkt: &Packet, ifindex: u32, smac: &[u8; 6], dmac: 
         XDP_REDIRECT
     } else {
         XDP_PASS
+    }
+}
+
+/// `bpf_fib_lookup` on `p`: the kernel's return code.
+#[inline(always)]
+pub fn lookup(ctx: &XdpContext, p: &mut bpf_fib_lookup) -> i64 {
+    // SAFETY: ctx and p are valid for the helper's duration.
+    unsafe {
+        fib_lookup(
+            ctx.ctx.cast(),
+            core::ptr::from_mut(p),
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     }
 }
 
@@ -219,9 +343,19 @@ fn handoff_by_flow(ctx: &XdpContext, ifindex: u32) -> u32 {
 /// path (userspace flags the others, e.g. bridges, in `MLB_IFACE`).
 #[inline(always)]
 fn can_redirect(ingress: u32, egress: u32) -> bool {
-    // SAFETY: hash map values, read at once.
-    let flags = |i: u32| unsafe { MLB_IFACE_V1.get(&i) }.copied().unwrap_or(0);
-    flags(ingress) & IF_F_GENERIC != 0 || flags(egress) & IF_F_NO_XMIT == 0
+    generic(ingress) || iface_flags(egress) & IF_F_NO_XMIT == 0
+}
+
+/// Whether XDP runs in generic mode on `ifindex` (`IF_F_GENERIC`).
+#[inline(always)]
+fn generic(ifindex: u32) -> bool {
+    iface_flags(ifindex) & IF_F_GENERIC != 0
+}
+
+#[inline(always)]
+fn iface_flags(ifindex: u32) -> u32 {
+    // SAFETY: hash map value, read at once.
+    unsafe { MLB_IFACE_V1.get(&ifindex) }.copied().unwrap_or(0)
 }
 
 #[inline(always)]

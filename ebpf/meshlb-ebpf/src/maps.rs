@@ -12,10 +12,10 @@ use aya_ebpf::{
 };
 use meshlb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, FlowConfig, FlowKey, FragEntry,
-    FragKey, FrontendKey, FrontendValue, IfAddrKey, NodeMeta, RateWindow, RnatEntry, ServiceInfo,
-    ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff, COUNTER_CAPACITY, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS, MAX_FRONTENDS, MAX_HANDOFFS, MAX_IFACES,
-    MAX_LOCAL_ADDRS, MAX_SERVICES, RING_HALF, RING_MAP_FLAGS, RING_SIZES,
+    FragKey, FrontendKey, FrontendValue, IfAddrKey, NextHop, NodeMeta, RateWindow, RnatEntry,
+    ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff, COUNTER_CAPACITY,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS, MAX_FRONTENDS, MAX_HANDOFFS,
+    MAX_IFACES, MAX_LOCAL_ADDRS, MAX_SERVICES, RING_HALF, RING_MAP_FLAGS, RING_SIZES,
 };
 
 /// `FrontendKey` (addr bytes, port BE) -> `FrontendValue`.
@@ -240,6 +240,14 @@ pub static MLB_RATE_V1: PerCpuArray<RateWindow> = PerCpuArray::pinned(1, 0);
 /// (`xdp_meta`).
 #[map]
 pub static MLB_HANDOFF_V1: LruHashMap<FlowKey, XdpHandoff> = LruHashMap::pinned(MAX_HANDOFFS, 0);
+
+/// backend id -> `NextHop`: what the FIB last said about the way to it.
+#[map]
+pub static MLB_NH_V1: Array<NextHop> = Array::pinned(MAX_BACKENDS, 0);
+
+/// 0 -> the next-hop generation (`NextHop::gen`), bumped by the daemon.
+#[map]
+pub static MLB_NHGEN_V1: Array<u32> = Array::pinned(1, 0);
 
 /// 1 where the kernel lets XDP programs call `bpf_xdp_adjust_meta`; the
 /// loader writes 0 where it does not (`meshlb_common::XDP_META_GLOBAL`).

@@ -961,6 +961,7 @@ fn add_counter(maps: &mut Maps, c: Counter, n: u64) {
 /// Writes this node's interface flags (`IFACES`, replacing what is there)
 /// and SNAT addresses (`SNAT_ADDRS`).
 pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneError> {
+    let before: BTreeMap<u32, u32> = maps.ifaces.iter().filter_map(Result::ok).collect();
     let stale: Vec<u32> = maps
         .ifaces
         .keys()
@@ -974,6 +975,11 @@ pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneErr
         maps.ifaces
             .insert(i, f, 0)
             .map_err(map_error(maps::IFACES))?;
+    }
+    if before != net.iface_flags {
+        // A cached next hop carries its egress's flags: written first,
+        // then made stale.
+        maps.bump_next_hop_gen().map_err(DataplaneError::Pinned)?;
     }
     let want: BTreeSet<IfAddrKey> = net
         .iface_addrs

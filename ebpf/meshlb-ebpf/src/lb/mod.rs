@@ -65,7 +65,7 @@ use self::{
     snat::{snat_alloc, snat_source},
 };
 use crate::{
-    frame::Frame,
+    frame::{Frame, Hop},
     maps::{count, MLB_FE_V1, MLB_LOCAL_V1, MLB_VIP_V1},
     parse::{parse, Packet, KIND_FRAG, KIND_ICMP_ERR, TCP_ACK, TCP_SYN},
     reset, toobig,
@@ -86,11 +86,11 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         // Forwarded from here, not from within: the call chain stays
         // short enough for older verifiers' stack accounting.
         frag_path(ctx, &pkt)?;
-        return send(ctx, &pkt, Counter::ForwardedIn);
+        return send(ctx, &pkt, Counter::ForwardedIn, Hop::NONE);
     }
     if pkt.kind == KIND_ICMP_ERR {
         icmp_path(ctx, &pkt)?;
-        return send(ctx, &pkt, Counter::ForwardedOut);
+        return send(ctx, &pkt, Counter::ForwardedOut, Hop::NONE);
     }
     let mut fe = FrontendValue::default();
     let found = lookup_frontend(&pkt, &mut fe);
@@ -100,20 +100,20 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return send(ctx, &pkt, Counter::ForwardedOut);
+        return send(ctx, &pkt, Counter::ForwardedOut, Hop::NONE);
     }
     if found != FE_NONE {
-        client_path(ctx, &pkt, fe.service_id)?;
+        let hop = client_path(ctx, &pkt, fe.service_id)?;
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return send(ctx, &pkt, Counter::ForwardedIn);
+        return send(ctx, &pkt, Counter::ForwardedIn, hop);
     }
     if rnat_reply(ctx, &pkt)? || snat_reply(ctx, &pkt)? {
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return send(ctx, &pkt, Counter::ForwardedOut);
+        return send(ctx, &pkt, Counter::ForwardedOut, Hop::NONE);
     }
     if is_vip(&pkt) {
         // A VIP is nobody's address: routed on, the packet would follow
@@ -133,8 +133,8 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
 /// `forward`, so that the two frames never stack up (older verifiers
 /// allow 512 bytes of stack along any chain of calls).
 #[inline(always)]
-fn send<C: Frame>(ctx: &C, pkt: &Packet, done: Counter) -> Result<u32, u32> {
-    match ctx.forward(pkt, done) {
+fn send<C: Frame>(ctx: &C, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32> {
+    match ctx.forward(pkt, done, hop) {
         Ok(v) if v & toobig::TOO_BIG != 0 => Ok(toobig::reply(ctx, pkt, v & !toobig::TOO_BIG)),
         r => r,
     }
@@ -152,13 +152,14 @@ pub(super) fn is_vip(pkt: &Packet) -> bool {
 }
 
 /// A client packet to a frontend: picks (or recalls) its backend and
-/// translates the packet in place. `Err(action)`: leave it with that
-/// verdict (no backend: pass untouched; no SNAT port: drop).
+/// translates the packet in place; `Ok`: the backend's cached next hop to
+/// try. `Err(action)`: leave it with that verdict (no backend: pass
+/// untouched; no SNAT port: drop).
 ///
 /// Each of the paths below `process` is its own subprogram so that their
 /// stack frames are not all live at once (BPF allows 512 bytes in all).
 #[inline(never)]
-fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u32> {
+fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<Hop, u32> {
     let mut ct = CtEntry::default();
     let new = match pick_backend(pkt, service_id, &mut ct) {
         Ok(new) => new,
@@ -196,7 +197,7 @@ fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<(), u
     if ct.flags & CT_F_SNAT != 0 {
         translate(ctx, pkt, &src, ct.snat_port, true)?;
     }
-    Ok(())
+    Ok(Hop::new(ct.backend_id, ct.last_seen))
 }
 
 /// `lookup_frontend`: no frontend.

@@ -278,6 +278,42 @@ impl RealNet {
             .unwrap_or_else(|| panic!("no task {name}"))
     }
 
+    /// The daemon follows rtnetlink: a neighbour added on the node bumps
+    /// the next-hop generation (`MLB_NHGEN_V1`) within 3 s.
+    fn neighbour_change_makes_next_hops_stale(&self) -> Result<(), String> {
+        let bpffs = self.bpffs();
+        let generation = meshlb::kernel::pinned::next_hop_gen(&bpffs).map_err(|e| e.to_string())?;
+        let read = || generation.get(&0, 0).map_err(|e| e.to_string());
+        let before = read()?;
+        must(&[
+            "ip",
+            "-n",
+            &self.node_ns,
+            "neigh",
+            "replace",
+            "10.231.0.250",
+            "lladdr",
+            "02:00:00:00:99:fa",
+            "dev",
+            &self.bridge,
+            "nud",
+            "permanent",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let now = read()?;
+            if now != before {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "next-hop generation still {now} 3 s after a neighbour change on the node"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn bpffs(&self) -> PathBuf {
         self.bpffs_root.join(NODE)
     }
@@ -498,6 +534,26 @@ fn offloads_on_router_in_software(tag: &str, mode: Mode) {
         if d < want {
             problems.push(format!("{k} moved by {d}, expected >= {want}"));
         }
+    }
+    // Issue 19: client packets to a task take its cached next hop (here:
+    // handed off to the bridge's TC side); the FIB is asked again only
+    // for a task's first packet and after a neighbour, route or link
+    // change (the daemon follows rtnetlink), not per packet.
+    let handed = deltas.get("redirect_pass").copied().unwrap_or(0)
+        + deltas.get("forwarded_in").copied().unwrap_or(0);
+    let misses = deltas.get("next_hop_miss").copied().unwrap_or(0);
+    eprintln!(
+        "[{} {}] next-hop cache: {misses} misses for {handed} client packets",
+        net.prefix,
+        mode.arg()
+    );
+    if handed < all_requests || misses * 4 > handed {
+        problems.push(format!(
+            "next-hop cache: {misses} misses for {handed} client packets (expected fewer than a quarter)"
+        ));
+    }
+    if let Err(e) = net.neighbour_change_makes_next_hops_stale() {
+        problems.push(e);
     }
     let csum_text = csum_report(&net.csum_errors(), &mut problems);
     eprintln!(

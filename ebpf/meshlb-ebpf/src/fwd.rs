@@ -93,11 +93,15 @@ pub fn fib_params<C: Frame>(ctx: &C, pkt: &Packet) -> Option<bpf_fib_lookup> {
 pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32> {
     if hop.backend_id() != NO_BACKEND {
         let v = cached(ctx, pkt, hop);
-        if v != NH_MISS {
+        if v == NH_MISS {
+            count(Counter::NextHopMiss);
+        } else if v & NH_HANDOFF != 0 {
+            count(Counter::RedirectPass);
+            return Ok(handoff(ctx, v & !NH_HANDOFF));
+        } else {
             count(done);
             return Ok(v);
         }
-        count(Counter::NextHopMiss);
     }
     let Some(mut p) = fib_params(ctx, pkt) else {
         return Ok(XDP_PASS);
@@ -135,13 +139,13 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Resul
         count(Counter::FibPass);
         return Ok(XDP_PASS);
     }
+    if route_mtu != 0 {
+        remember(ctx, pkt, hop, &p, route_mtu);
+    }
     let ingress = ctx.ingress_ifindex() as u32;
     if p.ifindex != ingress && !can_redirect(ingress, p.ifindex) {
         count(Counter::RedirectPass);
         return Ok(handoff(ctx, p.ifindex));
-    }
-    if route_mtu != 0 {
-        remember(ctx, pkt, hop, &p, route_mtu);
     }
     count(done);
     Ok(emit(ctx, pkt, p.ifindex, &p.smac, &p.dmac))
@@ -149,12 +153,16 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Resul
 
 /// `cached`: no fresh next hop for this packet.
 const NH_MISS: u32 = u32::MAX;
+/// `cached`: set with the egress ifindex in the other bits: to be handed
+/// off to the TC program (an egress this ingress may not redirect to).
+const NH_HANDOFF: u32 = 1 << 31;
 
 /// Sends the packet by its backend's cached next hop when that is fresh
 /// (`NextHop`: this generation, young enough, resolved for this
 /// destination) and the packet passes what the FIB lookup would check
-/// (TTL / hop limit, the route's MTU, an egress it may redirect to).
-/// `NH_MISS`: ask the FIB.
+/// (TTL / hop limit, the route's MTU). `NH_MISS`: ask the FIB;
+/// `NH_HANDOFF | ifindex`: an egress this ingress may not redirect to,
+/// for the caller to hand off (`handoff`).
 #[inline(never)]
 fn cached(ctx: &XdpContext, pkt: &Packet, hop: Hop) -> u32 {
     let Some(nh) = MLB_NH_V1.get(hop.backend_id()) else {
@@ -169,9 +177,7 @@ fn cached(ctx: &XdpContext, pkt: &Packet, hop: Hop) -> u32 {
         return NH_MISS;
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    if nh.ifindex != ingress && nh.flags & NH_F_NO_XMIT != 0 && !generic(ingress) {
-        return NH_MISS;
-    }
+    let handoff = nh.ifindex != ingress && nh.flags & NH_F_NO_XMIT != 0 && !generic(ingress);
     // SAFETY: header pointers are bounds-checked by ptr_at.
     let fits = unsafe {
         if pkt.key.family == FAMILY_V4 {
@@ -190,8 +196,11 @@ fn cached(ctx: &XdpContext, pkt: &Packet, hop: Hop) -> u32 {
                 && u32::from(u16::from_be_bytes((*ip).payload_len)) + 40 <= u32::from(nh.mtu)
         }
     };
-    if !fits {
+    if !fits || nh.ifindex & NH_HANDOFF != 0 {
         return NH_MISS;
+    }
+    if handoff {
+        return NH_HANDOFF | nh.ifindex;
     }
     emit(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac)
 }

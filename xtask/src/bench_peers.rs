@@ -41,7 +41,10 @@
 //!   BPF_PROG_TEST_RUN in live-frames mode, out of the client's veth, no
 //!   socket); packets/s that reach the backend's IP layer, beside the
 //!   frames/s the generator sent, and the generator's own ceiling (into a
-//!   namespace that drops everything), all interleaved per round.
+//!   namespace that drops everything), all interleaved per round. Where
+//!   the kernel refuses live frames (EPERM on this project's VM kernel),
+//!   the socket blaster of [`crate::loadgen`] sends instead, and the
+//!   results say so.
 //!
 //! Raw samples go to `bench/results/<timestamp>-dataplane.json`; the
 //! report is `cargo xtask bench report` ([`crate::report`]).

@@ -317,14 +317,14 @@ fn build(bin: &Path, pktgen: &Path, tmp: &Path) -> Result<Bed> {
 
     // Native redirect (and XDP_TX) into a veth only delivers when its peer
     // runs an XDP program: a pass-everything one on the far ends of the
-    // XDP lanes (meshlb native: both; the bare forwarder: the backend's)
-    // and on the generator's sink.
+    // XDP lanes (meshlb native: both; the bare forwarder: the backend's).
+    // The sender's sink takes frames as the direct lane does (GRO, set
+    // with the UDP scenario): XDP on skbs from a socket would copy each.
     let mut peer_pins = Vec::new();
     let (xn, bare) = (LANES[1].idx, LANES[5].idx);
     for (ns, ifaces) in [
         (&client.name, vec![format!("c{xn}")]),
         (&backend.name, vec![format!("b{xn}"), format!("b{bare}")]),
-        (&gsink.name, vec![GSINK_IF.1.to_string()]),
     ] {
         let pins = PathBuf::from(format!("{BPFFS}-peer-{ns}"));
         Daemon::cleanup_pins(bin, &pins);

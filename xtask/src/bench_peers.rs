@@ -19,9 +19,14 @@
 //! | 3    | `mlbp-xdpg`  | meshlb-generic   | VIP 10.96.0.3:80   |
 //! | 4    | `mlbp-ipt`   | iptables         | VIP 10.96.0.4:80   |
 //! | 5    | `mlbp-hap`   | haproxy          | VIP 10.96.0.5:80   |
+//! | 6    | `mlbp-bare`  | bare-forwarder   | 10.211.6.2:9000 (UDP only) |
 //!
-//! Lane 1 is plain kernel forwarding (no XDP, no netfilter rules). UDP
-//! :90 on each DNAT VIP goes to the sink (HAProxy has no UDP).
+//! Lane 1 is plain kernel forwarding (no XDP, no netfilter rules). Lane 6
+//! is kernel forwarding with `meshlb_bare` (parse, FIB lookup, TTL, MACs,
+//! redirect: what any routing XDP program must do) attached natively to
+//! its client-facing veth, the reference of the XDP paths. UDP :90 on each
+//! DNAT VIP goes to backend :9000 (HAProxy has no UDP). A last namespace,
+//! `mlbp-gsink`, only takes the packet generator's frames (its ceiling).
 //!
 //! # Scenarios
 //!
@@ -32,8 +37,14 @@
 //!   conntrack-based DNAT sees clashing tuples (ENV.md);
 //! * `latency`: the paced client of [`crate::loadgen`] at a fixed rate,
 //!   connection per request, latency per request;
-//! * `udp`: the UDP blaster of [`crate::loadgen`]; packets/s that reach the
-//!   backend's interface (and the sink).
+//! * `udp`: frames from the packet generator (bench/pktgen.rs:
+//!   BPF_PROG_TEST_RUN in live-frames mode, out of the client's veth, no
+//!   socket); packets/s that reach the backend's IP layer, beside the
+//!   frames/s the generator sent, and the generator's own ceiling (into a
+//!   namespace that drops everything), all interleaved per round. Where
+//!   the kernel refuses live frames (EPERM on this project's VM kernel),
+//!   the socket blaster of [`crate::loadgen`] sends instead, and the
+//!   results say so.
 //!
 //! Raw samples go to `bench/results/<timestamp>-dataplane.json`; the
 //! report is `cargo xtask bench report` ([`crate::report`]).
@@ -57,8 +68,19 @@ const BPFFS: &str = "/sys/fs/bpf/mlbp";
 /// so the figure is latency, not queueing) and concurrent workers.
 const LATENCY_RATE: u32 = 1000;
 const LATENCY_WORKERS: u32 = 32;
-/// UDP blaster threads (one flow each).
-const UDP_THREADS: u32 = 2;
+/// Packet generator: sending threads (pinned from CPU [`GEN_CPU`] on),
+/// frames per live-frames batch. The socket blaster, where the kernel
+/// refuses live frames, runs one thread on the same CPU.
+const GEN_THREADS: u32 = 1;
+const GEN_CPU: u32 = 0;
+const GEN_BATCH: u32 = 64;
+/// The generator's UDP source port (the low 4 bits vary: 16 flows).
+const GEN_SPORT: u16 = 40000;
+/// The namespace and veth (client end, far end) of the generator's ceiling.
+const GSINK_TAG: &str = "gsink";
+/// The UDP scenario's path name of the sender's ceiling.
+const CEILING: &str = "sender-ceiling";
+const GSINK_IF: (&str, &str) = ("g0", "g0p");
 const UDP_PORT_VIP: u16 = 90;
 const UDP_PORT_SINK: u16 = 9000;
 /// The copy of this binary the namespaces run `bench-helper` from.
@@ -83,6 +105,10 @@ const LANES: &[Lane] = &[
     },
     Lane { idx: 4, tag: "ipt" },
     Lane { idx: 5, tag: "hap" },
+    Lane {
+        idx: 6,
+        tag: "bare",
+    },
 ];
 
 impl Lane {
@@ -107,6 +133,7 @@ struct Path4 {
     lane: u8,
     /// Through the lane's VIP (else straight to the backend's address).
     via_vip: bool,
+    tcp: bool,
     udp: bool,
 }
 
@@ -135,31 +162,43 @@ const PATHS: &[Path4] = &[
         name: "direct",
         lane: 1,
         via_vip: false,
+        tcp: true,
         udp: true,
     },
     Path4 {
         name: "meshlb-native",
         lane: 2,
         via_vip: true,
+        tcp: true,
         udp: true,
     },
     Path4 {
         name: "meshlb-generic",
         lane: 3,
         via_vip: true,
+        tcp: true,
         udp: true,
     },
     Path4 {
         name: "iptables",
         lane: 4,
         via_vip: true,
+        tcp: true,
         udp: true,
     },
     Path4 {
         name: "haproxy",
         lane: 5,
         via_vip: true,
+        tcp: true,
         udp: false,
+    },
+    Path4 {
+        name: "bare-forwarder",
+        lane: 6,
+        via_vip: false,
+        tcp: false,
+        udp: true,
     },
 ];
 
@@ -169,6 +208,7 @@ fn mixed() -> [(&'static str, Path4, Path4); 2] {
         name: "direct-same-src",
         lane,
         via_vip: false,
+        tcp: true,
         udp: false,
     };
     [
@@ -180,13 +220,20 @@ fn mixed() -> [(&'static str, Path4, Path4); 2] {
 /// Everything started, in drop order: processes first, namespaces last.
 struct Bed {
     _haproxy: Background,
+    /// `pktgen attach-bare` on lane 6 (the link goes with the process).
+    _bare: Background,
     daemons: Vec<Daemon>,
     _nginx: Background,
     _lanes: Vec<Netns>,
-    backend: Netns,
+    _gsink: Netns,
+    _backend: Netns,
     client: Netns,
     peer_pins: Vec<PathBuf>,
     bin: PathBuf,
+    /// The packet generator (a private copy of the `pktgen` bench binary).
+    pktgen: PathBuf,
+    /// What the UDP scenario attached and set where, for the results file.
+    receivers: Vec<String>,
 }
 
 impl Drop for Bed {
@@ -223,10 +270,15 @@ fn haproxy_config(lane: Lane) -> String {
     )
 }
 
-fn build(bin: &Path, tmp: &Path) -> Result<Bed> {
-    println!("creating netns bed {PREFIX}{{client,backend,fwd,xdpn,xdpg,ipt,hap}}");
+fn build(bin: &Path, pktgen: &Path, tmp: &Path) -> Result<Bed> {
+    println!("creating netns bed {PREFIX}{{client,backend,fwd,xdpn,xdpg,ipt,hap,bare,gsink}}");
     let client = Netns::create(&format!("{PREFIX}client"))?;
     let backend = Netns::create(&format!("{PREFIX}backend"))?;
+    let gsink = Netns::create(&format!("{PREFIX}{GSINK_TAG}"))?;
+    veth(&client, GSINK_IF.0, &gsink, GSINK_IF.1)?;
+    client.tx_off(GSINK_IF.0)?;
+    client.ip(&["addr", "add", "10.212.0.2/24", "dev", GSINK_IF.0])?;
+    gsink.ip(&["addr", "add", "10.212.0.1/24", "dev", GSINK_IF.1])?;
     let mut lanes = Vec::new();
     for lane in LANES {
         let ns = Netns::create(&lane.ns())?;
@@ -263,31 +315,57 @@ fn build(bin: &Path, tmp: &Path) -> Result<Bed> {
 
     let nginx = procs::start_nginx(&backend.name, &tmp.join("nginx"), "b1", 8000)?;
 
+    // Native redirect (and XDP_TX) into a veth only delivers when its peer
+    // runs an XDP program: a pass-everything one on the far ends of the
+    // XDP lanes (meshlb native: both; the bare forwarder: the backend's).
+    // The sender's sink takes frames as the direct lane does (GRO, set
+    // with the UDP scenario): XDP on skbs from a socket would copy each.
+    let mut peer_pins = Vec::new();
+    let (xn, bare) = (LANES[1].idx, LANES[5].idx);
+    for (ns, ifaces) in [
+        (&client.name, vec![format!("c{xn}")]),
+        (&backend.name, vec![format!("b{xn}"), format!("b{bare}")]),
+    ] {
+        let pins = PathBuf::from(format!("{BPFFS}-peer-{ns}"));
+        Daemon::cleanup_pins(bin, &pins);
+        let mut c = Cmd::nsenter(ns, bin.to_string_lossy()).arg("xdp-pass");
+        for i in &ifaces {
+            c = c.args(["--iface", i]);
+        }
+        c.arg("--bpffs")
+            .arg(pins.to_string_lossy())
+            .timeout(Duration::from_secs(20))
+            .run()
+            .with_context(|| format!("xdp-pass on {ns}/{ifaces:?}"))?;
+        peer_pins.push(pins);
+    }
+
+    // The bare forwarder, natively on lane 6's client-facing veth.
+    let bare_ns = LANES[5].ns();
+    let bare_log = tmp.join("attach-bare.log");
+    let mut bare_fwd = Cmd::new(pktgen.to_string_lossy())
+        .args(["attach-bare", "--netns", &bare_ns, "--iface"])
+        .arg(format!("l{bare}c"))
+        .spawn_background("bare forwarder", &bare_log)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&bare_log)
+        .unwrap_or_default()
+        .contains("\"attached\"")
+    {
+        anyhow::ensure!(
+            bare_fwd.exited().is_none() && std::time::Instant::now() < deadline,
+            "pktgen attach-bare did not attach:\n{}",
+            bare_fwd.log_tail(20)
+        );
+        cmd::sleep(Duration::from_millis(50))?;
+    }
+
     // meshlb, native and generic.
     let mut daemons = Vec::new();
-    let mut peer_pins = Vec::new();
     for (lane, mode) in [(LANES[1], "native"), (LANES[2], "generic")] {
         let cfg = tmp.join(format!("meshlb-{}.toml", lane.tag));
         std::fs::write(&cfg, meshlb_config(lane))?;
         let i = lane.idx;
-        if mode == "native" {
-            // Native redirect into a veth only delivers when its peer runs
-            // an XDP program: a pass-everything one on both far ends.
-            for (ns, iface) in [
-                (&client.name, format!("c{i}")),
-                (&backend.name, format!("b{i}")),
-            ] {
-                let pins = PathBuf::from(format!("{BPFFS}-peer-{ns}"));
-                Daemon::cleanup_pins(bin, &pins);
-                Cmd::nsenter(ns, bin.to_string_lossy())
-                    .args(["xdp-pass", "--iface", &iface, "--bpffs"])
-                    .arg(pins.to_string_lossy())
-                    .timeout(Duration::from_secs(20))
-                    .run()
-                    .with_context(|| format!("xdp-pass on {ns}/{iface}"))?;
-                peer_pins.push(pins);
-            }
-        }
         let pins = PathBuf::from(format!("{BPFFS}-{}", lane.tag));
         Daemon::cleanup_pins(bin, &pins);
         let args: Vec<String> = [
@@ -356,13 +434,17 @@ fn build(bin: &Path, tmp: &Path) -> Result<Bed> {
 
     Ok(Bed {
         _haproxy: haproxy,
+        _bare: bare_fwd,
         daemons,
         _nginx: nginx,
         _lanes: lanes,
-        backend,
+        _gsink: gsink,
+        _backend: backend,
         client,
         peer_pins,
         bin: bin.to_path_buf(),
+        pktgen: pktgen.to_path_buf(),
+        receivers: Vec::new(),
     })
 }
 
@@ -401,66 +483,337 @@ fn helper(exe: &Path, ns: &str, args: &[String], secs: u64) -> Result<Value> {
     serde_json::from_str(line).with_context(|| format!("bench-helper output: {out}"))
 }
 
-fn rx_packets(ns: &str, iface: &str) -> Result<u64> {
+fn link(ns: &str, iface: &str) -> Result<Value> {
     let out = Cmd::new("ip")
         .args(["-n", ns, "-s", "-j", "link", "show", "dev", iface])
         .timeout(Duration::from_secs(10))
         .stdout()?;
     let v: Value = serde_json::from_str(&out)?;
-    v[0]["stats64"]["rx"]["packets"]
+    Ok(v[0].clone())
+}
+
+fn rx_packets(ns: &str, iface: &str) -> Result<u64> {
+    link(ns, iface)?["stats64"]["rx"]["packets"]
         .as_u64()
         .with_context(|| format!("no rx packet count for {ns}/{iface}"))
 }
 
-fn udp_round(bed: &Bed, p: &Path4, opt: &Options, tmp: &Path) -> Result<Value> {
-    let secs = u64::from(opt.duration_s);
-    let exe = tmp.join(HELPER_EXE);
-    let iface = format!("b{}", p.lane);
-    let before = rx_packets(&bed.backend.name, &iface)?;
-    let sink_log = tmp.join(format!("sink-{}.log", p.name));
-    let _ = std::fs::remove_file(&sink_log);
-    let mut sink = Cmd::in_netns(&bed.backend.name, exe.to_string_lossy())
-        .args(["bench-helper", "udp-sink", "--port"])
-        .arg(UDP_PORT_SINK.to_string())
-        .arg("--secs")
-        .arg((secs + 2).to_string())
-        .spawn_background("udp sink", &sink_log)?;
-    cmd::sleep(Duration::from_millis(300))?;
-    let blast = helper(
-        &exe,
-        &bed.client.name,
-        &[
-            "udp-blast".into(),
-            "--target".into(),
-            p.udp_target(),
-            "--secs".into(),
-            secs.to_string(),
-            "--threads".into(),
-            UDP_THREADS.to_string(),
-        ],
-        secs,
-    )?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sink.exited().is_none() && std::time::Instant::now() < deadline {
-        cmd::sleep(Duration::from_millis(50))?;
+fn mac_of(ns: &str, iface: &str) -> Result<String> {
+    link(ns, iface)?["address"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no MAC address for {ns}/{iface}"))
+}
+
+/// One target of the packet generator: the client veth its frames leave
+/// by (the next hop is that veth's peer), their addresses, and where
+/// their arrival is counted.
+struct UdpLane {
+    name: String,
+    out_if: String,
+    /// The peer of `out_if`: (namespace, interface).
+    next_hop: (String, String),
+    src: String,
+    dst: String,
+    /// The far end: (namespace, interface) whose raw-table rule counts
+    /// (and drops) what arrives addressed to `arrive`.
+    sink: (String, String),
+    /// The address the frames must reach: the backend's (VIP paths:
+    /// translated).
+    arrive: (String, u16),
+}
+
+impl UdpLane {
+    fn of(p: &Path4) -> UdpLane {
+        let lane = p.lane();
+        UdpLane {
+            name: p.name.to_string(),
+            out_if: format!("c{}", lane.idx),
+            next_hop: (lane.ns(), format!("l{}c", lane.idx)),
+            src: format!("{}:{GEN_SPORT}", lane.client()),
+            dst: p.udp_target(),
+            sink: (format!("{PREFIX}backend"), format!("b{}", lane.idx)),
+            arrive: (lane.backend(), UDP_PORT_SINK),
+        }
     }
-    let after = rx_packets(&bed.backend.name, &iface)?;
-    let received = std::fs::read_to_string(&sink_log)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<Value>(l).ok())
+
+    /// The generator's ceiling: into a namespace that drops every frame.
+    fn ceiling() -> UdpLane {
+        let ns = format!("{PREFIX}{GSINK_TAG}");
+        UdpLane {
+            name: CEILING.into(),
+            out_if: GSINK_IF.0.into(),
+            next_hop: (ns.clone(), GSINK_IF.1.into()),
+            src: format!("10.212.0.2:{GEN_SPORT}"),
+            dst: format!("10.212.0.1:{UDP_PORT_SINK}"),
+            sink: (ns, GSINK_IF.1.into()),
+            arrive: ("10.212.0.1".into(), UDP_PORT_SINK),
+        }
+    }
+
+    /// The raw-table rule (PREROUTING, so before routing and conntrack)
+    /// that counts what reaches the far end's IP layer addressed as
+    /// translated, and drops it there: the backend's own socket costs are
+    /// not part of the figure.
+    fn rule(&self) -> Vec<String> {
+        let (ip, port) = (&self.arrive.0, self.arrive.1.to_string());
+        [
+            "-i",
+            &self.sink.1,
+            "-d",
+            ip,
+            "-p",
+            "udp",
+            "--dport",
+            &port,
+            "-j",
+            "DROP",
+        ]
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect()
+    }
+}
+
+/// The packets counted by `l`'s raw-table rule so far.
+fn delivered(l: &UdpLane) -> Result<u64> {
+    let out = Cmd::in_netns(&l.sink.0, "iptables-save")
+        .args(["-c", "-t", "raw"])
+        .timeout(Duration::from_secs(10))
+        .stdout()?;
+    let want = format!("-i {} ", l.sink.1);
+    out.lines()
+        .filter(|line| line.contains(&want) && line.contains("-A PREROUTING"))
+        .find_map(|line| {
+            let counts = line.strip_prefix('[')?.split(']').next()?;
+            counts.split(':').next()?.parse().ok()
         })
-        .and_then(|v| v["received"].as_u64());
-    let delivered = after.saturating_sub(before);
+        .with_context(|| format!("no counter rule for {}/{} in:\n{out}", l.sink.0, l.sink.1))
+}
+
+/// What sends the UDP scenario's frames.
+enum Sender {
+    /// bench/pktgen.rs: BPF_PROG_TEST_RUN in live-frames mode.
+    Generator,
+    /// The socket blaster of [`crate::loadgen`] (`send()` per datagram,
+    /// one thread on [`GEN_CPU`]), where the kernel refuses live frames:
+    /// the error it gave.
+    Blaster(String),
+}
+
+impl Sender {
+    fn describe(&self) -> String {
+        match self {
+            Sender::Generator => format!(
+                "packet generator bench/pktgen.rs: meshlb_gen through BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES), {GEN_THREADS} thread pinned to CPU {GEN_CPU}, batch {GEN_BATCH}, one 60-byte IPv4 UDP template frame (18-byte payload) from the lane's client address, 16 source ports, UDP checksum 0, XDP_TX out of the client's veth of the lane"
+            ),
+            Sender::Blaster(why) => format!(
+                "socket blaster (`bench-helper udp-blast`: 1 thread pinned to CPU {GEN_CPU}, one connected UDP socket, send() of 18-byte datagrams) because this kernel refused the packet generator ({why})"
+            ),
+        }
+    }
+}
+
+/// The packet generator if the kernel runs it: a short run into the
+/// generator's sink namespace.
+fn pick_sender(bed: &Bed) -> Sender {
+    match generate(bed, &UdpLane::ceiling(), 0.2) {
+        Ok(_) => Sender::Generator,
+        Err(e) => {
+            // pktgen's own message, without the command line before it.
+            let text = format!("{e:#}");
+            let why = text
+                .rsplit_once("error: ")
+                .map_or(text.as_str(), |(_, m)| m)
+                .trim()
+                .to_string();
+            println!("  the packet generator does not run here; falling back to the socket blaster: {why}");
+            Sender::Blaster(why)
+        }
+    }
+}
+
+/// `pktgen send` for `secs` out of `l`'s client veth; its JSON line.
+fn generate(bed: &Bed, l: &UdpLane, secs: f64) -> Result<Value> {
+    let out = Cmd::new(bed.pktgen.to_string_lossy())
+        .args(["send", "--netns", &bed.client.name, "--iface", &l.out_if])
+        .arg("--src-mac")
+        .arg(mac_of(&bed.client.name, &l.out_if)?)
+        .arg("--dst-mac")
+        .arg(mac_of(&l.next_hop.0, &l.next_hop.1)?)
+        .args(["--src", &l.src, "--dst", &l.dst])
+        .args(["--seconds", &secs.to_string()])
+        .args(["--batch", &GEN_BATCH.to_string()])
+        .args(["--threads", &GEN_THREADS.to_string()])
+        .args(["--cpu", &GEN_CPU.to_string()])
+        .timeout(Duration::from_secs_f64(secs + 30.0))
+        .stdout()?;
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("pktgen send output: {out}"))
+}
+
+/// The blaster for `secs` to `l`'s destination; its JSON line, with
+/// `frames` and `elapsed_s` as the generator reports them.
+fn blast(exe: &Path, bed: &Bed, l: &UdpLane, secs: u64) -> Result<Value> {
+    let out = Cmd::in_netns(&bed.client.name, "taskset")
+        .args(["-c", &GEN_CPU.to_string()])
+        .arg(exe.to_string_lossy())
+        .args(["bench-helper", "udp-blast", "--target", &l.dst])
+        .args(["--secs", &secs.to_string(), "--threads", "1"])
+        .timeout(Duration::from_secs(secs + 30))
+        .stdout()?;
+    let line = out.lines().last().unwrap_or_default();
+    let mut v: Value =
+        serde_json::from_str(line).with_context(|| format!("bench-helper output: {out}"))?;
+    v["frames"] = v["sent"].clone();
+    v["elapsed_s"] = v["secs"].clone();
+    Ok(v)
+}
+
+/// Before the UDP rounds, so the TCP scenarios keep their settings: every
+/// frame the generator sends must be taken by its next hop (a veth takes
+/// frames sent with `ndo_xdp_xmit` only when it has NAPI: a native XDP
+/// program, or GRO on), and the next hop's NAPI runs threaded, in a
+/// kernel thread, not in the generator's softirq on the generator's CPU;
+/// the far ends count with a raw-table rule. Returns the lanes in round
+/// order and the sender, and says what was set where in `bed.receivers`.
+fn udp_prepare(bed: &mut Bed) -> Result<(Vec<UdpLane>, Sender)> {
+    let mut lanes = vec![UdpLane::ceiling()];
+    lanes.extend(PATHS.iter().filter(|p| p.udp).map(UdpLane::of));
+    let mut said = Vec::new();
+    for l in &lanes {
+        let (ns, iface) = (&l.next_hop.0, &l.next_hop.1);
+        let xdp = link(ns, iface)?["xdp"].clone();
+        let native = xdp["mode"].as_u64() == Some(1)
+            || xdp["attached"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["mode"].as_u64() == Some(1)));
+        let napi = if native {
+            format!("native XDP ({})", xdp_prog_name(&xdp))
+        } else {
+            Cmd::in_netns(ns, "ethtool")
+                .args(["-K", iface, "gro", "on"])
+                .timeout(Duration::from_secs(10))
+                .run()?;
+            let generic = if xdp.is_null() {
+                String::new()
+            } else {
+                format!(", generic XDP ({})", xdp_prog_name(&xdp))
+            };
+            format!("GRO on{generic}")
+        };
+        Cmd::in_netns(ns, "sh")
+            .arg("-c")
+            .arg(format!("echo 1 > /sys/class/net/{iface}/threaded"))
+            .timeout(Duration::from_secs(10))
+            .run()
+            .with_context(|| format!("threaded NAPI on {ns}/{iface}"))?;
+        let threaded = Cmd::in_netns(ns, "cat")
+            .arg(format!("/sys/class/net/{iface}/threaded"))
+            .timeout(Duration::from_secs(10))
+            .stdout()?;
+        anyhow::ensure!(
+            threaded.trim() == "1",
+            "{ns}/{iface} refused threaded NAPI (reads {threaded:?})"
+        );
+        Cmd::in_netns(&l.sink.0, "iptables")
+            .args(["-w", "-t", "raw", "-A", "PREROUTING"])
+            .args(l.rule())
+            .timeout(Duration::from_secs(10))
+            .run()?;
+        let far = link(&l.sink.0, &l.sink.1)?["xdp"].clone();
+        said.push(format!(
+            "{}: client {} -> {}/{} ({napi}, threaded NAPI); counted at {}/{} ({}), raw PREROUTING `{}`",
+            l.name,
+            l.out_if,
+            ns,
+            iface,
+            l.sink.0,
+            l.sink.1,
+            if far.is_null() {
+                "no XDP: skbs from the kernel's forwarding".to_string()
+            } else {
+                format!("native XDP ({})", xdp_prog_name(&far))
+            },
+            l.rule().join(" ")
+        ));
+    }
+    for line in &said {
+        println!("  {line}");
+    }
+    bed.receivers = said;
+    let sender = pick_sender(bed);
+    Ok((lanes, sender))
+}
+
+/// The program name(s) of `ip -j link`'s `xdp` object.
+fn xdp_prog_name(xdp: &Value) -> String {
+    let mut names: Vec<String> = xdp["attached"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["prog"]["name"].as_str().map(str::to_string))
+        .collect();
+    if let Some(n) = xdp["prog"]["name"].as_str() {
+        names.push(n.to_string());
+    }
+    names.dedup();
+    if names.is_empty() {
+        "program".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn udp_round(bed: &Bed, l: &UdpLane, sender: &Sender, exe: &Path, opt: &Options) -> Result<Value> {
+    let secs = u64::from(opt.duration_s);
+    let (before, rx_before) = (delivered(l)?, rx_packets(&l.sink.0, &l.sink.1)?);
+    let gen = match sender {
+        Sender::Generator => generate(bed, l, secs as f64)?,
+        Sender::Blaster(_) => blast(exe, bed, l, secs)?,
+    };
+    // What is still in the rings arrives within milliseconds.
+    cmd::sleep(Duration::from_millis(200))?;
+    let got = delivered(l)?.saturating_sub(before);
+    let rx = rx_packets(&l.sink.0, &l.sink.1)?.saturating_sub(rx_before);
+    let sent = gen["frames"].as_u64().unwrap_or(0);
+    let elapsed = gen["elapsed_s"].as_f64().unwrap_or(f64::NAN);
     Ok(json!({
-        "sent": blast["sent"],
-        "delivered": delivered,
-        "received": received,
-        "pps": delivered as f64 / secs as f64,
-        "sent_pps": blast["sent"].as_f64().unwrap_or(0.0) / secs as f64,
+        "sent": sent,
+        "sent_pps": sent as f64 / elapsed,
+        "delivered": got,
+        "pps": got as f64 / elapsed,
+        "far_end_rx": rx,
+        "loss": if sent == 0 { f64::NAN } else { 1.0 - got as f64 / sent as f64 },
+        "elapsed_s": elapsed,
+        "sender": gen,
     }))
+}
+
+/// `cargo bench --no-run --bench pktgen` (once per run), and a private
+/// copy of the binary in `tmp` (a concurrent build may replace the
+/// original).
+fn pktgen_binary(tmp: &Path) -> Result<PathBuf> {
+    let out = Cmd::new("cargo")
+        .args(["bench", "--no-run", "--bench", "pktgen"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .timeout(Duration::from_secs(3600))
+        .stdout()
+        .context("building the packet generator (bench/pktgen.rs)")?;
+    let exe = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "pktgen")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo reported no pktgen executable")?;
+    let copy = tmp.join("pktgen");
+    std::fs::copy(&exe, &copy).with_context(|| format!("copying {}", exe.display()))?;
+    println!(
+        "packet generator: {} (from {})",
+        copy.display(),
+        exe.display()
+    );
+    Ok(copy)
 }
 
 fn sample(scenario: &str, path: &str, round: usize, mut v: Value) -> Value {
@@ -482,9 +835,10 @@ pub fn dataplane(opt: &Options) -> Result<PathBuf> {
     let tmp = TempDir::new("meshlb-bench-peers")?;
     let exe = tmp.path().join(HELPER_EXE);
     std::fs::copy(std::env::current_exe()?, &exe).context("copying the xtask binary")?;
-    let bed = build(&bin, tmp.path())?;
+    let pktgen = pktgen_binary(tmp.path())?;
+    let mut bed = build(&bin, &pktgen, tmp.path())?;
 
-    for p in PATHS {
+    for p in PATHS.iter().filter(|p| p.tcp) {
         let url = format!("http://{}/", p.tcp_target());
         let body =
             procs::curl(&bed.client.name, &url, Duration::from_secs(3)).with_context(|| {
@@ -504,11 +858,16 @@ pub fn dataplane(opt: &Options) -> Result<PathBuf> {
         );
         samples.push(s);
     };
-    let order = PATHS.iter().map(|p| p.name).collect::<Vec<_>>().join(" ");
+    let tcp_paths: Vec<&Path4> = PATHS.iter().filter(|p| p.tcp).collect();
+    let order = tcp_paths
+        .iter()
+        .map(|p| p.name)
+        .collect::<Vec<_>>()
+        .join(" ");
     for (scenario, close) in [("keepalive", false), ("conn-per-request", true)] {
         println!("\n== {scenario} ({} rounds, order {order})", opt.rounds);
         for round in 1..=opt.rounds {
-            for p in PATHS {
+            for p in &tcp_paths {
                 cmd::check_interrupted()?;
                 let v = wrk(&bed.client.name, &p.tcp_target(), close, opt)?;
                 push(sample(scenario, p.name, round, v));
@@ -534,7 +893,7 @@ pub fn dataplane(opt: &Options) -> Result<PathBuf> {
         opt.rounds
     );
     for round in 1..=opt.rounds {
-        for p in PATHS {
+        for p in &tcp_paths {
             cmd::check_interrupted()?;
             let v = helper(
                 &exe,
@@ -556,17 +915,20 @@ pub fn dataplane(opt: &Options) -> Result<PathBuf> {
         }
     }
     println!(
-        "\n== udp ({UDP_THREADS} blaster threads, 18-byte datagrams, {} rounds)",
+        "\n== udp ({} rounds, generator's ceiling first)",
         opt.rounds
     );
+    let (udp, sender) = udp_prepare(&mut bed)?;
+    println!("  sender: {}", sender.describe());
     for round in 1..=opt.rounds {
-        for p in PATHS.iter().filter(|p| p.udp) {
+        for l in &udp {
             cmd::check_interrupted()?;
-            let v = udp_round(&bed, p, opt, tmp.path())?;
-            push(sample("udp", p.name, round, v));
+            let v = udp_round(&bed, l, &sender, &exe, opt)?;
+            push(sample("udp", &l.name, round, v));
         }
     }
 
+    let receivers = std::mem::take(&mut bed.receivers);
     let logs: Value = bed
         .daemons
         .iter()
@@ -574,7 +936,7 @@ pub fn dataplane(opt: &Options) -> Result<PathBuf> {
         .collect::<serde_json::Map<_, _>>()
         .into();
     drop(bed);
-    let file = write(samples, opt, &bin, logs)?;
+    let file = write(samples, opt, &bin, logs, (sender, receivers))?;
     drop(tmp);
     crate::report::print_dataplane(&serde_json::from_str(&std::fs::read_to_string(&file)?)?);
     println!("\nraw samples: {}", file.display());
@@ -591,10 +953,10 @@ fn headline(s: &Value) -> String {
             s["errors"]
         ),
         Some("udp") => format!(
-            "{:>10.0} pkt/s delivered  (sent {:.0}/s, sink got {})",
+            "{:>10.0} pkt/s delivered  (sender sent {:.0}/s, loss {:.1} %)",
             f("pps"),
             f("sent_pps"),
-            s["received"]
+            100.0 * f("loss")
         ),
         _ => format!(
             "{:>9.0} req/s  ({} socket errors, {} non-2xx)",
@@ -647,7 +1009,13 @@ pub fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
-fn write(samples: Vec<Value>, opt: &Options, bin: &Path, logs: Value) -> Result<PathBuf> {
+fn write(
+    samples: Vec<Value>,
+    opt: &Options,
+    bin: &Path,
+    logs: Value,
+    (sender, receivers): (Sender, Vec<String>),
+) -> Result<PathBuf> {
     let stamp = utc_stamp();
     let dir = crate::root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
@@ -662,7 +1030,7 @@ fn write(samples: Vec<Value>, opt: &Options, bin: &Path, logs: Value) -> Result<
                 "name": p.name,
                 "namespace": p.lane().ns(),
                 "client_source": p.lane().client(),
-                "target": p.tcp_target(),
+                "target": if p.tcp { p.tcp_target() } else { "–".into() },
                 "udp_target": if p.udp { Some(p.udp_target()) } else { None },
             })).collect::<Vec<_>>(),
             "mixed": mixed().iter().map(|(s, d, v)| json!({
@@ -677,7 +1045,9 @@ fn write(samples: Vec<Value>, opt: &Options, bin: &Path, logs: Value) -> Result<
             "duration_s": opt.duration_s,
             "wrk": format!("-t1 -c{} -d{}s", opt.connections, opt.duration_s),
             "latency": format!("paced open-loop client, {LATENCY_RATE} req/s, {LATENCY_WORKERS} workers, new connection per request, latency from the scheduled send time"),
-            "udp": format!("{UDP_THREADS} threads x connected UDP socket, 18-byte payload, send() loop; pps = packets received on the backend's veth / duration"),
+            "udp": format!("{}; pps = packets counted by a raw PREROUTING rule at the far end (addressed to the backend:{UDP_PORT_SINK}, dropped there) / the sender's elapsed time; sent_pps = what the sender sent; path `sender-ceiling` = the same sender into a namespace that drops everything (the sender's ceiling)", sender.describe()),
+            "udp_sender": match &sender { Sender::Generator => "generator".to_string(), Sender::Blaster(_) => "socket-blaster".to_string() },
+            "udp_receivers": receivers,
             "order": "interleaved per round in path order",
         },
         "samples": samples,

@@ -1,8 +1,9 @@
 //! The load generators the data-plane benchmark needs and no installed
-//! tool provides, run as `cargo xtask bench-helper ...` inside a client or
-//! backend namespace (the xtask re-executes itself there): a paced HTTP
-//! client (fixed request rate, per-request latency), a UDP blaster and a
-//! UDP sink. Each prints one JSON line on stdout.
+//! tool provides, run as `cargo xtask bench-helper ...` inside the client
+//! namespace (the xtask re-executes itself there): a paced HTTP client
+//! (fixed request rate, per-request latency) and a UDP blaster (the UDP
+//! scenario's sender only where the kernel refuses the packet generator,
+//! bench/pktgen.rs). Each prints one JSON line on stdout.
 //!
 //! The paced client is open-loop: request `i` is due at `t0 + i / rate`
 //! and its latency counts from that instant, not from when a worker got
@@ -46,11 +47,7 @@ pub fn helper(args: &[String]) -> Result<()> {
             Duration::from_secs_f64(num("--secs")?),
             num("--threads")? as usize,
         )?,
-        Some("udp-sink") => udp_sink(
-            num("--port")? as u16,
-            Duration::from_secs_f64(num("--secs")?),
-        )?,
-        other => bail!("bench-helper: unknown tool {other:?} (paced, udp-blast, udp-sink)"),
+        other => bail!("bench-helper: unknown tool {other:?} (paced, udp-blast)"),
     };
     println!("{out}");
     Ok(())
@@ -186,20 +183,6 @@ fn udp_blast(target: SocketAddr, secs: Duration, threads: usize) -> Result<serde
         failed += f;
     }
     Ok(json!({ "sent": sent, "send_errors": failed, "secs": secs.as_secs_f64() }))
-}
-
-fn udp_sink(port: u16, secs: Duration) -> Result<serde_json::Value> {
-    let s = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding udp :{port}"))?;
-    s.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let end = Instant::now() + secs;
-    let mut buf = [0u8; 2048];
-    let mut received = 0u64;
-    while Instant::now() < end {
-        if s.recv(&mut buf).is_ok() {
-            received += 1;
-        }
-    }
-    Ok(json!({ "received": received }))
 }
 
 #[cfg(test)]

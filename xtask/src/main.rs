@@ -78,7 +78,7 @@ enum Task {
         /// Rounds per scenario and path (interleaved A B A B).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Seconds per run (wrk, paced client, UDP blaster); microbench:
+        /// Seconds per run (wrk, paced client, UDP sender); microbench:
         /// 40k calls per case and round per second.
         #[arg(long, default_value_t = 5)]
         duration: u32,
@@ -114,7 +114,7 @@ enum Task {
         task: vm::VmTask,
     },
     /// The load generators of `bench dataplane`, run by it inside a
-    /// namespace: `paced`, `udp-blast`, `udp-sink`.
+    /// namespace: `paced`, `udp-blast`.
     #[command(hide = true)]
     BenchHelper {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

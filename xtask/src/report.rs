@@ -18,8 +18,13 @@ const PATHS: &[&str] = &[
     "meshlb-generic",
     "iptables",
     "haproxy",
+    "bare-forwarder",
+    CEILING,
 ];
 const MESHLB: &str = "meshlb-native";
+/// The UDP scenario's sender into a namespace that drops everything.
+const CEILING: &str = "sender-ceiling";
+const BARE: &str = "bare-forwarder";
 const COLORS: &[&str] = &[
     "#555555", "#1f77b4", "#17becf", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd",
 ];
@@ -102,7 +107,7 @@ fn paths_of(doc: &Value, scenario: &str) -> Vec<String> {
 
 /// Console summary of a dataplane results document.
 pub fn print_dataplane(doc: &Value) {
-    for sc in ["keepalive", "conn-per-request", "udp"] {
+    for sc in ["keepalive", "conn-per-request"] {
         let k = key_of(sc);
         println!(
             "\n{sc} ({k}):  {:<16} {:>10} {:>10} {:>10} {:>8}",
@@ -117,6 +122,26 @@ pub fn print_dataplane(doc: &Value) {
                 );
             }
         }
+    }
+    println!(
+        "\nudp (packets/s delivered):  {:<16} {:>10} {:>10} {:>10} {:>7} {:>8} {:>10} {:>7}",
+        "path", "median", "min", "max", "spread", "/direct", "sent", "loss"
+    );
+    for row in udp_rows(doc) {
+        println!(
+            "  {:<16} {:>10.0} {:>10.0} {:>10.0} {:>6.1}% {:>8} {:>10.0} {:>6.1}%",
+            row.path,
+            row.pps.median,
+            row.pps.min,
+            row.pps.max,
+            100.0 * row.spread(),
+            row.direct.map_or(String::new(), |r| format!("{r:.2}")),
+            row.sent,
+            100.0 * row.loss,
+        );
+    }
+    for (what, r) in udp_ratios(doc) {
+        println!("  {what}: {}", r.map_or("–".into(), |x| format!("{x:.2}")));
     }
     println!("\nlatency (us, median over rounds):");
     for p in paths_of(doc, "latency") {
@@ -139,6 +164,77 @@ pub fn print_dataplane(doc: &Value) {
 }
 
 /// Per-case median ns of the per-call microbench samples.
+/// One path of the UDP scenario: packets/s delivered (median, min, max
+/// over rounds), against direct, and what the sender sent.
+struct UdpRow {
+    path: String,
+    pps: Stat,
+    direct: Option<f64>,
+    /// Median of the sender's packets/s.
+    sent: f64,
+    /// Median of the rounds' loss (1 - delivered / sent).
+    loss: f64,
+}
+
+impl UdpRow {
+    /// (max - min) / median.
+    fn spread(&self) -> f64 {
+        (self.pps.max - self.pps.min) / self.pps.median
+    }
+}
+
+fn udp_rows(doc: &Value) -> Vec<UdpRow> {
+    paths_of(doc, "udp")
+        .into_iter()
+        .filter_map(|p| {
+            let pps = get(doc, "udp", &p, "pps")?;
+            let med = |k| get(doc, "udp", &p, k).map_or(f64::NAN, |s| s.median);
+            Some(UdpRow {
+                direct: if p == CEILING {
+                    None
+                } else {
+                    ratio(doc, "udp", &p, "direct")
+                },
+                sent: med("sent_pps"),
+                loss: med("loss"),
+                path: p,
+                pps,
+            })
+        })
+        .collect()
+}
+
+/// The UDP ratios the report states (medians).
+fn udp_ratios(doc: &Value) -> [(String, Option<f64>); 3] {
+    [
+        (
+            format!("{MESHLB} ÷ iptables"),
+            ratio(doc, "udp", MESHLB, "iptables"),
+        ),
+        (
+            format!("{MESHLB} ÷ {BARE}"),
+            ratio(doc, "udp", MESHLB, BARE),
+        ),
+        (
+            format!("direct ÷ {CEILING}"),
+            ratio(doc, "udp", "direct", CEILING),
+        ),
+    ]
+}
+
+/// Whether every forwarding path delivered at least 90 % of what the
+/// sender sent (median loss under 10 %): then the forwarders kept up with
+/// the sender, the sender is the limit, and the ratios between paths say
+/// little about the forwarders.
+fn udp_sender_bound(doc: &Value) -> Option<bool> {
+    let rows = udp_rows(doc);
+    let paths: Vec<&UdpRow> = rows.iter().filter(|r| r.path != CEILING).collect();
+    if paths.is_empty() || paths.iter().any(|r| r.loss.is_nan()) {
+        return None;
+    }
+    Some(paths.iter().all(|r| r.loss < 0.1))
+}
+
 fn micro(doc: &Value, case: &str, method: &str) -> Option<Stat> {
     stat(
         doc["samples"]
@@ -544,6 +640,79 @@ fn collapsed(doc: &Value, scenario: &str) -> Option<bool> {
     }))
 }
 
+/// The UDP scenario: per path packets/s delivered (median, min, max, spread,
+/// ×direct), what the sender sent and lost, the sender's own ceiling, the
+/// ratios against iptables and the bare forwarder, and what was attached
+/// where.
+fn udp_section(md: &mut String, doc: &Value, bench: &Path) -> Result<()> {
+    let rows = udp_rows(doc);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let title = "UDP packets/s delivered to the backend";
+    let bars: Vec<(String, Stat)> = rows
+        .iter()
+        .filter(|r| r.path != CEILING)
+        .map(|r| (r.path.clone(), r.pps))
+        .collect();
+    std::fs::write(bench.join("udp.svg"), bar_chart(title, "packets/s", &bars))?;
+    let st = &doc["setup"];
+    let _ = writeln!(
+        md,
+        "### {title}\n\n![{title}](udp.svg)\n\nSender: {}.\n",
+        st["udp"]
+            .as_str()
+            .unwrap_or("the socket blaster (results file from before the sender was recorded)")
+    );
+    let _ = writeln!(md, "| path | median packets/s | min | max | spread | n | ×direct | sent/s (median) | loss (median) |\n|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let name = if r.path == CEILING {
+            format!("*{CEILING}* (sender into a namespace that drops everything)")
+        } else {
+            r.path.clone()
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.1} % | {} | {} | {:.0} | {:.1} % |",
+            r.pps.median,
+            r.pps.min,
+            r.pps.max,
+            100.0 * r.spread(),
+            r.pps.n,
+            r.direct.map_or("–".into(), |x| format!("{x:.2}")),
+            r.sent,
+            100.0 * r.loss,
+        );
+    }
+    md.push('\n');
+    for (what, r) in udp_ratios(doc) {
+        let _ = writeln!(
+            md,
+            "* {what}: {}",
+            r.map_or("–".into(), |x| format!("**{x:.2}**"))
+        );
+    }
+    md.push('\n');
+    if udp_sender_bound(doc) == Some(true) {
+        md.push_str("Every path delivered at least 90 % of what the sender sent: the forwarders kept up, the sender is the limit of this run, so the ratios between paths are capped by it and say little about the forwarders.\n\n");
+    }
+    let receivers: Vec<&str> = st["udp_receivers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !receivers.is_empty() {
+        md.push_str("What takes the frames at each hop (a veth takes frames sent by XDP only when it has NAPI: a native XDP program or GRO; the first hop's NAPI runs threaded, in a kernel thread rather than in the sender's softirq, on every path alike):\n\n");
+        for r in receivers {
+            let _ = writeln!(md, "* {r}");
+        }
+        md.push('\n');
+    }
+    md.push_str("HAProxy has no UDP mode, so it has no UDP row.\n\n");
+    Ok(())
+}
+
 pub fn write() -> Result<PathBuf> {
     let bench = crate::root().join("bench");
     let dp_file = latest("dataplane");
@@ -611,12 +780,6 @@ pub fn write() -> Result<PathBuf> {
                 "req/s",
                 "conn-per-request.svg",
             ),
-            (
-                "udp",
-                "UDP packets/s delivered to the backend",
-                "packets/s",
-                "udp.svg",
-            ),
         ] {
             let k = key_of(sc);
             let bars: Vec<(String, Stat)> = paths_of(doc, sc)
@@ -645,9 +808,7 @@ pub fn write() -> Result<PathBuf> {
             let _ = peers;
             md.push('\n');
         }
-        if paths_of(doc, "udp").iter().all(|p| p != "haproxy") {
-            md.push_str("HAProxy has no UDP mode, so it has no UDP bar. UDP is sent by this project's blaster (`cargo xtask bench-helper udp-blast`: std threads, one connected socket each, `send()` of 18-byte datagrams); the figure is packets received on the backend's veth per second. The sender's syscalls share the 2 CPUs with every hop, so this measures the whole path, not the load balancer alone.\n\n");
-        }
+        udp_section(&mut md, doc, &bench)?;
 
         // Rounds: conn-per-request and the mixed collapse test.
         let mut series = Vec::new();
@@ -802,8 +963,14 @@ pub fn write() -> Result<PathBuf> {
             value: u.map_or("–".into(), |x| format!("{x:.2}×")),
             met: u.map(|x| x >= 3.0),
             note: format!(
-                "the userspace blaster (send() per datagram) sends at most {} pkt/s on the direct path, so the ratio is capped by the sender, not by the load balancers",
-                get(doc, "udp", "direct", "sent_pps").map_or("–".into(), |s| fmt_num(s.median))
+                "sender: {}; its ceiling {} pkt/s{}",
+                doc["setup"]["udp_sender"].as_str().unwrap_or("socket-blaster"),
+                get(doc, "udp", CEILING, "pps").map_or("–".into(), |s| fmt_num(s.median)),
+                if udp_sender_bound(doc) == Some(true) {
+                    "; every path delivered what the sender sent, so the ratio is capped by the sender, not by the load balancers"
+                } else {
+                    ""
+                }
             ),
         });
     } else {

@@ -2049,7 +2049,8 @@ fn bare_forwarder_routes_by_the_fib() {
 /// the kernel behind its back: the cached MAC is still used); a bumped
 /// generation (what the daemon does on an rtnetlink event), an entry too
 /// old, a missing entry, or a packet over the cached MTU falls back to
-/// the FIB, which refreshes the entry.
+/// the FIB, which refreshes the entry. Replies are cached by the
+/// client's address the same way.
 #[test]
 fn next_hop_cache_hit_stale_missing_fall_back_to_the_fib() {
     use meshlb_common::{NextHop, NH_F_VALID, NH_MAX_AGE};
@@ -2159,16 +2160,21 @@ fn next_hop_cache_hit_stale_missing_fall_back_to_the_fib() {
         assert_eq!(verdict, XDP_REDIRECT, "over the cached MTU: FIB");
         assert_eq!(misses(&maps), 5, "over the cached MTU: a miss");
 
-        // Replies never use the cache (their destination is a client).
+        // Replies: cached by the client's address (MLB_NHADDR_V1). The
+        // first asks the FIB, the next ones take the cache, until the
+        // generation moves.
         let reply = Frame::tcp("10.201.1.2", 8000, "10.200.0.2", 41000, ACK);
+        let client_mac = [0x02, 0, 0, 0, 0, 0x02];
         let (verdict, out) = run_on(prog, &reply.bytes());
         assert_eq!(verdict, XDP_REDIRECT, "reply forwarded");
-        assert_eq!(
-            out[0..6],
-            [0x02, 0, 0, 0, 0, 0x02],
-            "reply: the client's MAC"
-        );
-        assert_eq!(misses(&maps), 5, "replies do not count");
+        assert_eq!(out[0..6], client_mac, "reply: the client's MAC");
+        assert_eq!(misses(&maps), 6, "first reply: a miss");
+        let (verdict, out) = run_on(prog, &reply.bytes());
+        assert_eq!((verdict, &out[0..6]), (XDP_REDIRECT, &client_mac[..]));
+        assert_eq!(misses(&maps), 6, "second reply: a hit");
+        maps.bump_next_hop_gen().unwrap();
+        run_on(prog, &reply.bytes());
+        assert_eq!(misses(&maps), 7, "reply after a new generation: a miss");
     });
 }
 

@@ -109,9 +109,13 @@ pub mod maps {
     /// whenever it rewrites backends or interface flags; a `NextHop` of
     /// another generation is stale.
     pub const NEXT_HOP_GEN: &str = "MLB_NHGEN_V1";
+    /// LRU hash, a client's address (`[u32; 5]`: the address's four words,
+    /// IPv4 in the first, then the family) -> `NextHop`: the next hop of
+    /// replies (backend -> client), cached like `NEXT_HOPS`.
+    pub const NEXT_HOPS_BY_ADDR: &str = "MLB_NHADDR_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -139,6 +143,7 @@ pub mod maps {
         HANDOFF,
         NEXT_HOPS,
         NEXT_HOP_GEN,
+        NEXT_HOPS_BY_ADDR,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -219,6 +224,9 @@ pub const MAX_IFACES: u32 = 1024;
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of the embryonic tables (flows not yet established).
 pub const MAX_EMBRYONIC: u32 = 65_536;
+/// Entries of `maps::NEXT_HOPS_BY_ADDR` (client addresses whose replies'
+/// next hop is cached).
+pub const MAX_NH_ADDRS: u32 = 65_536;
 /// Client addresses remembered for session affinity, over all services
 /// (LRU: the least recently used go first).
 pub const MAX_AFFINITY: u32 = 65_536;

@@ -50,14 +50,20 @@ pub trait Frame {
     fn bounce(&self) -> u32;
 }
 
-/// The cached next hop a translated packet may take (`maps::MLB_NH_V1`):
-/// that of the backend it now goes to, judged fresh against `now` (the
-/// flow clock as its conntrack entry last read it, so that a hit reads no
-/// clock of its own). `Hop::NONE`: ask the FIB (replies, fragments, ICMP
-/// errors: their destination is a client). One 64-bit word, so that it
-/// travels in one register (BPF calls take five).
+/// The cached next hop a translated packet may take: that of the backend
+/// it now goes to (`maps::MLB_NH_V1`), or with `HOP_BY_ADDR` that of its
+/// destination address (`maps::MLB_NHADDR_V1`: replies, whose
+/// destination is a client), judged fresh against `now` (the flow clock;
+/// for a client packet as its conntrack entry was just stamped, so that a
+/// hit reads no clock of its own). `Hop::NONE`: ask the FIB (fragments,
+/// ICMP errors). One 64-bit word, so that it travels in one register (BPF
+/// calls take five).
 #[derive(Clone, Copy)]
 pub struct Hop(u64);
+
+/// `Hop::backend_id` of a packet whose next hop is cached by destination
+/// address (no backend id is this large).
+pub const HOP_BY_ADDR: u32 = meshlb_common::NO_BACKEND - 1;
 
 impl Hop {
     pub const NONE: Hop = Hop::new(meshlb_common::NO_BACKEND, 0);

@@ -21,14 +21,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use meshlb_common::{
-    Counter, FlowKey, XdpHandoff, FAMILY_V4, HANDOFF_MAGIC, IF_F_GENERIC, IF_F_NO_XMIT,
+    Counter, FlowKey, NextHop, XdpHandoff, FAMILY_V4, HANDOFF_MAGIC, IF_F_GENERIC, IF_F_NO_XMIT,
     NH_F_NO_XMIT, NH_F_VALID, NH_MAX_AGE, NO_BACKEND,
 };
 
 use crate::{
     csum::CsumDelta,
-    frame::{Frame, Hop},
-    maps::{count, xdp_meta, MLB_HANDOFF_V1, MLB_IFACE_V1, MLB_NHGEN_V1, MLB_NH_V1},
+    frame::{Frame, Hop, HOP_BY_ADDR},
+    maps::{count, xdp_meta, MLB_HANDOFF_V1, MLB_IFACE_V1, MLB_NHADDR_V1, MLB_NHGEN_V1, MLB_NH_V1},
     parse::{plain_flow, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, Packet, ETH_LEN, KIND_L4},
     toobig,
 };
@@ -92,7 +92,12 @@ pub fn fib_params<C: Frame>(ctx: &C, pkt: &Packet) -> Option<bpf_fib_lookup> {
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32> {
     if hop.backend_id() != NO_BACKEND {
-        let v = cached(ctx, pkt, hop);
+        let nh = slot(ctx, pkt, hop, false);
+        let v = if nh.is_null() {
+            NH_MISS
+        } else {
+            cached(ctx, pkt, hop, nh)
+        };
         if v == NH_MISS {
             count(Counter::NextHopMiss);
         } else if v & NH_HANDOFF != 0 {
@@ -140,7 +145,12 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Resul
         return Ok(XDP_PASS);
     }
     if route_mtu != 0 {
-        remember(ctx, pkt, hop, &p, route_mtu);
+        let nh = slot(ctx, pkt, hop, true);
+        if !nh.is_null() {
+            // SAFETY: a map value (`slot`), written field by field (a
+            // racing writer writes the same answer).
+            remember(unsafe { &mut *nh }, pkt, hop, &p, route_mtu);
+        }
     }
     let ingress = ctx.ingress_ifindex() as u32;
     if p.ifindex != ingress && !can_redirect(ingress, p.ifindex) {
@@ -164,10 +174,9 @@ const NH_HANDOFF: u32 = 1 << 31;
 /// `NH_HANDOFF | ifindex`: an egress this ingress may not redirect to,
 /// for the caller to hand off (`handoff`).
 #[inline(never)]
-fn cached(ctx: &XdpContext, pkt: &Packet, hop: Hop) -> u32 {
-    let Some(nh) = MLB_NH_V1.get(hop.backend_id()) else {
-        return NH_MISS;
-    };
+fn cached(ctx: &XdpContext, pkt: &Packet, hop: Hop, nh: *const NextHop) -> u32 {
+    // SAFETY: a map value (`slot`), read while this program runs.
+    let nh = unsafe { &*nh };
     let generation = MLB_NHGEN_V1.get(0).copied().unwrap_or(0);
     if nh.flags & NH_F_VALID == 0
         || nh.gen != generation
@@ -205,40 +214,108 @@ fn cached(ctx: &XdpContext, pkt: &Packet, hop: Hop) -> u32 {
     emit(ctx, pkt, nh.ifindex, &nh.smac, &nh.dmac)
 }
 
-/// Caches what the FIB just answered (`p`) for the packet's destination
-/// as its backend's next hop, with the route's MTU.
+/// Caches what the FIB just answered (`p`) in `nh` (from `slot`, which
+/// set its `addr`), with the route's MTU. A packet racing a refresh may
+/// see the entry half old, half new: one packet to a next hop that just
+/// stopped being right, as with any cache.
+#[inline(always)]
+fn remember(nh: &mut NextHop, pkt: &Packet, hop: Hop, p: &bpf_fib_lookup, mtu: u16) {
+    nh.ifindex = p.ifindex;
+    nh.gen = MLB_NHGEN_V1.get(0).copied().unwrap_or(0);
+    nh.stamp = hop.now();
+    nh.mtu = mtu;
+    nh.family = pkt.key.family;
+    nh.smac = p.smac;
+    nh.dmac = p.dmac;
+    nh.flags = NH_F_VALID
+        | if iface_flags(p.ifindex) & IF_F_NO_XMIT != 0 {
+            NH_F_NO_XMIT
+        } else {
+            0
+        };
+}
+
+/// The cache slot of a packet's next hop (`hop`): its backend's in
+/// `MLB_NH_V1`, or with `HOP_BY_ADDR` its destination's in
+/// `MLB_NHADDR_V1`; null when there is none. `create`: for a FIB answer
+/// about to be cached — a missing address entry is made (empty) and the
+/// slot's `addr` set to the packet's destination. A subprogram of its
+/// own, so that its key is never on the callers' frames.
 #[inline(never)]
-fn remember(ctx: &XdpContext, pkt: &Packet, hop: Hop, p: &bpf_fib_lookup, mtu: u16) {
-    let Some(nh) = MLB_NH_V1.get_ptr_mut(hop.backend_id()) else {
-        return;
+fn slot(ctx: &XdpContext, pkt: &Packet, hop: Hop, create: bool) -> *mut NextHop {
+    if hop.backend_id() != HOP_BY_ADDR {
+        let Some(nh) = MLB_NH_V1.get_ptr_mut(hop.backend_id()) else {
+            return core::ptr::null_mut();
+        };
+        if create {
+            let Some(key) = destination(ctx, pkt) else {
+                return core::ptr::null_mut();
+            };
+            // SAFETY: array value; a racing writer writes the same.
+            unsafe { (*nh).addr = key_addr(&key) };
+        }
+        return nh;
+    }
+    let Some(key) = destination(ctx, pkt) else {
+        return core::ptr::null_mut();
     };
-    let mut addr = [0u8; 16];
-    // SAFETY: header pointers are bounds-checked by ptr_at; the map value
-    // is written field by field (a racing writer writes the same answer).
+    if create && MLB_NHADDR_V1.get_ptr(&key).is_none() {
+        // From a global: no value on this frame.
+        let _ = MLB_NHADDR_V1.insert(&key, &EMPTY_HOP, 0);
+    }
+    match MLB_NHADDR_V1.get_ptr_mut(&key) {
+        Some(nh) => {
+            if create {
+                // SAFETY: LRU map value.
+                unsafe { (*nh).addr = key_addr(&key) };
+            }
+            nh
+        }
+        None => core::ptr::null_mut(),
+    }
+}
+
+/// An unresolved `NextHop`: what a new `MLB_NHADDR_V1` entry starts as.
+static EMPTY_HOP: NextHop = NextHop {
+    addr: [0; 16],
+    ifindex: 0,
+    gen: 0,
+    stamp: 0,
+    mtu: 0,
+    flags: 0,
+    family: 0,
+    smac: [0; 6],
+    dmac: [0; 6],
+};
+
+/// The packet's destination as it is now (after translation), as the key
+/// of `MLB_NHADDR_V1`: the address's four words (IPv4: the first) and the
+/// family. Built from scalars, so no `memset` frame joins the chain.
+#[inline(always)]
+fn destination(ctx: &XdpContext, pkt: &Packet) -> Option<[u32; 5]> {
+    let family = u32::from(pkt.key.family);
+    // SAFETY: header pointers are bounds-checked by ptr_at.
     unsafe {
         if pkt.key.family == FAMILY_V4 {
-            let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN) else {
-                return;
-            };
-            addr[..4].copy_from_slice(&(*ip).dst);
+            let d = (*ptr_at::<Ipv4Hdr, _>(ctx, ETH_LEN).ok()?).dst;
+            Some([u32::from_ne_bytes(d), 0, 0, 0, family])
         } else {
-            let Ok(ip) = ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN) else {
-                return;
-            };
-            addr = (*ip).dst;
+            let d = &(*ptr_at::<Ipv6Hdr, _>(ctx, ETH_LEN).ok()?).dst;
+            let w = |i: usize| u32::from_ne_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
+            Some([w(0), w(4), w(8), w(12), family])
         }
-        let no_xmit = iface_flags(p.ifindex) & IF_F_NO_XMIT != 0;
-        let nh = &mut *nh;
-        nh.addr = addr;
-        nh.ifindex = p.ifindex;
-        nh.gen = MLB_NHGEN_V1.get(0).copied().unwrap_or(0);
-        nh.stamp = hop.now();
-        nh.mtu = mtu;
-        nh.family = pkt.key.family;
-        nh.smac = p.smac;
-        nh.dmac = p.dmac;
-        nh.flags = NH_F_VALID | if no_xmit { NH_F_NO_XMIT } else { 0 };
     }
+}
+
+/// The address bytes of a `destination` key.
+#[inline(always)]
+fn key_addr(key: &[u32; 5]) -> [u8; 16] {
+    let b = |i: usize| key[i].to_ne_bytes();
+    let (a, c, d, e) = (b(0), b(1), b(2), b(3));
+    [
+        a[0], a[1], a[2], a[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3], e[0], e[1], e[2],
+        e[3],
+    ]
 }
 
 /// Sends a frame on to its next hop: TTL / hop limit decremented (the

@@ -15,7 +15,7 @@ use meshlb_common::{
     FragKey, FrontendKey, FrontendValue, IfAddrKey, NextHop, NodeMeta, RateWindow, RnatEntry,
     ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff, COUNTER_CAPACITY,
     MAX_AFFINITY, MAX_BACKENDS, MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS, MAX_FRONTENDS, MAX_HANDOFFS,
-    MAX_IFACES, MAX_LOCAL_ADDRS, MAX_SERVICES, RING_HALF, RING_MAP_FLAGS, RING_SIZES,
+    MAX_IFACES, MAX_LOCAL_ADDRS, MAX_NH_ADDRS, MAX_SERVICES, RING_HALF, RING_MAP_FLAGS, RING_SIZES,
 };
 
 /// `FrontendKey` (addr bytes, port BE) -> `FrontendValue`.
@@ -244,6 +244,11 @@ pub static MLB_HANDOFF_V1: LruHashMap<FlowKey, XdpHandoff> = LruHashMap::pinned(
 /// backend id -> `NextHop`: what the FIB last said about the way to it.
 #[map]
 pub static MLB_NH_V1: Array<NextHop> = Array::pinned(MAX_BACKENDS, 0);
+
+/// A client's address (`[u32; 5]`: the address's words, then the family)
+/// -> `NextHop`: the next hop of replies.
+#[map]
+pub static MLB_NHADDR_V1: LruHashMap<[u32; 5], NextHop> = LruHashMap::pinned(MAX_NH_ADDRS, 0);
 
 /// 0 -> the next-hop generation (`NextHop::gen`), bumped by the daemon.
 #[map]

@@ -56,7 +56,7 @@ use meshlb_common::{
 
 pub use self::rewrite::rewrite_xdp;
 use self::{
-    conntrack::{heal_reply, record_flow},
+    conntrack::{clock_now, heal_reply, record_flow},
     frag::{frag_path, record_frag_of},
     icmp::icmp_path,
     reply::{forget_reply, rnat_reply, snat_reply},
@@ -65,7 +65,7 @@ use self::{
     snat::{snat_alloc, snat_source},
 };
 use crate::{
-    frame::{Frame, Hop},
+    frame::{Frame, Hop, HOP_BY_ADDR},
     maps::{count, MLB_FE_V1, MLB_LOCAL_V1, MLB_VIP_V1},
     parse::{parse, Packet, KIND_FRAG, KIND_ICMP_ERR, TCP_ACK, TCP_SYN},
     reset, toobig,
@@ -100,7 +100,7 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return send(ctx, &pkt, Counter::ForwardedOut, Hop::NONE);
+        return send(ctx, &pkt, Counter::ForwardedOut, reply_hop());
     }
     if found != FE_NONE {
         let hop = client_path(ctx, &pkt, fe.service_id)?;
@@ -113,7 +113,7 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return send(ctx, &pkt, Counter::ForwardedOut, Hop::NONE);
+        return send(ctx, &pkt, Counter::ForwardedOut, reply_hop());
     }
     if is_vip(&pkt) {
         // A VIP is nobody's address: routed on, the packet would follow
@@ -138,6 +138,12 @@ fn send<C: Frame>(ctx: &C, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32,
         Ok(v) if v & toobig::TOO_BIG != 0 => Ok(toobig::reply(ctx, pkt, v & !toobig::TOO_BIG)),
         r => r,
     }
+}
+
+/// A translated reply's cached next hop: by its destination (a client).
+#[inline(always)]
+fn reply_hop() -> Hop {
+    Hop::new(HOP_BY_ADDR, clock_now())
 }
 
 /// Whether the packet's destination is one of the VIPs (`MLB_VIP_V1`).

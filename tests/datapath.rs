@@ -407,8 +407,8 @@ fn cases() -> Vec<Case> {
             after: None,
         },
         Case {
-            name: "a flow whose reverse-NAT half was evicted (conntrack half left): its next packet re-creates it, and the backend's reply is translated again",
-            seed: Seed::Ct(flow4, "10.201.1.2", 8000, CT_F_EST),
+            name: "a flow whose reverse-NAT half was evicted (conntrack half left): its next packet in a new flow-clock tick (here: after a second idle) re-creates it, and the backend's reply is translated again",
+            seed: Seed::CtAged(flow4, "10.201.1.2", 8000, CT_F_EST, 1),
             steps: vec![
                 step(
                     ack4.bytes(),

@@ -61,7 +61,7 @@ use self::{
     icmp::icmp_path,
     reply::{forget_reply, rnat_reply, snat_reply},
     rewrite::translate,
-    select::{pick_backend, CT_F_UNTRACKED},
+    select::{pick_backend, CT_F_TICK, CT_F_UNTRACKED},
     snat::{snat_alloc, snat_source},
 };
 use crate::{
@@ -195,8 +195,18 @@ fn client_path<C: Frame>(ctx: &C, pkt: &Packet, service_id: u32) -> Result<Hop, 
         return Err(XDP_DROP);
     }
     // Only an established flow's reply half is healed: an embryonic one's
-    // lives in the embryonic tables (never healed into the main ones).
-    if !new && ct.flags & (CT_F_UNTRACKED | CT_F_EST) == CT_F_EST && !heal_reply(pkt, &ct, &src) {
+    // lives in the embryonic tables (never healed into the main ones). A
+    // translated flow's SNAT port is checked on every packet (it must
+    // never send on a port another flow took); a local flow's reply half
+    // only on its first packet of each flow-clock tick (about twice a
+    // second, and always after an idle spell), which keeps that lookup
+    // off the hit path.
+    let heal = ct.flags & CT_F_SNAT != 0 || ct.flags & CT_F_TICK != 0;
+    if heal
+        && !new
+        && ct.flags & (CT_F_UNTRACKED | CT_F_EST) == CT_F_EST
+        && !heal_reply(pkt, &ct, &src)
+    {
         return Err(XDP_DROP);
     }
     translate(ctx, pkt, &ct.backend_addr, ct.backend_port, false)?;

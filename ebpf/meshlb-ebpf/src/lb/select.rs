@@ -27,6 +27,9 @@ use crate::{
 /// `CtEntry::flags` of a packet forwarded without state (`pick_backend`);
 /// never stored.
 pub(super) const CT_F_UNTRACKED: u16 = 0x8000;
+/// `CtEntry::flags` of a known flow's first packet in a new flow-clock
+/// tick (its `last_seen` was just moved); never stored.
+pub(super) const CT_F_TICK: u16 = 0x4000;
 
 /// The backend of a client packet: conntrack when the flow is known (and
 /// not a SYN reusing a closed tuple), else Maglev. `Ok(true)`: a new flow,
@@ -53,6 +56,7 @@ pub(super) fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> 
         // SAFETY: LRU map value; a concurrent update of `flags` only loses
         // a flag bit, which the next FIN/RST sets again.
         let ct = unsafe { &mut *ct };
+        let seen = ct.last_seen;
         let state = ct_live(ct, pkt);
         if state == CT_RESET {
             // Its backend was removed: the client learns at once.
@@ -67,6 +71,9 @@ pub(super) fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> 
                 ct.flags |= flags;
             }
             *out = *ct;
+            if ct.last_seen != seen {
+                out.flags |= CT_F_TICK;
+            }
             hit = true;
         } else {
             // The tuple's previous flow is over (or, UDP, its backend went

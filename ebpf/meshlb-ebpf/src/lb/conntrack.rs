@@ -178,8 +178,11 @@ pub(super) fn record_flow(pkt: &Packet, ct: &CtEntry) {
         // A main entry for the same reply tuple is an earlier flow's (the
         // client reused its port, e.g. towards another frontend of the
         // same backend): looked up first, it would translate this flow's
-        // replies to that frontend.
-        let _ = MLB_RNAT_V1.remove(&key);
+        // replies to that frontend. Looked up before it is removed: a
+        // lookup takes no lock, a delete does (and there rarely is one).
+        if MLB_RNAT_V1.get_ptr(&key).is_some() {
+            let _ = MLB_RNAT_V1.remove(&key);
+        }
     }
     if let Some(w) = MLB_RATE_V1.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.

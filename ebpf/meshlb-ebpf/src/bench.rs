@@ -1,7 +1,7 @@
 //! Programs of the benchmarks, never attached by the daemon: the bare
 //! forwarder (`meshlb_bare`, the reference every ratio of the data-path
 //! benchmarks is taken against) and the packet generator (`meshlb_gen`,
-//! run through BPF_PROG_TEST_RUN in live-frames mode).
+//! run through `BPF_PROG_TEST_RUN` in live-frames mode).
 
 use aya_ebpf::{
     bindings::{

@@ -121,7 +121,7 @@ impl Frame for XdpContext {
 
     #[inline(always)]
     fn forward(&self, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32> {
-        crate::fwd::forward(self, pkt, done, hop)
+        Ok(crate::fwd::forward(self, pkt, done, hop))
     }
 
     #[inline(always)]

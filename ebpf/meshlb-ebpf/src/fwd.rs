@@ -90,7 +90,7 @@ pub fn fib_params<C: Frame>(ctx: &C, pkt: &Packet) -> Option<bpf_fib_lookup> {
 /// path) goes up with `XdpHandoff` metadata, for the TC handoff program on
 /// this interface to send through the neighbour subsystem.
 #[inline(never)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32, u32> {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> u32 {
     if hop.backend_id() != NO_BACKEND {
         let nh = slot(ctx, pkt, hop, false);
         let v = if nh.is_null() {
@@ -102,14 +102,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Resul
             count(Counter::NextHopMiss);
         } else if v & NH_HANDOFF != 0 {
             count(Counter::RedirectPass);
-            return Ok(handoff(ctx, v & !NH_HANDOFF));
+            return handoff(ctx, v & !NH_HANDOFF);
         } else {
             count(done);
-            return Ok(v);
+            return v;
         }
     }
     let Some(mut p) = fib_params(ctx, pkt) else {
-        return Ok(XDP_PASS);
+        return XDP_PASS;
     };
     let mut route_mtu = 0u16;
     let mut rc;
@@ -134,15 +134,15 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Resul
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         // SAFETY: the kernel filled mtu_result for this return code.
         let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
-        return Ok(toobig::TOO_BIG | mtu);
+        return toobig::TOO_BIG | mtu;
     }
     if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         count(Counter::FibPass);
-        return Ok(handoff(ctx, p.ifindex));
+        return handoff(ctx, p.ifindex);
     }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         count(Counter::FibPass);
-        return Ok(XDP_PASS);
+        return XDP_PASS;
     }
     if route_mtu != 0 {
         let nh = slot(ctx, pkt, hop, true);
@@ -155,10 +155,10 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, done: Counter, hop: Hop) -> Resul
     let ingress = ctx.ingress_ifindex() as u32;
     if p.ifindex != ingress && !can_redirect(ingress, p.ifindex) {
         count(Counter::RedirectPass);
-        return Ok(handoff(ctx, p.ifindex));
+        return handoff(ctx, p.ifindex);
     }
     count(done);
-    Ok(emit(ctx, pkt, p.ifindex, &p.smac, &p.dmac))
+    emit(ctx, pkt, p.ifindex, &p.smac, &p.dmac)
 }
 
 /// `cached`: no fresh next hop for this packet.
@@ -310,11 +310,11 @@ fn destination(ctx: &XdpContext, pkt: &Packet) -> Option<[u32; 5]> {
 /// The address bytes of a `destination` key.
 #[inline(always)]
 fn key_addr(key: &[u32; 5]) -> [u8; 16] {
-    let b = |i: usize| key[i].to_ne_bytes();
-    let (a, c, d, e) = (b(0), b(1), b(2), b(3));
+    let word = |i: usize| key[i].to_ne_bytes();
+    let (w0, w1, w2, w3) = (word(0), word(1), word(2), word(3));
     [
-        a[0], a[1], a[2], a[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3], e[0], e[1], e[2],
-        e[3],
+        w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0],
+        w3[1], w3[2], w3[3],
     ]
 }
 

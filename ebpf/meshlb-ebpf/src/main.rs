@@ -81,7 +81,7 @@ mod progs {
         crate::bench::bare(&ctx)
     }
 
-    /// The benchmark packet generator (BPF_PROG_TEST_RUN, live frames):
+    /// The benchmark packet generator (`BPF_PROG_TEST_RUN`, live frames):
     /// `XDP_TX` of each frame, IPv4 UDP spread over a few source ports.
     #[xdp]
     pub fn meshlb_gen(ctx: XdpContext) -> u32 {

@@ -2,14 +2,22 @@
 //! scenario) and the bare forwarder's attacher: frames that no socket
 //! sends, so the load balancers, not a sender's syscalls, are the limit.
 //!
-//! * `send`: one IPv4 UDP template frame, handed to `meshlb_gen` through
-//!   BPF_PROG_TEST_RUN in live-frames mode (`BPF_F_TEST_XDP_LIVE_FRAMES`):
-//!   the kernel runs the program on a copy of the frame `repeat` times, in
-//!   batches, and each `XDP_TX` transmits the frame out of the interface
-//!   named by the context's `ingress_ifindex` (for a veth: into its peer,
-//!   which must have NAPI — an XDP program or GRO — to take it).
-//!   `meshlb_gen` spreads the frames over 16 UDP source ports and clears
-//!   the UDP checksum. Prints one JSON line: frames and seconds.
+//! * `send`: one IPv4 UDP template frame (UDP checksum 0), spread over 16
+//!   UDP source ports, out of an interface, by one of two paths (`--via`):
+//!   * `live-frames`: handed to `meshlb_gen` through BPF_PROG_TEST_RUN in
+//!     live-frames mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): the kernel runs
+//!     the program on a copy of the frame `repeat` times, in batches, and
+//!     each `XDP_TX` transmits the frame out of the interface named by the
+//!     context's `ingress_ifindex` (for a veth: into its peer, which must
+//!     have NAPI — an XDP program or GRO — to take it). `meshlb_gen` sets
+//!     the source port;
+//!   * `af-xdp`: an AF_XDP socket in copy mode on the interface's queue 0
+//!     ([`xsk`]): the frames sit in a UMEM, the TX ring takes their
+//!     descriptors and one `sendto` per batch makes the kernel transmit
+//!     them (an skb each, straight to the driver). For kernels that refuse
+//!     live frames.
+//!
+//!   Prints one JSON line: frames and seconds.
 //! * `attach-bare`: `meshlb_bare` (parse, FIB lookup, TTL, MACs,
 //!   XDP_TX/redirect) attached natively to an interface until this process
 //!   is stopped (the link dies with its file descriptor) or its parent
@@ -22,7 +30,11 @@
 //! that directory is removed at once. Without a subcommand (as `cargo
 //! test --all-targets` runs it) it does nothing.
 
-#![forbid(unsafe_code)]
+// Only the AF_XDP module ([`xsk`]) may allow it, saying why.
+#![deny(unsafe_code)]
+
+#[path = "pktgen/xsk.rs"]
+mod xsk;
 
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
@@ -60,8 +72,19 @@ enum Command {
     },
 }
 
+/// How `send` transmits.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Via {
+    /// BPF_PROG_TEST_RUN in live-frames mode (`meshlb_gen`, `XDP_TX`).
+    LiveFrames,
+    /// An AF_XDP socket in copy mode on queue 0 (one thread).
+    AfXdp,
+}
+
 #[derive(clap::Args)]
 struct SendArgs {
+    #[arg(long, value_enum, default_value_t = Via::LiveFrames)]
+    via: Via,
     #[arg(long)]
     netns: String,
     /// The interface the frames leave by.
@@ -84,7 +107,8 @@ struct SendArgs {
     /// Frames per BPF_PROG_TEST_RUN call.
     #[arg(long, default_value_t = 1 << 16)]
     repeat: u32,
-    /// Sending threads.
+    /// Sending threads (live frames; AF_XDP sends from one socket, a veth
+    /// having one TX queue).
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Pin sending thread `i` to CPU `cpu + i`.
@@ -186,6 +210,46 @@ fn send(a: &SendArgs) -> Result<serde_json::Value> {
     enter_netns(&a.netns)?;
     let ifindex = nix::net::if_::if_nametoindex(a.iface.as_str())
         .with_context(|| format!("no interface {} in {}", a.iface, a.netns))?;
+    match a.via {
+        Via::LiveFrames => send_live(a, ifindex),
+        Via::AfXdp => send_xsk(a, ifindex),
+    }
+}
+
+/// One AF_XDP socket on queue 0 of `ifindex`, from one thread (pinned to
+/// `--cpu` if given).
+fn send_xsk(a: &SendArgs, ifindex: u32) -> Result<serde_json::Value> {
+    let data = frame(mac(&a.src_mac)?, mac(&a.dst_mac)?, a.src, a.dst, a.payload);
+    if let Some(cpu) = a.cpu {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    }
+    let mut sock = xsk::Xsk::open(ifindex, 0, &data)
+        .with_context(|| format!("AF_XDP socket on {}/{}", a.netns, a.iface))?;
+    let deadline = Instant::now() + Duration::from_secs_f64(a.seconds);
+    let s = sock.send_until(deadline, Duration::from_millis(500))?;
+    Ok(json!({
+        "via": "af-xdp",
+        "frames": s.completed,
+        "submitted": s.submitted,
+        "elapsed_s": s.elapsed_s,
+        "fps": s.completed as f64 / s.elapsed_s,
+        "threads": 1,
+        "kicks": s.kicks,
+        "kicks_again": s.again,
+        "kicks_dropped": s.dropped,
+        "frame_len": data.len(),
+        "iface": a.iface,
+        "ifindex": ifindex,
+        "queue": 0,
+        "mode": "copy",
+    }))
+}
+
+/// BPF_PROG_TEST_RUN of `meshlb_gen` in live-frames mode, `--threads`
+/// threads.
+fn send_live(a: &SendArgs, ifindex: u32) -> Result<serde_json::Value> {
     let ebpf = load(meshlb_common::PROG_XDP_GEN)?;
     let prog: &Xdp = ebpf
         .program(meshlb_common::PROG_XDP_GEN)
@@ -244,6 +308,7 @@ fn send(a: &SendArgs) -> Result<serde_json::Value> {
         frames += r?;
     }
     Ok(json!({
+        "via": "live-frames",
         "frames": frames,
         "elapsed_s": elapsed,
         "fps": frames as f64 / elapsed,

@@ -37,14 +37,15 @@
 //!   conntrack-based DNAT sees clashing tuples (ENV.md);
 //! * `latency`: the paced client of [`crate::loadgen`] at a fixed rate,
 //!   connection per request, latency per request;
-//! * `udp`: frames from the packet generator (bench/pktgen.rs:
-//!   BPF_PROG_TEST_RUN in live-frames mode, out of the client's veth, no
-//!   socket); packets/s that reach the backend's IP layer, beside the
-//!   frames/s the generator sent, and the generator's own ceiling (into a
-//!   namespace that drops everything), all interleaved per round. Where
-//!   the kernel refuses live frames (EPERM on this project's VM kernel),
-//!   the socket blaster of [`crate::loadgen`] sends instead, and the
-//!   results say so.
+//! * `udp`: frames from the packet generator (bench/pktgen.rs, out of the
+//!   client's veth, no socket buffer per frame: BPF_PROG_TEST_RUN in
+//!   live-frames mode, or where the kernel refuses live frames (EPERM on
+//!   this project's VM kernel) an AF_XDP socket in copy mode); packets/s
+//!   that reach the backend's IP layer, beside the frames/s the generator
+//!   sent, and the generator's own ceiling (into a namespace that drops
+//!   everything), all interleaved per round. Where neither runs, the
+//!   socket blaster of [`crate::loadgen`] sends instead. The results say
+//!   which sender ran and why the ones before it did not.
 //!
 //! Raw samples go to `bench/results/<timestamp>-dataplane.json`; the
 //! report is `cargo xtask bench report` ([`crate::report`]).
@@ -69,8 +70,8 @@ const BPFFS: &str = "/sys/fs/bpf/mlbp";
 const LATENCY_RATE: u32 = 1000;
 const LATENCY_WORKERS: u32 = 32;
 /// Packet generator: sending threads (pinned from CPU [`GEN_CPU`] on),
-/// frames per live-frames batch. The socket blaster, where the kernel
-/// refuses live frames, runs one thread on the same CPU.
+/// frames per live-frames batch. AF_XDP and the socket blaster run one
+/// thread on the same CPU.
 const GEN_THREADS: u32 = 1;
 const GEN_CPU: u32 = 0;
 const GEN_BATCH: u32 = 64;
@@ -591,52 +592,96 @@ fn delivered(l: &UdpLane) -> Result<u64> {
         .with_context(|| format!("no counter rule for {}/{} in:\n{out}", l.sink.0, l.sink.1))
 }
 
-/// What sends the UDP scenario's frames.
+/// What sends the UDP scenario's frames: the first of live frames,
+/// AF_XDP, the socket blaster that runs here.
 enum Sender {
     /// bench/pktgen.rs: BPF_PROG_TEST_RUN in live-frames mode.
-    Generator,
+    LiveFrames,
+    /// bench/pktgen.rs: an AF_XDP socket in copy mode; why live frames
+    /// did not run.
+    AfXdp { live: String },
     /// The socket blaster of [`crate::loadgen`] (`send()` per datagram,
-    /// one thread on [`GEN_CPU`]), where the kernel refuses live frames:
-    /// the error it gave.
-    Blaster(String),
+    /// one thread on [`GEN_CPU`]); why live frames and AF_XDP did not run.
+    Blaster { live: String, xsk: String },
 }
 
 impl Sender {
-    fn describe(&self) -> String {
+    /// The results file's `udp_sender`.
+    fn key(&self) -> &'static str {
         match self {
-            Sender::Generator => format!(
-                "packet generator bench/pktgen.rs: meshlb_gen through BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES), {GEN_THREADS} thread pinned to CPU {GEN_CPU}, batch {GEN_BATCH}, one 60-byte IPv4 UDP template frame (18-byte payload) from the lane's client address, 16 source ports, UDP checksum 0, XDP_TX out of the client's veth of the lane"
+            Sender::LiveFrames => "generator (live frames)",
+            Sender::AfXdp { .. } => "generator (AF_XDP, copy mode)",
+            Sender::Blaster { .. } => "socket-blaster",
+        }
+    }
+
+    /// `pktgen send --via`, for the generator's two paths.
+    fn via(&self) -> Option<&'static str> {
+        match self {
+            Sender::LiveFrames => Some("live-frames"),
+            Sender::AfXdp { .. } => Some("af-xdp"),
+            Sender::Blaster { .. } => None,
+        }
+    }
+
+    /// Why the senders before this one did not run.
+    fn refused(&self) -> Value {
+        match self {
+            Sender::LiveFrames => json!({}),
+            Sender::AfXdp { live } => json!({ "live-frames": live }),
+            Sender::Blaster { live, xsk } => json!({ "live-frames": live, "af-xdp": xsk }),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let frame = "one 60-byte IPv4 UDP template frame (18-byte payload) from the lane's client address, 16 source ports, UDP checksum 0";
+        match self {
+            Sender::LiveFrames => format!(
+                "packet generator bench/pktgen.rs: meshlb_gen through BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES), {GEN_THREADS} thread pinned to CPU {GEN_CPU}, batch {GEN_BATCH}, {frame}, XDP_TX out of the client's veth of the lane"
             ),
-            Sender::Blaster(why) => format!(
-                "socket blaster (`bench-helper udp-blast`: 1 thread pinned to CPU {GEN_CPU}, one connected UDP socket, send() of 18-byte datagrams) because this kernel refused the packet generator ({why})"
+            Sender::AfXdp { live } => format!(
+                "packet generator bench/pktgen.rs over AF_XDP in copy mode (XDP_COPY), because this kernel refused live frames ({live}): 1 thread pinned to CPU {GEN_CPU}, one socket on queue 0 of the client's veth of the lane, a UMEM of 4096 2048-byte frames each holding {frame}; descriptors through the TX ring 64 at a time, one sendto kick per batch, the kernel's generic xmit building an skb per frame straight into the veth (no qdisc), so a native XDP program on the next hop gets an skb, as from any socket (veth runs XDP on it, copying it into a page when its headroom is short of XDP's); frames counted from the completion ring"
+            ),
+            Sender::Blaster { live, xsk } => format!(
+                "socket blaster (`bench-helper udp-blast`: 1 thread pinned to CPU {GEN_CPU}, one connected UDP socket, send() of 18-byte datagrams) because this kernel refused the packet generator's live frames ({live}) and its AF_XDP socket ({xsk})"
             ),
         }
     }
 }
 
-/// The packet generator if the kernel runs it: a short run into the
-/// generator's sink namespace.
+/// pktgen's own message of a failed run, without the command line before
+/// it.
+fn pktgen_error(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    text.rsplit_once("error: ")
+        .map_or(text.as_str(), |(_, m)| m)
+        .trim()
+        .to_string()
+}
+
+/// The first sender the kernel runs: a short run of each generator path
+/// into the generator's sink namespace, else the socket blaster.
 fn pick_sender(bed: &Bed) -> Sender {
-    match generate(bed, &UdpLane::ceiling(), 0.2) {
-        Ok(_) => Sender::Generator,
-        Err(e) => {
-            // pktgen's own message, without the command line before it.
-            let text = format!("{e:#}");
-            let why = text
-                .rsplit_once("error: ")
-                .map_or(text.as_str(), |(_, m)| m)
-                .trim()
-                .to_string();
-            println!("  the packet generator does not run here; falling back to the socket blaster: {why}");
-            Sender::Blaster(why)
-        }
-    }
+    let live = match generate(bed, &UdpLane::ceiling(), "live-frames", 0.2) {
+        Ok(_) => return Sender::LiveFrames,
+        Err(e) => pktgen_error(&e),
+    };
+    println!("  live frames refused here, trying AF_XDP: {live}");
+    let xsk = match generate(bed, &UdpLane::ceiling(), "af-xdp", 0.2) {
+        Ok(v) if v["frames"].as_u64().unwrap_or(0) > 0 => return Sender::AfXdp { live },
+        Ok(v) => format!("a trial run completed no frame: {v}"),
+        Err(e) => pktgen_error(&e),
+    };
+    println!("  AF_XDP does not run here either; falling back to the socket blaster: {xsk}");
+    Sender::Blaster { live, xsk }
 }
 
-/// `pktgen send` for `secs` out of `l`'s client veth; its JSON line.
-fn generate(bed: &Bed, l: &UdpLane, secs: f64) -> Result<Value> {
+/// `pktgen send --via via` for `secs` out of `l`'s client veth; its JSON
+/// line.
+fn generate(bed: &Bed, l: &UdpLane, via: &str, secs: f64) -> Result<Value> {
     let out = Cmd::new(bed.pktgen.to_string_lossy())
-        .args(["send", "--netns", &bed.client.name, "--iface", &l.out_if])
+        .args(["send", "--via", via])
+        .args(["--netns", &bed.client.name, "--iface", &l.out_if])
         .arg("--src-mac")
         .arg(mac_of(&bed.client.name, &l.out_if)?)
         .arg("--dst-mac")
@@ -768,9 +813,9 @@ fn xdp_prog_name(xdp: &Value) -> String {
 fn udp_round(bed: &Bed, l: &UdpLane, sender: &Sender, exe: &Path, opt: &Options) -> Result<Value> {
     let secs = u64::from(opt.duration_s);
     let (before, rx_before) = (delivered(l)?, rx_packets(&l.sink.0, &l.sink.1)?);
-    let gen = match sender {
-        Sender::Generator => generate(bed, l, secs as f64)?,
-        Sender::Blaster(_) => blast(exe, bed, l, secs)?,
+    let gen = match sender.via() {
+        Some(via) => generate(bed, l, via, secs as f64)?,
+        None => blast(exe, bed, l, secs)?,
     };
     // What is still in the rings arrives within milliseconds.
     cmd::sleep(Duration::from_millis(200))?;
@@ -1046,7 +1091,8 @@ fn write(
             "wrk": format!("-t1 -c{} -d{}s", opt.connections, opt.duration_s),
             "latency": format!("paced open-loop client, {LATENCY_RATE} req/s, {LATENCY_WORKERS} workers, new connection per request, latency from the scheduled send time"),
             "udp": format!("{}; pps = packets counted by a raw PREROUTING rule at the far end (addressed to the backend:{UDP_PORT_SINK}, dropped there) / the sender's elapsed time; sent_pps = what the sender sent; path `sender-ceiling` = the same sender into a namespace that drops everything (the sender's ceiling)", sender.describe()),
-            "udp_sender": match &sender { Sender::Generator => "generator".to_string(), Sender::Blaster(_) => "socket-blaster".to_string() },
+            "udp_sender": sender.key(),
+            "udp_sender_refused": sender.refused(),
             "udp_receivers": receivers,
             "order": "interleaved per round in path order",
         },

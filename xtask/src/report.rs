@@ -235,6 +235,21 @@ fn udp_sender_bound(doc: &Value) -> Option<bool> {
     Some(paths.iter().all(|r| r.loss < 0.1))
 }
 
+/// The share of the forwarding paths' lost frames that the AF_XDP sender
+/// saw dropped at the first hop (`kicks_dropped`), over all rounds; None
+/// for other senders or without loss.
+fn udp_first_hop_drops(doc: &Value) -> Option<f64> {
+    let (mut dropped, mut lost) = (0u64, 0u64);
+    for s in doc["samples"].as_array().into_iter().flatten() {
+        if s["scenario"] != "udp" || s["path"] == CEILING {
+            continue;
+        }
+        dropped += s["sender"]["kicks_dropped"].as_u64()?;
+        lost += s["sent"].as_u64()?.saturating_sub(s["delivered"].as_u64()?);
+    }
+    (lost > 0).then(|| dropped as f64 / lost as f64)
+}
+
 fn micro(doc: &Value, case: &str, method: &str) -> Option<Stat> {
     stat(
         doc["samples"]
@@ -702,6 +717,21 @@ fn udp_section(md: &mut String, doc: &Value, bench: &Path) -> Result<()> {
         );
     }
     md.push('\n');
+    if let Some(share) = udp_first_hop_drops(doc) {
+        let _ = writeln!(
+            md,
+            "Of the frames the paths lost, {:.0} % were dropped by the first hop (the client veth's peer, whose receive ring was full: the kernel answers the AF_XDP sender's kick EBUSY), so the paths (the first hop's NAPI thread carries each packet through the load balancer and on), not the sender, set the pace.\n",
+            100.0 * share
+        );
+    }
+    if let Some(c) = rows.iter().find(|r| r.path == CEILING && r.loss >= 0.01) {
+        let _ = writeln!(
+            md,
+            "The sender's ceiling lost {:.1} % (median) in its sink, which takes every frame with one NAPI thread: that receiver, not only the sender, bounds the ceiling, so {:.0} packets/s is a lower bound of what the sender can send.\n",
+            100.0 * c.loss,
+            c.sent
+        );
+    }
     if udp_sender_bound(doc) == Some(true) {
         md.push_str("Every path delivered at least 90 % of what the sender sent: the forwarders kept up, the sender is the limit of this run, so the ratios between paths are capped by it and say little about the forwarders.\n\n");
     }

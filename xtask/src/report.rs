@@ -1017,7 +1017,8 @@ pub fn write() -> Result<PathBuf> {
             what: "meshlb XDP ≥ 0.8× the bare forwarder packets/s".into(),
             value: b.map_or("–".into(), |x| format!("{x:.2}×")),
             met: b.map(|x| x >= 0.8),
-            note: "the bare forwarder: parse, FIB lookup, redirect (`meshlb_bare`), same sender".into(),
+            note: "the bare forwarder: parse, FIB lookup, redirect (`meshlb_bare`), same sender"
+                .into(),
         });
     } else {
         md.push_str("## Data plane\n\nNo `*-dataplane.json` results yet: run `cargo xtask bench dataplane`.\n\n");

@@ -33,6 +33,9 @@
 
 #![forbid(unsafe_code)]
 
+#[path = "common/ipv4.rs"]
+mod ipv4;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -138,14 +141,7 @@ fn frame_to(v6: bool, src_low: u16, sport: u16, flags: u8, to_backend: bool) -> 
         } else {
             [10, 96, 0, 10]
         });
-        let mut s: u32 = ip
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        while s > 0xffff {
-            s = (s & 0xffff) + (s >> 16);
-        }
-        ip[10..12].copy_from_slice(&(!(s as u16)).to_be_bytes());
+        ipv4::set_header_checksum(&mut ip);
         f.extend(ip);
     }
     f.extend(tcp);

@@ -36,6 +36,9 @@
 #[path = "pktgen/xsk.rs"]
 mod xsk;
 
+#[path = "common/ipv4.rs"]
+mod ipv4;
+
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -148,14 +151,7 @@ fn frame(
     ip.extend([0x12, 0x34, 0x40, 0x00, 64, 17, 0, 0]);
     ip.extend(src.ip().octets());
     ip.extend(dst.ip().octets());
-    let mut s: u32 = ip
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(s as u16)).to_be_bytes());
+    ipv4::set_header_checksum(&mut ip);
     f.extend(ip);
     f.extend(src.port().to_be_bytes());
     f.extend(dst.port().to_be_bytes());

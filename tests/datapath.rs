@@ -2175,6 +2175,21 @@ fn next_hop_cache_hit_stale_missing_fall_back_to_the_fib() {
         maps.bump_next_hop_gen().unwrap();
         run_on(prog, &reply.bytes());
         assert_eq!(misses(&maps), 7, "reply after a new generation: a miss");
+
+        // The reply of a flow not established yet (a SYN-ACK: what a
+        // flood of spoofed SYNs draws) neither uses nor fills the cache.
+        let syn2 = Frame::tcp("10.200.0.2", 41001, "10.96.0.10", 80, SYN);
+        let (verdict, out) = run_on(prog, &syn2.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "second flow forwarded");
+        let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]).to_string();
+        // A new generation: a reply that consulted the cache would miss.
+        maps.bump_next_hop_gen().unwrap();
+        let before = misses(&maps);
+        let synack = Frame::tcp(&backend, 8000, "10.200.0.2", 41001, SYN | ACK);
+        let (verdict, out) = run_on(prog, &synack.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "SYN-ACK translated and forwarded");
+        assert_eq!(out[0..6], client_mac, "SYN-ACK: the FIB's MAC");
+        assert_eq!(misses(&maps), before, "SYN-ACK: the cache not consulted");
     });
 }
 

@@ -59,7 +59,7 @@ use self::{
     conntrack::{clock_now, heal_reply, record_flow},
     frag::{frag_path, record_frag_of},
     icmp::icmp_path,
-    reply::{forget_reply, rnat_reply, snat_reply},
+    reply::{forget_reply, rnat_reply, snat_reply, REPLY_EST, REPLY_NONE},
     rewrite::translate,
     select::{pick_backend, CT_F_TICK, CT_F_UNTRACKED},
     snat::{snat_alloc, snat_source},
@@ -96,11 +96,14 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
     let found = lookup_frontend(&pkt, &mut fe);
     // A SNAT port may equal a published node port: the backend's reply
     // to `node address:port` is then the flow's, not a new client's.
-    if found == FE_NODE_PORT && snat_reply(ctx, &pkt)? {
-        if pkt.frag_first != 0 {
-            record_frag_of(ctx, &pkt);
+    if found == FE_NODE_PORT {
+        let r = snat_reply(ctx, &pkt)?;
+        if r != REPLY_NONE {
+            if pkt.frag_first != 0 {
+                record_frag_of(ctx, &pkt);
+            }
+            return send(ctx, &pkt, Counter::ForwardedOut, reply_hop(r));
         }
-        return send(ctx, &pkt, Counter::ForwardedOut, reply_hop());
     }
     if found != FE_NONE {
         let hop = client_path(ctx, &pkt, fe.service_id)?;
@@ -109,11 +112,15 @@ pub fn process<C: Frame>(ctx: &C) -> Result<u32, u32> {
         }
         return send(ctx, &pkt, Counter::ForwardedIn, hop);
     }
-    if rnat_reply(ctx, &pkt)? || snat_reply(ctx, &pkt)? {
+    let mut r = rnat_reply(ctx, &pkt)?;
+    if r == REPLY_NONE {
+        r = snat_reply(ctx, &pkt)?;
+    }
+    if r != REPLY_NONE {
         if pkt.frag_first != 0 {
             record_frag_of(ctx, &pkt);
         }
-        return send(ctx, &pkt, Counter::ForwardedOut, reply_hop());
+        return send(ctx, &pkt, Counter::ForwardedOut, reply_hop(r));
     }
     if is_vip(&pkt) {
         // A VIP is nobody's address: routed on, the packet would follow
@@ -140,10 +147,16 @@ fn send<C: Frame>(ctx: &C, pkt: &Packet, done: Counter, hop: Hop) -> Result<u32,
     }
 }
 
-/// A translated reply's cached next hop: by its destination (a client).
+/// A translated reply's cached next hop: by its destination (a client),
+/// for established flows only — the answers to a flood of spoofed flow
+/// openers neither use nor churn the cache (they ask the FIB).
 #[inline(always)]
-fn reply_hop() -> Hop {
-    Hop::new(HOP_BY_ADDR, clock_now())
+fn reply_hop(kind: u8) -> Hop {
+    if kind == REPLY_EST {
+        Hop::new(HOP_BY_ADDR, clock_now())
+    } else {
+        Hop::NONE
+    }
 }
 
 /// Whether the packet's destination is one of the VIPs (`MLB_VIP_V1`).

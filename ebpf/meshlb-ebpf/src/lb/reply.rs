@@ -3,7 +3,7 @@
 //! the stale reply entry a direct SYN removes.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use meshlb_common::{FlowKey, CT_F_CLOSING, PROTO_TCP, SNAT_TOUCH_NS};
+use meshlb_common::{FlowKey, CT_F_CLOSING, PROTO_TCP, SNAT_E_EST, SNAT_TOUCH_NS};
 
 use super::{
     conntrack::{clock_now, closing_flags, flow_cfg},
@@ -16,9 +16,9 @@ use crate::{
 };
 
 /// A reply of a local (not source-translated) flow: source back to the
-/// frontend. `Ok(false)`: not one.
+/// frontend. `Ok(REPLY_*)`: which kind (`REPLY_NONE`: not one).
 #[inline(never)]
-pub(super) fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
+pub(super) fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<u8, u32> {
     // SAFETY: LRU map values, copied out at once. An embryonic flow's
     // replies are any kind of segment: its SYN-ACK, and a bare ACK or RST
     // from a backend that still holds the client's previous connection on
@@ -26,11 +26,12 @@ pub(super) fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     // another frontend): translated, the client's RST ends that
     // TIME_WAIT; untranslated, it never reaches the backend and the
     // connect times out.
-    let Some(r) = (unsafe { MLB_RNAT_V1.get(&pkt.key) })
-        .or_else(|| unsafe { MLB_RNATSYN_V1.get(&pkt.key) })
-        .copied()
-    else {
-        return Ok(false);
+    let (r, kind) = match unsafe { MLB_RNAT_V1.get(&pkt.key) } {
+        Some(r) => (*r, REPLY_EST),
+        None => match unsafe { MLB_RNATSYN_V1.get(&pkt.key) } {
+            Some(r) => (*r, REPLY_EMBRYONIC),
+            None => return Ok(REPLY_NONE),
+        },
     };
     let client = FlowKey {
         src: pkt.key.dst,
@@ -41,16 +42,16 @@ pub(super) fn rnat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     };
     reply_seen(pkt, &client, r.service_id, r.backend_id);
     translate(ctx, pkt, &r.frontend_addr, r.frontend_port, true)?;
-    Ok(true)
+    Ok(kind)
 }
 
 /// A reply of a source-translated flow: source back to the frontend,
 /// destination back to the client; refreshes the flow's last-seen time.
-/// `Ok(false)`: not one.
+/// `Ok(REPLY_*)`: which kind (`REPLY_NONE`: not one).
 #[inline(never)]
-pub(super) fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
+pub(super) fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<u8, u32> {
     let Some(p) = MLB_SNAT_V1.get_ptr_mut(&pkt.key) else {
-        return Ok(false);
+        return Ok(REPLY_NONE);
     };
     // SAFETY: LRU map value; a racing refresh of last_seen is harmless.
     // A SYN-ACK leaves the port's age alone: an embryonic flow's port goes
@@ -72,8 +73,19 @@ pub(super) fn snat_reply<C: Frame>(ctx: &C, pkt: &Packet) -> Result<bool, u32> {
     reply_seen(pkt, &client, e.service_id, e.backend_id);
     translate(ctx, pkt, &e.frontend_addr, e.frontend_port, true)?;
     translate(ctx, pkt, &e.client_addr, e.client_port, false)?;
-    Ok(true)
+    Ok(if e.flags & SNAT_E_EST != 0 {
+        REPLY_EST
+    } else {
+        REPLY_EMBRYONIC
+    })
 }
+
+/// `rnat_reply`, `snat_reply`: not a reply of a translated flow.
+pub(super) const REPLY_NONE: u8 = 0;
+/// A reply of a flow not established yet (its SYN-ACK, a first answer).
+pub(super) const REPLY_EMBRYONIC: u8 = 1;
+/// A reply of an established flow.
+pub(super) const REPLY_EST: u8 = 2;
 
 /// A direct TCP SYN (client -> backend, not via a frontend): drop any
 /// reply entry left for the same tuple by an earlier load-balanced flow

@@ -407,8 +407,8 @@ fn cases() -> Vec<Case> {
             after: None,
         },
         Case {
-            name: "a flow whose reverse-NAT half was evicted (conntrack half left): its next packet in a new flow-clock tick (here: after a second idle) re-creates it, and the backend's reply is translated again",
-            seed: Seed::CtAged(flow4, "10.201.1.2", 8000, CT_F_EST, 1),
+            name: "a flow whose reverse-NAT half was evicted (conntrack half left): its next packet in a new flow-clock tick (here: after two seconds idle; one could fall in the tick the kernel's coarse clock still reads) re-creates it, and the backend's reply is translated again",
+            seed: Seed::CtAged(flow4, "10.201.1.2", 8000, CT_F_EST, 2),
             steps: vec![
                 step(
                     ack4.bytes(),

@@ -384,31 +384,27 @@ fn run(args: &Args, out: &Path) -> Result<()> {
     // Establish the flows the hit cases use, and check the program really
     // forwards them (a benchmark of a refusing program is worthless).
     for v6 in [false, true] {
-        let p = prog(&ebpf, meshlb_common::PROG_XDP_LB)?;
-        for flags in [SYN, ACK] {
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(&frame(v6, 1, 40000, flags)),
+        // The LB's SYN then ACK (the hit cases' flow), then the bare
+        // forwarder's frame to the backend.
+        let runs = [
+            (meshlb_common::PROG_XDP_LB, frame(v6, 1, 40000, SYN)),
+            (meshlb_common::PROG_XDP_LB, frame(v6, 1, 40000, ACK)),
+            (
+                meshlb_common::PROG_XDP_BARE,
+                frame_to(v6, 1, 40000, ACK, true),
+            ),
+        ];
+        for (name, data) in runs {
+            let r = prog(&ebpf, name)?.test_run(TestRunOptions {
+                data_in: Some(&data),
                 ..TestRunOptions::new()
             })?;
             if r.return_value != 4 && r.return_value != 3 {
                 bail!(
-                    "meshlb_xdp does not forward the fixture flow (v6={v6}): verdict {}",
+                    "{name} does not forward the fixture frame (v6={v6}): verdict {}",
                     r.return_value
                 );
             }
-        }
-    }
-
-    for v6 in [false, true] {
-        let r = prog(&ebpf, meshlb_common::PROG_XDP_BARE)?.test_run(TestRunOptions {
-            data_in: Some(&frame_to(v6, 1, 40000, ACK, true)),
-            ..TestRunOptions::new()
-        })?;
-        if r.return_value != 4 && r.return_value != 3 {
-            bail!(
-                "meshlb_bare does not forward the fixture frame (v6={v6}): verdict {}",
-                r.return_value
-            );
         }
     }
 

@@ -1942,28 +1942,14 @@ fn datapath_fixture_table() {
     let ns = Netns::new_named("mlbt-fx");
     let table = cases();
     assert!(table.len() >= 30, "the table must hold at least 30 cases");
-    // The FIB lookups use the namespace of the calling thread.
-    let ns_name = ns.name.clone();
-    let pins = ns.pins.clone();
-    let failures = std::thread::scope(|s| {
-        s.spawn(|| {
-            let f = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let ns_ref = Netns {
-                name: String::new(),
-                pins,
-            };
-            let mut failures = BTreeMap::new();
-            for c in &table {
-                if let Err(e) = run_case(&ns_ref, c) {
-                    failures.insert(c.name, e);
-                }
+    let failures = in_netns(&ns, || {
+        let mut failures = BTreeMap::new();
+        for c in &table {
+            if let Err(e) = run_case(&ns, c) {
+                failures.insert(c.name, e);
             }
-            std::mem::forget(ns_ref);
-            failures
-        })
-        .join()
-        .unwrap()
+        }
+        failures
     });
     eprintln!("{} cases, {} failed", cases().len(), failures.len());
     for (name, e) in &failures {

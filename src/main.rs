@@ -9,7 +9,10 @@ use meshlb::cli::admin::{self, AdminError};
 use meshlb::cli::manual;
 use meshlb::cli::{AdminCommand, Cli, Command, EtcdArgs, ProtoArg};
 use meshlb::daemon::{self, DaemonError};
-use meshlb::engine::{self, xdp::inspect};
+use meshlb::engine::{
+    self,
+    xdp::{inspect, socklb},
+};
 use meshlb::kernel::pinned;
 use meshlb::model::Proto;
 
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
                 Ok(maps) => inspect::status(&maps, args.node.as_deref())
                     .map(|mut s| {
                         s.interfaces = inspect::interfaces(&args.bpffs.bpffs);
+                        s.socket_lb = socklb::status(&args.bpffs.bpffs, &maps);
                         s.sync_latency = inspect::sync_latency(&args.bpffs.bpffs);
                         s
                     })

@@ -552,7 +552,8 @@ pub async fn run(
         &settings.node,
         &cfg.conntrack,
     ) {
-        Ok(dp) => {
+        Ok(mut dp) => {
+            dp.set_socket_lb(cfg.socket_lb);
             log::info!(
                 "node {}: data plane {} on {} (pinned under {})",
                 settings.node,

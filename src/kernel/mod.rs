@@ -8,6 +8,7 @@ pub mod heap;
 pub(crate) mod ipvs;
 pub(crate) mod listeners;
 pub(crate) mod netlink;
+pub mod netns;
 pub mod nft;
 pub(crate) mod nlattr;
 pub(crate) mod pinlock;

@@ -13,7 +13,7 @@ use aya::Ebpf;
 use meshlb_common::{
     maps, AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FrontendKey,
     FrontendValue, IfAddrKey, NextHop, NodeMeta, RateWindow, RnatEntry, ServiceInfo, ServiceName,
-    SnatAddr, SnatEntry, Stats,
+    SnatAddr, SnatEntry, SockRevKey, SockRevValue, Stats,
 };
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the data path's `bpf_ktime_get_ns`
@@ -96,6 +96,11 @@ pub struct Maps {
     pub next_hops: Array<MapData, NextHop>,
     /// 0 -> the next-hop generation (`bump_next_hop_gen`).
     pub next_hop_gen: Array<MapData, u32>,
+    /// Network-namespace cookie -> 1: whose sockets the socket-level
+    /// balancer serves.
+    pub sock_netns: HashMap<MapData, u64, u32>,
+    /// (socket cookie, backend) -> the frontend it asked for.
+    pub sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
 }
 
 impl Maps {
@@ -203,6 +208,8 @@ impl Maps {
             new_flow_rate: typed!(maps::NEW_FLOW_RATE),
             next_hops: typed!(maps::NEXT_HOPS),
             next_hop_gen: typed!(maps::NEXT_HOP_GEN),
+            sock_netns: typed!(maps::SOCK_NETNS),
+            sock_rev: typed!(maps::SOCK_REV),
         })
     }
 

@@ -119,6 +119,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[conntrack]`: the XDP data plane's flow table.
     pub conntrack: ConntrackConfig,
+    /// `[socket_lb] enabled`: node-local clients balanced at the socket
+    /// (cgroup hooks; XDP data plane, where cgroup v2 is mounted).
+    pub socket_lb: bool,
     /// Seconds between full comparisons of the kernel's tables with the
     /// desired state (`reconcile_interval`): drift is repaired.
     pub reconcile_interval: u32,
@@ -312,6 +315,7 @@ impl Config {
         differs("etcd", self.etcd != new.etcd);
         differs("docker", self.docker != new.docker);
         differs("metrics.listen", self.metrics != new.metrics);
+        differs("socket_lb.enabled", self.socket_lb != new.socket_lb);
         differs(
             "conntrack.max_flows",
             self.conntrack.max_flows != new.conntrack.max_flows,
@@ -330,6 +334,7 @@ impl Config {
         self.etcd.clone_from(&running.etcd);
         self.docker.clone_from(&running.docker);
         self.metrics = running.metrics.clone();
+        self.socket_lb = running.socket_lb;
         self.conntrack.max_flows = running.conntrack.max_flows;
     }
 }

@@ -78,6 +78,8 @@ pub struct Status {
     /// The new-flow rate is over the threshold.
     pub flood: bool,
     pub counters: BTreeMap<&'static str, u64>,
+    /// The socket-level balancer for node-local clients (`[socket_lb]`).
+    pub socket_lb: crate::engine::xdp::socklb::SocketLbStatus,
 }
 
 /// The answer of `explain`.
@@ -166,6 +168,18 @@ pub fn status_table(s: &Status) -> String {
             i.why
         );
     }
+    let sl = &s.socket_lb;
+    let _ = if sl.on {
+        writeln!(
+            out,
+            "socket lb  on (cgroup {}, {} namespace(s)): {}",
+            sl.cgroup.as_deref().unwrap_or("?"),
+            sl.namespaces,
+            sl.why
+        )
+    } else {
+        writeln!(out, "socket lb  off: {}", sl.why)
+    };
     if s.flow_table_size > 0 {
         let _ = writeln!(
             out,

@@ -63,6 +63,19 @@ pub fn flow_slot(k: &FlowKey, ring_size: u32) -> u32 {
     flow_hash(k).checked_rem(ring_size).unwrap_or(0)
 }
 
+/// The Maglev slot of a node-local socket (the socket-level balancer):
+/// its socket cookie and the frontend port it asked for, hashed like a
+/// flow. One socket keeps its slot (a connected socket's every datagram,
+/// an unconnected one's to the same frontend); consecutive cookies spread.
+#[inline(always)]
+pub fn socket_slot(cookie: u64, port: u16, ring_size: u32) -> u32 {
+    let mut h = SEED;
+    h = mix(h, cookie as u32);
+    h = mix(h, (cookie >> 32) as u32);
+    h = mix(h, u32::from(port));
+    finish(h ^ 0x0c).checked_rem(ring_size).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +110,21 @@ mod tests {
         for b in buckets {
             assert!((800..1200).contains(&b), "uneven spread: {buckets:?}");
         }
+    }
+
+    #[test]
+    fn consecutive_socket_cookies_spread_over_slots() {
+        let mut buckets = [0u32; 4];
+        for c in 0..4000u64 {
+            buckets[(socket_slot(4096 + c, 80u16.to_be(), crate::RING_SIZES[0]) % 4) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((800..1200).contains(&b), "uneven spread: {buckets:?}");
+        }
+        assert_eq!(
+            socket_slot(7, 80, 1021),
+            socket_slot(7, 80, 1021),
+            "one socket, one slot"
+        );
     }
 }

@@ -113,9 +113,17 @@ pub mod maps {
     /// IPv4 in the first, then the family) -> `NextHop`: the next hop of
     /// replies (backend -> client), cached like `NEXT_HOPS`.
     pub const NEXT_HOPS_BY_ADDR: &str = "MLB_NHADDR_V1";
+    /// hash, network-namespace cookie (`u64`) -> `u32` (1): the
+    /// namespaces whose sockets the socket-level balancer serves (this
+    /// node's and its containers'); every other socket is left alone.
+    pub const SOCK_NETNS: &str = "MLB_SOCKNS_V1";
+    /// LRU hash, `SockRevKey` (socket cookie, backend address and port) ->
+    /// `SockRevValue` (the frontend the socket asked for): what
+    /// `getpeername` and `recvmsg` of a balanced socket report.
+    pub const SOCK_REV: &str = "MLB_SOCKREV_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 30] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -144,6 +152,8 @@ pub mod maps {
         NEXT_HOPS,
         NEXT_HOP_GEN,
         NEXT_HOPS_BY_ADDR,
+        SOCK_NETNS,
+        SOCK_REV,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -183,6 +193,54 @@ pub const PROG_TC_LB: &str = "meshlb_tc";
 /// through the neighbour subsystem, what the XDP program translated but
 /// could not transmit itself (see `XdpHandoff`).
 pub const PROG_TC_HANDOFF: &str = "meshlb_tc_handoff";
+/// Names of the socket-level balancer's programs (cgroup v2 `sock_addr`
+/// hooks), with the hook each is attached to: connect (TCP, connected
+/// UDP), sendmsg (unconnected UDP), recvmsg and getpeername (the frontend
+/// reported back), IPv4 then IPv6.
+pub const PROGS_SOCK: [&str; 8] = [
+    "meshlb_connect4",
+    "meshlb_sendmsg4",
+    "meshlb_recvmsg4",
+    "meshlb_getpeername4",
+    "meshlb_connect6",
+    "meshlb_sendmsg6",
+    "meshlb_recvmsg6",
+    "meshlb_getpeername6",
+];
+/// Entries of `maps::SOCK_NETNS`.
+pub const MAX_SOCK_NETNS: u32 = 1024;
+/// Entries of `maps::SOCK_REV` (balanced sockets remembered at once).
+pub const MAX_SOCK_REV: u32 = 65_536;
+
+/// Key of `maps::SOCK_REV`: a balanced socket and the backend it was sent
+/// to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie`; what `sock_diag` reports as the socket's
+    /// cookie.
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Value of `maps::SOCK_REV`: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevValue {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
 /// A read-only global of the object (`u8`): 1 (the default) where the
 /// kernel lets XDP programs call `bpf_xdp_adjust_meta`, so handoffs ride
 /// in metadata; the loader sets 0 where it does not (probed), and
@@ -1191,7 +1249,7 @@ mod pod {
     use super::{
         AddrKey, AffinityEntry, AffinityKey, Backend, CtEntry, FlowConfig, FlowKey, FragEntry,
         FragKey, FrontendKey, FrontendValue, IfAddrKey, NextHop, NodeMeta, RateWindow, RnatEntry,
-        ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff,
+        ServiceInfo, ServiceName, SnatAddr, SnatEntry, SockRevKey, SockRevValue, Stats, XdpHandoff,
     };
     // SAFETY: all these are #[repr(C)], fixed-width, without implicit
     // padding (padding is explicit), so every bit pattern is valid.
@@ -1217,6 +1275,8 @@ mod pod {
     unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for XdpHandoff {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
 }
 
 #[cfg(test)]

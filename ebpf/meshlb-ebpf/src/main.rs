@@ -6,7 +6,8 @@
 //! `fwd` (XDP: next-hop cache, FIB lookup and redirect), `bench` (the
 //! benchmarks' bare forwarder and packet generator), `tc`
 //! (TC: checksum helpers, redirect, neighbour handoff), `toobig` (ICMP
-//! "fragmentation needed" / "packet too big" built in place).
+//! "fragmentation needed" / "packet too big" built in place), `sock`
+//! (the socket-level balancer for node-local clients: cgroup hooks).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -27,6 +28,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod reset;
 #[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
 mod tc;
 #[cfg(target_arch = "bpf")]
 mod toobig;
@@ -39,9 +42,11 @@ mod toobig;
 mod progs {
     use aya_ebpf::{
         bindings::xdp_action,
-        macros::{classifier, xdp},
-        programs::{TcContext, XdpContext},
+        macros::{cgroup_sock_addr, classifier, xdp},
+        programs::{SockAddrContext, TcContext, XdpContext},
     };
+
+    use crate::sock::{balance, unbalance, V4, V6};
 
     /// The load balancer: translate service traffic, pass everything else.
     #[xdp]
@@ -86,6 +91,55 @@ mod progs {
     #[xdp]
     pub fn meshlb_gen(ctx: XdpContext) -> u32 {
         crate::bench::generate(&ctx)
+    }
+
+    /// Node-local clients (cgroup hooks, see `sock`): TCP connect and UDP
+    /// connect to a frontend go to a backend instead.
+    #[cgroup_sock_addr(connect4)]
+    pub fn meshlb_connect4(ctx: SockAddrContext) -> i32 {
+        balance(&ctx, V4)
+    }
+
+    /// Unconnected UDP: a datagram to a frontend goes to a backend.
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn meshlb_sendmsg4(ctx: SockAddrContext) -> i32 {
+        balance(&ctx, V4)
+    }
+
+    /// UDP answers of a balanced socket come from the frontend.
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn meshlb_recvmsg4(ctx: SockAddrContext) -> i32 {
+        unbalance(&ctx, V4)
+    }
+
+    /// A balanced socket's peer is the frontend.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn meshlb_getpeername4(ctx: SockAddrContext) -> i32 {
+        unbalance(&ctx, V4)
+    }
+
+    /// `meshlb_connect4` for IPv6.
+    #[cgroup_sock_addr(connect6)]
+    pub fn meshlb_connect6(ctx: SockAddrContext) -> i32 {
+        balance(&ctx, V6)
+    }
+
+    /// `meshlb_sendmsg4` for IPv6.
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn meshlb_sendmsg6(ctx: SockAddrContext) -> i32 {
+        balance(&ctx, V6)
+    }
+
+    /// `meshlb_recvmsg4` for IPv6.
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn meshlb_recvmsg6(ctx: SockAddrContext) -> i32 {
+        unbalance(&ctx, V6)
+    }
+
+    /// `meshlb_getpeername4` for IPv6.
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn meshlb_getpeername6(ctx: SockAddrContext) -> i32 {
+        unbalance(&ctx, V6)
     }
 
     #[panic_handler]

@@ -13,9 +13,10 @@ use aya_ebpf::{
 use meshlb_common::{
     AddrKey, AffinityEntry, AffinityKey, Backend, Counter, CtEntry, FlowConfig, FlowKey, FragEntry,
     FragKey, FrontendKey, FrontendValue, IfAddrKey, NextHop, NodeMeta, RateWindow, RnatEntry,
-    ServiceInfo, ServiceName, SnatAddr, SnatEntry, Stats, XdpHandoff, COUNTER_CAPACITY,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS, MAX_FRONTENDS, MAX_HANDOFFS,
-    MAX_IFACES, MAX_LOCAL_ADDRS, MAX_NH_ADDRS, MAX_SERVICES, RING_HALF, RING_MAP_FLAGS, RING_SIZES,
+    ServiceInfo, ServiceName, SnatAddr, SnatEntry, SockRevKey, SockRevValue, Stats, XdpHandoff,
+    COUNTER_CAPACITY, MAX_AFFINITY, MAX_BACKENDS, MAX_EMBRYONIC, MAX_FLOWS, MAX_FRAGS,
+    MAX_FRONTENDS, MAX_HANDOFFS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_NH_ADDRS, MAX_SERVICES,
+    MAX_SOCK_NETNS, MAX_SOCK_REV, RING_HALF, RING_MAP_FLAGS, RING_SIZES,
 };
 
 /// `FrontendKey` (addr bytes, port BE) -> `FrontendValue`.
@@ -253,6 +254,15 @@ pub static MLB_NHADDR_V1: LruHashMap<[u32; 5], NextHop> = LruHashMap::pinned(MAX
 /// 0 -> the next-hop generation (`NextHop::gen`), bumped by the daemon.
 #[map]
 pub static MLB_NHGEN_V1: Array<u32> = Array::pinned(1, 0);
+
+/// Network-namespace cookie -> 1: whose sockets are balanced.
+#[map]
+pub static MLB_SOCKNS_V1: HashMap<u64, u32> = HashMap::pinned(MAX_SOCK_NETNS, 0);
+
+/// (socket cookie, backend) -> the frontend the socket asked for.
+#[map]
+pub static MLB_SOCKREV_V1: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::pinned(MAX_SOCK_REV, 0);
 
 /// 1 where the kernel lets XDP programs call `bpf_xdp_adjust_meta`; the
 /// loader writes 0 where it does not (`meshlb_common::XDP_META_GLOBAL`).

@@ -264,8 +264,18 @@ pub(super) fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &T
         snat_ports_in_use: 0,
         flow_table_size: 0,
         counters: BTreeMap::new(),
+        socket_lb: crate::engine::xdp::socklb::SocketLbStatus {
+            why: IPVS_LOCAL_CLIENTS.into(),
+            ..Default::default()
+        },
     }
 }
+
+/// What `status` says of node-local clients in IPVS mode: IPVS itself
+/// serves connections the node originates (its `LOCAL_OUT` hook) to the
+/// VIPs it holds on `meshlb0`, so no socket-level balancer is attached.
+pub const IPVS_LOCAL_CLIENTS: &str =
+    "IPVS mode: node-local clients reach services through the VIPs on meshlb0 (IPVS serves connections the node originates); no socket hooks";
 
 /// One owned service per line: `proto addr port`.
 pub(super) fn format_owned(owned: &BTreeSet<ServiceId>) -> String {

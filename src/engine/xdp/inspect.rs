@@ -160,6 +160,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
         flood_threshold,
         flood: new_flows_per_second > flood_threshold,
         counters,
+        socket_lb: Default::default(),
     })
 }
 

@@ -4,6 +4,7 @@
 //! link), and executes reconciler plans as map updates.
 
 pub mod inspect;
+pub mod socklb;
 pub mod tables;
 pub(crate) mod view;
 
@@ -548,6 +549,13 @@ pub struct XdpDataplane {
     /// again only when it changes) and when it was tried (tried again
     /// after `ATTACH_RETRY`, not at every look).
     failed: BTreeMap<String, (String, std::time::Instant)>,
+    /// The socket-level balancer is attached (`set_socket_lb`).
+    socket_lb: bool,
+    /// This node's own namespace cookie (once `set_socket_lb` turned it
+    /// on).
+    sock_netns: BTreeSet<u64>,
+    /// The other namespaces served (`set_socket_namespaces`).
+    sock_extra: BTreeSet<u64>,
     // Keeps the programs loaded while the daemon runs (and attaches the
     // interfaces that appear later); the pinned links keep them attached
     // when the daemon is gone.
@@ -636,6 +644,9 @@ impl XdpDataplane {
             rejected: BTreeMap::new(),
             attached,
             failed: BTreeMap::new(),
+            socket_lb: false,
+            sock_netns: BTreeSet::new(),
+            sock_extra: BTreeSet::new(),
             ebpf,
         };
         for st in dp.attached.values_mut() {
@@ -736,6 +747,69 @@ impl XdpDataplane {
                 "{}: {e} (`meshlb status` will not list the interfaces)",
                 path.display()
             );
+        }
+    }
+
+    /// Attaches the socket-level balancer (`[socket_lb] enabled`) to the
+    /// cgroup v2 root and has it serve this namespace, or detaches it;
+    /// where it cannot be on, says why in one log line. Returns what
+    /// `meshlb status` shows (also written for it).
+    pub fn set_socket_lb(&mut self, enabled: bool) -> socklb::SocketLbStatus {
+        let mut st = socklb::SocketLbStatus::default();
+        if !enabled {
+            if socklb::detach(&self.dir) > 0 {
+                log::info!("socket-level balancing: detached ([socket_lb] enabled = false)");
+            }
+            st.why = "[socket_lb] enabled = false".into();
+        } else if let Some(cg) = socklb::cgroup2_root() {
+            let own = crate::kernel::netns::current_cookie();
+            match own
+                .map_err(|e| format!("network namespace cookie: {e}"))
+                .and_then(|c| {
+                    socklb::attach(&mut self.ebpf, &self.dir, &cg).map_err(|e| e.to_string())?;
+                    Ok(c)
+                }) {
+                Ok(c) => {
+                    self.sock_netns = BTreeSet::from([c]);
+                    self.sock_extra.clear();
+                    if let Err(e) = socklb::set_namespaces(&mut self.maps, &self.sock_netns) {
+                        log::warn!("socket-level balancing: {e}");
+                    }
+                    log::info!(
+                        "socket-level balancing: on (cgroup {}; this node's processes and containers reach services through VIPs, node addresses and loopback)",
+                        cg.display()
+                    );
+                    st.on = true;
+                    st.cgroup = Some(cg.display().to_string());
+                    st.why = "this node's namespace and its containers'".into();
+                }
+                Err(e) => {
+                    log::warn!("socket-level balancing: off ({e})");
+                    st.why = e;
+                }
+            }
+        } else {
+            log::info!("socket-level balancing: off (cgroup v2 is not mounted)");
+            st.why = "cgroup v2 is not mounted".into();
+        }
+        st.namespaces = self.sock_netns.len() as u64;
+        socklb::save_status(&self.dir, &st);
+        self.socket_lb = st.on;
+        st
+    }
+
+    /// The network namespaces (by cookie) the socket-level balancer
+    /// serves besides this node's own: its containers'. A no-op while it
+    /// is off.
+    pub fn set_socket_namespaces(&mut self, extra: &BTreeSet<u64>) {
+        if !self.socket_lb || *extra == self.sock_extra {
+            return;
+        }
+        let own = self.sock_netns.iter().next().copied();
+        let all: BTreeSet<u64> = own.into_iter().chain(extra.iter().copied()).collect();
+        match socklb::set_namespaces(&mut self.maps, &all) {
+            Ok(()) => self.sock_extra.clone_from(extra),
+            Err(e) => log::warn!("socket-level balancing: {e}"),
         }
     }
 
@@ -1193,7 +1267,11 @@ pub fn attach_pass(dir: &Path, ifaces: &[String]) -> Result<(), XdpError> {
 /// maps. Returns how many pins were removed.
 pub fn cleanup(dir: &Path) -> Result<usize, XdpError> {
     let n = cleanup_contents(dir)?;
-    for ext in [IFACES_EXT, crate::engine::xdp::inspect::SYNC_EXT] {
+    for ext in [
+        IFACES_EXT,
+        crate::engine::xdp::inspect::SYNC_EXT,
+        socklb::SOCKLB_EXT,
+    ] {
         let _ = std::fs::remove_file(crate::kernel::pinlock::runtime_file(dir, ext));
     }
     if dir.exists() {
@@ -1223,6 +1301,7 @@ fn cleanup_contents(dir: &Path) -> Result<usize, XdpError> {
     entries.sort_by_key(|p| {
         !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
             n.starts_with(NL_MARKER_PREFIX)
+                || n.starts_with(&socklb::pin_prefix())
                 || Hook::ALL.iter().any(|h| n.starts_with(&h.pin_prefix()))
         })
     });

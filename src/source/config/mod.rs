@@ -132,6 +132,8 @@ pub struct ConfigDef {
     pub metrics: Option<MetricsDef>,
     pub conntrack: Option<ConntrackDef>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_lb: Option<SocketLbDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reconcile_interval: Option<String>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDef>,
@@ -161,6 +163,15 @@ pub struct DockerDef {
 #[serde(deny_unknown_fields)]
 pub struct MetricsDef {
     pub listen: Option<String>,
+}
+
+/// `[socket_lb]` as written.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketLbDef {
+    /// Node-local clients balanced at the socket (default: true where
+    /// cgroup v2 is mounted).
+    pub enabled: Option<bool>,
 }
 
 /// `[conntrack]` as written: durations as `"90s"`, `"2m"`, `"1h"`.
@@ -671,6 +682,11 @@ impl ConfigDef {
                 .map(ConntrackDef::validate)
                 .transpose()?
                 .unwrap_or_default(),
+            socket_lb: self
+                .socket_lb
+                .as_ref()
+                .and_then(|s| s.enabled)
+                .unwrap_or(true),
             reconcile_interval: self
                 .reconcile_interval
                 .as_deref()

@@ -385,6 +385,7 @@ mod tests {
             snat_ports_in_use: 0,
             flow_table_size: 0,
             counters,
+            socket_lb: Default::default(),
         };
         let text = render(&status);
         let dropped: Vec<&str> = text
@@ -430,6 +431,7 @@ mod tests {
             snat_ports_in_use: 6,
             flow_table_size: 262_144,
             counters,
+            socket_lb: Default::default(),
         };
         let text = render(&status);
         for want in [
@@ -490,6 +492,7 @@ mod tests {
             snat_ports_in_use: 0,
             flow_table_size: 0,
             counters: BTreeMap::new(),
+            socket_lb: Default::default(),
         };
         let text = render(&status);
         let line = |prefix: &str| -> Vec<&str> {

@@ -13,3 +13,4 @@ pub mod nft;
 pub(crate) mod nlattr;
 pub(crate) mod pinlock;
 pub mod pinned;
+pub mod sockdiag;

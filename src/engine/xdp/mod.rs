@@ -9,7 +9,7 @@ pub mod tables;
 pub(crate) mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,11 +20,11 @@ use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use meshlb_common::{
     flow_clock, idle_past, maps, AddrKey, Backend, Counter, CtEntry, FlowConfig, FlowKey,
-    FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr, BE_F_DOWN,
-    BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT, LAYOUT_VERSION, MAX_SERVICES,
-    PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS, PROTO_TCP, SNAT_EMBRYONIC_NS,
-    SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_PRESENT,
+    FrontendKey, FrontendValue, IfAddrKey, NodeMeta, ServiceInfo, ServiceName, SnatAddr,
+    SockRevKey, SockRevValue, BE_F_DOWN, BE_F_DRAINING, BE_F_PRESENT, BE_F_SNAT, CT_F_SNAT,
+    LAYOUT_VERSION, MAX_SERVICES, PROG_TC_HANDOFF, PROG_TC_LB, PROG_XDP_LB, PROG_XDP_PASS,
+    PROTO_TCP, SNAT_EMBRYONIC_NS, SNAT_E_EST, SNAT_F_PRESENT, SNAT_IDX_V4, SNAT_IDX_V6,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_PRESENT,
 };
 
 use crate::control::nodenet::{Attach, NodeNet};
@@ -554,8 +554,9 @@ pub struct XdpDataplane {
     /// This node's own namespace cookie (once `set_socket_lb` turned it
     /// on).
     sock_netns: BTreeSet<u64>,
-    /// The other namespaces served (`set_socket_namespaces`).
-    sock_extra: BTreeSet<u64>,
+    /// The other namespaces served, with a path into each
+    /// (`set_socket_namespaces`).
+    sock_extra: BTreeMap<u64, PathBuf>,
     // Keeps the programs loaded while the daemon runs (and attaches the
     // interfaces that appear later); the pinned links keep them attached
     // when the daemon is gone.
@@ -646,7 +647,7 @@ impl XdpDataplane {
             failed: BTreeMap::new(),
             socket_lb: false,
             sock_netns: BTreeSet::new(),
-            sock_extra: BTreeSet::new(),
+            sock_extra: BTreeMap::new(),
             ebpf,
         };
         for st in dp.attached.values_mut() {
@@ -798,18 +799,80 @@ impl XdpDataplane {
         st
     }
 
-    /// The network namespaces (by cookie) the socket-level balancer
-    /// serves besides this node's own: its containers'. A no-op while it
-    /// is off.
-    pub fn set_socket_namespaces(&mut self, extra: &BTreeSet<u64>) {
+    /// The network namespaces (by cookie, with a path into each) the
+    /// socket-level balancer serves besides this node's own: its
+    /// containers'. A no-op while it is off.
+    pub fn set_socket_namespaces(&mut self, extra: &BTreeMap<u64, PathBuf>) {
         if !self.socket_lb || *extra == self.sock_extra {
             return;
         }
         let own = self.sock_netns.iter().next().copied();
-        let all: BTreeSet<u64> = own.into_iter().chain(extra.iter().copied()).collect();
+        let all: BTreeSet<u64> = own.into_iter().chain(extra.keys().copied()).collect();
         match socklb::set_namespaces(&mut self.maps, &all) {
             Ok(()) => self.sock_extra.clone_from(extra),
             Err(e) => log::warn!("socket-level balancing: {e}"),
+        }
+    }
+
+    /// Ends the connected UDP sockets balanced to a backend that no longer
+    /// takes flows (removed, down, or its slot reused): each is aborted
+    /// (`SOCK_DESTROY`), so its owner learns at once instead of sending
+    /// into a black hole, and connects again (to a live backend). An
+    /// unconnected socket needs none of it: its next datagram is balanced
+    /// afresh. Called after a sync that changed anything.
+    fn end_stale_udp_sockets(&mut self) {
+        let udp: Vec<(SockRevKey, SockRevValue)> = self
+            .maps
+            .sock_rev
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.proto == meshlb_common::PROTO_UDP)
+            .collect();
+        if udp.is_empty() {
+            return;
+        }
+        let backends = match self.maps.all_backends() {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("socket-level balancing: {e}");
+                return;
+            }
+        };
+        let stale: Vec<(SockRevKey, SocketAddr)> = udp
+            .into_iter()
+            .filter(|(k, v)| {
+                !backends.get(v.backend_id as usize).is_some_and(|b| {
+                    b.flags & BE_F_PRESENT != 0
+                        && b.flags & BE_F_DOWN == 0
+                        && b.service_id == v.service_id
+                        && b.addr == k.addr
+                        && b.port == k.port
+                })
+            })
+            .filter_map(|(k, _)| {
+                addr_from(&k.addr, k.family).map(|a| (k, SocketAddr::new(a, u16::from_be(k.port))))
+            })
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let targets: BTreeMap<u64, SocketAddr> =
+            stale.iter().map(|(k, a)| (k.cookie, *a)).collect();
+        let mut ended = socklb::end_udp_sockets(&targets);
+        for (cookie, path) in &self.sock_extra {
+            let t = targets.clone();
+            match crate::kernel::netns::run_in(path, move || Ok(socklb::end_udp_sockets(&t))) {
+                Ok(n) => ended += n,
+                Err(e) => log::debug!("socket-level balancing: namespace {cookie}: {e}"),
+            }
+        }
+        for (k, _) in &stale {
+            let _ = self.maps.sock_rev.remove(k);
+        }
+        if ended > 0 {
+            log::info!(
+                "socket-level balancing: ended {ended} connected UDP socket(s) of backends that left or went down"
+            );
         }
     }
 
@@ -1816,6 +1879,43 @@ impl Dataplane for XdpDataplane {
 }
 
 impl XdpDataplane {
+    /// Plans and applies `desired` against what the maps hold (only the
+    /// services changed since the last sync, once a view exists);
+    /// returns the number of changes.
+    fn sync_tables(
+        &mut self,
+        desired: &DesiredState,
+        expired: &[BackendOf],
+    ) -> Result<usize, DataplaneError> {
+        let limits = crate::control::reconcile::Limits::default();
+        if let Some(view) = &self.view {
+            let part = view.part(desired);
+            if view.fits_with(&part, limits) {
+                return self.sync_part(part, limits, expired);
+            }
+        }
+        let observed = self.observe()?;
+        let (desired, rejected) = crate::control::reconcile::admit(
+            desired,
+            &observed,
+            crate::control::reconcile::Limits::default(),
+        );
+        self.rejected = rejected;
+        let plan = crate::control::reconcile::plan(&desired, &observed)?;
+        let n = plan.ops.len();
+        if n > 0 {
+            self.apply(&plan)?;
+        }
+        if self.rejected.is_empty() {
+            // The view replaces the mirror (one copy of the tables, not two).
+            if let Some(m) = self.mirror.take() {
+                self.view = Some(View::new(desired.into_owned(), m.observe()?));
+            }
+        }
+        self.end_expired(&observed, expired);
+        Ok(n)
+    }
+
     /// A sync that plans only the services changed since the last one
     /// (`view`): everything fits, so admission takes every service.
     fn sync_part(
@@ -1899,32 +1999,10 @@ impl Engine for XdpDataplane {
         _services: &ServiceConfigs<'_>,
         expired: &[BackendOf],
     ) -> Result<usize, DataplaneError> {
-        let limits = crate::control::reconcile::Limits::default();
-        if let Some(view) = &self.view {
-            let part = view.part(desired);
-            if view.fits_with(&part, limits) {
-                return self.sync_part(part, limits, expired);
-            }
+        let n = self.sync_tables(desired, expired)?;
+        if n > 0 && self.socket_lb {
+            self.end_stale_udp_sockets();
         }
-        let observed = self.observe()?;
-        let (desired, rejected) = crate::control::reconcile::admit(
-            desired,
-            &observed,
-            crate::control::reconcile::Limits::default(),
-        );
-        self.rejected = rejected;
-        let plan = crate::control::reconcile::plan(&desired, &observed)?;
-        let n = plan.ops.len();
-        if n > 0 {
-            self.apply(&plan)?;
-        }
-        if self.rejected.is_empty() {
-            // The view replaces the mirror (one copy of the tables, not two).
-            if let Some(m) = self.mirror.take() {
-                self.view = Some(View::new(desired.into_owned(), m.observe()?));
-            }
-        }
-        self.end_expired(&observed, expired);
         Ok(n)
     }
 

@@ -14,8 +14,9 @@
 //! those of the namespaces in `SOCK_NETNS` (this node's, its
 //! containers') are balanced.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::FdLink;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{log_verified, program_error, typed_program, XdpError};
 use crate::kernel::pinned::{Maps, PinnedError};
+use crate::kernel::sockdiag;
 
 /// The runtime file (beside the pin lock) that says what the daemon did
 /// about `[socket_lb]`, for `meshlb status`.
@@ -187,6 +189,35 @@ pub fn set_namespaces(maps: &mut Maps, cookies: &BTreeSet<u64>) -> Result<(), Pi
         maps.sock_netns.insert(c, 1, 0).map_err(err)?;
     }
     Ok(())
+}
+
+/// Aborts the connected UDP sockets of the calling thread's namespace
+/// whose cookie is in `targets` and whose peer is the backend recorded
+/// for it (`SOCK_DESTROY`); returns how many. Unconnected sockets are
+/// left alone.
+pub fn end_udp_sockets(targets: &BTreeMap<u64, SocketAddr>) -> usize {
+    let mut ended = 0;
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let socks = match sockdiag::udp_sockets(family) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("socket-level balancing: sock_diag dump: {e}");
+                continue;
+            }
+        };
+        for s in socks.iter().filter(|s| {
+            s.state == sockdiag::STATE_CONNECTED && targets.get(&s.cookie) == Some(&s.dst)
+        }) {
+            match sockdiag::destroy(s) {
+                Ok(()) => ended += 1,
+                Err(e) => log::warn!(
+                    "socket-level balancing: SOCK_DESTROY of the UDP socket to {}: {e}",
+                    s.dst
+                ),
+            }
+        }
+    }
+    ended
 }
 
 /// The status of the socket-level balancer under `dir`: the daemon's

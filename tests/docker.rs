@@ -822,6 +822,8 @@ impl Drop for RoutedNet {
 /// it), etcd, the network.
 struct Routed {
     daemon: Option<Proc>,
+    /// Extra `meshlb run` flags (`start_daemon`).
+    daemon_args: Vec<String>,
     docker: Dockerd,
     etcd: EtcdServer,
     c: EtcdClient,
@@ -847,6 +849,7 @@ impl Routed {
         let c = etcd.client();
         Routed {
             daemon: None,
+            daemon_args: Vec::new(),
             docker,
             etcd,
             c,
@@ -874,6 +877,7 @@ impl Routed {
         argv.extend(["--bpffs".into(), self.net.bpffs().display().to_string()]);
         argv.extend(["--iface".into(), self.net.uplink.clone()]);
         argv.extend(["--iface".into(), "docker0".into()]);
+        argv.extend(self.daemon_args.iter().cloned());
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         self.daemon = Some(Proc::spawn(
             "meshlb run lb",
@@ -1116,10 +1120,12 @@ fn deltas(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTre
 /// the daemon starts), as backends of three services: `web` (v4 tcp) and
 /// `webu` (v4 udp) registered through `--docker` (registrator env), and
 /// `web6` (v6 tcp and udp) as manual etcd tasks at their v6 addresses
-/// (Docker registration takes a container's IPv4 address). Returns the
-/// world, ready, and the containers.
-fn web_world(tag: &str, names: &[&str]) -> (Routed, Vec<Ctr>) {
+/// (Docker registration takes a container's IPv4 address). The daemon
+/// runs with `--socket-lb=<socket_lb>`. Returns the world, ready, and the
+/// containers.
+fn web_world(tag: &str, names: &[&str], socket_lb: bool) -> (Routed, Vec<Ctr>) {
     let mut w = Routed::new(tag, "native");
+    w.daemon_args = vec![format!("--socket-lb={socket_lb}")];
     w.service(
         "web",
         json!({"vip": WEB_VIP4.to_string(), "publish": [{"proto": "tcp", "port": WEB_TCP, "target": WEB_PORT}]}),
@@ -1190,7 +1196,7 @@ fn check_csum(w: &Routed, ctrs: &[Ctr], problems: &mut Vec<String>) -> String {
 fn containers_at_default_offloads_through_a_software_checksum_hop() {
     const N: usize = 300;
     const NAMES: [&str; 2] = ["k1", "k2"];
-    let (mut w, ctrs) = web_world("dkr", &NAMES);
+    let (mut w, ctrs) = web_world("dkr", &NAMES, true);
     let paths = web_paths();
     let before = w.counters();
     let mut report = String::new();
@@ -1263,8 +1269,10 @@ fn wget_burst(w: &Routed, from: &str, dst: SocketAddr, n: usize) -> Burst {
     b
 }
 
-/// From inside container k1 on docker0, 100 calls on each of the eight
-/// paths of [`web_world`] (VIP and node port, the node's uplink address;
+/// With the socket-level balancer off (`--socket-lb=false`: where cgroup
+/// v2 is missing, containers are served this way): from inside container
+/// k1 on docker0, 100 calls on each of the eight paths of [`web_world`]
+/// (VIP and node port, the node's uplink address;
 /// TCP with busybox wget through `docker exec`, UDP from a socket in k1's
 /// network namespace, which busybox cannot do; v4 and v6). Both backends
 /// are containers on this node, so every call is hairpinned (source
@@ -1277,7 +1285,7 @@ fn wget_burst(w: &Routed, from: &str, dst: SocketAddr, n: usize) -> Burst {
 fn container_hairpin_to_vip_and_node_port() {
     const N: usize = 100;
     const NAMES: [&str; 2] = ["k1", "k2"];
-    let (mut w, ctrs) = web_world("dkh", &NAMES);
+    let (mut w, ctrs) = web_world("dkh", &NAMES, false);
     let from = &ctrs[0];
     let paths = web_paths();
     let before = w.counters();
@@ -1333,6 +1341,160 @@ fn container_hairpin_to_vip_and_node_port() {
         problems.join("\n  "),
         w.ctx()
     );
+}
+
+/// The socket-level balancer (issue 20) serving a container: from inside
+/// container k1 on docker0, 100 calls each to the VIP, the node's address
+/// and loopback on the published port, TCP and UDP (unconnected and
+/// connected), IPv4 and IPv6. TCP twice: busybox wget through `docker
+/// exec` (a process of the container) and a socket in k1's namespace that
+/// checks `getpeername` names the frontend; UDP from sockets in k1's
+/// namespace (busybox has no UDP client), whose answers must come from
+/// the frontend. Every call succeeds and both containers answer on every
+/// path; the node's `hairpin` counter does not move for the TCP calls (no
+/// packet of theirs needed NAT); status says the balancer is on and serves
+/// the node's and both containers' namespaces.
+#[test]
+fn containers_reach_services_through_the_socket_balancer() {
+    const N: usize = 100;
+    const NAMES: [&str; 2] = ["k1", "k2"];
+    let (mut w, ctrs) = web_world("dks", &NAMES, true);
+    let from = &ctrs[0];
+    wait_for(
+        Duration::from_secs(10),
+        "socket_lb to serve both containers' namespaces",
+        || {
+            let st = w.try_status()?;
+            let sl = &st["socket_lb"];
+            if sl["on"] == true && sl["namespaces"].as_u64().unwrap_or(0) >= 3 {
+                Ok(())
+            } else {
+                Err(format!("socket_lb: {sl}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", w.ctx()));
+    let sa = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+    let lo4 = IpAddr::from(Ipv4Addr::LOCALHOST);
+    let lo6 = IpAddr::from(Ipv6Addr::LOCALHOST);
+    let mut paths: Vec<(&str, SocketAddr, bool)> = web_paths().to_vec();
+    paths.extend([
+        ("loopback v4 tcp", sa(lo4, WEB_TCP), false),
+        ("loopback v4 udp", sa(lo4, WEBU_UDP), true),
+        ("loopback v6 tcp", sa(lo6, WEB6_TCP), false),
+        ("loopback v6 udp", sa(lo6, WEB6_UDP), true),
+    ]);
+    let before = w.counters();
+    let mut report = String::new();
+    let mut problems = Vec::new();
+    let mut tcp_calls = 0;
+    for (label, dst, udp) in paths {
+        let mut runs = Vec::new();
+        if udp {
+            runs.push(("udp", socket_burst(&from.netns(), dst, SockKind::Udp, N)));
+            runs.push((
+                "connected udp",
+                socket_burst(&from.netns(), dst, SockKind::UdpConnected, N),
+            ));
+        } else {
+            if !dst.ip().is_loopback() || dst.is_ipv4() {
+                // busybox wget has no [::1] URL support worth trusting.
+                runs.push(("wget", wget_burst(&w, &from.name, dst, N)));
+                tcp_calls += N;
+            }
+            runs.push(("tcp", socket_burst(&from.netns(), dst, SockKind::Tcp, N)));
+            tcp_calls += N;
+        }
+        for (how, b) in runs {
+            let line = format!("{} -> {label} {dst} ({how}): {:?}", from.name, b.counts);
+            eprintln!("[{}] {line}", w.net.prefix);
+            report += &format!("\n  {line}");
+            if let Err(e) = check_all(&format!("{label} ({how})"), &b, N, &NAMES) {
+                problems.push(e);
+            }
+        }
+    }
+    w.assert_daemon_alive();
+    let d = deltas(&before, &w.counters());
+    eprintln!(
+        "[{}] counters moved: {d:?} ({tcp_calls} TCP calls)",
+        w.net.prefix
+    );
+    let hairpin = d.get("hairpin").copied().unwrap_or(0);
+    if hairpin > 0 {
+        problems.push(format!(
+            "hairpin counter moved by {hairpin}: TCP calls went through the TC program, not the socket balancer"
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "socket balancer from a container: {} problem(s):\n  {}\nrequests:{report}{}",
+        problems.len(),
+        problems.join("\n  "),
+        w.ctx()
+    );
+}
+
+/// How `socket_burst` calls.
+#[derive(Clone, Copy, Debug)]
+enum SockKind {
+    /// connect, `getpeername` (must be the destination), GET.
+    Tcp,
+    /// `sendto` + `recvfrom` (the answer must come from the destination).
+    Udp,
+    /// connect, `getpeername`, send + recv.
+    UdpConnected,
+}
+
+/// `n` calls of `kind` to `dst` from sockets in the network namespace at
+/// path `netns`, each on a new socket: answers by body, and failures.
+fn socket_burst(netns: &str, dst: SocketAddr, kind: SockKind, n: usize) -> Burst {
+    in_netns_path(netns, || {
+        let mut b = Burst::default();
+        for i in 0..n {
+            let r = match kind {
+                SockKind::Tcp => tcp_connect(None, dst, R_REQ_TIMEOUT)
+                    .map_err(|e| format!("connect: {e}"))
+                    .and_then(|s| {
+                        let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+                        if peer == dst {
+                            Ok(())
+                        } else {
+                            Err(format!("getpeername says {peer}"))
+                        }
+                    })
+                    .and_then(|()| http_get(dst, R_REQ_TIMEOUT)),
+                SockKind::Udp => udp_request(dst, format!("ping {i}").as_bytes(), R_REQ_TIMEOUT),
+                SockKind::UdpConnected => connected_udp_request(dst),
+            };
+            match r {
+                Ok(body) => *b.counts.entry(body).or_default() += 1,
+                Err(e) => b.failures.push(format!("request {i}: {e}")),
+            }
+        }
+        b
+    })
+}
+
+/// One request on a connected UDP socket: `getpeername` must be `dst`.
+fn connected_udp_request(dst: SocketAddr) -> Result<String, String> {
+    let any: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let s = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    s.set_read_timeout(Some(R_REQ_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.connect(dst).map_err(|e| format!("connect: {e}"))?;
+    let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+    if peer != dst {
+        return Err(format!("getpeername says {peer}"));
+    }
+    s.send(b"ping").map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
 }
 
 /// Runs `f` on a thread inside the network namespace at path `netns`.

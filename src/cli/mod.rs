@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Directory on a bpffs for the pinned maps and links.
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
+    /// Balance this node's own processes and containers at the socket
+    /// (cgroup v2 hooks; `[socket_lb] enabled`, default true).
+    #[arg(long, value_name = "BOOL")]
+    pub socket_lb: Option<bool>,
 }
 
 /// How to reach etcd (daemon and client commands alike). Global, so the

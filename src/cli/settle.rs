@@ -111,6 +111,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             docker,
             drain_timeout,
             dataplane,
+            socket_lb: args.socket_lb.unwrap_or(cfg.socket_lb),
         },
         cfg,
     ))

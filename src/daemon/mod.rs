@@ -105,6 +105,8 @@ pub struct Settings {
     pub drain_timeout: Option<Duration>,
     /// XDP, IPVS, or XDP falling back to IPVS.
     pub dataplane: DataplaneChoice,
+    /// `--socket-lb` / `[socket_lb] enabled`.
+    pub socket_lb: bool,
 }
 
 /// The config file; without one, an empty config when etcd is the source
@@ -553,7 +555,7 @@ pub async fn run(
         &cfg.conntrack,
     ) {
         Ok(mut dp) => {
-            dp.set_socket_lb(cfg.socket_lb);
+            dp.set_socket_lb(settings.socket_lb);
             log::info!(
                 "node {}: data plane {} on {} (pinned under {})",
                 settings.node,
@@ -608,6 +610,28 @@ async fn follow_next_hops(bpffs: PathBuf) {
     log::warn!(
         "next-hop cache: rtnetlink events ended; cached next hops expire by age only (~2 s)"
     );
+}
+
+/// The network namespaces of running containers, by cookie, each with a
+/// path into it (its first process's); one line for a container whose
+/// namespace cannot be read (it may have just ended).
+fn container_namespaces(pids: &docker::Pids) -> BTreeMap<u64, PathBuf> {
+    pids.iter()
+        .filter_map(|(id, pid)| {
+            let path = crate::kernel::netns::of_pid(*pid);
+            match crate::kernel::netns::cookie_of(&path) {
+                Ok(c) => Some((c, path)),
+                Err(e) => {
+                    let short = &id[..id.len().min(12)];
+                    log::debug!(
+                        "container {short}: network namespace {}: {e}",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// The names of `attach`, in order.
@@ -819,6 +843,9 @@ async fn run_engine<E: Engine>(
     apply_node_net(&mut engine, &net);
     localise(&mut cfg, &locals, &facts.routes, true);
     let registry = Arc::new(Registry::default());
+    // This node's running containers (with `--docker`): the socket-level
+    // balancer serves their network namespaces.
+    let (pids_tx, mut pids_rx) = watch::channel(docker::Pids::new());
     let (mut etcd_rx, cluster, _etcd_tasks) = match &settings.etcd {
         Some(o) => {
             let (tx, rx) = mpsc::channel(UPDATES);
@@ -862,6 +889,7 @@ async fn run_engine<E: Engine>(
                     opts,
                     o.clone(),
                     lease_rx,
+                    pids_tx.clone(),
                 ))));
             }
             log::info!(
@@ -968,6 +996,10 @@ async fn run_engine<E: Engine>(
                     }
                     Err(e) => log::error!("etcd revision {rev}: {e}"),
                 }
+            }
+            Ok(()) = pids_rx.changed() => {
+                let pids = pids_rx.borrow_and_update().clone();
+                node.engine.set_socket_namespaces(&container_namespaces(&pids));
             }
             Ok(()) = health_rx.changed() => {
                 match node.sync().await {

@@ -203,6 +203,11 @@ pub trait Engine {
         false
     }
 
+    /// The network namespaces (by cookie, with a path into each) of this
+    /// node's containers, which the socket-level balancer serves besides
+    /// the node's own. An engine without one (IPVS) ignores it.
+    fn set_socket_namespaces(&mut self, _ns: &BTreeMap<u64, std::path::PathBuf>) {}
+
     /// Removes flow state idle past its timeout (see
     /// `XdpDataplane::sweep`).
     fn sweep_flows(&mut self) -> Swept {

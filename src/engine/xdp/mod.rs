@@ -2020,6 +2020,10 @@ impl Engine for XdpDataplane {
         XdpDataplane::set_flow_config(self, c)
     }
 
+    fn set_socket_namespaces(&mut self, ns: &BTreeMap<u64, PathBuf>) {
+        XdpDataplane::set_socket_namespaces(self, ns);
+    }
+
     fn sweep_flows(&mut self) -> Swept {
         self.sweep()
     }

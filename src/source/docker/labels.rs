@@ -62,6 +62,9 @@ pub struct ContainerInfo {
     pub running: bool,
     pub paused: bool,
     pub health: Health,
+    /// Its first process (`State.Pid`) while it runs: the way into its
+    /// network namespace (`/proc/<pid>/ns/net`).
+    pub pid: Option<u32>,
 }
 
 impl ContainerInfo {

@@ -83,11 +83,23 @@ struct Watcher {
     stopping: BTreeSet<String>,
     /// Whether the lease channel still has a sender.
     lease_open: bool,
+    /// Running containers' first process, by id: for the socket-level
+    /// balancer, which serves their network namespaces.
+    pids: watch::Sender<Pids>,
 }
 
+/// Running containers' first process (`State.Pid`), by container id.
+pub type Pids = BTreeMap<String, u32>;
+
 /// Runs until aborted: keeps this node's container registrations in etcd
-/// under the lease published on `lease` (by `etcd::watch::keep_node`).
-pub async fn run(opts: DockerOptions, etcd: EtcdOptions, mut lease: watch::Receiver<Option<i64>>) {
+/// under the lease published on `lease` (by `etcd::watch::keep_node`),
+/// and the running containers' first processes on `pids`.
+pub async fn run(
+    opts: DockerOptions,
+    etcd: EtcdOptions,
+    mut lease: watch::Receiver<Option<i64>>,
+    pids: watch::Sender<Pids>,
+) {
     let mut reg = Registrar::new(etcd, opts.node.clone());
     reg.set_lease(*lease.borrow_and_update());
     let socket = opts.socket.display().to_string();
@@ -104,6 +116,7 @@ pub async fn run(opts: DockerOptions, etcd: EtcdOptions, mut lease: watch::Recei
                     warned: std::mem::take(&mut warned),
                     stopping: BTreeSet::new(),
                     lease_open: true,
+                    pids: pids.clone(),
                 };
                 reported = false;
                 backoff = BACKOFF_MIN;
@@ -231,10 +244,14 @@ impl Watcher {
         .map_err(|e| self.err(e))?;
         let mut all = Vec::new();
         let mut running = BTreeSet::new();
+        let mut pids = Pids::new();
         for c in list {
             let Some(id) = c.id else { continue };
             running.insert(id.clone());
             if let Some(info) = self.inspect(&id).await? {
+                if let Some(pid) = info.pid.filter(|_| info.running) {
+                    pids.insert(id.clone(), pid);
+                }
                 let stopping = self.stopping.contains(&id);
                 all.extend(self.registrations(&info).into_iter().map(|mut r| {
                     // Still running, but being stopped: it keeps draining.
@@ -246,6 +263,11 @@ impl Watcher {
             }
         }
         self.stopping.retain(|id| running.contains(id));
+        self.pids.send_if_modified(|p| {
+            let changed = *p != pids;
+            *p = pids;
+            changed
+        });
         let n = all.len();
         reg.replace_all(all).await;
         log::info!(
@@ -305,12 +327,22 @@ impl Watcher {
     }
 
     async fn refresh(&mut self, reg: &mut Registrar, id: &str) -> Result<(), DockerError> {
-        let regs = match self.inspect(id).await? {
+        let info = self.inspect(id).await?;
+        self.set_pid(id, info.as_ref().and_then(|i| i.pid.filter(|_| i.running)));
+        let regs = match info {
             Some(info) => self.registrations(&info),
             None => Vec::new(),
         };
         reg.set_container(id, regs).await;
         Ok(())
+    }
+
+    /// Records (or, `None`, forgets) container `id`'s first process.
+    fn set_pid(&self, id: &str, pid: Option<u32>) {
+        self.pids.send_if_modified(|p| match pid {
+            Some(pid) => p.insert(id.to_owned(), pid) != Some(pid),
+            None => p.remove(id).is_some(),
+        });
     }
 
     async fn handle(&mut self, reg: &mut Registrar, ev: EventMessage) -> Result<(), DockerError> {
@@ -346,6 +378,9 @@ impl Watcher {
                 if verb == "destroy" {
                     self.warned.remove(&id);
                     self.warned.remove(&local_key(&id));
+                }
+                if verb != "pause" {
+                    self.set_pid(&id, None);
                 }
                 reg.set_container(&id, Vec::new()).await;
             }
@@ -419,6 +454,10 @@ pub fn container_info(id: &str, r: ContainerInspectResponse) -> ContainerInfo {
             .is_some_and(|m| m == "host"),
         running: state.running.unwrap_or(false),
         paused: state.paused.unwrap_or(false),
+        pid: state
+            .pid
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0),
         health,
     }
 }

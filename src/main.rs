@@ -99,7 +99,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Explain(args) => {
-            if args.src.is_ipv4() != args.dst.is_ipv4() {
+            if args.socket.is_none() && args.src.is_ipv4() != args.dst.is_ipv4() {
                 return fail(2, "explain: SRC and DST must be of the same address family");
             }
             let maps = match pinned::Maps::from_pins(&args.bpffs.bpffs) {
@@ -110,7 +110,10 @@ fn main() -> ExitCode {
                 ProtoArg::Tcp => Proto::Tcp,
                 ProtoArg::Udp => Proto::Udp,
             };
-            let e = inspect::explain(&maps, proto, args.src, args.dst);
+            let e = match args.socket {
+                Some(cookie) => inspect::explain_socket(&maps, proto, cookie, args.dst),
+                None => inspect::explain(&maps, proto, args.src, args.dst),
+            };
             if args.json {
                 println!("{}", serde_json::to_string(&e).unwrap_or_default());
             } else {

@@ -156,7 +156,10 @@ fn iface_names(topo: &Topology) -> Vec<(String, String)> {
 ///    short name (`gold<pid>`), should a path or name carry one, becomes
 ///    `<prefix>` / `<short>` (none does today; the golden would show it);
 /// 4. the values of the data path's `counters` become 0 (their names are
-///    compared): the kernel's own packets move them (below).
+///    compared): the kernel's own packets move them (below);
+/// 5. `socket_lb.cgroup`, where the machine mounts the cgroup v2
+///    hierarchy (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`), becomes
+///    `<cgroup2>`.
 ///
 /// Per-service and per-backend numbers, flow counts and rates are not
 /// normalised: the test sends no traffic, so they must be what the golden
@@ -185,6 +188,16 @@ fn normalise_status(topo: &Topology, text: &str) -> String {
                 out.push_str(&format!("{name}: 0{comma}\n"));
                 continue;
             }
+        }
+        // `socket_lb.cgroup`: one level down, four spaces of indent.
+        if let Some(rest) = line.strip_prefix("    \"cgroup\": ") {
+            let comma = if rest.trim_end().ends_with(',') {
+                ","
+            } else {
+                ""
+            };
+            out.push_str(&format!("    \"cgroup\": \"<cgroup2>\"{comma}\n"));
+            continue;
         }
         // Top-level key of the pretty-printed object: two spaces of indent.
         if let Some(rest) = line.strip_prefix("  \"node\": ") {

@@ -1,7 +1,8 @@
 //! Node-local clients (issue 20, SPEC.md "Node-local clients"): a process
 //! in the node's own namespace reaches services through their VIP, the
 //! node's address and loopback on a published port, TCP and UDP
-//! (unconnected and connected), IPv4 and IPv6, balanced at the socket by
+//! (unconnected and connected), IPv4 and IPv6 (and IPv6 sockets to
+//! IPv4-mapped addresses), balanced at the socket by
 //! the cgroup hooks (`meshlb-ebpf`'s `sock` module) and spread over the
 //! tasks; `getpeername` and `recvfrom` name the frontend, not the task.
 //!
@@ -174,6 +175,9 @@ fn frontends() -> Vec<(Kind, SocketAddr)> {
         "[fd00:96::10]:81",
         "[fd00:200::1]:81",
         "[::1]:81",
+        // IPv6 sockets to IPv4-mapped addresses: IPv4 frontends.
+        "[::ffff:10.96.0.10]:80",
+        "[::ffff:127.0.0.1]:80",
     ] {
         v.push((Kind::Tcp, sa(dst)));
     }
@@ -184,11 +188,53 @@ fn frontends() -> Vec<(Kind, SocketAddr)> {
         "[fd00:96::11]:9001",
         "[fd00:200::1]:9001",
         "[::1]:9001",
+        "[::ffff:10.96.0.11]:9000",
     ] {
         v.push((Kind::Udp, sa(dst)));
         v.push((Kind::UdpConnected, sa(dst)));
     }
     v
+}
+
+/// `SO_COOKIE` of a socket: what the hooks key it by.
+fn socket_cookie(s: &socket2::Socket) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `cookie`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(r, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    cookie
+}
+
+/// `meshlb explain PROTO 0.0.0.0:0 DST --socket COOKIE --json`.
+fn explain_socket(topo: &Topology, proto: &str, cookie: u64, dst: SocketAddr) -> serde_json::Value {
+    let out = topo.meshlb(
+        &topo.lb_ns,
+        &[
+            "explain",
+            proto,
+            "0.0.0.0:0",
+            &dst.to_string(),
+            "--socket",
+            &format!("{cookie:#x}"),
+            "--json",
+            "--bpffs",
+            &topo.lb_bpffs().display().to_string(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.success(), "meshlb explain: {}", out.describe());
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("explain json: {e}: {}", out.stdout))
 }
 
 /// The `socket_lb` object of `meshlb status --json`.
@@ -218,6 +264,66 @@ fn node_processes_reach_services_through_vip_node_address_and_loopback() {
         topo.assert_spread(&what, &b, &names, MIN_SHARE);
     }
     eprintln!("answers by frontend: {summary:#?}");
+
+    // `meshlb explain --socket COOKIE` predicts the backend of a socket
+    // before it connects, and names it after.
+    let mut explained = BTreeMap::new();
+    for i in 0..12u32 {
+        let (dst, proto) = if i.is_multiple_of(2) {
+            (sa("10.96.0.10:80"), "tcp")
+        } else {
+            (sa("[fd00:96::10]:81"), "tcp")
+        };
+        let sock = in_netns(&topo.lb_ns, || {
+            socket2::Socket::new(
+                socket2::Domain::for_address(dst),
+                socket2::Type::STREAM,
+                None,
+            )
+            .expect("socket")
+        });
+        let cookie = socket_cookie(&sock);
+        let before = explain_socket(&topo, proto, cookie, dst);
+        assert_eq!(
+            before["reason"], "socket-slot",
+            "explain before connect: {before}"
+        );
+        let predicted = before["backend"].as_str().unwrap_or("?").to_string();
+        let who = in_netns(&topo.lb_ns, || {
+            sock.connect_timeout(&dst.into(), REQ_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            let mut s: std::net::TcpStream = sock.into();
+            s.set_read_timeout(Some(REQ_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let after = explain_socket(&topo, proto, cookie, dst);
+            let answer = http_get_on(&mut s)?;
+            Ok::<_, String>((answer, after))
+        });
+        let (answer, after) = who.unwrap_or_else(|e| panic!("{dst}: {e}{}", topo.ctx()));
+        assert_eq!(after["reason"], "socket", "explain after connect: {after}");
+        assert_eq!(
+            after["backend"], before["backend"],
+            "explain before and after connect disagree"
+        );
+        let b = topo
+            .backends
+            .iter()
+            .find(|b| b.name == answer)
+            .unwrap_or_else(|| panic!("answer {answer:?}"));
+        let want = if dst.is_ipv4() {
+            b.http_v4().to_string()
+        } else {
+            b.http_v6().to_string()
+        };
+        assert_eq!(
+            predicted,
+            want,
+            "explain --socket {cookie} predicted {predicted}, {answer} ({want}) answered{}",
+            topo.ctx()
+        );
+        *explained.entry(answer).or_insert(0) += 1;
+    }
+    eprintln!("explain --socket predicted every backend: {explained:?}");
 
     // The client namespace is not this node's: its loopback is its own
     // (nothing listens there), and its requests to the VIP still go
@@ -271,7 +377,7 @@ fn restart_under_a_local_request_loop_loses_nothing() {
             let deadline = Instant::now() + Duration::from_secs(120);
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let (kind, dst) = if i % 2 == 0 {
+                let (kind, dst) = if i.is_multiple_of(2) {
                     (Kind::Tcp, sa("10.96.0.10:80"))
                 } else {
                     (Kind::UdpConnected, sa("127.0.0.1:9000"))

@@ -196,11 +196,25 @@ pub struct ExplainArgs {
     pub src: SocketAddr,
     /// Destination (VIP or node address) and port.
     pub dst: SocketAddr,
+    /// Explain a node-local socket instead (the socket-level balancer):
+    /// its cookie, decimal or 0x-hex (`ss -e` prints it as `sk:<hex>`).
+    /// SRC is then ignored.
+    #[arg(long, value_name = "COOKIE", value_parser = parse_cookie)]
+    pub socket: Option<u64>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub bpffs: BpffsArg,
+}
+
+/// A socket cookie: decimal, or hexadecimal with `0x`.
+fn parse_cookie(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("socket cookie {s:?}: {e}"))
 }
 
 #[derive(Debug, Args)]

@@ -533,6 +533,12 @@ pub async fn run(
             "node {}: data plane ipvs (VIPs on {VIP_DEVICE})",
             settings.node
         );
+        if settings.socket_lb {
+            log::info!(
+                "socket-level balancing: off ({})",
+                crate::engine::ipvs::IPVS_LOCAL_CLIENTS
+            );
+        }
         Ok::<_, DaemonError>(engine)
     };
     if settings.dataplane == DataplaneChoice::Ipvs {

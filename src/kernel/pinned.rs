@@ -526,6 +526,32 @@ impl Maps {
         })
     }
 
+    /// `n` slots of service `id`'s ring of M slots, from the one
+    /// `first(M)` picks on (wrapping), each with its backend id: as the
+    /// socket-level balancer tries them. Empty without a ring.
+    pub fn ring_run(
+        &self,
+        id: u32,
+        n: u32,
+        first: impl Fn(u32) -> u32,
+    ) -> Result<Vec<(u32, u32)>, PinnedError> {
+        let Some(ring) = self.ring_handle(id)? else {
+            return Ok(Vec::new());
+        };
+        read_consistent(&ring, id, |ring, m, base| {
+            if m == 0 {
+                return Ok(Vec::new());
+            }
+            let start = first(m);
+            (0..n)
+                .map(|i| {
+                    let slot = (start + i) % m;
+                    Ok((slot, ring_get(ring, id, base + slot)?))
+                })
+                .collect()
+        })
+    }
+
     /// Whether service `id` has a ring.
     pub fn has_ring(&self, id: u32) -> bool {
         matches!(self.ring_handle(id), Ok(Some(_)))

@@ -77,9 +77,23 @@ pub struct Status {
     pub flood_threshold: u64,
     /// The new-flow rate is over the threshold.
     pub flood: bool,
-    pub counters: BTreeMap<&'static str, u64>,
     /// The socket-level balancer for node-local clients (`[socket_lb]`).
-    pub socket_lb: crate::engine::xdp::socklb::SocketLbStatus,
+    pub socket_lb: SocketLbStatus,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// What `meshlb status` shows of the socket-level balancer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SocketLbStatus {
+    /// The hooks are attached (their links pinned).
+    pub on: bool,
+    /// The cgroup v2 directory they are attached to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Network namespaces served (this node's and its containers').
+    pub namespaces: u64,
+    /// Why it is off (or what it serves), in one line.
+    pub why: String,
 }
 
 /// The answer of `explain`.
@@ -106,6 +120,12 @@ pub enum Reason {
     NoService,
     /// The service has no backend that takes new flows.
     NoBackend,
+    /// A node-local socket (`explain --socket COOKIE`) the socket-level
+    /// balancer sent to this backend (its record, `MLB_SOCKREV_V1`).
+    Socket,
+    /// A node-local socket not balanced yet: the ring slot its cookie
+    /// picks (or the first of the next ones whose backend takes flows).
+    SocketSlot,
 }
 
 impl Explanation {
@@ -132,6 +152,19 @@ impl Explanation {
                 self.service.as_deref().unwrap_or("?"),
                 self.frontend.as_deref().unwrap_or("?"),
                 self.backend.as_deref().unwrap_or("?")
+            ),
+            Reason::Socket => format!(
+                "service {} (frontend {}) -> backend {}: this node-local socket was balanced to it (socket-level balancer)",
+                self.service.as_deref().unwrap_or("?"),
+                self.frontend.as_deref().unwrap_or("?"),
+                self.backend.as_deref().unwrap_or("?")
+            ),
+            Reason::SocketSlot => format!(
+                "service {} (frontend {}) -> backend {}: a node-local socket with this cookie connecting now, maglev slot {}",
+                self.service.as_deref().unwrap_or("?"),
+                self.frontend.as_deref().unwrap_or("?"),
+                self.backend.as_deref().unwrap_or("?"),
+                self.slot.unwrap_or(0)
             ),
             Reason::Maglev => format!(
                 "service {} (frontend {}) -> backend {}: maglev slot {}",

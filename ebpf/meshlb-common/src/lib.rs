@@ -207,6 +207,10 @@ pub const PROGS_SOCK: [&str; 8] = [
     "meshlb_recvmsg6",
     "meshlb_getpeername6",
 ];
+/// Ring slots the socket-level balancer tries, from the socket's own
+/// (`hash::socket_slot`) on, for a backend that takes new flows (one
+/// mid-update, or of the other family, is skipped); `explain` the same.
+pub const SOCK_SLOT_TRIES: u32 = 5;
 /// Entries of `maps::SOCK_NETNS`.
 pub const MAX_SOCK_NETNS: u32 = 1024;
 /// Entries of `maps::SOCK_REV` (balanced sockets remembered at once).

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use meshlb_common::{
     hash::socket_slot, AddrKey, FrontendKey, SockRevKey, SockRevValue, FAMILY_V4, FAMILY_V6,
-    NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_HALF,
+    NO_BACKEND, PROTO_TCP, PROTO_UDP, RING_HALF, SOCK_SLOT_TRIES,
 };
 
 use crate::maps::{
@@ -31,13 +31,9 @@ use crate::maps::{
 /// What every hook returns: let the call go on (0 would fail it).
 const GO_ON: i32 = 1;
 
-/// Ring slots tried after the first when it names a backend that takes no
-/// new flows (one mid-update, or of the other family).
-const SLOT_TRIES: u32 = 4;
-
 /// The socket's address as the hook sees it: destination (connect,
 /// sendmsg) or peer (recvmsg, getpeername).
-struct Addr {
+struct SockAddr {
     addr: [u8; 16],
     /// Network byte order.
     port: u16,
@@ -57,7 +53,7 @@ fn served(ctx: &SockAddrContext) -> bool {
 /// field by one aligned 32-bit load: the verifier refuses wider loads of
 /// the context's address words.
 #[inline(always)]
-fn read(sa: *const bpf_sock_addr, family: u8) -> Option<Addr> {
+fn read(sa: *const bpf_sock_addr, family: u8) -> Option<SockAddr> {
     // SAFETY (each read): `sa` is the program's context; every field is a
     // u32 the kernel lets sock_addr programs read.
     let proto = match unsafe { read_volatile(&raw const (*sa).protocol) } {
@@ -78,7 +74,7 @@ fn read(sa: *const bpf_sock_addr, family: u8) -> Option<Addr> {
     // The kernel keeps the port's two bytes, network order, in the low
     // half of the word.
     let port = unsafe { read_volatile(&raw const (*sa).user_port) } as u16;
-    Some(Addr {
+    Some(SockAddr {
         addr,
         port,
         family,
@@ -109,9 +105,9 @@ fn write(sa: *mut bpf_sock_addr, addr: &[u8; 16], port: u16, family: u8) {
     unsafe { write_volatile(&raw mut (*sa).user_port, u32::from(port)) };
 }
 
-/// 127.0.0.0/8 or ::1: a published port on loopback.
+/// `127.0.0.0/8` or `::1`: a published port on loopback.
 #[inline(always)]
-fn is_loopback(a: &Addr) -> bool {
+fn is_loopback(a: &SockAddr) -> bool {
     if a.family == FAMILY_V4 {
         a.addr[0] == 127
     } else {
@@ -119,10 +115,16 @@ fn is_loopback(a: &Addr) -> bool {
     }
 }
 
+/// `::ffff:0:0/96`.
+#[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
 /// The service of a frontend: exact (VIP) first, then a published port
 /// on one of this node's addresses or on loopback.
 #[inline(always)]
-fn service_of(a: &Addr) -> Option<u32> {
+fn service_of(a: &SockAddr) -> Option<u32> {
     let mut fk = FrontendKey {
         addr: a.addr,
         port: a.port,
@@ -159,7 +161,22 @@ pub fn balance(ctx: &SockAddrContext, family: u8) -> i32 {
     let Some(a) = read(sa, family) else {
         return GO_ON;
     };
-    let Some(service_id) = service_of(&a) else {
+    // An IPv6 socket to an IPv4-mapped address (`::ffff:a.b.c.d`) talks
+    // IPv4: the frontend and the backend are IPv4 ones, the backend
+    // written back mapped (what the socket then reports, and is keyed by).
+    let mapped = family == FAMILY_V6 && is_v4_mapped(&a.addr);
+    let mut fa = SockAddr {
+        addr: a.addr,
+        port: a.port,
+        family,
+        proto: a.proto,
+    };
+    if mapped {
+        fa.addr = [0; 16];
+        fa.addr[..4].copy_from_slice(&a.addr[12..]);
+        fa.family = FAMILY_V4;
+    }
+    let Some(service_id) = service_of(&fa) else {
         return GO_ON;
     };
     let Some((ring, header)) = MLB_RING_V1.ring(service_id) else {
@@ -173,12 +190,12 @@ pub fn balance(ctx: &SockAddrContext, family: u8) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let first = socket_slot(cookie, a.port, m);
     let mut chosen = NO_BACKEND;
-    for i in 0..=SLOT_TRIES {
+    for i in 0..SOCK_SLOT_TRIES {
         let slot = (first + i) % m;
         let Some(id) = RingsDef::backend(ring, header, slot) else {
             break;
         };
-        if matches!(MLB_BE_V1.get(id), Some(b) if b.takes_new_flows(service_id, family)) {
+        if matches!(MLB_BE_V1.get(id), Some(b) if b.takes_new_flows(service_id, fa.family)) {
             chosen = id;
             break;
         }
@@ -186,9 +203,14 @@ pub fn balance(ctx: &SockAddrContext, family: u8) -> i32 {
     let Some(be) = MLB_BE_V1.get(chosen) else {
         return GO_ON;
     };
+    let mut to = be.addr;
+    if mapped {
+        to = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+        to[12..].copy_from_slice(&be.addr[..4]);
+    }
     let key = SockRevKey {
         cookie,
-        addr: be.addr,
+        addr: to,
         port: be.port,
         family,
         _pad: [0; 5],
@@ -207,7 +229,7 @@ pub fn balance(ctx: &SockAddrContext, family: u8) -> i32 {
         // not balanced than misreported.
         return GO_ON;
     }
-    write(sa, &be.addr, be.port, family);
+    write(sa, &to, be.port, family);
     count_connection(service_id, chosen);
     GO_ON
 }
@@ -241,17 +263,32 @@ pub fn unbalance(ctx: &SockAddrContext, family: u8) -> i32 {
     };
     // SAFETY: a helper of sock_addr programs, on their context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey {
+    let mut key = SockRevKey {
         cookie,
         addr: a.addr,
         port: a.port,
         family,
         _pad: [0; 5],
     };
-    if let Some(v) = MLB_SOCKREV_V1.get_ptr(&key) {
+    let mut found = MLB_SOCKREV_V1.get_ptr(&key);
+    // An IPv6 socket's unconnected datagram to an IPv4-mapped address
+    // went through the IPv4 send hook (the kernel hands it to IPv4
+    // first), so it was recorded as IPv4: its answers arrive mapped.
+    if found.is_none() && family == FAMILY_V6 && is_v4_mapped(&a.addr) {
+        key.addr = [0; 16];
+        key.addr[..4].copy_from_slice(&a.addr[12..]);
+        key.family = FAMILY_V4;
+        found = MLB_SOCKREV_V1.get_ptr(&key);
+    }
+    if let Some(v) = found {
         // SAFETY: LRU map value, copied out at once.
         let v = unsafe { *v };
-        write(sa, &v.addr, v.port, family);
+        let mut back = v.addr;
+        if v.family == FAMILY_V4 && family == FAMILY_V6 {
+            back = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+            back[12..].copy_from_slice(&v.addr[..4]);
+        }
+        write(sa, &back, v.port, family);
     }
     GO_ON
 }

@@ -39,7 +39,7 @@ use view::{format_owned, parse_owned};
 
 pub use cleanup::{cleanup, Cleaned};
 pub use table::*;
-pub use view::{status_from_state, IpvsView};
+pub use view::{status_from_state, IpvsView, IPVS_LOCAL_CLIENTS};
 
 /// Where the IPVS engine remembers which services it created
 /// (`<node>.ipvs`; kept across daemon restarts, the unit's

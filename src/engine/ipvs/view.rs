@@ -264,7 +264,7 @@ pub(super) fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &T
         snat_ports_in_use: 0,
         flow_table_size: 0,
         counters: BTreeMap::new(),
-        socket_lb: crate::engine::xdp::socklb::SocketLbStatus {
+        socket_lb: crate::model::status::SocketLbStatus {
             why: IPVS_LOCAL_CLIENTS.into(),
             ..Default::default()
         },

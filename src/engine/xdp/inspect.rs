@@ -220,6 +220,118 @@ fn affinity_backend(maps: &Maps, service_id: u32, key: &FlowKey) -> Option<Strin
 }
 
 /// Which backend the data plane picks for `proto src -> dst`, and why.
+/// What the socket-level balancer does with a node-local socket of
+/// cookie `cookie` (as `ss -e` prints it, `sk:<hex>`) connecting to `dst`:
+/// the backend it was balanced to (`Reason::Socket`), else the one its
+/// cookie picks now (`Reason::SocketSlot`), by the data path's own
+/// `socket_slot` and tries.
+pub fn explain_socket(maps: &Maps, proto: Proto, cookie: u64, dst: SocketAddr) -> Explanation {
+    // What the socket asked for (its record holds it as asked) and the
+    // frontend that is: an IPv4-mapped address is an IPv4 frontend.
+    let (asked, _) = addr_bytes(dst.ip());
+    let dst = match dst.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(dst, |v4| SocketAddr::new(v4.into(), dst.port())),
+        IpAddr::V4(_) => dst,
+    };
+    let (d, family) = addr_bytes(dst.ip());
+    let port = dst.port().to_be();
+    let mut fk = FrontendKey {
+        addr: d,
+        port,
+        proto: proto.number(),
+        family,
+    };
+    let local = maps
+        .local_addrs
+        .get(
+            &AddrKey {
+                addr: d,
+                family,
+                _pad: [0; 3],
+            },
+            0,
+        )
+        .is_ok();
+    let mut fe = maps.frontends.get(&fk, 0).ok();
+    let node_port = fe.is_none() && (local || dst.ip().is_loopback());
+    if node_port {
+        fk.addr = [0; 16];
+        fe = maps.frontends.get(&fk, 0).ok();
+    }
+    let Some(fe) = fe else {
+        return Explanation {
+            service: None,
+            frontend: None,
+            backend: None,
+            reason: Reason::NoService,
+            slot: None,
+        };
+    };
+    let frontend = if node_port {
+        format!("{}/{proto} (node port)", sockaddr(dst.ip(), dst.port()))
+    } else {
+        Frontend {
+            addr: Some(dst.ip()),
+            port: dst.port(),
+            proto,
+        }
+        .to_string()
+    };
+    let service = maps
+        .service_names
+        .get(&fe.service_id, 0)
+        .ok()
+        .map(|n| String::from_utf8_lossy(n.bytes()).into_owned());
+    let backend_of = |b: &meshlb_common::Backend| {
+        addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port)))
+    };
+    // Balanced already: its record names the backend.
+    let recorded = maps.sock_rev.iter().filter_map(Result::ok).find(|(k, v)| {
+        k.cookie == cookie
+            && v.service_id == fe.service_id
+            && v.addr == asked
+            && v.port == port
+            && v.proto == proto.number()
+    });
+    if let Some((k, _)) = recorded {
+        return Explanation {
+            service,
+            frontend: Some(frontend),
+            backend: addr_from(&k.addr, k.family).map(|a| sockaddr(a, u16::from_be(k.port))),
+            reason: Reason::Socket,
+            slot: None,
+        };
+    }
+    let run = maps
+        .ring_run(fe.service_id, meshlb_common::SOCK_SLOT_TRIES, |m| {
+            meshlb_common::hash::socket_slot(cookie, port, m)
+        })
+        .unwrap_or_default();
+    let pick = run.iter().find_map(|(slot, id)| {
+        let b = maps.backends.get(id, 0).ok()?;
+        b.takes_new_flows(fe.service_id, family)
+            .then(|| (*slot, backend_of(&b)))
+    });
+    match pick {
+        Some((slot, backend)) => Explanation {
+            service,
+            frontend: Some(frontend),
+            backend,
+            reason: Reason::SocketSlot,
+            slot: Some(slot),
+        },
+        None => Explanation {
+            service,
+            frontend: Some(frontend),
+            backend: None,
+            reason: Reason::NoBackend,
+            slot: None,
+        },
+    }
+}
+
 pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> Explanation {
     let (s, family) = addr_bytes(src.ip());
     let (d, _) = addr_bytes(dst.ip());

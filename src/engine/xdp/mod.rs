@@ -845,8 +845,7 @@ impl XdpDataplane {
                     b.flags & BE_F_PRESENT != 0
                         && b.flags & BE_F_DOWN == 0
                         && b.service_id == v.service_id
-                        && b.addr == k.addr
-                        && b.port == k.port
+                        && socklb::is_backend(b, k)
                 })
             })
             .filter_map(|(k, _)| {

@@ -22,30 +22,16 @@ use std::path::{Path, PathBuf};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::Ebpf;
-use meshlb_common::{LAYOUT_VERSION, PROGS_SOCK};
-use serde::{Deserialize, Serialize};
+use meshlb_common::{SockRevKey, LAYOUT_VERSION, PROGS_SOCK};
 
 use super::{log_verified, program_error, typed_program, XdpError};
 use crate::kernel::pinned::{Maps, PinnedError};
 use crate::kernel::sockdiag;
+pub use crate::model::status::SocketLbStatus;
 
 /// The runtime file (beside the pin lock) that says what the daemon did
 /// about `[socket_lb]`, for `meshlb status`.
 pub const SOCKLB_EXT: &str = "socklb.json";
-
-/// What `meshlb status` shows of the socket-level balancer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SocketLbStatus {
-    /// The hooks are attached (their links pinned).
-    pub on: bool,
-    /// The cgroup v2 directory they are attached to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
-    /// Network namespaces served (this node's and its containers').
-    pub namespaces: u64,
-    /// Why it is off (or what it serves), in one line.
-    pub why: String,
-}
 
 /// The pin of program `name`'s link.
 pub fn link_pin(dir: &Path, name: &str) -> PathBuf {
@@ -191,6 +177,20 @@ pub fn set_namespaces(maps: &mut Maps, cookies: &BTreeSet<u64>) -> Result<(), Pi
     Ok(())
 }
 
+/// Whether a record's backend (`key`: as the socket reports it, an IPv4
+/// backend IPv4-mapped for an IPv6 socket) is backend slot `b`'s address
+/// and port.
+pub fn is_backend(b: &meshlb_common::Backend, key: &SockRevKey) -> bool {
+    let mapped = key.family == meshlb_common::FAMILY_V6
+        && key.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    let addr_matches = if mapped {
+        b.family == meshlb_common::FAMILY_V4 && b.addr[..4] == key.addr[12..]
+    } else {
+        b.family == key.family && b.addr == key.addr
+    };
+    addr_matches && b.port == key.port
+}
+
 /// Aborts the connected UDP sockets of the calling thread's namespace
 /// whose cookie is in `targets` and whose peer is the backend recorded
 /// for it (`SOCK_DESTROY`); returns how many. Unconnected sockets are
@@ -248,6 +248,38 @@ pub fn save_status(dir: &Path, s: &SocketLbStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_names_its_backend_plain_or_mapped() {
+        let mut b = meshlb_common::Backend {
+            port: 9000u16.to_be(),
+            family: meshlb_common::FAMILY_V4,
+            ..Default::default()
+        };
+        b.addr[..4].copy_from_slice(&[10, 201, 2, 2]);
+        let mut k = SockRevKey {
+            port: 9000u16.to_be(),
+            family: meshlb_common::FAMILY_V4,
+            ..Default::default()
+        };
+        k.addr[..4].copy_from_slice(&[10, 201, 2, 2]);
+        assert!(is_backend(&b, &k));
+        let mut mapped = SockRevKey {
+            family: meshlb_common::FAMILY_V6,
+            ..k
+        };
+        mapped.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 201, 2, 2];
+        assert!(is_backend(&b, &mapped));
+        mapped.addr[15] = 3;
+        assert!(!is_backend(&b, &mapped));
+        assert!(!is_backend(&b, &SockRevKey { port: 1, ..k }));
+        // An IPv6 backend is never an IPv4 record's.
+        let v6 = meshlb_common::Backend {
+            family: meshlb_common::FAMILY_V6,
+            ..b
+        };
+        assert!(!is_backend(&v6, &k));
+    }
 
     #[test]
     fn finds_the_cgroup2_root_mount() {

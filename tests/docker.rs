@@ -1353,7 +1353,9 @@ fn container_hairpin_to_vip_and_node_port() {
 /// the frontend. Every call succeeds and both containers answer on every
 /// path; the node's `hairpin` counter does not move for the TCP calls (no
 /// packet of theirs needed NAT); status says the balancer is on and serves
-/// the node's and both containers' namespaces.
+/// the node's and both containers' namespaces. Then the daemon is
+/// SIGKILLed and started again under a loop of k1's loopback calls: none
+/// fails (the hooks and the namespaces they serve outlive the daemon).
 #[test]
 fn containers_reach_services_through_the_socket_balancer() {
     const N: usize = 100;
@@ -1424,6 +1426,51 @@ fn containers_reach_services_through_the_socket_balancer() {
     if hairpin > 0 {
         problems.push(format!(
             "hairpin counter moved by {hairpin}: TCP calls went through the TC program, not the socket balancer"
+        ));
+    }
+
+    // The daemon SIGKILLed and started again while k1 keeps calling its
+    // loopback (which only the socket balancer serves): no call fails.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed) = thread::scope(|s| {
+        let calls = s.spawn(|| {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let (dst, kind) = if i.is_multiple_of(2) {
+                    (sa(lo4, WEB_TCP), SockKind::Tcp)
+                } else {
+                    (sa(lo4, WEBU_UDP), SockKind::UdpConnected)
+                };
+                let b = socket_burst(&from.netns(), dst, kind, 1);
+                ok += b.counts.values().sum::<usize>();
+                failed.extend(b.failures.into_iter().map(|f| format!("{dst}: {f}")));
+                i += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        });
+        thread::sleep(Duration::from_secs(1));
+        if let Some(d) = w.daemon.as_mut() {
+            d.kill9();
+        }
+        thread::sleep(Duration::from_secs(1));
+        w.start_daemon(&["web", "webu", "web6"]);
+        thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        calls.join().expect("call loop")
+    });
+    eprintln!(
+        "[{}] k1's loopback calls across a daemon restart: {ok} answered, {} failed",
+        w.net.prefix,
+        failed.len()
+    );
+    if ok < 50 || !failed.is_empty() {
+        problems.push(format!(
+            "k1's loopback calls across a daemon restart: {ok} answered, {} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
         ));
     }
     assert!(

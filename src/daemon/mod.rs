@@ -562,6 +562,10 @@ pub async fn run(
     ) {
         Ok(mut dp) => {
             dp.set_socket_lb(settings.socket_lb);
+            if settings.docker.is_none() {
+                // No containers to serve: an earlier daemon's go.
+                dp.set_socket_namespaces(&BTreeMap::new());
+            }
             log::info!(
                 "node {}: data plane {} on {} (pinned under {})",
                 settings.node,

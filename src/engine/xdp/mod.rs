@@ -555,8 +555,9 @@ pub struct XdpDataplane {
     /// on).
     sock_netns: BTreeSet<u64>,
     /// The other namespaces served, with a path into each
-    /// (`set_socket_namespaces`).
-    sock_extra: BTreeMap<u64, PathBuf>,
+    /// (`set_socket_namespaces`; `None`: not told yet, and the namespaces
+    /// an earlier daemon served are kept meanwhile).
+    sock_extra: Option<BTreeMap<u64, PathBuf>>,
     // Keeps the programs loaded while the daemon runs (and attaches the
     // interfaces that appear later); the pinned links keep them attached
     // when the daemon is gone.
@@ -647,7 +648,7 @@ impl XdpDataplane {
             failed: BTreeMap::new(),
             socket_lb: false,
             sock_netns: BTreeSet::new(),
-            sock_extra: BTreeMap::new(),
+            sock_extra: None,
             ebpf,
         };
         for st in dp.attached.values_mut() {
@@ -772,8 +773,14 @@ impl XdpDataplane {
                 }) {
                 Ok(c) => {
                     self.sock_netns = BTreeSet::from([c]);
-                    self.sock_extra.clear();
-                    if let Err(e) = socklb::set_namespaces(&mut self.maps, &self.sock_netns) {
+                    self.sock_extra = None;
+                    // An earlier daemon's containers stay served until
+                    // this one is told its own (a restart has no gap);
+                    // cookies are never reused, so a stale one is inert.
+                    let mut all: BTreeSet<u64> =
+                        self.maps.sock_netns.keys().filter_map(Result::ok).collect();
+                    all.insert(c);
+                    if let Err(e) = socklb::set_namespaces(&mut self.maps, &all) {
                         log::warn!("socket-level balancing: {e}");
                     }
                     log::info!(
@@ -803,13 +810,13 @@ impl XdpDataplane {
     /// socket-level balancer serves besides this node's own: its
     /// containers'. A no-op while it is off.
     pub fn set_socket_namespaces(&mut self, extra: &BTreeMap<u64, PathBuf>) {
-        if !self.socket_lb || *extra == self.sock_extra {
+        if !self.socket_lb || self.sock_extra.as_ref() == Some(extra) {
             return;
         }
         let own = self.sock_netns.iter().next().copied();
         let all: BTreeSet<u64> = own.into_iter().chain(extra.keys().copied()).collect();
         match socklb::set_namespaces(&mut self.maps, &all) {
-            Ok(()) => self.sock_extra.clone_from(extra),
+            Ok(()) => self.sock_extra = Some(extra.clone()),
             Err(e) => log::warn!("socket-level balancing: {e}"),
         }
     }
@@ -858,7 +865,7 @@ impl XdpDataplane {
         let targets: BTreeMap<u64, SocketAddr> =
             stale.iter().map(|(k, a)| (k.cookie, *a)).collect();
         let mut ended = socklb::end_udp_sockets(&targets);
-        for (cookie, path) in &self.sock_extra {
+        for (cookie, path) in self.sock_extra.iter().flatten() {
             let t = targets.clone();
             match crate::kernel::netns::run_in(path, move || Ok(socklb::end_udp_sockets(&t))) {
                 Ok(n) => ended += n,

@@ -97,6 +97,9 @@ enum Seed {
     Ct(FlowKeySpec, &'static str, u16, u16),
     /// The same, last seen that many seconds ago.
     CtAged(FlowKeySpec, &'static str, u16, u16, u32),
+    /// An embryonic flow (a SYN seen, no handshake ACK yet) pointing at a
+    /// backend: `MLB_CTSYN_V1`.
+    CtSyn(FlowKeySpec, &'static str, u16),
     /// A reply entry for (backend -> client) naming a frontend.
     Rnat(FlowKeySpec, &'static str, u16),
     /// SNAT port `port` to backend 10.201.1.3:8000 held by client flow
@@ -422,6 +425,22 @@ fn cases() -> Vec<Case> {
                     &[(Counter::Healed, 0), (Counter::ForwardedIn, 1)],
                 ),
             ],
+            after: None,
+        },
+        Case {
+            name: "a SYN on the tuple of an embryonic flow whose backend no longer serves (refused, then removed or down) selects afresh",
+            seed: Seed::CtSyn(flow4, "10.201.1.99", 8000),
+            steps: vec![step(syn4.bytes(), fwd(&syn4_out), NEW_IN)],
+            after: None,
+        },
+        Case {
+            name: "a SYN retransmit on the tuple of an embryonic flow keeps its backend",
+            seed: Seed::CtSyn(flow4, "10.201.1.3", 8000),
+            steps: vec![step(
+                syn4.bytes(),
+                fwd(&syn4.translated(Some(("10.201.1.3", 8000)), None, FXA_MAC, BE3_MAC)),
+                &[(Counter::NewFlow, 0), (Counter::ForwardedIn, 1)],
+            )],
             after: None,
         },
         Case {
@@ -1663,6 +1682,12 @@ fn seed(maps: &mut Maps, s: &Seed) {
         Seed::None => {}
         Seed::Ct(flow, backend, port, flags) => {
             seed(maps, &Seed::CtAged(*flow, backend, *port, *flags, 0));
+        }
+        Seed::CtSyn(flow, backend, port) => {
+            seed(maps, &Seed::CtAged(*flow, backend, *port, 0, 0));
+            let e = maps.conntrack.get(&flow.key(), 0).unwrap();
+            maps.conntrack.remove(&flow.key()).unwrap();
+            maps.conntrack_embryonic.insert(flow.key(), e, 0).unwrap();
         }
         Seed::CtAged(flow, backend, port, flags, age_s) => {
             let (addr, _) = addr_bytes(backend.parse().unwrap());

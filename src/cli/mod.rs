@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Directory on a bpffs for the pinned maps and links.
     #[arg(long, value_name = "DIR")]
     pub bpffs: Option<PathBuf>,
+    /// Serve the DNS view of services and tasks on this address (UDP and
+    /// TCP; repeatable; `[dns] listen`).
+    #[arg(long = "dns", value_name = "ADDR:PORT")]
+    pub dns: Vec<String>,
     /// Balance this node's own processes and containers at the socket
     /// (cgroup v2 hooks; `[socket_lb] enabled`, default true).
     #[arg(long, value_name = "BOOL")]

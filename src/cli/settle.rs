@@ -96,6 +96,20 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
         Some(t) => Some(Duration::from_secs(t as u64)),
         None => None,
     };
+    let dns = if args.dns.is_empty() {
+        cfg.dns.listen.clone()
+    } else {
+        args.dns
+            .iter()
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    DaemonError::Usage(format!(
+                        "--dns: invalid socket address {a:?}, expected IP:PORT"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
     Ok((
         Settings {
             config_path: args.config.clone(),
@@ -112,6 +126,8 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             drain_timeout,
             dataplane,
             socket_lb: args.socket_lb.unwrap_or(cfg.socket_lb),
+            dns,
+            dns_zone: cfg.dns.zone.clone(),
         },
         cfg,
     ))

@@ -1,6 +1,8 @@
 //! Pure decisions: the reconciler and its Maglev tables, drain timers,
-//! health tracking, and this node's network facts. No IO happens here.
+//! health tracking, this node's network facts, and the answers of the
+//! DNS view. No IO happens here.
 
+pub mod dns;
 pub(crate) mod drain;
 pub(crate) mod health;
 pub(crate) mod maglev;

@@ -56,6 +56,17 @@ fn render_registry(registry: &Registry, out: &mut String) {
     for (k, v) in &g.config_errors {
         let _ = writeln!(out, "meshlb_config_errors_total{{kind=\"{}\"}} {v}", esc(k));
     }
+    if !g.dns_queries.is_empty() {
+        family(
+            out,
+            "meshlb_dns_queries_total",
+            "counter",
+            "DNS queries, by the response code they got (dropped: none).",
+        );
+        for (k, v) in &g.dns_queries {
+            let _ = writeln!(out, "meshlb_dns_queries_total{{rcode=\"{k}\"}} {v}");
+        }
+    }
 }
 
 /// Starts a metric family: its `# HELP` and `# TYPE` lines.

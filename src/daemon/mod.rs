@@ -11,6 +11,7 @@
 //! One loop serves every engine (`run_engine`, generic over
 //! [`Engine`]): XDP, or IPVS when asked for or when XDP cannot load.
 
+pub(crate) mod dns;
 pub(crate) mod metrics;
 pub(crate) mod prober;
 
@@ -107,6 +108,10 @@ pub struct Settings {
     pub dataplane: DataplaneChoice,
     /// `--socket-lb` / `[socket_lb] enabled`.
     pub socket_lb: bool,
+    /// `--dns` / `[dns] listen`: where the DNS view is served.
+    pub dns: Vec<SocketAddr>,
+    /// `[dns] zone`.
+    pub dns_zone: String,
 }
 
 /// The config file; without one, an empty config when etcd is the source
@@ -169,6 +174,8 @@ struct Liveness {
     /// Every etcd service must be checked against this node again at the
     /// next sync (`refuse_etcd`): its addresses or gateways changed.
     recheck: bool,
+    /// With `--dns`: where each sync's desired state goes.
+    dns: Option<DnsPublisher>,
 }
 
 /// Resolves at `t`; never without one.
@@ -298,10 +305,57 @@ async fn sync<E: Engine>(
             }
         }
     }
+    if let Some(d) = live.dns.as_mut() {
+        d.publish(&desired);
+    }
     engine
         .sync(&desired, &services, &expired)
         .await
         .map_err(|e| rt("apply", e))
+}
+
+/// Binds and starts the DNS server when `--dns` names addresses: the
+/// publisher the loop feeds it through, and its tasks.
+async fn start_dns(
+    settings: &Settings,
+    registry: &Arc<Registry>,
+) -> Result<(Option<DnsPublisher>, Vec<AbortOnDrop<()>>), DaemonError> {
+    if settings.dns.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let zone = crate::control::dns::Zone::new(&settings.dns_zone).map_err(DaemonError::Usage)?;
+    let zone = Arc::new(zone);
+    let listeners = dns::bind(&settings.dns)
+        .await
+        .map_err(|e| DaemonError::Io(std::io::Error::other(e)))?;
+    let (tx, rx) = watch::channel(Arc::new(crate::control::dns::DnsView::default()));
+    let mut tasks = Vec::new();
+    for l in listeners {
+        log::info!("dns: zone {} on {} (udp and tcp)", zone.name(), l.addr);
+        tasks.push(AbortOnDrop(tokio::spawn(dns::serve(
+            l,
+            zone.clone(),
+            rx.clone(),
+            registry.clone(),
+        ))));
+    }
+    Ok((Some(DnsPublisher { tx, serial: 0 }), tasks))
+}
+
+/// Hands the DNS server (`dns`) each desired state as it is programmed,
+/// health and drain applied: a snapshot per sync, numbered (the SOA
+/// serial).
+struct DnsPublisher {
+    tx: watch::Sender<Arc<crate::control::dns::DnsView>>,
+    serial: u32,
+}
+
+impl DnsPublisher {
+    fn publish(&mut self, desired: &DesiredState) {
+        self.serial = self.serial.wrapping_add(1);
+        let view = crate::control::dns::DnsView::new(desired.clone(), self.serial);
+        self.tx.send_replace(Arc::new(view));
+    }
 }
 
 /// Writes the recent sync latencies beside the pin lock, for `status`.
@@ -911,6 +965,7 @@ async fn run_engine<E: Engine>(
         }
         None => (None, Cluster::Static, Vec::new()),
     };
+    let (dns_publisher, _dns_tasks) = start_dns(&settings, &registry).await?;
     let (checker, mut health_rx) = Checker::new(prober::MAX_CONCURRENT_PROBES);
     let live = Liveness {
         checker,
@@ -926,6 +981,7 @@ async fn run_engine<E: Engine>(
         listeners_at: None,
         registry: registry.clone(),
         recheck: false,
+        dns: dns_publisher,
     };
     let mut node = Node {
         engine,
@@ -1454,8 +1510,11 @@ addr = "192.0.2.3"
             listeners_at: None,
             registry: Arc::new(Registry::default()),
             recheck: false,
+            dns: None,
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();
+        let (tx, rx) = watch::channel(Arc::new(crate::control::dns::DnsView::default()));
+        live.dns = Some(DnsPublisher { tx, serial: 0 });
         let n = sync(
             &mut engine,
             &cfg,
@@ -1469,6 +1528,9 @@ addr = "192.0.2.3"
         .expect("sync");
         assert_eq!(n, 1);
         let (desired, expired) = &engine.synced[0];
+        // DNS answers from exactly what the engine was given: health and
+        // drain applied.
+        assert_eq!(rx.borrow().desired(), desired);
         let backends = &desired.services[&skey].backends;
         assert_eq!(backends[&bk([192, 0, 2, 1])].state, BackendState::Down);
         assert_eq!(backends[&bk([192, 0, 2, 3])].state, BackendState::Up);

@@ -119,6 +119,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[conntrack]`: the XDP data plane's flow table.
     pub conntrack: ConntrackConfig,
+    /// `[dns]`: the DNS view of services and tasks.
+    pub dns: DnsConfig,
     /// `[socket_lb] enabled`: node-local clients balanced at the socket
     /// (cgroup hooks; XDP data plane, where cgroup v2 is mounted).
     pub socket_lb: bool,
@@ -126,6 +128,26 @@ pub struct Config {
     /// desired state (`reconcile_interval`): drift is repaired.
     pub reconcile_interval: u32,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[dns]`: where DNS is served (nowhere by default) and its zone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Validated (`control::dns::Zone::new`).
+    pub zone: String,
+}
+
+/// The zone DNS answers for unless `[dns] zone` says otherwise.
+pub const DEFAULT_DNS_ZONE: &str = "meshlb";
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            listen: Vec::new(),
+            zone: DEFAULT_DNS_ZONE.into(),
+        }
+    }
 }
 
 /// Default `reconcile_interval`: 5 minutes.
@@ -316,6 +338,7 @@ impl Config {
         differs("docker", self.docker != new.docker);
         differs("metrics.listen", self.metrics != new.metrics);
         differs("socket_lb.enabled", self.socket_lb != new.socket_lb);
+        differs("dns", self.dns != new.dns);
         differs(
             "conntrack.max_flows",
             self.conntrack.max_flows != new.conntrack.max_flows,
@@ -335,6 +358,7 @@ impl Config {
         self.docker.clone_from(&running.docker);
         self.metrics = running.metrics.clone();
         self.socket_lb = running.socket_lb;
+        self.dns.clone_from(&running.dns);
         self.conntrack.max_flows = running.conntrack.max_flows;
     }
 }

@@ -27,6 +27,8 @@ struct Inner {
     /// The latest `RECENT_SYNCS` latencies (seconds), oldest first.
     recent: std::collections::VecDeque<f64>,
     config_errors: BTreeMap<String, u64>,
+    /// DNS queries answered (or dropped), by response code.
+    dns_queries: BTreeMap<&'static str, u64>,
 }
 
 /// Latencies kept for `SyncLatency`'s percentiles.
@@ -107,6 +109,16 @@ impl Registry {
         g.config_errors.values().sum()
     }
 
+    /// Counts one DNS query by the response code it got (`"dropped"`:
+    /// none).
+    pub fn dns_query(&self, rcode: &'static str) {
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *g.dns_queries.entry(rcode).or_default() += 1;
+    }
+
     /// A copy of the histogram and the config error counts, for rendering.
     pub fn snapshot(&self) -> Snapshot {
         let g = self
@@ -118,6 +130,7 @@ impl Registry {
             sum: g.sum,
             count: g.count,
             config_errors: g.config_errors.clone(),
+            dns_queries: g.dns_queries.clone(),
         }
     }
 }
@@ -130,4 +143,5 @@ pub struct Snapshot {
     pub sum: f64,
     pub count: u64,
     pub config_errors: BTreeMap<String, u64>,
+    pub dns_queries: BTreeMap<&'static str, u64>,
 }

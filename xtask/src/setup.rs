@@ -46,6 +46,8 @@ pub const TEST_APT: &[&str] = &[
     "docker.io",
     "busybox-static",
     "wrk",
+    // dig: the DNS tests' real client.
+    "bind9-dnsutils",
     "haproxy",
     "iptables",
     "gcc-aarch64-linux-gnu",

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::config::{
-    Affinity, BackendConfig, Config, ConntrackConfig, DataplaneChoice, DockerConfig, EtcdConfig,
-    Health, HealthKind, MetricsConfig, Publish, Scheduler, ServiceConfig, XdpMode,
-    DEFAULT_RECONCILE_INTERVAL,
+    Affinity, BackendConfig, Config, ConntrackConfig, DataplaneChoice, DnsConfig, DockerConfig,
+    EtcdConfig, Health, HealthKind, MetricsConfig, Publish, Scheduler, ServiceConfig, XdpMode,
+    DEFAULT_DNS_ZONE, DEFAULT_RECONCILE_INTERVAL,
 };
 use crate::model::{Frontend, Proto};
 
@@ -134,6 +134,8 @@ pub struct ConfigDef {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_lb: Option<SocketLbDef>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsDef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reconcile_interval: Option<String>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceDef>,
@@ -163,6 +165,38 @@ pub struct DockerDef {
 #[serde(deny_unknown_fields)]
 pub struct MetricsDef {
     pub listen: Option<String>,
+}
+
+/// `[dns]` as written.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDef {
+    /// `IP:PORT` addresses to serve DNS on (none: no DNS).
+    pub listen: Option<Vec<String>>,
+    /// The zone answered for (default `meshlb`).
+    pub zone: Option<String>,
+}
+
+impl DnsDef {
+    fn validate(&self) -> Result<DnsConfig, FieldError> {
+        let listen = self
+            .listen
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse().map_err(|_| {
+                    FieldError::new(
+                        format!("dns.listen[{i}]"),
+                        format!("invalid socket address {a:?}, expected IP:PORT"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let zone = self.zone.clone().unwrap_or_else(|| DEFAULT_DNS_ZONE.into());
+        crate::control::dns::Zone::new(&zone).map_err(|e| FieldError::new("dns.zone", e))?;
+        Ok(DnsConfig { listen, zone })
+    }
 }
 
 /// `[socket_lb]` as written.
@@ -680,6 +714,12 @@ impl ConfigDef {
                 .conntrack
                 .as_ref()
                 .map(ConntrackDef::validate)
+                .transpose()?
+                .unwrap_or_default(),
+            dns: self
+                .dns
+                .as_ref()
+                .map(DnsDef::validate)
                 .transpose()?
                 .unwrap_or_default(),
             socket_lb: self

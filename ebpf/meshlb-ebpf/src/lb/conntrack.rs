@@ -66,7 +66,11 @@ pub(super) const EMB_PROMOTE: u8 = 2;
 /// establishes it (`flags` has `CT_F_EST`: TCP's handshake ACK, UDP's
 /// second datagram) is to be moved to the main tables (`promote`); another
 /// (a SYN retransmit) leaves it embryonic (not established: no reply half
-/// is healed into the main tables for it).
+/// is healed into the main tables for it). A flow opener (a SYN, a UDP
+/// datagram) whose embryonic flow's backend no longer serves (it refused
+/// the connection and went down, or left) finds none: it is balanced
+/// afresh. Its client reused the tuple, or retransmits to a backend that
+/// never answered: either way no connection to the old one exists.
 #[inline(never)]
 pub(super) fn embryonic(pkt: &Packet, flags: u16, out: &mut CtEntry) -> u8 {
     let Some(e) = MLB_CTSYN_V1.get_ptr(&pkt.key) else {
@@ -84,6 +88,11 @@ pub(super) fn embryonic(pkt: &Packet, flags: u16, out: &mut CtEntry) -> u8 {
     // SAFETY: LRU map value; read, then copied out only when it is used
     // (every miss leaves `out` as it was: one state for the verifier).
     if idle_past(now, unsafe { (*e).last_seen }, limit) {
+        return EMB_NONE;
+    }
+    let opener = pkt.key.proto != PROTO_TCP || pkt.tcp_flags & TCP_SYN != 0;
+    // SAFETY: as above.
+    if opener && !serves(unsafe { &*e }) {
         return EMB_NONE;
     }
     // SAFETY: as above.

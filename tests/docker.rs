@@ -89,10 +89,16 @@ impl World {
     /// veth>` (XDP there), ready, with docker0 attached automatically (a
     /// Docker bridge: a task interface, TC) and listed so by `status`.
     fn daemon(&self) -> Proc {
+        self.daemon_with(&[])
+    }
+
+    /// [`World::daemon`] with `extra` flags.
+    fn daemon_with(&self, extra: &[&str]) -> Proc {
         let mut args: Vec<String> = ["--node", "lb", "--xdp-mode", "generic", "--prefix", PREFIX]
             .iter()
             .map(std::string::ToString::to_string)
             .collect();
+        args.extend(extra.iter().map(std::string::ToString::to_string));
         args.extend(self.c.meshlb_flags());
         args.push(format!("--docker={}", self.docker.socket.display()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -676,6 +682,155 @@ fn dockerd_restart_resyncs_and_tasks_die_with_the_lease() {
     assert!(
         gone >= Duration::from_secs(5) && gone <= Duration::from_secs(13),
         "tasks vanished {gone:?} after SIGKILL (lease TTL 10 s, kept alive every ~3 s)"
+    );
+}
+
+/// The DNS view with etcd and Docker (issue 22): `meshlb run --dns
+/// 172.17.0.1:53` (docker0's address). Two labelled containers are
+/// `tasks.web.meshlb`; a task put into etcd by hand is answered within
+/// 1 s of the put, and gone within 1 s of its delete; a container started
+/// with `--dns 172.17.0.1` resolves `web.meshlb` (busybox nslookup, in
+/// the container) to the VIP and reaches the service at that address
+/// (busybox wget).
+#[test]
+fn dns_follows_etcd_and_a_container_resolves_services_through_it() {
+    const DNS: &str = "172.17.0.1";
+    let w = World::new("dkn");
+    w.service("web", "10.96.0.62", 8080);
+    let label = [
+        "--label",
+        "meshlb.service=web",
+        "--label",
+        "meshlb.port=8000",
+    ];
+    w.docker.run_web("w1", &label);
+    w.docker.run_web("w2", &label);
+    let _d = w.daemon_with(&["--dns", &format!("{DNS}:53")]);
+    let ip = |n: &str| w.docker.ip(n);
+    let dig = |name: &str| -> BTreeSet<String> {
+        let server = format!("@{DNS}");
+        let out = run_cmd(
+            &[
+                "ip",
+                "netns",
+                "exec",
+                &w.topo.lb_ns,
+                "dig",
+                &server,
+                name,
+                "A",
+                "+short",
+                "+time=1",
+                "+tries=2",
+            ],
+            Duration::from_secs(10),
+        );
+        assert!(out.success(), "dig {name}: {}", out.describe());
+        out.stdout
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    wait_for(
+        Duration::from_secs(15),
+        "w1 and w2 in tasks.web.meshlb",
+        || {
+            let got = dig("tasks.web.meshlb");
+            if got == [ip("w1"), ip("w2")].into_iter().collect() {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", w.ctx()));
+    assert_eq!(
+        dig("web.meshlb"),
+        ["10.96.0.62".to_string()]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+    );
+
+    // A task put into etcd by hand: answered within 1 s; deleted: gone
+    // within 1 s.
+    let manual = "172.17.0.250";
+    let key = format!("{PREFIX}/tasks/web/manual1");
+    let task = json!({"addr": manual, "port": 8000, "weight": 100, "node": "lb", "state": "running", "source": "manual"});
+    let put = Instant::now();
+    w.c.put(&key, &task.to_string());
+    let appeared = wait_for(
+        Duration::from_secs(10),
+        "the etcd task in tasks.web.meshlb",
+        || {
+            if dig("tasks.web.meshlb").contains(manual) {
+                Ok(put.elapsed())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", w.ctx()));
+    let del = Instant::now();
+    w.c.etcdctl_ok(&["del", &key]);
+    let gone = wait_for(
+        Duration::from_secs(10),
+        "the etcd task gone from tasks.web.meshlb",
+        || {
+            if dig("tasks.web.meshlb").contains(manual) {
+                Err("still there".into())
+            } else {
+                Ok(del.elapsed())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", w.ctx()));
+    eprintln!("etcd task in DNS {appeared:?} after the put, out {gone:?} after the delete");
+    assert!(
+        appeared <= Duration::from_secs(1) && gone <= Duration::from_secs(1),
+        "an etcd task reached DNS {appeared:?} after its put, left {gone:?} after its delete (want <= 1 s){}",
+        w.ctx()
+    );
+
+    // A container pointed at the node's DNS: resolves, then reaches.
+    w.docker.cli_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "client",
+        "--dns",
+        DNS,
+        IMAGE,
+        "/bin/busybox",
+        "sleep",
+        "600",
+    ]);
+    let script = "ip=$(/bin/busybox nslookup -type=a web.meshlb | /bin/busybox awk '/^Name:/{n=1} n && /^Address/{print $2; exit}'); \
+                  echo \"resolved $ip\"; for i in 1 2 3 4 5 6 7 8 9 10; do \
+                  /bin/busybox timeout -s KILL 5 /bin/busybox wget -q -O - http://$ip:8080/ || echo fail; done";
+    let out = w.docker.cli_timeout(
+        &["exec", "client", "/bin/busybox", "sh", "-c", script],
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.success(),
+        "docker exec client: {}{}",
+        out.describe(),
+        w.ctx()
+    );
+    let lines: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some("resolved 10.96.0.62"),
+        "the container's lookup: {}",
+        out.stdout
+    );
+    let answers: BTreeSet<&str> = lines[1..].iter().copied().collect();
+    assert!(
+        lines.len() == 11 && answers.iter().all(|a| ["w1", "w2"].contains(a)),
+        "the container's requests to web.meshlb: {}{}",
+        out.stdout,
+        w.ctx()
     );
 }
 

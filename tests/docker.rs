@@ -1667,7 +1667,7 @@ fn socket_burst(netns: &str, dst: SocketAddr, kind: SockKind, n: usize) -> Burst
                     })
                     .and_then(|()| http_get(dst, R_REQ_TIMEOUT)),
                 SockKind::Udp => udp_request(dst, format!("ping {i}").as_bytes(), R_REQ_TIMEOUT),
-                SockKind::UdpConnected => connected_udp_request(dst),
+                SockKind::UdpConnected => connected_udp_request(dst, R_REQ_TIMEOUT),
             };
             match r {
                 Ok(body) => *b.counts.entry(body).or_default() += 1,
@@ -1676,27 +1676,6 @@ fn socket_burst(netns: &str, dst: SocketAddr, kind: SockKind, n: usize) -> Burst
         }
         b
     })
-}
-
-/// One request on a connected UDP socket: `getpeername` must be `dst`.
-fn connected_udp_request(dst: SocketAddr) -> Result<String, String> {
-    let any: SocketAddr = if dst.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
-    let s = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
-    s.set_read_timeout(Some(R_REQ_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    s.connect(dst).map_err(|e| format!("connect: {e}"))?;
-    let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
-    if peer != dst {
-        return Err(format!("getpeername says {peer}"));
-    }
-    s.send(b"ping").map_err(|e| format!("send: {e}"))?;
-    let mut buf = [0u8; 512];
-    let n = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
 }
 
 /// Runs `f` on a thread inside the network namespace at path `netns`.

@@ -104,18 +104,7 @@ fn request(kind: Kind, dst: SocketAddr) -> Result<String, String> {
             http_get_on(&mut s)
         }
         Kind::Udp => udp_request(dst, b"ping", REQ_TIMEOUT),
-        Kind::UdpConnected => {
-            let s = udp_socket_for(dst)?;
-            s.connect(dst).map_err(|e| format!("connect: {e}"))?;
-            let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
-            if peer != dst {
-                return Err(format!("getpeername says {peer}, not {dst}"));
-            }
-            s.send(b"ping").map_err(|e| format!("send: {e}"))?;
-            let mut buf = [0u8; 512];
-            let n = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
-            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-        }
+        Kind::UdpConnected => connected_udp_request(dst, REQ_TIMEOUT),
     }
 }
 
@@ -264,6 +253,27 @@ fn node_processes_reach_services_through_vip_node_address_and_loopback() {
         topo.assert_spread(&what, &b, &names, MIN_SHARE);
     }
     eprintln!("answers by frontend: {summary:#?}");
+    // Each balanced socket is one connection of its backend (an
+    // unconnected socket's datagrams are not each a new one): echo's UDP
+    // frontends saw N unconnected and N connected sockets each.
+    let echo_frontends = frontends()
+        .iter()
+        .filter(|(k, d)| matches!(k, Kind::Udp) && d.port() == UDP_PORT)
+        .count();
+    let st = topo.status();
+    let connections: u64 = st["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "echo"))
+        .and_then(|s| s["backends"].as_array())
+        .map_or(0, |b| {
+            b.iter().filter_map(|b| b["connections"].as_u64()).sum()
+        });
+    assert_eq!(
+        connections,
+        (echo_frontends * 2 * N) as u64,
+        "connections of echo's backends after {echo_frontends} frontends x {N} unconnected and {N} connected sockets{}",
+        topo.ctx()
+    );
 
     // `meshlb explain --socket COOKIE` predicts the backend of a socket
     // before it connects, and names it after.

@@ -1391,6 +1391,29 @@ pub fn udp_request(dst: SocketAddr, payload: &[u8], timeout: Duration) -> Result
     }
 }
 
+/// One request on a connected UDP socket of `dst`'s family (in the
+/// calling thread's namespace): `getpeername` must say `dst`; returns the
+/// trimmed answer.
+pub fn connected_udp_request(dst: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let any: SocketAddr = if dst.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.connect(dst).map_err(|e| format!("connect: {e}"))?;
+    let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+    if peer != dst {
+        return Err(format!("getpeername says {peer}, not {dst}"));
+    }
+    s.send(b"ping").map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
 /// A UDP echo server thread inside a namespace; stops when dropped.
 pub struct UdpEcho {
     stop: Arc<AtomicBool>,

@@ -224,13 +224,18 @@ pub fn balance(ctx: &SockAddrContext, family: u8) -> i32 {
         backend_id: chosen,
         _pad: 0,
     };
+    // A connection: the socket's first use of this backend (an
+    // unconnected socket's later datagrams to it are not new ones).
+    let fresh = MLB_SOCKREV_V1.get_ptr(&key).is_none();
     if MLB_SOCKREV_V1.insert(&key, &value, 0).is_err() {
         // Without the entry the answers would name the backend: better
         // not balanced than misreported.
         return GO_ON;
     }
     write(sa, &to, be.port, family);
-    count_connection(service_id, chosen);
+    if fresh {
+        count_connection(service_id, chosen);
+    }
     GO_ON
 }
 

@@ -219,56 +219,44 @@ fn affinity_backend(maps: &Maps, service_id: u32, key: &FlowKey) -> Option<Strin
     addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port)))
 }
 
-/// Which backend the data plane picks for `proto src -> dst`, and why.
-/// What the socket-level balancer does with a node-local socket of
-/// cookie `cookie` (as `ss -e` prints it, `sk:<hex>`) connecting to `dst`:
-/// the backend it was balanced to (`Reason::Socket`), else the one its
-/// cookie picks now (`Reason::SocketSlot`), by the data path's own
-/// `socket_slot` and tries.
-pub fn explain_socket(maps: &Maps, proto: Proto, cookie: u64, dst: SocketAddr) -> Explanation {
-    // What the socket asked for (its record holds it as asked) and the
-    // frontend that is: an IPv4-mapped address is an IPv4 frontend.
-    let (asked, _) = addr_bytes(dst.ip());
-    let dst = match dst.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(dst, |v4| SocketAddr::new(v4.into(), dst.port())),
-        IpAddr::V4(_) => dst,
-    };
+/// A frontend `match_frontend` found: its entry, how `explain` names it,
+/// and its service's name.
+struct Matched {
+    fe: meshlb_common::FrontendValue,
+    frontend: String,
+    service: Option<String>,
+}
+
+/// The frontend of `dst`, as the data path matches it: the exact address
+/// (a VIP) first, then a node port on one of this node's addresses (or,
+/// `loopback`: the socket-level balancer's, on loopback too).
+fn match_frontend(maps: &Maps, proto: Proto, dst: SocketAddr, loopback: bool) -> Option<Matched> {
     let (d, family) = addr_bytes(dst.ip());
-    let port = dst.port().to_be();
     let mut fk = FrontendKey {
         addr: d,
-        port,
+        port: dst.port().to_be(),
         proto: proto.number(),
         family,
     };
-    let local = maps
-        .local_addrs
-        .get(
-            &AddrKey {
-                addr: d,
-                family,
-                _pad: [0; 3],
-            },
-            0,
-        )
-        .is_ok();
+    let local = |d| {
+        maps.local_addrs
+            .get(
+                &AddrKey {
+                    addr: d,
+                    family,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .is_ok()
+    };
     let mut fe = maps.frontends.get(&fk, 0).ok();
-    let node_port = fe.is_none() && (local || dst.ip().is_loopback());
+    let node_port = fe.is_none() && (local(d) || (loopback && dst.ip().is_loopback()));
     if node_port {
         fk.addr = [0; 16];
         fe = maps.frontends.get(&fk, 0).ok();
     }
-    let Some(fe) = fe else {
-        return Explanation {
-            service: None,
-            frontend: None,
-            backend: None,
-            reason: Reason::NoService,
-            slot: None,
-        };
-    };
+    let fe = fe?;
     let frontend = if node_port {
         format!("{}/{proto} (node port)", sockaddr(dst.ip(), dst.port()))
     } else {
@@ -284,6 +272,44 @@ pub fn explain_socket(maps: &Maps, proto: Proto, cookie: u64, dst: SocketAddr) -
         .get(&fe.service_id, 0)
         .ok()
         .map(|n| String::from_utf8_lossy(n.bytes()).into_owned());
+    Some(Matched {
+        fe,
+        frontend,
+        service,
+    })
+}
+
+/// What the socket-level balancer does with a node-local socket of
+/// cookie `cookie` (as `ss -e` prints it, `sk:<hex>`) connecting to `dst`:
+/// the backend it was balanced to (`Reason::Socket`), else the one its
+/// cookie picks now (`Reason::SocketSlot`), by the data path's own
+/// `socket_slot` and tries.
+pub fn explain_socket(maps: &Maps, proto: Proto, cookie: u64, dst: SocketAddr) -> Explanation {
+    // What the socket asked for (its record holds it as asked) and the
+    // frontend that is: an IPv4-mapped address is an IPv4 frontend.
+    let (asked, _) = addr_bytes(dst.ip());
+    let dst = match dst.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(dst, |v4| SocketAddr::new(v4.into(), dst.port())),
+        IpAddr::V4(_) => dst,
+    };
+    let (_, family) = addr_bytes(dst.ip());
+    let port = dst.port().to_be();
+    let Some(Matched {
+        fe,
+        frontend,
+        service,
+    }) = match_frontend(maps, proto, dst, true)
+    else {
+        return Explanation {
+            service: None,
+            frontend: None,
+            backend: None,
+            reason: Reason::NoService,
+            slot: None,
+        };
+    };
     let backend_of = |b: &meshlb_common::Backend| {
         addr_from(&b.addr, b.family).map(|a| sockaddr(a, u16::from_be(b.port)))
     };
@@ -332,6 +358,7 @@ pub fn explain_socket(maps: &Maps, proto: Proto, cookie: u64, dst: SocketAddr) -
     }
 }
 
+/// Which backend the data plane picks for `proto src -> dst`, and why.
 pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> Explanation {
     let (s, family) = addr_bytes(src.ip());
     let (d, _) = addr_bytes(dst.ip());
@@ -344,57 +371,20 @@ pub fn explain(maps: &Maps, proto: Proto, src: SocketAddr, dst: SocketAddr) -> E
         family,
         _pad: [0; 2],
     };
-    let mut fk = FrontendKey {
-        addr: d,
-        port: key.dport,
-        proto: key.proto,
-        family,
+    let Some(Matched {
+        fe,
+        frontend,
+        service,
+    }) = match_frontend(maps, proto, dst, false)
+    else {
+        return Explanation {
+            service: None,
+            frontend: None,
+            backend: None,
+            reason: Reason::NoService,
+            slot: None,
+        };
     };
-    let mut fe = maps.frontends.get(&fk, 0).ok();
-    let mut node_port = false;
-    if fe.is_none()
-        && maps
-            .local_addrs
-            .get(
-                &AddrKey {
-                    addr: d,
-                    family,
-                    _pad: [0; 3],
-                },
-                0,
-            )
-            .is_ok()
-    {
-        fk.addr = [0; 16];
-        fe = maps.frontends.get(&fk, 0).ok();
-        node_port = true;
-    }
-    let no = |reason| Explanation {
-        service: None,
-        frontend: None,
-        backend: None,
-        reason,
-        slot: None,
-    };
-    let Some(fe) = fe else {
-        return no(Reason::NoService);
-    };
-    let frontend = Frontend {
-        addr: (!node_port).then_some(dst.ip()),
-        port: dst.port(),
-        proto,
-    }
-    .to_string();
-    let frontend = if node_port {
-        format!("{}/{proto} (node port)", sockaddr(dst.ip(), dst.port()))
-    } else {
-        frontend
-    };
-    let service = maps
-        .service_names
-        .get(&fe.service_id, 0)
-        .ok()
-        .map(|n| String::from_utf8_lossy(n.bytes()).into_owned());
     if let Ok(ct) = maps.conntrack.get(&key, 0) {
         if ct.flags & CT_F_CLOSING == 0 {
             return Explanation {

@@ -551,6 +551,10 @@ pub struct XdpDataplane {
     failed: BTreeMap<String, (String, std::time::Instant)>,
     /// The socket-level balancer is attached (`set_socket_lb`).
     socket_lb: bool,
+    /// A sync since the last look removed a backend or took one down:
+    /// connected UDP sockets on it are to be ended
+    /// (`end_stale_udp_sockets`).
+    backends_lost: bool,
     /// This node's own namespace cookie (once `set_socket_lb` turned it
     /// on).
     sock_netns: BTreeSet<u64>,
@@ -647,6 +651,7 @@ impl XdpDataplane {
             attached,
             failed: BTreeMap::new(),
             socket_lb: false,
+            backends_lost: false,
             sock_netns: BTreeSet::new(),
             sock_extra: None,
             ebpf,
@@ -826,7 +831,8 @@ impl XdpDataplane {
     /// (`SOCK_DESTROY`), so its owner learns at once instead of sending
     /// into a black hole, and connects again (to a live backend). An
     /// unconnected socket needs none of it: its next datagram is balanced
-    /// afresh. Called after a sync that changed anything.
+    /// afresh. Called after a sync that removed a backend or took one down
+    /// (it reads every record: never per event otherwise).
     fn end_stale_udp_sockets(&mut self) {
         let udp: Vec<(SockRevKey, SockRevValue)> = self
             .maps
@@ -1164,6 +1170,21 @@ pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneErr
             .map_err(map_error(maps::SNAT_ADDRS))?;
     }
     Ok(())
+}
+
+/// Whether `plan` removes a backend or takes one down (not a drain: a
+/// draining backend keeps what it has).
+fn loses_backends(plan: &Plan) -> bool {
+    plan.ops.iter().any(|op| {
+        matches!(
+            op,
+            Op::RemoveBackend { .. }
+                | Op::UpsertBackend {
+                    state: BackendState::Down,
+                    ..
+                }
+        )
+    })
 }
 
 /// The `SNAT_ADDRS` entry of one family: the default ports minus the
@@ -1911,6 +1932,7 @@ impl XdpDataplane {
         let n = plan.ops.len();
         if n > 0 {
             self.apply(&plan)?;
+            self.backends_lost |= loses_backends(&plan);
         }
         if self.rejected.is_empty() {
             // The view replaces the mirror (one copy of the tables, not two).
@@ -1943,6 +1965,7 @@ impl XdpDataplane {
             let _ = rebuild_vips(&mut self.maps);
             return Err(e);
         }
+        self.backends_lost |= loses_backends(&plan);
         let before = part.observed.clone();
         if let Err(e) = view.commit(part, &plan) {
             log::warn!("the in-memory view refused a plan the maps took ({e}): the next sync reads the maps");
@@ -2006,7 +2029,7 @@ impl Engine for XdpDataplane {
         expired: &[BackendOf],
     ) -> Result<usize, DataplaneError> {
         let n = self.sync_tables(desired, expired)?;
-        if n > 0 && self.socket_lb {
+        if std::mem::take(&mut self.backends_lost) && self.socket_lb {
             self.end_stale_udp_sockets();
         }
         Ok(n)

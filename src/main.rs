@@ -73,6 +73,7 @@ fn main() -> ExitCode {
                         s.interfaces = inspect::interfaces(&args.bpffs.bpffs);
                         s.socket_lb = socklb::status(&args.bpffs.bpffs, &maps);
                         s.sync_latency = inspect::sync_latency(&args.bpffs.bpffs);
+                        s.vips = inspect::vips(&args.bpffs.bpffs);
                         s
                     })
                     .map_err(|e| e.to_string()),
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
                 Err(e) => match ipvs_status(args.node.as_deref()) {
                     Ok(Some(mut s)) => {
                         s.sync_latency = inspect::sync_latency(&args.bpffs.bpffs);
+                        s.vips = inspect::vips(&args.bpffs.bpffs);
                         Ok(s)
                     }
                     Ok(None) => Err(e.to_string()),

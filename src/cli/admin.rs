@@ -112,6 +112,7 @@ fn service_flag_error(e: FieldError) -> AdminError {
         "affinity" => "--affinity",
         "health" => "--health",
         "drain_timeout" => "--drain-timeout",
+        "announce" => "--announce",
         _ => return Usage(e.to_string()),
     };
     if e.path == head {
@@ -129,6 +130,7 @@ fn any_flag(a: &ServiceSpecArgs) -> bool {
         || a.affinity.is_some()
         || a.health.is_some()
         || a.drain_timeout.is_some()
+        || a.announce.is_some()
 }
 
 /// The service the flags describe: a new one (`base: None`), or the
@@ -168,6 +170,9 @@ pub fn merge_service(
     }
     if let Some(t) = a.drain_timeout {
         d.drain_timeout = Some(t);
+    }
+    if let Some(on) = a.announce {
+        d.announce = on;
     }
     let cfg = d.validate().map_err(service_flag_error)?;
     Ok((d, cfg))
@@ -358,7 +363,7 @@ async fn service_update(opts: &EtcdOptions, a: &ServiceSpecArgs) -> Result<(), A
     check_name("NAME", &a.name)?;
     if !any_flag(a) {
         return Err(Usage(
-            "nothing to update: give --publish, --vip, --scheduler, --affinity, --health or --drain-timeout".into(),
+            "nothing to update: give --publish, --vip, --scheduler, --affinity, --health, --drain-timeout or --announce".into(),
         ));
     }
     let mut c = connect(opts).await?;
@@ -706,11 +711,13 @@ mod tests {
                 "http:/healthz",
                 "--drain-timeout",
                 "30",
+                "--announce",
             ]),
             None,
         )
         .unwrap();
         assert_eq!(def.name, "web");
+        assert!(svc.announce);
         assert_eq!(svc.publish.len(), 2);
         assert_eq!(svc.publish[1].target, 5353);
         assert_eq!(svc.scheduler, crate::model::config::Scheduler::Rr);
@@ -719,7 +726,21 @@ mod tests {
         assert_eq!(svc.drain_timeout, Some(30));
         // What is stored reads back as the same service.
         let json = to_json(&def);
+        assert!(String::from_utf8_lossy(&json).contains("\"announce\":true"));
         assert_eq!(layout::parse_service("k", "web", &json).unwrap(), svc);
+        // --announce=false on update; --announce without a VIP is refused.
+        let (_, off) = merge_service(
+            &service_args(&["update", "web", "--announce=false"]),
+            Some(def),
+        )
+        .unwrap();
+        assert!(!off.announce);
+        let e = merge_service(
+            &service_args(&["create", "api", "-p", "80", "--announce"]),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--announce: needs a vip"), "{e}");
     }
 
     #[test]

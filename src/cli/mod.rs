@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// without being named here.
     #[arg(long = "task-iface", value_name = "IF")]
     pub task_ifaces: Vec<String>,
+    /// Answer ARP/NDP for the announced VIPs this node owns on this
+    /// interface (repeatable; `announce_interfaces`; default: the uplink
+    /// holding the node address).
+    #[arg(long = "announce-iface", value_name = "IF")]
+    pub announce_ifaces: Vec<String>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Forwarding engine.
@@ -288,6 +293,10 @@ pub struct ServiceSpecArgs {
     /// Seconds a drained task keeps its established flows.
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub drain_timeout: Option<i64>,
+    /// One node at a time owns the VIP on its segment and answers ARP/NDP
+    /// for it (`--announce=false`: off again). Needs `--vip`.
+    #[arg(long, value_name = "true|false", num_args = 0..=1, default_missing_value = "true")]
+    pub announce: Option<bool>,
 }
 
 /// A flag value that may also be `none`, which clears the field on update.

@@ -55,6 +55,18 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
     } else {
         listed(&cfg.interfaces, &cfg.task_interfaces)
     };
+    let announce_ifaces = if args.announce_ifaces.is_empty() {
+        cfg.announce_interfaces.clone()
+    } else {
+        args.announce_ifaces.clone()
+    };
+    for i in &announce_ifaces {
+        if !config::valid_ifname(i) {
+            return Err(DaemonError::Usage(format!(
+                "--announce-iface {i:?}: not a valid interface name"
+            )));
+        }
+    }
     for i in &ifaces {
         if !config::valid_ifname(i) {
             return Err(DaemonError::Usage(format!(
@@ -117,6 +129,7 @@ pub fn settle(args: &RunArgs) -> Result<(Settings, Config), DaemonError> {
             advertise_addr,
             ifaces,
             task_ifaces,
+            announce_ifaces,
             ifaces_from_cli,
             xdp_mode,
             bpffs,

@@ -328,6 +328,10 @@ pub struct LinkFacts {
     pub loopback: bool,
     /// An XDP program is attached in generic (skb) mode.
     pub xdp_generic: bool,
+    /// The Ethernet address, when it has one (not all zero).
+    pub mac: Option<[u8; 6]>,
+    /// Operationally up: it can carry packets now (carrier).
+    pub oper_up: bool,
 }
 
 /// Kinds of virtual device that implement `ndo_xdp_xmit`, i.e. accept a
@@ -393,7 +397,7 @@ mod tests {
             name: name.into(),
             kind: kind.map(Into::into),
             loopback: false,
-            xdp_generic: false,
+            ..Default::default()
         }
     }
 

@@ -67,6 +67,23 @@ fn render_registry(registry: &Registry, out: &mut String) {
             let _ = writeln!(out, "meshlb_dns_queries_total{{rcode=\"{k}\"}} {v}");
         }
     }
+    if !g.vip_owners.is_empty() {
+        family(
+            out,
+            "meshlb_vip_owner",
+            "gauge",
+            "1 for the node that owns each announced VIP, as this node sees it (none: no owner now).",
+        );
+        for (vip, owner) in &g.vip_owners {
+            let node = owner.as_deref().unwrap_or("");
+            let _ = writeln!(
+                out,
+                "meshlb_vip_owner{{vip=\"{vip}\",node=\"{}\"}} {}",
+                esc(node),
+                u8::from(owner.is_some())
+            );
+        }
+    }
 }
 
 /// Starts a metric family: its `# HELP` and `# TYPE` lines.
@@ -352,6 +369,32 @@ mod tests {
     }
 
     #[test]
+    fn vip_owners_are_one_series_per_announced_vip() {
+        let r = Registry::default();
+        let mut out = String::new();
+        render_registry(&r, &mut out);
+        assert!(!out.contains("meshlb_vip_owner"), "{out}");
+        r.set_vip_owners(
+            [
+                ("10.96.0.10".parse().unwrap(), Some("n2".to_string())),
+                ("fd00:96::20".parse().unwrap(), None),
+            ]
+            .into(),
+        );
+        let mut out = String::new();
+        render_registry(&r, &mut out);
+        assert!(out.contains("# TYPE meshlb_vip_owner gauge"), "{out}");
+        assert!(
+            out.contains("meshlb_vip_owner{vip=\"10.96.0.10\",node=\"n2\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("meshlb_vip_owner{vip=\"fd00:96::20\",node=\"\"} 0\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn sync_latency_percentiles_are_nearest_rank_over_the_recent_syncs() {
         let r = Registry::default();
         assert_eq!(r.sync_latency(), None);
@@ -395,6 +438,7 @@ mod tests {
             flood: false,
             snat_ports_in_use: 0,
             flow_table_size: 0,
+            vips: Vec::new(),
             counters,
             socket_lb: Default::default(),
         };
@@ -441,6 +485,7 @@ mod tests {
             flood: false,
             snat_ports_in_use: 6,
             flow_table_size: 262_144,
+            vips: Vec::new(),
             counters,
             socket_lb: Default::default(),
         };
@@ -502,6 +547,7 @@ mod tests {
             flood: false,
             snat_ports_in_use: 0,
             flow_table_size: 0,
+            vips: Vec::new(),
             counters: BTreeMap::new(),
             socket_lb: Default::default(),
         };

@@ -11,6 +11,7 @@
 //! One loop serves every engine (`run_engine`, generic over
 //! [`Engine`]): XDP, or IPVS when asked for or when XDP cannot load.
 
+pub(crate) mod announce;
 pub(crate) mod dns;
 pub(crate) mod metrics;
 pub(crate) mod prober;
@@ -92,6 +93,9 @@ pub struct Settings {
     pub ifaces: Vec<String>,
     /// Named task interfaces (`--task-iface`, else `task_interfaces`).
     pub task_ifaces: Vec<String>,
+    /// `--announce-iface`, else `announce_interfaces` (empty: chosen by
+    /// `announce_ifaces`).
+    pub announce_ifaces: Vec<String>,
     /// The interface lists came from the command line: a reloaded config
     /// does not change them.
     pub ifaces_from_cli: bool,
@@ -176,6 +180,60 @@ struct Liveness {
     recheck: bool,
     /// With `--dns`: where each sync's desired state goes.
     dns: Option<DnsPublisher>,
+    /// With etcd: the announced VIPs of each sync go to the announcer,
+    /// and the interfaces to announce on.
+    announce: Option<AnnounceFeed>,
+}
+
+/// What the loop tells the VIP announcer (`announce::run`).
+struct AnnounceFeed {
+    vips: watch::Sender<BTreeSet<IpAddr>>,
+    ifaces: watch::Sender<Vec<String>>,
+}
+
+impl AnnounceFeed {
+    /// The VIPs of the announced services this node serves (not those it
+    /// refuses).
+    fn publish(&self, services: &ServiceConfigs<'_>, refused: &BTreeMap<String, String>) {
+        let vips: BTreeSet<IpAddr> = services
+            .iter()
+            .filter(|s| s.announce && !refused.contains_key(&s.name))
+            .filter_map(|s| s.vip)
+            .collect();
+        self.vips.send_if_modified(|v| {
+            let changed = *v != vips;
+            *v = vips;
+            changed
+        });
+    }
+}
+
+/// Where the announced VIPs this node owns are held: the listed announce
+/// interfaces, else the uplink holding the node address, else the first
+/// uplink.
+fn announce_ifaces(
+    settings: &Settings,
+    attach: &[Attach],
+    addrs: &[(u32, IpAddr)],
+    links: &[nodenet::LinkFacts],
+    node_addr: Option<IpAddr>,
+) -> Vec<String> {
+    if !settings.announce_ifaces.is_empty() {
+        return settings.announce_ifaces.clone();
+    }
+    let uplinks: Vec<&Attach> = attach.iter().filter(|a| a.role == Role::Uplink).collect();
+    let holder = node_addr.and_then(|na| {
+        let index = addrs.iter().find(|(_, a)| *a == na)?.0;
+        let name = &links.iter().find(|l| l.index == index)?.name;
+        uplinks
+            .iter()
+            .find(|a| &a.name == name)
+            .map(|a| a.name.clone())
+    });
+    holder
+        .or_else(|| uplinks.first().map(|a| a.name.clone()))
+        .into_iter()
+        .collect()
 }
 
 /// Resolves at `t`; never without one.
@@ -308,6 +366,9 @@ async fn sync<E: Engine>(
     if let Some(d) = live.dns.as_mut() {
         d.publish(&desired);
     }
+    if let Some(a) = &live.announce {
+        a.publish(&services, &live.refused);
+    }
     engine
         .sync(&desired, &services, &expired)
         .await
@@ -365,6 +426,16 @@ fn write_sync_latency(pins: &std::path::Path, registry: &Registry) {
     };
     let path = crate::kernel::pinlock::runtime_file(pins, crate::engine::xdp::inspect::SYNC_EXT);
     let text = serde_json::to_string(&l).unwrap_or_default();
+    if let Err(e) = crate::kernel::pinlock::write_atomic(&path, text.as_bytes()) {
+        log::debug!("{}: {e}", path.display());
+    }
+}
+
+/// Writes the announced VIPs and their owners beside the pin lock, for
+/// `status`.
+fn write_vips(pins: &std::path::Path, list: &[crate::model::status::VipStatus]) {
+    let path = crate::kernel::pinlock::runtime_file(pins, crate::engine::xdp::inspect::VIPS_EXT);
+    let text = serde_json::to_string(list).unwrap_or_default();
     if let Err(e) = crate::kernel::pinlock::write_atomic(&path, text.as_bytes()) {
         log::debug!("{}: {e}", path.display());
     }
@@ -868,6 +939,20 @@ impl<E: Engine> Node<E> {
         }
         let (locals, net) = f.node_net(&self.settings, &names(&self.attach));
         apply_node_net(&mut self.engine, &net);
+        if let Some(a) = &self.live.announce {
+            let ifaces = announce_ifaces(
+                &self.settings,
+                &self.attach,
+                &f.addrs,
+                &f.links,
+                net.node_addr,
+            );
+            a.ifaces.send_if_modified(|v| {
+                let changed = *v != ifaces;
+                *v = ifaces;
+                changed
+            });
+        }
         let moved = localise(&mut self.cfg, &locals, &f.routes, false);
         self.facts = Some(f);
         if resync || moved || recheck || locals != self.locals {
@@ -966,6 +1051,43 @@ async fn run_engine<E: Engine>(
         None => (None, Cluster::Static, Vec::new()),
     };
     let (dns_publisher, _dns_tasks) = start_dns(&settings, &registry).await?;
+    // With etcd: the VIP announcer (SPEC "Highly available VIPs").
+    let (vip_status_tx, mut vip_status_rx) = watch::channel(Arc::new(Vec::new()));
+    let (announce_feed, _announce_task) = if let Some(o) = &settings.etcd {
+        let (vips_tx, vips_rx) = watch::channel(BTreeSet::new());
+        let ifaces = announce_ifaces(
+            &settings,
+            &attach,
+            &facts.addrs,
+            &facts.links,
+            net.node_addr,
+        );
+        let (ifaces_tx, ifaces_rx) = watch::channel(ifaces);
+        let opts = announce::AnnounceOptions {
+            etcd: o.clone(),
+            node: settings.node.clone(),
+            strict_arp: kind == DataplaneKind::Ipvs,
+        };
+        let task = AbortOnDrop(tokio::spawn(announce::run(
+            opts,
+            vips_rx,
+            ifaces_rx,
+            vip_status_tx,
+            registry.clone(),
+        )));
+        (
+            Some(AnnounceFeed {
+                vips: vips_tx,
+                ifaces: ifaces_tx,
+            }),
+            Some(task),
+        )
+    } else {
+        if cfg.services.iter().any(|s| s.announce) {
+            log::warn!("announce = true needs --etcd (the owner of a VIP is elected there): no VIP is announced");
+        }
+        (None, None)
+    };
     let (checker, mut health_rx) = Checker::new(prober::MAX_CONCURRENT_PROBES);
     let live = Liveness {
         checker,
@@ -982,6 +1104,7 @@ async fn run_engine<E: Engine>(
         registry: registry.clone(),
         recheck: false,
         dns: dns_publisher,
+        announce: announce_feed,
     };
     let mut node = Node {
         engine,
@@ -1062,6 +1185,10 @@ async fn run_engine<E: Engine>(
                     }
                     Err(e) => log::error!("etcd revision {rev}: {e}"),
                 }
+            }
+            Ok(()) = vip_status_rx.changed() => {
+                let list = vip_status_rx.borrow_and_update().clone();
+                write_vips(&node.settings.bpffs, &list);
             }
             Ok(()) = pids_rx.changed() => {
                 let pids = pids_rx.borrow_and_update().clone();
@@ -1511,6 +1638,7 @@ addr = "192.0.2.3"
             registry: Arc::new(Registry::default()),
             recheck: false,
             dns: None,
+            announce: None,
         };
         let locals = [IpAddr::from([192, 168, 1, 5])].into();
         let (tx, rx) = watch::channel(Arc::new(crate::control::dns::DnsView::default()));

@@ -1,8 +1,11 @@
 //! Kernel adapters (IO only): the pinned BPF maps and the raw `bpf()`
 //! commands aya lacks, rtnetlink, IPVS and nf_tables over netlink, the pin
 //! lock, the listening sockets (`/proc/net`) and the heap arena; one
-//! netlink attribute codec (`nlattr`) for IPVS and nf_tables.
+//! netlink attribute codec (`nlattr`) for IPVS and nf_tables; an owned
+//! VIP held on the uplink and announced (gratuitous ARP, unsolicited
+//! neighbour advertisements).
 
+pub mod announce;
 pub(crate) mod bpfsys;
 pub mod heap;
 pub(crate) mod ipvs;

@@ -10,14 +10,15 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkXdp, XdpAttached};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkXdp, State, XdpAttached};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
 };
 
+use super::announce;
 use crate::control::nodenet::{LinkFacts, RouteFact};
 
-const TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors talking to rtnetlink.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,14 @@ pub enum NetlinkError {
     Timeout(&'static str),
     #[error("iface {0}: no such interface")]
     NoSuchInterface(String),
+    #[error(
+        "address {addr} on interface {ifindex} is not meshlb's (IFA_PROTO {proto}): left alone"
+    )]
+    NotOurs {
+        ifindex: u32,
+        addr: IpAddr,
+        proto: u8,
+    },
 }
 
 /// rtnetlink notifications, one item per message.
@@ -59,7 +68,7 @@ pub fn next_hop_changes() -> Result<Notifications, NetlinkError> {
     Ok(messages)
 }
 
-fn connect() -> Result<rtnetlink::Handle, NetlinkError> {
+pub(super) fn connect() -> Result<rtnetlink::Handle, NetlinkError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
     tokio::spawn(conn);
     Ok(handle)
@@ -72,7 +81,8 @@ pub async fn local_addrs() -> Result<BTreeSet<IpAddr>, NetlinkError> {
 }
 
 /// Every address with the index of its interface, in dump order (primary
-/// addresses first), except loopback and IPv6 link-local ones.
+/// addresses first), except loopback and IPv6 link-local ones and the VIPs
+/// this node holds as their owner (`announce`: not node addresses).
 pub async fn addresses() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
     let handle = connect()?;
     let msgs: Vec<_> =
@@ -85,6 +95,9 @@ pub async fn addresses() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
             })?;
     let mut out = Vec::new();
     for m in msgs {
+        if announce::is_held(&m.attributes) {
+            continue;
+        }
         let index = m.header.index;
         for a in m.attributes {
             let (AddressAttribute::Local(addr) | AddressAttribute::Address(addr)) = a else {
@@ -99,7 +112,8 @@ pub async fn addresses() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
     Ok(out)
 }
 
-/// Every interface of this node: index, name, kind, and XDP attach mode.
+/// Every interface of this node: index, name, kind, XDP attach mode,
+/// Ethernet address and operational state.
 pub async fn links() -> Result<Vec<LinkFacts>, NetlinkError> {
     let handle = connect()?;
     let msgs: Vec<_> = tokio::time::timeout(TIMEOUT, handle.link().get().execute().try_collect())
@@ -112,14 +126,18 @@ pub async fn links() -> Result<Vec<LinkFacts>, NetlinkError> {
     Ok(msgs
         .into_iter()
         .map(|m| {
+            let flags = m.header.flags;
             let mut f = LinkFacts {
                 index: m.header.index,
-                loopback: m.header.flags.contains(LinkFlags::Loopback),
+                loopback: flags.contains(LinkFlags::Loopback),
                 ..Default::default()
             };
+            let mut oper = State::Unknown;
             for a in m.attributes {
                 match a {
                     LinkAttribute::IfName(n) => f.name = n,
+                    LinkAttribute::Address(a) => f.mac = ethernet_address(&a),
+                    LinkAttribute::OperState(s) => oper = s,
                     LinkAttribute::LinkInfo(infos) => {
                         for i in infos {
                             if let LinkInfo::Kind(k) = i {
@@ -137,9 +155,26 @@ pub async fn links() -> Result<Vec<LinkFacts>, NetlinkError> {
                     _ => {}
                 }
             }
+            f.oper_up = oper_up(oper, flags);
             f
         })
         .collect())
+}
+
+/// A 6-byte link-layer address other than all zeros (loopback's).
+fn ethernet_address(bytes: &[u8]) -> Option<[u8; 6]> {
+    <[u8; 6]>::try_from(bytes).ok().filter(|mac| *mac != [0; 6])
+}
+
+/// Whether a link can carry packets: RFC 2863's operational state, and
+/// for the drivers that leave it unknown (dummy, loopback, some NICs),
+/// administratively up with a carrier (`IFF_LOWER_UP`).
+fn oper_up(oper: State, flags: LinkFlags) -> bool {
+    match oper {
+        State::Up => true,
+        State::Unknown => flags.contains(LinkFlags::Up | LinkFlags::LowerUp),
+        _ => false,
+    }
 }
 
 /// The unicast routes of the main table, IPv4 and IPv6 (local, broadcast
@@ -308,4 +343,39 @@ pub async fn ensure_vip_device(name: &str, vips: &BTreeSet<IpAddr>) -> Result<()
             .map_err(req("address add"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operational_state_with_unknown_read_from_the_flags() {
+        let up = LinkFlags::Up | LinkFlags::LowerUp | LinkFlags::Running;
+        // (operstate, flags) -> up
+        let cases = [
+            (State::Up, up, true),
+            (State::Up, LinkFlags::empty(), true),
+            (State::Down, up, false),
+            (State::LowerLayerDown, LinkFlags::Up, false),
+            (State::Dormant, up, false),
+            (State::Unknown, up, true), // dummy, loopback
+            (State::Unknown, LinkFlags::Up | LinkFlags::LowerUp, true),
+            (State::Unknown, LinkFlags::Up, false), // no carrier
+            (State::Unknown, LinkFlags::LowerUp, false), // admin down
+        ];
+        for (oper, flags, want) in cases {
+            assert_eq!(oper_up(oper, flags), want, "{oper:?} {flags:?}");
+        }
+    }
+
+    #[test]
+    fn ethernet_addresses_are_six_nonzero_bytes() {
+        let mac = [0x02, 0, 0x5e, 0, 0, 1];
+        assert_eq!(ethernet_address(&mac), Some(mac));
+        assert_eq!(ethernet_address(&[0; 6]), None); // loopback
+        assert_eq!(ethernet_address(&[]), None); // wireguard, tun
+        assert_eq!(ethernet_address(&[10, 0, 0, 1]), None); // ipip, gre
+        assert_eq!(ethernet_address(&[0xff; 20]), None); // infiniband
+    }
 }

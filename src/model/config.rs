@@ -108,6 +108,9 @@ pub struct Config {
     /// Interfaces where local tasks live (TC instead of XDP; bridges in
     /// `interfaces` are task interfaces anyway).
     pub task_interfaces: Vec<String>,
+    /// Where this node answers ARP/NDP for the announced VIPs it owns
+    /// (empty: the uplink holding the node address, else the first).
+    pub announce_interfaces: Vec<String>,
     pub dataplane: DataplaneChoice,
     pub xdp_mode: XdpMode,
     /// Where pinned maps and links live.
@@ -237,6 +240,9 @@ pub struct ServiceConfig {
     /// Publish a port that a process on the node already listens on
     /// (the service takes the port's traffic from it); refused otherwise.
     pub allow_port_conflict: bool,
+    /// One node at a time owns the VIP on its segment (elected through
+    /// etcd) and answers ARP/NDP for it; needs `vip`.
+    pub announce: bool,
     pub backends: Vec<BackendConfig>,
 }
 

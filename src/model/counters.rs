@@ -29,6 +29,8 @@ struct Inner {
     config_errors: BTreeMap<String, u64>,
     /// DNS queries answered (or dropped), by response code.
     dns_queries: BTreeMap<&'static str, u64>,
+    /// Announced VIPs and the owner this node sees (`None`: none).
+    vip_owners: BTreeMap<std::net::IpAddr, Option<String>>,
 }
 
 /// Latencies kept for `SyncLatency`'s percentiles.
@@ -119,6 +121,15 @@ impl Registry {
         *g.dns_queries.entry(rcode).or_default() += 1;
     }
 
+    /// Replaces the announced VIPs and their owners.
+    pub fn set_vip_owners(&self, owners: BTreeMap<std::net::IpAddr, Option<String>>) {
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.vip_owners = owners;
+    }
+
     /// A copy of the histogram and the config error counts, for rendering.
     pub fn snapshot(&self) -> Snapshot {
         let g = self
@@ -131,6 +142,7 @@ impl Registry {
             count: g.count,
             config_errors: g.config_errors.clone(),
             dns_queries: g.dns_queries.clone(),
+            vip_owners: g.vip_owners.clone(),
         }
     }
 }
@@ -144,4 +156,5 @@ pub struct Snapshot {
     pub count: u64,
     pub config_errors: BTreeMap<String, u64>,
     pub dns_queries: BTreeMap<&'static str, u64>,
+    pub vip_owners: BTreeMap<std::net::IpAddr, Option<String>>,
 }

@@ -79,7 +79,24 @@ pub struct Status {
     pub flood: bool,
     /// The socket-level balancer for node-local clients (`[socket_lb]`).
     pub socket_lb: SocketLbStatus,
+    /// Announced VIPs and their owners (SPEC "Highly available VIPs"),
+    /// as this node's daemon last saw them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<VipStatus>,
     pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// One announced VIP in `meshlb status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct VipStatus {
+    pub vip: std::net::IpAddr,
+    /// The node holding `vips/<ip>` (`None`: nobody right now).
+    pub owner: Option<String>,
+    /// This node owns it and answers ARP/NDP for it.
+    pub mine: bool,
+    /// Where this node answers for it (when `mine`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
 }
 
 /// What `meshlb status` shows of the socket-level balancer.
@@ -213,6 +230,19 @@ pub fn status_table(s: &Status) -> String {
     } else {
         writeln!(out, "socket lb  off: {}", sl.why)
     };
+    for v in &s.vips {
+        let _ = writeln!(
+            out,
+            "vip {}  owner {}{}",
+            v.vip,
+            v.owner.as_deref().unwrap_or("none"),
+            if v.mine {
+                format!(" (this node, answering on {})", v.interfaces.join(", "))
+            } else {
+                String::new()
+            }
+        );
+    }
     if s.flow_table_size > 0 {
         let _ = writeln!(
             out,

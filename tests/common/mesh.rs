@@ -790,6 +790,62 @@ http {{
     pub fn client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         in_netns(&self.client_ns, f)
     }
+
+    /// The client's interface on the switch (in `client_ns`).
+    pub fn client_iface(&self) -> String {
+        format!("{}c", self.short)
+    }
+
+    /// The switch bridge (in `sw_ns`).
+    pub fn sw_bridge(&self) -> String {
+        format!("{}sw", self.short)
+    }
+
+    /// Gives the switch bridge the address `cidr` (e.g. `10.210.0.250/24`),
+    /// so that a server in `sw_ns` (etcd) is reachable from every node and
+    /// from the client over the switch, and a node can be cut off from it
+    /// alone.
+    pub fn sw_addr(&self, cidr: &str) {
+        must(&[
+            "ip",
+            "-n",
+            &self.sw_ns,
+            "addr",
+            "add",
+            cidr,
+            "dev",
+            &self.sw_bridge(),
+        ]);
+    }
+
+    /// Routes the VIP ranges (10.96.0.0/16, fd00:96::/64) on-link from the
+    /// client instead of via n1: the client resolves a VIP itself (ARP,
+    /// neighbour solicitation), as a host on the segment of announced VIPs
+    /// does.
+    pub fn client_vips_on_link(&self) {
+        let (c, dev) = (self.client_ns.as_str(), self.client_iface());
+        must(&[
+            "ip",
+            "-n",
+            c,
+            "route",
+            "replace",
+            "10.96.0.0/16",
+            "dev",
+            &dev,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            c,
+            "-6",
+            "route",
+            "replace",
+            "fd00:96::/64",
+            "dev",
+            &dev,
+        ]);
+    }
 }
 
 /// The mesh tests' config: `web` (v4) and `web6` over `tasks`; `solo`

@@ -28,6 +28,7 @@
 //! Everything waits with a deadline, and failures carry the daemon's log.
 #![allow(dead_code)] // every test crate uses a different subset
 
+pub mod arp;
 pub mod docker;
 pub mod etcd;
 pub mod mesh;

@@ -103,8 +103,11 @@ etcd)
             --initial-cluster n1=http://127.0.0.1:2380 >"$LOGDIR/etcd.log" 2>&1 &
         wait_until 60 "etcd on n1" "$MESHLB" service ls --etcd "$ETCD"
         must "$MESHLB" service create web --vip 10.96.0.10 --publish tcp:80:8000 --etcd "$ETCD"
+        # vweb: an announced VIP (SPEC "Highly available VIPs").
+        must "$MESHLB" service create vweb --vip 10.96.0.20 --publish tcp:80:8000 --announce --etcd "$ETCD"
         for j in 1 2 3; do
             must "$MESHLB" task add web "10.22$j.0.2" --node "n$j" --id "t$j" --etcd "$ETCD"
+            must "$MESHLB" task add vweb "10.22$j.0.2" --node "n$j" --id "v$j" --etcd "$ETCD"
         done
     fi
     SRC="--etcd $ETCD"
@@ -176,6 +179,25 @@ for j in 1 2 3 vip; do
     case $seen in *t1=*t2=*t3=*) ;; *) fail "$url: not every task answered in $n requests: $seen" ;; esac
     detail="$detail[$([ $j = vip ] && echo vip || echo n$j): $n ok, ${seen% }$([ "$MODE" = ipvs ] && echo ", peers ok")] "
 done
+# The announced VIP (etcd source): exactly one node, its owner, answers ARP
+# for it (in IPVS mode every node holds it on meshlb0: meshlb sets
+# arp_ignore/arp_announce on the uplink so the others stay silent), the
+# unannounced VIP gets no ARP answer at all, and the client reaches the
+# announced VIP on-link, without a route via a node.
+if [ "$SOURCE" = etcd ]; then
+    owner_of() { "$MESHLB" status --json --bpffs "$BPFFS" 2>/dev/null | tr -d ' \n' | grep -o '"vip":"10.96.0.20","owner":"n[123]"' | grep -o 'n[123]'; }
+    wait_until 30 "an owner of the announced VIP 10.96.0.20" owner_of
+    owner=$(owner_of)
+    must ip -n client route add 10.96.0.20/32 dev "$cif"
+    replies=$(in_ns client /bin/busybox arping -c 3 -w 4 -I "$cif" 10.96.0.20 2>&1)
+    macs=$(echo "$replies" | grep -o 'reply from 10.96.0.20 \[[0-9a-f:]*\]' | grep -o '[0-9a-f:]\{17\}' | sort -u | tr '\n' ' ')
+    [ "$macs" = "52:54:00:00:01:0${owner#n} " ] || fail "ARP for the announced VIP 10.96.0.20 (owner $owner): answered by [$macs], want only the owner's 52:54:00:00:01:0${owner#n}: $replies"
+    other=$(in_ns client /bin/busybox arping -c 2 -w 3 -I "$cif" 10.96.0.10 2>&1 | grep -c 'reply from')
+    [ "$other" = 0 ] || fail "ARP for the unannounced VIP 10.96.0.10 got $other answers"
+    vbody=$(get client http://10.96.0.20/cgi-bin/peer) || fail "the announced VIP 10.96.0.20 did not answer on-link"
+    case $vbody in t1* | t2* | t3*) ;; *) fail "10.96.0.20 answered '$vbody'" ;; esac
+    detail="$detail[announced 10.96.0.20: owner $owner alone answers ARP ($macs), 10.96.0.10 none, on-link ${vbody%% *}] "
+fi
 echo done >/tmp/mark/done
 gone() { ! bb timeout 3 /bin/busybox wget -q -O /dev/null "http://10.210.0.$1:9999/ready"; }
 others_gone() { gone 2 && gone 3; }

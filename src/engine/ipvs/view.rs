@@ -268,6 +268,7 @@ pub(super) fn status_of(node: &str, names: &BTreeMap<ServiceId, Named>, have: &T
             why: IPVS_LOCAL_CLIENTS.into(),
             ..Default::default()
         },
+        vips: Vec::new(),
     }
 }
 

@@ -57,6 +57,22 @@ pub fn sync_latency(pins: &std::path::Path) -> Option<crate::model::counters::Sy
         .ok()
 }
 
+/// The runtime file the daemon keeps the announced VIPs and their owners
+/// in, for `status`.
+pub const VIPS_EXT: &str = "vips.json";
+
+/// The announced VIPs the daemon of `pins` last wrote (empty: none, or no
+/// daemon with an etcd source).
+pub fn vips(pins: &std::path::Path) -> Vec<crate::model::status::VipStatus> {
+    let path = crate::kernel::pinlock::runtime_file(pins, VIPS_EXT);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Vec::new();
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| log::warn!("{}: {e}", path.display()))
+        .unwrap_or_default()
+}
+
 fn fmt_addr(a: IpAddr) -> String {
     a.to_string()
 }
@@ -161,6 +177,7 @@ pub fn status(maps: &Maps, node: Option<&str>) -> Result<Status, InspectError> {
         flood: new_flows_per_second > flood_threshold,
         counters,
         socket_lb: Default::default(),
+        vips: Vec::new(),
     })
 }
 

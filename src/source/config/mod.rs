@@ -124,6 +124,8 @@ pub struct ConfigDef {
     pub interfaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub task_interfaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub announce_interfaces: Vec<String>,
     pub dataplane: Option<DataplaneChoice>,
     pub xdp_mode: Option<XdpMode>,
     pub bpffs: Option<String>,
@@ -314,6 +316,8 @@ pub struct ServiceDef {
     pub drain_timeout: Option<i64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_port_conflict: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announce: bool,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendDef>,
 }
@@ -525,6 +529,13 @@ impl ServiceDef {
             t => t.map(|t| t as u64),
         };
 
+        if self.announce && vip.is_none() {
+            return Err(FieldError::new(
+                "announce",
+                "needs a vip: only a VIP is announced (ARP/NDP)",
+            ));
+        }
+
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(self.backends.len());
         for (i, b) in self.backends.iter().enumerate() {
             let at = format!("backend[{i}]");
@@ -592,6 +603,7 @@ impl ServiceDef {
             health,
             drain_timeout,
             allow_port_conflict: self.allow_port_conflict,
+            announce: self.announce,
             backends,
         })
     }
@@ -640,6 +652,7 @@ impl ConfigDef {
         for (key, list) in [
             ("interfaces", &self.interfaces),
             ("task_interfaces", &self.task_interfaces),
+            ("announce_interfaces", &self.announce_interfaces),
         ] {
             for (i, ifname) in list.iter().enumerate() {
                 if !valid_ifname(ifname) {
@@ -702,6 +715,7 @@ impl ConfigDef {
             advertise_addr,
             interfaces: self.interfaces.clone(),
             task_interfaces: self.task_interfaces.clone(),
+            announce_interfaces: self.announce_interfaces.clone(),
             dataplane: self.dataplane.unwrap_or_default(),
             xdp_mode: self.xdp_mode.unwrap_or_default(),
             bpffs: PathBuf::from(self.bpffs.as_deref().unwrap_or(DEFAULT_BPFFS)),
@@ -1179,6 +1193,12 @@ weight = 300
                 Some(4),
             ),
             (
+                "announce without a vip",
+                svc("announce = true"),
+                "service[0].announce: needs a vip",
+                Some(4),
+            ),
+            (
                 "broadcast vip",
                 svc("vip = \"255.255.255.255\""),
                 "service[0].vip: 255.255.255.255 is broadcast",
@@ -1338,6 +1358,12 @@ weight = 300
                 "bad interface",
                 "interfaces = [\"eth0\", \"a-very-long-interface-name\"]\n".into(),
                 "interfaces[1]: invalid interface name",
+                Some(1),
+            ),
+            (
+                "bad announce interface",
+                "announce_interfaces = [\"eth/0\"]\n".into(),
+                "announce_interfaces[0]: invalid interface name",
                 Some(1),
             ),
             (

@@ -2054,6 +2054,85 @@ fn bare_forwarder_routes_by_the_fib() {
     });
 }
 
+/// A flow opener (a SYN, a first datagram, a mid-flow segment of no
+/// known flow) in a unicast frame for another host's MAC is left to the
+/// kernel (a flooding switch hands such frames to every node; balanced by
+/// each, one client's flow would reach several backends). The check is
+/// made only for interfaces whose MAC the daemon wrote (the uplinks); a
+/// known flow's packets are served whatever their frame says, and
+/// broadcast frames are not filtered. Checked to fail without the check
+/// (the SYN was redirected).
+#[test]
+fn flow_openers_framed_for_another_host_are_left_to_the_kernel() {
+    let ns = Netns::new_named("mlbt-fxo");
+    let (ebpf, mut maps) = load(&ns.pins);
+    program(&["10.200.0.1", "fd00:200::1", SNAT4, SNAT6], &mut maps);
+    let prog: &Xdp = ebpf
+        .program(meshlb_common::PROG_XDP_LB)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    // BPF_PROG_TEST_RUN's frames arrive on the namespace's loopback.
+    let lo = 1u32;
+    let other = [0x02, 0, 0, 0, 0, 0x77];
+    in_netns(&ns, || {
+        let other_host = |m: &Maps| m.counters()[Counter::OtherHost as usize];
+        // No MAC written for the interface: not checked.
+        let syn = Frame {
+            dmac: other,
+            ..Frame::tcp("10.200.0.2", 42000, "10.96.0.10", 80, SYN)
+        };
+        let (verdict, _) = run_on(prog, &syn.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "no MAC known: balanced");
+        let mut mac = [0u8; 8];
+        mac[..6].copy_from_slice(&LB_MAC);
+        maps.iface_macs.insert(lo, mac, 0).unwrap();
+        for (what, f) in [
+            (
+                "SYN",
+                Frame::tcp("10.200.0.2", 42001, "10.96.0.10", 80, SYN),
+            ),
+            (
+                "ACK of no flow",
+                Frame::tcp("10.200.0.2", 42002, "10.96.0.10", 80, ACK),
+            ),
+            (
+                "datagram",
+                Frame::udp("10.200.0.2", 42003, "10.96.0.10", 53),
+            ),
+            (
+                "IPv6 SYN",
+                Frame::tcp("fd00:200::2", 42004, "fd00:96::10", 8080, SYN),
+            ),
+        ] {
+            let f = Frame { dmac: other, ..f };
+            let before = other_host(&maps);
+            let (verdict, out) = run_on(prog, &f.bytes());
+            assert_eq!(verdict, XDP_PASS, "{what} for another host: to the kernel");
+            assert_eq!(out, f.bytes(), "{what}: untouched");
+            assert_eq!(other_host(&maps), before + 1, "{what}: counted other_host");
+        }
+        // Our MAC: balanced; then the same flow framed for another host
+        // is still served (known flow).
+        let syn = Frame::tcp("10.200.0.2", 42010, "10.96.0.10", 80, SYN);
+        let (verdict, _) = run_on(prog, &syn.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "our MAC: balanced");
+        let ack = Frame {
+            dmac: other,
+            ..Frame::tcp("10.200.0.2", 42010, "10.96.0.10", 80, ACK)
+        };
+        let (verdict, _) = run_on(prog, &ack.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "a known flow: served");
+        // Broadcast: for every host.
+        let bcast = Frame {
+            dmac: [0xff; 6],
+            ..Frame::tcp("10.200.0.2", 42011, "10.96.0.10", 80, SYN)
+        };
+        let (verdict, _) = run_on(prog, &bcast.bytes());
+        assert_eq!(verdict, XDP_REDIRECT, "broadcast: balanced");
+    });
+}
+
 /// Issue 19: the next-hop cache. A flow's first packet asks the FIB and
 /// caches the backend's next hop (egress, MACs, route MTU, generation);
 /// a hit uses it without a FIB lookup (shown by a neighbour changed in

@@ -7,7 +7,7 @@
 //! Covered: the probes themselves against the kernel (who answers ARP and
 //! neighbour solicitation, gratuitous announcements, the client's
 //! neighbour entries); three VIPs spread one per node, etcd
-//! (`vips/<ip>`, `announcers/<node>` under one lease), `status --json`
+//! (`vips/<ip>`, `vips/candidates/<node>` under one lease), `status --json`
 //! and `/metrics` agreeing; a SIGKILLed owner replaced within 5 s with
 //! at most 3 s of failed requests, gratuitous ARPs from the new owner and
 //! the client moved to it; the killed node's return spread again without
@@ -336,15 +336,15 @@ impl<'m> Ha<'m> {
     }
 
     /// Every node of `live` (and none other) is a candidate
-    /// (`announcers/<node>`), and each VIP's record shares its owner's
+    /// (`vips/candidates/<node>`), and each VIP's record shares its owner's
     /// lease.
-    fn check_announcers(&self, o: &Owners, live: &[usize]) -> Result<(), String> {
-        let recs = self.etcd_records("announcers")?;
+    fn check_candidates(&self, o: &Owners, live: &[usize]) -> Result<(), String> {
+        let recs = self.etcd_records("vips/candidates")?;
         let want: BTreeSet<&str> = live.iter().map(|&i| self.name(i)).collect();
         let got: BTreeSet<&str> = recs.keys().map(String::as_str).collect();
         if got != want {
             return Err(format!(
-                "{PREFIX}/announcers/ holds {got:?}, want {want:?}: {recs:?}"
+                "{PREFIX}/vips/candidates/ holds {got:?}, want {want:?}: {recs:?}"
             ));
         }
         for (vip, w) in o {
@@ -436,6 +436,27 @@ impl<'m> Ha<'m> {
             if let Err(e) = r {
                 panic!("/metrics of {}: {e}{}", self.name(i), self.m.ctx());
             }
+            // The election's keys (`vips/...`) are no records of the
+            // desired state: never counted as bad keys.
+            let text = in_netns(&self.m.nodes[i].ns, || {
+                http_get_path(
+                    "127.0.0.1:9742".parse().unwrap(),
+                    "/metrics",
+                    Duration::from_secs(2),
+                )
+            })
+            .unwrap_or_else(|e| panic!("/metrics of {}: {e}", self.name(i)));
+            let bad: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("meshlb_config_errors_total{kind=\"key\"}"))
+                .filter(|l| !l.ends_with(" 0"))
+                .collect();
+            assert!(
+                bad.is_empty(),
+                "/metrics of {}: etcd keys counted as bad: {bad:?}{}",
+                self.name(i),
+                self.m.ctx()
+            );
         }
     }
 
@@ -1013,7 +1034,7 @@ fn three_vips_are_spread_and_a_killed_owner_is_replaced() {
         "spread {took:?} after the daemons were ready: {}",
         ha.show(&owners)
     );
-    if let Err(e) = ha.check_announcers(&owners, &all) {
+    if let Err(e) = ha.check_candidates(&owners, &all) {
         panic!("{e}{}", m.ctx());
     }
     for (vip, w) in &owners {
@@ -1055,7 +1076,7 @@ fn three_vips_are_spread_and_a_killed_owner_is_replaced() {
     let r = wait_for(
         Duration::from_secs(2),
         "the killed node's announcer to go",
-        || ha.check_announcers(&after, &survivors),
+        || ha.check_candidates(&after, &survivors),
     );
     r.unwrap_or_else(|e| panic!("{e}{}", m.ctx()));
     let t_new = Instant::now();
@@ -1144,7 +1165,7 @@ fn three_vips_are_spread_and_a_killed_owner_is_replaced() {
         ha.show(&stable)
     );
     ha.hold_steady(&stable, &all, Duration::from_secs(5));
-    if let Err(e) = ha.check_announcers(&stable, &all) {
+    if let Err(e) = ha.check_candidates(&stable, &all) {
         panic!("{e}{}", m.ctx());
     }
     // No stale answer anywhere: each VIP answered by its owner alone.

@@ -34,6 +34,9 @@ pub struct NodeNet {
     /// This node's address for other nodes (`nodes/<node>`, published
     /// ports of its containers): `node_address`.
     pub node_addr: Option<IpAddr>,
+    /// ifindex -> MAC of each uplink (`MLB_IFMAC_V1`): a flow opener in a
+    /// unicast frame for another MAC is left to the kernel.
+    pub iface_macs: BTreeMap<u32, [u8; 6]>,
 }
 
 impl NodeNet {
@@ -60,6 +63,7 @@ impl NodeNet {
             ephemeral,
             iface_addrs: iface_addrs(ifaces, links, addrs),
             node_addr: node_address(advertise, routes, addrs, snat),
+            iface_macs: BTreeMap::new(),
         }
     }
 }

@@ -84,7 +84,7 @@ pub struct View {
     pub eligible: bool,
     /// The announced VIPs.
     pub vips: BTreeSet<IpAddr>,
-    /// The candidates (`announcers/<node>`), each with how long this node
+    /// The candidates (`vips/candidates/<node>`), each with how long this node
     /// has seen it there without a break.
     pub candidates: BTreeMap<String, Duration>,
     /// Current owners (`vips/<ip>`).

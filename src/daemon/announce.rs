@@ -3,7 +3,7 @@
 //! VIPs").
 //!
 //! * A short lease of its own (`VIP_TTL_SECS`, renewed every
-//!   `RENEW_EVERY`) holds `announcers/<node>` while this node can
+//!   `RENEW_EVERY`) holds `vips/candidates/<node>` while this node can
 //!   announce (an announce interface is up) and `vips/<ip>` for each VIP
 //!   it owns. A VIP is taken only by creating its key while it is absent
 //!   (an etcd transaction), so there is one owner at a time.
@@ -83,9 +83,12 @@ pub fn vips_prefix(prefix: &str) -> String {
     format!("{}/vips/", prefix.trim_end_matches('/'))
 }
 
-/// `<prefix>/announcers/`
-pub fn announcers_prefix(prefix: &str) -> String {
-    format!("{}/announcers/", prefix.trim_end_matches('/'))
+/// `<prefix>/vips/candidates/`: under `vips/`, so one watch sees a
+/// revision's owner and candidate changes together (an expired lease
+/// deletes both at once: with separate watches, the owner's deletion
+/// could be acted on while its node still looked like a candidate).
+pub fn candidates_prefix(prefix: &str) -> String {
+    format!("{}candidates/", vips_prefix(prefix))
 }
 
 /// An interface this node announces on, as last read.
@@ -274,39 +277,29 @@ impl Announcer {
             granted.ttl()
         );
         let vprefix = vips_prefix(&prefix);
-        let aprefix = announcers_prefix(&prefix);
+        let aprefix = candidates_prefix(&prefix);
         let my_key = format!("{aprefix}{me}");
-        let mut revision = 0;
-        for p in [&vprefix, &aprefix] {
-            let r = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                client.get(p.as_str(), Some(GetOptions::new().with_prefix())),
-            )
-            .await
-            .map_err(|_| t("list"))?
-            .map_err(|e| format!("list {p}: {}", error_chain(&e)))?;
-            revision = revision.max(r.header().map_or(0, etcd_client::ResponseHeader::revision));
-            for kv in r.kvs() {
-                self.apply(&vprefix, &aprefix, kv.key(), Some(kv.value()));
-            }
+        let listed = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.get(vprefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(|_| t("list"))?
+        .map_err(|e| format!("list {vprefix}: {}", error_chain(&e)))?;
+        let revision = listed
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        for kv in listed.kvs() {
+            self.apply(&vprefix, &aprefix, kv.key(), Some(kv.value()));
         }
-        let mut streams = Vec::new();
-        for p in [&vprefix, &aprefix] {
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1);
-            let s = tokio::time::timeout(REQUEST_TIMEOUT, client.watch(p.as_str(), Some(opts)))
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut vw =
+            tokio::time::timeout(REQUEST_TIMEOUT, client.watch(vprefix.as_str(), Some(opts)))
                 .await
                 .map_err(|_| t("watch"))?
-                .map_err(|e| format!("watch {p}: {}", error_chain(&e)))?;
-            streams.push(s);
-        }
-        let (mut vw, mut aw) = {
-            let mut it = streams.into_iter();
-            let a = it.next().ok_or("watch")?;
-            let b = it.next().ok_or("watch")?;
-            (a, b)
-        };
+                .map_err(|e| format!("watch {vprefix}: {}", error_chain(&e)))?;
         // A VIP this node owned under an earlier lease is not its own now.
         self.owners.retain(|_, o| *o != me);
         let mut registered = false;
@@ -394,16 +387,6 @@ impl Announcer {
                         }
                     }
                 }
-                ev = aw.message() => {
-                    let resp = ev.map_err(|e| format!("watch: {}", error_chain(&e)))?
-                        .ok_or("watch stream closed")?;
-                    for e in resp.events() {
-                        if let Some(kv) = e.kv() {
-                            let v = (e.event_type() == EventType::Put).then(|| kv.value());
-                            self.apply(&vprefix, &aprefix, kv.key(), v);
-                        }
-                    }
-                }
                 () = until(next_pending) => {}
                 () = until(next_garp) => self.garp(),
                 _ = links.tick() => self.read_links().await,
@@ -431,7 +414,15 @@ impl Announcer {
         let Ok(key) = std::str::from_utf8(key) else {
             return;
         };
-        if let Some(ip) = key.strip_prefix(vprefix) {
+        if let Some(node) = key.strip_prefix(aprefix) {
+            if value.is_some() {
+                self.candidates
+                    .entry(node.to_string())
+                    .or_insert_with(Instant::now);
+            } else {
+                self.candidates.remove(node);
+            }
+        } else if let Some(ip) = key.strip_prefix(vprefix) {
             let Ok(vip) = ip.parse::<IpAddr>() else {
                 log::warn!("{key}: not an IP address: ignored");
                 return;
@@ -448,14 +439,6 @@ impl Announcer {
                 None => {
                     self.owners.remove(&vip);
                 }
-            }
-        } else if let Some(node) = key.strip_prefix(aprefix) {
-            if value.is_some() {
-                self.candidates
-                    .entry(node.to_string())
-                    .or_insert_with(Instant::now);
-            } else {
-                self.candidates.remove(node);
             }
         }
     }
@@ -723,6 +706,9 @@ mod tests {
     #[test]
     fn keys() {
         assert_eq!(vips_prefix("/meshlb/v1"), "/meshlb/v1/vips/");
-        assert_eq!(announcers_prefix("/meshlb/v1/"), "/meshlb/v1/announcers/");
+        assert_eq!(
+            candidates_prefix("/meshlb/v1/"),
+            "/meshlb/v1/vips/candidates/"
+        );
     }
 }

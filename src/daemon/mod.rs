@@ -937,7 +937,7 @@ impl<E: Engine> Node<E> {
             allow_local_source(&names(&attach));
             self.attach = attach;
         }
-        let (locals, net) = f.node_net(&self.settings, &names(&self.attach));
+        let (locals, net) = f.node_net(&self.settings, &self.attach);
         apply_node_net(&mut self.engine, &net);
         if let Some(a) = &self.live.announce {
             let ifaces = announce_ifaces(
@@ -988,7 +988,7 @@ async fn run_engine<E: Engine>(
     }
     let facts = Facts::read().await?;
     let attach = wanted(&settings, &BTreeMap::new(), &facts);
-    let (locals, net) = facts.node_net(&settings, &names(&attach));
+    let (locals, net) = facts.node_net(&settings, &attach);
     apply_node_net(&mut engine, &net);
     localise(&mut cfg, &locals, &facts.routes, true);
     let registry = Arc::new(Registry::default());
@@ -1356,19 +1356,29 @@ impl Facts {
 
     /// This node's addresses and what the data plane is told about its
     /// network, with the data plane on `ifaces` (in order).
-    fn node_net(&self, settings: &Settings, ifaces: &[String]) -> (BTreeSet<IpAddr>, NodeNet) {
+    fn node_net(&self, settings: &Settings, attach: &[Attach]) -> (BTreeSet<IpAddr>, NodeNet) {
+        let ifaces = names(attach);
         let locals = self.addrs.iter().map(|(_, a)| *a).collect();
         let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()
             .and_then(|t| nodenet::parse_port_range(&t));
-        let net = NodeNet::new(
-            ifaces,
+        let mut net = NodeNet::new(
+            &ifaces,
             &self.links,
             &self.addrs,
             &self.routes,
             ephemeral,
             settings.advertise_addr,
         );
+        // The uplinks' own MACs: a flow opener framed for another host is
+        // not theirs (task interfaces' frames are addressed to gateways
+        // whose MAC may be another device's: not checked).
+        net.iface_macs = attach
+            .iter()
+            .filter(|a| a.role == Role::Uplink)
+            .filter_map(|a| self.links.iter().find(|l| l.name == a.name))
+            .filter_map(|l| Some((l.index, l.mac?)))
+            .collect();
         (locals, net)
     }
 }

@@ -101,6 +101,9 @@ pub struct Maps {
     pub sock_netns: HashMap<MapData, u64, u32>,
     /// (socket cookie, backend) -> the frontend it asked for.
     pub sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    /// ifindex -> the uplink's MAC (and 2 zero bytes): flow openers for
+    /// another MAC are left to the kernel.
+    pub iface_macs: HashMap<MapData, u32, [u8; 8]>,
 }
 
 impl Maps {
@@ -210,6 +213,7 @@ impl Maps {
             next_hop_gen: typed!(maps::NEXT_HOP_GEN),
             sock_netns: typed!(maps::SOCK_NETNS),
             sock_rev: typed!(maps::SOCK_REV),
+            iface_macs: typed!(maps::IFACE_MACS),
         })
     }
 

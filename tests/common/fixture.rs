@@ -623,6 +623,7 @@ pub fn program(desired_locals: &[&str], maps: &mut Maps) {
         ephemeral: Some(EPHEMERAL),
         iface_addrs: Default::default(),
         node_addr: None,
+        iface_macs: Default::default(),
     };
     apply_node_net(maps, &net).unwrap();
 }

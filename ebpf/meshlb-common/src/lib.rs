@@ -121,9 +121,14 @@ pub mod maps {
     /// `SockRevValue` (the frontend the socket asked for): what
     /// `getpeername` and `recvmsg` of a balanced socket report.
     pub const SOCK_REV: &str = "MLB_SOCKREV_V1";
+    /// hash, ifindex (`u32`) -> `[u8; 8]` (the Ethernet address, then 2
+    /// zero bytes): the uplinks' own MACs. A flow opener in a unicast
+    /// frame for another MAC (flooded by a switch, delivered by a veth or a
+    /// promiscuous NIC) is left to the kernel, which drops it.
+    pub const IFACE_MACS: &str = "MLB_IFMAC_V1";
 
     /// Every map, for pin management and consistency checks.
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 31] = [
         FRONTENDS,
         LOCAL_ADDRS,
         SERVICES,
@@ -154,6 +159,7 @@ pub mod maps {
         NEXT_HOPS_BY_ADDR,
         SOCK_NETNS,
         SOCK_REV,
+        IFACE_MACS,
     ];
 
     /// Pin names of maps from earlier layouts: removed when found (their
@@ -1124,10 +1130,15 @@ pub enum Counter {
     /// A packet to a backend whose cached next hop (`NextHop`) was
     /// missing or stale: forwarded by a FIB lookup, which refreshed it.
     NextHopMiss = 43,
+    /// A packet of no known flow in a unicast frame for another host's MAC
+    /// (a flooding switch, a veth or a promiscuous NIC delivers those
+    /// too): not this node's to balance; passed to the kernel, which
+    /// drops it (`PACKET_OTHERHOST`).
+    OtherHost = 44,
 }
 
 /// Number of `Counter` variants.
-pub const COUNTER_COUNT: u32 = 44;
+pub const COUNTER_COUNT: u32 = 45;
 /// Size of the `COUNTERS` map: room to append counters without a new
 /// layout.
 pub const COUNTER_CAPACITY: u32 = 64;
@@ -1178,6 +1189,7 @@ impl Counter {
         Counter::Promoted,
         Counter::PortLost,
         Counter::NextHopMiss,
+        Counter::OtherHost,
     ];
 
     /// Whether the data path dropped the packet this counts (the
@@ -1244,6 +1256,7 @@ impl Counter {
             Counter::Promoted => "promoted",
             Counter::PortLost => "port_lost",
             Counter::NextHopMiss => "next_hop_miss",
+            Counter::OtherHost => "other_host",
         }
     }
 }

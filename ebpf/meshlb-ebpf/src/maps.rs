@@ -264,6 +264,11 @@ pub static MLB_SOCKNS_V1: HashMap<u64, u32> = HashMap::pinned(MAX_SOCK_NETNS, 0)
 pub static MLB_SOCKREV_V1: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::pinned(MAX_SOCK_REV, 0);
 
+/// ifindex -> the uplink's MAC (then 2 zero bytes): a flow opener in a
+/// unicast frame for another MAC is not this node's.
+#[map]
+pub static MLB_IFMAC_V1: HashMap<u32, [u8; 8]> = HashMap::pinned(MAX_IFACES, 0);
+
 /// 1 where the kernel lets XDP programs call `bpf_xdp_adjust_meta`; the
 /// loader writes 0 where it does not (`meshlb_common::XDP_META_GLOBAL`).
 /// A read-only global: with 0, the verifier never walks the call.

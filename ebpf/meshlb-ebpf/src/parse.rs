@@ -110,6 +110,13 @@ pub struct Packet {
     pub len: u64,
     /// The interface the packet came in on.
     pub ifindex: u32,
+    /// The frame's destination MAC's last 4 bytes, 0 for a group
+    /// (broadcast, multicast) address: a flow opener framed for another
+    /// host is not balanced (`select::other_host`). Not the whole MAC:
+    /// this struct sits in the deepest stack frames; 4 bytes fit its
+    /// padding, and two MACs of one segment that differ only in their
+    /// first 2 bytes (OUI) are not a case worth 8 more bytes.
+    pub dmac_tail: u32,
 }
 
 /// A bounds-checked pointer to a `T` at `off` bytes into the packet.
@@ -144,7 +151,12 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
     };
     let eth: *mut EthHdr = ptr_at(ctx, 0).map_err(|()| pass(Counter::TruncatedEth))?;
     // SAFETY: bounds-checked by ptr_at.
-    let ethertype = unsafe { (*eth).proto };
+    let (ethertype, dmac) = unsafe { ((*eth).proto, (*eth).dst) };
+    let dmac_tail = if dmac[0] & 1 != 0 {
+        0
+    } else {
+        u32::from_ne_bytes([dmac[2], dmac[3], dmac[4], dmac[5]])
+    };
     let len = ctx.frame_len();
     let mut pkt = Packet {
         l4_off: 0,
@@ -156,6 +168,7 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, u32> {
         frag_id: 0,
         len,
         ifindex: ctx.ifindex(),
+        dmac_tail,
     };
     let mut more_frags = false;
     let mut frag_off = 0u16;

@@ -1130,6 +1130,23 @@ pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneErr
         // then made stale.
         maps.bump_next_hop_gen().map_err(DataplaneError::Pinned)?;
     }
+    let stale: Vec<u32> = maps
+        .iface_macs
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|i| !net.iface_macs.contains_key(i))
+        .collect();
+    for i in stale {
+        let _ = maps.iface_macs.remove(&i);
+    }
+    for (i, m) in &net.iface_macs {
+        let v = [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
+        if maps.iface_macs.get(i, 0).ok() != Some(v) {
+            maps.iface_macs
+                .insert(i, v, 0)
+                .map_err(map_error(maps::IFACE_MACS))?;
+        }
+    }
     let want: BTreeSet<IfAddrKey> = net
         .iface_addrs
         .iter()

@@ -71,8 +71,14 @@ pub fn nodes_prefix(prefix: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Key {
     Service(String),
-    Task { service: String, id: String },
+    Task {
+        service: String,
+        id: String,
+    },
     Node(String),
+    /// `vips/...` (the rest of the key): the announced VIPs' election
+    /// (`daemon::announce` follows it; not part of the desired state).
+    Election(String),
 }
 
 impl Key {
@@ -82,6 +88,7 @@ impl Key {
             Key::Service(n) => service_key(prefix, n),
             Key::Task { service, id } => task_key(prefix, service, id),
             Key::Node(n) => node_key(prefix, n),
+            Key::Election(rest) => format!("{}/vips/{rest}", base(prefix)),
         }
     }
 }
@@ -134,6 +141,7 @@ pub fn parse_key(prefix: &str, key: &[u8]) -> Result<Key, RecordError> {
             id("node name", n)?;
             Ok(Key::Node((*n).to_owned()))
         }
+        ["vips", rest @ ..] if !rest.is_empty() => Ok(Key::Election(rest.join("/"))),
         _ => Err(err(
             "key",
             "unknown key: expected services/NAME, tasks/SERVICE/ID or nodes/NODE under the prefix"
@@ -664,6 +672,7 @@ impl ClusterState {
                 let node = parse_node(&shown, value)?;
                 put(&mut self.nodes, &name, node)
             }
+            Key::Election(_) => false,
         })
     }
 
@@ -685,7 +694,7 @@ impl ClusterState {
                 removed
             }
             Ok(Key::Node(name)) => self.nodes.remove(&name).is_some(),
-            Err(_) => false,
+            Ok(Key::Election(_)) | Err(_) => false,
         }
     }
 
@@ -1062,6 +1071,8 @@ mod tests {
                 id: "3f2a9c:8000".into(),
             },
             Key::Node("Node-1.example".into()),
+            Key::Election("10.96.0.10".into()),
+            Key::Election("candidates/n1".into()),
         ];
         for k in keys {
             for prefix in [P, "/meshlb/v1/", "/x"] {
@@ -1665,6 +1676,9 @@ mod tests {
             (t1.as_bytes(), br#"{"addr": "10.0.1.2"}"#),
             (bad.as_bytes(), br#"{"addr": "10.0.1.3", "port": 0}"#),
             (b"/meshlb/v1/junk", b"1"),
+            // The VIP election's keys are not records: no error.
+            (b"/meshlb/v1/vips/10.96.0.10", br#"{"node": "n1"}"#),
+            (b"/meshlb/v1/vips/candidates/n1", b"n1"),
         ];
         let (s, errors) = ClusterState::from_kvs(P, kvs);
         assert_eq!((s.service_count(), s.task_count()), (1, 1));

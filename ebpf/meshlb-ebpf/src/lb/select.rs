@@ -2,7 +2,10 @@
 //! (conntrack), else the client's session affinity, else the service's
 //! Maglev ring.
 
-use aya_ebpf::{bindings::xdp_action::XDP_DROP, helpers::bpf_ktime_get_boot_ns};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_boot_ns,
+};
 use meshlb_common::{
     hash::flow_slot, AffinityEntry, AffinityKey, Counter, CtEntry, BE_F_PRESENT, BE_F_SNAT,
     CT_F_CLOSING, CT_F_EST, CT_F_SNAT, NO_BACKEND, PROTO_TCP, RING_HALF, SVC_F_PRESENT,
@@ -17,8 +20,8 @@ use super::{
 };
 use crate::{
     maps::{
-        account, count, RingsDef, MLB_AFF_V1, MLB_BE_V1, MLB_CT_V2, MLB_RING_V1, MLB_SVCAFF_V1,
-        MLB_SVC_V1,
+        account, count, RingsDef, MLB_AFF_V1, MLB_BE_V1, MLB_CT_V2, MLB_IFMAC_V1, MLB_RING_V1,
+        MLB_SVCAFF_V1, MLB_SVC_V1,
     },
     parse::{Packet, TCP_ACK, TCP_SYN},
     reset,
@@ -99,6 +102,13 @@ pub(super) fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> 
         account(out.service_id, out.backend_id, pkt.len, false, false);
         return Ok(false);
     }
+    // No known flow: one in a frame for another host is not ours to open
+    // (a known flow's packets are served whatever their frame says: the
+    // client may have moved to this node's MAC mid-flow).
+    if other_host(pkt) {
+        count(Counter::OtherHost);
+        return Err(XDP_PASS);
+    }
     let stateless = tcp && !is_syn(pkt);
 
     // No usable backend: drop. Passed on, a packet to a VIP would follow
@@ -156,6 +166,25 @@ pub(super) fn pick_backend(pkt: &Packet, service_id: u32, out: &mut CtEntry) -> 
         return Ok(false);
     }
     Ok(true)
+}
+
+/// A unicast frame for another host's MAC on an interface whose own MAC
+/// the daemon wrote (`MLB_IFMAC_V1`: the uplinks). A flooding switch (an
+/// address whose port went down, a full forwarding table), a veth or a
+/// promiscuous NIC hands such frames to every node; balanced by each,
+/// one client's flow would reach several backends, and the extra copies'
+/// backends would reset it. The kernel drops them (`PACKET_OTHERHOST`).
+#[inline(always)]
+fn other_host(pkt: &Packet) -> bool {
+    if pkt.dmac_tail == 0 {
+        // Broadcast or multicast: for every host.
+        return false;
+    }
+    // SAFETY: a hash map value, read only.
+    match unsafe { MLB_IFMAC_V1.get(&pkt.ifindex) } {
+        Some(mac) => u32::from_ne_bytes([mac[2], mac[3], mac[4], mac[5]]) != pkt.dmac_tail,
+        None => false,
+    }
 }
 
 /// The backend of a new flow with client-IP session affinity (a non-zero

@@ -103,8 +103,9 @@ etcd)
             --initial-cluster n1=http://127.0.0.1:2380 >"$LOGDIR/etcd.log" 2>&1 &
         wait_until 60 "etcd on n1" "$MESHLB" service ls --etcd "$ETCD"
         must "$MESHLB" service create web --vip 10.96.0.10 --publish tcp:80:8000 --etcd "$ETCD"
-        # vweb: an announced VIP (SPEC "Highly available VIPs").
-        must "$MESHLB" service create vweb --vip 10.96.0.20 --publish tcp:80:8000 --announce --etcd "$ETCD"
+        # vweb: an announced VIP (SPEC "Highly available VIPs"); port 81,
+        # since a published port is every node's (web has 80).
+        must "$MESHLB" service create vweb --vip 10.96.0.20 --publish tcp:81:8000 --announce --etcd "$ETCD"
         for j in 1 2 3; do
             must "$MESHLB" task add web "10.22$j.0.2" --node "n$j" --id "t$j" --etcd "$ETCD"
             must "$MESHLB" task add vweb "10.22$j.0.2" --node "n$j" --id "v$j" --etcd "$ETCD"
@@ -194,7 +195,7 @@ if [ "$SOURCE" = etcd ]; then
     [ "$macs" = "52:54:00:00:01:0${owner#n} " ] || fail "ARP for the announced VIP 10.96.0.20 (owner $owner): answered by [$macs], want only the owner's 52:54:00:00:01:0${owner#n}: $replies"
     other=$(in_ns client /bin/busybox arping -c 2 -w 3 -I "$cif" 10.96.0.10 2>&1 | grep -c 'reply from')
     [ "$other" = 0 ] || fail "ARP for the unannounced VIP 10.96.0.10 got $other answers"
-    vbody=$(get client http://10.96.0.20/cgi-bin/peer) || fail "the announced VIP 10.96.0.20 did not answer on-link"
+    vbody=$(get client http://10.96.0.20:81/cgi-bin/peer) || fail "the announced VIP 10.96.0.20 did not answer on-link"
     case $vbody in t1* | t2* | t3*) ;; *) fail "10.96.0.20 answered '$vbody'" ;; esac
     detail="$detail[announced 10.96.0.20: owner $owner alone answers ARP ($macs), 10.96.0.10 none, on-link ${vbody%% *}] "
 fi

@@ -16,6 +16,8 @@
 //! * Self-fencing: if no renewal sent in the last `FENCE_AFTER` was
 //!   acknowledged, the addresses are removed and the session ends, well
 //!   before etcd can expire the lease and let another node in.
+//! * A stopping daemon removes its addresses and revokes its lease, so
+//!   its VIPs move at once instead of when the lease lapses.
 //! * Who campaigns first and when an owner hands a VIP back is
 //!   `control::vipowner` (rendezvous + bounded load, with a hold against
 //!   flapping).
@@ -56,6 +58,9 @@ const GARP_ON_TAKEOVER: u32 = 3;
 const GARP_SPACING: Duration = Duration::from_millis(200);
 /// A gratuitous ARP per owned VIP this often after takeover.
 pub const GARP_EVERY: Duration = Duration::from_secs(30);
+/// How long a stopping daemon waits for the announcer to resign (remove
+/// its addresses, revoke its lease).
+pub const RESIGN_WITHIN: Duration = Duration::from_secs(2);
 /// How often the announce interfaces' state is read.
 const LINK_POLL: Duration = Duration::from_millis(250);
 
@@ -158,7 +163,11 @@ pub async fn run(
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(200);
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            // The daemon is stopping: nothing is held between sessions.
+            Err(_) = vips.changed() => return,
+        }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
@@ -392,14 +401,14 @@ impl Announcer {
                 _ = links.tick() => self.read_links().await,
                 r = vips_rx.changed() => {
                     if r.is_err() {
-                        self.release_all("daemon stopping").await;
+                        self.resign_all(&mut client, lease).await;
                         return Ok(());
                     }
                     self.vips = vips_rx.borrow_and_update().clone();
                 }
                 r = ifaces_rx.changed() => {
                     if r.is_err() {
-                        self.release_all("daemon stopping").await;
+                        self.resign_all(&mut client, lease).await;
                         return Ok(());
                     }
                     self.ifaces = ifaces_rx.borrow_and_update().clone();
@@ -603,6 +612,23 @@ impl Announcer {
                 }
             }
             log::info!("vip {vip}: stopped answering ({why})");
+        }
+    }
+
+    /// The daemon is stopping: stops answering, then revokes the lease,
+    /// which deletes its `vips/<ip>` and candidate keys at once, so
+    /// another node takes over without waiting for the lease to lapse.
+    async fn resign_all(&mut self, client: &mut Client, lease: i64) {
+        self.release_all("daemon stopping").await;
+        match tokio::time::timeout(RESIGN_WITHIN / 2, client.lease_revoke(lease)).await {
+            Ok(Ok(_)) => {
+                log::info!("vip election: lease {lease:x} revoked: this node's VIPs are free")
+            }
+            Ok(Err(e)) => log::warn!(
+                "vip election: revoking lease {lease:x}: {}",
+                error_chain(&e)
+            ),
+            Err(_) => log::warn!("vip election: revoking lease {lease:x}: timed out"),
         }
     }
 

@@ -366,7 +366,16 @@ async fn sync<E: Engine>(
     if let Some(d) = live.dns.as_mut() {
         d.publish(&desired);
     }
-    if let Some(a) = &live.announce {
+    // The announced VIPs change only with the services (or the refused
+    // ones): not looked for after an etcd event that touched tasks alone.
+    let services_changed = changes
+        .as_ref()
+        .is_none_or(|c| c.full || !c.names.is_empty());
+    if let Some(a) = live
+        .announce
+        .as_ref()
+        .filter(|_| services_changed || refused_changed)
+    {
         a.publish(&services, &live.refused);
     }
     engine
@@ -1053,7 +1062,7 @@ async fn run_engine<E: Engine>(
     let (dns_publisher, _dns_tasks) = start_dns(&settings, &registry).await?;
     // With etcd: the VIP announcer (SPEC "Highly available VIPs").
     let (vip_status_tx, mut vip_status_rx) = watch::channel(Arc::new(Vec::new()));
-    let (announce_feed, _announce_task) = if let Some(o) = &settings.etcd {
+    let (announce_feed, mut announce_task) = if let Some(o) = &settings.etcd {
         let (vips_tx, vips_rx) = watch::channel(BTreeSet::new());
         let ifaces = announce_ifaces(
             &settings,
@@ -1237,6 +1246,19 @@ async fn run_engine<E: Engine>(
                     log::warn!("{e}");
                 }
             }
+        }
+    }
+    // The announcer hands its VIPs over at once (address removed, lease
+    // revoked) rather than let them lapse with the lease.
+    if let (Some(feed), Some(task)) = (node.live.announce.take(), announce_task.as_mut()) {
+        drop(feed);
+        if tokio::time::timeout(announce::RESIGN_WITHIN, &mut task.0)
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "stopping: the VIP announcer did not resign in time; its VIPs lapse with its lease"
+            );
         }
     }
     match kind {

@@ -622,7 +622,7 @@ impl Announcer {
         self.release_all("daemon stopping").await;
         match tokio::time::timeout(RESIGN_WITHIN / 2, client.lease_revoke(lease)).await {
             Ok(Ok(_)) => {
-                log::info!("vip election: lease {lease:x} revoked: this node's VIPs are free")
+                log::info!("vip election: lease {lease:x} revoked: this node's VIPs are free");
             }
             Ok(Err(e)) => log::warn!(
                 "vip election: revoking lease {lease:x}: {}",

@@ -1107,8 +1107,9 @@ fn add_counter(maps: &mut Maps, c: Counter, n: u64) {
     }
 }
 
-/// Writes this node's interface flags (`IFACES`, replacing what is there)
-/// and SNAT addresses (`SNAT_ADDRS`).
+/// Writes this node's interface flags (`IFACES`) and its uplinks' MACs
+/// (`IFACE_MACS`), each replacing what is there, and SNAT addresses
+/// (`SNAT_ADDRS`).
 pub fn apply_node_net(maps: &mut Maps, net: &NodeNet) -> Result<(), DataplaneError> {
     let before: BTreeMap<u32, u32> = maps.ifaces.iter().filter_map(Result::ok).collect();
     let stale: Vec<u32> = maps

@@ -634,6 +634,25 @@ impl<E: Engine> Node<E> {
 /// Runs the daemon until `shutdown` resolves or SIGTERM/SIGINT arrives:
 /// opens the engine (`--dataplane`: XDP, IPVS, or XDP falling back to
 /// IPVS) and runs the one loop with it.
+/// One BPF map (descriptor) per service ring: raise the open-files limit
+/// before anything is opened, and say what it is.
+fn raise_open_files() {
+    use crate::kernel::rlimit::{raise_nofile, WANTED_NOFILE};
+    match raise_nofile() {
+        Ok(n) if n.now >= WANTED_NOFILE && n.now > n.before => {
+            log::info!("open-files limit raised from {} to {}", n.before, n.now);
+        }
+        Ok(n) if n.now < WANTED_NOFILE => log::warn!(
+            "open-files limit {} (the hard limit; {} wanted): each service's Maglev ring holds a descriptor, so past about {} services rings cannot be created; raise LimitNOFILE",
+            n.now,
+            WANTED_NOFILE,
+            n.now.saturating_sub(256)
+        ),
+        Ok(_) => {}
+        Err(e) => log::warn!("open-files limit: could not raise it: {e}"),
+    }
+}
+
 pub async fn run(
     settings: Settings,
     cfg: Config,
@@ -643,6 +662,7 @@ pub async fn run(
     let lock = crate::kernel::pinlock::acquire(&settings.bpffs)
         .map_err(|e| DaemonError::Usage(e.to_string()))?;
     log::debug!("pin directory lock {}", lock.path().display());
+    raise_open_files();
     tokio::pin!(shutdown);
     if !wait_for_interfaces(&settings.ifaces, &mut shutdown).await? {
         log::info!("stopped while waiting for interfaces: nothing was attached");

@@ -3,7 +3,7 @@
 //! lock, the listening sockets (`/proc/net`) and the heap arena; one
 //! netlink attribute codec (`nlattr`) for IPVS and nf_tables; an owned
 //! VIP held on the uplink and announced (gratuitous ARP, unsolicited
-//! neighbour advertisements).
+//! neighbour advertisements); the daemon's open-files limit (`rlimit`).
 
 pub mod announce;
 pub(crate) mod bpfsys;
@@ -16,4 +16,5 @@ pub mod nft;
 pub(crate) mod nlattr;
 pub(crate) mod pinlock;
 pub mod pinned;
+pub mod rlimit;
 pub mod sockdiag;

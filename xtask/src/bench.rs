@@ -22,6 +22,9 @@ pub enum Suite {
     /// etcd put -> kernel map latency, full sync at 1k/10k services, daemon
     /// memory, and kube-proxy's iptables-restore for the same services.
     ControlPlane,
+    /// The data-plane paths, the routing mesh and the control plane inside
+    /// QEMU guests (IPVS, kube-proxy-style ipvsadm, other arches).
+    Vm,
     /// Rewrite bench/REPORT.md and its charts from the newest results.
     Report,
     /// Every suite: dataplane, microbench, control-plane, then the report.
@@ -38,6 +41,8 @@ pub struct Options {
     pub sizes: String,
     /// Control plane: single changes timed per size.
     pub changes: usize,
+    /// vm: the guests' architectures.
+    pub arches: Vec<crate::compile::Target>,
 }
 
 /// The numbers of one wrk run.
@@ -55,6 +60,24 @@ pub fn bench(suite: Suite, opt: &Options) -> Result<()> {
         Suite::Dataplane => crate::bench_peers::dataplane(opt).map(drop),
         Suite::Microbench => crate::microbench::run(opt).map(drop),
         Suite::ControlPlane => crate::bench_control_plane::control_plane(opt),
+        Suite::Vm => {
+            let (_, ok) = crate::bench_vm::run(&crate::bench_vm::VmBench {
+                arches: opt.arches.clone(),
+                rounds: opt.rounds,
+                duration_s: opt.duration_s,
+                connections: opt.connections,
+                cp_rounds: opt.rounds.min(3),
+                results: Some(crate::root().join("bench/results")),
+                meshlb: opt.meshlb.clone(),
+            })?;
+            crate::report::write()?;
+            if !ok {
+                bail!(
+                    "bench vm: some runs failed (reported as failed in the results and the report)"
+                );
+            }
+            Ok(())
+        }
         Suite::Report => crate::report::write().map(drop),
         Suite::All => {
             crate::bench_peers::dataplane(opt)?;

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: what CI runs — setup, eBPF build, fmt, clippy, the
 //! whole workspace's tests, the three .deb packages checked (`cargo xtask
-//! package --check`) and the QEMU guest scenarios (`cargo xtask vm test`),
-//! each under a header, with timings.
+//! package --check`) with the one-round smoke of `cargo xtask bench vm`
+//! beside them, and the QEMU guest scenarios (`cargo xtask vm test`), each
+//! under a header, with timings.
 
 use std::time::Instant;
 
@@ -100,10 +101,15 @@ fn run_all(s: &mut Steps) -> Result<()> {
             .run()
     })?;
     // The .deb of every arch: contents, architecture, lintian, the unit
-    // verified (the package scenarios below install them in guests).
-    s.step("packages (cargo xtask package --check)", || {
-        crate::package::all_checked().map(drop)
-    })?;
+    // verified (the package scenarios below install them in guests). The
+    // `cargo xtask bench vm` smoke (one round of 1 s per path, x86_64, every
+    // part) runs beside the ARM builds, whose fat-LTO link keeps one core
+    // busy and leaves the other idle; it needs only the x86_64 release
+    // binary, built first.
+    s.step(
+        "packages (cargo xtask package --check), bench vm smoke alongside",
+        packages_and_smoke,
+    )?;
     // IPVS, the 3-node cluster and the ARM builds run in QEMU guests: they
     // never skip; a missing tool or tree is an error.
     s.step("vm scenarios (cargo xtask vm test)", || {
@@ -113,5 +119,56 @@ fn run_all(s: &mut Steps) -> Result<()> {
             list: false,
         })
     })?;
+    Ok(())
+}
+
+/// The packages step: the x86_64 .deb, then the bench vm smoke in a child
+/// process (`xtask bench-vm-smoke`, its output in
+/// `target/bench-vm-smoke.log`) while the aarch64 and armv7 .debs build;
+/// both must succeed.
+fn packages_and_smoke() -> Result<()> {
+    use crate::compile::Target;
+    use crate::package;
+    let deb = package::package(Target::X86_64, 1, &package::out_dir())?;
+    package::check(Target::X86_64, &deb)?;
+    let bin = compile::target_dir().join("release/meshlb");
+    let log = compile::target_dir().join("bench-vm-smoke.log");
+    let _ = std::fs::remove_file(&log);
+    let mut smoke = Cmd::new(std::env::current_exe()?.to_string_lossy())
+        .arg("bench-vm-smoke")
+        .arg("--meshlb")
+        .arg(bin.to_string_lossy())
+        .spawn_background("bench vm smoke", &log)?;
+    let rest: Result<()> = [Target::Aarch64, Target::Armv7]
+        .into_iter()
+        .try_for_each(|t| {
+            let deb = package::package(t, 1, &package::out_dir())?;
+            package::check(t, &deb)
+        });
+    let deadline = Instant::now() + std::time::Duration::from_secs(40 * 60);
+    println!("waiting for the bench vm smoke ({})", log.display());
+    let status = loop {
+        if let Some(st) = smoke.exited() {
+            break Some(st);
+        }
+        if Instant::now() >= deadline || crate::cmd::interrupted() {
+            smoke.stop(std::time::Duration::from_secs(10));
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let ok = status.is_some_and(|s| s.success());
+    println!(
+        "----- bench vm smoke ({}) -----\n{}\n-----",
+        log.display(),
+        smoke.log_tail(if ok { 16 } else { 80 })
+    );
+    rest?;
+    anyhow::ensure!(
+        ok,
+        "bench vm smoke failed ({}; log {})",
+        status.map_or("no exit within 40 min".to_string(), |s| s.to_string()),
+        log.display()
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_control_plane;
 mod bench_peers;
+mod bench_vm;
 mod check;
 mod cmd;
 mod compile;
@@ -17,6 +18,7 @@ mod netns;
 mod package;
 mod procs;
 mod report;
+mod report_vm;
 mod setup;
 mod vm;
 
@@ -94,6 +96,9 @@ enum Task {
         /// control-plane: single etcd changes timed per size.
         #[arg(long, default_value_t = 200)]
         changes: usize,
+        /// vm: the guests' architectures (default: x86_64 and aarch64).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        arch: Vec<compile::Target>,
     },
     /// Debian packages: target/package/meshlb_<version>_<arch>.deb (cargo-deb).
     Package {
@@ -112,6 +117,15 @@ enum Task {
     Vm {
         #[command(subcommand)]
         task: vm::VmTask,
+    },
+    /// `cargo xtask bench vm`'s one-round smoke (x86_64), as `cargo xtask
+    /// test` runs it beside the package builds.
+    #[command(hide = true)]
+    BenchVmSmoke {
+        /// The prebuilt release meshlb (no cargo call: the package builds
+        /// hold cargo's lock meanwhile).
+        #[arg(long, value_name = "PATH")]
+        meshlb: PathBuf,
     },
     /// The load generators of `bench dataplane`, run by it inside a
     /// namespace: `paced`, `udp-blast`.
@@ -144,6 +158,11 @@ fn main() {
 
 fn run(mut task: Task) -> Result<()> {
     cmd::install_signal_handlers()?;
+    // The load generators also run inside QEMU guests (`bench vm`), where
+    // the workspace does not exist.
+    if let Task::BenchHelper { args } = &task {
+        return loadgen::helper(args);
+    }
     // Paths given on the command line are relative to where we were started.
     if let Task::Demo {
         meshlb: Some(p), ..
@@ -187,6 +206,7 @@ fn run(mut task: Task) -> Result<()> {
             meshlb,
             sizes,
             changes,
+            arch,
         } => bench::bench(
             suite,
             &bench::Options {
@@ -196,9 +216,15 @@ fn run(mut task: Task) -> Result<()> {
                 meshlb,
                 sizes,
                 changes,
+                arches: if arch.is_empty() {
+                    vec![compile::Target::X86_64, compile::Target::Aarch64]
+                } else {
+                    arch
+                },
             },
         ),
         Task::Vm { task } => vm::run(task),
-        Task::BenchHelper { args } => loadgen::helper(&args),
+        Task::BenchVmSmoke { meshlb } => bench_vm::smoke(&meshlb),
+        Task::BenchHelper { .. } => unreachable!("handled above"),
     }
 }

@@ -274,15 +274,3 @@ fn verify_unit(root: &Path) -> Result<()> {
     println!("systemd-analyze verify meshlb.service: ok");
     Ok(())
 }
-
-/// All three packages, each checked: `cargo xtask package --check` and
-/// the packaging step of `cargo xtask test`.
-pub fn all_checked() -> Result<Vec<PathBuf>> {
-    let mut debs = Vec::new();
-    for t in TARGETS {
-        let deb = package(t, 1, &out_dir())?;
-        check(t, &deb)?;
-        debs.push(deb);
-    }
-    Ok(debs)
-}

@@ -622,12 +622,12 @@ fn control_plane_tables(md: &mut String, cp: &Value) {
     md.push('\n');
 }
 
-fn load(p: &Path) -> Result<Value> {
+pub fn load(p: &Path) -> Result<Value> {
     let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&t).with_context(|| format!("parsing {}", p.display()))
 }
 
-fn rel(p: &Path) -> String {
+pub fn rel(p: &Path) -> String {
     p.strip_prefix(crate::root().join("bench"))
         .unwrap_or(p)
         .display()
@@ -1109,6 +1109,8 @@ pub fn write() -> Result<PathBuf> {
         }
     }
 
+    crate::report_vm::section(&mut md, &bench)?;
+
     let mut head =
         String::from("## Targets\n\n| target | measured | verdict | note |\n|---|---|---|---|\n");
     for t in &targets {
@@ -1121,7 +1123,7 @@ pub fn write() -> Result<PathBuf> {
             t.note
         );
     }
-    head.push_str("\nNot covered here: the same suites inside VMs (IPVS as a peer, other kernels, ARM) wait for the `vm/` harness.\n\n");
+    head.push_str("\nThe same paths inside QEMU guests (IPVS and kube-proxy-style IPVS as peers, aarch64, the routing mesh across three guests) are in [Under QEMU](#under-qemu): TCG, ratios only.\n\n");
     let split = md.find("## ").unwrap_or(md.len());
     md.insert_str(split, &head);
     let out = bench.join("REPORT.md");

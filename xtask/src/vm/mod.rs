@@ -9,7 +9,7 @@
 //! this build's `meshlb` for the guest's arch and the `vm/` scripts, runs
 //! one scenario script and prints one `MESHLB-VM-RESULT` line.
 
-mod qemu;
+pub mod qemu;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -157,7 +157,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-const NETNS_PREFIX: &str = "mlbvm-";
+pub const NETNS_PREFIX: &str = "mlbvm-";
 
 pub fn run(task: VmTask) -> Result<()> {
     match task {
@@ -199,17 +199,26 @@ pub fn run(task: VmTask) -> Result<()> {
 /// What a guest of one arch needs: its tree and a share with this build's
 /// `meshlb` and the `vm/` scripts (and, for the package scenarios, the
 /// arch's .deb in two revisions: `deb/1/`, `deb/2/`).
-struct ArchKit {
-    tree: tree::Tree,
-    share: TempDir,
+pub struct ArchKit {
+    pub tree: tree::Tree,
+    pub share: TempDir,
 }
 
-fn kit(arch: Target, debs: bool) -> Result<ArchKit> {
+pub fn kit(arch: Target, debs: bool) -> Result<ArchKit> {
+    kit_with(arch, None, debs)
+}
+
+/// [`kit`] with a prebuilt `meshlb` for `arch` (no cargo call), or built
+/// when `None`.
+pub fn kit_with(arch: Target, meshlb: Option<&Path>, debs: bool) -> Result<ArchKit> {
     let tree = tree::ensure(arch)?;
     let t = Instant::now();
     // Release, as packaged: the package scenarios reuse the build, and TCG
     // guests run optimised code much faster.
-    let bin = compile::build(arch, true)?;
+    let bin = match meshlb {
+        Some(b) => b.to_path_buf(),
+        None => compile::build(arch, true)?,
+    };
     println!(
         "vm: meshlb for {} ready in {:.1}s",
         arch.triple(),
@@ -246,7 +255,7 @@ fn kit(arch: Target, debs: bool) -> Result<ArchKit> {
     Ok(ArchKit { tree, share })
 }
 
-fn logdir() -> Result<PathBuf> {
+pub fn logdir() -> Result<PathBuf> {
     let d = compile::target_dir().join("vm/logs");
     std::fs::create_dir_all(&d)?;
     Ok(d)
@@ -344,18 +353,20 @@ fn test(names: &[String], jobs: usize) -> Result<()> {
     Ok(())
 }
 
-fn guest<'a>(s: &'a Scenario, k: &'a ArchKit, node: &'a str, nics: Vec<Nic>) -> Guest<'a> {
+fn guest<'a>(s: &'a Scenario, k: &'a ArchKit, node: &str, nics: Vec<Nic>) -> Guest<'a> {
     Guest {
         arch: s.arch,
         tree: &k.tree,
         share: k.share.path(),
         scenario: s.name,
         script: s.script,
-        node,
+        node: node.to_string(),
         args: s.args,
         // A meshlb map set is ~220 MB; the xdp scenario holds two.
         mem_mb: if s.guests == 1 { 1536 } else { 1024 },
+        smp: 1,
         nics,
+        out: None,
         deadline: s.deadline,
     }
 }
@@ -378,34 +389,48 @@ fn report(s: &Scenario, o: &Outcome) {
     }
 }
 
-/// A cluster scenario: `s.guests` guests on one L2 segment, a QEMU socket
-/// netdev on a multicast group inside a namespace of our own (so nothing
-/// leaves it). n1 also gets a second NIC on the segment for the client
-/// namespace. The scenario passes when every guest passes; the first
-/// failure stops the others.
+/// A cluster scenario: `s.guests` guests on one L2 segment; n1 also gets
+/// a second NIC on the segment for the client namespace.
 fn cluster(s: &Scenario, k: &ArchKit, logs: &Path) -> Result<Outcome> {
+    run_cluster(s.name, s.guests, true, logs, |node, nics| {
+        guest(s, k, node, nics)
+    })
+}
+
+/// `guests` guests (n1..nN) on one L2 segment: a QEMU socket netdev on a
+/// multicast group inside a namespace of our own (so nothing leaves it);
+/// with `client_nic`, n1 gets a second NIC (MAC `…:64`) on the segment.
+/// `make` gives each node's guest. Passes when every guest passes; the
+/// first failure stops the others.
+pub fn run_cluster<'a>(
+    name: &str,
+    guests: usize,
+    client_nic: bool,
+    logs: &Path,
+    make: impl Fn(&str, Vec<Nic>) -> Guest<'a>,
+) -> Result<Outcome> {
     let t = Instant::now();
     let ns = Netns::create(&format!("{NETNS_PREFIX}{}", std::process::id()))?;
     ns.ip(&["route", "add", "224.0.0.0/4", "dev", "lo"])?;
     let mcast = "230.0.0.1:47000".to_string();
-    let names: Vec<String> = (1..=s.guests).map(|i| format!("n{i}")).collect();
+    let names: Vec<String> = (1..=guests).map(|i| format!("n{i}")).collect();
     let mut running = Vec::new();
     for (i, n) in names.iter().enumerate() {
         let mut nics = vec![Nic {
             mcast: mcast.clone(),
             mac: format!("52:54:00:00:01:{:02x}", i + 1),
         }];
-        if i == 0 {
+        if i == 0 && client_nic {
             nics.push(Nic {
                 mcast: mcast.clone(),
                 mac: "52:54:00:00:01:64".into(),
             });
         }
-        let g = guest(s, k, n, nics);
-        println!("vm: {} starting guest {n}", s.name);
+        let g = make(n, nics);
+        println!("vm: {name} starting guest {n}");
         running.push(Some(Running::start(
             &g,
-            &format!("{}-{n}", s.name),
+            &format!("{name}-{n}"),
             logs,
             Some(&ns.name),
         )?));
@@ -417,8 +442,7 @@ fn cluster(s: &Scenario, k: &ArchKit, logs: &Path) -> Result<Outcome> {
             if slot.as_mut().is_some_and(qemu::Running::finished) {
                 let o = slot.take().expect("running").wait()?;
                 println!(
-                    "vm: {} guest {}: {} {}",
-                    s.name,
+                    "vm: {name} guest {}: {} {}",
                     names[i],
                     if o.pass { "PASS" } else { "FAIL" },
                     o.detail

@@ -32,10 +32,15 @@ pub struct Guest<'a> {
     pub scenario: &'a str,
     /// `vm/scenarios/<script>.sh`, or `shell`.
     pub script: &'a str,
-    pub node: &'a str,
+    pub node: String,
     pub args: &'a [&'a str],
     pub mem_mb: u32,
+    /// Virtual CPUs (the scenarios: 1; the benchmark: 2).
+    pub smp: u32,
     pub nics: Vec<Nic>,
+    /// A writable share (9p tag `out`) for what the guest reports in files
+    /// (`cargo xtask bench vm`); the guest mounts it itself.
+    pub out: Option<&'a Path>,
     /// Host-side limit; the guest gets a little less for its own.
     pub deadline: Duration,
 }
@@ -100,7 +105,12 @@ impl Guest<'_> {
         let mut c = Cmd::new(program)
             .args(["-accel", "tcg", "-nodefaults", "-no-user-config"])
             .args(machine.iter().copied())
-            .args(["-smp", "1", "-m", &self.mem_mb.to_string()])
+            .args([
+                "-smp",
+                &self.smp.to_string(),
+                "-m",
+                &self.mem_mb.to_string(),
+            ])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .args(["-serial", serial])
             .arg("-kernel")
@@ -110,6 +120,12 @@ impl Guest<'_> {
             .args(["-append", &append])
             .args(["-virtfs", &virtfs(&self.tree.root, "root")])
             .args(["-virtfs", &virtfs(self.share, "host")]);
+        if let Some(out) = self.out {
+            c = c.arg("-virtfs").arg(format!(
+                "local,path={},mount_tag=out,security_model=none",
+                out.display()
+            ));
+        }
         for (i, n) in self.nics.iter().enumerate() {
             c = c
                 .arg("-netdev")

@@ -17,6 +17,21 @@ ipt() {
 
 ipt_self() { /usr/sbin/xtables-nft-multi iptables -w "$@"; }
 
+# wire HOST_NS HOST_IF HOST_ADDR LB_NS LB_IF LB_ADDR: a veth between a
+# host on a wire (client or backend: complete checksums, TX checksum
+# offload off) and a load balancer's namespace, which keeps the kernel's
+# defaults (offloads on), as a node does.
+wire() {
+    must ip link add "$2" type veth peer name "$5"
+    must ip link set "$2" netns "$1"
+    must ip link set "$5" netns "$4"
+    must ip -n "$1" addr add "$3" dev "$2"
+    must ip -n "$4" addr add "$6" dev "$5"
+    must in_ns "$1" /sbin/ethtool -K "$2" tx off >/dev/null
+    must ip -n "$1" link set "$2" up
+    must ip -n "$4" link set "$5" up
+}
+
 # bench_users: the tree has no /etc/passwd (nothing was configured); nginx
 # looks its user up.
 bench_users() {

@@ -18,6 +18,8 @@
 #
 # Backend: one nginx (1 worker, access_log off) on :8000 in `be`; UDP to
 # :9000 is counted and dropped by a raw PREROUTING rule per backend veth.
+# The client's and backend's veth ends have TX checksum offload off (hosts
+# on a wire); the lanes keep the kernel's defaults.
 #
 # Args (key=value): rounds, secs (per run), conns (wrk), rate (paced
 # client, requests/s), workloads (comma-free list joined by `+`:
@@ -62,8 +64,8 @@ netns be
 for p in $PATHS; do
     l=$(lane_of "$p")
     netns "l$l"
-    veth cl "c$l" "10.210.$l.2/24" "l$l" "l${l}c" "10.210.$l.1/24"
-    veth be "b$l" "10.211.$l.2/24" "l$l" "l${l}b" "10.211.$l.1/24"
+    wire cl "c$l" "10.210.$l.2/24" "l$l" "l${l}c" "10.210.$l.1/24"
+    wire be "b$l" "10.211.$l.2/24" "l$l" "l${l}b" "10.211.$l.1/24"
     must ip -n cl route add "10.211.$l.0/24" via "10.210.$l.1"
     must ip -n cl route add "10.96.0.$l/32" via "10.210.$l.1"
     must ip -n be route add "10.210.$l.0/24" via "10.211.$l.1"

@@ -39,10 +39,13 @@ bench_users() {
     [ -s /etc/group ] || printf 'root:x:0:\nnogroup:x:65534:\n' >/etc/group
 }
 
-# nginx_start NS PORT BODY: nginx (the host benchmark's backend: 1 worker,
-# access_log off, keep-alive without limit) answering BODY on PORT.
+# nginx_start NS PORT BODY [PORT2]: nginx (the host benchmark's backend:
+# 1 worker, access_log off, keep-alive without limit) answering BODY on
+# PORT (and PORT2).
 nginx_start() {
     d=/tmp/nginx-$1
+    extra=
+    [ -n "$4" ] && extra="listen $4 reuseport backlog=8192;"
     mkdir -p "$d"
     cat >"$d/nginx.conf" <<NGINX
 daemon off;
@@ -65,6 +68,7 @@ http {
     tcp_nodelay on;
     server {
         listen $2 reuseport backlog=8192;
+        $extra
         default_type text/plain;
         location / { return 200 "$3\n"; }
     }
@@ -72,6 +76,7 @@ http {
 NGINX
     in_ns "$1" /usr/sbin/nginx -p "$d" -c "$d/nginx.conf" -e "$LOGDIR/nginx-error-$1.log" >"$LOGDIR/nginx-$1.log" 2>&1 &
     wait_until 20 "nginx in $1" in_ns "$1" /bin/busybox wget -q -O /dev/null "http://127.0.0.1:$2/"
+    [ -z "$4" ] || wait_until 20 "nginx in $1 on $4" in_ns "$1" /bin/busybox wget -q -O /dev/null "http://127.0.0.1:$4/"
 }
 
 # haproxy_start NS BIND SERVER: HAProxy in TCP mode, one thread (the host

@@ -5,7 +5,7 @@
 #   n1 10.210.0.1  the forwarding node: meshlb (XDP, then IPVS), and
 #                  kube-proxy-style iptables DNAT + MASQUERADE on :8082
 #   n2 10.210.0.2  the task node: bridge br0 10.222.0.1, task namespace t2
-#                  10.222.0.2, nginx :8000 (1 worker)
+#                  10.222.0.2, nginx :8000 and :8001 (1 worker)
 #   n3 10.210.0.3  the client (wrk)
 #
 # Paths: direct (n3 -> 10.222.0.2:8000, routed via n2), meshlb-xdp
@@ -13,13 +13,17 @@
 # back out the same NIC), meshlb-ipvs (10.210.0.1:80, IPVS masquerading +
 # meshlb's nf_tables masquerade), iptables (10.210.0.1:8082: nat
 # PREROUTING MARK + DNAT, POSTROUTING MASQUERADE on the mark, as
-# kube-proxy's iptables mode). One data plane of meshlb runs at a time on
+# kube-proxy's iptables mode). The iptables path reaches the task's :8001:
+# both NATs source-translate to n1's address and meshlb's XDP SNAT is
+# outside conntrack, so on one target port the two could pick the same
+# (n1, port) tuple while the task still holds it in TIME_WAIT; separate
+# target ports keep the paths of this shared test bed independent. One data plane of meshlb runs at a time on
 # n1, so each round is two phases: XDP (direct, meshlb-xdp, iptables
 # interleaved), then IPVS (meshlb-ipvs, iptables).
 #
 # Coordination over HTTP marks on :9999 (busybox httpd): n1 publishes
 # `phase` ("<round> xdp|ipvs", then "end"), n3 publishes `done` (the
-# phase it finished), n2 `ready`. Args: rounds=R secs=S conns=C
+# phase it finished, then "end" once it saw n1's), n2 `ready`. Args: rounds=R secs=S conns=C
 # workloads=keepalive+cpr. n3 writes /mnt/out/mesh-<workload>-r<round>-<path>.txt.
 
 ROUNDS=3 SECS=5 CONNS=32 WORKLOADS="keepalive cpr"
@@ -76,7 +80,7 @@ case $i in
     must ip -n t2 link set eth0 up
     must ip -n t2 route add default via 10.222.0.1
     must in_ns t2 /bin/busybox sysctl -qw net.core.somaxconn=8192
-    nginx_start t2 8000 t2
+    nginx_start t2 8000 t2 8001
     echo ready >/tmp/mark/ready
     wait_mark 1 phase end $((ROUNDS * 900 + 600))
     pass "bench-mesh n2: served the task until n1's end"
@@ -109,6 +113,8 @@ case $i in
     done
     wait_mark 1 phase end 300
     sync
+    # n1 powers off once it sees this.
+    echo end >/tmp/mark/done
     pass "bench-mesh n3: $ROUNDS round(s) of $WORKLOADS"
     ;;
 1)
@@ -127,7 +133,7 @@ TOML
     # kube-proxy's iptables mode for a NodePort: mark, DNAT, masquerade
     # the marked connections on the way out.
     must ipt_self -t nat -A PREROUTING -d 10.210.0.1/32 -p tcp --dport 8082 -j MARK --set-xmark 0x4000/0x4000
-    must ipt_self -t nat -A PREROUTING -d 10.210.0.1/32 -p tcp --dport 8082 -j DNAT --to-destination 10.222.0.2:8000
+    must ipt_self -t nat -A PREROUTING -d 10.210.0.1/32 -p tcp --dport 8082 -j DNAT --to-destination 10.222.0.2:8001
     must ipt_self -t nat -A POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE
     {
         echo "kernel=$(uname -r)"
@@ -153,8 +159,8 @@ TOML
         r=$((r + 1))
     done
     echo end >/tmp/mark/phase
-    # n2 and n3 power off when they see it.
-    bb sleep 3
+    # n2 and n3 power off when they see it; n3 says so first.
+    wait_mark 3 done end 120
     pass "bench-mesh n1: $ROUNDS round(s), XDP and IPVS phases"
     ;;
 esac

@@ -158,11 +158,6 @@ fn main() {
 
 fn run(mut task: Task) -> Result<()> {
     cmd::install_signal_handlers()?;
-    // The load generators also run inside QEMU guests (`bench vm`), where
-    // the workspace does not exist.
-    if let Task::BenchHelper { args } = &task {
-        return loadgen::helper(args);
-    }
     // Paths given on the command line are relative to where we were started.
     if let Task::Demo {
         meshlb: Some(p), ..
@@ -173,7 +168,11 @@ fn run(mut task: Task) -> Result<()> {
     {
         *p = std::path::absolute(&*p)?;
     }
-    std::env::set_current_dir(root())?;
+    // The load generators also run inside QEMU guests (`bench vm`), where
+    // the workspace does not exist.
+    if !matches!(task, Task::BenchHelper { .. }) {
+        std::env::set_current_dir(root())?;
+    }
     match task {
         Task::Setup => setup::setup(),
         Task::BuildEbpf => compile::build_ebpf().map(drop),
@@ -225,6 +224,6 @@ fn run(mut task: Task) -> Result<()> {
         ),
         Task::Vm { task } => vm::run(task),
         Task::BenchVmSmoke { meshlb } => bench_vm::smoke(&meshlb),
-        Task::BenchHelper { .. } => unreachable!("handled above"),
+        Task::BenchHelper { args } => loadgen::helper(&args),
     }
 }

@@ -113,8 +113,12 @@ case $i in
     done
     wait_mark 1 phase end 300
     sync
-    # n1 powers off once it sees this.
+    # n1 powers off once it sees this; stay up (bounded) until it has.
     echo end >/tmp/mark/done
+    end=$(($(cut -d. -f1 /proc/uptime) + 60))
+    while [ "$(mark 1 phase)" = end ] && [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        bb usleep 200000
+    done
     pass "bench-mesh n3: $ROUNDS round(s) of $WORKLOADS"
     ;;
 1)

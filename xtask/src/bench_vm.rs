@@ -24,8 +24,10 @@
 //! the report's "Under QEMU" section reads the newest per arch.
 //!
 //! `MESHLB_BENCH_VM_PARTS` (comma-separated `dataplane,mesh,cp`) limits a
-//! run to some parts, for working on one; the others are then reported as
-//! not run (failed).
+//! run to some parts, to re-run one: the others are taken from the newest
+//! results of that arch (the file says which, under `"merged"`), or
+//! reported as not run (failed) when there are none; the smoke never
+//! merges.
 //!
 //! QEMU runs with TCG here (no KVM on the build machines): absolute figures
 //! are emulation-bound and only the ratios between paths of one run mean
@@ -232,9 +234,9 @@ fn one_arch(arch: Target, b: &VmBench) -> Result<(PathBuf, bool)> {
     };
     let (cp_samples, cp_ok) = cp_samples(cout.path(), b.cp_rounds);
 
-    let ok = dp.pass && mesh.pass && cp.pass && dp_ok && mesh_ok && cp_ok;
+    let mut ok = dp.pass && mesh.pass && cp.pass && dp_ok && mesh_ok && cp_ok;
     let stamp = utc_stamp();
-    let doc = json!({
+    let mut doc = json!({
         "suite": "vm",
         "timestamp": stamp,
         "command": crate::bench_peers::command_line(),
@@ -267,6 +269,9 @@ fn one_arch(arch: Target, b: &VmBench) -> Result<(PathBuf, bool)> {
         "mesh_samples": mesh_samples,
         "control_plane": cp_samples,
     });
+    if !parts.is_empty() && b.results.is_some() {
+        ok = merge_previous(arch, &mut doc, &want);
+    }
     let dir = match &b.results {
         Some(d) => d.clone(),
         None => std::env::temp_dir(),
@@ -277,6 +282,46 @@ fn one_arch(arch: Target, b: &VmBench) -> Result<(PathBuf, bool)> {
         .with_context(|| format!("writing {}", file.display()))?;
     print_summary(arch, &doc);
     Ok((file, ok))
+}
+
+/// A run limited to some parts (`MESHLB_BENCH_VM_PARTS`) takes the other
+/// parts from the newest full results of the arch, and says so
+/// (`"merged"`: part -> that file's timestamp); returns whether every part
+/// of the merged document passed with every run ok.
+fn merge_previous(arch: Target, doc: &mut Value, want: &dyn Fn(&str) -> bool) -> bool {
+    let prev = crate::report::latest(&format!("vm-{}", arch_name(arch)))
+        .and_then(|f| crate::report::load(&f).ok());
+    // (part, outcome key, the document's keys of that part)
+    let parts: [(&str, &str, &[&str]); 3] = [
+        ("dataplane", "dataplane", &["samples", "guest"]),
+        ("mesh", "mesh", &["mesh_samples", "mesh_guest"]),
+        ("cp", "control_plane", &["control_plane"]),
+    ];
+    let mut merged = serde_json::Map::new();
+    if let Some(prev) = prev {
+        for (part, outcome, keys) in parts {
+            if want(part) {
+                continue;
+            }
+            for k in keys {
+                doc[*k] = prev[*k].clone();
+            }
+            doc["outcomes"][outcome] = prev["outcomes"][outcome].clone();
+            merged.insert(part.to_string(), prev["timestamp"].clone());
+        }
+    }
+    doc["merged"] = Value::Object(merged);
+    let runs_ok = ["samples", "mesh_samples", "control_plane"]
+        .iter()
+        .all(|k| {
+            doc[*k]
+                .as_array()
+                .is_some_and(|v| v.iter().all(|s| s["ok"] == true))
+        });
+    let guests_ok = doc["outcomes"]
+        .as_object()
+        .is_some_and(|o| o.values().all(|v| v["pass"] == true));
+    runs_ok && guests_ok
 }
 
 pub fn arch_name(arch: Target) -> &'static str {

@@ -116,6 +116,16 @@ fn arch_section(md: &mut String, bench: &Path, arch: &str, f: &Path, doc: &Value
         st["latency"].as_str().unwrap_or_default(),
         st["udp"].as_str().unwrap_or_default(),
     );
+    if let Some(m) = doc["merged"].as_object().filter(|m| !m.is_empty()) {
+        let _ = writeln!(
+            md,
+            "This file re-ran only some parts; taken from the earlier run of this arch: {}.\n",
+            m.iter()
+                .map(|(part, ts)| format!("{part} ({})", ts.as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     for (part, o) in doc["outcomes"].as_object().into_iter().flatten() {
         if o["pass"] != true {
             let _ = writeln!(

@@ -201,6 +201,15 @@ xdp_mode() {
     done
 }
 
+# by_mac MAC: the name of the NIC with that MAC (names depend on probe
+# order).
+by_mac() {
+    for d in /sys/class/net/*; do
+        [ "$(cat "$d/address")" = "$1" ] && basename "$d" && return 0
+    done
+    return 1
+}
+
 # tally NAMES...: "a=3 b=2" from a list of answers.
 tally() {
     for n in "$@"; do echo "$n"; done | sort | uniq -c | while read -r c n; do printf '%s=%s ' "$n" "$c"; done

@@ -43,12 +43,6 @@ i=${NODE#n}
 case $i in 1 | 2 | 3) ;; *) fail "node name $NODE is not n1..n3" ;; esac
 must modprobe -a veth bridge virtio_net dummy ip_vs ip_vs_mh nf_tables nft_chain_nat nft_compat xt_tcpudp xt_mark xt_MASQUERADE
 bench_users
-by_mac() {
-    for d in /sys/class/net/*; do
-        [ "$(cat "$d/address")" = "$1" ] && basename "$d" && return 0
-    done
-    return 1
-}
 eth=$(by_mac 52:54:00:00:01:0$i) || fail "no NIC with MAC 52:54:00:00:01:0$i"
 must ip addr add "10.210.0.$i/24" dev "$eth"
 must ip link set "$eth" up
@@ -76,7 +70,6 @@ case $i in
     must ip link set h0 master br0
     must ip link set h0 up
     must ip -n t2 addr add 10.222.0.2/24 dev eth0
-    must in_ns t2 /sbin/ethtool -K eth0 tx off
     must ip -n t2 link set eth0 up
     must ip -n t2 route add default via 10.222.0.1
     must in_ns t2 /bin/busybox sysctl -qw net.core.somaxconn=8192

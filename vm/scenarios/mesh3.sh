@@ -42,13 +42,7 @@ must modprobe -a veth bridge virtio_net
 [ "$MODE" = ipvs ] || must modprobe -a sch_ingress cls_bpf
 [ "$MODE" = ipvs ] && must modprobe -a ip_vs ip_vs_mh dummy
 
-# The NIC with MAC $1 (names depend on probe order).
-by_mac() {
-    for d in /sys/class/net/*; do
-        [ "$(cat "$d/address")" = "$1" ] && basename "$d" && return 0
-    done
-    return 1
-}
+# This node's NIC, found by its MAC.
 eth=$(by_mac 52:54:00:00:01:0$i) || fail "no NIC with MAC 52:54:00:00:01:0$i"
 must ip addr add "10.210.0.$i/24" dev "$eth"
 must ip link set "$eth" up

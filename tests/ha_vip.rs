@@ -1106,16 +1106,23 @@ fn three_vips_are_spread_and_a_killed_owner_is_replaced() {
         o.first_error,
         m.ctx()
     );
-    // Three gratuitous ARP requests from the new owner, about 200 ms apart.
+    // Gratuitous ARP requests from the new owner: three about 200 ms apart,
+    // and a fourth about 1.5 s after the first (past any late answer of
+    // the previous owner).
     let want_mac = ha.macs[new];
-    let r = wait_for(Duration::from_secs(2), "gratuitous ARPs", || {
+    let r = wait_for(Duration::from_secs(4), "gratuitous ARPs", || {
         let g = announced_by(&cap, vip, want_mac, t_kill, |k| k == Announced::ArpRequest);
         let first = g.first().map(|a| a.at);
         let within = g
             .iter()
-            .filter(|a| first.is_some_and(|f| a.at <= f + Duration::from_millis(1500)))
+            .filter(|a| first.is_some_and(|f| a.at <= f + Duration::from_millis(1000)))
             .count();
-        if within >= 3 {
+        let late = g.iter().any(|a| {
+            first.is_some_and(|f| {
+                a.at >= f + Duration::from_millis(1300) && a.at <= f + Duration::from_millis(2500)
+            })
+        });
+        if within >= 3 && late {
             Ok(g)
         } else {
             Err(format!(

@@ -11,8 +11,10 @@
 //!   interfaces with a kernel lifetime of `ADDRESS_LIFETIME_SECS`
 //!   (`kernel::announce`), refreshed at each acknowledged renewal: the
 //!   kernel answers ARP/NDP for it, and removes it by itself if this
-//!   daemon dies or hangs. On takeover 3 gratuitous ARPs (unsolicited NAs)
-//!   go out `GARP_SPACING` apart, then one every `GARP_EVERY`.
+//!   daemon dies or hangs. On takeover gratuitous ARPs (unsolicited NAs)
+//!   go out at once and `GARP_AFTER` later (0.2 s, 0.4 s, and 1.5 s, past
+//!   any moment the previous owner might still have answered a probe),
+//!   then one every `GARP_EVERY`.
 //! * Self-fencing: if no renewal sent in the last `FENCE_AFTER` was
 //!   acknowledged, the addresses are removed and the session ends, well
 //!   before etcd can expire the lease and let another node in.
@@ -53,9 +55,13 @@ const ACK_WITHIN: Duration = Duration::from_millis(400);
 pub const FENCE_AFTER: Duration = Duration::from_millis(1500);
 /// Kernel lifetime of a held VIP address, refreshed at each renewal.
 const ADDRESS_LIFETIME_SECS: u32 = 1;
-/// Gratuitous ARPs on takeover, and their spacing.
-const GARP_ON_TAKEOVER: u32 = 3;
-const GARP_SPACING: Duration = Duration::from_millis(200);
+/// Gratuitous ARPs on takeover after the first: the wait before each.
+const GARP_AFTER: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_millis(200),
+    Duration::from_millis(1100),
+];
+const GARP_ON_TAKEOVER: u32 = GARP_AFTER.len() as u32 + 1;
 /// A gratuitous ARP per owned VIP this often after takeover.
 pub const GARP_EVERY: Duration = Duration::from_secs(30);
 /// How long a stopping daemon waits for the announcer to resign (remove
@@ -594,8 +600,8 @@ impl Announcer {
                 }
             }
             if h.garps_left > 1 {
+                h.next_garp = now + GARP_AFTER[(GARP_ON_TAKEOVER - h.garps_left) as usize];
                 h.garps_left -= 1;
-                h.next_garp = now + GARP_SPACING;
             } else {
                 h.garps_left = 0;
                 h.next_garp = now + GARP_EVERY;

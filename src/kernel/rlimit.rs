@@ -19,30 +19,43 @@ pub struct NoFile {
     pub now: u64,
 }
 
+/// `(soft, hard)`, as u64 on every target (`rlim_t` is 32 bits on armv7).
+#[allow(
+    clippy::useless_conversion,
+    reason = "rlim_t is u64 on 64-bit targets, u32 on 32-bit ones"
+)]
+fn get() -> nix::Result<(u64, u64)> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    Ok((u64::from(soft), u64::from(hard)))
+}
+
+#[allow(
+    clippy::unnecessary_fallible_conversions,
+    reason = "rlim_t is u64 on 64-bit targets, u32 on 32-bit ones"
+)]
+fn set(soft: u64, hard: u64) -> nix::Result<()> {
+    let lim = |v: u64| libc::rlim_t::try_from(v).unwrap_or(libc::rlim_t::MAX);
+    setrlimit(Resource::RLIMIT_NOFILE, lim(soft), lim(hard))
+}
+
 /// Raise the soft (and if need be the hard) open-files limit to
 /// [`WANTED_NOFILE`]; never lowers either.
 pub fn raise_nofile() -> nix::Result<NoFile> {
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let (soft, hard) = get()?;
     if soft >= WANTED_NOFILE {
         return Ok(NoFile {
             before: soft,
             now: soft,
         });
     }
-    if setrlimit(
-        Resource::RLIMIT_NOFILE,
-        WANTED_NOFILE,
-        hard.max(WANTED_NOFILE),
-    )
-    .is_ok()
-    {
+    if set(WANTED_NOFILE, hard.max(WANTED_NOFILE)).is_ok() {
         return Ok(NoFile {
             before: soft,
             now: WANTED_NOFILE,
         });
     }
     let to = hard.clamp(soft, WANTED_NOFILE);
-    setrlimit(Resource::RLIMIT_NOFILE, to, hard)?;
+    set(to, hard)?;
     Ok(NoFile {
         before: soft,
         now: to,
@@ -59,13 +72,13 @@ mod tests {
     #[test]
     #[ignore = "run by raised_from_the_common_default under prlimit"]
     fn child_under_1024() {
-        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let (soft, hard) = get().unwrap();
         assert_eq!(soft, 1024, "the parent test sets the soft limit to 1024");
         let n = raise_nofile().unwrap();
         assert_eq!(n.before, 1024);
         // The want where the hard limit allows it or may be raised
         // (CAP_SYS_RESOURCE), else the hard limit.
-        let (after, hard_after) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let (after, hard_after) = get().unwrap();
         assert_eq!(after, n.now);
         if hard >= WANTED_NOFILE || hard_after >= WANTED_NOFILE {
             assert_eq!(n.now, WANTED_NOFILE, "{n:?}");

@@ -23,7 +23,8 @@
 #
 # Coordination over HTTP marks on :9999 (busybox httpd): n1 publishes
 # `phase` ("<round> xdp|ipvs", then "end"), n3 publishes `done` (the
-# phase it finished, then "end" once it saw n1's), n2 `ready`. Args: rounds=R secs=S conns=C
+# phase it finished, then "end" once it saw n1's), n2 `ready` (then
+# "end"); n1 passes once both said "end", they once n1 is gone. Args: rounds=R secs=S conns=C
 # workloads=keepalive+cpr. n3 writes /mnt/out/mesh-<workload>-r<round>-<path>.txt.
 
 ROUNDS=3 SECS=5 CONNS=32 WORKLOADS="keepalive cpr"
@@ -60,6 +61,15 @@ wait_mark() {
     done
 }
 
+# stay_until_n1_is_gone: up (bounded) while n1 still shows its end mark,
+# so n1 can read this node's.
+stay_until_n1_is_gone() {
+    end=$(($(cut -d. -f1 /proc/uptime) + 60))
+    while [ "$(mark 1 phase)" = end ] && [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        bb usleep 200000
+    done
+}
+
 case $i in
 2)
     must ip link add br0 type bridge
@@ -76,6 +86,9 @@ case $i in
     nginx_start t2 8000 t2 8001
     echo ready >/tmp/mark/ready
     wait_mark 1 phase end $((ROUNDS * 900 + 600))
+    # n1 powers off once both n2 and n3 said they saw its end.
+    echo end >/tmp/mark/ready
+    stay_until_n1_is_gone
     pass "bench-mesh n2: served the task until n1's end"
     ;;
 3)
@@ -106,12 +119,9 @@ case $i in
     done
     wait_mark 1 phase end 300
     sync
-    # n1 powers off once it sees this; stay up (bounded) until it has.
+    # n1 powers off once both n2 and n3 said they saw its end.
     echo end >/tmp/mark/done
-    end=$(($(cut -d. -f1 /proc/uptime) + 60))
-    while [ "$(mark 1 phase)" = end ] && [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
-        bb usleep 200000
-    done
+    stay_until_n1_is_gone
     pass "bench-mesh n3: $ROUNDS round(s) of $WORKLOADS"
     ;;
 1)
@@ -156,7 +166,8 @@ TOML
         r=$((r + 1))
     done
     echo end >/tmp/mark/phase
-    # n2 and n3 power off when they see it; n3 says so first.
+    # n2 and n3 say they saw it, and power off once n1 is gone.
+    wait_mark 2 ready end 120
     wait_mark 3 done end 120
     pass "bench-mesh n1: $ROUNDS round(s), XDP and IPVS phases"
     ;;
